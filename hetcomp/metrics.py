@@ -1,0 +1,150 @@
+"""Recall@K and NDCG@K over full rankings, batched over users, plus NDCG between two rankings.
+
+Ties are broken deterministically by the lower item index, on CPU and CUDA alike (see :func:`topk_items`;
+the exact reference is an int64 key per item: an order-preserving integer image of the float32 score in the
+high 32 bits and the reversed item index in the low 32 bits, so no two keys are equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from hetcomp.data.errors import HetCompError
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order like (score descending, item index ascending) under a descending sort."""
+    bits = (scores.to(torch.float32) + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    n_items = scores.shape[-1]
+    index_part = (n_items - 1) - torch.arange(n_items, device=scores.device, dtype=torch.int64)
+    return ordered.to(torch.int64) * (1 << 32) + index_part
+
+
+def topk_items(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the k best items per row, best first; ``exclude`` (bool, same shape) are ranked last.
+
+    Fast path: a float ``topk`` and a stable re-sort of its k entries by (score desc, index asc). Only rows
+    where a tie at the k-th score reaches outside the returned set (rare for trained models; every row of a
+    constant scorer) are recomputed with the exact integer keys of :func:`sortable_keys`.
+    """
+    n_items = scores.shape[-1]
+    if k > n_items:
+        raise HetCompError(f"K = {k} is larger than the number of items ({n_items}); choose K <= {n_items}")
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    values, items = torch.topk(scores, k, dim=-1)
+    threshold = values[:, -1:]
+    ambiguous = (scores == threshold).sum(1) > (values == threshold).sum(1)
+    items, order = items.sort(dim=1)
+    values = values.gather(1, order)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    items = items.gather(1, order)
+    if ambiguous.any():
+        rows = ambiguous.nonzero().squeeze(1)
+        items[rows] = torch.topk(sortable_keys(scores[rows]), k, dim=-1).indices
+    return items
+
+
+def csr_rows_dense(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Dense bool tensor [len(rows), n_cols] of the given CSR rows, built with one scatter."""
+    sub = matrix[rows]
+    out = torch.zeros(sub.shape, dtype=torch.bool, device=device)
+    row_index = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+    out[torch.from_numpy(row_index).to(device), torch.from_numpy(sub.indices.astype(np.int64)).to(device)] = True
+    return out
+
+
+def _discounts(k: int, device: torch.device) -> torch.Tensor:
+    return 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float64))
+
+
+def recall_ndcg(topk: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Per-user Recall@K and NDCG@K from a top-k ranking [B, >=max(ks)] and a dense relevance mask [B, n_items].
+
+    Recall@K = hits / |R_u|; NDCG@K uses gain 1, discount 1/log2(rank+1) and IDCG over min(|R_u|, K) items.
+    Users with no relevant item get NaN (callers evaluate only users that have some).
+    """
+    hits = relevant.gather(1, topk).to(torch.float64)
+    n_relevant = relevant.sum(1).to(torch.float64)
+    discounts = _discounts(topk.shape[1], topk.device)
+    ideal_cumulative = torch.cumsum(discounts, 0)
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        out[f"recall@{k}"] = hits[:, :k].sum(1) / n_relevant
+        dcg = (hits[:, :k] * discounts[:k]).sum(1)
+        ideal_count = n_relevant.clamp(max=k).to(torch.int64).clamp(min=1)
+        out[f"ndcg@{k}"] = dcg / ideal_cumulative[ideal_count - 1]
+    return out
+
+
+def rank_users(score_fn: ScoreFn, users: np.ndarray, exclude: sp.csr_matrix, k: int, batch_size: int = 1024,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Top-k items [len(users), k] of each user under ``score_fn``, with the ``exclude`` CSR rows masked."""
+    n_items = exclude.shape[1]
+    if k > n_items:
+        raise HetCompError(f"K = {k} is larger than the number of items ({n_items}); choose K <= {n_items}")
+    parts = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start:start + batch_size]
+        with torch.no_grad():
+            scores = score_fn(torch.from_numpy(batch.astype(np.int64)).to(device))
+        if scores.shape != (len(batch), n_items):
+            raise HetCompError(f"score function returned shape {tuple(scores.shape)}, expected "
+                               f"({len(batch)}, {n_items}) = (users in batch, items)")
+        parts.append(topk_items(scores, k, csr_rows_dense(exclude, batch, scores.device)))
+    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.int64)
+
+
+def evaluation_users(heldout: sp.csr_matrix) -> np.ndarray:
+    """Users that have at least one held-out item."""
+    return np.flatnonzero(np.diff(heldout.indptr) > 0)
+
+
+def evaluate(score_fn: ScoreFn, train: sp.csr_matrix, heldout: sp.csr_matrix, other: sp.csr_matrix | None = None,
+             ks: Sequence[int] = (10, 50), batch_size: int = 1024, device: torch.device | str = "cpu",
+             return_topk: bool = False):
+    """Mean Recall@K / NDCG@K of ``score_fn`` on ``heldout``, excluding train (and ``other``) items.
+
+    For validation pass ``heldout=valid, other=test``; for test ``heldout=test, other=valid``.
+    With ``return_topk`` also returns (users, their top-max(ks) items) for reuse (e.g. by DKC).
+    """
+    exclude = train if other is None else (train + other).tocsr()
+    users = evaluation_users(heldout)
+    k_max = max(ks)
+    topk = rank_users(score_fn, users, exclude, k_max, batch_size, device)
+    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "ndcg")}
+    for start in range(0, len(users), batch_size):
+        batch_top = topk[start:start + batch_size]
+        relevant = csr_rows_dense(heldout, users[start:start + batch_size], batch_top.device)
+        for key, values in recall_ndcg(batch_top, relevant, ks).items():
+            sums[key] += float(values.sum())
+    result = {key: value / max(len(users), 1) for key, value in sums.items()}
+    if return_topk:
+        return result, users, topk
+    return result
+
+
+def ranking_ndcg(ranking: torch.Tensor, ideal: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """NDCG of ``ranking`` [B, K] against ``ideal`` [B, K'] taken as the perfect order.
+
+    An item at position r of ``ideal`` has gain ``gains[r]`` (non-increasing in r); items absent from
+    ``ideal`` have gain 0. DCG discounts by 1/log2(position+2) in ``ranking``; IDCG is the DCG of ``ideal``
+    itself over the first K positions. Returns NDCG per row.
+    """
+    k = ranking.shape[1]
+    match = ranking.unsqueeze(2) == ideal.unsqueeze(1)  # [B, K, K']
+    found = match.any(2)
+    position_in_ideal = match.to(torch.int8).argmax(2)
+    gain = torch.where(found, gains.to(torch.float64)[position_in_ideal], torch.zeros((), dtype=torch.float64,
+                                                                                        device=ranking.device))
+    discounts = _discounts(max(k, ideal.shape[1]), ranking.device)
+    dcg = (gain * discounts[:k]).sum(1)
+    idcg = (gains.to(torch.float64)[: min(k, ideal.shape[1])] * discounts[: min(k, ideal.shape[1])]).sum()
+    return dcg / idcg
