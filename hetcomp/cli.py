@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hetcomp.data import REGISTRY, DataError, HetCompError, load_dataset, resolve_data_dir
 from hetcomp.data.registry import locate_files
+from hetcomp.device import resolve_device, seed_everything
+from hetcomp.models import model_config
+from hetcomp.teachers import TEACHERS, TRAJECTORY_FILE, teacher_dir, train_teacher
+from hetcomp.train import Callback
+from hetcomp.trajectory import load_trajectory
 
 app = typer.Typer(help="HetComp: distil heterogeneous recommenders into one small student.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -92,6 +99,85 @@ def datasets_info(
     console.print(f"file sha256:  {split.meta['checksum']}")
     console.print(f"split sha256: {split.digest()}")
     console.print(f"fingerprint:  {split.fingerprint}   (loaded in {elapsed:.2f} s)")
+
+
+TeachersDirOption = typer.Option(Path("teachers"), "--teachers-dir", help="Where teacher trajectories live.")
+
+
+class ProgressCallback(Callback):
+    """A rich progress bar over epochs, with the latest validation result in its description."""
+
+    def __init__(self, progress: Progress, label: str, max_epochs: int) -> None:
+        self.progress = progress
+        self.label = label
+        self.task = progress.add_task(label, total=max_epochs)
+
+    def on_fit_start(self, trainer) -> None:
+        self.progress.update(self.task, completed=trainer.state.epoch, total=trainer.config.max_epochs)
+
+    def on_epoch_end(self, trainer, epoch: int, loss: float) -> None:
+        self.progress.update(self.task, completed=epoch)
+
+    def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
+        valid = result["valid"][trainer.config.monitor]
+        mark = "*" if improved else " "
+        self.progress.update(self.task, description=f"{self.label} ep {epoch} valid R@50 {valid:.4f}{mark}")
+        extra = getattr(trainer.objective, "describe", lambda: "")()
+        self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{mark}  "
+                                    f"test R@50 {result['test']['recall@50']:.4f}  {extra}", highlight=False)
+
+    def on_fit_end(self, trainer) -> None:
+        self.progress.update(self.task, completed=trainer.config.max_epochs,
+                             description=f"{self.label} done (best epoch {trainer.state.best_epoch})")
+
+
+def make_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+@app.command("train-teachers")
+@friendly_errors
+def train_teachers(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teacher models."),
+    dim: int = typer.Option(64, help="Embedding size of every teacher."),
+    seed: int = typer.Option(0, help="Split and training seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+) -> None:
+    """Train the heterogeneous teachers and save each one's trajectory (E1..E4); finished ones are skipped."""
+    names = _parse_names(teachers, TEACHERS, "teacher")
+    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    target = resolve_device(device)
+    command = "hetcomp " + " ".join(sys.argv[1:])
+    with make_progress() as progress:
+        for name in names:
+            path = teacher_dir(teachers_dir, split.meta["dataset"], name) / TRAJECTORY_FILE
+            if path.is_file():
+                load_trajectory(path, split)
+                progress.console.print(f"{name}: already complete at {path}, skipped (delete it to retrain)")
+                continue
+            seed_everything(seed)
+            config = model_config(name, dim=dim)
+            bar = ProgressCallback(progress, name, config.max_epochs)
+            trajectory = train_teacher(split, name, teachers_dir, dim=dim, seed=seed, device=target, top_m=top_m,
+                                       callbacks=[bar], command=command)
+            test = trajectory.meta["metrics"][-1]["test"]
+            progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
+                                   f"{trajectory.meta['state_epochs']}, test R@50 {test['recall@50']:.4f}, "
+                                   f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
+
+
+def _parse_names(text: str, known, kind: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise HetCompError(f"unknown {kind} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+    return names
 
 
 def main() -> None:

@@ -1,0 +1,104 @@
+"""Training teachers and recording their trajectories (E1..E4), resumable per teacher."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetcomp.data import Split
+from hetcomp.models import build_model
+from hetcomp.train import Callback, Trainer, train_model
+from hetcomp.trajectory import (
+    Trajectory,
+    TrajectoryError,
+    load_trajectory,
+    make_trajectory,
+    rank_observed,
+    state_epochs,
+)
+
+TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
+TRAJECTORY_FILE = "trajectory.npz"
+
+
+def teacher_dir(root: Path, dataset: str, teacher: str) -> Path:
+    return Path(root) / dataset.replace(":", "-") / teacher
+
+
+class TrajectoryRecorder(Callback):
+    """Keeps every evaluation's top-M ranking on disk; at the end writes the E1..E4 trajectory.
+
+    Snapshots go to ``run_dir/snapshots/epoch_NNNN.npy`` so a killed run resumes with them. Once the
+    trajectory is written, the snapshots and the resume checkpoint are deleted (the trajectory holds the four
+    chosen states; ``best.pt`` keeps the converged weights).
+    """
+
+    def __init__(self, run_dir: Path, meta: dict) -> None:
+        self.run_dir = Path(run_dir)
+        self.snapshots = self.run_dir / "snapshots"
+        self.meta = meta
+        self.trajectory: Trajectory | None = None
+
+    def on_evaluate(self, trainer: Trainer, epoch: int, result: dict, improved: bool) -> None:
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        tmp = self.snapshots / f"epoch_{epoch:04d}.tmp.npy"
+        np.save(tmp, result["ranking"].numpy())
+        tmp.replace(self.snapshots / f"epoch_{epoch:04d}.npy")
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        history = {entry["epoch"]: entry for entry in trainer.state.history}
+        converged = trainer.state.best_epoch
+        epochs = state_epochs(converged, sorted(history))
+        states = [torch.from_numpy(np.load(self.snapshots / f"epoch_{epoch:04d}.npy")) for epoch in epochs]
+        observed = rank_observed(trainer.model.score, trainer.split.train, device=trainer.device)
+        meta = dict(self.meta)
+        meta.update({
+            "state_epochs": epochs, "converged_epoch": converged, "epochs_trained": trainer.state.epoch,
+            "train_seconds": round(trainer.state.seconds, 1),
+            "metrics": [{"valid": history[e]["valid"], "test": history[e]["test"]} for e in epochs],
+        })
+        self.trajectory = make_trajectory(states, observed, trainer.split, meta)
+        self.trajectory.save(self.run_dir / TRAJECTORY_FILE)
+        shutil.rmtree(self.snapshots, ignore_errors=True)
+        (self.run_dir / "last.pt").unlink(missing_ok=True)
+
+
+def train_teacher(split: Split, teacher: str, root: Path, dim: int = 64, seed: int = 0,
+                  device: torch.device | str = "cpu", top_m: int = 200, callbacks: list[Callback] | None = None,
+                  command: str = "", **overrides) -> Trajectory:
+    """Train one teacher (resuming a killed run) and return its trajectory; reuse a finished one."""
+    run_dir = teacher_dir(root, split.meta["dataset"], teacher)
+    done = run_dir / TRAJECTORY_FILE
+    if done.is_file():
+        trajectory = load_trajectory(done, split)
+        if trajectory.meta.get("dim") == dim and trajectory.meta.get("train_seed") == seed:
+            return trajectory
+        raise TrajectoryError(f"{done} was trained with dim {trajectory.meta.get('dim')} and seed "
+                              f"{trajectory.meta.get('train_seed')}, not dim {dim} and seed {seed}; move it away "
+                              f"or pass --teachers-dir to another folder")
+    torch.manual_seed(seed)
+    model = build_model(teacher, split.train, dim=dim, **overrides)
+    config = {k: v for k, v in vars(model.config).items()}
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"teacher": teacher, "config": config, "seed": seed}, indent=1))
+    recorder = TrajectoryRecorder(run_dir, {"teacher": teacher, "dim": dim, "train_seed": seed, "config": config,
+                                            "n_parameters": model.n_parameters(), "source": command,
+                                            "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    train_model(model, split, device=device, seed=seed, callbacks=[recorder, *(callbacks or [])], run_dir=run_dir,
+                top_m=top_m)
+    assert recorder.trajectory is not None
+    return recorder.trajectory
+
+
+def load_teachers(split: Split, root: Path, teachers: tuple[str, ...] | list[str] = TEACHERS) -> list[Trajectory]:
+    """Load and validate the trajectories of ``teachers`` for this split."""
+    out = []
+    for teacher in teachers:
+        path = teacher_dir(root, split.meta["dataset"], teacher) / TRAJECTORY_FILE
+        out.append(load_trajectory(path, split))
+    return out

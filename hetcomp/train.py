@@ -1,0 +1,253 @@
+"""One epoch-based trainer for every model, teacher or student.
+
+What is optimized comes from an :class:`Objective` (its batches and its loss): a model's own loss for teachers
+(:class:`OwnLoss`), a distillation method for students. Evaluation, early stopping, checkpoints for resume and
+the per-epoch hooks are the trainer's; progress, logging and trajectory capture are callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetcomp.data import Split
+from hetcomp.data.sampling import NegativeSampler
+from hetcomp.metrics import evaluate_split
+from hetcomp.models.base import Batch, Recommender
+
+
+@dataclass
+class TrainerConfig:
+    """Optimization and model selection. Model selection: best validation Recall@50 (``monitor``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 500
+    eval_every: int = 10
+    patience: int = 5
+    monitor: str = "recall@50"
+    ks: tuple[int, ...] = (10, 50)
+    top_m: int | None = None
+    eval_batch_size: int = 1024
+    seed: int = 0
+
+
+class Objective:
+    """What the trainer optimizes: a stream of batches per epoch and a loss per batch."""
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Batch]:
+        raise NotImplementedError
+
+    def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Per-epoch hook (e.g. a curriculum step)."""
+
+    def on_evaluate(self, trainer: Trainer, epoch: int, result: dict) -> None:
+        """Hook after each evaluation (e.g. HetComp's knowledge construction)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (resume)."""
+
+
+class OwnLoss(Objective):
+    """A model trained on the data with its own loss; batches follow the model's ``batch_kind``."""
+
+    def __init__(self, model: Recommender, split: Split, batch_size: int, n_negatives: int,
+                 device: torch.device) -> None:
+        self.kind = model.batch_kind
+        self.batch_size = batch_size
+        self.n_negatives = n_negatives
+        self.device = device
+        coo = split.train.tocoo()
+        self.users = torch.from_numpy(coo.row.astype(np.int64))
+        self.items = torch.from_numpy(coo.col.astype(np.int64))
+        self.active_users = torch.from_numpy(np.flatnonzero(np.diff(split.train.indptr) > 0))
+        self.active_items = torch.from_numpy(np.flatnonzero(np.diff(split.train.tocsc().indptr) > 0))
+        self.sampler = NegativeSampler(split.train) if self.kind == "triples" else None
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        if self.kind == "triples":
+            order = torch.randperm(len(self.users), generator=generator)
+            for start in range(0, len(order), self.batch_size):
+                chosen = order[start:start + self.batch_size]
+                users = self.users[chosen]
+                negatives = self.sampler.sample(users, self.n_negatives, generator)
+                yield {"users": users.to(self.device), "pos": self.items[chosen].to(self.device),
+                       "neg": negatives.to(self.device)}
+        else:
+            pool = self.active_users if self.kind == "users" else self.active_items
+            order = pool[torch.randperm(len(pool), generator=generator)]
+            for start in range(0, len(order), self.batch_size):
+                yield {self.kind: order[start:start + self.batch_size].to(self.device)}
+
+    def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return model.loss(batch)
+
+
+class Callback:
+    """Hooks called by :meth:`Trainer.fit`; every method is optional."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, loss: float) -> None: ...
+
+    def on_evaluate(self, trainer: Trainer, epoch: int, result: dict, improved: bool) -> None: ...
+
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class FitState:
+    """Everything needed to resume: the loop counters and the history of evaluations."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_value: float = -math.inf
+    bad_evaluations: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains ``model`` on ``objective``; evaluates every ``eval_every`` epochs; stops early; resumes.
+
+    With ``run_dir`` the trainer writes ``last.pt`` (model, optimizer, RNG and loop state) after every
+    evaluation and ``best.pt`` (the best model), and :meth:`fit` continues from ``last.pt`` when present.
+    """
+
+    def __init__(self, model: Recommender, split: Split, objective: Objective, config: TrainerConfig,
+                 device: torch.device | str = "cpu", callbacks: list[Callback] | None = None,
+                 run_dir: Path | None = None) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.split = split
+        self.objective = objective
+        self.config = config
+        self.callbacks = callbacks or []
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                          fused=True)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.state = FitState()
+        self.best_state: dict | None = None
+
+    def train_epoch(self) -> float:
+        """One pass over the objective's batches; returns the mean batch loss."""
+        self.model.train()
+        epoch = self.state.epoch + 1
+        self.objective.on_epoch_start(self, epoch)
+        total, count = 0.0, 0
+        for batch in self.objective.batches(epoch, self.generator):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.objective.loss(self.model, batch)
+            loss.backward()
+            self.optimizer.step()
+            self.model.after_step()
+            total += float(loss.detach())
+            count += 1
+        self.state.epoch = epoch
+        return total / max(count, 1)
+
+    def evaluate(self, top_m: int | None = None) -> dict:
+        """Validation and test metrics of the current model (and its top-M unobserved items if asked)."""
+        self.model.eval()
+        return evaluate_split(self.model.score, self.split, self.config.ks, top_m=top_m,
+                              batch_size=self.config.eval_batch_size, device=self.device)
+
+    def fit(self) -> FitState:
+        """Train until early stopping or ``max_epochs``; resumes from ``run_dir/last.pt`` when present."""
+        self._resume()
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        while not self.state.stopped and self.state.epoch < self.config.max_epochs:
+            started = time.perf_counter()
+            loss = self.train_epoch()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss} at epoch {self.state.epoch}; "
+                                         "lower the learning rate")
+            self.state.seconds += time.perf_counter() - started
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, self.state.epoch, loss)
+            if self.state.epoch % self.config.eval_every == 0 or self.state.epoch == self.config.max_epochs:
+                self._evaluate_and_select(loss)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        return self.state
+
+    def _evaluate_and_select(self, loss: float) -> None:
+        result = self.evaluate(top_m=self.config.top_m)
+        value = result["valid"][self.config.monitor]
+        improved = value > self.state.best_value
+        if improved:
+            self.state.best_value, self.state.best_epoch, self.state.bad_evaluations = value, self.state.epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.state.bad_evaluations += 1
+            self.state.stopped = self.state.bad_evaluations >= self.config.patience
+        self.state.history.append({"epoch": self.state.epoch, "loss": loss, "seconds": round(self.state.seconds, 3),
+                                   "valid": result["valid"], "test": result["test"]})
+        self.objective.on_evaluate(self, self.state.epoch, result)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, self.state.epoch, result, improved)
+        self._checkpoint(improved)
+
+    def _checkpoint(self, improved: bool) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if improved:
+            _atomic_save(self.best_state, self.run_dir / "best.pt")
+        _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                      "state": asdict(self.state), "objective": self.objective.state_dict()},
+                     self.run_dir / "last.pt")
+        (self.run_dir / "history.json").write_text(json.dumps(self.state.history, indent=1))
+
+    def _resume(self) -> None:
+        if self.run_dir is None or not (self.run_dir / "last.pt").is_file():
+            return
+        saved = torch.load(self.run_dir / "last.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.state = FitState(**saved["state"])
+        self.objective.load_state_dict(saved.get("objective", {}))
+        if (self.run_dir / "best.pt").is_file():
+            self.best_state = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_model(model: Recommender, split: Split, device: torch.device | str = "cpu", seed: int = 0,
+                callbacks: list[Callback] | None = None, run_dir: Path | None = None, top_m: int | None = None,
+                **overrides) -> Trainer:
+    """Train a model with its own loss and its config's optimization defaults (overridable)."""
+    config = model.config
+    trainer_config = TrainerConfig(lr=config.lr, weight_decay=config.weight_decay, max_epochs=config.max_epochs,
+                                   eval_every=config.eval_every, seed=seed, top_m=top_m)
+    for key, value in overrides.items():
+        setattr(trainer_config, key, value)
+    objective = OwnLoss(model, split, config.batch_size, config.n_negatives, torch.device(device))
+    trainer = Trainer(model, split, objective, trainer_config, device, callbacks, run_dir)
+    trainer.fit()
+    return trainer
