@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_split
 
 from hetcomp.data import HetCompError
 from hetcomp.models import MODELS, build_model, model_config
 from hetcomp.train import OwnLoss, Trainer, TrainerConfig
-
-from conftest import make_tiny_split
 
 SPLIT = make_tiny_split(n_users=80, n_items=50, per_user=12)
 
@@ -48,7 +47,7 @@ def test_student_size_and_reset(name):
             parameter.add_(1.0)
     torch.manual_seed(0)
     small.reset_parameters()
-    assert all(torch.equal(a, b) for a, b in zip(before, small.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, small.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("name", list(MODELS))

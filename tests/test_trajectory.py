@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_split
 
 from hetcomp.ensemble import EnsembleScorer, aggregate_scores, ensemble_observed_order, rank_importance
 from hetcomp.metrics import evaluate_split
 from hetcomp.teachers import load_teachers, train_teacher
 from hetcomp.trajectory import TrajectoryError, import_rankings, load_trajectory, state_epochs
-
-from conftest import make_tiny_split
 
 SPLIT = make_tiny_split(n_users=90, n_items=60, per_user=12)
 
