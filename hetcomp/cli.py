@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,10 +16,22 @@ from rich.table import Table
 from hetcomp.data import REGISTRY, DataError, HetCompError, load_dataset, resolve_data_dir
 from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
+from hetcomp.distill import METHODS, EnsembleConfig, method_class
+from hetcomp.distill.run import distill
+from hetcomp.ensemble import EnsembleScorer
+from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
-from hetcomp.teachers import TEACHERS, TRAJECTORY_FILE, teacher_dir, train_teacher
+from hetcomp.teachers import (
+    TEACHERS,
+    TRAJECTORY_FILE,
+    load_teachers,
+    teacher_dir,
+    top_overlap,
+    train_teacher,
+    trajectory_state_metrics,
+)
 from hetcomp.train import Callback
-from hetcomp.trajectory import load_trajectory
+from hetcomp.trajectory import import_rankings, load_trajectory
 
 app = typer.Typer(help="HetComp: distil heterogeneous recommenders into one small student.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -170,6 +183,127 @@ def train_teachers(
             progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
                                    f"{trajectory.meta['state_epochs']}, test R@50 {test['recall@50']:.4f}, "
                                    f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
+
+
+@app.command("distill")
+@friendly_errors
+def distill_command(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    student: str = typer.Option("mf", help="Student model: mf, ml or dnn (any model name works)."),
+    dim: int = typer.Option(6, help="Student embedding size."),
+    method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}."),
+    seed: int = typer.Option(0, help="Split and training seed."),
+    teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teachers to distil from."),
+    option: list[str] = typer.Option([], "--option", "-o",
+                                     help="Method option NAME=VALUE (repeatable), e.g. -o preset=code."),
+    max_epochs: int = typer.Option(1000, help="Upper bound on epochs (early stopping usually ends sooner)."),
+    batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
+    decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
+    temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+    runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
+) -> None:
+    """Train a small student from the teachers' trajectories with HetComp or a baseline."""
+    method_class(method)
+    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, TEACHERS, "teacher"))
+    options = _parse_options(option)
+    seed_everything(seed)
+    command = "hetcomp " + " ".join(sys.argv[1:])
+    with make_progress() as progress:
+        bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
+        result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
+                         options, EnsembleConfig(decay=decay, temperature=temperature), batch_users,
+                         max_epochs=max_epochs, callbacks=[bar], command=command)
+    test = result["test"]
+    console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
+                  f"R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} R@50 {test['recall@50']:.4f} "
+                  f"N@50 {test['ndcg@50']:.4f} ({result['wall_seconds']:.0f} s)")
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_command(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    teachers: str = typer.Option(",".join(TEACHERS), "--teachers", help="Comma-separated teachers to report."),
+    seed: int = typer.Option(0, help="Split seed."),
+    decay: str = typer.Option("exp", help="Rank decay of the ensemble g: exp or power."),
+    temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+) -> None:
+    """Print R@10/N@10/R@50/N@50 on valid and test of each teacher, each of its states, and the ensemble."""
+    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, TEACHERS + _imported(teachers_dir,
+                                                                                                   split), "teacher"))
+    table = Table(title=f"teachers on {split.meta['dataset']} (seed {seed})")
+    for column in ("model", "state", "epoch", *(f"{p} {m}" for p in ("valid", "test")
+                                               for m in ("R@10", "N@10", "R@50", "N@50"))):
+        table.add_column(column, justify="right")
+
+    def row(name: str, state: str, epoch: str, metrics: dict) -> None:
+        cells = [f"{metrics[p][k]:.4f}" for p in ("valid", "test") for k in ("recall@10", "ndcg@10", "recall@50",
+                                                                             "ndcg@50")]
+        table.add_row(name, state, epoch, *cells)
+
+    for trajectory in trajectories:
+        epochs = trajectory.meta.get("state_epochs") or []
+        for state in range(trajectory.n_states):
+            metrics = trajectory_state_metrics(split, trajectory, state)
+            row(trajectory.teacher, f"E{state + 1}", str(epochs[state]) if state < len(epochs) else "-", metrics)
+    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, decay, temperature), split)
+    row("ensemble", "E4", "-", ensemble)
+    console.print(table)
+    console.print(f"mean pairwise top-50 overlap of the converged teachers: {top_overlap(trajectories):.3f}")
+
+
+@app.command("import-teacher")
+@friendly_errors
+def import_teacher(
+    file: Path = typer.Option(..., "--file", help="Rankings to import: .npz or .csv (see teachers/README.md)."),
+    name: str = typer.Option(..., "--name", help="Name of the imported teacher (its folder name)."),
+    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    seed: int = typer.Option(0, help="Split seed the rankings were made on."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+) -> None:
+    """Turn rankings produced by another tool into a trajectory that `distill` can use."""
+    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    target = teacher_dir(teachers_dir, split.meta["dataset"], name) / TRAJECTORY_FILE
+    if target.exists():
+        raise HetCompError(f"{target} already exists; choose another --name or delete it first")
+    trajectory = import_rankings(file, split, name)
+    trajectory.meta["source"] = "hetcomp " + " ".join(sys.argv[1:])
+    trajectory.save(target)
+    console.print(f"imported {trajectory.n_states} states x {split.n_users} users x top-{trajectory.top_m} "
+                  f"from {file} -> {target}")
+
+
+def _imported(root: Path, split) -> tuple[str, ...]:
+    """Teachers present on disk for this split besides the built-in ones (e.g. imported)."""
+    folder = Path(root) / split.meta["dataset"].replace(":", "-")
+    if not folder.is_dir():
+        return ()
+    return tuple(p.name for p in sorted(folder.iterdir()) if (p / TRAJECTORY_FILE).is_file() and p.name not in TEACHERS)
+
+
+def _parse_options(items: list[str]) -> dict:
+    """NAME=VALUE pairs; values are parsed as JSON when they can be (numbers, true/false), else kept as text."""
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise HetCompError(f"option {item!r} must look like NAME=VALUE")
+        name, value = item.split("=", 1)
+        try:
+            options[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.strip()] = value
+    return options
 
 
 def _parse_names(text: str, known, kind: str) -> list[str]:

@@ -102,3 +102,30 @@ def load_teachers(split: Split, root: Path, teachers: tuple[str, ...] | list[str
         path = teacher_dir(root, split.meta["dataset"], teacher) / TRAJECTORY_FILE
         out.append(load_trajectory(path, split))
     return out
+
+
+def trajectory_state_metrics(split: Split, trajectory: Trajectory, state: int) -> dict:
+    """Metrics of one state: those recorded at training time, else computed from its top-M ranking.
+
+    The ranking-based fallback (for imported teachers) scores the top-M items by rank and everything else
+    equally, so it is exact whenever the top-M holds the K best items after excluding the other held-out part.
+    """
+    recorded = trajectory.meta.get("metrics") or []
+    if state < len(recorded):
+        return recorded[state]
+    from hetcomp.ensemble import EnsembleScorer
+    from hetcomp.metrics import evaluate_split
+
+    result = evaluate_split(EnsembleScorer([trajectory], state_of=state), split)
+    return {"valid": result["valid"], "test": result["test"]}
+
+
+def top_overlap(trajectories: list[Trajectory], k: int = 50) -> float:
+    """Mean pairwise overlap |top-k(a) ∩ top-k(b)| / k of the converged teachers, averaged over users."""
+    tops = [t.states[-1, :, :k].long() for t in trajectories]
+    overlaps = []
+    for a in range(len(tops)):
+        for b in range(a + 1, len(tops)):
+            shared = (tops[a].unsqueeze(2) == tops[b].unsqueeze(1)).any(2).sum(1).double() / k
+            overlaps.append(float(shared.mean()))
+    return float(np.mean(overlaps)) if overlaps else float("nan")

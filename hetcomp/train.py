@@ -54,6 +54,10 @@ class Objective:
     def on_evaluate(self, trainer: Trainer, epoch: int, result: dict) -> None:
         """Hook after each evaluation (e.g. HetComp's knowledge construction)."""
 
+    def may_stop(self) -> bool:
+        """Whether early stopping may end training now (HetComp: not before every user reaches the last state)."""
+        return True
+
     def state_dict(self) -> dict:
         return {}
 
@@ -132,6 +136,7 @@ class Trainer:
                  device: torch.device | str = "cpu", callbacks: list[Callback] | None = None,
                  run_dir: Path | None = None) -> None:
         self.device = torch.device(device)
+        torch.set_flush_denormal(True)  # denormal floats (e.g. tiny softmax tails) slow CPU kernels several-fold
         self.model = model.to(self.device)
         self.split = split
         self.objective = objective
@@ -198,10 +203,10 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
             self.state.bad_evaluations += 1
-            self.state.stopped = self.state.bad_evaluations >= self.config.patience
         self.state.history.append({"epoch": self.state.epoch, "loss": loss, "seconds": round(self.state.seconds, 3),
                                    "valid": result["valid"], "test": result["test"]})
         self.objective.on_evaluate(self, self.state.epoch, result)
+        self.state.stopped = self.state.bad_evaluations >= self.config.patience and self.objective.may_stop()
         for callback in self.callbacks:
             callback.on_evaluate(self, self.state.epoch, result, improved)
         self._checkpoint(improved)

@@ -7,7 +7,7 @@ Loss: binary cross-entropy between ĉ_i and c_i over all users, positives up-wei
 score(u, i) = ĉ_i[u] = w_{d,u} · z_i + b_{d,u}: item codes z are computed once per evaluation, so scoring a
 user batch is one matmul.
 Defaults: h = 2 × 64, sigmoid encoder, dropout 0.5 on the input column, positive weight 20,
-Adam lr 1e-3, batch 256 items.
+Adam lr 1e-2 (tuned on validation: 1e-3 learns ~5× slower), batch 256 items.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from hetcomp.models.base import Batch, CSRRows, ModelConfig, Recommender
 class ItemAEConfig(ModelConfig):
     dropout: float = 0.5
     positive_weight: float = 20.0
+    lr: float = 1e-2
     batch_size: int = 256
     eval_every: int = 5
 

@@ -3,8 +3,9 @@
 x_u (binary row) → dropout → L2-normalize → tanh(W₁ ·) → (μ, log σ²) in R^d → z = μ + σ ε → W₂ → logits.
 Loss: −Σ_i x_ui log softmax(logits)_i + β KL(q(z|x_u) ‖ N(0, I)), β annealed linearly to ``beta_max``.
 score(u, ·) = logits of the encoder mean (no sampling, no dropout) for the user's training row.
-Defaults (the paper's): hidden 600, dropout 0.5, β annealed to 0.2, Adam lr 1e-3, batch 500 users,
-latent d = 64 for teachers.
+Defaults: dropout 0.5, β annealed to 0.2 over 2,000 steps, Adam lr 1e-3 (the paper's); hidden 300 and batches
+of 128 users instead of the paper's 600 and 500 (tuned on validation for CPU time: 4× more updates per epoch
+reach a higher validation recall in a third of the time), latent d = 64 for teachers.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from hetcomp.models.base import Batch, CSRRows, ModelConfig, Recommender
 
 @dataclass
 class MultVAEConfig(ModelConfig):
-    hidden: int = 600
+    hidden: int = 300
     dropout: float = 0.5
     beta_max: float = 0.2
     anneal_steps: int = 2000
-    batch_size: int = 500
+    batch_size: int = 128
     eval_every: int = 5
 
 

@@ -1,0 +1,153 @@
+"""What every distillation method shares: the teachers' knowledge, user batches, and the student's own loss.
+
+A method is an :class:`~hetcomp.train.Objective` (batches + loss + optional per-epoch / per-evaluation hooks)
+built from a :class:`DistillContext`. The shared :class:`~hetcomp.train.Trainer` trains the student with it.
+Adding a method = one file with a subclass of :class:`DistillMethod` and one line in the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from hetcomp.data import HetCompError, Split
+from hetcomp.data.sampling import NegativeSampler
+from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
+from hetcomp.metrics import csr_rows_dense, topk_items
+from hetcomp.models.base import Batch, Recommender
+from hetcomp.train import Objective
+
+
+@dataclass
+class EnsembleConfig:
+    """How the teachers' rankings are aggregated (g): the rank decay and its parameter."""
+
+    decay: str = "exp"
+    temperature: float = 50.0
+    beta: float = 0.05
+
+
+class DistillContext:
+    """The teachers' knowledge about one split, computed once and shared by methods.
+
+    Holds the trajectories, the converged ensemble's top-K unobserved items, each user's observed items in
+    ensemble order (padded), the training mask and a negative sampler.
+    """
+
+    def __init__(self, split: Split, trajectories: list, device: torch.device | str = "cpu",
+                 ensemble: EnsembleConfig | None = None, batch_users: int = 64) -> None:
+        if not trajectories:
+            raise HetCompError("distillation needs teacher trajectories; train them with `hetcomp train-teachers`")
+        self.split = split
+        self.trajectories = trajectories
+        self.device = torch.device(device)
+        self.ensemble = ensemble or EnsembleConfig()
+        self.batch_users = batch_users
+        self.n_users, self.n_items = split.n_users, split.n_items
+        self.active_users = torch.from_numpy(np.flatnonzero(np.diff(split.train.indptr) > 0))
+        self.sampler = NegativeSampler(split.train, self.device)
+        self.train_indptr = torch.from_numpy(split.train.indptr.astype(np.int64))
+        self.train_indices = torch.from_numpy(split.train.indices.astype(np.int64))
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [t.teacher for t in self.trajectories]
+
+    def scorer(self, state_of: int | torch.Tensor = -1, weights: torch.Tensor | None = None) -> EnsembleScorer:
+        return EnsembleScorer(self.trajectories, state_of, self.ensemble.decay, self.ensemble.temperature,
+                              self.ensemble.beta, weights, self.device)
+
+    def ensemble_topk(self, k: int, state_of: int | torch.Tensor = -1, batch_size: int = 1024) -> torch.Tensor:
+        """Top-k unobserved items [n_users, k] of g over the chosen states (converged by default)."""
+        scorer = self.scorer(state_of)
+        parts = []
+        for start in range(0, self.n_users, batch_size):
+            users = np.arange(start, min(start + batch_size, self.n_users))
+            scores = scorer(torch.from_numpy(users).to(self.device))
+            parts.append(topk_items(scores, k, csr_rows_dense(self.split.train, users, self.device)))
+        return torch.cat(parts)
+
+    @cached_property
+    def converged_topk(self) -> torch.Tensor:
+        """The converged ensemble's top-500 unobserved items per user (every baseline's supervision)."""
+        return self.ensemble_topk(min(500, self.n_items - int(np.diff(self.split.train.indptr).max())))
+
+    @cached_property
+    def observed_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each user's training items in ensemble order, padded: (items [U, max_len], valid mask)."""
+        order = torch.from_numpy(ensemble_observed_order(self.trajectories, self.split.train,
+                                                         self.ensemble.decay, self.ensemble.temperature,
+                                                         self.ensemble.beta))
+        lengths = self.train_indptr[1:] - self.train_indptr[:-1]
+        width = int(lengths.max())
+        position = torch.arange(width).unsqueeze(0)
+        valid = position < lengths.unsqueeze(1)
+        index = (self.train_indptr[:-1].unsqueeze(1) + position).clamp(max=max(len(order) - 1, 0))
+        items = torch.where(valid, order[index], torch.full_like(index, -1))
+        return items.to(self.device), valid.to(self.device)
+
+    def train_mask(self, users: torch.Tensor) -> torch.Tensor:
+        """Dense bool [B, n_items] of the users' training items."""
+        return csr_rows_dense(self.split.train, users.cpu().numpy(), self.device)
+
+    def sample_triples(self, users: torch.Tensor, generator: torch.Generator, n_negatives: int = 1) -> Batch:
+        """One random training item and ``n_negatives`` sampled negatives per user (for a student's own loss)."""
+        users_cpu = users.cpu()
+        start, length = self.train_indptr[users_cpu], self.train_indptr[users_cpu + 1] - self.train_indptr[users_cpu]
+        offset = (torch.rand(len(users_cpu), generator=generator) * length).long()
+        positives = self.train_indices[start + offset]
+        negatives = self.sampler.sample(users_cpu, n_negatives, generator)
+        return {"users": users.to(self.device), "pos": positives.to(self.device), "neg": negatives.to(self.device)}
+
+
+class DistillMethod(Objective):
+    """Base class: user batches (each user once per epoch), options from ``config_class``."""
+
+    name: str = ""
+    #: False: the student uses the released code's Adam weight decay (1e-5); True: the model's own setting
+    uses_model_weight_decay: bool = False
+
+    @dataclass
+    class Config:
+        pass
+
+    config_class = Config
+
+    #: top-M unobserved items each evaluation should also return (HetComp's DKC reads the student's ranking)
+    evaluation_top_m: int | None = None
+
+    def __init__(self, context: DistillContext, config=None) -> None:
+        self.context = context
+        self.config = config if config is not None else self.config_class()
+        self.device = context.device
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        users = self.context.active_users
+        order = users[torch.randperm(len(users), generator=generator)]
+        self._generator = generator
+        for start in range(0, len(order), self.context.batch_users):
+            yield {"users": order[start:start + self.context.batch_users].to(self.device)}
+
+    def own_loss(self, model: Recommender, users: torch.Tensor) -> torch.Tensor:
+        """The student's own collaborative-filtering loss on one sampled triple per user of the batch."""
+        n_negatives = getattr(model.config, "n_negatives", 1)
+        return model.loss(self.context.sample_triples(users, self._generator, n_negatives))
+
+    def describe(self) -> str:
+        """One line for progress logs (e.g. HetComp's phase and states)."""
+        return ""
+
+
+def method_config(config_class, **overrides):
+    """A method's config with overrides; an unknown option is an error listing the known ones."""
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise HetCompError(f"unknown option {', '.join(sorted(unknown))}; this method takes "
+                           f"{', '.join(sorted(known)) or 'no options'}")
+    return config_class(**overrides)

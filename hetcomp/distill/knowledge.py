@@ -1,0 +1,134 @@
+"""HetComp's dynamic knowledge construction (DKC): which trajectory state each user learns from.
+
+State v [n_teachers, n_users] (0-based: 0 = E1 … n_states−1 = converged) starts at 0. Every ``period`` epochs
+the student's current top-K is compared with the *next* state of each teacher by D@K = 1 − NDCG@K; the
+discrepancy d remembered when the user started its current state, over the one now, is γ. γ > α means the
+student has moved markedly closer to the next state since it started this one: the user advances.
+Everything works on [n_teachers, n_users] tensors at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hetcomp.data import HetCompError
+from hetcomp.metrics import ranking_ndcg
+
+FORMS = ("paper", "code")
+
+
+def discrepancy_gains(k: int, lam: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gain of rank r = 0..k−1: 2^{exp(−r/λ)} − 1."""
+    ranks = torch.arange(k, dtype=torch.float64, device=device)
+    return torch.pow(2.0, torch.exp(-ranks / lam)) - 1
+
+
+def discrepancy(student: torch.Tensor, teacher: torch.Tensor, k: int = 50, lam: float = 10.0,
+                form: str = "paper") -> torch.Tensor:
+    """D@K = 1 − NDCG@K of the student's top-K against a teacher ranking, per row ([..., K] inputs).
+
+    ``paper``: the teacher's top-K is the ideal list; item i has relevance exp(−r_teacher(i)/λ), gain 2^rel − 1.
+    ``code`` (the authors' release): an item the teacher has in its top-K earns the gain of the *student's*
+    position t, 2^{exp(−t/λ)} − 1, so the teacher's order inside its top-K is ignored; IDCG = all K gains.
+    """
+    student, teacher = student[..., :k], teacher[..., :k]
+    shape = student.shape[:-1]
+    student, teacher = student.reshape(-1, k), teacher.reshape(-1, k)
+    gains = discrepancy_gains(k, lam, student.device)
+    if form == "paper":
+        ndcg = ranking_ndcg(student, teacher, gains)
+    elif form == "code":
+        found = (student.unsqueeze(2) == teacher.unsqueeze(1)).any(2).to(torch.float64)
+        discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=student.device))
+        ndcg = (found * gains * discounts).sum(1) / (gains * discounts).sum()
+    else:
+        raise HetCompError(f"unknown D@K form {form!r}; choose one of {', '.join(FORMS)}")
+    return (1.0 - ndcg).reshape(shape)
+
+
+@dataclass
+class DKCConfig:
+    """DKC settings. Defaults follow method.md (the paper); the released code's variants are options."""
+
+    alpha: float = 1.05
+    period: int = 10
+    k: int = 50
+    lam: float = 10.0
+    form: str = "paper"
+    decay_threshold: bool = False  # code: threshold α·0.995^⌊epoch/p⌋
+    switch_when_below_one: bool = False  # code: also move on when γ < 1
+
+
+class DynamicKnowledge:
+    """The DKC state machine over all teachers and users.
+
+    ``teacher_states``: int tensor [n_teachers, n_states, n_users, ≥K] of each state's top unobserved items.
+    """
+
+    def __init__(self, teacher_states: torch.Tensor, config: DKCConfig | None = None) -> None:
+        self.config = config or DKCConfig()
+        self.states = teacher_states[..., :self.config.k]
+        n_teachers, self.n_states, n_users, _ = self.states.shape
+        device = self.states.device
+        self.v = torch.zeros(n_teachers, n_users, dtype=torch.int64, device=device)
+        self.d = torch.full((n_teachers, n_users), math.nan, dtype=torch.float64, device=device)
+        self.checks = 0
+        self.log: list[dict] = []
+
+    @property
+    def converged(self) -> bool:
+        """Every user learns from every teacher's final state."""
+        return bool((self.v == self.n_states - 1).all())
+
+    def mean_state(self) -> list[float]:
+        """Mean 1-based state per teacher (4.0 = every user at E4)."""
+        return [round(float(x) + 1, 3) for x in self.v.double().mean(1)]
+
+    def _distance_to(self, student_topk: torch.Tensor, state_index: torch.Tensor) -> torch.Tensor:
+        """D@K between the student's top-K [n_users, K] and state ``state_index`` [T, U] of every teacher."""
+        n_teachers, n_users = state_index.shape
+        out = torch.empty(n_teachers, n_users, dtype=torch.float64, device=student_topk.device)
+        users = torch.arange(n_users, device=student_topk.device)
+        for teacher in range(n_teachers):  # a loop over the (six) teachers only; users are batched
+            target = self.states[teacher, state_index[teacher], users]
+            out[teacher] = discrepancy(student_topk, target, self.config.k, self.config.lam, self.config.form)
+        return out
+
+    def step(self, student_topk: torch.Tensor, epoch: int) -> dict:
+        """One DKC check with the student's current top-K unobserved items [n_users, ≥K]."""
+        config = self.config
+        student_topk = student_topk[:, :config.k].to(self.states.device).long()
+        last = self.n_states - 1
+        open_ = self.v < last
+        nxt = torch.clamp(self.v + 1, max=last)
+        current = self._distance_to(student_topk, nxt)
+        first = open_ & torch.isnan(self.d)
+        self.d = torch.where(first, current, self.d)
+        gamma = self.d / current.clamp(min=1e-12)
+        threshold = config.alpha * (0.995 ** (epoch // config.period) if config.decay_threshold else 1.0)
+        move = open_ & ~first & (gamma > threshold)
+        if config.switch_when_below_one:
+            move |= open_ & ~first & (gamma < 1)
+        self.v = torch.where(move, self.v + 1, self.v)
+        if move.any():
+            after = torch.clamp(self.v + 1, max=last)
+            fresh = self._distance_to(student_topk, after)
+            self.d = torch.where(move, torch.where(self.v < last, fresh, torch.nan), self.d)
+        self.checks += 1
+        record = {"epoch": epoch, "moved": int(move.sum()), "mean_state": self.mean_state(),
+                  "mean_gamma": float(gamma[open_ & ~first].mean()) if (open_ & ~first).any() else None}
+        self.log.append(record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {"v": self.v.cpu(), "d": self.d.cpu(), "checks": self.checks, "log": self.log}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.v = state["v"].to(self.v.device)
+            self.d = state["d"].to(self.d.device)
+            self.checks = state["checks"]
+            self.log = state["log"]

@@ -1,0 +1,80 @@
+"""Running one distillation: student + method + shared trainer, with its outputs on disk (resumable)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from hetcomp.data import Split
+from hetcomp.distill import DistillContext, EnsembleConfig, build_method
+from hetcomp.models import build_model
+from hetcomp.train import Callback, Trainer, TrainerConfig
+
+
+def run_name(student: str, method: str, dim: int, seed: int) -> str:
+    return f"{student}-{method}-{dim}-{seed}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def distill(split: Split, trajectories: list, student: str = "mf", method: str = "hetcomp", dim: int = 6,
+            seed: int = 0, device: torch.device | str = "cpu", runs_root: Path = Path("experiments/runs"),
+            method_options: dict | None = None, ensemble: EnsembleConfig | None = None, batch_users: int = 64,
+            lr: float = 1e-3, weight_decay: float | None = None, max_epochs: int = 1000, eval_every: int = 10,
+            patience: int = 5, callbacks: list[Callback] | None = None, command: str = "") -> dict:
+    """Train a student with ``method``; returns (and writes) its metrics. A finished run is reused."""
+    run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / run_name(student, method, dim, seed)
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        return json.loads(metrics_file.read_text())
+    torch.manual_seed(seed)
+    model = build_model(student, split.train, dim=dim)
+    context = DistillContext(split, trajectories, device, ensemble, batch_users)
+    objective = build_method(method, context, **(method_options or {}))
+    if weight_decay is None:
+        weight_decay = model.config.weight_decay if objective.uses_model_weight_decay else 1e-5
+    config = TrainerConfig(lr=lr, weight_decay=weight_decay, max_epochs=max_epochs, eval_every=eval_every,
+                           patience=patience, top_m=objective.evaluation_top_m, seed=seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, split, objective, config, device, callbacks, run_dir)
+    started = time.perf_counter()
+    state = trainer.fit()
+    final = trainer.evaluate()
+    history = state.history
+    result = {
+        "dataset": split.meta["dataset"], "split_fingerprint": split.fingerprint, "student": student,
+        "method": method, "dim": dim, "seed": seed, "teachers": context.teacher_names,
+        "method_options": method_options or {}, "ensemble": vars(context.ensemble),
+        "best_epoch": state.best_epoch, "epochs": state.epoch, "valid": final["valid"], "test": final["test"],
+        "n_parameters": model.n_parameters(), "train_seconds": round(state.seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
+        "command": command, "commit": git_commit(), "machine": machine(),
+        "curve": [{"epoch": h["epoch"], "valid_recall@50": h["valid"]["recall@50"],
+                   "test_recall@50": h["test"]["recall@50"]} for h in history],
+    }
+    if hasattr(objective, "knowledge"):
+        result["dkc_log"] = objective.knowledge.log
+    torch.save(model.state_dict(), run_dir / "student.pt")
+    tmp = metrics_file.with_name("metrics.json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(metrics_file)
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    return result

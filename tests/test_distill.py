@@ -1,0 +1,176 @@
+"""HetComp's knowledge construction and losses against naive versions, and the method contract suite."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hetcomp.distill import METHODS, DistillContext, build_method
+from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
+from hetcomp.distill.losses import fine_loss, overall_loss
+from hetcomp.distill.run import distill
+from hetcomp.models import build_model
+from hetcomp.teachers import train_teacher
+from hetcomp.train import Trainer, TrainerConfig
+
+from conftest import make_tiny_split
+
+SPLIT = make_tiny_split(n_users=100, n_items=70, per_user=14)
+#: options that fit the toy catalogue (70 items) where a method's defaults assume a real one
+SMALL_OPTIONS = {"hetcomp": {"k": 20, "pos_k": 5, "dkc_k": 10, "period": 2}}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    out = []
+    for name in ("mf", "gnn", "ae"):
+        torch.manual_seed(0)
+        out.append(train_teacher(SPLIT, name, root, dim=8, top_m=40, max_epochs=30, eval_every=2, lr=1e-2))
+    return out
+
+
+# ---- D@K and DKC on hand-built rankings -------------------------------------------------------------------
+
+def naive_discrepancy(student, teacher, k, lam, form):
+    gains = [2 ** math.exp(-r / lam) - 1 for r in range(k)]
+    if form == "paper":
+        dcg = sum(gains[teacher.index(item)] / math.log2(p + 2) for p, item in enumerate(student[:k])
+                  if item in teacher[:k])
+        idcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+    else:
+        dcg = sum(gains[p] / math.log2(p + 2) for p, item in enumerate(student[:k]) if item in teacher[:k])
+        idcg = sum(g / math.log2(p + 2) for p, g in enumerate(gains))
+    return 1 - dcg / idcg
+
+
+@pytest.mark.parametrize("form", ["paper", "code"])
+def test_discrepancy_matches_naive(form):
+    rng = np.random.default_rng(0)
+    student = torch.from_numpy(np.stack([rng.permutation(30)[:8] for _ in range(6)]))
+    teacher = torch.from_numpy(np.stack([rng.permutation(30)[:8] for _ in range(6)]))
+    fast = discrepancy(student, teacher, k=8, lam=3.0, form=form)
+    for row in range(6):
+        slow = naive_discrepancy(student[row].tolist(), teacher[row].tolist(), 8, 3.0, form)
+        assert fast[row].item() == pytest.approx(slow)
+    assert discrepancy(teacher, teacher, k=8, lam=3.0, form=form).abs().max() < 1e-12
+
+
+def test_dkc_advances_a_student_that_reaches_the_next_state_only():
+    n_users, k = 3, 5
+    base = torch.arange(100).view(1, 1, 1, 100)
+    states = torch.stack([torch.arange(s * 10, s * 10 + k) for s in range(4)])  # state s = items 10s..10s+4
+    teacher_states = states.view(1, 4, 1, k).expand(1, 4, n_users, k).clone()
+    knowledge = DynamicKnowledge(teacher_states, DKCConfig(k=k, lam=2.0))
+    far = torch.arange(90, 95)
+    student = far.repeat(n_users, 1)
+    knowledge.step(student, epoch=10)  # first check only records d
+    assert knowledge.v.tolist() == [[0, 0, 0]]
+    student[0] = states[1]  # user 0 now ranks exactly like E2; user 1 stays far; user 2 moves half way
+    student[2, :3] = states[1, :3]
+    knowledge.step(student, epoch=20)
+    assert knowledge.v[0, 0] == 1 and knowledge.v[0, 1] == 0 and knowledge.v[0, 2] == 1
+    knowledge.v[:] = 3
+    knowledge.step(states[3].repeat(n_users, 1), epoch=30)
+    assert knowledge.v.tolist() == [[3, 3, 3]] and knowledge.converged
+    del base
+
+
+# ---- L_O and L_F against per-user loops -------------------------------------------------------------------
+
+def naive_overall(scores, lists, tails):
+    total = 0.0
+    for row, (items, tail) in enumerate(zip(lists, tails, strict=True)):
+        tail_sum = sum(math.exp(scores[row, j]) for j in tail)
+        total += sum(-math.log(math.exp(scores[row, i]) / (math.exp(scores[row, i]) + tail_sum)) for i in items)
+    return total / len(lists)
+
+
+def naive_fine(scores, lists, tails):
+    total = 0.0
+    for row, (items, tail) in enumerate(zip(lists, tails, strict=True)):
+        tail_sum = sum(math.exp(scores[row, j]) for j in tail)
+        for k, item in enumerate(items):
+            below = sum(math.exp(scores[row, i]) for i in items[k:])
+            total += -math.log(math.exp(scores[row, item]) / (below + tail_sum))
+    return total / len(lists)
+
+
+def _toy_lists():
+    rng = np.random.default_rng(1)
+    scores = torch.from_numpy(rng.normal(size=(4, 12))).double()
+    lists = [[3, 1, 7], [0, 2], [11, 5, 4], [9]]
+    width = 3
+    items = torch.tensor([row + [0] * (width - len(row)) for row in lists])
+    valid = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in lists])
+    tails = [[j for j in range(12) if j not in row and j % 3 != 0] for row in lists]
+    tail_mask = torch.zeros(4, 12, dtype=torch.bool)
+    for row, tail in enumerate(tails):
+        tail_mask[row, tail] = True
+    return scores, lists, items, valid, tails, tail_mask
+
+
+def test_overall_and_fine_losses_match_naive():
+    scores, lists, items, valid, tails, tail_mask = _toy_lists()
+    assert overall_loss(scores, items, valid, tail_mask).item() == pytest.approx(naive_overall(scores, lists, tails))
+    assert fine_loss(scores, items, valid, tail_mask).item() == pytest.approx(naive_fine(scores, lists, tails))
+
+
+def test_fine_loss_sees_order_inside_the_list_overall_loss_does_not():
+    scores, _, items, valid, _, tail_mask = _toy_lists()
+    swapped = items.clone()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    assert overall_loss(scores, items, valid, tail_mask) == pytest.approx(overall_loss(scores, swapped, valid, tail_mask))
+    assert fine_loss(scores, items, valid, tail_mask) != pytest.approx(fine_loss(scores, swapped, valid, tail_mask))
+
+
+# ---- HetComp's item sets ----------------------------------------------------------------------------------
+
+def test_positive_dynamic_and_tail_sets_are_disjoint_and_clean(teachers):
+    context = DistillContext(SPLIT, teachers)
+    method = build_method("hetcomp", context, k=20, pos_k=5, dkc_k=10)
+    users = torch.arange(SPLIT.n_users)
+    train = context.train_mask(users)
+    positives, valid = method.positive_items, method.positive_valid
+    negatives = method.dynamic_topk
+    rows = users.unsqueeze(1)
+    assert train[rows.expand_as(positives), positives.clamp(min=0)][valid].all()  # P⁺ ⊂ observed
+    assert not train[rows.expand_as(negatives), negatives].any()  # P⁻ ∩ observed = ∅
+    for user in range(0, SPLIT.n_users, 17):
+        p_plus = set(positives[user][valid[user]].tolist())
+        p_minus = set(negatives[user].tolist())
+        assert not p_plus & p_minus and len(p_minus) == 20
+
+
+# ---- the method contract: every registered method --------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_contract(name, teachers):
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        context = DistillContext(SPLIT, teachers, batch_users=16)
+        method = build_method(name, context, **SMALL_OPTIONS.get(name, {}))
+        model = build_model("mf", SPLIT.train, dim=4)
+        trainer = Trainer(model, SPLIT, method, TrainerConfig(lr=1e-2, seed=0, top_m=method.evaluation_top_m))
+        losses = [trainer.train_epoch() for _ in range(15)]
+        assert all(math.isfinite(x) for x in losses)
+        assert losses[-1] < losses[0]
+        outputs.append(model.score(torch.arange(5)).detach())
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_hetcomp_reaches_final_states_and_beats_no_kd(teachers, tmp_path):
+    options = {"k": 20, "pos_k": 5, "dkc_k": 10, "period": 4, "preset": "code"}
+    results = {}
+    for method in ("none", "hetcomp"):
+        results[method] = distill(SPLIT, teachers, "mf", method, dim=4, runs_root=tmp_path, max_epochs=300,
+                                  eval_every=4, lr=1e-2, batch_users=16,
+                                  method_options=options if method == "hetcomp" else {})
+    log = results["hetcomp"]["dkc_log"]
+    assert log[-1]["mean_state"] == [4.0, 4.0, 4.0]
+    print({m: r["test"] for m, r in results.items()})
+    assert results["hetcomp"]["test"]["ndcg@10"] > results["none"]["test"]["ndcg@10"]
