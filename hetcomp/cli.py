@@ -209,7 +209,8 @@ def distill_command(
     """Train a small student from the teachers' trajectories with HetComp or a baseline."""
     method_class(method)
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
-    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, TEACHERS, "teacher"))
+    known = TEACHERS + _imported(teachers_dir, split)
+    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
     options = _parse_options(option)
     seed_everything(seed)
     command = "hetcomp " + " ".join(sys.argv[1:])
@@ -282,6 +283,41 @@ def import_teacher(
     trajectory.save(target)
     console.print(f"imported {trajectory.n_states} states x {split.n_users} users x top-{trajectory.top_m} "
                   f"from {file} -> {target}")
+
+
+@app.command("bench")
+@friendly_errors
+def bench_command(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    methods: str = typer.Option(",".join(METHODS), help="Methods whose student epoch is timed."),
+    append: Path = typer.Option(None, help="Append the figures to a Markdown file, e.g. experiments/results/bench.md."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+) -> None:
+    """Time data loading, full evaluation, a teacher epoch, a student epoch per method and one DKC check."""
+    from hetcomp.bench import run_bench
+
+    target = resolve_device(device)
+    rows: list[tuple[str, float]] = []
+
+    def report(name: str, seconds: float) -> None:
+        rows.append((name, seconds))
+        unit = "" if "MB" in name or seconds != seconds else " s"
+        console.print(f"{name:<60} {seconds:10.3f}{unit}" if seconds == seconds else name, highlight=False)
+
+    result = run_bench(dataset, data_dir, cache_dir, teachers_dir, target,
+                       methods=_parse_names(methods, list(METHODS), "method"), report=report)
+    console.print(f"machine: {result.get('machine', '')}")
+    if append is not None:
+        lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — `hetcomp {' '.join(sys.argv[1:])}`",
+                 f"machine: {result.get('machine', '')}, device {target}", "", "| what | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in rows if value == value]
+        append.parent.mkdir(parents=True, exist_ok=True)
+        with open(append, "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+        console.print(f"appended to {append}")
 
 
 def _imported(root: Path, split) -> tuple[str, ...]:

@@ -136,6 +136,18 @@ def evaluate(score_fn: ScoreFn, train: sp.csr_matrix, heldout: sp.csr_matrix, ot
     return result
 
 
+def positions_in(items: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each entry of ``items`` [B, L]: is it in its row of ``reference`` [B, L'] (no repeats), and where.
+
+    Sort-and-search per row, O(B · L · log L') instead of an [B, L, L'] comparison. Returns (found, position);
+    position is meaningless where not found.
+    """
+    ordered, order = reference.sort(dim=1)
+    slot = torch.searchsorted(ordered, items.contiguous()).clamp(max=reference.shape[1] - 1)
+    found = ordered.gather(1, slot) == items
+    return found, order.gather(1, slot)
+
+
 def ranking_ndcg(ranking: torch.Tensor, ideal: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """NDCG of ``ranking`` [B, K] against ``ideal`` [B, K'] taken as the perfect order.
 
@@ -144,9 +156,7 @@ def ranking_ndcg(ranking: torch.Tensor, ideal: torch.Tensor, gains: torch.Tensor
     itself over the first K positions. Returns NDCG per row.
     """
     k = ranking.shape[1]
-    match = ranking.unsqueeze(2) == ideal.unsqueeze(1)  # [B, K, K']
-    found = match.any(2)
-    position_in_ideal = match.to(torch.int8).argmax(2)
+    found, position_in_ideal = positions_in(ranking, ideal)
     gain = torch.where(found, gains.to(torch.float64)[position_in_ideal], torch.zeros((), dtype=torch.float64,
                                                                                         device=ranking.device))
     discounts = _discounts(max(k, ideal.shape[1]), ranking.device)

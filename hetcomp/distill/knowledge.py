@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hetcomp.data import HetCompError
-from hetcomp.metrics import ranking_ndcg
+from hetcomp.metrics import positions_in, ranking_ndcg
 
 FORMS = ("paper", "code")
 
@@ -41,7 +41,7 @@ def discrepancy(student: torch.Tensor, teacher: torch.Tensor, k: int = 50, lam: 
     if form == "paper":
         ndcg = ranking_ndcg(student, teacher, gains)
     elif form == "code":
-        found = (student.unsqueeze(2) == teacher.unsqueeze(1)).any(2).to(torch.float64)
+        found = positions_in(student, teacher)[0].to(torch.float64)
         discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=student.device))
         ndcg = (found * gains * discounts).sum(1) / (gains * discounts).sum()
     else:
