@@ -54,6 +54,10 @@ class Objective:
     def on_evaluate(self, trainer: Trainer, epoch: int, result: dict) -> None:
         """Hook after each evaluation (e.g. HetComp's knowledge construction)."""
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters the objective owns (e.g. MTD's per-user teacher weights), optimized with the model."""
+        return []
+
     def may_stop(self) -> bool:
         """Whether early stopping may end training now (HetComp: not before every user reaches the last state)."""
         return True
@@ -143,8 +147,8 @@ class Trainer:
         self.config = config
         self.callbacks = callbacks or []
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                          fused=True)
+        parameters = [*self.model.parameters(), *self.objective.parameters()]
+        self.optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.state = FitState()
         self.best_state: dict | None = None
