@@ -233,6 +233,8 @@ def evaluate_command(
     seed: int = typer.Option(0, help="Split seed."),
     decay: str = typer.Option("exp", help="Rank decay of the ensemble g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
+    write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
+                                          "experiments/results/teachers-citeulike.md."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -260,6 +262,39 @@ def evaluate_command(
     row("ensemble", "E4", "-", ensemble)
     console.print(table)
     console.print(f"mean pairwise top-50 overlap of the converged teachers: {top_overlap(trajectories):.3f}")
+    if write is not None:
+        from hetcomp.experiments import teachers_report
+
+        sources = {t.meta.get("source", "") for t in trajectories}
+        page = teachers_report(split, trajectories, "hetcomp " + " ".join(sys.argv[1:]), " ; ".join(sorted(sources)))
+        write.parent.mkdir(parents=True, exist_ok=True)
+        write.write_text(page)
+        console.print(f"wrote {write}")
+
+
+@app.command("summarize")
+@friendly_errors
+def summarize_command(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    seed: int = typer.Option(0, help="Split seed."),
+    write: Path = typer.Option(..., help="The results page to write, e.g. experiments/results/hetcomp-citeulike.md."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+    runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are."),
+) -> None:
+    """Write a results page from every finished distillation run of a dataset."""
+    from hetcomp.experiments import collect_runs, runs_report
+
+    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    runs = collect_runs(runs_dir, split.meta["dataset"])
+    if not runs:
+        raise HetCompError(f"no finished runs under {runs_dir / split.meta['dataset']}; run `hetcomp distill` first")
+    trajectories = load_teachers(split, teachers_dir, runs[0]["teachers"])
+    ensemble = evaluate_split(EnsembleScorer(trajectories), split)["test"]
+    write.parent.mkdir(parents=True, exist_ok=True)
+    write.write_text(runs_report(split, runs, ensemble, "hetcomp " + " ".join(sys.argv[1:])))
+    console.print(f"wrote {write} ({len(runs)} runs)")
 
 
 @app.command("import-teacher")

@@ -59,7 +59,7 @@ class TrajectoryRecorder(Callback):
         meta = dict(self.meta)
         meta.update({
             "state_epochs": epochs, "converged_epoch": converged, "epochs_trained": trainer.state.epoch,
-            "train_seconds": round(trainer.state.seconds, 1),
+            "train_seconds": round(trainer.state.seconds, 1), "eval_seconds": round(trainer.state.eval_seconds, 1),
             "metrics": [{"valid": history[e]["valid"], "test": history[e]["test"]} for e in epochs],
         })
         self.trajectory = make_trajectory(states, observed, trainer.split, meta)

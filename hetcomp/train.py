@@ -126,6 +126,7 @@ class FitState:
     bad_evaluations: int = 0
     stopped: bool = False
     seconds: float = 0.0
+    eval_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
 
 
@@ -199,7 +200,9 @@ class Trainer:
         return self.state
 
     def _evaluate_and_select(self, loss: float) -> None:
+        started = time.perf_counter()
         result = self.evaluate(top_m=self.config.top_m)
+        self.state.eval_seconds += time.perf_counter() - started
         value = result["valid"][self.config.monitor]
         improved = value > self.state.best_value
         if improved:

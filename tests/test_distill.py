@@ -79,6 +79,17 @@ def test_dkc_advances_a_student_that_reaches_the_next_state_only():
     del base
 
 
+def test_dkc_deadline_moves_every_open_state_to_the_last():
+    states = torch.arange(4 * 5).view(1, 4, 1, 5).expand(1, 4, 2, 5).clone()
+    knowledge = DynamicKnowledge(states, DKCConfig(k=5, deadline=30))
+    student = torch.arange(90, 95).repeat(2, 1)
+    knowledge.step(student, epoch=10)
+    knowledge.step(student, epoch=20)
+    assert not knowledge.converged
+    record = knowledge.step(student, epoch=30)
+    assert knowledge.converged and record["forced"] == 2
+
+
 # ---- L_O and L_F against per-user loops -------------------------------------------------------------------
 
 def naive_overall(scores, lists, tails):

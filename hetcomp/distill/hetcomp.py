@@ -43,6 +43,7 @@ class HetCompConfig:
     dkc_form: str | None = None  # None: from the preset
     decay_threshold: bool | None = None
     switch_when_below_one: bool | None = None
+    deadline: int | None = 300
     fine_form: str | None = None  # "paper": L_F(P⁺) + L_F(P⁻); "code": the release's prefix terms
 
 
@@ -58,7 +59,8 @@ class HetComp(DistillMethod):
         dkc = DKCConfig(alpha=cfg.alpha, period=cfg.period, k=cfg.dkc_k, lam=cfg.dkc_lambda,
                         form=cfg.dkc_form or ("code" if code else "paper"),
                         decay_threshold=code if cfg.decay_threshold is None else cfg.decay_threshold,
-                        switch_when_below_one=code if cfg.switch_when_below_one is None else cfg.switch_when_below_one)
+                        switch_when_below_one=code if cfg.switch_when_below_one is None else cfg.switch_when_below_one,
+                        deadline=cfg.deadline)
         states = torch.stack([t.states[:, :, :dkc.k] for t in context.trajectories]).to(self.device)
         self.knowledge = DynamicKnowledge(states, dkc)
         self.positive_items, self.positive_valid = (x[:, :cfg.pos_k] for x in context.observed_order)

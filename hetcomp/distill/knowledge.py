@@ -5,6 +5,11 @@ the student's current top-K is compared with the *next* state of each teacher by
 discrepancy d remembered when the user started its current state, over the one now, is γ. γ > α means the
 student has moved markedly closer to the next state since it started this one: the user advances.
 Everything works on [n_teachers, n_users] tensors at once.
+
+With a fixed α a user whose student has plateaued may never advance, and the paper's schedule (L_F once
+every user learns from the converged teachers) would never start; the released code avoids this with a
+decaying threshold. Our ``deadline`` (default epoch 300) moves every remaining state to the last one at that
+check, and the log records how many were forced.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class DKCConfig:
     form: str = "paper"
     decay_threshold: bool = False  # code: threshold α·0.995^⌊epoch/p⌋
     switch_when_below_one: bool = False  # code: also move on when γ < 1
+    deadline: int | None = 300  # ours: at this epoch every open state jumps to the last (None: never)
 
 
 class DynamicKnowledge:
@@ -113,12 +119,17 @@ class DynamicKnowledge:
         if config.switch_when_below_one:
             move |= open_ & ~first & (gamma < 1)
         self.v = torch.where(move, self.v + 1, self.v)
-        if move.any():
+        forced = 0
+        if config.deadline is not None and epoch >= config.deadline:
+            forced = int((self.v < last).sum())
+            self.v = torch.full_like(self.v, last)
+            self.d = torch.full_like(self.d, math.nan)
+        elif move.any():
             after = torch.clamp(self.v + 1, max=last)
             fresh = self._distance_to(student_topk, after)
             self.d = torch.where(move, torch.where(self.v < last, fresh, torch.nan), self.d)
         self.checks += 1
-        record = {"epoch": epoch, "moved": int(move.sum()), "mean_state": self.mean_state(),
+        record = {"epoch": epoch, "moved": int(move.sum()), "forced": forced, "mean_state": self.mean_state(),
                   "mean_gamma": float(gamma[open_ & ~first].mean()) if (open_ & ~first).any() else None}
         self.log.append(record)
         return record
