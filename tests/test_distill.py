@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_split
 
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
@@ -15,8 +16,6 @@ from hetcomp.distill.run import distill
 from hetcomp.models import build_model
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
-
-from conftest import make_tiny_split
 
 SPLIT = make_tiny_split(n_users=100, n_items=70, per_user=14)
 #: options that fit the toy catalogue (70 items) where a method's defaults assume a real one
@@ -134,7 +133,8 @@ def test_fine_loss_sees_order_inside_the_list_overall_loss_does_not():
     scores, _, items, valid, _, tail_mask = _toy_lists()
     swapped = items.clone()
     swapped[0, [0, 1]] = swapped[0, [1, 0]]
-    assert overall_loss(scores, items, valid, tail_mask) == pytest.approx(overall_loss(scores, swapped, valid, tail_mask))
+    assert overall_loss(scores, items, valid, tail_mask) == pytest.approx(
+        overall_loss(scores, swapped, valid, tail_mask))
     assert fine_loss(scores, items, valid, tail_mask) != pytest.approx(fine_loss(scores, swapped, valid, tail_mask))
 
 

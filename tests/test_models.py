@@ -90,3 +90,21 @@ def test_unknown_model_and_setting_are_clear_errors():
         model_config("transformer")
     with pytest.raises(HetCompError, match="has no setting colour"):
         model_config("mf", colour=1)
+
+
+def test_a_killed_run_resumes_to_the_same_model(tmp_path):
+    def run(max_epochs: int, run_dir=None):
+        torch.manual_seed(0)
+        model = build("mf")
+        objective = OwnLoss(model, SPLIT, 32, 1, torch.device("cpu"))
+        config = TrainerConfig(lr=1e-2, seed=0, eval_every=2, max_epochs=max_epochs, patience=100)
+        trainer = Trainer(model, SPLIT, objective, config, run_dir=run_dir)
+        trainer.fit()
+        return trainer
+
+    straight = run(8)
+    run(4, tmp_path)  # "killed" after its epoch-4 checkpoint
+    resumed = run(8, tmp_path)
+    assert resumed.state.epoch == 8 and len(resumed.state.history) == 4
+    assert [h["valid"] for h in resumed.state.history] == [h["valid"] for h in straight.state.history]
+    assert torch.equal(resumed.model.score(torch.arange(5)), straight.model.score(torch.arange(5)))

@@ -11,6 +11,12 @@ from hetcomp.distill.base import DistillContext, DistillMethod, EnsembleConfig, 
 METHODS: dict[str, str] = {
     "none": "hetcomp.distill.none:NoKD",
     "hetcomp": "hetcomp.distill.hetcomp:HetComp",
+    "rd": "hetcomp.distill.rd:RD",
+    "rrd": "hetcomp.distill.rrd:RRD",
+    "mtd": "hetcomp.distill.mtd:MTD",
+    "cl-drd": "hetcomp.distill.cl_drd:CLDRD",
+    "dcd": "hetcomp.distill.dcd:DCD",
+    "kd": "hetcomp.distill.kd:KD",
 }
 
 __all__ = ["METHODS", "DistillContext", "DistillMethod", "EnsembleConfig", "build_method", "method_class"]

@@ -22,7 +22,7 @@ import torch
 
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge
-from hetcomp.distill.losses import fine_loss, items_mask, overall_loss
+from hetcomp.distill.losses import fine_loss, items_mask, masked_logsumexp, overall_loss
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -80,15 +80,17 @@ class HetComp(DistillMethod):
         unobserved = ~self.context.train_mask(users)
         positives, positive_valid = self.positive_items[users], self.positive_valid[users]
         negatives = self.dynamic_topk[users]
-        negative_valid = torch.ones_like(negatives, dtype=torch.bool)
         fine = self.fine_phase_users[users]
         total = scores.new_zeros(())
         if (~fine).any():
             rows = ~fine
-            tail = unobserved[rows] & ~items_mask(negatives[rows], negative_valid[rows], scores.shape[1])
             s = scores[rows]
-            overall = (overall_loss(s, positives[rows], positive_valid[rows], tail)
-                       + overall_loss(s, negatives[rows], negative_valid[rows], tail))
+            # L_O is a sum of independent terms per listed item, so L_O(P⁺, N) + L_O(P⁻, N) = L_O(P⁺ ∪ P⁻, N):
+            # one list, one log-sum-exp over the shared tail N = unobserved − P⁻.
+            tail = items_mask(negatives[rows], None, s.shape[1], base=unobserved[rows], value=False)
+            listed = torch.cat([positives[rows], negatives[rows]], 1)
+            valid = torch.cat([positive_valid[rows], torch.ones_like(negatives[rows], dtype=torch.bool)], 1)
+            overall = overall_loss(s, listed, valid, tail)
             total = total + self.config.overall_weight * overall * rows.float().mean()
         if fine.any():
             fine_part = self._fine(scores[fine], unobserved[fine], positives[fine], positive_valid[fine],
@@ -99,19 +101,21 @@ class HetComp(DistillMethod):
     def _fine(self, scores, unobserved, positives, positive_valid, negatives) -> torch.Tensor:
         n_items = scores.shape[1]
 
-        def tail_without(prefix: int) -> torch.Tensor:
-            head = negatives[:, :prefix]
-            return unobserved & ~items_mask(head, torch.ones_like(head, dtype=torch.bool), n_items)
+        def tail_lse_without(prefix: int) -> torch.Tensor:
+            tail = items_mask(negatives[:, :prefix], None, n_items, base=unobserved, value=False)
+            return masked_logsumexp(scores, tail)
 
+        all_valid = torch.ones_like(negatives, dtype=torch.bool)
         if self.fine_form == "code":
             half, tenth = self.config.k // 2, max(self.config.k // 10, 1)
-            all_valid = torch.ones_like(negatives, dtype=torch.bool)
-            return (fine_loss(scores, positives, positive_valid, tail_without(half))
-                    + 0.5 * (fine_loss(scores, negatives[:, :half], all_valid[:, :half], tail_without(half))
-                             + fine_loss(scores, negatives[:, :tenth], all_valid[:, :tenth], tail_without(tenth))))
-        tail = tail_without(negatives.shape[1])
-        return (fine_loss(scores, positives, positive_valid, tail)
-                + fine_loss(scores, negatives, torch.ones_like(negatives, dtype=torch.bool), tail))
+            half_lse = tail_lse_without(half)
+            return (fine_loss(scores, positives, positive_valid, tail_lse=half_lse)
+                    + 0.5 * (fine_loss(scores, negatives[:, :half], all_valid[:, :half], tail_lse=half_lse)
+                             + fine_loss(scores, negatives[:, :tenth], all_valid[:, :tenth],
+                                         tail_lse=tail_lse_without(tenth))))
+        tail_lse = tail_lse_without(negatives.shape[1])
+        return (fine_loss(scores, positives, positive_valid, tail_lse=tail_lse)
+                + fine_loss(scores, negatives, all_valid, tail_lse=tail_lse))
 
     def on_evaluate(self, trainer: Trainer, epoch: int, result: dict) -> None:
         """DKC every ``period`` epochs while some state is not final, from the evaluation's own ranking."""

@@ -23,22 +23,27 @@ def _mean_over_users(per_position: torch.Tensor, valid: torch.Tensor) -> torch.T
     return per_position.sum(1).mean()
 
 
-def overall_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+def overall_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor | None = None,
+                 tail_lse: torch.Tensor | None = None) -> torch.Tensor:
     """L_O: every item of the list above every tail item, no order inside the list.
 
     −Σ_k log( e^{f_k} / (e^{f_k} + Σ_{j∈tail} e^{f_j}) ) = Σ_k softplus(LSE_tail − f_k).
+    Pass ``tail_lse`` (log Σ_tail e^f per row) instead of ``tail`` to share it between lists.
     """
-    tail_lse = masked_logsumexp(scores, tail)
+    if tail_lse is None:
+        tail_lse = masked_logsumexp(scores, tail)
     listed = scores.gather(1, items.clamp(min=0))
     return _mean_over_users(functional.softplus(tail_lse.unsqueeze(1) - listed), valid)
 
 
-def fine_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+def fine_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor | None = None,
+              tail_lse: torch.Tensor | None = None) -> torch.Tensor:
     """L_F: Plackett–Luce keeping the list's exact order and placing it above the tail.
 
     −Σ_k log( e^{f_k} / (Σ_{l≥k} e^{f_l} + Σ_{j∈tail} e^{f_j}) ); invalid (padding) positions are left out.
     """
-    tail_lse = masked_logsumexp(scores, tail)
+    if tail_lse is None:
+        tail_lse = masked_logsumexp(scores, tail)
     listed = scores.gather(1, items.clamp(min=0)).masked_fill(~valid, NEG_INF)
     suffix = torch.logcumsumexp(listed.flip(1), dim=1).flip(1)
     denominator = torch.logaddexp(suffix, tail_lse.unsqueeze(1))
@@ -58,9 +63,124 @@ def relaxed_ranking_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch
     return _mean_over_users(torch.logaddexp(suffix, tail_lse.unsqueeze(1)) - listed, valid)
 
 
-def items_mask(items: torch.Tensor, valid: torch.Tensor, n_items: int) -> torch.Tensor:
-    """Dense bool [B, n_items]: True at the valid entries of ``items``."""
-    mask = torch.zeros(items.shape[0], n_items, dtype=torch.bool, device=items.device)
+def items_mask(items: torch.Tensor, valid: torch.Tensor | None, n_items: int,
+               base: torch.Tensor | None = None, value: bool = True) -> torch.Tensor:
+    """Dense bool [B, n_items] set to ``value`` at the valid entries of ``items``, on a copy of ``base``
+    (default: all ``not value``)."""
+    if base is None:
+        mask = torch.full((items.shape[0], n_items), not value, dtype=torch.bool, device=items.device)
+    else:
+        mask = base.clone()
     rows = torch.arange(items.shape[0], device=items.device).unsqueeze(1).expand_as(items)
-    mask[rows[valid], items[valid]] = True
+    if valid is None:
+        mask[rows, items] = value
+    else:
+        mask[rows[valid], items[valid]] = value
     return mask
+
+
+# ---- losses of the ranking-distillation baselines ---------------------------------------------------------
+
+#: stands in for −∞ where a softmax over a padded list must stay finite (an all-padding row gives no NaN)
+_MASKED_LOGIT = -1e9
+
+
+def _masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the valid entries of each row; 0 at the padding."""
+    out = torch.log_softmax(logits.masked_fill(~valid, _MASKED_LOGIT), dim=1)
+    return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _mean_over_rows_with(per_row: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_row`` over the rows where ``present``; 0 when no row is."""
+    per_row = torch.where(present, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+    return per_row.sum() / present.sum().clamp(min=1)
+
+
+def weighted_pointwise_loss(listed: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """RD: the listed items are positives, each weighted: Σ_r w_r · (−log σ(f_r)), averaged over users.
+
+    ``listed`` [B, L] are the student's scores of the teacher's items, ``weights`` [B, L] their weights.
+    """
+    return _mean_over_users(-weights * functional.logsigmoid(listed), valid)
+
+
+def graded_pairwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """CL-DRD: logistic loss on every pair with label_i > label_j, weighted by label_i − label_j (LambdaRank-like).
+
+    Per user: Σ_{i,j} w_ij · log(1 + e^{−(f_i − f_j)}) / Σ_{i,j} w_ij over ``scores``/``labels`` [B, L]; averaged
+    over the users that have at least one such pair.
+    """
+    gap = labels.unsqueeze(2) - labels.unsqueeze(1)
+    pair = (gap > 0) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    weight = torch.where(pair, gap, torch.zeros((), dtype=gap.dtype, device=gap.device))
+    logistic = functional.softplus(scores.unsqueeze(1) - scores.unsqueeze(2))  # −log σ(f_i − f_j) at [i, j]
+    total = weight.sum((1, 2))
+    per_user = (weight * logistic).sum((1, 2)) / total.clamp(min=torch.finfo(total.dtype).tiny)
+    return _mean_over_rows_with(per_user, total > 0)
+
+
+def soft_target_cross_entropy(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor,
+                              targets: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """−Σ_l target_l · log softmax(f/τ)_{item_l}, the softmax over each user's unobserved items only.
+
+    MTD's loss (targets = the teachers' mixture) and KD's ``listwise`` (targets = the teacher's top-K
+    distribution). ``scores``/``unobserved`` are [B, n_items]; ``items``/``targets``/``valid`` [B, L]; an item
+    listed twice counts twice (so a mixture may be passed teacher by teacher). Averaged over users.
+    """
+    log_probs = torch.log_softmax((scores / temperature).masked_fill(~unobserved, NEG_INF), dim=1)
+    return _mean_over_users(-targets * log_probs.gather(1, items.clamp(min=0)), valid)
+
+
+def candidate_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """−Σ p_T log p_S with both softmaxes over each user's valid candidates at temperature τ; user mean."""
+    log_student = _masked_log_softmax(student / temperature, valid)
+    target = _masked_log_softmax(teacher / temperature, valid).exp() * valid
+    return _mean_over_users(-target * log_student, valid)
+
+
+def candidate_kl(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """τ² · KL(p_T ‖ p_S) over the valid candidates (Hinton et al.'s scaling keeps gradients τ-independent)."""
+    log_student = _masked_log_softmax(student / temperature, valid)
+    log_teacher = _masked_log_softmax(teacher / temperature, valid)
+    return temperature ** 2 * _mean_over_users(log_teacher.exp() * (log_teacher - log_student), valid)
+
+
+def _mean_over_valid(per_entry: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per user the mean over its valid entries, then the mean over users that have any."""
+    count = valid.sum(1)
+    per_entry = torch.where(valid, per_entry, torch.zeros((), dtype=per_entry.dtype, device=per_entry.device))
+    return _mean_over_rows_with(per_entry.sum(1) / count.clamp(min=1), count > 0)
+
+
+def candidate_bce(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy of σ(student/τ) against the soft labels σ(teacher/τ); mean per user, then over users."""
+    labels = torch.sigmoid(teacher / temperature)
+    per_entry = functional.binary_cross_entropy_with_logits(student / temperature, labels, reduction="none")
+    return _mean_over_valid(per_entry, valid)
+
+
+def candidate_l2(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0,
+                 on: str = "logits") -> torch.Tensor:
+    """Squared error on logits/τ (``on="logits"``) or on σ(logits/τ) (``on="probs"``); mean per user, then users."""
+    student, teacher = student / temperature, teacher / temperature
+    if on == "probs":
+        student, teacher = torch.sigmoid(student), torch.sigmoid(teacher)
+    return _mean_over_valid((student - teacher) ** 2, valid)
+
+
+def pairwise_hinge_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, margin: float = 1.0,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+    """max(0, m_ij − (f_i − f_j)) over every valid pair the teacher orders i above j; mean per user, then users.
+
+    m_ij = ``margin``, or ``margin`` · (label_i − label_j) when soft ``labels`` [B, L] are given.
+    """
+    pair = (teacher.unsqueeze(2) > teacher.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    needed = margin if labels is None else margin * (labels.unsqueeze(2) - labels.unsqueeze(1))
+    hinge = functional.relu(needed - (student.unsqueeze(2) - student.unsqueeze(1)))
+    hinge = torch.where(pair, hinge, torch.zeros((), dtype=hinge.dtype, device=hinge.device))
+    count = pair.sum((1, 2))
+    return _mean_over_rows_with(hinge.sum((1, 2)) / count.clamp(min=1), count > 0)

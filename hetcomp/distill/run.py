@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -16,8 +17,14 @@ from hetcomp.models import build_model
 from hetcomp.train import Callback, Trainer, TrainerConfig
 
 
-def run_name(student: str, method: str, dim: int, seed: int) -> str:
-    return f"{student}-{method}-{dim}-{seed}"
+def run_name(student: str, method: str, dim: int, seed: int, options: dict | None = None) -> str:
+    """``<student>-<method>-<dim>-<seed>``, plus a short hash of non-default method options so that two
+    configurations never share (and silently reuse) one run folder."""
+    name = f"{student}-{method}-{dim}-{seed}"
+    if options:
+        digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+        name += f"-{digest}"
+    return name
 
 
 def git_commit() -> str:
@@ -40,7 +47,8 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
             lr: float = 1e-3, weight_decay: float | None = None, max_epochs: int = 1000, eval_every: int = 10,
             patience: int = 5, callbacks: list[Callback] | None = None, command: str = "") -> dict:
     """Train a student with ``method``; returns (and writes) its metrics. A finished run is reused."""
-    run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / run_name(student, method, dim, seed)
+    name = run_name(student, method, dim, seed, method_options)
+    run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())

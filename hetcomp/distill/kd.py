@@ -1,0 +1,142 @@
+"""KD — the general knowledge-distillation loss menu of industrial recommendation toolkits, on the ensemble.
+
+Candidates per user: the converged ensemble's top-K unobserved items plus ``n_neg`` unobserved items drawn
+uniformly outside that top-K. The teacher's logit of a candidate is the log of its rank importance,
+log exp(−r/T_rank) = −r/T_rank for the top-K item at 0-based rank r, and −2K/T_rank (below every top-K logit)
+for a negative. With student scores f, temperature τ and p = softmax over the candidates:
+
+- ``ce``: soft-label cross-entropy −Σ p_T(τ) log p_S(τ) (Hinton et al., "Distilling the Knowledge in a
+  Neural Network", 2015);
+- ``kl``: τ² · KL(p_T(τ) ‖ p_S(τ)), the same with Hinton's τ² scaling;
+- ``bce``: binary cross-entropy between σ(f/τ) and the teacher's soft labels σ(t/τ), per candidate;
+- ``l2``: squared error on the logits /τ (``on="logits"``) or on σ(logits/τ) (``on="probs"``), per candidate;
+- ``pairwise_hinge``: max(0, m − (f_i − f_j)) on every candidate pair the teacher orders i above j; with
+  ``label_margin`` the margin is m · (σ(t_i/τ) − σ(t_j/τ));
+- ``listwise``: the teacher's top-K distribution softmax(t/τ) against the student's softmax(f/τ) over ALL the
+  user's unobserved items (not just the candidates).
+
+``losses`` picks and weights them, e.g. ``"kl:1.0,pairwise_hinge:0.5"`` (a bare name weighs 1). ``on`` only
+changes ``l2``: ``bce`` is by definition on σ-probabilities and the others on logits. No own loss by default
+(``own_weight`` adds it). Point-wise and pairwise terms average per user, listwise terms sum over the list;
+all average over users. Defaults: K = 100, n_neg = 100, T_rank = 10, τ = 1, margin 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hetcomp.data import HetCompError
+from hetcomp.distill import losses
+from hetcomp.distill.base import DistillContext, DistillMethod
+from hetcomp.distill.tools import sample_uniform_from_mask
+from hetcomp.models.base import Batch, Recommender
+
+KD_LOSSES = ("ce", "bce", "l2", "kl", "pairwise_hinge", "listwise")
+ON = ("logits", "probs")
+
+
+@dataclass
+class KDConfig:
+    losses: str = "kl:1.0"
+    k: int = 100
+    n_neg: int = 100
+    rank_temperature: float = 10.0
+    temperature: float = 1.0
+    on: str = "logits"
+    margin: float = 1.0
+    label_margin: bool = False
+    own_weight: float = 0.0
+
+
+def parse_losses(text: str) -> dict[str, float]:
+    """"kl:1.0,pairwise_hinge:0.5" → {"kl": 1.0, "pairwise_hinge": 0.5}; an unknown name is an error."""
+    chosen: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        if name not in KD_LOSSES:
+            raise HetCompError(f"unknown KD loss {name!r}; known losses: {', '.join(KD_LOSSES)}")
+        try:
+            chosen[name] = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise HetCompError(f"KD loss weight {weight!r} of {name!r} is not a number") from None
+    if not chosen:
+        raise HetCompError(f"no KD loss chosen; pass e.g. 'kl:1.0' with names from {', '.join(KD_LOSSES)}")
+    return chosen
+
+
+class KD(DistillMethod):
+    """A weighted sum of the chosen KD losses on the ensemble's top-K plus sampled negatives."""
+
+    name = "kd"
+    config_class = KDConfig
+
+    def __init__(self, context: DistillContext, config: KDConfig | None = None) -> None:
+        super().__init__(context, config)
+        cfg = self.config
+        self.weights = parse_losses(cfg.losses)
+        if cfg.on not in ON:
+            raise HetCompError(f"unknown on={cfg.on!r}; choose one of {', '.join(ON)}")
+        if cfg.temperature <= 0 or cfg.rank_temperature <= 0:
+            raise HetCompError("temperatures must be positive")
+        self.ranking = context.converged_topk
+        self.k = min(cfg.k, self.ranking.shape[1])
+        ranks = torch.arange(self.k, dtype=torch.float32, device=self.device)
+        self.top_logits = -ranks / cfg.rank_temperature
+        self.negative_logit = -2.0 * self.k / cfg.rank_temperature
+
+    def candidates(self, users: torch.Tensor,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(items [B, K + n_neg], teacher logits, valid): the top-K, then the sampled negatives."""
+        top = self.ranking[users, :self.k]
+        valid_top = torch.ones_like(top, dtype=torch.bool)
+        outside = ~self.context.train_mask(users) & ~losses.items_mask(top, valid_top, self.context.n_items)
+        negatives, valid_negative = sample_uniform_from_mask(outside, self.config.n_neg, generator)
+        items = torch.cat([top, negatives], dim=1)
+        teacher = torch.cat([self.top_logits.expand(len(users), -1),
+                             torch.full(negatives.shape, self.negative_logit, device=self.device)], dim=1)
+        return items, teacher, torch.cat([valid_top, valid_negative], dim=1)
+
+    def term(self, name: str, student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+             listwise: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One loss of the menu on the candidates (``listwise`` is computed lazily: it needs every score)."""
+        cfg, tau = self.config, self.config.temperature
+        if name == "ce":
+            return losses.candidate_cross_entropy(student, teacher, valid, tau)
+        if name == "kl":
+            return losses.candidate_kl(student, teacher, valid, tau)
+        if name == "bce":
+            return losses.candidate_bce(student, teacher, valid, tau)
+        if name == "l2":
+            return losses.candidate_l2(student, teacher, valid, tau, cfg.on)
+        if name == "pairwise_hinge":
+            labels = torch.sigmoid(teacher / tau) if cfg.label_margin else None
+            return losses.pairwise_hinge_loss(student, teacher, valid, cfg.margin, labels)
+        return listwise()
+
+    def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        users = batch["users"]
+        items, teacher, valid = self.candidates(users, self._generator)
+        tau = self.config.temperature
+        if "listwise" in self.weights:
+            scores = model.score(users)
+            student = scores.gather(1, items)
+        else:
+            scores, student = None, model.score_items(users, items)
+
+        def listwise() -> torch.Tensor:
+            target = torch.softmax(self.top_logits / tau, dim=0).expand(len(users), -1)
+            return losses.soft_target_cross_entropy(scores, ~self.context.train_mask(users), items[:, :self.k],
+                                                    target, valid[:, :self.k], tau)
+
+        total = student.new_zeros(())
+        for name, weight in self.weights.items():
+            total = total + weight * self.term(name, student, teacher, valid, listwise)
+        if self.config.own_weight:
+            total = total + self.config.own_weight * self.own_loss(model, users)
+        return total

@@ -1,0 +1,87 @@
+"""RRD — Relaxed Ranking Distillation (S. Kang, J. Hwang, W. Kweon, H. Yu, "DE-RRD: A Knowledge Distillation
+Framework for Recommender System", CIKM 2020).
+
+A relaxed Plackett–Luce likelihood: the "interesting" items P_1..P_K must appear in the teacher's order and
+all above the "uninteresting" items N, whose own order is left free:
+
+    L_RRD = −Σ_k log( e^{f(u,P_k)} / (Σ_{l≥k} e^{f(u,P_l)} + Σ_{j∈N} e^{f(u,j)}) ),
+    L = L_own + weight · mean_u L_RRD.
+
+Default (``sample=False``, as HetComp ran it, since sampling the top items hurt this baseline): P = the
+ensemble's top-K unobserved items and N = every other unobserved item. ``sample=True`` restores DE-RRD's
+sampling: K items drawn without replacement from the ensemble's top-N with probability ∝ exp(−rank/T), kept in
+teacher order, and ``n_tail`` items drawn uniformly from the unobserved items outside the top-N.
+Defaults from the authors' code: K = 40, weight 0.001 on top of the student's own loss; N = 100, T = 10,
+|N| = 100 when sampling. K and N are clamped to the ensemble ranking that exists (at most 500 items).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hetcomp.distill.base import DistillContext, DistillMethod
+from hetcomp.distill.losses import fine_loss, items_mask, relaxed_ranking_loss
+from hetcomp.distill.tools import sample_uniform_from_mask, sample_without_replacement
+from hetcomp.models.base import Batch, Recommender
+
+
+@dataclass
+class RRDConfig:
+    k: int = 40
+    weight: float = 0.001
+    sample: bool = False
+    top_n: int = 100
+    temperature: float = 10.0
+    n_tail: int = 100
+
+
+class RRD(DistillMethod):
+    """The student's own loss plus the relaxed ranking loss of the ensemble's top items (reused by DCD)."""
+
+    name = "rrd"
+    config_class = RRDConfig
+
+    def __init__(self, context: DistillContext, config: RRDConfig | None = None) -> None:
+        super().__init__(context, config)
+        cfg = self.config
+        self.ranking = context.converged_topk
+        width = self.ranking.shape[1]
+        self.top_n = min(cfg.top_n, width)
+        self.k = min(cfg.k, self.top_n if cfg.sample else width)
+        self.interest = torch.exp(-torch.arange(self.top_n, dtype=torch.float32, device=self.device)
+                                  / cfg.temperature)
+
+    def sampled_lists(self, users: torch.Tensor,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DE-RRD's sampling: (interesting items [B, K] in teacher order, tail items [B, ≤n_tail], tail valid)."""
+        head = self.ranking[users, :self.top_n]
+        picks, _ = sample_without_replacement(self.interest.expand(len(users), -1), self.k, generator)
+        interesting = head.gather(1, picks.sort(dim=1).values)
+        outside = ~self.context.train_mask(users) & ~items_mask(head, torch.ones_like(head, dtype=torch.bool),
+                                                                self.context.n_items)
+        tail, tail_valid = sample_uniform_from_mask(outside, self.config.n_tail, generator)
+        return interesting, tail, tail_valid
+
+    def distillation_loss(self, model: Recommender, users: torch.Tensor, generator: torch.Generator | None,
+                          scores: torch.Tensor | None = None) -> torch.Tensor:
+        """mean_u L_RRD for ``users``; ``scores`` [B, n_items] may be passed when the caller has them already."""
+        if not self.config.sample:
+            scores = model.score(users) if scores is None else scores
+            items = self.ranking[users, :self.k]
+            valid = torch.ones_like(items, dtype=torch.bool)
+            tail = ~self.context.train_mask(users) & ~items_mask(items, valid, self.context.n_items)
+            return fine_loss(scores, items, valid, tail)
+        items, tail, tail_valid = self.sampled_lists(users, generator)
+        valid = torch.ones_like(items, dtype=torch.bool)
+        if scores is not None:
+            return relaxed_ranking_loss(scores, items, valid, tail, tail_valid)
+        local = model.score_items(users, torch.cat([items, tail], dim=1))  # only the K + |N| sampled items
+        positions = torch.arange(local.shape[1], device=local.device).expand(len(users), -1)
+        return relaxed_ranking_loss(local, positions[:, :self.k], valid, positions[:, self.k:], tail_valid)
+
+    def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        users = batch["users"]
+        return (self.own_loss(model, users)
+                + self.config.weight * self.distillation_loss(model, users, self._generator))

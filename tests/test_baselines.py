@@ -1,0 +1,487 @@
+"""The ranking-distillation baselines (RD, RRD, MTD, CL-DRD, DCD, KD): losses against naive per-user loops, and
+each method's defining property on a tiny split with tiny teachers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_split
+from torch import nn
+
+from hetcomp.data import HetCompError
+from hetcomp.distill import DistillContext, build_method
+from hetcomp.distill import losses as L
+from hetcomp.distill.kd import KD_LOSSES, parse_losses
+from hetcomp.distill.rd import dynamic_weights, position_weights
+from hetcomp.distill.tools import sample_without_replacement, unobserved_ranks
+from hetcomp.models import build_model
+from hetcomp.teachers import train_teacher
+from hetcomp.train import Trainer, TrainerConfig
+
+SPLIT = make_tiny_split(n_users=40, n_items=60, per_user=12)  # 8 training items per user, 52 unobserved
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    out = []
+    for name in ("mf", "ae"):
+        torch.manual_seed(0)
+        out.append(train_teacher(SPLIT, name, root, dim=8, top_m=20, max_epochs=10, eval_every=2, lr=1e-2))
+    return out
+
+
+@pytest.fixture
+def context(teachers):
+    return DistillContext(SPLIT, teachers, batch_users=16)
+
+
+class FixedScores(nn.Module):
+    """A stand-in student whose scores are a given (trainable) table."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(table.clone())
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        return self.table[users]
+
+    def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.table[users].gather(1, items)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unobserved(users) -> list[set[int]]:
+    return [set(range(SPLIT.n_items)) - set(SPLIT.train[int(u)].indices.tolist()) for u in users]
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+# ---- shared tools -----------------------------------------------------------------------------------------
+
+def test_unobserved_ranks_match_naive():
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.normal(size=(4, 12))).float()
+    unobserved = torch.from_numpy(rng.random((4, 12)) < 0.7)
+    items = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), 3, replace=False))
+                         for row in unobserved])
+    fast = unobserved_ranks(scores, unobserved, items)
+    for u in range(4):
+        for position, item in enumerate(items[u].tolist()):
+            naive = sum(1 for j in range(12) if unobserved[u, j] and scores[u, j] > scores[u, item])
+            assert fast[u, position].item() == naive
+
+
+def test_sampling_without_replacement_is_distinct_proportional_and_skips_empty_rows():
+    weights = torch.tensor([[1.0, 2.0, 0.0, 5.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    picks, valid = sample_without_replacement(weights, 3, _generator())
+    assert valid.sum(1).tolist() == [3, 1, 0]
+    assert set(picks[0].tolist()) == {0, 1, 3} and picks[1, 0].item() == 2
+    first, _ = sample_without_replacement(torch.tensor([[1.0, 2.0, 0.0, 5.0]]).expand(20000, -1), 1, _generator(1))
+    frequency = torch.bincount(first[:, 0], minlength=4).double() / 20000
+    assert torch.allclose(frequency, torch.tensor([1 / 8, 2 / 8, 0, 5 / 8], dtype=torch.float64), atol=0.015)
+
+
+# ---- RD ---------------------------------------------------------------------------------------------------
+
+def test_rd_position_weights_sum_to_one_and_decrease():
+    for lam in (1.0, 3.0):
+        weights = position_weights(10, lam)
+        assert weights.sum().item() == pytest.approx(1.0)
+        assert (weights[1:] < weights[:-1]).all()
+    position = position_weights(4, 1.0)
+    student = torch.tensor([[0, 1, 2, 3], [9, 9, 0, 0], [20, 30, 40, 50]])
+    combined = dynamic_weights(position, student, torch.arange(4), mu=0.1)
+    assert combined[0].abs().sum() == 0  # every item already where the teacher has it: no push
+    assert combined[1, 2:].abs().sum() == 0 and combined[1].sum().item() == pytest.approx(1.0)
+    push = torch.tanh(0.1 * (student[2] - torch.arange(4)).float())
+    assert torch.allclose(combined[2], position * push / (position * push).sum())
+
+
+def test_weighted_pointwise_loss_matches_naive():
+    rng = np.random.default_rng(2)
+    listed = torch.from_numpy(rng.normal(size=(3, 4)))
+    weights = torch.from_numpy(rng.random((3, 4)))
+    valid = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
+    naive = sum(-weights[u, r].item() * math.log(sigmoid(listed[u, r].item()))
+                for u in range(3) for r in range(4) if valid[u, r]) / 3
+    assert L.weighted_pointwise_loss(listed, weights, valid).item() == pytest.approx(naive)
+
+
+def test_rd_dynamic_loss_matches_naive(context):
+    method = build_method("rd", context, k=5, dynamic=True, dynamic_start=3, weight=1.0)
+    users = torch.tensor([0, 5, 9])
+    model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(3)))
+    method.on_epoch_start(None, 3)
+    method.own_loss = lambda model, users: torch.zeros(())
+    fast = method.loss(model, {"users": users}).item()
+    naive = 0.0
+    for user in users.tolist():
+        scores, unobserved = model.table[user].tolist(), _unobserved([user])[0]
+        items = method.teacher_items[user].tolist()
+        raw = []
+        for r, item in enumerate(items):
+            student_rank = sum(1 for j in unobserved if scores[j] > scores[item])
+            raw.append(math.exp(-r) * math.tanh(max(0.1 * (student_rank - r), 0.0)))
+        total = sum(raw)
+        naive += sum(w / total * -math.log(sigmoid(scores[i])) for w, i in zip(raw, items, strict=True)) if total else 0
+    assert fast == pytest.approx(naive / len(users), rel=1e-5)
+
+
+# ---- RRD --------------------------------------------------------------------------------------------------
+
+def naive_relaxed(scores, lists, tails):
+    total = 0.0
+    for row, (items, tail) in enumerate(zip(lists, tails, strict=True)):
+        tail_sum = sum(math.exp(scores[row][j]) for j in tail)
+        for k, item in enumerate(items):
+            below = sum(math.exp(scores[row][i]) for i in items[k:])
+            total += -math.log(math.exp(scores[row][item]) / (below + tail_sum))
+    return total / len(lists)
+
+
+def test_relaxed_ranking_loss_matches_naive_and_ignores_the_tail_order_only():
+    rng = np.random.default_rng(4)
+    scores = torch.from_numpy(rng.normal(size=(3, 12)))
+    lists, tails = [[3, 1, 7], [0, 2, 9], [11, 5, 4]], [[0, 2, 8, 10], [1, 3, 4, 5], [6, 7, 8, 9]]
+    items, tail = torch.tensor(lists), torch.tensor(tails)
+    valid, tail_valid = torch.ones(3, 3, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)
+    loss = L.relaxed_ranking_loss(scores, items, valid, tail, tail_valid)
+    assert loss.item() == pytest.approx(naive_relaxed(scores.tolist(), lists, tails))
+    shuffled_tail = tail[:, torch.tensor([2, 0, 3, 1])]
+    assert L.relaxed_ranking_loss(scores, items, valid, shuffled_tail, tail_valid).item() == pytest.approx(loss.item())
+    swapped = items[:, torch.tensor([1, 0, 2])]
+    assert L.relaxed_ranking_loss(scores, swapped, valid, tail, tail_valid).item() != pytest.approx(loss.item())
+
+
+def _permute_within(table: torch.Tensor, user: int, items: list[int], generator: torch.Generator) -> None:
+    chosen = torch.tensor(items)
+    table[user, chosen] = table[user, chosen[torch.randperm(len(items), generator=generator)]]
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_rrd_method_ignores_order_among_tail_items_but_not_among_list_items(context, sample):
+    method = build_method("rrd", context, k=5, sample=sample, top_n=10, n_tail=30)
+    users = torch.arange(6)
+    table = torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(5))
+    base = method.distillation_loss(FixedScores(table), users, _generator(6)).item()
+    if sample:  # the same generator seed redraws the same lists
+        listed, drawn, drawn_valid = method.sampled_lists(users, _generator(6))
+    tail_shuffled, list_shuffled = table.clone(), table.clone()
+    for row, user in enumerate(users.tolist()):
+        if sample:
+            items, tail = listed[row].tolist(), drawn[row][drawn_valid[row]].tolist()
+        else:
+            items = method.ranking[user, :method.k].tolist()
+            tail = sorted(_unobserved([user])[0] - set(items))
+        _permute_within(tail_shuffled, user, tail, _generator(user))
+        list_shuffled[user, torch.tensor(items)] = table[user, torch.tensor(items[::-1])]
+    assert method.distillation_loss(FixedScores(tail_shuffled), users, _generator(6)).item() == pytest.approx(base)
+    assert method.distillation_loss(FixedScores(list_shuffled), users, _generator(6)).item() != pytest.approx(base)
+
+
+def test_rrd_sampling_draws_top_items_in_teacher_order_and_tail_outside_the_top(context):
+    method = build_method("rrd", context, k=5, sample=True, top_n=10, n_tail=8)
+    users = torch.arange(12)
+    interesting, tail, tail_valid = method.sampled_lists(users, _generator())
+    for row, user in enumerate(users.tolist()):
+        head = method.ranking[user, :10].tolist()
+        positions = [head.index(i) for i in interesting[row].tolist()]
+        assert positions == sorted(positions) and len(set(positions)) == 5
+        drawn = tail[row][tail_valid[row]].tolist()
+        assert len(drawn) == 8 and len(set(drawn)) == 8
+        assert set(drawn) <= _unobserved([user])[0] - set(head)
+
+
+# ---- MTD --------------------------------------------------------------------------------------------------
+
+def test_soft_target_cross_entropy_matches_naive():
+    rng = np.random.default_rng(7)
+    scores = torch.from_numpy(rng.normal(size=(3, 12)))
+    unobserved = torch.from_numpy(rng.random((3, 12)) < 0.75)
+    unobserved[:, :4] = True
+    items = torch.tensor([[0, 1, 2, 1], [3, 2, 0, 0], [1, 0, 3, 2]])
+    targets = torch.from_numpy(rng.random((3, 4)))
+    valid = torch.tensor([[True] * 4, [True, True, True, False], [True] * 4])
+    naive = 0.0
+    for u in range(3):
+        allowed = [j for j in range(12) if unobserved[u, j]]
+        log_z = math.log(sum(math.exp(scores[u, j].item() / 2) for j in allowed))
+        naive += sum(-targets[u, k].item() * (scores[u, items[u, k]].item() / 2 - log_z)
+                     for k in range(4) if valid[u, k])
+    fast = L.soft_target_cross_entropy(scores, unobserved, items, targets, valid, temperature=2.0)
+    assert fast.item() == pytest.approx(naive / 3)
+
+
+def test_mtd_mixture_loss_matches_naive(context):
+    method = build_method("mtd", context, k=6, temperature=3.0)
+    with torch.no_grad():
+        method.logits.copy_(torch.randn(method.logits.shape, generator=_generator(8)))
+    users = torch.tensor([1, 4, 7])
+    model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(9)))
+    method.own_loss = lambda model, users: torch.zeros(())
+    fast = method.loss(model, {"users": users}).item()
+    naive = 0.0
+    for user in users.tolist():
+        alpha = softmax(method.logits[user].tolist())
+        mixture: dict[int, float] = {}
+        for t, trajectory in enumerate(context.trajectories):
+            importance = [math.exp(-r / 3.0) for r in range(6)]
+            for r, item in enumerate(trajectory.states[-1, user, :6].tolist()):
+                mixture[item] = mixture.get(item, 0.0) + alpha[t] * importance[r] / sum(importance)
+        unobserved = _unobserved([user])[0]
+        scores = model.table[user].tolist()
+        log_z = math.log(sum(math.exp(scores[j]) for j in unobserved))
+        naive += sum(-p * (scores[i] - log_z) for i, p in mixture.items())
+    assert fast == pytest.approx(naive / len(users), rel=1e-5)
+
+
+def test_mtd_teacher_weights_sum_to_one_receive_gradients_and_resume(context):
+    method = build_method("mtd", context, k=10)
+    assert method.parameters() == [method.logits]
+    alpha = method.teacher_weights(torch.arange(SPLIT.n_users))
+    assert alpha.shape == (SPLIT.n_users, 2) and torch.allclose(alpha.sum(1), torch.ones(SPLIT.n_users))
+    torch.manual_seed(0)
+    model = build_model("mf", SPLIT.train, dim=4)
+    batch = next(iter(method.batches(1, _generator())))
+    method.loss(model, batch).backward()
+    grad = method.logits.grad
+    assert grad[batch["users"]].abs().sum() > 0
+    others = torch.ones(SPLIT.n_users, dtype=torch.bool)
+    others[batch["users"]] = False
+    assert grad[others].abs().sum() == 0
+    trainer = Trainer(model, SPLIT, method, TrainerConfig(lr=1e-2, seed=0))
+    trainer.train_epoch()
+    assert method.logits.detach().abs().sum() > 0  # optimized with the student
+    alpha = method.teacher_weights(torch.arange(SPLIT.n_users))
+    assert torch.allclose(alpha.sum(1), torch.ones(SPLIT.n_users))
+    fresh = build_method("mtd", context, k=10)
+    fresh.load_state_dict(method.state_dict())
+    assert torch.equal(fresh.logits.detach(), method.logits.detach())
+
+
+# ---- CL-DRD -----------------------------------------------------------------------------------------------
+
+def naive_graded_pairwise(scores, labels, valid):
+    per_user = []
+    for u in range(len(scores)):
+        numerator = denominator = 0.0
+        for i in range(len(scores[u])):
+            for j in range(len(scores[u])):
+                if valid[u][i] and valid[u][j] and labels[u][i] > labels[u][j]:
+                    weight = labels[u][i] - labels[u][j]
+                    numerator += weight * math.log(1 + math.exp(-(scores[u][i] - scores[u][j])))
+                    denominator += weight
+        if denominator > 0:
+            per_user.append(numerator / denominator)
+    return sum(per_user) / len(per_user)
+
+
+def test_graded_pairwise_logistic_loss_matches_naive():
+    rng = np.random.default_rng(10)
+    scores = torch.from_numpy(rng.normal(size=(4, 7)))
+    labels = torch.tensor([[1, 1 / 2, 1 / 3, 0.01, 0.01, 0, 0], [1, 1 / 2, 0.01, 0, 0, 0, 0],
+                           [0, 0, 0, 0, 0, 0, 0], [1, 0.01, 0, 0.01, 1 / 2, 0, 1 / 3]], dtype=torch.float64)
+    valid = torch.ones(4, 7, dtype=torch.bool)
+    valid[1, 5:] = False
+    fast = L.graded_pairwise_logistic_loss(scores, labels, valid)
+    assert fast.item() == pytest.approx(naive_graded_pairwise(scores.tolist(), labels.tolist(), valid.tolist()))
+
+
+def test_cl_drd_candidate_list_grows_with_the_stage(context):
+    method = build_method("cl-drd", context, stages="2,4,6", stage_epochs=2, top_n=12)
+    users = torch.arange(10)
+    lengths = []
+    for epoch in (1, 2, 3, 5, 9):
+        method.on_epoch_start(None, epoch)
+        items, labels, valid = method.candidates(users, _generator(epoch))
+        n = method.list_length
+        lengths.append(n)
+        assert items.shape[1] == 3 * n and valid.all()  # 22 unobserved items: every group has enough items
+        for row, user in enumerate(users.tolist()):
+            ranking = method.ranking[user].tolist()
+            assert items[row, :n].tolist() == ranking[:n]
+            assert labels[row, :n].tolist() == pytest.approx([1 / r for r in range(1, n + 1)])
+            middle, outside = items[row, n:2 * n].tolist(), items[row, 2 * n:].tolist()
+            assert set(middle) <= set(ranking[n:12]) and len(set(middle)) == n
+            assert labels[row, n:2 * n].tolist() == pytest.approx([1 / 24] * n)
+            assert set(outside) <= _unobserved([user])[0] - set(ranking[:12]) and len(set(outside)) == n
+            assert labels[row, 2 * n:].abs().sum() == 0
+    assert lengths == [2, 2, 4, 6, 6]
+    with pytest.raises(HetCompError, match="stages"):
+        build_method("cl-drd", context, stages="5,x")
+    assert build_method("cl-drd", context, stages=7).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
+
+
+# ---- DCD --------------------------------------------------------------------------------------------------
+
+def test_dcd_errors_match_naive_and_follow_the_student(context):
+    method = build_method("dcd", context, epsilon=0.05, n_under=4, n_over=4)
+    torch.manual_seed(0)
+    model = build_model("mf", SPLIT.train, dim=4)
+    method.refresh(model)
+    under, over = method.under_error.clone(), method.over_error.clone()
+    with torch.no_grad():
+        scores = model.score(torch.arange(SPLIT.n_users))
+    for user in (0, 13, 27):
+        unobserved = _unobserved([user])[0]
+        for r_t, item in enumerate(method.ranking[user].tolist()):
+            r_s = sum(1 for j in unobserved if scores[user, j] > scores[user, item])
+            assert under[user, r_t].item() == pytest.approx(math.tanh(max(0.05 * (r_s - r_t), 0)), abs=1e-6)
+            assert over[user, r_t].item() == pytest.approx(math.tanh(max(0.05 * (r_t - r_s), 0)), abs=1e-6)
+    users = torch.arange(8)
+    listed, valid, tail, tail_valid = method.correction_lists(users, _generator())
+    for row, user in enumerate(users.tolist()):
+        ranking = method.ranking[user].tolist()
+        positions = [ranking.index(i) for i in listed[row][valid[row]].tolist()]
+        assert positions == sorted(positions) and all(under[user, p] > 0 for p in positions)
+        assert all(over[user, ranking.index(i)] > 0 for i in tail[row][tail_valid[row]].tolist())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=_generator(11)))
+    method.refresh(model)
+    assert not torch.equal(method.under_error, under) and not torch.equal(method.over_error, over)
+
+
+def test_dcd_checks_every_period_epochs(context):
+    method = build_method("dcd", context, period=3)
+    calls = []
+    method.refresh = lambda model: calls.append(model)
+    trainer = type("T", (), {"model": "student"})()
+    method.under_error = None
+    for epoch in range(1, 9):
+        method.on_epoch_start(trainer, epoch)
+        method.under_error = torch.zeros(1)
+    assert len(calls) == 3  # epochs 1, 4, 7
+
+
+# ---- KD menu ----------------------------------------------------------------------------------------------
+
+def test_kd_menu_parses_weights_and_rejects_unknown_names(context):
+    assert parse_losses("kl:1.0,pairwise_hinge:0.5") == {"kl": 1.0, "pairwise_hinge": 0.5}
+    assert parse_losses("ce") == {"ce": 1.0}
+    assert build_method("kd", context, losses="kl:1.0,pairwise_hinge:0.5").weights == {"kl": 1.0,
+                                                                                       "pairwise_hinge": 0.5}
+    with pytest.raises(HetCompError, match="unknown KD loss 'klx'.*" + ", ".join(KD_LOSSES)):
+        build_method("kd", context, losses="kl:1.0,klx:2")
+    with pytest.raises(HetCompError, match="not a number"):
+        parse_losses("kl:heavy")
+    with pytest.raises(HetCompError, match="on="):
+        build_method("kd", context, on="ranks")
+
+
+def _kd_toy():
+    rng = np.random.default_rng(12)
+    student = torch.from_numpy(rng.normal(size=(3, 6)))
+    teacher = torch.tensor([[0.0, -0.1, -0.2, -1.0, -1.0, -1.0]] * 3, dtype=torch.float64)
+    valid = torch.tensor([[True] * 6, [True, True, True, True, False, False], [True, False, True, True, True, False]])
+    return student, teacher, valid
+
+
+def naive_kd(name, student, teacher, valid, tau, margin=1.0, label_margin=False, on="logits"):
+    per_user = []
+    for s, t, v in zip(student.tolist(), teacher.tolist(), valid.tolist(), strict=True):
+        s = [x for x, keep in zip(s, v, strict=True) if keep]
+        t = [x for x, keep in zip(t, v, strict=True) if keep]
+        p_s, p_t = softmax([x / tau for x in s]), softmax([x / tau for x in t])
+        if name == "ce":
+            per_user.append(-sum(a * math.log(b) for a, b in zip(p_t, p_s, strict=True)))
+        elif name == "kl":
+            per_user.append(tau ** 2 * sum(a * math.log(a / b) for a, b in zip(p_t, p_s, strict=True)))
+        elif name == "bce":
+            per_user.append(sum(-sigmoid(b / tau) * math.log(sigmoid(a / tau))
+                                - (1 - sigmoid(b / tau)) * math.log(1 - sigmoid(a / tau))
+                                for a, b in zip(s, t, strict=True)) / len(s))
+        elif name == "l2":
+            squash = (lambda x: sigmoid(x / tau)) if on == "probs" else (lambda x: x / tau)
+            per_user.append(sum((squash(a) - squash(b)) ** 2 for a, b in zip(s, t, strict=True)) / len(s))
+        elif name == "pairwise_hinge":
+            terms = []
+            for i in range(len(s)):
+                for j in range(len(s)):
+                    if t[i] > t[j]:
+                        m = margin * (sigmoid(t[i] / tau) - sigmoid(t[j] / tau)) if label_margin else margin
+                        terms.append(max(0.0, m - (s[i] - s[j])))
+            per_user.append(sum(terms) / len(terms))
+    return sum(per_user) / len(per_user)
+
+
+@pytest.mark.parametrize("name,kwargs", [("ce", {}), ("kl", {}), ("bce", {}), ("l2", {}), ("l2", {"on": "probs"}),
+                                         ("pairwise_hinge", {}), ("pairwise_hinge", {"label_margin": True})])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_kd_candidate_losses_match_naive(name, kwargs, tau):
+    student, teacher, valid = _kd_toy()
+    if name == "ce":
+        fast = L.candidate_cross_entropy(student, teacher, valid, tau)
+    elif name == "kl":
+        fast = L.candidate_kl(student, teacher, valid, tau)
+    elif name == "bce":
+        fast = L.candidate_bce(student, teacher, valid, tau)
+    elif name == "l2":
+        fast = L.candidate_l2(student, teacher, valid, tau, kwargs.get("on", "logits"))
+    else:
+        labels = torch.sigmoid(teacher / tau) if kwargs.get("label_margin") else None
+        fast = L.pairwise_hinge_loss(student, teacher, valid, 0.7, labels)
+        kwargs = {**kwargs, "margin": 0.7}
+    assert fast.item() == pytest.approx(naive_kd(name, student, teacher, valid, tau, **kwargs))
+
+
+def test_kd_candidates_and_listwise_term_match_naive(context):
+    method = build_method("kd", context, k=6, n_neg=5, rank_temperature=2.0, temperature=1.5,
+                          losses="listwise:2.0")
+    users = torch.tensor([2, 3, 11])
+    items, teacher, valid = method.candidates(users, _generator())
+    for row, user in enumerate(users.tolist()):
+        top = method.ranking[user, :6].tolist()
+        assert items[row, :6].tolist() == top and teacher[row, :6].tolist() == pytest.approx([-r / 2 for r in range(6)])
+        negatives = items[row, 6:][valid[row, 6:]].tolist()
+        assert len(set(negatives)) == 5 and set(negatives) <= _unobserved([user])[0] - set(top)
+        assert (teacher[row, 6:] < teacher[row, :6].min()).all()
+    model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(13)))
+    method._generator = _generator()  # set by ``batches`` in training
+    fast = method.loss(model, {"users": users}).item()
+    naive = 0.0
+    for user in users.tolist():
+        target = softmax([-r / 2 / 1.5 for r in range(6)])
+        scores, unobserved = model.table[user].tolist(), _unobserved([user])[0]
+        log_z = math.log(sum(math.exp(scores[j] / 1.5) for j in unobserved))
+        naive += -sum(p * (scores[i] / 1.5 - log_z) for p, i in zip(target, method.ranking[user, :6].tolist(),
+                                                                    strict=True))
+    assert fast == pytest.approx(2.0 * naive / len(users), rel=1e-5)
+
+
+# ---- the non-default variants train, finitely and reproducibly --------------------------------------------
+
+@pytest.mark.parametrize("name,options", [
+    ("rd", {"dynamic": True, "dynamic_start": 2}),
+    ("rrd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8}),
+    ("dcd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8, "period": 2}),
+    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10}),
+    ("kd", {"k": 10, "n_neg": 8, "own_weight": 1.0, "on": "probs", "label_margin": True,
+            "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}),
+])
+def test_variants_train_reproducibly(name, options, teachers):
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        method = build_method(name, DistillContext(SPLIT, teachers, batch_users=16), **options)
+        model = build_model("mf", SPLIT.train, dim=4)
+        trainer = Trainer(model, SPLIT, method, TrainerConfig(lr=1e-2, seed=0))
+        losses = [trainer.train_epoch() for _ in range(6)]
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+        outputs.append(model.score(torch.arange(5)).detach())
+    assert torch.equal(outputs[0], outputs[1])
