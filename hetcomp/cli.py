@@ -196,6 +196,8 @@ def distill_command(
     teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teachers to distil from."),
     option: list[str] = typer.Option([], "--option", "-o",
                                      help="Method option NAME=VALUE (repeatable), e.g. -o preset=code."),
+    kd_loss: str = typer.Option(None, "--kd-loss", help="For --method kd: weighted losses, e.g. "
+                                "kl:1.0,pairwise_hinge:0.5 (ce, bce, l2, kl, pairwise_hinge, listwise)."),
     max_epochs: int = typer.Option(1000, help="Upper bound on epochs (early stopping usually ends sooner)."),
     batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
     decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
@@ -212,6 +214,10 @@ def distill_command(
     known = TEACHERS + _imported(teachers_dir, split)
     trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
     options = _parse_options(option)
+    if kd_loss is not None:
+        if method != "kd":
+            raise HetCompError("--kd-loss applies to --method kd only")
+        options["losses"] = kd_loss
     seed_everything(seed)
     command = "hetcomp " + " ".join(sys.argv[1:])
     with make_progress() as progress:
