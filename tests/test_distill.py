@@ -156,6 +156,45 @@ def test_positive_dynamic_and_tail_sets_are_disjoint_and_clean(teachers):
         assert not p_plus & p_minus and len(p_minus) == 20
 
 
+def test_tail_logsumexp_equals_the_masked_version():
+    from hetcomp.distill.losses import masked_logsumexp, tail_logsumexp
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 40, generator=generator) * 8
+    excluded = torch.stack([torch.randperm(40, generator=generator)[:7] for _ in range(5)])
+    valid = torch.rand(5, 7, generator=generator) > 0.3
+    mask = torch.ones(5, 40, dtype=torch.bool)
+    for row in range(5):
+        mask[row, excluded[row][valid[row]]] = False
+    assert torch.allclose(tail_logsumexp(scores, excluded, valid), masked_logsumexp(scores, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("phase", ["overall", "fine"])
+def test_hetcomp_loss_matches_a_per_user_computation(teachers, phase):
+    context = DistillContext(SPLIT, teachers)
+    method = build_method("hetcomp", context, k=20, pos_k=5, dkc_k=10)
+    if phase == "fine":
+        method.knowledge.v[:] = method.knowledge.n_states - 1
+    torch.manual_seed(0)
+    model = build_model("mf", SPLIT.train, dim=4)
+    users = torch.tensor([0, 7, 31, 99])
+    fast = method.loss(model, {"users": users}).item()
+    scores = model.score(users).detach().double()
+    order, valid = context.observed_order
+    total = 0.0
+    for row, user in enumerate(users.tolist()):
+        observed = set(SPLIT.train.indices[SPLIT.train.indptr[user]:SPLIT.train.indptr[user + 1]].tolist())
+        positives = order[user][valid[user]].tolist()[:5]
+        negatives = method.dynamic_topk[user].tolist()
+        tail = [j for j in range(SPLIT.n_items) if j not in observed and j not in negatives]
+        row_scores = scores[row:row + 1]
+        if phase == "overall":
+            total += 0.01 * naive_overall(row_scores, [positives + negatives], [tail])
+        else:
+            total += 0.005 * (naive_fine(row_scores, [positives], [tail]) + naive_fine(row_scores, [negatives], [tail]))
+    assert fast == pytest.approx(total / len(users), rel=1e-4)
+
+
 # ---- the method contract: every registered method --------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -22,7 +22,7 @@ import torch
 
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge
-from hetcomp.distill.losses import fine_loss, items_mask, masked_logsumexp, overall_loss
+from hetcomp.distill.losses import fine_loss, overall_loss, tail_logsumexp
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -77,43 +77,43 @@ class HetComp(DistillMethod):
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
         scores = model.score(users).clamp(-self.config.clamp, self.config.clamp)
-        unobserved = ~self.context.train_mask(users)
-        positives, positive_valid = self.positive_items[users], self.positive_valid[users]
+        observed, observed_valid = (x[users] for x in self.context.observed_order)
+        positives, positive_valid = observed[:, :self.config.pos_k], observed_valid[:, :self.config.pos_k]
         negatives = self.dynamic_topk[users]
         fine = self.fine_phase_users[users]
         total = scores.new_zeros(())
         if (~fine).any():
             rows = ~fine
-            s = scores[rows]
             # L_O is a sum of independent terms per listed item, so L_O(P⁺, N) + L_O(P⁻, N) = L_O(P⁺ ∪ P⁻, N):
             # one list, one log-sum-exp over the shared tail N = unobserved − P⁻.
-            tail = items_mask(negatives[rows], None, s.shape[1], base=unobserved[rows], value=False)
+            tail_lse = self._tail_lse(scores[rows], observed[rows], observed_valid[rows], negatives[rows])
             listed = torch.cat([positives[rows], negatives[rows]], 1)
             valid = torch.cat([positive_valid[rows], torch.ones_like(negatives[rows], dtype=torch.bool)], 1)
-            overall = overall_loss(s, listed, valid, tail)
+            overall = overall_loss(scores[rows], listed, valid, tail_lse=tail_lse)
             total = total + self.config.overall_weight * overall * rows.float().mean()
         if fine.any():
-            fine_part = self._fine(scores[fine], unobserved[fine], positives[fine], positive_valid[fine],
-                                   negatives[fine])
+            fine_part = self._fine(scores[fine], observed[fine], observed_valid[fine], positives[fine],
+                                   positive_valid[fine], negatives[fine])
             total = total + self.config.fine_weight * fine_part * fine.float().mean()
         return total
 
-    def _fine(self, scores, unobserved, positives, positive_valid, negatives) -> torch.Tensor:
-        n_items = scores.shape[1]
+    @staticmethod
+    def _tail_lse(scores, observed, observed_valid, head) -> torch.Tensor:
+        """log Σ e^f over the unobserved items outside ``head`` (head items are unobserved and distinct)."""
+        excluded = torch.cat([observed, head], 1)
+        valid = torch.cat([observed_valid, torch.ones_like(head, dtype=torch.bool)], 1)
+        return tail_logsumexp(scores, excluded, valid)
 
-        def tail_lse_without(prefix: int) -> torch.Tensor:
-            tail = items_mask(negatives[:, :prefix], None, n_items, base=unobserved, value=False)
-            return masked_logsumexp(scores, tail)
-
+    def _fine(self, scores, observed, observed_valid, positives, positive_valid, negatives) -> torch.Tensor:
         all_valid = torch.ones_like(negatives, dtype=torch.bool)
         if self.fine_form == "code":
             half, tenth = self.config.k // 2, max(self.config.k // 10, 1)
-            half_lse = tail_lse_without(half)
+            half_lse = self._tail_lse(scores, observed, observed_valid, negatives[:, :half])
+            tenth_lse = self._tail_lse(scores, observed, observed_valid, negatives[:, :tenth])
             return (fine_loss(scores, positives, positive_valid, tail_lse=half_lse)
                     + 0.5 * (fine_loss(scores, negatives[:, :half], all_valid[:, :half], tail_lse=half_lse)
-                             + fine_loss(scores, negatives[:, :tenth], all_valid[:, :tenth],
-                                         tail_lse=tail_lse_without(tenth))))
-        tail_lse = tail_lse_without(negatives.shape[1])
+                             + fine_loss(scores, negatives[:, :tenth], all_valid[:, :tenth], tail_lse=tenth_lse)))
+        tail_lse = self._tail_lse(scores, observed, observed_valid, negatives)
         return (fine_loss(scores, positives, positive_valid, tail_lse=tail_lse)
                 + fine_loss(scores, negatives, all_valid, tail_lse=tail_lse))
 

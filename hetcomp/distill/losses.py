@@ -18,6 +18,25 @@ def masked_logsumexp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, NEG_INF), dim=1)
 
 
+def tail_logsumexp(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor) -> torch.Tensor:
+    """log Σ_{j ∉ excluded} e^{scores_j} per row, without building a dense mask.
+
+    The tail is "every item except a short list per row" (the user's training items and the listed items), so
+    its mass is the row's total minus the listed items' mass: two reductions instead of a mask, a masked copy
+    and a masked reduction over all items (the student's hot path). Sums are taken in float64 after
+    subtracting the row maximum, and the same float32 exponentials are added and removed, so the difference is
+    exact to float64 rounding; it is floored at the smallest positive float64 in case the tail is empty.
+    ``excluded`` [B, L] must not repeat an item within a row.
+    """
+    peak = scores.detach().max(1, keepdim=True).values
+    exponentials = torch.exp(scores - peak)
+    total = exponentials.sum(1, dtype=torch.float64)
+    removed = torch.where(excluded_valid, exponentials.gather(1, excluded.clamp(min=0)),
+                          torch.zeros((), device=scores.device)).sum(1, dtype=torch.float64)
+    tail = (total - removed).clamp(min=torch.finfo(torch.float64).tiny)
+    return (torch.log(tail) + peak.squeeze(1).to(torch.float64)).to(scores.dtype)
+
+
 def _mean_over_users(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     per_position = torch.where(valid, per_position, torch.zeros((), device=per_position.device))
     return per_position.sum(1).mean()
