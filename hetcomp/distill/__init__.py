@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-
-from hetcomp.data import HetCompError
-from hetcomp.distill.base import DistillContext, DistillMethod, EnsembleConfig, method_config
+from hetcomp.distill.base import DistillContext, DistillMethod, EnsembleConfig
+from hetcomp.registry import checked_config, lookup
 
 #: registry name -> "module:Class"
 METHODS: dict[str, str] = {
@@ -23,13 +21,10 @@ __all__ = ["METHODS", "DistillContext", "DistillMethod", "EnsembleConfig", "buil
 
 
 def method_class(name: str) -> type[DistillMethod]:
-    if name not in METHODS:
-        raise HetCompError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    module, attribute = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return lookup(METHODS, name, "method")
 
 
 def build_method(name: str, context: DistillContext, **options) -> DistillMethod:
     """Build method ``name`` on a context; ``options`` override its config (unknown ones are an error)."""
     cls = method_class(name)
-    return cls(context, method_config(cls.config_class, **options))
+    return cls(context, checked_config(cls.config_class, options, f"method {name!r}"))

@@ -7,7 +7,6 @@ Adding a method = one file with a subclass of :class:`DistillMethod` and one lin
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -141,13 +140,3 @@ class DistillMethod(Objective):
     def describe(self) -> str:
         """One line for progress logs (e.g. HetComp's phase and states)."""
         return ""
-
-
-def method_config(config_class, **overrides):
-    """A method's config with overrides; an unknown option is an error listing the known ones."""
-    known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise HetCompError(f"unknown option {', '.join(sorted(unknown))}; this method takes "
-                           f"{', '.join(sorted(known)) or 'no options'}")
-    return config_class(**overrides)

@@ -1,18 +1,11 @@
-"""Recommender models: one file per family, one registry name per model.
-
-Classes are imported on first use, so that commands which never build a LightGCN do not pay for importing
-torch_geometric (several seconds).
-"""
+"""Recommender models: one file per family, one registry name per model (imported on first use)."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-
 import scipy.sparse as sp
 
-from hetcomp.data.errors import HetCompError
 from hetcomp.models.base import ModelConfig, Recommender
+from hetcomp.registry import checked_config, lookup
 
 #: registry name -> "module:Class"; adding a model is one file and one line here.
 MODELS: dict[str, str] = {
@@ -29,21 +22,12 @@ __all__ = ["MODELS", "ModelConfig", "Recommender", "build_model", "model_class",
 
 def model_class(name: str) -> type[Recommender]:
     """The class registered under ``name``; an unknown name lists the known ones."""
-    if name not in MODELS:
-        raise HetCompError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    module, attribute = MODELS[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return lookup(MODELS, name, "model")
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
     """The default config of model ``name`` with ``overrides`` (unknown keys are an error)."""
-    config_class = model_class(name).config_class
-    known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise HetCompError(f"model {name!r} has no setting {', '.join(sorted(unknown))}; "
-                           f"its settings are {', '.join(sorted(known))}")
-    return config_class(**overrides)
+    return checked_config(model_class(name).config_class, overrides, f"model {name!r}")
 
 
 def build_model(name: str, train: sp.csr_matrix, **overrides) -> Recommender:
