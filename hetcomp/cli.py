@@ -200,6 +200,7 @@ def distill_command(
                                 "kl:1.0,pairwise_hinge:0.5 (ce, bce, l2, kl, pairwise_hinge, listwise)."),
     max_epochs: int = typer.Option(1000, help="Upper bound on epochs (early stopping usually ends sooner)."),
     batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
+    lr: float = typer.Option(1e-2, help="Adam learning rate of the student."),
     decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -223,7 +224,7 @@ def distill_command(
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
-                         options, EnsembleConfig(decay=decay, temperature=temperature), batch_users,
+                         options, EnsembleConfig(decay=decay, temperature=temperature), batch_users, lr=lr,
                          max_epochs=max_epochs, callbacks=[bar], command=command)
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "

@@ -44,9 +44,17 @@ def machine() -> str:
 def distill(split: Split, trajectories: list, student: str = "mf", method: str = "hetcomp", dim: int = 6,
             seed: int = 0, device: torch.device | str = "cpu", runs_root: Path = Path("experiments/runs"),
             method_options: dict | None = None, ensemble: EnsembleConfig | None = None, batch_users: int = 64,
-            lr: float = 1e-3, weight_decay: float | None = None, max_epochs: int = 1000, eval_every: int = 10,
+            lr: float = 1e-2, weight_decay: float | None = None, max_epochs: int = 1000, eval_every: int = 10,
             patience: int = 5, callbacks: list[Callback] | None = None, command: str = "") -> dict:
-    """Train a student with ``method``; returns (and writes) its metrics. A finished run is reused."""
+    """Train a student with ``method``; returns (and writes) its metrics. A finished run is reused.
+
+    Batches are ``batch_users`` users, each user once per epoch (the released code instead rescored ~900
+    users per 1,024 interactions, each user ~13 times per epoch: 13× the compute). With one update per user
+    per epoch, the released lr of 1e-3 moves user embeddings ~10× less per epoch; lr 1e-2 restores the per-epoch
+    movement (on CiteULike with three teachers, valid R@50 after 10 epochs: 0.069 at lr 1e-3, 0.093 at 1e-2;
+    512-user batches at 1e-2: 0.069). Adam weight decay 1e-5 as released, except for methods that train the
+    student on its own loss only (w/o KD), which use the model's own setting.
+    """
     name = run_name(student, method, dim, seed, method_options)
     run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"

@@ -3,7 +3,9 @@
 Users and items are nodes of one bipartite graph with symmetric edges (u, i) and (i, u). Layer k:
 e^(k+1) = D^{-1/2} A D^{-1/2} e^(k); final embedding = mean over layers 0..L (α_k = 1/(L+1)).
 score(u, i) = e_u · e_i. Loss: BPR plus λ/2 ‖ego embeddings of the batch‖² / B (the paper's regularizer).
-Defaults: 2 layers, λ = 1e-4, Adam lr 1e-3, batch 2048, d = 64. The normalized adjacency is computed once and
+Defaults: 2 layers, λ = 1e-4, batch 2048, d = 64; Adam lr 5e-3 rather than the paper's 1e-3, which
+needs well over 100 epochs on CiteULike (valid R@50 0.16 / 0.20 / 0.21 after 10 / 20 / 30 epochs) for
+our CPU budget. The normalized adjacency is computed once and
 passed to LGConv as a sparse matrix (``normalize=False``), so each layer is one sparse-dense product.
 """
 
@@ -23,6 +25,7 @@ from hetcomp.models.base import Batch, ModelConfig, Recommender, bpr_loss, spars
 
 @dataclass
 class LightGCNConfig(ModelConfig):
+    lr: float = 5e-3
     n_layers: int = 2
     reg: float = 1e-4
     batch_size: int = 2048
