@@ -18,8 +18,8 @@ from hetcomp.train import Callback, Trainer, TrainerConfig
 
 
 def run_name(student: str, method: str, dim: int, seed: int, options: dict | None = None) -> str:
-    """``<student>-<method>-<dim>-<seed>``, plus a short hash of non-default method options so that two
-    configurations never share (and silently reuse) one run folder."""
+    """``<student>-<method>-<dim>-<seed>``, plus a short hash of the non-default settings (method options,
+    lr, batch size, weight decay, ensemble) so that two configurations never share one run folder."""
     name = f"{student}-{method}-{dim}-{seed}"
     if options:
         digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
@@ -55,7 +55,16 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     512-user batches at 1e-2: 0.069). Adam weight decay 1e-5 as released, except for methods that train the
     student on its own loss only (w/o KD), which use the model's own setting.
     """
-    name = run_name(student, method, dim, seed, method_options)
+    settings = dict(method_options or {})  # what, besides the defaults, identifies this run
+    if lr != 1e-2:
+        settings["lr"] = lr
+    if batch_users != 64:
+        settings["batch_users"] = batch_users
+    if weight_decay is not None:
+        settings["weight_decay"] = weight_decay
+    if ensemble is not None and ensemble != EnsembleConfig():
+        settings["ensemble"] = vars(ensemble)
+    name = run_name(student, method, dim, seed, settings)
     run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
@@ -77,7 +86,8 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     result = {
         "dataset": split.meta["dataset"], "split_fingerprint": split.fingerprint, "student": student,
         "method": method, "dim": dim, "seed": seed, "teachers": context.teacher_names,
-        "method_options": method_options or {}, "ensemble": vars(context.ensemble),
+        "method_options": method_options or {}, "ensemble": vars(context.ensemble), "lr": lr,
+        "batch_users": batch_users, "weight_decay": weight_decay,
         "best_epoch": state.best_epoch, "epochs": state.epoch, "valid": final["valid"], "test": final["test"],
         "n_parameters": model.n_parameters(), "train_seconds": round(state.seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
