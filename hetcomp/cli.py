@@ -200,7 +200,8 @@ def distill_command(
                                 "kl:1.0,pairwise_hinge:0.5 (ce, bce, l2, kl, pairwise_hinge, listwise)."),
     max_epochs: int = typer.Option(1000, help="Upper bound on epochs (early stopping usually ends sooner)."),
     batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
-    lr: float = typer.Option(1e-2, help="Adam learning rate of the student."),
+    lr: float = typer.Option(None, help="Adam learning rate of the student (default 1e-2 for KD methods, the "
+                                        "model's own for --method none)."),
     decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -108,8 +108,9 @@ class DistillMethod(Objective):
     """Base class: user batches (each user once per epoch), options from ``config_class``."""
 
     name: str = ""
-    #: False: the student uses the released code's Adam weight decay (1e-5); True: the model's own setting
-    uses_model_weight_decay: bool = False
+    #: False: the student uses the distillation recipe (lr 1e-2, weight decay 1e-5); True: the model's own lr and
+    #: weight decay, as when it is trained as a teacher (w/o KD)
+    uses_own_recipe: bool = False
 
     @dataclass
     class Config:

@@ -20,7 +20,7 @@ class NoKD(DistillMethod):
 
     name = "none"
     config_class = NoKDConfig
-    uses_model_weight_decay = True
+    uses_own_recipe = True
 
     def batches(self, epoch: int, generator: torch.Generator):
         context = self.context

@@ -5,7 +5,8 @@ Loss: BPR, -log σ(score(u, i⁺) - score(u, i⁻)) over sampled negatives, plus
 batch's embeddings. The L2 term is in the loss rather than Adam's ``weight_decay``: Adam rescales the decay of
 rows absent from a batch into full-size steps toward zero, which kept BPR-MF at popularity-level accuracy here.
 Defaults: Adam, lr 1e-3, λ = 1e-4 (HetComp's teacher setting), one negative, batch 1024, d = 64;
-init N(0, 0.01) as in the authors' released code.
+init N(0, 0.01) as in the authors' released code. At most 300 epochs: on CiteULike validation R@50 gains
+under 0.005 between epochs 180 and 290, and the CPU budget of six teachers is 30 minutes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hetcomp.models.base import Batch, ModelConfig, Recommender, bpr_loss
 class MFConfig(ModelConfig):
     reg: float = 1e-4
     init_std: float = 0.01
+    max_epochs: int = 300
 
 
 class MF(Recommender):
