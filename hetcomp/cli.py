@@ -26,6 +26,7 @@ from hetcomp.teachers import (
     TRAJECTORY_FILE,
     load_teachers,
     teacher_dir,
+    teacher_weights,
     top_overlap,
     train_teacher,
     trajectory_state_metrics,
@@ -204,6 +205,8 @@ def distill_command(
                                         "model's own for --method none)."),
     decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
+    weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+    weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
@@ -225,7 +228,8 @@ def distill_command(
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
-                         options, EnsembleConfig(decay=decay, temperature=temperature), batch_users, lr=lr,
+                         options, EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power),
+                         batch_users, lr=lr,
                          max_epochs=max_epochs, callbacks=[bar], command=command)
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
@@ -241,6 +245,8 @@ def evaluate_command(
     seed: int = typer.Option(0, help="Split seed."),
     decay: str = typer.Option("exp", help="Rank decay of the ensemble g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
+    weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+    weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
     data_dir: Path = DataDirOption,
@@ -266,7 +272,8 @@ def evaluate_command(
         for state in range(trajectory.n_states):
             metrics = trajectory_state_metrics(split, trajectory, state)
             row(trajectory.teacher, f"E{state + 1}", str(epochs[state]) if state < len(epochs) else "-", metrics)
-    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, decay, temperature), split)
+    weights = teacher_weights(split, trajectories, weighting, weight_power)
+    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, decay, temperature, weights=weights), split)
     row("ensemble", "E4", "-", ensemble)
     console.print(table)
     console.print(f"mean pairwise top-50 overlap of the converged teachers: {top_overlap(trajectories):.3f}")
@@ -299,7 +306,10 @@ def summarize_command(
     if not runs:
         raise HetCompError(f"no finished runs under {runs_dir / split.meta['dataset']}; run `hetcomp distill` first")
     trajectories = load_teachers(split, teachers_dir, runs[0]["teachers"])
-    ensemble = evaluate_split(EnsembleScorer(trajectories), split)["test"]
+    config = runs[0]["ensemble"]
+    weights = teacher_weights(split, trajectories, config.get("weighting", "uniform"), config.get("weight_power", 0))
+    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, config["decay"], config["temperature"], config["beta"],
+                                             weights), split)["test"]
     write.parent.mkdir(parents=True, exist_ok=True)
     write.write_text(runs_report(split, runs, ensemble, "hetcomp " + " ".join(sys.argv[1:])))
     console.print(f"wrote {write} ({len(runs)} runs)")

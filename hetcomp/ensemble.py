@@ -3,7 +3,8 @@
 Each teacher state gives item i an importance that decays with its rank r (0-based) in that state's top-M
 (items outside get none); importances are summed over teachers (optionally weighted) and the ensemble ranks
 items by the sum. Decays: ``exp`` = exp(−r/T) (default T = 50, chosen on validation, see the teachers results),
-``power`` = (r+1)^−β (β = 0.05 in the same lab's later code). Everything is batched over users.
+``power`` = (r+1)^−β (β = 0.05 in the same lab's later code). Teacher weights: uniform (the released code) or
+by validation recall (:func:`hetcomp.teachers.teacher_weights`). Everything is batched over users.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class EnsembleScorer:
 
 
 def ensemble_observed_order(trajectories: Sequence, train, decay: str = "exp", temperature: float = 50.0,
-                            beta: float = 0.05) -> np.ndarray:
+                            beta: float = 0.05, weights: torch.Tensor | None = None) -> np.ndarray:
     """Each user's training items ordered by g over the teachers' converged rankings of them (CSR order).
 
     Returns int64 item ids aligned with ``train.indptr``: the user's P⁺ list, best first.
@@ -95,10 +96,11 @@ def ensemble_observed_order(trajectories: Sequence, train, decay: str = "exp", t
     longest = int(np.diff(indptr).max()) if len(rows) else 0
     importance = rank_importance(max(longest, 1), decay, temperature, beta).numpy().astype(np.float64)
     total = np.zeros(len(rows), dtype=np.float64)
-    for trajectory in trajectories:
+    for index, trajectory in enumerate(trajectories):
         # sorting a teacher's entries by (row, item) lines them up with the CSR entries (sorted indices)
         order = np.lexsort((trajectory.observed.astype(np.int64), rows))
-        total += importance[position[order]]
+        weight = 1.0 if weights is None else float(weights[index])
+        total += weight * importance[position[order]]
     csr_items = train.indices.astype(np.int64)
     final = np.lexsort((csr_items, -total, rows))
     return csr_items[final]

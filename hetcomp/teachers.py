@@ -129,3 +129,21 @@ def top_overlap(trajectories: list[Trajectory], k: int = 50) -> float:
             shared = (tops[a].unsqueeze(2) == tops[b].unsqueeze(1)).any(2).sum(1).double() / k
             overlaps.append(float(shared.mean()))
     return float(np.mean(overlaps)) if overlaps else float("nan")
+
+
+def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = "valid",
+                    power: float = 8.0) -> torch.Tensor | None:
+    """Per-teacher weights of g: None (uniform, as released) or (valid R@50 of E4 / mean)^power.
+
+    Validation-only: a teacher much better than the others (here the item autoencoder) should count for more
+    in the aggregation; the power was chosen on validation R@50 (see the teachers results page).
+    """
+    if weighting == "uniform":
+        return None
+    if weighting != "valid":
+        from hetcomp.data import HetCompError
+
+        raise HetCompError(f"unknown teacher weighting {weighting!r}; choose valid or uniform")
+    recall = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
+                           for t in trajectories], dtype=torch.float32)
+    return (recall / recall.mean()) ** power

@@ -19,16 +19,22 @@ from hetcomp.data.sampling import NegativeSampler
 from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
 from hetcomp.metrics import csr_rows_dense, topk_items
 from hetcomp.models.base import Batch, Recommender
+from hetcomp.teachers import teacher_weights
 from hetcomp.train import Objective
 
 
 @dataclass
 class EnsembleConfig:
-    """How the teachers' rankings are aggregated (g): the rank decay and its parameter."""
+    """How the teachers' rankings are aggregated (g): the rank decay and the teacher weights.
+
+    Defaults chosen on validation R@50 of the converged ensemble on CiteULike (teachers results page).
+    """
 
     decay: str = "exp"
     temperature: float = 50.0
     beta: float = 0.05
+    weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
+    weight_power: float = 8.0
 
 
 class DistillContext:
@@ -52,14 +58,16 @@ class DistillContext:
         self.sampler = NegativeSampler(split.train, self.device)
         self.train_indptr = torch.from_numpy(split.train.indptr.astype(np.int64))
         self.train_indices = torch.from_numpy(split.train.indices.astype(np.int64))
+        self.teacher_weights = teacher_weights(split, trajectories, self.ensemble.weighting,
+                                               self.ensemble.weight_power)
 
     @property
     def teacher_names(self) -> list[str]:
         return [t.teacher for t in self.trajectories]
 
-    def scorer(self, state_of: int | torch.Tensor = -1, weights: torch.Tensor | None = None) -> EnsembleScorer:
+    def scorer(self, state_of: int | torch.Tensor = -1) -> EnsembleScorer:
         return EnsembleScorer(self.trajectories, state_of, self.ensemble.decay, self.ensemble.temperature,
-                              self.ensemble.beta, weights, self.device)
+                              self.ensemble.beta, self.teacher_weights, self.device)
 
     def ensemble_topk(self, k: int, state_of: int | torch.Tensor = -1, batch_size: int = 1024) -> torch.Tensor:
         """Top-k unobserved items [n_users, k] of g over the chosen states (converged by default)."""
@@ -81,7 +89,7 @@ class DistillContext:
         """Each user's training items in ensemble order, padded: (items [U, max_len], valid mask)."""
         order = torch.from_numpy(ensemble_observed_order(self.trajectories, self.split.train,
                                                          self.ensemble.decay, self.ensemble.temperature,
-                                                         self.ensemble.beta))
+                                                         self.ensemble.beta, self.teacher_weights))
         lengths = self.train_indptr[1:] - self.train_indptr[:-1]
         width = int(lengths.max())
         position = torch.arange(width).unsqueeze(0)
