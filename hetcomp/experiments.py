@@ -102,13 +102,14 @@ def runs_report(split: Split, runs: list[dict], ensemble_test: dict, command: st
     lines += stamp(command, split.meta["seed"])
     lines += ["", f"Ensemble (all teachers at E4) test: {_cells(ensemble_test)} (R@10 | N@10 | R@50 | N@50).", "",
               "| student | method | dim | seed | test R@10 | N@10 | R@50 | N@50 | R@50 / ens. | N@50 / ens. | "
-              "best epoch | epochs | s / epoch | wall s | command |",
+              "best epoch | epochs (stopped by) | s / epoch | wall s | command |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         test = run["test"]
         lines.append(f"| {run['student']} | {run['method']} | {run['dim']} | {run['seed']} | {_cells(test)} | "
                      f"{test['recall@50'] / ensemble_test['recall@50']:.3f} | "
-                     f"{test['ndcg@50'] / ensemble_test['ndcg@50']:.3f} | {run['best_epoch']} | {run['epochs']} | "
+                     f"{test['ndcg@50'] / ensemble_test['ndcg@50']:.3f} | {run['best_epoch']} | {run['epochs']} "
+                     f"({run.get('stopped_by', '?')}) | "
                      f"{run['seconds_per_epoch']} | {run['wall_seconds']} | `{run['command']}` |")
     by_key = {(r["student"], r["method"], r["dim"], r["seed"]): r for r in runs}
     comparisons = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hetcomp.data import Split
+from hetcomp.data import HetCompError, Split
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method
 from hetcomp.models import build_model
 from hetcomp.train import Callback, Trainer, TrainerConfig
@@ -70,7 +70,12 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
-        return json.loads(metrics_file.read_text())
+        finished = json.loads(metrics_file.read_text())
+        capped = finished.get("stopped_by") == "max_epochs"
+        if capped and finished.get("max_epochs") != max_epochs:
+            raise HetCompError(f"{run_dir} holds a run stopped by its epoch cap ({finished['max_epochs']}), not by "
+                               f"early stopping; delete the folder to train with --max-epochs {max_epochs}")
+        return finished
     torch.manual_seed(seed)
     model = build_model(student, split.train, dim=dim)
     context = DistillContext(split, trajectories, device, ensemble, batch_users)
@@ -93,7 +98,9 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
         "method": method, "dim": dim, "seed": seed, "teachers": context.teacher_names,
         "method_options": method_options or {}, "ensemble": vars(context.ensemble), "lr": lr,
         "batch_users": batch_users, "weight_decay": weight_decay,
-        "best_epoch": state.best_epoch, "epochs": state.epoch, "valid": final["valid"], "test": final["test"],
+        "best_epoch": state.best_epoch, "epochs": state.epoch, "max_epochs": max_epochs,
+        "stopped_by": "early stopping" if state.stopped else "max_epochs",
+        "valid": final["valid"], "test": final["test"],
         "n_parameters": model.n_parameters(), "train_seconds": round(state.seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
