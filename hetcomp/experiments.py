@@ -93,7 +93,22 @@ def collect_runs(runs_dir, dataset: str) -> list[dict]:
     from pathlib import Path
 
     folder = Path(runs_dir) / dataset.replace(":", "-")
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*/metrics.json"))]
+    runs = []
+    for path in sorted(folder.glob("*/metrics.json")):
+        run = json.loads(path.read_text())
+        run["run"] = path.parent.name
+        runs.append(run)
+    return runs
+
+
+def _is_default(run: dict) -> bool:
+    """A run with every setting at its default (its folder name carries no settings hash)."""
+    return run["run"] == f"{run['student']}-{run['method']}-{run['dim']}-{run['seed']}"
+
+
+def _stopped_by(run: dict) -> str:
+    # runs written before the field existed all had the 1,000-epoch cap
+    return run.get("stopped_by") or ("early stopping" if run["epochs"] < run.get("max_epochs", 1000) else "max_epochs")
 
 
 def runs_report(split: Split, runs: list[dict], ensemble_test: dict, command: str) -> str:
@@ -101,25 +116,25 @@ def runs_report(split: Split, runs: list[dict], ensemble_test: dict, command: st
     lines = [f"# Students on {split.meta['dataset']} (authors' split)", ""]
     lines += stamp(command, split.meta["seed"])
     lines += ["", f"Ensemble (all teachers at E4) test: {_cells(ensemble_test)} (R@10 | N@10 | R@50 | N@50).", "",
-              "| student | method | dim | seed | test R@10 | N@10 | R@50 | N@50 | R@50 / ens. | N@50 / ens. | "
+              "| run | test R@10 | N@10 | R@50 | N@50 | R@50 / ens. | N@50 / ens. | "
               "best epoch | epochs (stopped by) | s / epoch | wall s | command |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         test = run["test"]
-        lines.append(f"| {run['student']} | {run['method']} | {run['dim']} | {run['seed']} | {_cells(test)} | "
+        lines.append(f"| {run['run']} | {_cells(test)} | "
                      f"{test['recall@50'] / ensemble_test['recall@50']:.3f} | "
                      f"{test['ndcg@50'] / ensemble_test['ndcg@50']:.3f} | {run['best_epoch']} | {run['epochs']} "
-                     f"({run.get('stopped_by', '?')}) | "
+                     f"({_stopped_by(run)}) | "
                      f"{run['seconds_per_epoch']} | {run['wall_seconds']} | `{run['command']}` |")
-    by_key = {(r["student"], r["method"], r["dim"], r["seed"]): r for r in runs}
+    # the reference is the default-settings w/o KD run of the same student, dim and seed
+    baselines = {(r["student"], r["dim"], r["seed"]): r for r in runs if r["method"] == "none" and _is_default(r)}
     comparisons = []
-    for (student, method, dim, seed), run in sorted(by_key.items()):
-        base = by_key.get((student, "none", dim, seed))
-        if method != "none" and base is not None:
+    for run in runs:
+        base = baselines.get((run["student"], run["dim"], run["seed"]))
+        if run["method"] != "none" and base is not None:
             comparisons.append(
-                f"- {student}, {method} vs w/o KD (dim {dim}, seed {seed}): R@50 × "
-                f"{run['test']['recall@50'] / base['test']['recall@50']:.2f}, N@50 × "
-                f"{run['test']['ndcg@50'] / base['test']['ndcg@50']:.2f}")
+                f"- {run['run']} vs {base['run']}: R@50 × {run['test']['recall@50'] / base['test']['recall@50']:.2f}, "
+                f"N@50 × {run['test']['ndcg@50'] / base['test']['ndcg@50']:.2f}")
     if comparisons:
         lines += ["", "## Gain over the same student without KD", "", *comparisons]
     for run in runs:
@@ -127,7 +142,7 @@ def runs_report(split: Split, runs: list[dict], ensemble_test: dict, command: st
         if not log:
             continue
         final = next((entry["epoch"] for entry in log if all(s == 4.0 for s in entry["mean_state"])), None)
-        lines += ["", f"## DKC schedule: {run['student']}-{run['method']}-{run['dim']}-{run['seed']}", "",
+        lines += ["", f"## DKC schedule: {run['run']}", "",
                   f"Teachers: {', '.join(run['teachers'])}. Every user at E4 for every teacher (L_O → L_F) at epoch "
                   f"{final if final is not None else 'never (training ended first)'}.", "",
                   "| epoch | users x teachers moved | forced by the deadline | mean state per teacher | "
