@@ -365,7 +365,8 @@ def bench_command(
     console.print(f"machine: {result.get('machine', '')}")
     if append is not None:
         lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — `hetcomp {' '.join(sys.argv[1:])}`",
-                 f"machine: {result.get('machine', '')}, device {target}", "", "| what | value |", "|---|---|"]
+                 f"machine: {result.get('machine', '')}, device {target}", "",
+                 "| what | seconds (MB for memory) |", "|---|---|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in rows if value == value]
         append.parent.mkdir(parents=True, exist_ok=True)
         with open(append, "a") as handle:
