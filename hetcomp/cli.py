@@ -241,7 +241,8 @@ def distill_command(
 @friendly_errors
 def evaluate_command(
     dataset: str = typer.Option("citeulike", help="Registered dataset name."),
-    teachers: str = typer.Option(",".join(TEACHERS), "--teachers", help="Comma-separated teachers to report."),
+    teachers: bool = typer.Option(True, "--teachers", help="Report the teachers, their states and the ensemble."),
+    names: str = typer.Option(",".join(TEACHERS), "--names", help="Comma-separated teachers to report."),
     seed: int = typer.Option(0, help="Split seed."),
     decay: str = typer.Option("exp", help="Rank decay of the ensemble g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
@@ -255,8 +256,8 @@ def evaluate_command(
 ) -> None:
     """Print R@10/N@10/R@50/N@50 on valid and test of each teacher, each of its states, and the ensemble."""
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
-    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, TEACHERS + _imported(teachers_dir,
-                                                                                                   split), "teacher"))
+    trajectories = load_teachers(split, teachers_dir, _parse_names(names, TEACHERS + _imported(teachers_dir, split),
+                                                                   "teacher"))
     table = Table(title=f"teachers on {split.meta['dataset']} (seed {seed})")
     for column in ("model", "state", "epoch", *(f"{p} {m}" for p in ("valid", "test")
                                                for m in ("R@10", "N@10", "R@50", "N@50"))):
