@@ -89,53 +89,6 @@ def recall_ndcg(topk: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int],
     return out
 
 
-def rank_users(score_fn: ScoreFn, users: np.ndarray, exclude: sp.csr_matrix, k: int, batch_size: int = 1024,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Top-k items [len(users), k] of each user under ``score_fn``, with the ``exclude`` CSR rows masked."""
-    n_items = exclude.shape[1]
-    if k > n_items:
-        raise HetCompError(f"K = {k} is larger than the number of items ({n_items}); choose K <= {n_items}")
-    parts = []
-    for start in range(0, len(users), batch_size):
-        batch = users[start:start + batch_size]
-        with torch.no_grad():
-            scores = score_fn(torch.from_numpy(batch.astype(np.int64)).to(device))
-        if scores.shape != (len(batch), n_items):
-            raise HetCompError(f"score function returned shape {tuple(scores.shape)}, expected "
-                               f"({len(batch)}, {n_items}) = (users in batch, items)")
-        parts.append(topk_items(scores, k, csr_rows_dense(exclude, batch, scores.device)))
-    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.int64)
-
-
-def evaluation_users(heldout: sp.csr_matrix) -> np.ndarray:
-    """Users that have at least one held-out item."""
-    return np.flatnonzero(np.diff(heldout.indptr) > 0)
-
-
-def evaluate(score_fn: ScoreFn, train: sp.csr_matrix, heldout: sp.csr_matrix, other: sp.csr_matrix | None = None,
-             ks: Sequence[int] = (10, 50), batch_size: int = 1024, device: torch.device | str = "cpu",
-             return_topk: bool = False):
-    """Mean Recall@K / NDCG@K of ``score_fn`` on ``heldout``, excluding train (and ``other``) items.
-
-    For validation pass ``heldout=valid, other=test``; for test ``heldout=test, other=valid``.
-    With ``return_topk`` also returns (users, their top-max(ks) items) for reuse (e.g. by DKC).
-    """
-    exclude = train if other is None else (train + other).tocsr()
-    users = evaluation_users(heldout)
-    k_max = max(ks)
-    topk = rank_users(score_fn, users, exclude, k_max, batch_size, device)
-    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "ndcg")}
-    for start in range(0, len(users), batch_size):
-        batch_top = topk[start:start + batch_size]
-        relevant = csr_rows_dense(heldout, users[start:start + batch_size], batch_top.device)
-        for key, values in recall_ndcg(batch_top, relevant, ks).items():
-            sums[key] += float(values.sum())
-    result = {key: value / max(len(users), 1) for key, value in sums.items()}
-    if return_topk:
-        return result, users, topk
-    return result
-
-
 def positions_in(items: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each entry of ``items`` [B, L]: is it in its row of ``reference`` [B, L'] (no repeats), and where.
 

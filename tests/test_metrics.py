@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import random_csr
 
-from hetcomp.data import HetCompError
+from hetcomp.data import HetCompError, Split
 from hetcomp.data.sampling import NegativeSampler
-from hetcomp.metrics import evaluate, ranking_ndcg, topk_items
+from hetcomp.metrics import evaluate_split, ranking_ndcg, topk_items
 
 
 def naive_metrics(scores: np.ndarray, train, heldout, other, ks):
@@ -49,10 +49,15 @@ def test_evaluate_matches_naive_loop(with_ties):
         scores = np.round(scores * 2) / 2  # many equal scores
     ks = (3, 10, 50)  # some users have more held-out items than 3, most have fewer than 10
     score_fn = lambda users: torch.from_numpy(scores)[users]  # noqa: E731
-    fast = evaluate(score_fn, train, heldout, other, ks=ks, batch_size=8)
-    slow = naive_metrics(scores, train, heldout, other, ks)
-    for key in slow:
-        assert fast[key] == pytest.approx(slow[key], abs=1e-9), key
+    split = Split(train, heldout.tocsr(), other.tocsr(), np.arange(n_users).astype(str), np.arange(n_items).astype(str))
+    fast = evaluate_split(score_fn, split, ks=ks, top_m=12, batch_size=8)
+    for part, held, excluded in (("valid", heldout, other), ("test", other, heldout)):
+        slow = naive_metrics(scores, train, held, excluded, ks)
+        for key in slow:
+            assert fast[part][key] == pytest.approx(slow[key], abs=1e-9), (part, key)
+    for user in range(n_users):  # the top-M ranking excludes exactly the training items
+        candidates = [i for i in range(n_items) if i not in set(train[user].indices)]
+        assert fast["ranking"][user].tolist() == sorted(candidates, key=lambda i: (-scores[user, i], i))[:12]
 
 
 def test_topk_breaks_ties_by_lower_index_and_masks():
