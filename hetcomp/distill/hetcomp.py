@@ -78,7 +78,7 @@ class HetComp(DistillMethod):
         users = batch["users"]
         scores = model.score(users).clamp(-self.config.clamp, self.config.clamp)
         observed, observed_valid = (x[users] for x in self.context.observed_order)
-        positives, positive_valid = observed[:, :self.config.pos_k], observed_valid[:, :self.config.pos_k]
+        positives, positive_valid = self.positive_items[users], self.positive_valid[users]
         negatives = self.dynamic_topk[users]
         fine = self.fine_phase_users[users]
         total = scores.new_zeros(())
