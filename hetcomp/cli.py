@@ -21,10 +21,12 @@ from hetcomp.distill.run import distill
 from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
+from hetcomp.reproduce import TABLE2_METHODS
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
     load_teachers,
+    seeded_name,
     teacher_dir,
     teacher_weights,
     top_overlap,
@@ -121,9 +123,10 @@ TeachersDirOption = typer.Option(Path("teachers"), "--teachers-dir", help="Where
 class ProgressCallback(Callback):
     """A rich progress bar over epochs, with the latest validation result in its description."""
 
-    def __init__(self, progress: Progress, label: str, max_epochs: int) -> None:
+    def __init__(self, progress: Progress, label: str, max_epochs: int, verbose: bool = True) -> None:
         self.progress = progress
         self.label = label
+        self.verbose = verbose
         self.task = progress.add_task(label, total=max_epochs)
 
     def on_fit_start(self, trainer) -> None:
@@ -136,11 +139,16 @@ class ProgressCallback(Callback):
         valid = result["valid"][trainer.config.monitor]
         mark = "*" if improved else " "
         self.progress.update(self.task, description=f"{self.label} ep {epoch} valid R@50 {valid:.4f}{mark}")
+        if not self.verbose:
+            return
         extra = getattr(trainer.objective, "describe", lambda: "")()
         self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{mark}  "
                                     f"test R@50 {result['test']['recall@50']:.4f}  {extra}", highlight=False)
 
     def on_fit_end(self, trainer) -> None:
+        if not self.verbose:  # one bar per run of a long reproduce would flood the screen
+            self.progress.remove_task(self.task)
+            return
         self.progress.update(self.task, completed=trainer.config.max_epochs,
                              description=f"{self.label} done (best epoch {trainer.state.best_epoch})")
 
@@ -157,6 +165,8 @@ def train_teachers(
     teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teacher models."),
     dim: int = typer.Option(64, help="Embedding size of every teacher."),
     seed: int = typer.Option(0, help="Split and training seed."),
+    train_seed: int = typer.Option(None, help="Another training seed on the same split (default: --seed); such "
+                                             "teachers are saved as <model>-s<seed>, e.g. mf-s1."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory."),
     data_dir: Path = DataDirOption,
@@ -168,18 +178,20 @@ def train_teachers(
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
     target = resolve_device(device)
     command = "hetcomp " + " ".join(sys.argv[1:])
+    train_seed = seed if train_seed is None else train_seed
     with make_progress() as progress:
-        for name in names:
+        for model in names:
+            name = seeded_name(model, train_seed, seed)
             path = teacher_dir(teachers_dir, split.meta["dataset"], name) / TRAJECTORY_FILE
             if path.is_file():
                 load_trajectory(path, split)
                 progress.console.print(f"{name}: already complete at {path}, skipped (delete it to retrain)")
                 continue
-            seed_everything(seed)
-            config = model_config(name, dim=dim)
+            seed_everything(train_seed)
+            config = model_config(model, dim=dim)
             bar = ProgressCallback(progress, name, config.max_epochs)
-            trajectory = train_teacher(split, name, teachers_dir, dim=dim, seed=seed, device=target, top_m=top_m,
-                                       callbacks=[bar], command=command)
+            trajectory = train_teacher(split, model, teachers_dir, dim=dim, seed=train_seed, device=target,
+                                       top_m=top_m, callbacks=[bar], command=command, name=name)
             test = trajectory.meta["metrics"][-1]["test"]
             progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
                                    f"{trajectory.meta['state_epochs']}, test R@50 {test['recall@50']:.4f}, "
@@ -193,7 +205,8 @@ def distill_command(
     student: str = typer.Option("mf", help="Student model: mf, ml or dnn (any model name works)."),
     dim: int = typer.Option(6, help="Student embedding size."),
     method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}."),
-    seed: int = typer.Option(0, help="Split and training seed."),
+    seed: int = typer.Option(0, help="Training seed of the student (initialization, batches, sampling)."),
+    split_seed: int = typer.Option(0, help="Split seed; the teachers must have been trained on the same split."),
     teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teachers to distil from."),
     option: list[str] = typer.Option([], "--option", "-o",
                                      help="Method option NAME=VALUE (repeatable), e.g. -o preset=code."),
@@ -203,6 +216,8 @@ def distill_command(
     batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
     lr: float = typer.Option(None, help="Adam learning rate of the student (default 1e-2 for KD methods, the "
                                         "model's own for --method none)."),
+    weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default 1e-5 for KD methods, "
+                                                  "the model's own for --method none)."),
     decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
     weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
@@ -215,7 +230,7 @@ def distill_command(
 ) -> None:
     """Train a small student from the teachers' trajectories with HetComp or a baseline."""
     method_class(method)
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_dataset(dataset, data_dir=data_dir, seed=split_seed, cache_dir=cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
     trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
     options = _parse_options(option)
@@ -229,7 +244,7 @@ def distill_command(
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
                          options, EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power),
-                         batch_users, lr=lr,
+                         batch_users, lr=lr, weight_decay=weight_decay,
                          max_epochs=max_epochs, callbacks=[bar], command=command)
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
@@ -272,7 +287,7 @@ def evaluate_command(
         epochs = trajectory.meta.get("state_epochs") or []
         for state in range(trajectory.n_states):
             metrics = trajectory_state_metrics(split, trajectory, state)
-            row(trajectory.teacher, f"E{state + 1}", str(epochs[state]) if state < len(epochs) else "-", metrics)
+            row(trajectory.name, f"E{state + 1}", str(epochs[state]) if state < len(epochs) else "-", metrics)
     weights = teacher_weights(split, trajectories, weighting, weight_power)
     ensemble = evaluate_split(EnsembleScorer(trajectories, -1, decay, temperature, weights=weights), split)
     row("ensemble", "E4", "-", ensemble)
@@ -314,6 +329,68 @@ def summarize_command(
     write.parent.mkdir(parents=True, exist_ok=True)
     write.write_text(runs_report(split, runs, ensemble, "hetcomp " + " ".join(sys.argv[1:])))
     console.print(f"wrote {write} ({len(runs)} runs)")
+
+
+@app.command("reproduce")
+@friendly_errors
+def reproduce_command(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name (or csv / recbole with --path)."),
+    table: str = typer.Option(None, help="2 (accuracy of every method), 1 (discrepancy study) or cost."),
+    figure: str = typer.Option(None, help="curves: test R@50 every 10 epochs of w/o KD, DCD and HetComp (PNG)."),
+    students: str = typer.Option("mf,ml,dnn", help="Comma-separated students (Table 2, cost)."),
+    seeds: int = typer.Option(5, help="Number of student seeds (0 .. N-1) for Table 2."),
+    methods: str = typer.Option(",".join(TABLE2_METHODS), help="Methods of Table 2."),
+    quick: bool = typer.Option(False, "--quick", help="The same pipeline on the first 300 users with short "
+                                                      "schedules (minutes; checks the pipeline, not the paper)."),
+    path: Path = typer.Option(None, help="The file, for the csv and recbole formats."),
+    user_col: str = typer.Option("user_id", help="csv: the user column."),
+    item_col: str = typer.Option("item_id", help="csv: the item column."),
+    sep: str = typer.Option(",", help="csv: the delimiter."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+    runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
+    results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
+) -> None:
+    """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
+    from hetcomp import reproduce as rp
+
+    if (table is None) == (figure is None):
+        raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
+    if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
+        raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
+    source = {"path": path, "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
+    if quick:
+        split = rp.load_quick_split(dataset, data_dir, cache_dir, **source)
+    else:
+        split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, **source)
+    student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
+    method_names = _parse_names(methods, list(METHODS), "method")
+    command = "hetcomp " + " ".join(sys.argv[1:])
+    with make_progress() as progress:
+        def bar(label: str, total: int) -> ProgressCallback:
+            return ProgressCallback(progress, label, total, verbose=False)
+
+        rep = rp.Reproduction(dataset, split, data_dir, teachers_dir, runs_dir, results_dir, resolve_device(device),
+                              rp.Schedule.short() if quick else rp.Schedule(), command, bar,
+                              lambda text: progress.console.print(text, highlight=False))
+        if figure == "curves":
+            written = [rp.curves_figure(rep, s) for s in student_names
+                       if any(r["student"] == s for r in rp.read_rows(rep.out_dir / "curves.csv"))]
+            if not written:
+                raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
+        elif table == "2":
+            rp.table2(rep, student_names, list(range(seeds)), method_names)
+            written = [rep.out_dir / "table2.md", rep.out_dir / "table2.csv"]
+        elif table == "1":
+            rp.table1(rep)
+            written = [rep.out_dir / "table1.md", rep.out_dir / "table1.csv"]
+        else:
+            rp.cost_table(rep, student_names)
+            written = [rep.out_dir / "cost.md", rep.out_dir / "cost.csv"]
+    for file in written:
+        console.print(f"wrote {file}")
 
 
 @app.command("import-teacher")

@@ -37,10 +37,10 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
     state_metrics = {}
     for trajectory in trajectories:
         metrics = [trajectory_state_metrics(split, trajectory, s) for s in range(trajectory.n_states)]
-        state_metrics[trajectory.teacher] = metrics
+        state_metrics[trajectory.name] = metrics
         meta = trajectory.meta
         per_state = " / ".join(f"{m['test']['recall@50']:.4f}" for m in metrics)
-        lines.append(f"| {trajectory.teacher} | {meta.get('n_parameters', '-'):,} | {meta.get('state_epochs')} | "
+        lines.append(f"| {trajectory.name} | {meta.get('n_parameters', '-'):,} | {meta.get('state_epochs')} | "
                      f"{meta.get('train_seconds', '-')} | {meta.get('eval_seconds', '-')} | "
                      f"{_cells(metrics[-1]['test'])} | {per_state} |")
     study = []

@@ -68,11 +68,19 @@ class TrajectoryRecorder(Callback):
         (self.run_dir / "last.pt").unlink(missing_ok=True)
 
 
+def seeded_name(teacher: str, seed: int, split_seed: int) -> str:
+    """Folder name of a teacher: the model name, plus ``-s<seed>`` when trained with another seed than the split's
+    (e.g. the MF teachers of several seeds that Table 1's ensemble of MF teachers needs)."""
+    return teacher if seed == split_seed else f"{teacher}-s{seed}"
+
+
 def train_teacher(split: Split, teacher: str, root: Path, dim: int = 64, seed: int = 0,
                   device: torch.device | str = "cpu", top_m: int = 200, callbacks: list[Callback] | None = None,
-                  command: str = "", **overrides) -> Trajectory:
-    """Train one teacher (resuming a killed run) and return its trajectory; reuse a finished one."""
-    run_dir = teacher_dir(root, split.meta["dataset"], teacher)
+                  command: str = "", name: str | None = None, **overrides) -> Trajectory:
+    """Train one teacher (resuming a killed run) and return its trajectory; reuse a finished one.
+
+    ``name`` is its folder under ``root/<dataset>/`` (default: the model name)."""
+    run_dir = teacher_dir(root, split.meta["dataset"], name or teacher)
     done = run_dir / TRAJECTORY_FILE
     if done.is_file():
         trajectory = load_trajectory(done, split)
@@ -100,7 +108,9 @@ def load_teachers(split: Split, root: Path, teachers: tuple[str, ...] | list[str
     out = []
     for teacher in teachers:
         path = teacher_dir(root, split.meta["dataset"], teacher) / TRAJECTORY_FILE
-        out.append(load_trajectory(path, split))
+        trajectory = load_trajectory(path, split)
+        trajectory.meta["name"] = teacher
+        out.append(trajectory)
     return out
 
 

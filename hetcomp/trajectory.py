@@ -46,7 +46,13 @@ class Trajectory:
 
     @property
     def teacher(self) -> str:
+        """The model family (e.g. ``mf``)."""
         return self.meta.get("teacher", "?")
+
+    @property
+    def name(self) -> str:
+        """The name it was loaded under (its folder, e.g. ``mf-s1``); the model family when not loaded by name."""
+        return self.meta.get("name", self.teacher)
 
     @property
     def n_states(self) -> int:

@@ -63,7 +63,7 @@ class DistillContext:
 
     @property
     def teacher_names(self) -> list[str]:
-        return [t.teacher for t in self.trajectories]
+        return [t.name for t in self.trajectories]
 
     def scorer(self, state_of: int | torch.Tensor = -1) -> EnsembleScorer:
         return EnsembleScorer(self.trajectories, state_of, self.ensemble.decay, self.ensemble.temperature,

@@ -14,6 +14,7 @@ import torch
 from hetcomp.data import HetCompError, Split
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method
 from hetcomp.models import build_model
+from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback, Trainer, TrainerConfig
 
 
@@ -66,6 +67,11 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
         settings["weight_decay"] = weight_decay
     if ensemble is not None and ensemble != EnsembleConfig():
         settings["ensemble"] = vars(ensemble)
+    names = [t.name for t in trajectories]
+    if names != list(TEACHERS):
+        settings["teachers"] = names
+    if split.meta.get("seed", 0) != 0:
+        settings["split_seed"] = split.meta["seed"]
     name = run_name(student, method, dim, seed, settings)
     run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"
@@ -94,8 +100,9 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     final = trainer.evaluate()
     history = state.history
     result = {
-        "dataset": split.meta["dataset"], "split_fingerprint": split.fingerprint, "student": student,
-        "method": method, "dim": dim, "seed": seed, "teachers": context.teacher_names,
+        "run": name, "dataset": split.meta["dataset"], "split_fingerprint": split.fingerprint, "student": student,
+        "method": method, "dim": dim, "seed": seed, "split_seed": split.meta.get("seed", 0),
+        "teachers": context.teacher_names,
         "method_options": method_options or {}, "ensemble": vars(context.ensemble), "lr": lr,
         "batch_users": batch_users, "weight_decay": weight_decay,
         "best_epoch": state.best_epoch, "epochs": state.epoch, "max_epochs": max_epochs,

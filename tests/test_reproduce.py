@@ -1,0 +1,91 @@
+"""`hetcomp reproduce --quick` end to end on a generated dataset: tables, reuse of finished runs, figure, costs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hetcomp.cli import app
+from hetcomp.reproduce import paired_p_value
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    rng = np.random.default_rng(0)
+    popularity = 1.0 / np.arange(1, 301) ** 0.8
+    popularity /= popularity.sum()
+    lines = ["u,i"]
+    for user in range(100):
+        for item in rng.choice(300, size=20, replace=False, p=popularity):
+            lines.append(f"{user},{item}")
+    (root / "toy.csv").write_text("\n".join(lines))
+    return root
+
+
+def invoke(root, *args):
+    result = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(root / "toy.csv"), "--user-col", "u",
+                                 "--item-col", "i", "--quick", "--device", "cpu",
+                                 "--teachers-dir", str(root / "teachers"), "--runs-dir", str(root / "runs"),
+                                 "--results-dir", str(root / "results"), "--cache-dir", str(root / "cache"), *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_quick_table2_resumes_and_writes_every_artifact(workspace):
+    first = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp")
+    out = workspace / "results" / "csv-toy-quick300"
+    with open(out / "table2.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [(m, s) for m in ("hetcomp", "none", "rrd")
+                                                              for s in ("0", "1")]
+    for row in rows:
+        assert 0.0 <= float(row["recall@50"]) <= 1.0 and row["command"].startswith("hetcomp ")
+        assert row["teachers_digest"] and row["config"]
+    page = (out / "table2.md").read_text()
+    assert "| HetComp |" in page and "| Imp. |" in page and "p (paired t)" in page and "Ensemble" in page
+    assert "(0.2814)" not in page  # a quick slice never shows the paper's numbers beside its own
+    manifest = json.loads((out / "manifest.json").read_text())["table2"]
+    assert manifest["seeds"] == [0, 1] and len(manifest["runs"]) == 6 and manifest["wall_seconds_this_call"] > 0
+    assert "[1/6]" in first.output
+
+    # a second call reuses every finished run, even with the run folders gone (the CSV is the source of truth)
+    for metrics in (workspace / "runs").rglob("metrics.json"):
+        metrics.unlink()
+    again = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp")
+    assert "[1/6]" not in again.output
+    with open(out / "table2.csv") as handle:
+        assert [r["recall@50"] for r in csv.DictReader(handle)] == [r["recall@50"] for r in rows]
+
+    invoke(workspace, "--figure", "curves", "--students", "mf")
+    assert (out / "curves-mf.png").stat().st_size > 1000
+
+    invoke(workspace, "--table", "cost", "--students", "mf")
+    cost = (out / "cost.md").read_text()
+    assert "ensemble" in cost and "student mf" in cost and "teacher iae" in cost
+
+
+def test_quick_table1_reports_three_supervisions(workspace):
+    invoke(workspace, "--table", "1")
+    with open(workspace / "results" / "csv-toy-quick300" / "table1.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["supervision"][:3] for r in rows] == ["(a)", "(b)", "(c)"]
+    assert rows[1]["teachers"] == "mf,mf-s1,mf-s2,mf-s3,mf-s4"
+    for row in rows:
+        assert 0.0 <= float(row["D@10"]) <= 1.0 and 0.0 <= float(row["D@50"]) <= 1.0 and float(row["NLL"]) > 0
+
+
+def test_reproduce_needs_a_table_or_figure():
+    result = runner.invoke(app, ["reproduce", "--dataset", "citeulike"])
+    assert result.exit_code == 1 and "--table" in result.output and "Traceback" not in result.output
+
+
+def test_paired_p_value():
+    assert paired_p_value([0.3, 0.31, 0.32], [0.2, 0.2, 0.21]) < 0.01
+    assert paired_p_value([0.3], [0.2]) != paired_p_value([0.3], [0.2])  # nan with one pair
