@@ -216,7 +216,7 @@ def distill_command(
     batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
     lr: float = typer.Option(None, help="Adam learning rate of the student (default 1e-2 for KD methods, the "
                                         "model's own for --method none)."),
-    weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default 1e-5 for KD methods, "
+    weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default 0 for KD methods, "
                                                   "the model's own for --method none)."),
     decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),

@@ -16,11 +16,13 @@ its numbers only show that the pipeline works.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +55,9 @@ HEADERS = ("R@10", "N@10", "R@50", "N@50")
 #: Table 2's rows in the paper's order, with the paper's labels
 TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-drd": "CL-DRD", "dcd": "DCD",
                   "hetcomp": "HetComp"}
-BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd")
+#: every method's label in tables (kd is ours, not a paper row)
+LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)"}
+BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd", "kd")
 CURVE_METHODS = ("none", "dcd", "hetcomp")
 #: Table 1: the MF teachers of different training seeds that form supervision (b)
 MF_SEEDS = (0, 1, 2, 3, 4)
@@ -210,9 +214,26 @@ def write_rows(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
     tmp.replace(path)
 
 
+def _row_key(row: dict) -> tuple[str, str, str, str]:
+    return row["student"], row["method"], row["seed"], row["config"]
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a results folder, so that reproduce calls running side by side (e.g. one per group of
+    methods, one per core) merge their rows instead of overwriting each other's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 TABLE2_COLUMNS = ("dataset", "student", "method", "seed", *METRICS, "best_epoch", "epochs", "wall_seconds", "command",
                   "config", "teachers_digest", "commit", "machine")
-CURVE_COLUMNS = ("dataset", "student", "method", "seed", "epoch", "valid_recall@50", "test_recall@50")
+CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "valid_recall@50", "test_recall@50")
 
 
 def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str] | None = None,
@@ -223,8 +244,6 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(rep, TEACHERS)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
-    rows = {(r["student"], r["method"], r["seed"], r["config"]): r for r in read_rows(table_file)}
-    curves = read_rows(curves_file)
     plan = [(s, m, seed) for s in students for m in methods for seed in seeds]
     wanted = []
     for position, (student, method, seed) in enumerate(plan, 1):
@@ -232,27 +251,31 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         config, command = run_config(rep, trajectories, student, method, seed, dim, options)
         key = (student, method, str(seed), config)
         wanted.append(key)
-        if key in rows:
+        if key in {_row_key(r) for r in read_rows(table_file)}:  # re-read: another reproduce may share the file
             continue
         rep.say(f"[{position}/{len(plan)}] {command}")
         result = student_run(rep, trajectories, student, method, seed, dim)
-        rows[key] = {"dataset": rep.label, "student": student, "method": method, "seed": str(seed),
-                     **{m: f"{result['test'][m]:.6f}" for m in METRICS}, "best_epoch": result["best_epoch"],
-                     "epochs": result["epochs"], "wall_seconds": result["wall_seconds"], "command": command,
-                     "config": config, "teachers_digest": digest, "commit": result.get("commit", git_commit()),
-                     "machine": result.get("machine", machine())}
-        curves = [c for c in curves if (c["student"], c["method"], c["seed"]) != (student, method, str(seed))]
-        curves += [{"dataset": rep.label, "student": student, "method": method, "seed": seed, "epoch": p["epoch"],
-                    "valid_recall@50": f"{p['valid_recall@50']:.6f}", "test_recall@50": f"{p['test_recall@50']:.6f}"}
-                   for p in result["curve"]]
-        write_rows(table_file, list(rows.values()), TABLE2_COLUMNS)
-        write_rows(curves_file, curves, CURVE_COLUMNS)
-    chosen = [rows[key] for key in wanted]
-    write_rows(table_file, list(rows.values()), TABLE2_COLUMNS)
+        row = {"dataset": rep.label, "student": student, "method": method, "seed": str(seed),
+               **{m: f"{result['test'][m]:.6f}" for m in METRICS}, "best_epoch": result["best_epoch"],
+               "epochs": result["epochs"], "wall_seconds": result["wall_seconds"], "command": command,
+               "config": config, "teachers_digest": digest, "commit": result.get("commit", git_commit()),
+               "machine": result.get("machine", machine())}
+        curve = [{"dataset": rep.label, "student": student, "method": method, "seed": seed, "config": config,
+                  "epoch": p["epoch"], "valid_recall@50": f"{p['valid_recall@50']:.6f}",
+                  "test_recall@50": f"{p['test_recall@50']:.6f}"} for p in result["curve"]]
+        with _locked(rep.out_dir):
+            write_rows(table_file, [r for r in read_rows(table_file) if _row_key(r) != key] + [row], TABLE2_COLUMNS)
+            write_rows(curves_file, [c for c in read_rows(curves_file) if c["config"] != config] + curve,
+                       CURVE_COLUMNS)
+    by_key = {_row_key(r): r for r in read_rows(table_file)}
+    chosen = [by_key[key] for key in wanted]
     teachers = teacher_rows(rep, trajectories)
     page = table2_markdown(rep, chosen, teachers, students, methods, seeds)
-    (rep.out_dir / "table2.md").write_text(page)
-    manifest = write_manifest(rep, "table2", chosen, seeds, time.perf_counter() - started)
+    teacher_seconds = sum(float(t.meta.get("train_seconds") or 0) + float(t.meta.get("eval_seconds") or 0)
+                          for t in trajectories)
+    with _locked(rep.out_dir):
+        (rep.out_dir / "table2.md").write_text(page)
+        manifest = write_manifest(rep, "table2", chosen, seeds, time.perf_counter() - started, teacher_seconds)
     return {"rows": chosen, "teachers": teachers, "manifest": manifest}
 
 
@@ -313,12 +336,13 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
         block = [r for r in rows if r["student"] == student]
         if not block:
             continue
-        lines += [f"## {student.upper()} student", "", "| method | " + " | ".join(HEADERS) + " | seeds |",
-                  "|---|" + "---|" * (len(HEADERS) + 1)]
+        lines += [f"## {student.upper()} student", "",
+                  "| method | " + " | ".join(HEADERS) + " | seeds | epochs (mean) | wall s (mean) |",
+                  "|---|" + "---|" * (len(HEADERS) + 3)]
         for label, metrics in teachers.items():
             shown = f"{label} ({metrics['name']})" if "name" in metrics else label
             cells = [f"{metrics[m]:.4f}" + _paper_cell(paper.get(("", label)), m) for m in METRICS]
-            lines.append(f"| {shown} | " + " | ".join(cells) + " | - |")
+            lines.append(f"| {shown} | " + " | ".join(cells) + " | - | - | - |")
         per_method: dict[str, dict[str, list[float]]] = {}
         for method in methods:
             runs = sorted((r for r in block if r["method"] == method), key=lambda r: int(r["seed"]))
@@ -329,22 +353,25 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
             cells = []
             for m in METRICS:
                 mean, std = mean_std(per_method[method][m])
-                cells.append(f"{mean:.4f} ± {std:.4f}" + _paper_cell(paper.get((student, TABLE2_METHODS[method])), m))
-            lines.append(f"| {TABLE2_METHODS[method]} | " + " | ".join(cells) + f" | {len(runs)} |")
+                cells.append(f"{mean:.4f} ± {std:.4f}" + _paper_cell(paper.get((student, LABELS[method])), m))
+            epochs = np.mean([float(r["epochs"]) for r in runs])
+            seconds = np.mean([float(r["wall_seconds"]) for r in runs])
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
+                         f"{seconds:.0f} |")
         baselines = [m for m in BASELINES if m in per_method]
         if "hetcomp" in per_method and baselines:
             imp, pvals = [], []
             for m in METRICS:
                 best = max(baselines, key=lambda b: np.mean(per_method[b][m]))
                 ours, theirs = np.mean(per_method["hetcomp"][m]), np.mean(per_method[best][m])
-                imp.append(f"{100 * (ours / theirs - 1):+.1f}% vs {TABLE2_METHODS[best]}")
+                imp.append(f"{100 * (ours / theirs - 1):+.1f}% vs {LABELS[best]}")
                 shared = sorted(set(per_method["hetcomp"]["seeds"]) & set(per_method[best]["seeds"]))
                 a = [per_method["hetcomp"][m][per_method["hetcomp"]["seeds"].index(s)] for s in shared]
                 b = [per_method[best][m][per_method[best]["seeds"].index(s)] for s in shared]
                 p = paired_p_value(a, b)
                 pvals.append("-" if math.isnan(p) else f"{p:.3g}")
-            lines.append("| Imp. | " + " | ".join(imp) + " | |")
-            lines.append("| p (paired t) | " + " | ".join(pvals) + " | |")
+            lines.append("| Imp. | " + " | ".join(imp) + " | | | |")
+            lines.append("| p (paired t) | " + " | ".join(pvals) + " | | | |")
         lines.append("")
     if rep.split.meta["dataset"].startswith(("foursquare", "amusic")):
         lines += ["Our copy of this dataset differs from the paper's (a smaller cut; see the data catalogue), so the "
@@ -356,8 +383,10 @@ def _paper_cell(values: dict | None, metric: str) -> str:
     return f" ({values[metric]:.4f})" if values else ""
 
 
-def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float) -> dict:
-    """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call and the runs')."""
+def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float,
+                   teacher_seconds: float = 0.0) -> dict:
+    """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
+    teachers' training): from scratch, the table costs the teachers' time plus the runs' time."""
     path = rep.out_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
@@ -366,6 +395,7 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_seconds_this_call": round(seconds, 1),
         "sum_of_run_wall_seconds": round(run_seconds, 1),
+        "teacher_training_seconds": round(teacher_seconds, 1),
         "runs": [r.get("command", "") for r in rows],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -565,7 +595,7 @@ def curves_figure(rep: Reproduction, student: str = "mf", methods: Sequence[str]
             epochs = sorted(by_epoch)
             seeds = max(len(v) for v in by_epoch.values())
             axis.plot(epochs, [np.mean(by_epoch[e]) for e in epochs],
-                      label=f"{TABLE2_METHODS.get(method, method)} ({seeds} seed{'s' if seeds > 1 else ''})")
+                      label=f"{LABELS.get(method, method)} ({seeds} seed{'s' if seeds > 1 else ''})")
     axis.set_xlabel("epoch")
     axis.set_ylabel("test Recall@50")
     axis.set_title(f"{rep.label}: {student.upper()} student, dim 6")

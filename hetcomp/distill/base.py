@@ -116,7 +116,7 @@ class DistillMethod(Objective):
     """Base class: user batches (each user once per epoch), options from ``config_class``."""
 
     name: str = ""
-    #: False: the student uses the distillation recipe (lr 1e-2, weight decay 1e-5); True: the model's own lr and
+    #: False: the student uses the distillation recipe (lr 1e-2, no weight decay); True: the model's own lr and
     #: weight decay, as when it is trained as a teacher (w/o KD)
     uses_own_recipe: bool = False
 

@@ -6,6 +6,12 @@ After every step all embeddings are projected back into the unit ball (||·|| �
 Defaults: squared distance, margin 1.0 (the unit ball makes distances ≤ 4), 10 negatives per positive,
 Adam lr 5e-3 (tuned on validation: 1e-3 needs ~3× the epochs), no weight decay (the ball is the
 regularizer), d = 64.
+
+``score`` returns s · (−||p_u − q_i||²) with the scale s = ``score_scale`` (default 10). The ranking and CML's own
+hinge loss (on raw distances) do not depend on s, but the distillation losses are softmaxes over the whole
+catalogue: inside the unit ball the raw scores span at most 4, so e^4 ≈ 55 would be the largest probability ratio
+a student could express between two of ~25k items, and a teacher's top-100 could never stand out of the tail.
+With s = 10 the scores span [−40, 0], the range HetComp's released code clamps its MF scores to.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class CMLConfig(ModelConfig):
     margin: float = 1.0
     n_negatives: int = 10
     init_std: float = 0.1
+    score_scale: float = 10.0
 
 
 class CML(Recommender):
@@ -45,16 +52,20 @@ class CML(Recommender):
         user = self.user_embedding(users)
         items = self.item_embedding.weight
         squared = (user * user).sum(1, keepdim=True) - 2 * user @ items.T + (items * items).sum(1)
-        return -squared
+        return -self.config.score_scale * squared
+
+    def distances(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """||p_u − q_i||² of ``items`` [B, L] for ``users`` [B]."""
+        difference = self.user_embedding(users).unsqueeze(1) - self.item_embedding(items)
+        return (difference * difference).sum(-1)
 
     def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        difference = self.user_embedding(users).unsqueeze(1) - self.item_embedding(items)
-        return -(difference * difference).sum(-1)
+        return -self.config.score_scale * self.distances(users, items)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         users = batch["users"]
-        positive = -self.score_items(users, batch["pos"].unsqueeze(1))
-        negative = -self.score_items(users, batch["neg"])
+        positive = self.distances(users, batch["pos"].unsqueeze(1))
+        negative = self.distances(users, batch["neg"])
         return torch.relu(self.config.margin + positive - negative).mean()
 
     @torch.no_grad()
