@@ -35,7 +35,7 @@ from hetcomp.distill import EnsembleConfig
 from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
-from hetcomp.distill.run import distill, git_commit, machine
+from hetcomp.distill.run import default_recipe, distill, git_commit, machine
 from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import csr_rows_dense, evaluate_split, topk_items
 from hetcomp.models import build_model
@@ -170,6 +170,7 @@ def run_config(rep: Reproduction, trajectories: list, student: str, method: str,
     """(configuration hash, the ``hetcomp distill`` command) of one student run."""
     identity = {"split": rep.split.fingerprint, "teachers": teacher_identity(trajectories), "student": student,
                 "method": method, "dim": dim, "seed": seed, "options": options,
+                "recipe": default_recipe(student, method),
                 "max_epochs": rep.schedule.max_epochs, "eval_every": rep.schedule.eval_every}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if rep.schedule.quick:  # a quick slice is not a registered dataset: only reproduce itself reruns it

@@ -13,6 +13,9 @@ exactly for the batch, no sampling as in the original), w_r ← w_r · tanh(max(
 sum 1; a user whose every item is already placed well gets no distillation term.
 
 Defaults from the authors' code: K = 10, λ = 1, μ = 0.1, dynamic from epoch 10 (off by default), weight 1.
+RD trains the student mostly on its own loss (the point-wise term is light), so, as in its paper, the student keeps
+its own optimizer recipe (for MF: lr 1e-3 and its L2), like w/o KD. Chosen on validation: an MF student at dim 6
+on CiteULike reached valid R@50 0.1381 with it against 0.1171 with the distillation recipe (lr 1e-2).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def dynamic_weights(position: torch.Tensor, student_ranks: torch.Tensor, teacher
 
 class RD(DistillMethod):
     """The student's own loss plus rank-weighted point-wise positives from the ensemble's top-K."""
+
+    uses_own_recipe = True
 
     name = "rd"
     config_class = RDConfig

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from hetcomp.data import HetCompError, Split
-from hetcomp.distill import DistillContext, EnsembleConfig, build_method
-from hetcomp.models import build_model
+from hetcomp.distill import DistillContext, EnsembleConfig, build_method, method_class
+from hetcomp.models import build_model, model_config
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback, Trainer, TrainerConfig
 
@@ -40,6 +40,20 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+#: the distillation recipe of a student (Adam), unless its method trains on the student's own loss mostly
+KD_LR = 1e-2
+KD_WEIGHT_DECAY = 0.0
+
+
+def default_recipe(student: str, method: str) -> tuple[float, float]:
+    """(lr, weight decay) a student trains with by default: the model's own for methods that say so (w/o KD, RD),
+    else the distillation recipe."""
+    if method_class(method).uses_own_recipe:
+        config = model_config(student)
+        return config.lr, config.weight_decay
+    return KD_LR, KD_WEIGHT_DECAY
 
 
 def distill(split: Split, trajectories: list, student: str = "mf", method: str = "hetcomp", dim: int = 6,
@@ -79,8 +93,15 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     name = run_name(student, method, dim, seed, settings)
     run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"
+    default_lr, default_weight_decay = default_recipe(student, method)
+    lr = default_lr if lr is None else lr
+    weight_decay = default_weight_decay if weight_decay is None else weight_decay
     if metrics_file.is_file():
         finished = json.loads(metrics_file.read_text())
+        if (finished.get("lr"), finished.get("weight_decay")) != (lr, weight_decay):
+            raise HetCompError(f"{run_dir} was trained with lr {finished.get('lr')} and weight decay "
+                               f"{finished.get('weight_decay')}, but this run asks for lr {lr} and weight decay "
+                               f"{weight_decay} (a default changed since); move the folder away to retrain")
         capped = finished.get("stopped_by") == "max_epochs"
         if capped and finished.get("max_epochs") != max_epochs:
             raise HetCompError(f"{run_dir} holds a run stopped by its epoch cap ({finished['max_epochs']}), not by "
@@ -90,11 +111,6 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     model = build_model(student, split.train, dim=dim)
     context = DistillContext(split, trajectories, device, ensemble, batch_users)
     objective = build_method(method, context, **(method_options or {}))
-    own_recipe = objective.uses_own_recipe
-    if lr is None:
-        lr = model.config.lr if own_recipe else 1e-2
-    if weight_decay is None:
-        weight_decay = model.config.weight_decay if own_recipe else 0.0
     config = TrainerConfig(lr=lr, weight_decay=weight_decay, max_epochs=max_epochs, eval_every=eval_every,
                            patience=patience, top_m=objective.evaluation_top_m, seed=seed)
     run_dir.mkdir(parents=True, exist_ok=True)
