@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_split
 
+from hetcomp.data import HetCompError
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
@@ -224,3 +226,14 @@ def test_hetcomp_reaches_final_states_and_beats_no_kd(teachers, tmp_path):
     assert log[-1]["mean_state"] == [4.0, 4.0, 4.0]
     print({m: r["test"] for m, r in results.items()})
     assert results["hetcomp"]["test"]["ndcg@10"] > results["none"]["test"]["ndcg@10"]
+
+
+def test_finished_run_under_other_defaults_is_refused_not_reused(teachers, tmp_path):
+    first = distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2)
+    assert first["lr"] == build_model("mf", SPLIT.train).config.lr  # RD keeps the student's own recipe
+    assert distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2) == first
+    metrics = next(tmp_path.rglob("metrics.json"))
+    stale = dict(first, lr=0.05)  # as if trained when the default was another lr
+    metrics.write_text(json.dumps(stale))
+    with pytest.raises(HetCompError, match="default changed"):
+        distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2)
