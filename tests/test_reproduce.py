@@ -89,3 +89,13 @@ def test_reproduce_needs_a_table_or_figure():
 def test_paired_p_value():
     assert paired_p_value([0.3, 0.31, 0.32], [0.2, 0.2, 0.21]) < 0.01
     assert paired_p_value([0.3], [0.2]) != paired_p_value([0.3], [0.2])  # nan with one pair
+
+
+def test_seeds_are_a_count_or_a_list():
+    from hetcomp.cli import _parse_seeds
+    from hetcomp.data import HetCompError
+
+    assert _parse_seeds("3") == [0, 1, 2] and _parse_seeds("1,2") == [1, 2] and _parse_seeds("4,") == [4]
+    for bad in ("0", "x", "-1,2"):
+        with pytest.raises(HetCompError, match="--seeds"):
+            _parse_seeds(bad)
