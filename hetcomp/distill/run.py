@@ -129,7 +129,10 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
         "stopped_by": "early stopping" if state.stopped else "max_epochs",
         "valid": final["valid"], "test": final["test"],
         "n_parameters": model.n_parameters(), "train_seconds": round(state.seconds, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "eval_seconds": round(state.eval_seconds, 1),
+        # training + evaluation over every resumed segment (a resumed run's own call is shorter)
+        "wall_seconds": round(state.seconds + state.eval_seconds, 1),
+        "this_call_seconds": round(time.perf_counter() - started, 1),
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
         "command": command, "commit": git_commit(), "machine": machine(),
         "curve": [{"epoch": h["epoch"], "valid_recall@50": h["valid"]["recall@50"],
