@@ -21,7 +21,9 @@ def _cells(metrics: dict) -> str:
 
 
 def stamp(command: str, seed: int) -> list[str]:
-    return [f"- command: `{command}`", f"- seed: split {seed}; each run's training seed ends its name (<student>-<method>-<dim>-<seed>)", f"- commit: {git_commit()}",
+    return [f"- command: `{command}`",
+            f"- seed: split {seed}; each run's training seed ends its name (<student>-<method>-<dim>-<seed>)",
+            f"- commit: {git_commit()}",
             f"- machine: {machine()}", f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
 
 
