@@ -342,6 +342,8 @@ def reproduce_command(
     methods: str = typer.Option(",".join(TABLE2_METHODS), help="Methods of Table 2."),
     quick: bool = typer.Option(False, "--quick", help="The same pipeline on the first 300 users with short "
                                                       "schedules (minutes; checks the pipeline, not the paper)."),
+    no_train: bool = typer.Option(False, "--no-train", help="Table 2 from finished runs only: list the missing "
+                                                             "runs instead of training them."),
     path: Path = typer.Option(None, help="The file, for the csv and recbole formats."),
     user_col: str = typer.Option("user_id", help="csv: the user column."),
     item_col: str = typer.Option("item_id", help="csv: the item column."),
@@ -373,7 +375,7 @@ def reproduce_command(
             return ProgressCallback(progress, label, total, verbose=False)
 
         rep = rp.Reproduction(dataset, split, data_dir, teachers_dir, runs_dir, results_dir, resolve_device(device),
-                              rp.Schedule.short() if quick else rp.Schedule(), command, bar,
+                              rp.Schedule.short() if quick else rp.Schedule(), command, not no_train, bar,
                               lambda text: progress.console.print(text, highlight=False))
         if figure == "curves":
             written = [rp.curves_figure(rep, s) for s in student_names

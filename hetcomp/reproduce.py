@@ -95,6 +95,7 @@ class Reproduction:
     device: torch.device = torch.device("cpu")
     schedule: Schedule = field(default_factory=Schedule)
     command: str = ""
+    train: bool = True  # False: tables from finished runs only; what is missing is listed, not trained
     progress: Callable[[str, int], Callback | None] = lambda label, total: None
     say: Callable[[str], None] = print
 
@@ -187,14 +188,15 @@ def run_config(rep: Reproduction, trajectories: list, student: str, method: str,
 
 
 def student_run(rep: Reproduction, trajectories: list, student: str, method: str, seed: int, dim: int = 6,
-                options: dict | None = None) -> dict:
-    """Train (or reuse) one student run; returns its metrics.json content."""
+                options: dict | None = None) -> dict | None:
+    """Train (or reuse) one student run; returns its metrics.json content (None: not finished and ``rep.train``
+    is off)."""
     options = dict(rep.schedule.method_options.get(method, {}), **(options or {}))
     _, command = run_config(rep, trajectories, student, method, seed, dim, options)
-    callback = rep.progress(f"{student}-{method} seed {seed}", rep.schedule.max_epochs)
+    callback = rep.progress(f"{student}-{method} seed {seed}", rep.schedule.max_epochs) if rep.train else None
     return distill(rep.split, trajectories, student, method, dim, seed, rep.device, rep.runs_dir, options,
                    max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
-                   callbacks=[callback] if callback else None, command=command)
+                   callbacks=[callback] if callback else None, command=command, train=rep.train)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -246,16 +248,21 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     digest = teachers_digest(rep, TEACHERS)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
     plan = [(s, m, seed) for s in students for m in methods for seed in seeds]
-    wanted = []
+    wanted, missing = [], []
     for position, (student, method, seed) in enumerate(plan, 1):
         options = dict(rep.schedule.method_options.get(method, {}))
         config, command = run_config(rep, trajectories, student, method, seed, dim, options)
         key = (student, method, str(seed), config)
-        wanted.append(key)
         if key in {_row_key(r) for r in read_rows(table_file)}:  # re-read: another reproduce may share the file
+            wanted.append(key)
             continue
-        rep.say(f"[{position}/{len(plan)}] {command}")
+        if rep.train:
+            rep.say(f"[{position}/{len(plan)}] {command}")
         result = student_run(rep, trajectories, student, method, seed, dim)
+        if result is None:
+            missing.append(command)
+            continue
+        wanted.append(key)
         row = {"dataset": rep.label, "student": student, "method": method, "seed": str(seed),
                **{m: f"{result['test'][m]:.6f}" for m in METRICS}, "best_epoch": result["best_epoch"],
                "epochs": result["epochs"], "wall_seconds": result["wall_seconds"], "command": command,
@@ -265,13 +272,16 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
                   "epoch": p["epoch"], "valid_recall@50": f"{p['valid_recall@50']:.6f}",
                   "test_recall@50": f"{p['test_recall@50']:.6f}"} for p in result["curve"]]
         with _locked(rep.out_dir):
-            write_rows(table_file, [r for r in read_rows(table_file) if _row_key(r) != key] + [row], TABLE2_COLUMNS)
-            write_rows(curves_file, [c for c in read_rows(curves_file) if c["config"] != config] + curve,
-                       CURVE_COLUMNS)
+            # a row of the same student, method and seed under another configuration (older defaults) is replaced
+            same = (student, method, str(seed))
+            write_rows(table_file, [r for r in read_rows(table_file) if _row_key(r)[:3] != same] + [row],
+                       TABLE2_COLUMNS)
+            write_rows(curves_file, [c for c in read_rows(curves_file)
+                                     if (c["student"], c["method"], c["seed"]) != same] + curve, CURVE_COLUMNS)
     by_key = {_row_key(r): r for r in read_rows(table_file)}
     chosen = [by_key[key] for key in wanted]
     teachers = teacher_rows(rep, trajectories)
-    page = table2_markdown(rep, chosen, teachers, students, methods, seeds)
+    page = table2_markdown(rep, chosen, teachers, students, methods, seeds, missing)
     teacher_seconds = sum(float(t.meta.get("train_seconds") or 0) + float(t.meta.get("eval_seconds") or 0)
                           for t in trajectories)
     with _locked(rep.out_dir):
@@ -318,7 +328,7 @@ def paired_p_value(a: list[float], b: list[float]) -> float:
 
 
 def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, students: Sequence[str],
-                    methods: Sequence[str], seeds: Sequence[int]) -> str:
+                    methods: Sequence[str], seeds: Sequence[int], missing: Sequence[str] = ()) -> str:
     paper = {} if rep.schedule.quick else paper_values(rep.dataset)
     digests = sorted({r["teachers_digest"] for r in rows})
     lines = [f"# Table 2 — {rep.label} (authors' split), students at dim 6", "",
@@ -374,6 +384,10 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
             lines.append("| Imp. | " + " | ".join(imp) + " | | | |")
             lines.append("| p (paired t) | " + " | ".join(pvals) + " | | | |")
         lines.append("")
+    if missing:
+        lines += [f"Not finished yet ({len(missing)} of {len(missing) + len(rows)} runs; the cells above average the "
+                  "seeds that are): rerun the command without --no-train to train them.", ""]
+        lines += [f"- `{command}`" for command in missing] + [""]
     if rep.split.meta["dataset"].startswith(("foursquare", "amusic")):
         lines += ["Our copy of this dataset differs from the paper's (a smaller cut; see the data catalogue), so the "
                   "paper's values are shown for orientation, not as a like-for-like comparison.", ""]

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hetcomp.cli import app
-from hetcomp.reproduce import paired_p_value
+from hetcomp.reproduce import paired_p_value, read_rows
 
 runner = CliRunner()
 
@@ -62,6 +62,14 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert "[1/6]" not in again.output
     with open(out / "table2.csv") as handle:
         assert [r["recall@50"] for r in csv.DictReader(handle)] == [r["recall@50"] for r in rows]
+
+    # --no-train writes the table from what is finished and lists the rest
+    listed = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "3", "--methods", "none,rrd,hetcomp",
+                    "--no-train")
+    assert "[1/9]" not in listed.output
+    page = (out / "table2.md").read_text()
+    assert "Not finished yet (3 of 9 runs" in page and "| HetComp |" in page
+    assert len(read_rows(out / "table2.csv")) == 6
 
     invoke(workspace, "--figure", "curves", "--students", "mf")
     assert (out / "curves-mf.png").stat().st_size > 1000

@@ -60,8 +60,10 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
             seed: int = 0, device: torch.device | str = "cpu", runs_root: Path = Path("experiments/runs"),
             method_options: dict | None = None, ensemble: EnsembleConfig | None = None, batch_users: int = 64,
             lr: float | None = None, weight_decay: float | None = None, max_epochs: int = 1000, eval_every: int = 10,
-            patience: int = 5, callbacks: list[Callback] | None = None, command: str = "") -> dict:
-    """Train a student with ``method``; returns (and writes) its metrics. A finished run is reused.
+            patience: int = 5, callbacks: list[Callback] | None = None, command: str = "",
+            train: bool = True) -> dict | None:
+    """Train a student with ``method``; returns (and writes) its metrics. A finished run is reused; with
+    ``train=False`` only reused (None when the run is not finished).
 
     Batches are ``batch_users`` users, each user once per epoch (the released code instead rescored ~900
     users per 1,024 interactions, each user ~13 times per epoch: 13× the compute). With one update per user
@@ -107,6 +109,8 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
             raise HetCompError(f"{run_dir} holds a run stopped by its epoch cap ({finished['max_epochs']}), not by "
                                f"early stopping; delete the folder to train with --max-epochs {max_epochs}")
         return finished
+    if not train:
+        return None
     torch.manual_seed(seed)
     model = build_model(student, split.train, dim=dim)
     context = DistillContext(split, trajectories, device, ensemble, batch_users)
