@@ -145,9 +145,14 @@ class ProgressCallback(Callback):
         self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{mark}  "
                                     f"test R@50 {result['test']['recall@50']:.4f}  {extra}", highlight=False)
 
-    def on_fit_end(self, trainer) -> None:
-        if not self.verbose:  # one bar per run of a long reproduce would flood the screen
+    def close(self) -> None:
+        """Remove the bar (a reproduce shows one per run: finished or reused runs must not pile up)."""
+        if self.task in self.progress.task_ids:
             self.progress.remove_task(self.task)
+
+    def on_fit_end(self, trainer) -> None:
+        if not self.verbose:
+            self.close()
             return
         self.progress.update(self.task, completed=trainer.config.max_epochs,
                              description=f"{self.label} done (best epoch {trainer.state.best_epoch})")

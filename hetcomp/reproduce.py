@@ -194,9 +194,13 @@ def student_run(rep: Reproduction, trajectories: list, student: str, method: str
     options = dict(rep.schedule.method_options.get(method, {}), **(options or {}))
     _, command = run_config(rep, trajectories, student, method, seed, dim, options)
     callback = rep.progress(f"{student}-{method} seed {seed}", rep.schedule.max_epochs) if rep.train else None
-    return distill(rep.split, trajectories, student, method, dim, seed, rep.device, rep.runs_dir, options,
-                   max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
-                   callbacks=[callback] if callback else None, command=command, train=rep.train)
+    try:
+        return distill(rep.split, trajectories, student, method, dim, seed, rep.device, rep.runs_dir, options,
+                       max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
+                       callbacks=[callback] if callback else None, command=command, train=rep.train)
+    finally:
+        if callback is not None and hasattr(callback, "close"):
+            callback.close()
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -364,7 +368,8 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
             cells = []
             for m in METRICS:
                 mean, std = mean_std(per_method[method][m])
-                cells.append(f"{mean:.4f} ± {std:.4f}" + _paper_cell(paper.get((student, LABELS[method])), m))
+                spread = f" ± {std:.4f}" if len(runs) > 1 else ""  # one seed has no spread to show
+                cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, LABELS[method])), m))
             epochs = np.mean([float(r["epochs"]) for r in runs])
             seconds = np.mean([float(r["wall_seconds"]) for r in runs])
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
