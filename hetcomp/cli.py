@@ -368,10 +368,8 @@ def reproduce_command(
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
         raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
     source = {"path": path, "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
-    if quick:
-        split = rp.load_quick_split(dataset, data_dir, cache_dir, **source)
-    else:
-        split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, **source)
+    split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir,
+                         max_users=rp.QUICK_USERS if quick else None, **source)
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     command = "hetcomp " + " ".join(sys.argv[1:])

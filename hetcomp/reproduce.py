@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetcomp.data import HetCompError, Split, load_interactions, resolve_cache_dir
-from hetcomp.data.split import load_split_file, save_split, split_interactions
+from hetcomp.data import HetCompError, Split
 from hetcomp.distill import EnsembleConfig
 from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
@@ -59,6 +58,8 @@ TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-
 LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)"}
 BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd", "kd")
 CURVE_METHODS = ("none", "dcd", "hetcomp")
+#: the users ``--quick`` keeps (the first ones of the file)
+QUICK_USERS = 300
 #: Table 1: the MF teachers of different training seeds that form supervision (b)
 MF_SEEDS = (0, 1, 2, 3, 4)
 TABLE1_METHOD = "rrd"
@@ -106,27 +107,6 @@ class Reproduction:
     @property
     def out_dir(self) -> Path:
         return self.results_dir / self.label
-
-
-def load_quick_split(dataset: str, data_dir: Path | None = None, cache_dir: Path | None = None,
-                     n_users: int = 300, **source_options) -> Split:
-    """The dataset's first ``n_users`` users (in file order) with the authors' split: ``--quick``'s slice."""
-    interactions, label, checksum = load_interactions(dataset, data_dir, **source_options)
-    name = f"{label.replace(':', '-')}-quick{n_users}"
-    cache = resolve_cache_dir(cache_dir) / "splits" / f"{name}-{checksum[:16]}.npz"
-    if cache.is_file():
-        return load_split_file(cache)
-    _, first = np.unique(interactions.users, return_index=True)
-    kept_users = interactions.users[np.sort(first)[:n_users]]
-    keep = np.isin(interactions.users, kept_users)
-    sliced = type(interactions)(interactions.users[keep], interactions.items[keep],
-                                None if interactions.timestamps is None else interactions.timestamps[keep])
-    split = split_interactions(sliced, name, checksum)
-    try:
-        save_split(split, cache)
-    except OSError:
-        pass
-    return split
 
 
 # ---- teachers -----------------------------------------------------------------------------------------------

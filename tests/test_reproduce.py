@@ -40,7 +40,7 @@ def invoke(root, *args):
 
 def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     first = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp")
-    out = workspace / "results" / "csv-toy-quick300"
+    out = workspace / "results" / "csv-toy-first300"
     with open(out / "table2.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted((r["method"], r["seed"]) for r in rows) == [(m, s) for m in ("hetcomp", "none", "rrd")
@@ -81,7 +81,7 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
 
 def test_quick_table1_reports_three_supervisions(workspace):
     invoke(workspace, "--table", "1")
-    with open(workspace / "results" / "csv-toy-quick300" / "table1.csv") as handle:
+    with open(workspace / "results" / "csv-toy-first300" / "table1.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["supervision"][:3] for r in rows] == ["(a)", "(b)", "(c)"]
     assert rows[1]["teachers"] == "mf,mf-s1,mf-s2,mf-s3,mf-s4"

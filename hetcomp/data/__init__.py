@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from hetcomp.data.errors import DataError, HetCompError
 from hetcomp.data.interactions import Interactions
 from hetcomp.data.parsers import make_csv_parser, parse_recbole_inter
@@ -53,11 +55,23 @@ def load_interactions(name: str, data_dir: str | Path | None = None, path: str |
     return interactions, name, checksum
 
 
+def first_users(interactions: Interactions, n_users: int) -> Interactions:
+    """The interactions of the first ``n_users`` distinct users in file order (a small slice for quick runs)."""
+    _, first = np.unique(interactions.users, return_index=True)
+    keep = np.isin(interactions.users, interactions.users[np.sort(first)[:n_users]])
+    stamps = None if interactions.timestamps is None else interactions.timestamps[keep]
+    return Interactions(interactions.users[keep], interactions.items[keep], stamps)
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0, protocol: str = "authors",
                  cache_dir: str | Path | None = None, use_cache: bool = True, min_user_interactions: int = 5,
-                 path: str | Path | None = None, **source_options) -> Split:
-    """Load, filter and split a dataset, reusing a cached split with the same file checksum and parameters."""
+                 path: str | Path | None = None, max_users: int | None = None, **source_options) -> Split:
+    """Load, filter and split a dataset, reusing a cached split with the same file checksum and parameters.
+
+    ``max_users`` keeps only the first users of the file (its label gets ``-first<N>``)."""
     interactions, label, checksum = load_interactions(name, data_dir, path=path, **source_options)
+    if max_users is not None:
+        interactions, label = first_users(interactions, max_users), f"{label}-first{max_users}"
     cache_file = None
     if use_cache:
         key = f"{label.replace(':', '-')}-{protocol}-seed{seed}-min{min_user_interactions}-{checksum[:16]}.npz"
