@@ -19,13 +19,15 @@ from hetcomp.train import OwnLoss, Trainer, TrainerConfig
 from hetcomp.trajectory import TrajectoryError
 
 
-def timed(function: Callable[[], object], repeat: int = 1) -> float:
-    """Best wall time of ``repeat`` calls (seconds)."""
+def timed(function: Callable[[], object], repeat: int = 1, enough: float = float("inf")) -> float:
+    """Best wall time of ``repeat`` calls (seconds); a call slower than ``enough`` seconds is not repeated."""
     best = float("inf")
     for _ in range(repeat):
         started = time.perf_counter()
         function()
         best = min(best, time.perf_counter() - started)
+        if best > enough:
+            break
     return best
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetcomp.bench import timed
 from hetcomp.data import HetCompError, Split
 from hetcomp.distill import EnsembleConfig
 from hetcomp.distill.base import DistillContext
@@ -42,6 +43,7 @@ from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
     load_teachers,
+    parse_seeded_name,
     seeded_name,
     teacher_dir,
     teacher_weights,
@@ -114,8 +116,7 @@ class Reproduction:
 def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: int = 0) -> list:
     """Train (or reuse) the teachers ``names`` (``<model>`` or ``<model>-s<seed>``) and load them."""
     for name in names:
-        model, _, suffix = name.partition("-s")
-        train_seed = int(suffix) if suffix else seed
+        model, train_seed = parse_seeded_name(name, seed)
         path = teacher_dir(rep.teachers_dir, rep.split.meta["dataset"], name) / TRAJECTORY_FILE
         if path.is_file():
             continue
@@ -488,18 +489,6 @@ def table1(rep: Reproduction, seed: int = 0, dim: int = 6, k: int = 50) -> dict:
 
 # ---- cost table ---------------------------------------------------------------------------------------------
 
-def _timed(function: Callable[[], object], repeat: int = 3, enough: float = 5.0) -> float:
-    """Best of ``repeat`` calls; a call slower than ``enough`` seconds is not repeated (noise is small there)."""
-    best = math.inf
-    for _ in range(repeat):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-        if best > enough:
-            break
-    return best
-
-
 def inference_seconds(score_fn: Callable, split: Split, device: torch.device, k: int = 50,
                       batch_size: int = 1024) -> tuple[float, float]:
     """(seconds to score every user against every item, seconds to also take every user's top-k unobserved)."""
@@ -514,7 +503,7 @@ def inference_seconds(score_fn: Callable, split: Split, device: torch.device, k:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return _timed(lambda: score_all(False)), _timed(lambda: score_all(True))
+    return timed(lambda: score_all(False), 3, enough=5.0), timed(lambda: score_all(True), 3, enough=5.0)
 
 
 def load_teacher_model(rep: Reproduction, name: str):

@@ -74,6 +74,12 @@ def seeded_name(teacher: str, seed: int, split_seed: int) -> str:
     return teacher if seed == split_seed else f"{teacher}-s{seed}"
 
 
+def parse_seeded_name(name: str, split_seed: int = 0) -> tuple[str, int]:
+    """The inverse of :func:`seeded_name`: (model, training seed) of a teacher folder name."""
+    model, _, seed = name.partition("-s")
+    return model, int(seed) if seed.isdigit() else split_seed
+
+
 def train_teacher(split: Split, teacher: str, root: Path, dim: int = 64, seed: int = 0,
                   device: torch.device | str = "cpu", top_m: int = 200, callbacks: list[Callback] | None = None,
                   command: str = "", name: str | None = None, **overrides) -> Trajectory:
