@@ -18,7 +18,6 @@ from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.distill import METHODS, EnsembleConfig, method_class
 from hetcomp.distill.run import distill
-from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
 from hetcomp.reproduce import TABLE2_METHODS
@@ -28,7 +27,6 @@ from hetcomp.teachers import (
     load_teachers,
     seeded_name,
     teacher_dir,
-    teacher_weights,
     top_overlap,
     train_teacher,
     trajectory_state_metrics,
@@ -293,8 +291,8 @@ def evaluate_command(
         for state in range(trajectory.n_states):
             metrics = trajectory_state_metrics(split, trajectory, state)
             row(trajectory.name, f"E{state + 1}", str(epochs[state]) if state < len(epochs) else "-", metrics)
-    weights = teacher_weights(split, trajectories, weighting, weight_power)
-    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, decay, temperature, weights=weights), split)
+    ensemble = evaluate_split(EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power)
+                              .scorer(split, trajectories), split)
     row("ensemble", "E4", "-", ensemble)
     console.print(table)
     console.print(f"mean pairwise top-50 overlap of the converged teachers: {top_overlap(trajectories):.3f}")
@@ -327,10 +325,9 @@ def summarize_command(
     if not runs:
         raise HetCompError(f"no finished runs under {runs_dir / split.meta['dataset']}; run `hetcomp distill` first")
     trajectories = load_teachers(split, teachers_dir, runs[0]["teachers"])
-    config = runs[0]["ensemble"]
-    weights = teacher_weights(split, trajectories, config.get("weighting", "uniform"), config.get("weight_power", 0))
-    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, config["decay"], config["temperature"], config["beta"],
-                                             weights), split)["test"]
+    # runs written before teacher weighting existed used the uniform g
+    config = EnsembleConfig(**{"weighting": "uniform", "weight_power": 0, **runs[0]["ensemble"]})
+    ensemble = evaluate_split(config.scorer(split, trajectories), split)["test"]
     write.parent.mkdir(parents=True, exist_ok=True)
     write.write_text(runs_report(split, runs, ensemble, "hetcomp " + " ".join(sys.argv[1:])))
     console.print(f"wrote {write} ({len(runs)} runs)")

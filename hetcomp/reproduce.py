@@ -36,7 +36,6 @@ from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
 from hetcomp.distill.run import default_recipe, distill, git_commit, machine
-from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import csr_rows_dense, evaluate_split, topk_items
 from hetcomp.models import build_model
 from hetcomp.teachers import (
@@ -46,7 +45,6 @@ from hetcomp.teachers import (
     parse_seeded_name,
     seeded_name,
     teacher_dir,
-    teacher_weights,
     train_teacher,
 )
 from hetcomp.train import Callback
@@ -279,10 +277,7 @@ def teacher_rows(rep: Reproduction, trajectories: list) -> dict[str, dict]:
     """Test metrics of the best teacher (by validation R@50) and of the converged ensemble."""
     finals = {t.name: t.meta["metrics"][-1] for t in trajectories if t.meta.get("metrics")}
     best = max(finals, key=lambda name: finals[name]["valid"]["recall@50"])
-    config = EnsembleConfig()
-    weights = teacher_weights(rep.split, trajectories, config.weighting, config.weight_power)
-    ensemble = evaluate_split(EnsembleScorer(trajectories, -1, config.decay, config.temperature, config.beta,
-                                             weights), rep.split)
+    ensemble = evaluate_split(EnsembleConfig().scorer(rep.split, trajectories), rep.split)
     return {"Best Teacher": {"name": best, **finals[best]["test"]}, "Ensemble": ensemble["test"]}
 
 
@@ -450,10 +445,7 @@ def table1(rep: Reproduction, seed: int = 0, dim: int = 6, k: int = 50) -> dict:
         trajectories = load_teachers(rep.split, rep.teachers_dir, names)
         context = DistillContext(rep.split, trajectories, rep.device)
         supervision = context.ensemble_topk(k).cpu()
-        config = context.ensemble
-        weights = teacher_weights(rep.split, trajectories, config.weighting, config.weight_power)
-        quality = evaluate_split(EnsembleScorer(trajectories, -1, config.decay, config.temperature, config.beta,
-                                                weights), rep.split)["test"]
+        quality = evaluate_split(context.scorer(), rep.split, device=rep.device)["test"]
         result = student_run(rep, trajectories, "mf", TABLE1_METHOD, seed, dim)
         run_dir = rep.runs_dir / rep.label / result["run"]
         model = build_model("mf", rep.split.train, dim=dim)
@@ -528,10 +520,8 @@ def cost_table(rep: Reproduction, students: Sequence[str] = ("mf", "ml", "dnn"),
             teacher_cost.append((trajectory.name, model.n_parameters(), score, top))
             rows.append({"device": device.type, "model": f"teacher {trajectory.name}", "dim": model.config.dim,
                          "parameters": model.n_parameters(), "score_seconds": score, "top50_seconds": top})
-        config = EnsembleConfig()
-        weights = teacher_weights(rep.split, trajectories, config.weighting, config.weight_power)
-        scorer = EnsembleScorer(trajectories, -1, config.decay, config.temperature, config.beta, weights, device)
-        _, aggregate = inference_seconds(scorer, rep.split, device)
+        _, aggregate = inference_seconds(EnsembleConfig().scorer(rep.split, trajectories, device=device), rep.split,
+                                         device)
         rows.append({"device": device.type, "model": "ensemble (every teacher's top-50, then g)", "dim": "-",
                      "parameters": sum(c[1] for c in teacher_cost), "score_seconds": sum(c[2] for c in teacher_cost),
                      "top50_seconds": sum(c[3] for c in teacher_cost) + aggregate})

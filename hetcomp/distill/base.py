@@ -36,6 +36,12 @@ class EnsembleConfig:
     weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
     weight_power: float = 8.0
 
+    def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
+               device: torch.device | str = "cpu") -> EnsembleScorer:
+        """g over the chosen states of ``trajectories`` (converged by default), weighted as configured."""
+        weights = teacher_weights(split, trajectories, self.weighting, self.weight_power)
+        return EnsembleScorer(trajectories, state_of, self.decay, self.temperature, self.beta, weights, device)
+
 
 class DistillContext:
     """The teachers' knowledge about one split, computed once and shared by methods.
