@@ -374,7 +374,7 @@ def reproduce_command(
         def bar(label: str, total: int) -> ProgressCallback:
             return ProgressCallback(progress, label, total, verbose=False)
 
-        rep = rp.Reproduction(dataset, split, data_dir, teachers_dir, runs_dir, results_dir, resolve_device(device),
+        rep = rp.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
                               rp.Schedule.short() if quick else rp.Schedule(), command, not no_train, bar,
                               lambda text: progress.console.print(text, highlight=False))
         if figure == "curves":

@@ -89,7 +89,6 @@ class Reproduction:
 
     dataset: str
     split: Split
-    data_dir: Path | None = None
     teachers_dir: Path = Path("teachers")
     runs_dir: Path = Path("experiments/runs")
     results_dir: Path = Path("experiments/results")
@@ -401,13 +400,6 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
 
 # ---- Table 1: the discrepancy study --------------------------------------------------------------------------
 
-def student_topk_and_scores(model, split: Split, k: int, device) -> tuple[torch.Tensor, Callable]:
-    """The student's top-k unobserved items for every user, and its score function."""
-    model = model.to(device).eval()
-    ranking = evaluate_split(model.score, split, top_m=k, device=device)["ranking"]
-    return ranking, model.score
-
-
 def supervision_nll(score_fn: Callable, split: Split, supervision: torch.Tensor, device,
                     batch_size: int = 1024) -> float:
     """Plackett–Luce negative log-likelihood of the supervision's top-K list under the student, per list position.
@@ -450,10 +442,11 @@ def table1(rep: Reproduction, seed: int = 0, dim: int = 6, k: int = 50) -> dict:
         run_dir = rep.runs_dir / rep.label / result["run"]
         model = build_model("mf", rep.split.train, dim=dim)
         model.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu", weights_only=True))
-        ranking, score_fn = student_topk_and_scores(model, rep.split, k, rep.device)
+        model = model.to(rep.device).eval()
+        ranking = evaluate_split(model.score, rep.split, top_m=k, device=rep.device)["ranking"]
         d10 = float(discrepancy(ranking[:, :10], supervision[:, :10], 10).mean())
         d50 = float(discrepancy(ranking, supervision, 50).mean())
-        nll = supervision_nll(score_fn, rep.split, supervision, rep.device)
+        nll = supervision_nll(model.score, rep.split, supervision, rep.device)
         rows.append({"dataset": rep.label, "supervision": label, "teachers": ",".join(names),
                      "supervision_R@50": f"{quality['recall@50']:.6f}", "D@10": f"{d10:.6f}", "D@50": f"{d50:.6f}",
                      "NLL": f"{nll:.6f}", "student_R@50": f"{result['test']['recall@50']:.6f}",
