@@ -36,6 +36,23 @@ def test_shapes_and_score_items_agree(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dim", [6, 16])
+def test_score_gradients_match_score_items(name, dim):
+    """Distillation losses backpropagate through ``score``; its fast paths must give score_items' gradients."""
+    model = build(name, dim=dim).train()
+    users = torch.tensor([0, 3, 7, 3])
+    items = torch.tensor([[1, 2, 3], [0, 10, 49], [5, 5, 6], [7, 8, 9]])
+    gradients = []
+    for scores in (lambda: model.score(users).gather(1, items), lambda: model.score_items(users, items)):
+        torch.manual_seed(1)
+        model.zero_grad()
+        scores().pow(2).sum().backward()
+        gradients.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    for through_score, through_items in zip(*gradients, strict=True):
+        assert torch.allclose(through_score, through_items, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_student_size_and_reset(name):
     small, large = build(name, dim=6), build(name, dim=64)
     assert small.n_parameters() < large.n_parameters()
