@@ -276,54 +276,68 @@ def test_mtd_teacher_weights_sum_to_one_receive_gradients_and_resume(context):
 
 # ---- CL-DRD -----------------------------------------------------------------------------------------------
 
-def naive_graded_pairwise(scores, labels, valid):
-    per_user = []
+def naive_lambda_mrr(scores, labels, valid):
+    numerator, pairs = 0.0, 0
     for u in range(len(scores)):
-        numerator = denominator = 0.0
-        for i in range(len(scores[u])):
-            for j in range(len(scores[u])):
-                if valid[u][i] and valid[u][j] and labels[u][i] > labels[u][j]:
-                    weight = labels[u][i] - labels[u][j]
+        kept = [i for i in range(len(scores[u])) if valid[u][i]]
+        ordered = sorted(kept, key=lambda i: -scores[u][i])
+        position = {i: ordered.index(i) + 1 for i in kept}
+        for i in kept:
+            for j in kept:
+                if labels[u][i] > labels[u][j]:
+                    weight = abs(1 / position[i] - 1 / position[j])
                     numerator += weight * math.log(1 + math.exp(-(scores[u][i] - scores[u][j])))
-                    denominator += weight
-        if denominator > 0:
-            per_user.append(numerator / denominator)
-    return sum(per_user) / len(per_user)
+                    pairs += 1
+    return numerator / pairs
 
 
-def test_graded_pairwise_logistic_loss_matches_naive():
+def test_lambda_mrr_loss_matches_naive():
     rng = np.random.default_rng(10)
     scores = torch.from_numpy(rng.normal(size=(4, 7)))
-    labels = torch.tensor([[1, 1 / 2, 1 / 3, 0.01, 0.01, 0, 0], [1, 1 / 2, 0.01, 0, 0, 0, 0],
-                           [0, 0, 0, 0, 0, 0, 0], [1, 0.01, 0, 0.01, 1 / 2, 0, 1 / 3]], dtype=torch.float64)
+    labels = torch.tensor([[1, 1 / 2, 1 / 3, -0.25, -0.25, -0.5, -0.5], [1, 1 / 2, -0.25, -0.5, -0.5, 0, 0],
+                           [0, 0, 0, 0, 0, 0, 0], [1, -0.25, -0.5, -0.25, 1 / 2, -0.5, 1 / 3]], dtype=torch.float64)
     valid = torch.ones(4, 7, dtype=torch.bool)
     valid[1, 5:] = False
-    fast = L.graded_pairwise_logistic_loss(scores, labels, valid)
-    assert fast.item() == pytest.approx(naive_graded_pairwise(scores.tolist(), labels.tolist(), valid.tolist()))
+    fast = L.lambda_mrr_loss(scores, labels, valid)
+    assert fast.item() == pytest.approx(naive_lambda_mrr(scores.tolist(), labels.tolist(), valid.tolist()))
+
+
+def test_lambda_mrr_weighs_by_the_students_positions_not_the_label_values():
+    scores = torch.tensor([[0.0, 3.0, 2.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.5, -0.25, -0.5]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    loss = L.lambda_mrr_loss(scores, labels, valid)
+    squashed = L.lambda_mrr_loss(scores, torch.tensor([[9.0, 8.0, 7.0, 6.0]]), valid)  # same order, other values
+    assert loss.item() == pytest.approx(squashed.item())
+    loss.backward()
+    assert scores.grad[0, 0] < 0 < scores.grad[0, 3]  # the label-1 item (student's last) is pulled up, the worst down
 
 
 def test_cl_drd_candidate_list_grows_with_the_stage(context):
-    method = build_method("cl-drd", context, stages="2,4,6", stage_epochs=2, top_n=12)
+    method = build_method("cl-drd", context, stages="2,4,6", stage_epochs=2, top_n=12, list_size=9)
     users = torch.arange(10)
     lengths = []
     for epoch in (1, 2, 3, 5, 9):
         method.on_epoch_start(None, epoch)
         items, labels, valid = method.candidates(users, _generator(epoch))
         n = method.list_length
+        n_hard = (9 - n) // 2
         lengths.append(n)
-        assert items.shape[1] == 3 * n and valid.all()  # 22 unobserved items: every group has enough items
+        assert items.shape[1] == 9 and valid.all()  # 22 unobserved items: every group has enough items
         for row, user in enumerate(users.tolist()):
             ranking = method.ranking[user].tolist()
             assert items[row, :n].tolist() == ranking[:n]
             assert labels[row, :n].tolist() == pytest.approx([1 / r for r in range(1, n + 1)])
-            middle, outside = items[row, n:2 * n].tolist(), items[row, 2 * n:].tolist()
-            assert set(middle) <= set(ranking[n:12]) and len(set(middle)) == n
-            assert labels[row, n:2 * n].tolist() == pytest.approx([1 / 24] * n)
-            assert set(outside) <= _unobserved([user])[0] - set(ranking[:12]) and len(set(outside)) == n
-            assert labels[row, 2 * n:].abs().sum() == 0
+            hard, outside = items[row, n:n + n_hard].tolist(), items[row, n + n_hard:].tolist()
+            assert set(hard) <= set(ranking[n:12]) and len(set(hard)) == n_hard
+            assert labels[row, n:n + n_hard].tolist() == pytest.approx([-0.25] * n_hard)
+            assert set(outside) <= _unobserved([user])[0] - set(ranking[:12]) and len(set(outside)) == 9 - n - n_hard
+            assert labels[row, n + n_hard:].tolist() == pytest.approx([-0.5] * (9 - n - n_hard))
     assert lengths == [2, 2, 4, 6, 6]
     with pytest.raises(HetCompError, match="stages"):
         build_method("cl-drd", context, stages="5,x")
+    with pytest.raises(HetCompError, match="list_size"):
+        build_method("cl-drd", context, stages="5,10", list_size=10)
     assert build_method("cl-drd", context, stages=7).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
 
 
@@ -466,15 +480,15 @@ def test_kd_candidates_and_listwise_term_match_naive(context):
 
 # ---- the non-default variants train, finitely and reproducibly --------------------------------------------
 
-@pytest.mark.parametrize("name,options", [
-    ("rd", {"dynamic": True, "dynamic_start": 2}),
-    ("rrd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8}),
-    ("dcd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8, "period": 2}),
-    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10}),
+@pytest.mark.parametrize("name,options,settled", [  # settled: first epoch of the last loss definition
+    ("rd", {"dynamic": True, "dynamic_start": 2}, 0),
+    ("rrd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8}, 0),
+    ("dcd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8, "period": 2}, 0),
+    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "list_size": 8}, 2),  # stage 2 from epoch 3
     ("kd", {"k": 10, "n_neg": 8, "own_weight": 1.0, "on": "probs", "label_margin": True,
-            "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}),
+            "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}, 0),
 ])
-def test_variants_train_reproducibly(name, options, teachers):
+def test_variants_train_reproducibly(name, options, settled, teachers):
     outputs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -482,6 +496,6 @@ def test_variants_train_reproducibly(name, options, teachers):
         model = build_model("mf", SPLIT.train, dim=4)
         trainer = Trainer(model, SPLIT, method, TrainerConfig(lr=1e-2, seed=0))
         losses = [trainer.train_epoch() for _ in range(6)]
-        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[settled]
         outputs.append(model.score(torch.arange(5)).detach())
     assert torch.equal(outputs[0], outputs[1])

@@ -124,19 +124,23 @@ def weighted_pointwise_loss(listed: torch.Tensor, weights: torch.Tensor, valid: 
     return _mean_over_users(-weights * functional.logsigmoid(listed), valid)
 
 
-def graded_pairwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """CL-DRD: logistic loss on every pair with label_i > label_j, weighted by label_i − label_j (LambdaRank-like).
+def lambda_mrr_loss(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """CL-DRD's LambdaMRR loss: a logistic loss on every pair with label_i > label_j, weighted by |1/p_i − 1/p_j|.
 
-    Per user: Σ_{i,j} w_ij · log(1 + e^{−(f_i − f_j)}) / Σ_{i,j} w_ij over ``scores``/``labels`` [B, L]; averaged
-    over the users that have at least one such pair.
+    p is each item's 1-based position in the *student's* current ordering of its row (``scores`` [B, L], detached):
+    the labels only say which item should be above which, the student's positions say how much a swap would move
+    a reciprocal-rank metric. Summed over the valid pairs of the batch and divided by their number (the mean over
+    pairs of the authors' code). Ties in ``scores`` take positions in column order.
     """
-    gap = labels.unsqueeze(2) - labels.unsqueeze(1)
-    pair = (gap > 0) & valid.unsqueeze(2) & valid.unsqueeze(1)
-    weight = torch.where(pair, gap, torch.zeros((), dtype=gap.dtype, device=gap.device))
+    order = scores.detach().masked_fill(~valid, NEG_INF).argsort(dim=1, descending=True, stable=True)
+    positions = torch.empty_like(order)
+    positions.scatter_(1, order, torch.arange(1, scores.shape[1] + 1, device=scores.device).expand_as(order))
+    reciprocal = 1.0 / positions.to(scores.dtype)
+    weight = (reciprocal.unsqueeze(2) - reciprocal.unsqueeze(1)).abs()
+    pair = (labels.unsqueeze(2) > labels.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
     logistic = functional.softplus(scores.unsqueeze(1) - scores.unsqueeze(2))  # −log σ(f_i − f_j) at [i, j]
-    total = weight.sum((1, 2))
-    per_user = (weight * logistic).sum((1, 2)) / total.clamp(min=torch.finfo(total.dtype).tiny)
-    return _mean_over_rows_with(per_user, total > 0)
+    total = torch.where(pair, weight * logistic, torch.zeros((), dtype=scores.dtype, device=scores.device)).sum()
+    return total / pair.sum().clamp(min=1)
 
 
 def soft_target_cross_entropy(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor,
