@@ -64,6 +64,19 @@ def csr_rows_dense(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device
     return out
 
 
+def exclude_rows_(scores: torch.Tensor, matrix: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
+    """Set ``scores`` [len(rows), n_cols] to −inf, in place, at the nonzeros of the given CSR rows.
+
+    For scores the caller owns (a fresh model output): one sparse write instead of building a dense
+    [B, n_cols] mask and copying the scores through ``masked_fill``.
+    """
+    sub = matrix[rows]
+    row_index = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+    index = (torch.from_numpy(row_index).to(scores.device),
+             torch.from_numpy(sub.indices.astype(np.int64)).to(scores.device))
+    return scores.index_put_(index, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+
+
 def _discounts(k: int, device: torch.device) -> torch.Tensor:
     return 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float64))
 

@@ -36,7 +36,7 @@ from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
 from hetcomp.distill.run import default_recipe, distill, git_commit, machine
-from hetcomp.metrics import csr_rows_dense, evaluate_split, topk_items
+from hetcomp.metrics import csr_rows_dense, evaluate_split, exclude_rows_, topk_items
 from hetcomp.models import build_model
 from hetcomp.teachers import (
     TEACHERS,
@@ -476,7 +476,10 @@ def table1(rep: Reproduction, seed: int = 0, dim: int = 6, k: int = 50) -> dict:
 
 def inference_seconds(score_fn: Callable, split: Split, device: torch.device, k: int = 50,
                       batch_size: int = 1024) -> tuple[float, float]:
-    """(seconds to score every user against every item, seconds to also take every user's top-k unobserved)."""
+    """(seconds to score every user against every item, seconds to also take every user's top-k unobserved).
+
+    The training items are masked in place in the fresh score table, as a serving system would.
+    """
 
     def score_all(with_topk: bool) -> None:
         for start in range(0, split.n_users, batch_size):
@@ -484,7 +487,7 @@ def inference_seconds(score_fn: Callable, split: Split, device: torch.device, k:
             with torch.no_grad():
                 scores = score_fn(torch.from_numpy(users).to(device))
                 if with_topk:
-                    topk_items(scores, k, csr_rows_dense(split.train, users, device))
+                    topk_items(exclude_rows_(scores, split.train, users), k)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -6,12 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from conftest import random_csr
 
 from hetcomp.data import HetCompError, Split
 from hetcomp.data.sampling import NegativeSampler
-from hetcomp.metrics import evaluate_split, ranking_ndcg, topk_items
+from hetcomp.metrics import csr_rows_dense, evaluate_split, exclude_rows_, ranking_ndcg, topk_items
 
 
 def naive_metrics(scores: np.ndarray, train, heldout, other, ks):
@@ -93,3 +94,12 @@ def test_negative_sampler_excludes_observed_items():
     assert not dense[users.unsqueeze(1).expand(-1, 3), negatives].any()
     again = sampler.sample(users, n_negatives=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(negatives, again)
+
+
+def test_exclude_rows_in_place_matches_the_dense_mask():
+    matrix = sp.random(6, 9, density=0.3, format="csr", random_state=3)
+    rows = np.array([4, 1, 5])
+    scores = torch.randn(3, 9, generator=torch.Generator().manual_seed(0))
+    expected = scores.masked_fill(csr_rows_dense(matrix, rows), float("-inf"))
+    out = exclude_rows_(scores, matrix, rows)
+    assert out is scores and torch.equal(scores, expected)
