@@ -55,12 +55,18 @@ def topk_items(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
     return items
 
 
+def _row_nonzeros(matrix: sp.csr_matrix, rows: np.ndarray,
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in ``rows``, column ids) of the nonzeros of the given CSR rows, as index tensors."""
+    sub = matrix[rows]
+    row_index = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+    return torch.from_numpy(row_index).to(device), torch.from_numpy(sub.indices.astype(np.int64)).to(device)
+
+
 def csr_rows_dense(matrix: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """Dense bool tensor [len(rows), n_cols] of the given CSR rows, built with one scatter."""
-    sub = matrix[rows]
-    out = torch.zeros(sub.shape, dtype=torch.bool, device=device)
-    row_index = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
-    out[torch.from_numpy(row_index).to(device), torch.from_numpy(sub.indices.astype(np.int64)).to(device)] = True
+    out = torch.zeros((len(rows), matrix.shape[1]), dtype=torch.bool, device=device)
+    out[_row_nonzeros(matrix, rows, device)] = True
     return out
 
 
@@ -70,11 +76,8 @@ def exclude_rows_(scores: torch.Tensor, matrix: sp.csr_matrix, rows: np.ndarray)
     For scores the caller owns (a fresh model output): one sparse write instead of building a dense
     [B, n_cols] mask and copying the scores through ``masked_fill``.
     """
-    sub = matrix[rows]
-    row_index = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
-    index = (torch.from_numpy(row_index).to(scores.device),
-             torch.from_numpy(sub.indices.astype(np.int64)).to(scores.device))
-    return scores.index_put_(index, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+    return scores.index_put_(_row_nonzeros(matrix, rows, scores.device),
+                             torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
 
 
 def _discounts(k: int, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from hetcomp.data import HetCompError, Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
-from hetcomp.metrics import csr_rows_dense, topk_items
+from hetcomp.metrics import csr_rows_dense, exclude_rows_, topk_items
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.teachers import teacher_weights
 from hetcomp.train import Objective
@@ -82,7 +82,7 @@ class DistillContext:
         for start in range(0, self.n_users, batch_size):
             users = np.arange(start, min(start + batch_size, self.n_users))
             scores = scorer(torch.from_numpy(users).to(self.device))
-            parts.append(topk_items(scores, k, csr_rows_dense(self.split.train, users, self.device)))
+            parts.append(topk_items(exclude_rows_(scores, self.split.train, users), k))  # scores are fresh
         return torch.cat(parts)
 
     @cached_property
