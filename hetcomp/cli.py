@@ -24,6 +24,7 @@ from hetcomp.reproduce import TABLE2_METHODS
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
+    dataset_teacher_settings,
     load_teachers,
     seeded_name,
     teacher_dir,
@@ -172,6 +173,9 @@ def train_teachers(
                                              "teachers are saved as <model>-s<seed>, e.g. mf-s1."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory."),
+    eval_every: int = typer.Option(None, min=1, help="Evaluate and snapshot every N epochs (the trajectory's "
+                                                    "states are chosen among these); default: the dataset's "
+                                                    "setting, else each model's."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -194,11 +198,17 @@ def train_teachers(
             config = model_config(model, dim=dim)
             bar = ProgressCallback(progress, name, config.max_epochs)
             trajectory = train_teacher(split, model, teachers_dir, dim=dim, seed=train_seed, device=target,
-                                       top_m=top_m, callbacks=[bar], command=command, name=name)
+                                       top_m=top_m, callbacks=[bar], command=command, name=name,
+                                       **dataset_teacher_settings(dataset, eval_every))
             test = trajectory.meta["metrics"][-1]["test"]
+            epochs = trajectory.meta["state_epochs"]
             progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
-                                   f"{trajectory.meta['state_epochs']}, test R@50 {test['recall@50']:.4f}, "
+                                   f"{epochs}, test R@50 {test['recall@50']:.4f}, "
                                    f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
+            if len(set(epochs)) < len(epochs):
+                progress.console.print(f"[yellow]warning[/]: {name}'s states share epochs {epochs}: it converged "
+                                       "within a few evaluations; retrain it with a smaller --eval-every so that "
+                                       "E1..E4 differ")
 
 
 @app.command("distill")
@@ -243,6 +253,7 @@ def distill_command(
         options["losses"] = kd_loss
     seed_everything(seed)
     command = "hetcomp " + " ".join(sys.argv[1:])
+
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
@@ -356,6 +367,8 @@ def reproduce_command(
     teachers_dir: Path = TeachersDirOption,
     runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
     results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
+    jobs: int = typer.Option(1, min=1, help="Table 2: train this many student runs at once, each in its own "
+                                            "process with cores/jobs threads (e.g. 2 on a 2-core machine)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp import reproduce as rp
@@ -370,20 +383,33 @@ def reproduce_command(
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     command = "hetcomp " + " ".join(sys.argv[1:])
+
+    def child_command(student: str, method: str, seed: int) -> list[str]:
+        """This call's options for one run: a child of ``--jobs`` reads exactly the same inputs."""
+        args = [sys.executable, "-m", "hetcomp", "reproduce", "--dataset", dataset, "--table", "2",
+                "--students", student, "--methods", method, "--seeds", f"{seed},", "--device", device,
+                "--teachers-dir", str(teachers_dir), "--runs-dir", str(runs_dir), "--results-dir", str(results_dir)]
+        args += ["--quick"] if quick else []
+        args += ["--data-dir", str(data_dir)] if data_dir else []
+        args += ["--cache-dir", str(cache_dir)] if cache_dir else []
+        if path:
+            args += ["--path", str(path), "--user-col", user_col, "--item-col", item_col, "--sep", sep]
+        return args
+
     with make_progress() as progress:
         def bar(label: str, total: int) -> ProgressCallback:
             return ProgressCallback(progress, label, total, verbose=False)
 
         rep = rp.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
                               rp.Schedule.short() if quick else rp.Schedule(), command, not no_train, bar,
-                              lambda text: progress.console.print(text, highlight=False))
+                              lambda text: progress.console.print(text, highlight=False), child_command)
         if figure == "curves":
             written = [rp.curves_figure(rep, s) for s in student_names
                        if any(r["student"] == s for r in rp.read_rows(rep.out_dir / "curves.csv"))]
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
         elif table == "2":
-            rp.table2(rep, student_names, _parse_seeds(seeds), method_names)
+            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs)
             written = [rep.out_dir / "table2.md", rep.out_dir / "table2.csv"]
         elif table == "1":
             rp.table1(rep)

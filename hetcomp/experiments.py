@@ -29,6 +29,7 @@ def stamp(command: str, seed: int) -> list[str]:
 
 def teachers_report(split: Split, trajectories: list, command: str, train_command: str = "") -> str:
     """The teachers results page: per-teacher metrics and states, the ensemble, the g decay study, checks."""
+    from hetcomp.reproduce import paper_values  # reproduce imports this module's neighbours: import late
     lines = [f"# Teachers on {split.meta['dataset']} (authors' split, seed {split.meta['seed']})", ""]
     lines += stamp(command, split.meta["seed"])
     if train_command:
@@ -71,21 +72,31 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
     best = state_metrics[best_name][-1]["test"]
     ensemble = default[3]["test"]
     overlap = top_overlap(trajectories, 50)
-    checks = [
-        ("every teacher test R@50 ≥ 0.20", all(m[-1]["test"]["recall@50"] >= 0.20 for m in state_metrics.values())),
-        (f"best teacher ({best_name}) test R@50 ≥ 0.26", best["recall@50"] >= 0.26),
+    checks = []
+    if split.meta["dataset"] == "citeulike":  # the teacher targets set for the authors' CiteULike split
+        checks += [("every teacher test R@50 ≥ 0.20",
+                    all(m[-1]["test"]["recall@50"] >= 0.20 for m in state_metrics.values())),
+                   (f"best teacher ({best_name}) test R@50 ≥ 0.26", best["recall@50"] >= 0.26)]
+    checks += [
         ("ensemble above the best teacher on R@50 and N@50",
          ensemble["recall@50"] > best["recall@50"] and ensemble["ndcg@50"] > best["ndcg@50"]),
         ("E1 < E4 on test R@50 for every teacher",
          all(m[0]["test"]["recall@50"] < m[-1]["test"]["recall@50"] for m in state_metrics.values())),
+        ("E1..E4 are four different epochs for every teacher",
+         all(len(set(t.meta.get("state_epochs") or [])) == t.n_states for t in trajectories)),
     ]
     lines += ["", "## Heterogeneity", "",
               f"Mean pairwise overlap of the converged teachers' top-50 lists (|A ∩ B| / 50, averaged over users "
               f"and the {len(trajectories) * (len(trajectories) - 1) // 2} teacher pairs): **{overlap:.3f}**.", "",
               "## Checks", ""]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks]
-    lines += ["", "Paper (for comparison only, CiteULike): best teacher R@50 0.2844 / N@50 0.1392, "
-              "Ensemble 0.3144 / 0.1571."]
+    paper = paper_values(split.meta["dataset"])
+    if ("", "Best Teacher") in paper:
+        shown = {label: paper[("", label)] for label in ("Best Teacher", "Ensemble")}
+        lines += ["", f"Paper (for comparison only, {split.meta['dataset']}, its own cut of the data): best "
+                  f"teacher R@50 {shown['Best Teacher']['recall@50']:.4f} / N@50 "
+                  f"{shown['Best Teacher']['ndcg@50']:.4f}, Ensemble {shown['Ensemble']['recall@50']:.4f} / "
+                  f"{shown['Ensemble']['ndcg@50']:.4f}."]
     return "\n".join(lines) + "\n"
 
 

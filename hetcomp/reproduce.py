@@ -20,6 +20,8 @@ import fcntl
 import hashlib
 import json
 import math
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ from hetcomp.models import build_model
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
+    dataset_teacher_settings,
     load_teachers,
     parse_seeded_name,
     seeded_name,
@@ -98,6 +101,9 @@ class Reproduction:
     train: bool = True  # False: tables from finished runs only; what is missing is listed, not trained
     progress: Callable[[str, int], Callback | None] = lambda label, total: None
     say: Callable[[str], None] = print
+    #: the command line of a child ``hetcomp reproduce`` that trains one (student, method, seed) run; ``--jobs``
+    #: runs several of them side by side
+    child_command: Callable[[str, str, int], list[str]] | None = None
 
     @property
     def label(self) -> str:
@@ -118,7 +124,8 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
         if path.is_file():
             continue
         rep.say(f"training teacher {name}")
-        overrides = dict(rep.schedule.teacher_overrides)
+        overrides = {**({} if rep.schedule.quick else dataset_teacher_settings(rep.dataset)),
+                     **rep.schedule.teacher_overrides}
         callback = rep.progress(f"teacher {name}", overrides.get("max_epochs", 300))
         train_teacher(rep.split, model, rep.teachers_dir, dim=rep.schedule.teacher_dim, seed=train_seed,
                       device=rep.device, callbacks=[callback] if callback else None, name=name,
@@ -222,14 +229,23 @@ CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "val
 
 
 def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str] | None = None,
-           dim: int = 6) -> dict:
-    """Run (or reuse) every teacher and student of Table 2 and write table2.csv / curves.csv / table2.md."""
+           dim: int = 6, jobs: int = 1) -> dict:
+    """Run (or reuse) every teacher and student of Table 2 and write table2.csv / curves.csv / table2.md.
+
+    With ``jobs`` > 1 the missing student runs are trained by that many child processes at once (teachers first,
+    in this process)."""
     started = time.perf_counter()
     methods = list(methods or TABLE2_METHODS)
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(rep, TEACHERS)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
     plan = [(s, m, seed) for s in students for m in methods for seed in seeds]
+    if rep.train and jobs > 1:
+        finished = {_row_key(r) for r in read_rows(table_file)}
+        todo = [(s, m, seed) for s, m, seed in plan
+                if (s, m, str(seed), run_config(rep, trajectories, s, m, seed, dim,
+                                                dict(rep.schedule.method_options.get(m, {})))[0]) not in finished]
+        train_side_by_side(rep, todo, jobs)
     wanted, missing = [], []
     for position, (student, method, seed) in enumerate(plan, 1):
         options = dict(rep.schedule.method_options.get(method, {}))
@@ -268,8 +284,58 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
                           for t in trajectories)
     with _locked(rep.out_dir):
         (rep.out_dir / "table2.md").write_text(page)
-        manifest = write_manifest(rep, "table2", chosen, seeds, time.perf_counter() - started, teacher_seconds)
+        manifest = write_manifest(rep, "table2", chosen, seeds, time.perf_counter() - started, teacher_seconds,
+                                  jobs)
     return {"rows": chosen, "teachers": teachers, "manifest": manifest}
+
+
+def train_side_by_side(rep: Reproduction, todo: Sequence[tuple[str, str, int]], jobs: int,
+                       poll_seconds: float = 2.0) -> None:
+    """Train the runs ``todo`` in ``jobs`` child processes at a time, each with its share of the cores.
+
+    Each child is one ``hetcomp reproduce`` of a single run (``rep.child_command``), so it merges its row into
+    table2.csv under the folder lock exactly as a serial call does, and an interrupted child resumes from its
+    ``last.pt`` next time. A child's output goes to ``<results>/<dataset>/logs/``; a failed child stops the table
+    with the path of its log instead of a number that silently is not there.
+    """
+    if not todo:
+        return
+    if rep.child_command is None:
+        raise HetCompError("--jobs needs a way to start child runs (use the hetcomp reproduce command)")
+    logs = rep.out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    pending, running, failed, done = list(todo), {}, [], 0
+    bar = rep.progress(f"{len(todo)} runs, {jobs} at a time", len(todo))
+    rep.say(f"training {len(todo)} runs in {jobs} processes of {threads} thread(s) each; logs in {logs}")
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                student, method, seed = pending.pop(0)
+                log = logs / f"{student}-{method}-{seed}.log"
+                with open(log, "a") as handle:
+                    child = subprocess.Popen(rep.child_command(student, method, seed), stdout=handle,
+                                             stderr=subprocess.STDOUT, env=env)
+                running[child] = (log, time.perf_counter())
+            time.sleep(poll_seconds)
+            for child in [c for c in running if c.poll() is not None]:
+                log, began = running.pop(child)
+                done += 1
+                status = "done" if child.returncode == 0 else f"FAILED (exit {child.returncode})"
+                rep.say(f"[{done}/{len(todo)}] {log.stem} {status} in {(time.perf_counter() - began) / 60:.1f} min")
+                if child.returncode != 0:
+                    failed.append(log)
+                if bar is not None:
+                    bar.on_epoch_end(None, done, 0.0)
+    finally:
+        for child in running:
+            child.terminate()
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+    if failed:
+        raise HetCompError(f"{len(failed)} run(s) failed; see " + ", ".join(str(f) for f in failed)
+                           + " (finished runs are kept: rerun the same command to retry the rest)")
 
 
 def teacher_rows(rep: Reproduction, trajectories: list) -> dict[str, dict]:
@@ -379,9 +445,11 @@ def _paper_cell(values: dict | None, metric: str) -> str:
 
 
 def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float,
-                   teacher_seconds: float = 0.0) -> dict:
+                   teacher_seconds: float = 0.0, jobs: int = 1) -> dict:
     """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
-    teachers' training): from scratch, the table costs the teachers' time plus the runs' time."""
+    teachers' training). From scratch, the table costs the teachers' time plus the runs' time divided by the runs
+    trained side by side (``--jobs``, one per core here): that estimate is recorded beside the measured times, and
+    ``wall_seconds_this_call`` is the measured one when the call trained everything itself."""
     path = rep.out_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
@@ -391,6 +459,12 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
         "wall_seconds_this_call": round(seconds, 1),
         "sum_of_run_wall_seconds": round(run_seconds, 1),
         "teacher_training_seconds": round(teacher_seconds, 1),
+        "jobs": jobs,
+        "from_scratch_estimate": {
+            "jobs": (cores := os.cpu_count() or 1),
+            "seconds": round(teacher_seconds + run_seconds / cores, 1),
+            "how": "teachers' training + the runs' summed wall time / jobs (one single-thread run per core)",
+        },
         "runs": [r.get("command", "") for r in rows],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

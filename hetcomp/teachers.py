@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetcomp.data import Split
+from hetcomp.data import REGISTRY, Split
 from hetcomp.models import build_model
 from hetcomp.train import Callback, Trainer, train_model
 from hetcomp.trajectory import (
@@ -66,6 +66,14 @@ class TrajectoryRecorder(Callback):
         self.trajectory.save(self.run_dir / TRAJECTORY_FILE)
         shutil.rmtree(self.snapshots, ignore_errors=True)
         (self.run_dir / "last.pt").unlink(missing_ok=True)
+
+
+def dataset_teacher_settings(dataset: str, eval_every: int | None = None) -> dict:
+    """Training settings a dataset asks of every teacher (its registered ``teacher_eval_every``), ``eval_every``
+    (e.g. from the command line) taking precedence; empty for unregistered data (each model's defaults)."""
+    spec = REGISTRY.get(dataset)
+    every = eval_every or (spec.teacher_eval_every if spec else None)
+    return {"eval_every": every} if every else {}
 
 
 def seeded_name(teacher: str, seed: int, split_seed: int) -> str:

@@ -79,6 +79,23 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert "ensemble" in cost and "student mf" in cost and "teacher iae" in cost
 
 
+def test_jobs_train_runs_in_child_processes_and_merge_their_rows(workspace):
+    result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
+    out = workspace / "results" / "csv-toy-first300"
+    assert "training 2 runs in 2 processes" in result.output and "[2/2]" in result.output
+    rows = [r for r in read_rows(out / "table2.csv") if r["method"] == "rd"]
+    assert sorted(r["seed"] for r in rows) == ["0", "1"]
+    assert all(f"--methods rd --seeds {r['seed']}," in r["command"] for r in rows)  # a quick row: the child's call
+    assert {"mf-rd-0.log", "mf-rd-1.log"} <= {f.name for f in (out / "logs").iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())["table2"]
+    assert manifest["jobs"] == 2 and len(manifest["runs"]) == 2
+    assert manifest["from_scratch_estimate"]["seconds"] >= manifest["teacher_training_seconds"]
+
+    # nothing left to train: no child is started
+    again = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
+    assert "processes" not in again.output
+
+
 def test_quick_table1_reports_three_supervisions(workspace):
     invoke(workspace, "--table", "1")
     with open(workspace / "results" / "csv-toy-first300" / "table1.csv") as handle:

@@ -9,7 +9,7 @@ from conftest import make_tiny_split
 
 from hetcomp.ensemble import EnsembleScorer, aggregate_scores, ensemble_observed_order, rank_importance
 from hetcomp.metrics import evaluate_split
-from hetcomp.teachers import load_teachers, train_teacher
+from hetcomp.teachers import dataset_teacher_settings, load_teachers, train_teacher
 from hetcomp.trajectory import TrajectoryError, import_rankings, load_trajectory, state_epochs
 
 SPLIT = make_tiny_split(n_users=90, n_items=60, per_user=12)
@@ -28,6 +28,14 @@ def test_state_epochs_pick_quarters_of_the_converged_epoch():
     assert state_epochs(40, list(range(10, 101, 10))) == [10, 20, 30, 40]
     assert state_epochs(100, list(range(10, 201, 10))) == [20, 50, 70, 100]  # ties go to the earlier epoch
     assert state_epochs(10, list(range(2, 21, 2))) == [2, 4, 8, 10]
+
+
+def test_datasets_where_teachers_converge_fast_are_evaluated_more_often():
+    # Foursquare's teachers peak within ~10-30 epochs: every 10 epochs put E1 = E2 (= E3 = E4 for ML)
+    assert dataset_teacher_settings("foursquare") == {"eval_every": 2}
+    assert dataset_teacher_settings("foursquare", eval_every=1) == {"eval_every": 1}
+    assert dataset_teacher_settings("citeulike") == {} and dataset_teacher_settings("csv") == {}
+    assert state_epochs(6, [2, 4, 6, 8]) == [2, 2, 4, 6] and len(set(state_epochs(40, list(range(2, 50, 2))))) == 4
 
 
 def test_trajectory_round_trip_and_contents(teacher_root):

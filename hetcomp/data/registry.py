@@ -54,6 +54,9 @@ class DatasetSpec:
     layouts: tuple[FileSet, ...]
     notes: str = ""
     aliases: tuple[str, ...] = field(default=())
+    #: evaluate (and snapshot) teachers every this many epochs instead of each model's default: where teachers
+    #: converge within a few tens of epochs, a coarse interval puts E1..E4 on the same evaluated epoch
+    teacher_eval_every: int | None = None
 
 
 def _gh(repo: str, commit: str, path: str) -> str:
@@ -94,6 +97,7 @@ REGISTRY: dict[str, DatasetSpec] = {
                 parser=parsers.parse_tab_triples,
                 description="user<TAB>poi<TAB>count; train + tune + test concatenated, then re-split"),),
             notes="a smaller user cut of the source HetComp used",
+            teacher_eval_every=2,
         ),
         DatasetSpec(
             name="foursquare-small",
