@@ -224,7 +224,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 TABLE2_COLUMNS = ("dataset", "student", "method", "seed", *METRICS, "best_epoch", "epochs", "wall_seconds", "command",
-                  "config", "teachers_digest", "commit", "machine")
+                  "config", "teachers_digest", "commit", "code_digest", "machine")
 CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "valid_recall@50", "test_recall@50")
 
 
@@ -265,6 +265,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
                **{m: f"{result['test'][m]:.6f}" for m in METRICS}, "best_epoch": result["best_epoch"],
                "epochs": result["epochs"], "wall_seconds": result["wall_seconds"], "command": command,
                "config": config, "teachers_digest": digest, "commit": result.get("commit", git_commit()),
+               "code_digest": result.get("code_digest", ""),
                "machine": result.get("machine", machine())}
         curve = [{"dataset": rep.label, "student": student, "method": method, "seed": seed, "config": config,
                   "epoch": p["epoch"], "valid_recall@50": f"{p['valid_recall@50']:.6f}",

@@ -14,7 +14,7 @@ from hetcomp.data import HetCompError
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
-from hetcomp.distill.run import distill
+from hetcomp.distill.run import distill, source_digest
 from hetcomp.models import build_model
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
@@ -232,8 +232,18 @@ def test_finished_run_under_other_defaults_is_refused_not_reused(teachers, tmp_p
     first = distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2)
     assert first["lr"] == build_model("mf", SPLIT.train).config.lr  # RD keeps the student's own recipe
     assert distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2) == first
+    assert first["code_digest"] == source_digest() and len(first["code_digest"]) == 12
     metrics = next(tmp_path.rglob("metrics.json"))
     stale = dict(first, lr=0.05)  # as if trained when the default was another lr
     metrics.write_text(json.dumps(stale))
     with pytest.raises(HetCompError, match="default changed"):
         distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2)
+
+
+def test_source_digest_follows_the_code(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_digest(tmp_path) != before
+    (tmp_path / "a.py").write_text("x = 1\n")
+    assert source_digest(tmp_path) == before

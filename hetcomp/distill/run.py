@@ -36,6 +36,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_digest(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """sha256 (12 hex) of the package's Python sources, names included."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+#: the sources this process runs, read once at import: a long ``reproduce`` trains every run with the code it
+#: loaded, while ``git_commit()`` reports the HEAD of the moment; runs record both
+CODE_DIGEST = source_digest()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -138,7 +151,7 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
         "wall_seconds": round(state.seconds + state.eval_seconds, 1),
         "this_call_seconds": round(time.perf_counter() - started, 1),
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
-        "command": command, "commit": git_commit(), "machine": machine(),
+        "command": command, "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(),
         "curve": [{"epoch": h["epoch"], "valid_recall@50": h["valid"]["recall@50"],
                    "test_recall@50": h["test"]["recall@50"]} for h in history],
     }
