@@ -225,6 +225,8 @@ def _locked(folder: Path) -> Iterator[None]:
 
 TABLE2_COLUMNS = ("dataset", "student", "method", "seed", *METRICS, "best_epoch", "epochs", "wall_seconds", "command",
                   "config", "teachers_digest", "commit", "code_digest", "machine")
+#: hand-written reading of a dataset's Table 2 (exceptions explained), appended to every regenerated table2.md
+TABLE2_NOTES = "table2-notes.md"
 CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "valid_recall@50", "test_recall@50")
 
 
@@ -438,6 +440,10 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
     if rep.split.meta["dataset"].startswith(("foursquare", "amusic")):
         lines += ["Our copy of this dataset differs from the paper's (a smaller cut; see the data catalogue), so the "
                   "paper's values are shown for orientation, not as a like-for-like comparison.", ""]
+    notes = rep.out_dir / TABLE2_NOTES
+    if notes.is_file():
+        lines += [f"## Reading it (written by hand in `{TABLE2_NOTES}`, kept when the table is regenerated)", "",
+                  notes.read_text().strip(), ""]
     return "\n".join(lines)
 
 

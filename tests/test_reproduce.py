@@ -69,6 +69,12 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert "[1/9]" not in listed.output
     page = (out / "table2.md").read_text()
     assert "Not finished yet (3 of 9 runs" in page and "| HetComp |" in page
+    assert "Reading it" not in page
+
+    # a hand-written reading of the table survives its regeneration
+    (out / "table2-notes.md").write_text("RRD wins on this toy because ...\n")
+    invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp", "--no-train")
+    assert "RRD wins on this toy because ..." in (out / "table2.md").read_text()
     assert len(read_rows(out / "table2.csv")) == 6
 
     invoke(workspace, "--figure", "curves", "--students", "mf")
