@@ -33,7 +33,7 @@ import torch
 
 from hetcomp.bench import timed
 from hetcomp.data import HetCompError, Split
-from hetcomp.distill import EnsembleConfig
+from hetcomp.distill import EnsembleConfig, method_class
 from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
@@ -158,6 +158,8 @@ def run_config(rep: Reproduction, trajectories: list, student: str, method: str,
                 "method": method, "dim": dim, "seed": seed, "options": options,
                 "recipe": default_recipe(student, method),
                 "max_epochs": rep.schedule.max_epochs, "eval_every": rep.schedule.eval_every}
+    if (version := method_class(method).version) != 1:
+        identity["method_version"] = version
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if rep.schedule.quick:  # a quick slice is not a registered dataset: only reproduce itself reruns it
         return digest, rep.command

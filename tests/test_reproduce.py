@@ -130,3 +130,16 @@ def test_seeds_are_a_count_or_a_list():
     for bad in ("0", "x", "-1,2"):
         with pytest.raises(HetCompError, match="--seeds"):
             _parse_seeds(bad)
+
+
+def test_a_method_version_bump_retrains_its_rows(monkeypatch):
+    from conftest import make_tiny_split
+
+    from hetcomp.distill import method_class
+    from hetcomp.reproduce import Reproduction, run_config
+
+    rep = Reproduction("csv", make_tiny_split())
+    before = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
+    monkeypatch.setattr(method_class("rrd"), "version", 2)
+    after = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
+    assert after["rrd"] != before["rrd"] and after["dcd"] == before["dcd"]

@@ -125,6 +125,9 @@ class DistillMethod(Objective):
     #: False: the student uses the distillation recipe (lr 1e-2, no weight decay); True: the model's own lr and
     #: weight decay, as when it is trained as a teacher (w/o KD)
     uses_own_recipe: bool = False
+    #: bump when a change of this method's code changes its results: ``reproduce`` then retrains its rows
+    #: instead of reusing them (the configuration hash holds the version from 2 on, so version-1 rows keep theirs)
+    version: int = 1
 
     @dataclass
     class Config:
