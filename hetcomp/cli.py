@@ -27,6 +27,7 @@ from hetcomp.teachers import (
     dataset_teacher_settings,
     load_teachers,
     seeded_name,
+    shares_state_epochs,
     teacher_dir,
     top_overlap,
     train_teacher,
@@ -205,7 +206,7 @@ def train_teachers(
             progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
                                    f"{epochs}, test R@50 {test['recall@50']:.4f}, "
                                    f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
-            if len(set(epochs)) < len(epochs):
+            if shares_state_epochs(trajectory):
                 progress.console.print(f"[yellow]warning[/]: {name}'s states share epochs {epochs}: it converged "
                                        "within a few evaluations; retrain it with a smaller --eval-every so that "
                                        "E1..E4 differ")
@@ -253,7 +254,6 @@ def distill_command(
         options["losses"] = kd_loss
     seed_everything(seed)
     command = "hetcomp " + " ".join(sys.argv[1:])
-
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,

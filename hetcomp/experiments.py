@@ -8,6 +8,7 @@ from hetcomp.data import Split
 from hetcomp.distill.run import git_commit, machine
 from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import evaluate_split
+from hetcomp.reproduce import paper_values
 from hetcomp.teachers import teacher_weights, top_overlap, trajectory_state_metrics
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -29,7 +30,6 @@ def stamp(command: str, seed: int) -> list[str]:
 
 def teachers_report(split: Split, trajectories: list, command: str, train_command: str = "") -> str:
     """The teachers results page: per-teacher metrics and states, the ensemble, the g decay study, checks."""
-    from hetcomp.reproduce import paper_values  # reproduce imports this module's neighbours: import late
     lines = [f"# Teachers on {split.meta['dataset']} (authors' split, seed {split.meta['seed']})", ""]
     lines += stamp(command, split.meta["seed"])
     if train_command:

@@ -47,6 +47,7 @@ from hetcomp.teachers import (
     load_teachers,
     parse_seeded_name,
     seeded_name,
+    shares_state_epochs,
     teacher_dir,
     train_teacher,
 )
@@ -132,7 +133,12 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
                       command=f"hetcomp train-teachers --dataset {rep.dataset} --teachers {model}"
                               + (f" --train-seed {train_seed}" if train_seed != seed else ""),
                       **overrides)
-    return load_teachers(rep.split, rep.teachers_dir, list(names))
+    trajectories = load_teachers(rep.split, rep.teachers_dir, list(names))
+    for trajectory in trajectories:
+        if shares_state_epochs(trajectory):
+            rep.say(f"warning: {trajectory.name}'s states share epochs {trajectory.meta['state_epochs']}; retrain "
+                    "it with a smaller --eval-every (hetcomp train-teachers) so that E1..E4 differ")
+    return trajectories
 
 
 def teachers_digest(rep: Reproduction, names: Sequence[str]) -> str:
@@ -243,17 +249,14 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(rep, TEACHERS)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
-    plan = [(s, m, seed) for s in students for m in methods for seed in seeds]
+    plan = [(s, m, seed, *run_config(rep, trajectories, s, m, seed, dim, dict(rep.schedule.method_options.get(m, {}))))
+            for s in students for m in methods for seed in seeds]
     if rep.train and jobs > 1:
         finished = {_row_key(r) for r in read_rows(table_file)}
-        todo = [(s, m, seed) for s, m, seed in plan
-                if (s, m, str(seed), run_config(rep, trajectories, s, m, seed, dim,
-                                                dict(rep.schedule.method_options.get(m, {})))[0]) not in finished]
-        train_side_by_side(rep, todo, jobs)
+        train_side_by_side(rep, [(s, m, seed) for s, m, seed, config, _ in plan
+                                 if (s, m, str(seed), config) not in finished], jobs)
     wanted, missing = [], []
-    for position, (student, method, seed) in enumerate(plan, 1):
-        options = dict(rep.schedule.method_options.get(method, {}))
-        config, command = run_config(rep, trajectories, student, method, seed, dim, options)
+    for position, (student, method, seed, config, command) in enumerate(plan, 1):
         key = (student, method, str(seed), config)
         if key in {_row_key(r) for r in read_rows(table_file)}:  # re-read: another reproduce may share the file
             wanted.append(key)

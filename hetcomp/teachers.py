@@ -76,6 +76,13 @@ def dataset_teacher_settings(dataset: str, eval_every: int | None = None) -> dic
     return {"eval_every": every} if every else {}
 
 
+def shares_state_epochs(trajectory: Trajectory) -> bool:
+    """True when two of a teacher's states were taken at the same epoch (it converged within a few evaluations),
+    so its trajectory has fewer distinct steps than states."""
+    epochs = trajectory.meta.get("state_epochs") or []
+    return len(set(epochs)) < len(epochs)
+
+
 def seeded_name(teacher: str, seed: int, split_seed: int) -> str:
     """Folder name of a teacher: the model name, plus ``-s<seed>`` when trained with another seed than the split's
     (e.g. the MF teachers of several seeds that Table 1's ensemble of MF teachers needs)."""
