@@ -143,3 +143,25 @@ def test_a_method_version_bump_retrains_its_rows(monkeypatch):
     monkeypatch.setattr(method_class("rrd"), "version", 2)
     after = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
     assert after["rrd"] != before["rrd"] and after["dcd"] == before["dcd"]
+
+
+def test_a_failed_child_run_stops_the_table_and_names_its_log(tmp_path):
+    """--jobs: a child exiting non-zero must not leave a silently missing row; the others still finish."""
+    import sys
+    from types import SimpleNamespace
+
+    from hetcomp.data import HetCompError
+    from hetcomp.reproduce import train_side_by_side
+
+    def child(student, method, seed):
+        code = f"print('run {method} {seed}'); raise SystemExit({3 if method == 'bad' else 0})"
+        return [sys.executable, "-c", code]
+
+    said = []
+    rep = SimpleNamespace(out_dir=tmp_path, child_command=child, say=said.append,
+                          progress=lambda label, total: None)
+    with pytest.raises(HetCompError, match=r"1 run\(s\) failed; see .*mf-bad-0\.log"):
+        train_side_by_side(rep, [("mf", "bad", 0), ("mf", "good", 0), ("mf", "good", 1)], jobs=2, poll_seconds=0.05)
+    assert any("mf-bad-0 FAILED (exit 3)" in line for line in said)
+    assert sum(" done in " in line for line in said) == 2  # the good runs were not cut short
+    assert (tmp_path / "logs" / "mf-bad-0.log").read_text().strip() == "run bad 0"
