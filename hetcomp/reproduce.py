@@ -121,8 +121,7 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
     """Train (or reuse) the teachers ``names`` (``<model>`` or ``<model>-s<seed>``) and load them."""
     for name in names:
         model, train_seed = parse_seeded_name(name, seed)
-        path = teacher_dir(rep.teachers_dir, rep.split.meta["dataset"], name) / TRAJECTORY_FILE
-        if path.is_file():
+        if _teacher_file(rep, name).is_file():
             continue
         rep.say(f"training teacher {name}")
         overrides = {**({} if rep.schedule.quick else dataset_teacher_settings(rep.dataset)),
@@ -141,11 +140,15 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
     return trajectories
 
 
+def _teacher_file(rep: Reproduction, name: str) -> Path:
+    return teacher_dir(rep.teachers_dir, rep.split.meta["dataset"], name) / TRAJECTORY_FILE
+
+
 def teachers_digest(rep: Reproduction, names: Sequence[str]) -> str:
     """sha256 (first 12 hex digits) over the teachers' trajectory files: which exact teachers a run learnt from."""
     digest = hashlib.sha256()
     for name in names:
-        digest.update((teacher_dir(rep.teachers_dir, rep.split.meta["dataset"], name) / TRAJECTORY_FILE).read_bytes())
+        digest.update(_teacher_file(rep, name).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -246,11 +249,15 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     in this process)."""
     started = time.perf_counter()
     methods = list(methods or TABLE2_METHODS)
+    had_teachers = any(_teacher_file(rep, name).is_file() for name in TEACHERS)
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(rep, TEACHERS)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
     plan = [(s, m, seed, *run_config(rep, trajectories, s, m, seed, dim, dict(rep.schedule.method_options.get(m, {}))))
             for s in students for m in methods for seed in seeds]
+    runs_folder = rep.runs_dir / rep.label
+    from_scratch = (rep.train and not had_teachers and not read_rows(table_file)
+                    and not (runs_folder.is_dir() and any(runs_folder.iterdir())))
     if rep.train and jobs > 1:
         finished = {_row_key(r) for r in read_rows(table_file)}
         train_side_by_side(rep, [(s, m, seed) for s, m, seed, config, _ in plan
@@ -293,7 +300,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     with _locked(rep.out_dir):
         (rep.out_dir / "table2.md").write_text(page)
         manifest = write_manifest(rep, "table2", chosen, seeds, time.perf_counter() - started, teacher_seconds,
-                                  jobs)
+                                  jobs, from_scratch and not missing)
     return {"rows": chosen, "teachers": teachers, "manifest": manifest}
 
 
@@ -457,14 +464,22 @@ def _paper_cell(values: dict | None, metric: str) -> str:
 
 
 def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float,
-                   teacher_seconds: float = 0.0, jobs: int = 1) -> dict:
+                   teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: bool = False) -> dict:
     """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
     teachers' training). From scratch, the table costs the teachers' time plus the runs' time divided by the runs
-    trained side by side (``--jobs``, one per core here): that estimate is recorded beside the measured times, and
-    ``wall_seconds_this_call`` is the measured one when the call trained everything itself."""
+    trained side by side (``--jobs``, one per core here): that estimate is recorded beside the measured times.
+
+    A call that trained every teacher and every run itself (``from_scratch``: nothing existed to reuse) is a
+    measurement of that cost: it is kept as ``from_scratch_measured`` with its command, and later calls (a
+    ``--no-train`` regeneration of the page, more seeds) carry it over instead of losing it."""
     path = rep.out_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
+    measured = manifest.get(table, {}).get("from_scratch_measured")
+    if from_scratch:
+        measured = {"command": rep.command, "wall_seconds": round(seconds, 1), "runs": len(rows), "jobs": jobs,
+                    "commit": git_commit(), "machine": machine(),
+                    "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     manifest[table] = {
         "command": rep.command, "seeds": list(seeds), "commit": git_commit(), "machine": machine(),
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -477,6 +492,7 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
             "seconds": round(teacher_seconds + run_seconds / cores, 1),
             "how": "teachers' training + the runs' summed wall time / jobs (one single-thread run per core)",
         },
+        **({"from_scratch_measured": measured} if measured else {}),
         "runs": [r.get("command", "") for r in rows],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

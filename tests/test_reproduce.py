@@ -54,6 +54,10 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     manifest = json.loads((out / "manifest.json").read_text())["table2"]
     assert manifest["seeds"] == [0, 1] and len(manifest["runs"]) == 6 and manifest["wall_seconds_this_call"] > 0
     assert "[1/6]" in first.output
+    # nothing existed to reuse: this call's wall time is a from-scratch measurement, kept with its command
+    measured = manifest["from_scratch_measured"]
+    assert measured["wall_seconds"] == manifest["wall_seconds_this_call"] and measured["runs"] == 6
+    assert measured["command"] == manifest["command"] and measured["jobs"] == 1
 
     # a second call reuses every finished run, even with the run folders gone (the CSV is the source of truth)
     for metrics in (workspace / "runs").rglob("metrics.json"):
@@ -62,6 +66,9 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert "[1/6]" not in again.output
     with open(out / "table2.csv") as handle:
         assert [r["recall@50"] for r in csv.DictReader(handle)] == [r["recall@50"] for r in rows]
+    reused = json.loads((out / "manifest.json").read_text())["table2"]
+    assert reused["from_scratch_measured"] == measured  # carried over, not replaced by a call that reused runs
+    assert reused["wall_seconds_this_call"] != measured["wall_seconds"]
 
     # --no-train writes the table from what is finished and lists the rest
     listed = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "3", "--methods", "none,rrd,hetcomp",
@@ -70,6 +77,7 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     page = (out / "table2.md").read_text()
     assert "Not finished yet (3 of 9 runs" in page and "| HetComp |" in page
     assert "Reading it" not in page
+    assert json.loads((out / "manifest.json").read_text())["table2"]["from_scratch_measured"] == measured
 
     # a hand-written reading of the table survives its regeneration
     (out / "table2-notes.md").write_text("RRD wins on this toy because ...\n")
