@@ -28,9 +28,9 @@ from hetcomp.teachers import (
     load_teachers,
     seeded_name,
     shares_state_epochs,
-    teacher_dir,
     top_overlap,
     train_teacher,
+    trajectory_file,
     trajectory_state_metrics,
 )
 from hetcomp.train import Callback
@@ -190,7 +190,7 @@ def train_teachers(
     with make_progress() as progress:
         for model in names:
             name = seeded_name(model, train_seed, seed)
-            path = teacher_dir(teachers_dir, split.meta["dataset"], name) / TRAJECTORY_FILE
+            path = trajectory_file(teachers_dir, split.meta["dataset"], name)
             if path.is_file():
                 load_trajectory(path, split)
                 progress.console.print(f"{name}: already complete at {path}, skipped (delete it to retrain)")
@@ -434,7 +434,7 @@ def import_teacher(
 ) -> None:
     """Turn rankings produced by another tool into a trajectory that `distill` can use."""
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
-    target = teacher_dir(teachers_dir, split.meta["dataset"], name) / TRAJECTORY_FILE
+    target = trajectory_file(teachers_dir, split.meta["dataset"], name)
     if target.exists():
         raise HetCompError(f"{target} already exists; choose another --name or delete it first")
     trajectory = import_rankings(file, split, name)

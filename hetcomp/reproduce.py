@@ -42,7 +42,6 @@ from hetcomp.metrics import csr_rows_dense, evaluate_split, exclude_rows_, topk_
 from hetcomp.models import build_model
 from hetcomp.teachers import (
     TEACHERS,
-    TRAJECTORY_FILE,
     dataset_teacher_settings,
     load_teachers,
     parse_seeded_name,
@@ -50,6 +49,7 @@ from hetcomp.teachers import (
     shares_state_epochs,
     teacher_dir,
     train_teacher,
+    trajectory_file,
 )
 from hetcomp.train import Callback
 
@@ -121,7 +121,7 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
     """Train (or reuse) the teachers ``names`` (``<model>`` or ``<model>-s<seed>``) and load them."""
     for name in names:
         model, train_seed = parse_seeded_name(name, seed)
-        if _teacher_file(rep, name).is_file():
+        if trajectory_file(rep.teachers_dir, rep.split.meta["dataset"], name).is_file():
             continue
         rep.say(f"training teacher {name}")
         overrides = {**({} if rep.schedule.quick else dataset_teacher_settings(rep.dataset)),
@@ -140,15 +140,11 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
     return trajectories
 
 
-def _teacher_file(rep: Reproduction, name: str) -> Path:
-    return teacher_dir(rep.teachers_dir, rep.split.meta["dataset"], name) / TRAJECTORY_FILE
-
-
 def teachers_digest(rep: Reproduction, names: Sequence[str]) -> str:
     """sha256 (first 12 hex digits) over the teachers' trajectory files: which exact teachers a run learnt from."""
     digest = hashlib.sha256()
     for name in names:
-        digest.update(_teacher_file(rep, name).read_bytes())
+        digest.update(trajectory_file(rep.teachers_dir, rep.split.meta["dataset"], name).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -249,7 +245,8 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     in this process)."""
     started = time.perf_counter()
     methods = list(methods or TABLE2_METHODS)
-    had_teachers = any(_teacher_file(rep, name).is_file() for name in TEACHERS)
+    dataset = rep.split.meta["dataset"]
+    had_teachers = any(trajectory_file(rep.teachers_dir, dataset, name).is_file() for name in TEACHERS)
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(rep, TEACHERS)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
@@ -300,7 +297,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     with _locked(rep.out_dir):
         (rep.out_dir / "table2.md").write_text(page)
         manifest = write_manifest(rep, "table2", chosen, seeds, time.perf_counter() - started, teacher_seconds,
-                                  jobs, from_scratch and not missing)
+                                  jobs, from_scratch)
     return {"rows": chosen, "teachers": teachers, "manifest": manifest}
 
 
@@ -475,14 +472,14 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
     path = rep.out_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
+    stamp = {"commit": git_commit(), "machine": machine(),
+             "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     measured = manifest.get(table, {}).get("from_scratch_measured")
     if from_scratch:
         measured = {"command": rep.command, "wall_seconds": round(seconds, 1), "runs": len(rows), "jobs": jobs,
-                    "commit": git_commit(), "machine": machine(),
-                    "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                    **stamp}
     manifest[table] = {
-        "command": rep.command, "seeds": list(seeds), "commit": git_commit(), "machine": machine(),
-        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": rep.command, "seeds": list(seeds), **stamp,
         "wall_seconds_this_call": round(seconds, 1),
         "sum_of_run_wall_seconds": round(run_seconds, 1),
         "teacher_training_seconds": round(teacher_seconds, 1),

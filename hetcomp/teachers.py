@@ -30,6 +30,11 @@ def teacher_dir(root: Path, dataset: str, teacher: str) -> Path:
     return Path(root) / dataset.replace(":", "-") / teacher
 
 
+def trajectory_file(root: Path, dataset: str, teacher: str) -> Path:
+    """Where a trained teacher's trajectory lives (its presence means the teacher is finished)."""
+    return teacher_dir(root, dataset, teacher) / TRAJECTORY_FILE
+
+
 class TrajectoryRecorder(Callback):
     """Keeps every evaluation's top-M ranking on disk; at the end writes the E1..E4 trajectory.
 
@@ -128,7 +133,7 @@ def load_teachers(split: Split, root: Path, teachers: tuple[str, ...] | list[str
     """Load and validate the trajectories of ``teachers`` for this split."""
     out = []
     for teacher in teachers:
-        path = teacher_dir(root, split.meta["dataset"], teacher) / TRAJECTORY_FILE
+        path = trajectory_file(root, split.meta["dataset"], teacher)
         trajectory = load_trajectory(path, split)
         trajectory.meta["name"] = teacher
         out.append(trajectory)
