@@ -25,6 +25,8 @@ def timed(function: Callable[[], object], repeat: int = 1, enough: float = float
     for _ in range(repeat):
         started = time.perf_counter()
         function()
+        if torch.cuda.is_available():  # CUDA work is asynchronous: wait for it before reading the clock
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
         if best > enough:
             break
@@ -40,7 +42,7 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
               report: Callable[[str, float], None] = lambda name, seconds: None) -> dict[str, float]:
     """Time loading, evaluation, a teacher epoch, a student epoch per method and one DKC check."""
     torch.set_flush_denormal(True)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"machine": machine()}  # type: ignore[dict-item]
 
     def record(name: str, seconds: float) -> None:
         out[name] = seconds
@@ -63,7 +65,7 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
         trajectories = load_teachers(split, teachers_dir)
     except TrajectoryError as error:
         report(f"student epochs and DKC skipped: {error}", float("nan"))
-        return out
+        return _with_peak_memory(out, device, report)
     context = DistillContext(split, trajectories, device)
     for name in methods or list(METHODS):
         method = build_method(name, context)
@@ -78,7 +80,13 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
                    timed(lambda m=method, r=ranking: m.knowledge.step(r, 20), 3))
             record("rebuild of the dynamic top-K (g over current states)",
                    timed(lambda m=method: context.ensemble_topk(m.config.k, m.knowledge.v)))
+    return _with_peak_memory(out, device, report)
+
+
+def _with_peak_memory(out: dict, device: torch.device, report: Callable[[str, float], None]) -> dict:
     out["peak memory (MB)"] = peak_memory_mb()
     report("peak memory (MB)", out["peak memory (MB)"])
-    out["machine"] = machine()  # type: ignore[assignment]
+    if device.type == "cuda":
+        out["peak GPU memory (MB)"] = torch.cuda.max_memory_allocated(device) / 2**20
+        report("peak GPU memory (MB)", out["peak GPU memory (MB)"])
     return out

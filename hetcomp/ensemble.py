@@ -39,6 +39,7 @@ def aggregate_scores(rankings: torch.Tensor, n_items: int, importance: torch.Ten
     n_teachers, batch, top_m = rankings.shape
     contribution = importance[:top_m].view(1, 1, top_m).expand(n_teachers, batch, top_m)
     if weights is not None:
+        weights = weights.to(contribution.device)
         weights = weights.view(n_teachers, -1, 1) if weights.dim() == 2 else weights.view(n_teachers, 1, 1)
         contribution = contribution * weights
     scores = torch.zeros(batch, n_items, device=rankings.device)
@@ -64,8 +65,9 @@ class EnsembleScorer:
         self.n_items = trajectories[0].meta["n_items"]
         self.top_m = min(t.top_m for t in trajectories)
         self.importance = rank_importance(self.top_m, decay, temperature, beta, self.device)
-        self.weights = weights
-        self.state_of = state_of
+        self.weights = None if weights is None else weights.to(self.device)
+        # the states live on the CPU, so the per-user choice of state is read there
+        self.state_of = state_of if isinstance(state_of, int) else state_of.cpu()
 
     def rankings(self, users: torch.Tensor) -> torch.Tensor:
         """The teachers' current rankings for ``users``: [n_teachers, B, M]."""

@@ -626,8 +626,8 @@ def cost_table(rep: Reproduction, students: Sequence[str] = ("mf", "ml", "dnn"),
             rows.append({"device": device.type, "model": f"student {student}", "dim": dim,
                          "parameters": model.n_parameters(), "score_seconds": score, "top50_seconds": top})
     columns = ("device", "model", "dim", "parameters", "score_seconds", "top50_seconds")
-    write_rows(rep.out_dir / "cost.csv", [{**r, "score_seconds": f"{r['score_seconds']:.4f}",
-                                           "top50_seconds": f"{r['top50_seconds']:.4f}"} for r in rows], columns)
+    write_rows(rep.out_dir / "cost.csv", [{**r, "score_seconds": f"{r['score_seconds']:.4g}",
+                                           "top50_seconds": f"{r['top50_seconds']:.4g}"} for r in rows], columns)
     lines = [f"# Cost — {rep.label}: parameters and inference latency", "", f"- command: `{rep.command}`",
              f"- commit: {git_commit()}", f"- machine: {machine()}", "",
              "Latency: best of 3 passes (1 when a pass takes over 5 s) "
@@ -642,8 +642,8 @@ def cost_table(rep: Reproduction, students: Sequence[str] = ("mf", "ml", "dnn"),
                   "|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["device"] == device.type):
             ratio = ensemble["top50_seconds"] / row["top50_seconds"]
-            lines.append(f"| {row['model']} | {row['dim']} | {row['parameters']:,} | {row['score_seconds']:.3f} | "
-                         f"{row['top50_seconds']:.3f} | {ratio:.1f}× |")
+            lines.append(f"| {row['model']} | {row['dim']} | {row['parameters']:,} | {row['score_seconds']:.3g} | "
+                         f"{row['top50_seconds']:.3g} | {ratio:.1f}× |")
         lines.append("")
     (rep.out_dir / "cost.md").write_text("\n".join(lines))
     write_manifest(rep, "cost", [], [], time.perf_counter() - started)

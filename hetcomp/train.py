@@ -233,7 +233,9 @@ class Trainer:
     def _resume(self) -> None:
         if self.run_dir is None or not (self.run_dir / "last.pt").is_file():
             return
-        saved = torch.load(self.run_dir / "last.pt", map_location=self.device, weights_only=False)
+        # on the CPU: the RNG states must stay CPU byte tensors; the model, the optimizer (it follows its
+        # parameters) and the objective move their own parts to the device
+        saved = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=False)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.generator.set_state(saved["generator"])

@@ -36,15 +36,19 @@ class NegativeSampler:
 
     def sample(self, users: torch.Tensor, n_negatives: int = 1, generator: torch.Generator | None = None,
                max_rounds: int = 100) -> torch.Tensor:
-        """Items of shape [len(users), n_negatives], none observed by its user in training."""
+        """Items of shape [len(users), n_negatives], none observed by its user in training.
+
+        Draws come from ``generator`` on the CPU and then move to the device, so a seed gives the same negatives
+        on every device (and a CPU generator works with a CUDA sampler).
+        """
         users = users.to(self.device)
         expanded = users.repeat_interleave(n_negatives) if n_negatives > 1 else users
-        negatives = torch.randint(self.n_items, expanded.shape, device=self.device, generator=generator)
+        negatives = torch.randint(self.n_items, expanded.shape, generator=generator).to(self.device)
         pending = self.is_observed(expanded, negatives).nonzero().squeeze(1)
         for _ in range(max_rounds):
             if pending.numel() == 0:
                 break
-            redraw = torch.randint(self.n_items, pending.shape, device=self.device, generator=generator)
+            redraw = torch.randint(self.n_items, pending.shape, generator=generator).to(self.device)
             negatives[pending] = redraw
             still = self.is_observed(expanded[pending], redraw)
             pending = pending[still]
