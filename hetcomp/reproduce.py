@@ -5,8 +5,8 @@ already finished, so an interrupted reproduce resumes. The CSV files under ``exp
 are the source of truth: one row per run, with the command that reruns it, its seed and the identity of its
 configuration (a hash of the dataset split, the teachers' settings and the run's settings). A row whose
 configuration hash matches is reused even when its run folder is gone (run folders are not committed), so a
-long table accumulates over several sessions; each row also records the digest of the teachers' files it was
-trained from, and the Markdown table says when rows came from differently-trained (but identically
+long table accumulates over several sessions; each row also records the digest of the teachers' rankings it
+was trained from, and the Markdown table says when rows came from differently-trained (but identically
 configured) teachers.
 
 ``--quick`` runs the same pipeline on the first users of the dataset with short schedules (a few minutes);
@@ -140,11 +140,14 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
     return trajectories
 
 
-def teachers_digest(rep: Reproduction, names: Sequence[str]) -> str:
-    """sha256 (first 12 hex digits) over the teachers' trajectory files: which exact teachers a run learnt from."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(trajectory_file(rep.teachers_dir, rep.split.meta["dataset"], name).read_bytes())
+def teachers_digest(trajectories: Sequence) -> str:
+    """sha256 (first 12 hex digits) over the teachers' identities and rankings: which exact teachers a run learnt
+    from. The arrays, not the files: two trainings with the same rankings get one digest, although their files
+    differ in timing metadata."""
+    digest = hashlib.sha256(json.dumps(teacher_identity(trajectories), sort_keys=True, default=str).encode())
+    for trajectory in trajectories:
+        for array in (trajectory.states.numpy(), trajectory.observed, trajectory.observed_indptr):
+            digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:12]
 
 
@@ -248,7 +251,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     dataset = rep.split.meta["dataset"]
     had_teachers = any(trajectory_file(rep.teachers_dir, dataset, name).is_file() for name in TEACHERS)
     trajectories = ensure_teachers(rep)
-    digest = teachers_digest(rep, TEACHERS)
+    digest = teachers_digest(trajectories)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
     plan = [(s, m, seed, *run_config(rep, trajectories, s, m, seed, dim, dict(rep.schedule.method_options.get(m, {}))))
             for s in students for m in methods for seed in seeds]

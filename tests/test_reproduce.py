@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from hetcomp.cli import app
-from hetcomp.reproduce import paired_p_value, read_rows
+from hetcomp.reproduce import paired_p_value, read_rows, teachers_digest
+from hetcomp.trajectory import Trajectory
 
 runner = CliRunner()
 
@@ -173,3 +175,14 @@ def test_a_failed_child_run_stops_the_table_and_names_its_log(tmp_path):
     assert any("mf-bad-0 FAILED (exit 3)" in line for line in said)
     assert sum(" done in " in line for line in said) == 2  # the good runs were not cut short
     assert (tmp_path / "logs" / "mf-bad-0.log").read_text().strip() == "run bad 0"
+
+
+def test_teachers_digest_follows_the_rankings_not_the_timing_metadata():
+    def trajectory(seconds: float, first_item: int = 1) -> Trajectory:
+        states = torch.tensor([[[first_item, 2], [3, 4]]], dtype=torch.int32)
+        return Trajectory(states, np.array([0, 5], dtype=np.int32), np.array([0, 1, 2], dtype=np.int64),
+                          {"teacher": "mf", "dim": 8, "train_seed": 0, "train_seconds": seconds})
+
+    retrained = teachers_digest([trajectory(10.0)])
+    assert teachers_digest([trajectory(99.0)]) == retrained  # same rankings, another wall time
+    assert teachers_digest([trajectory(10.0, first_item=0)]) != retrained  # one item moved
