@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from hetcomp.cli import app
-from hetcomp.reproduce import paired_p_value, read_rows, teachers_digest
+from hetcomp.reproduce import TABLE2_COLUMNS, paired_p_value, read_rows, teachers_digest, write_rows
 from hetcomp.trajectory import Trajectory
 
 runner = CliRunner()
@@ -186,3 +186,31 @@ def test_teachers_digest_follows_the_rankings_not_the_timing_metadata():
     retrained = teachers_digest([trajectory(10.0)])
     assert teachers_digest([trajectory(99.0)]) == retrained  # same rankings, another wall time
     assert teachers_digest([trajectory(10.0, first_item=0)]) != retrained  # one item moved
+
+
+def test_rows_hashed_before_a_later_teacher_setting_are_reused(workspace):
+    """A row written when the CML teacher had no ``score_scale`` is the same run: adopted, not retrained."""
+    from hetcomp.data import load_dataset
+    from hetcomp.reproduce import QUICK_USERS, Reproduction, Schedule, earlier_config
+    from hetcomp.teachers import TEACHERS, load_teachers
+
+    args = ("--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp")
+    invoke(workspace, *args)
+    out = workspace / "results" / "csv-toy-first300"
+    planned = ("none", "rrd", "hetcomp")
+    current = {(r["method"], r["seed"]): r["config"] for r in read_rows(out / "table2.csv") if r["method"] in planned}
+    split = load_dataset("csv", path=workspace / "toy.csv", user_col="u", item_col="i", max_users=QUICK_USERS,
+                         cache_dir=workspace / "cache")
+    rep = Reproduction("csv", split, workspace / "teachers", schedule=Schedule.short())
+    trajectories = load_teachers(split, workspace / "teachers", list(TEACHERS))
+    rows = read_rows(out / "table2.csv")
+    for row in (r for r in rows if r["method"] in planned):
+        row["config"] = earlier_config(rep, trajectories, "mf", row["method"], int(row["seed"]), 6,
+                                       dict(rep.schedule.method_options.get(row["method"], {})))
+        assert row["config"] != current[(row["method"], row["seed"])]  # the toy's CML teacher has score_scale
+    write_rows(out / "table2.csv", rows, TABLE2_COLUMNS)
+
+    result = invoke(workspace, *args, "--no-train")
+    assert "6 row(s) hashed before the teacher setting" in result.output and "Not finished" not in result.output
+    assert {(r["method"], r["seed"]): r["config"] for r in read_rows(out / "table2.csv")
+            if r["method"] in planned} == current
