@@ -205,8 +205,9 @@ def earlier_config(rep: Reproduction, trajectories: list, student: str, method: 
     identity = run_identity(rep, trajectories, student, method, seed, dim, options)
     missing = object()
     for teacher in identity["teachers"]:
-        teacher["config"] = {key: value for key, value in (teacher["config"] or {}).items()
-                             if LATER_TEACHER_SETTINGS.get(key, missing) != value}
+        if isinstance(teacher["config"], dict):  # an imported teacher has none
+            teacher["config"] = {key: value for key, value in teacher["config"].items()
+                                 if LATER_TEACHER_SETTINGS.get(key, missing) != value}
     return _identity_hash(identity)
 
 
