@@ -39,7 +39,6 @@ def aggregate_scores(rankings: torch.Tensor, n_items: int, importance: torch.Ten
     n_teachers, batch, top_m = rankings.shape
     contribution = importance[:top_m].view(1, 1, top_m).expand(n_teachers, batch, top_m)
     if weights is not None:
-        weights = weights.to(contribution.device)
         weights = weights.view(n_teachers, -1, 1) if weights.dim() == 2 else weights.view(n_teachers, 1, 1)
         contribution = contribution * weights
     scores = torch.zeros(batch, n_items, device=rankings.device)

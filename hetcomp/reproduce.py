@@ -80,6 +80,10 @@ class Schedule:
     method_options: dict = field(default_factory=dict)  # per method, e.g. HetComp's DKC period for --quick
     quick: bool = False
 
+    def options(self, method: str) -> dict:
+        """The method options this schedule sets (a fresh dict: callers may extend it)."""
+        return dict(self.method_options.get(method, {}))
+
     @classmethod
     def short(cls) -> Schedule:
         """``--quick``: dim-16 teachers and 20-epoch runs, evaluated every 5 epochs."""
@@ -216,8 +220,7 @@ def adopt_earlier_rows(rep: Reproduction, trajectories: list, plan: Sequence[tup
     (the same runs, see :data:`LATER_TEACHER_SETTINGS`), in table2.csv and curves.csv; returns how many."""
     renamed = {}
     for student, method, seed, config, _ in plan:
-        options = dict(rep.schedule.method_options.get(method, {}))
-        earlier = earlier_config(rep, trajectories, student, method, seed, dim, options)
+        earlier = earlier_config(rep, trajectories, student, method, seed, dim, rep.schedule.options(method))
         if earlier != config:
             renamed[(student, method, str(seed), earlier)] = config
     if not renamed:
@@ -246,7 +249,7 @@ def student_run(rep: Reproduction, trajectories: list, student: str, method: str
                 options: dict | None = None) -> dict | None:
     """Train (or reuse) one student run; returns its metrics.json content (None: not finished and ``rep.train``
     is off)."""
-    options = dict(rep.schedule.method_options.get(method, {}), **(options or {}))
+    options = dict(rep.schedule.options(method), **(options or {}))
     _, command = run_config(rep, trajectories, student, method, seed, dim, options)
     callback = rep.progress(f"{student}-{method} seed {seed}", rep.schedule.max_epochs) if rep.train else None
     try:
@@ -313,7 +316,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(trajectories)
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
-    plan = [(s, m, seed, *run_config(rep, trajectories, s, m, seed, dim, dict(rep.schedule.method_options.get(m, {}))))
+    plan = [(s, m, seed, *run_config(rep, trajectories, s, m, seed, dim, rep.schedule.options(m)))
             for s in students for m in methods for seed in seeds]
     adopt_earlier_rows(rep, trajectories, plan, dim)
     runs_folder = rep.runs_dir / rep.label

@@ -206,7 +206,7 @@ def test_rows_hashed_before_a_later_teacher_setting_are_reused(workspace):
     rows = read_rows(out / "table2.csv")
     for row in (r for r in rows if r["method"] in planned):
         row["config"] = earlier_config(rep, trajectories, "mf", row["method"], int(row["seed"]), 6,
-                                       dict(rep.schedule.method_options.get(row["method"], {})))
+                                       rep.schedule.options(row["method"]))
         assert row["config"] != current[(row["method"], row["seed"])]  # the toy's CML teacher has score_scale
     write_rows(out / "table2.csv", rows, TABLE2_COLUMNS)
 
