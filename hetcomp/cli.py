@@ -369,6 +369,9 @@ def reproduce_command(
     results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
     jobs: int = typer.Option(1, min=1, help="Table 2: train this many student runs at once, each in its own "
                                             "process with cores/jobs threads (e.g. 2 on a 2-core machine)."),
+    rows_only: bool = typer.Option(False, "--rows-only", hidden=True,
+                                   help="Table 2: merge the rows into table2.csv, leave table2.md and the manifest "
+                                        "(what the children of --jobs do)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp import reproduce as rp
@@ -382,12 +385,13 @@ def reproduce_command(
                          max_users=rp.QUICK_USERS if quick else None, **source)
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
-    command = "hetcomp " + " ".join(sys.argv[1:])
+    # a row records the command that reproduces it: a child's own switch is not part of that
+    command = "hetcomp " + " ".join(arg for arg in sys.argv[1:] if arg != "--rows-only")
 
     def child_command(student: str, method: str, seed: int) -> list[str]:
         """This call's options for one run: a child of ``--jobs`` reads exactly the same inputs."""
         args = [sys.executable, "-m", "hetcomp", "reproduce", "--dataset", dataset, "--table", "2",
-                "--students", student, "--methods", method, "--seeds", f"{seed},", "--device", device,
+                "--students", student, "--methods", method, "--seeds", f"{seed},", "--device", device, "--rows-only",
                 "--teachers-dir", str(teachers_dir), "--runs-dir", str(runs_dir), "--results-dir", str(results_dir)]
         args += ["--quick"] if quick else []
         args += ["--data-dir", str(data_dir)] if data_dir else []
@@ -409,8 +413,9 @@ def reproduce_command(
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
         elif table == "2":
-            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs)
-            written = [rep.out_dir / "table2.md", rep.out_dir / "table2.csv"]
+            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, page=not rows_only)
+            written = [rep.out_dir / "table2.csv"] if rows_only else [rep.out_dir / "table2.md",
+                                                                       rep.out_dir / "table2.csv"]
         elif table == "1":
             rp.table1(rep)
             written = [rep.out_dir / "table1.md", rep.out_dir / "table1.csv"]

@@ -103,6 +103,10 @@ def test_jobs_train_runs_in_child_processes_and_merge_their_rows(workspace):
     assert sorted(r["seed"] for r in rows) == ["0", "1"]
     assert all(f"--methods rd --seeds {r['seed']}," in r["command"] for r in rows)  # a quick row: the child's call
     assert {"mf-rd-0.log", "mf-rd-1.log"} <= {f.name for f in (out / "logs").iterdir()}
+    # a child merges its row only: its one-row page would replace the table's page until the parent's rewrite
+    assert not any("--rows-only" in r["command"] for r in rows)
+    assert all("table2.md" not in (out / "logs" / f"mf-rd-{seed}.log").read_text() for seed in (0, 1))
+    assert "| RD |" in (out / "table2.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())["table2"]
     assert manifest["jobs"] == 2 and len(manifest["runs"]) == 2
     assert manifest["from_scratch_estimate"]["seconds"] >= manifest["teacher_training_seconds"]
