@@ -413,7 +413,7 @@ def reproduce_command(
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
         elif table == "2":
-            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, page=not rows_only)
+            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, write_page=not rows_only)
             written = [rep.out_dir / "table2.csv"] if rows_only else [rep.out_dir / "table2.md",
                                                                        rep.out_dir / "table2.csv"]
         elif table == "1":

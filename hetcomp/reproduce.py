@@ -304,11 +304,11 @@ CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "val
 
 
 def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str] | None = None,
-           dim: int = 6, jobs: int = 1, page: bool = True) -> dict:
+           dim: int = 6, jobs: int = 1, write_page: bool = True) -> dict:
     """Run (or reuse) every teacher and student of Table 2 and write table2.csv / curves.csv / table2.md.
 
     With ``jobs`` > 1 the missing student runs are trained by that many child processes at once (teachers first,
-    in this process). ``page=False`` (the children) only merges rows: a child's one-row table2.md and manifest
+    in this process). ``write_page=False`` (the children) only merges rows: a child's one-row table2.md and manifest
     would replace the whole table's until the parent rewrote them."""
     started = time.perf_counter()
     methods = list(methods or TABLE2_METHODS)
@@ -358,7 +358,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
                                      if (c["student"], c["method"], c["seed"]) != same] + curve, CURVE_COLUMNS)
     by_key = {_row_key(r): r for r in read_rows(table_file)}
     chosen = [by_key[key] for key in wanted]
-    if not page:
+    if not write_page:
         return {"rows": chosen, "teachers": {}, "manifest": None}
     teachers = teacher_rows(rep, trajectories)
     page = table2_markdown(rep, chosen, teachers, students, methods, seeds, missing)
