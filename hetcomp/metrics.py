@@ -7,6 +7,7 @@ high 32 bits and the reversed item index in the low 32 bits, so no two keys are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -45,14 +46,24 @@ def topk_items(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
         values, items = values[:, :k], items[:, :k]
     else:
         ambiguous = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    items = _canonical_order(values, items)[1]
+    if ambiguous.any():
+        rows = ambiguous.nonzero().squeeze(1)
+        items[rows] = _exact_topk(scores[rows], k)
+    return items
+
+
+def _exact_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best items per row by the exact integer keys: the reference that every fast path must match."""
+    return torch.topk(sortable_keys(scores), k, dim=-1).indices
+
+
+def _canonical_order(values: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, items) of a top-k list re-sorted by (value desc, index asc): ``topk`` leaves ties unordered."""
     items, order = items.sort(dim=1)
     values = values.gather(1, order)
     order = values.sort(dim=1, descending=True, stable=True).indices
-    items = items.gather(1, order)
-    if ambiguous.any():
-        rows = ambiguous.nonzero().squeeze(1)
-        items[rows] = torch.topk(sortable_keys(scores[rows]), k, dim=-1).indices
-    return items
+    return values.gather(1, order), items.gather(1, order)
 
 
 def _row_nonzeros(matrix: sp.csr_matrix, rows: np.ndarray,
@@ -92,9 +103,16 @@ def recall_ndcg(topk: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int],
     Users with no relevant item get NaN (callers evaluate only users that have some). ``n_relevant`` (the
     row counts, when the caller knows them) saves a pass over the dense mask.
     """
-    hits = relevant.gather(1, topk).to(torch.float64)
-    n_relevant = (relevant.sum(1) if n_relevant is None else n_relevant).to(torch.float64)
-    discounts = _discounts(topk.shape[1], topk.device)
+    n_relevant = relevant.sum(1) if n_relevant is None else n_relevant
+    return _recall_ndcg_from_hits(relevant.gather(1, topk), n_relevant, ks)
+
+
+def _recall_ndcg_from_hits(hits: torch.Tensor, n_relevant: torch.Tensor,
+                           ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """:func:`recall_ndcg` from the hits [B, >=max(ks)] of the ranking (whether each entry is relevant)."""
+    hits = hits.to(torch.float64)
+    n_relevant = n_relevant.to(torch.float64)
+    discounts = _discounts(hits.shape[1], hits.device)
     ideal_cumulative = torch.cumsum(discounts, 0)
     out: dict[str, torch.Tensor] = {}
     for k in ks:
@@ -134,13 +152,62 @@ def ranking_ndcg(ranking: torch.Tensor, ideal: torch.Tensor, gains: torch.Tensor
     return dcg / idcg
 
 
+def _sorted_keys(matrix: sp.csr_matrix, device: torch.device | str) -> torch.Tensor:
+    """The sorted int64 keys (row * n_cols + column) of a sparse matrix's entries, for :func:`_contains`."""
+    coo = matrix.tocoo()
+    keys = coo.row.astype(np.int64) * matrix.shape[1] + coo.col.astype(np.int64)
+    return torch.from_numpy(np.sort(keys)).to(device)
+
+
+def _contains(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Whether each key is in ``sorted_keys``: one ``searchsorted``, no dense [B, n_items] mask."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    slot = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
+    return sorted_keys[slot] == keys
+
+
+def _top_values(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1, sorted=False)`` for wide rows: the same values, any of equally scored items.
+
+    Item i falls in group i mod G (G ≈ sqrt(k · n_items); the last n_items mod G items stay aside). The k groups
+    with the highest maxima hold every score above the k-th of those maxima and k scores at least equal to it,
+    so the k best scores lie in their union with the items set aside: one ``amax`` pass and two ``topk`` over
+    ~sqrt(k · n_items) entries instead of one over n_items (1,024 CiteULike users, k = 67: 44 against 58 ms).
+    """
+    n_items = scores.shape[1]
+    group_size = max(1, round(math.sqrt(n_items / k)))
+    n_groups = n_items // group_size
+    if group_size < 4 or n_groups <= k:
+        return torch.topk(scores, k, dim=1, sorted=False)
+    body = n_groups * group_size
+    best_groups = torch.topk(scores[:, :body].unflatten(1, (group_size, n_groups)).amax(1), k, dim=1,
+                             sorted=False).indices
+    offsets = torch.arange(0, body, n_groups, device=scores.device)
+    candidates = (best_groups.unsqueeze(2) + offsets).flatten(1)
+    if body < n_items:
+        rest = torch.arange(body, n_items, device=scores.device).expand(len(scores), -1)
+        candidates = torch.cat([candidates, rest], dim=1)
+    values, where = torch.topk(scores.gather(1, candidates), k, dim=1, sorted=False)
+    return values, candidates.gather(1, where)
+
+
+#: list entries per row beyond max(ks) + 1, for the other part's held-out items that a part drops from it
+_HELD_OUT_MARGIN = 16
+
+
 def evaluate_split(score_fn: ScoreFn, split, ks: Sequence[int] = (10, 50), top_m: int | None = None,
-                   batch_size: int = 1024, device: torch.device | str = "cpu") -> dict:
+                   batch_size: int = 256, device: torch.device | str = "cpu") -> dict:
     """Validation and test metrics (and optionally every user's top-M unobserved items) from one scoring pass.
 
     Validation excludes train ∪ test items, test excludes train ∪ valid items (method.md); the top-M ranking
     excludes only the training items (the knowledge a teacher hands on). Returns
     ``{"valid": {...}, "test": {...}, "ranking": int32 tensor [n_users, top_m] or None}``.
+
+    One ``topk`` per batch serves all three, as it dominates the cost: a list of the best items apart from the
+    training ones, put in (score desc, index asc) order; the ranking is its head, and each part's top-K is the
+    head of what remains once the other part's held-out items are dropped. Rows that the list does not decide
+    (a tie across the cut, or fewer than K + 1 entries left) are recomputed as before, so results are exact.
     """
     k_max = max(ks)
     for k in (k_max, top_m or 0):
@@ -150,29 +217,74 @@ def evaluate_split(score_fn: ScoreFn, split, ks: Sequence[int] = (10, 50), top_m
     sums = {part: {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")} for part in ("valid", "test")}
     counts = {"valid": 0, "test": 0}
     sizes = {part: torch.from_numpy(np.diff(getattr(split, part).indptr)) for part in ("valid", "test")}
+    keys = {part: _sorted_keys(getattr(split, part), device) for part in ("valid", "test")}
     rankings = []
     for start in range(0, split.n_users, batch_size):
         users = np.arange(start, min(start + batch_size, split.n_users))
         with torch.no_grad():
             scores = score_fn(torch.from_numpy(users).to(device))
-        if scores.shape != (len(users), split.n_items):
-            raise HetCompError(f"score function returned shape {tuple(scores.shape)}, expected "
-                               f"({len(users)}, {split.n_items}) = (users in batch, items)")
-        scores = scores.masked_fill(csr_rows_dense(split.train, users, scores.device), float("-inf"))
+            if scores.shape != (len(users), split.n_items):
+                raise HetCompError(f"score function returned shape {tuple(scores.shape)}, expected "
+                                   f"({len(users)}, {split.n_items}) = (users in batch, items)")
+            ranking = _evaluate_batch(scores.contiguous(), split, users, ks, top_m, keys, sizes, sums, counts)
+        if ranking is not None:
+            rankings.append(ranking)
+    result = {part: {key: value / max(counts[part], 1) for key, value in sums[part].items()} for part in sums}
+    result["ranking"] = torch.cat(rankings) if rankings else None
+    return result
+
+
+def _evaluate_batch(scores: torch.Tensor, split, users: np.ndarray, ks: Sequence[int], top_m: int | None,
+                    keys: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor], sums: dict,
+                    counts: dict[str, int]) -> torch.Tensor | None:
+    """Adds one batch's metric sums to ``sums`` / ``counts``; returns its int32 CPU ranking (or None).
+
+    The training items are set to −inf in ``scores`` in place and restored at the end, so a score function may
+    return a view of its own data.
+    """
+    n_items = scores.shape[1]
+    k_max = max(ks)
+    train_at = _row_nonzeros(split.train, users, scores.device)
+    saved = scores[train_at]
+    scores.index_put_(train_at, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+    try:
+        most_held_out = max(int(sizes[part][users].max()) for part in sizes)
+        length = min(n_items, max(k_max + 1 + min(most_held_out, _HELD_OUT_MARGIN), (top_m or 0) + 1))
+        values, items = _canonical_order(*_top_values(scores, length))
+        user_index = torch.from_numpy(users).to(scores.device).unsqueeze(1)
+        keys = {part: part_keys.to(scores.device) for part, part_keys in keys.items()}
+        member = {part: _contains(keys[part], user_index * n_items + items) for part in keys}
+        ranking = None
         if top_m:
-            rankings.append(topk_items(scores, top_m).to(torch.int32).cpu())
-        held = {"valid": csr_rows_dense(split.valid, users, scores.device),
-                "test": csr_rows_dense(split.test, users, scores.device)}
+            ranking = items[:, :top_m].clone()
+            if top_m < length:
+                tied = (values[:, top_m] == values[:, top_m - 1]).nonzero().squeeze(1)
+                if tied.numel():
+                    ranking[tied] = _exact_topk(scores[tied], top_m)
+            ranking = ranking.to(torch.int32).cpu()
         for part, other in (("valid", "test"), ("test", "valid")):
             batch_sizes = sizes[part][users]
             rows = batch_sizes.nonzero().squeeze(1).to(scores.device)
             if rows.numel() == 0:
                 continue
-            top = topk_items(scores[rows].masked_fill_(held[other][rows], float("-inf")), k_max)
+            hits = torch.zeros((rows.numel(), k_max), dtype=torch.bool, device=scores.device)
+            decided = torch.zeros(rows.numel(), dtype=torch.bool, device=scores.device)
+            if k_max < length:
+                dropped = member[other][rows]
+                kept = dropped.to(torch.uint8).sort(dim=1, stable=True).indices[:, :k_max + 1]
+                head = values[rows].gather(1, kept)
+                decided = ((~dropped).sum(1) > k_max) & (head[:, k_max] != head[:, k_max - 1])
+                hits = member[part][rows].gather(1, kept[:, :k_max])
+            undecided = (~decided).nonzero().squeeze(1)
+            if undecided.numel():
+                redo = rows[undecided]
+                redo_users = users[redo.cpu().numpy()]
+                top = topk_items(exclude_rows_(scores[redo], getattr(split, other), redo_users), k_max)
+                hits[undecided] = _contains(keys[part], user_index[redo] * n_items + top)
             n_relevant = batch_sizes[batch_sizes > 0].to(scores.device)
-            for key, values in recall_ndcg(top, held[part][rows], ks, n_relevant).items():
-                sums[part][key] += float(values.sum())
+            for key, metric in _recall_ndcg_from_hits(hits, n_relevant, ks).items():
+                sums[part][key] += float(metric.sum())
             counts[part] += rows.numel()
-    result = {part: {key: value / max(counts[part], 1) for key, value in sums[part].items()} for part in sums}
-    result["ranking"] = torch.cat(rankings) if rankings else None
-    return result
+        return ranking
+    finally:
+        scores.index_put_(train_at, saved)

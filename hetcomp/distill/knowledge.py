@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hetcomp.data import HetCompError
-from hetcomp.metrics import positions_in, ranking_ndcg
+from hetcomp.metrics import positions_in
 
 FORMS = ("paper", "code")
 
@@ -41,17 +41,74 @@ def discrepancy(student: torch.Tensor, teacher: torch.Tensor, k: int = 50, lam: 
     """
     student, teacher = student[..., :k], teacher[..., :k]
     shape = student.shape[:-1]
-    student, teacher = student.reshape(-1, k), teacher.reshape(-1, k)
-    gains = discrepancy_gains(k, lam, student.device)
+    found, position = positions_in(student.reshape(-1, k), teacher.reshape(-1, k))
+    return discrepancy_from_positions(torch.where(found, position, k), lam, form).reshape(shape)
+
+
+def discrepancy_from_positions(position: torch.Tensor, lam: float = 10.0, form: str = "paper") -> torch.Tensor:
+    """D@K per row from where each of the student's K items sits in the teacher's top-K ([rows, K], K: absent).
+
+    The arithmetic of :func:`~hetcomp.metrics.ranking_ndcg` (paper) step by step, so that a DKC check that
+    finds the positions another way (:func:`list_positions`) gets the very same bits as :func:`discrepancy`.
+    An absent item looks up a trailing 0 (the gain, or the ``code`` form's "found"), as ``where`` would give.
+    """
+    k = position.shape[1]
+    device = position.device
+    gains = discrepancy_gains(k, lam, device)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=device))
+    absent = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def look_up(table: torch.Tensor) -> torch.Tensor:
+        return torch.cat([table, absent]).index_select(0, position.reshape(-1)).view(position.shape)
+
     if form == "paper":
-        ndcg = ranking_ndcg(student, teacher, gains)
+        ndcg = (look_up(gains) * discounts).sum(1) / (gains * discounts).sum()
     elif form == "code":
-        found = positions_in(student, teacher)[0].to(torch.float64)
-        discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=student.device))
+        found = look_up(torch.ones(k, dtype=torch.float64, device=device))
         ndcg = (found * gains * discounts).sum(1) / (gains * discounts).sum()
     else:
         raise HetCompError(f"unknown D@K form {form!r}; choose one of {', '.join(FORMS)}")
-    return (1.0 - ndcg).reshape(shape)
+    return 1.0 - ndcg
+
+
+def list_positions(items: torch.Tensor, lists: torch.Tensor, table_bytes: int = 1 << 21) -> torch.Tensor:
+    """Position of each of ``items`` [U, K] in each of its user's ``lists`` [U, T, L], L if absent: [U, T, K].
+
+    List entries are distinct within a list (as in :func:`~hetcomp.metrics.positions_in`, which sorts and
+    binary-searches every list: 6 × 5k of them, twice, per DKC check on CiteULike). Here each chunk of users
+    writes where its items sit into one small reusable lookup table, reads it at every list entry and clears
+    it; the hits are then scattered back to the items' side. Rows with a repeated item (never a top-K, but
+    possible input) take the sorting path.
+    """
+    n_users, n_lists, length = lists.shape
+    n_items = items.shape[1]
+    device = items.device
+    out = torch.full((n_users, n_lists, n_items + 1), length, dtype=torch.int64, device=device)  # 0: no hit
+    if lists.numel() and items.numel():
+        width = max(int(lists.max()), int(items.max())) + 1
+        dtype = torch.int8 if n_items < 127 else torch.int16 if n_items < 32767 else torch.int32
+        chunk = max(1, min(n_users, table_bytes // (width * dtype.itemsize)))
+        written = torch.where(items >= 0, items, width).long()  # column ``width``: never read by a list
+        read = lists.reshape(n_users, n_lists * length).long()
+        slot = torch.arange(1, n_items + 1, dtype=dtype, device=device).expand(chunk, n_items)
+        blank = torch.zeros(chunk, n_items, dtype=dtype, device=device)
+        table = torch.zeros(chunk, width + 1, dtype=dtype, device=device)
+        hit = torch.empty(n_users, n_lists * length, dtype=dtype, device=device)  # item position + 1, 0: none
+        kept = torch.empty(n_users, n_items, dtype=dtype, device=device)  # not its own slot: a repeated item
+        for start in range(0, n_users, chunk):
+            stop = min(start + chunk, n_users)
+            rows, index = table[:stop - start], written[start:stop]
+            rows.scatter_(1, index, slot[:stop - start])
+            torch.gather(rows, 1, index, out=kept[start:stop])
+            torch.gather(rows, 1, read[start:stop], out=hit[start:stop])
+            rows.scatter_(1, index, blank[:stop - start])
+        out.scatter_(2, hit.view(n_users, n_lists, length).long(),
+                     torch.arange(length, device=device).expand(n_users, n_lists, length))
+        repeated = ((kept != slot[:1]) & (written < width)).any(1).nonzero().squeeze(1)
+        for index in range(n_lists if len(repeated) else 0):
+            found, position = positions_in(items[repeated], lists[repeated, index])
+            out[repeated, index, 1:] = torch.where(found, position, length)
+    return out[..., 1:]
 
 
 @dataclass
@@ -76,7 +133,7 @@ class DynamicKnowledge:
 
     def __init__(self, teacher_states: torch.Tensor, config: DKCConfig | None = None) -> None:
         self.config = config or DKCConfig()
-        self.states = teacher_states[..., :self.config.k]
+        self.states = teacher_states[..., :self.config.k].contiguous()  # rows looked up by index
         n_teachers, self.n_states, n_users, _ = self.states.shape
         device = self.states.device
         self.v = torch.zeros(n_teachers, n_users, dtype=torch.int64, device=device)
@@ -96,8 +153,16 @@ class DynamicKnowledge:
     def _distance_to(self, student_topk: torch.Tensor, state_index: torch.Tensor) -> torch.Tensor:
         """D@K between the student's top-K [n_users, K] and state ``state_index`` [T, U] of every teacher."""
         n_teachers, n_users = state_index.shape
-        out = torch.empty(n_teachers, n_users, dtype=torch.float64, device=student_topk.device)
-        users = torch.arange(n_users, device=student_topk.device)
+        device = student_topk.device
+        users = torch.arange(n_users, device=device)
+        k = self.config.k
+        if student_topk.shape[1] == k and self.states.shape[-1] == k:  # all teachers at once, same bits
+            row = (torch.arange(n_teachers, device=device).view(1, -1) * self.n_states + state_index.t()) * n_users
+            lists = self.states.reshape(-1, k).index_select(0, (row + users.view(-1, 1)).reshape(-1))
+            position = list_positions(student_topk, lists.view(n_users, n_teachers, k))
+            distance = discrepancy_from_positions(position.reshape(-1, k), self.config.lam, self.config.form)
+            return distance.view(n_users, n_teachers).t().contiguous()
+        out = torch.empty(n_teachers, n_users, dtype=torch.float64, device=device)
         for teacher in range(n_teachers):  # a loop over the (six) teachers only; users are batched
             target = self.states[teacher, state_index[teacher], users]
             out[teacher] = discrepancy(student_topk, target, self.config.k, self.config.lam, self.config.form)
