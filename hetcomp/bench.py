@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from hetcomp.data import load_dataset
+from hetcomp.device import keep_freed_memory, peak_memory_mb
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.run import machine
 from hetcomp.metrics import evaluate_split
@@ -33,15 +33,12 @@ def timed(function: Callable[[], object], repeat: int = 1, enough: float = float
     return best
 
 
-def peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teachers_dir: Path,
               device: torch.device, teacher: str = "mf", student: str = "mf", methods: list[str] | None = None,
               report: Callable[[str, float], None] = lambda name, seconds: None) -> dict[str, float]:
     """Time loading, evaluation, a teacher epoch, a student epoch per method and one DKC check."""
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     out: dict[str, float] = {"machine": machine()}  # type: ignore[dict-item]
 
     def record(name: str, seconds: float) -> None:
@@ -51,12 +48,13 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
     record("load and split (no cache)", timed(lambda: load_dataset(dataset, data_dir=data_dir, use_cache=False)))
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir)
     record("load split (cached)", timed(lambda: load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir), 3))
-    users = torch.Generator().manual_seed(0)
-    user_factors = torch.randn(split.n_users, 64, generator=users).to(device)
-    item_factors = torch.randn(split.n_items, 64, generator=users).to(device)
-    score = lambda batch: user_factors[batch] @ item_factors.T  # noqa: E731
-    record("full evaluation, valid + test R/N@10/50, all users", timed(lambda: evaluate_split(score, split,
-                                                                                               device=device), 2))
+    generator = torch.Generator().manual_seed(0)
+    for dim, who in ((64, "a dim-64 teacher"), (6, "a dim-6 student")):
+        user_factors = torch.randn(split.n_users, dim, generator=generator).to(device)
+        item_factors = torch.randn(split.n_items, dim, generator=generator).to(device)
+        score = lambda batch, u=user_factors, v=item_factors: u[batch] @ v.T  # noqa: E731
+        record(f"full evaluation, valid + test R/N@10/50, all users ({who}'s scores)",
+               timed(lambda s=score: evaluate_split(s, split, device=device), 2))
     model = build_model(teacher, split.train, dim=64)
     objective = OwnLoss(model, split, model.config.batch_size, model.config.n_negatives, device)
     trainer = Trainer(model, split, objective, TrainerConfig(lr=model.config.lr), device)

@@ -19,6 +19,7 @@ import torch
 
 from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
+from hetcomp.device import keep_freed_memory
 from hetcomp.metrics import evaluate_split
 from hetcomp.models.base import Batch, Recommender
 
@@ -35,7 +36,7 @@ class TrainerConfig:
     monitor: str = "recall@50"
     ks: tuple[int, ...] = (10, 50)
     top_m: int | None = None
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 256  # [256, n_items] scores stay under glibc's reused-buffer size (see keep_freed_memory)
     seed: int = 0
 
 
@@ -142,6 +143,7 @@ class Trainer:
                  run_dir: Path | None = None) -> None:
         self.device = torch.device(device)
         torch.set_flush_denormal(True)  # denormal floats (e.g. tiny softmax tails) slow CPU kernels several-fold
+        keep_freed_memory()
         self.model = model.to(self.device)
         self.split = split
         self.objective = objective

@@ -480,22 +480,24 @@ def test_kd_candidates_and_listwise_term_match_naive(context):
 
 # ---- the non-default variants train, finitely and reproducibly --------------------------------------------
 
-@pytest.mark.parametrize("name,options,settled", [  # settled: first epoch of the last loss definition
-    ("rd", {"dynamic": True, "dynamic_start": 2}, 0),
-    ("rrd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8}, 0),
-    ("dcd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8, "period": 2}, 0),
-    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "list_size": 8}, 2),  # stage 2 from epoch 3
+@pytest.mark.parametrize("name,options,settled,lr", [  # settled: first epoch of the last loss definition
+    ("rd", {"dynamic": True, "dynamic_start": 2}, 0, 1e-2),
+    ("rrd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8}, 0, 1e-2),
+    ("dcd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8, "period": 2}, 0, 1e-2),
+    # stage 2 from epoch 3; LambdaMRR's loss is nearly flat on this split at lr 1e-2 (a coin flip whether
+    # epoch 6 is below epoch 3 for a given random stream), so it trains at 3e-2, where it falls for every seed
+    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "list_size": 8}, 2, 3e-2),
     ("kd", {"k": 10, "n_neg": 8, "own_weight": 1.0, "on": "probs", "label_margin": True,
-            "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}, 0),
+            "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}, 0, 1e-2),
 ])
-def test_variants_train_reproducibly(name, options, settled, teachers):
+def test_variants_train_reproducibly(name, options, settled, lr, teachers):
     outputs = []
     for _ in range(2):
         torch.manual_seed(0)
         method = build_method(name, DistillContext(SPLIT, teachers, batch_users=16), **options)
         model = build_model("mf", SPLIT.train, dim=4)
-        trainer = Trainer(model, SPLIT, method, TrainerConfig(lr=1e-2, seed=0))
-        losses = [trainer.train_epoch() for _ in range(6)]
+        trainer = Trainer(model, SPLIT, method, TrainerConfig(lr=lr, seed=0))
+        losses = [trainer.train_epoch() for _ in range(8)]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[settled]
         outputs.append(model.score(torch.arange(5)).detach())
     assert torch.equal(outputs[0], outputs[1])

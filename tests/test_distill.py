@@ -171,6 +171,77 @@ def test_tail_logsumexp_equals_the_masked_version():
     assert torch.allclose(tail_logsumexp(scores, excluded, valid), masked_logsumexp(scores, mask), atol=1e-5)
 
 
+@pytest.mark.parametrize("bound", [None, 6.0])
+def test_fused_tail_logsumexp_has_the_value_and_gradient_of_the_autograd_version(bound):
+    from hetcomp.distill.losses import masked_logsumexp, tail_logsumexp
+
+    generator = torch.Generator().manual_seed(1)
+    scores = (torch.randn(6, 50, generator=generator, dtype=torch.float64) * 5).requires_grad_()
+    excluded = torch.stack([torch.randperm(50, generator=generator)[:9] for _ in range(6)])
+    valid = torch.rand(6, 9, generator=generator) > 0.3
+    mask = torch.ones(6, 50, dtype=torch.bool)
+    for row in range(6):
+        mask[row, excluded[row][valid[row]]] = False
+    weights = torch.rand(6, generator=generator, dtype=torch.float64)
+    reference_scores = scores if bound is None else scores.clamp(-bound, bound)
+    reference = masked_logsumexp(reference_scores, mask)
+    (expected_grad,) = torch.autograd.grad((reference * weights).sum(), scores)
+    fused = tail_logsumexp(scores, excluded, valid, bound=bound)
+    (fused_grad,) = torch.autograd.grad((fused * weights).sum(), scores)
+    assert torch.allclose(fused, reference, atol=1e-12)
+    assert torch.allclose(fused_grad, expected_grad, atol=1e-12)
+    if bound is not None:
+        assert (fused_grad[scores.detach().abs() > bound] == 0).all() and (scores.detach().abs() > bound).any()
+
+
+@pytest.mark.parametrize("bound", [None, 6.0])
+def test_fused_listed_scores_have_the_gradient_of_a_gather(bound):
+    from hetcomp.distill.losses import listed_scores, masked_logsumexp, tail_logsumexp_and_listed
+
+    generator = torch.Generator().manual_seed(3)
+    scores = (torch.randn(4, 30, generator=generator, dtype=torch.float64) * 5).requires_grad_()
+    excluded = torch.stack([torch.randperm(30, generator=generator)[:6] for _ in range(4)])
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    listed = torch.cat([excluded[:, :4], torch.full((4, 2), -1)], 1)  # two padding entries per row
+    mask = torch.ones(4, 30, dtype=torch.bool)
+    mask[torch.arange(4).unsqueeze(1), excluded] = False
+    weights = torch.rand(4, 6, generator=generator, dtype=torch.float64) * (listed >= 0)
+
+    def objective(tail, picked):
+        return (tail * torch.arange(1.0, 5.0, dtype=torch.float64)).sum() + (picked * weights).sum()
+
+    clamped = scores if bound is None else scores.clamp(-bound, bound)
+    expected = objective(masked_logsumexp(clamped, mask), listed_scores(scores, listed, bound))
+    (expected_grad,) = torch.autograd.grad(expected, scores)
+    fused = objective(*tail_logsumexp_and_listed(scores, excluded, valid, listed, bound))
+    (fused_grad,) = torch.autograd.grad(fused, scores)
+    assert torch.allclose(fused, expected, atol=1e-12) and torch.allclose(fused_grad, expected_grad, atol=1e-12)
+
+
+def test_fused_tail_logsumexp_of_an_empty_tail_is_finite():
+    from hetcomp.distill.losses import tail_logsumexp
+
+    scores = torch.randn(2, 4, requires_grad=True)
+    everything = torch.arange(4).expand(2, 4)
+    value = tail_logsumexp(scores, everything, torch.ones(2, 4, dtype=torch.bool))
+    value.sum().backward()
+    assert torch.isfinite(value).all() and (scores.grad == 0).all()
+
+
+def test_all_item_scores_has_the_gradients_of_the_plain_product():
+    from hetcomp.models.base import all_item_scores
+
+    generator = torch.Generator().manual_seed(2)
+    users = torch.randn(5, 3, generator=generator, requires_grad=True)
+    items = torch.randn(11, 3, generator=generator, requires_grad=True)
+    upstream = torch.randn(5, 11, generator=generator)
+    plain = torch.autograd.grad(((users @ items.T) * upstream).sum(), (users, items))
+    fast_scores = all_item_scores(users, items)
+    fast = torch.autograd.grad((fast_scores * upstream).sum(), (users, items))
+    assert torch.equal(fast_scores, users @ items.T)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, fast, strict=True))
+
+
 @pytest.mark.parametrize("phase", ["overall", "fine"])
 def test_hetcomp_loss_matches_a_per_user_computation(teachers, phase):
     context = DistillContext(SPLIT, teachers)

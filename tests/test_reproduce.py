@@ -154,7 +154,7 @@ def test_a_method_version_bump_retrains_its_rows(monkeypatch):
 
     rep = Reproduction("csv", make_tiny_split())
     before = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
-    monkeypatch.setattr(method_class("rrd"), "version", 2)
+    monkeypatch.setattr(method_class("rrd"), "version", method_class("rrd").version + 1)
     after = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
     assert after["rrd"] != before["rrd"] and after["dcd"] == before["dcd"]
 

@@ -16,8 +16,9 @@ import torch
 
 from hetcomp.data import HetCompError, Split
 from hetcomp.data.sampling import NegativeSampler
+from hetcomp.distill.losses import tail_logsumexp, tail_logsumexp_and_listed
 from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
-from hetcomp.metrics import csr_rows_dense, exclude_rows_, topk_items
+from hetcomp.metrics import csr_rows_dense
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.teachers import teacher_weights
 from hetcomp.train import Objective
@@ -76,14 +77,13 @@ class DistillContext:
                               self.ensemble.beta, self.teacher_weights, self.device)
 
     def ensemble_topk(self, k: int, state_of: int | torch.Tensor = -1, batch_size: int = 1024) -> torch.Tensor:
-        """Top-k unobserved items [n_users, k] of g over the chosen states (converged by default)."""
-        scorer = self.scorer(state_of)
-        parts = []
-        for start in range(0, self.n_users, batch_size):
-            users = np.arange(start, min(start + batch_size, self.n_users))
-            scores = scorer(torch.from_numpy(users).to(self.device))
-            parts.append(topk_items(exclude_rows_(scores, self.split.train, users), k))  # scores are fresh
-        return torch.cat(parts)
+        """Top-k unobserved items [n_users, k] of g over the chosen states (converged by default).
+
+        HetComp rebuilds this after every DKC check that moves a state, so it ranks only the items in the
+        teachers' lists (:meth:`~hetcomp.ensemble.EnsembleScorer.topk`): the same ranking, ties included, as
+        ``topk_items`` over the dense scores with the training items at −inf.
+        """
+        return self.scorer(state_of).topk(k, self.split.train, batch_size)
 
     @cached_property
     def converged_topk(self) -> torch.Tensor:
@@ -103,6 +103,28 @@ class DistillContext:
         index = (self.train_indptr[:-1].unsqueeze(1) + position).clamp(max=max(len(order) - 1, 0))
         items = torch.where(valid, order[index], torch.full_like(index, -1))
         return items.to(self.device), valid.to(self.device)
+
+    def tail_logsumexp(self, scores: torch.Tensor, users: torch.Tensor, listed: torch.Tensor | None = None,
+                       listed_valid: torch.Tensor | None = None, bound: float | None = None) -> torch.Tensor:
+        """log Σ e^f over each user's unobserved items outside ``listed`` [B, L] (all unobserved items without it).
+
+        Excludes the training items by their padded lists: no dense [B, n_items] mask (see
+        :func:`~hetcomp.distill.losses.tail_logsumexp`, which also takes the optional clamp ``bound``).
+        """
+        excluded, valid = (x[users] for x in self.observed_order)
+        if listed is not None:
+            listed_valid = torch.ones_like(listed, dtype=torch.bool) if listed_valid is None else listed_valid
+            excluded, valid = torch.cat([excluded, listed], 1), torch.cat([valid, listed_valid], 1)
+        return tail_logsumexp(scores, excluded, valid, bound)
+
+    def tail_and_listed_scores(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
+                               listed: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log Σ e^f over the unobserved items outside ``head`` [B, H], the scores of ``listed`` [B, L]) in one
+        autograd node (:func:`~hetcomp.distill.losses.tail_logsumexp_and_listed`); both clamped by ``bound``."""
+        excluded, valid = (x[users] for x in self.observed_order)
+        excluded = torch.cat([excluded, head], 1)
+        valid = torch.cat([valid, torch.ones_like(head, dtype=torch.bool)], 1)
+        return tail_logsumexp_and_listed(scores, excluded, valid, listed, bound)
 
     def train_mask(self, users: torch.Tensor) -> torch.Tensor:
         """Dense bool [B, n_items] of the users' training items."""

@@ -29,8 +29,8 @@ import torch
 
 from hetcomp.data import HetCompError
 from hetcomp.distill.base import DistillContext, DistillMethod
-from hetcomp.distill.losses import items_mask, lambda_mrr_loss
-from hetcomp.distill.tools import sample_uniform_from_mask
+from hetcomp.distill.losses import lambda_mrr_loss
+from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -62,6 +62,7 @@ class CLDRD(DistillMethod):
     """The student's own loss plus LambdaMRR on a list whose finely ordered head grows stage by stage."""
 
     name = "cl-drd"
+    version = 2  # 2: negatives by rejection sampling (sample_unobserved), another random stream
     config_class = CLDRDConfig
 
     def __init__(self, context: DistillContext, config: CLDRDConfig | None = None) -> None:
@@ -98,8 +99,7 @@ class CLDRD(DistillMethod):
             picks, valid = sample_uniform_from_mask(every[:, n:], n_hard, generator)
             groups.append((head[:, n:].gather(1, picks), torch.full(picks.shape, HARD_LABEL, device=self.device),
                            valid))
-        outside = ~self.context.train_mask(users) & ~items_mask(head, every, self.context.n_items)
-        items, valid = sample_uniform_from_mask(outside, n_negative, generator)
+        items, valid = sample_unobserved(self.context.sampler, users, n_negative, head, generator)
         groups.append((items, torch.full(items.shape, NEGATIVE_LABEL, device=self.device), valid))
         return tuple(torch.cat(parts, dim=1) for parts in zip(*groups, strict=True))
 

@@ -52,6 +52,7 @@ class DCD(DistillMethod):
     """The student's own loss, RRD, and a relaxed ranking loss on the items the student currently misplaces."""
 
     name = "dcd"
+    version = 2  # 2: its RRD term uses the fused tail log-sum-exp
     config_class = DCDConfig
 
     def __init__(self, context: DistillContext, config: DCDConfig | None = None) -> None:

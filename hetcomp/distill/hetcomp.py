@@ -22,7 +22,7 @@ import torch
 
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge
-from hetcomp.distill.losses import fine_loss, overall_loss, tail_logsumexp
+from hetcomp.distill.losses import fine_loss_of, overall_loss_of
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -49,6 +49,7 @@ class HetCompConfig:
 
 class HetComp(DistillMethod):
     name = "hetcomp"
+    version = 2  # 2: fused tail log-sum-exp (exp2, float32 sum of the tail instead of a float64 difference)
     config_class = HetCompConfig
 
     def __init__(self, context: DistillContext, config: HetCompConfig | None = None) -> None:
@@ -76,46 +77,51 @@ class HetComp(DistillMethod):
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
-        scores = model.score(users).clamp(-self.config.clamp, self.config.clamp)
-        observed, observed_valid = (x[users] for x in self.context.observed_order)
+        scores = model.score(users)  # raw: the losses clamp to [−clamp, clamp] inside, without a clamped copy
+        fine = self.fine_phase_users[users]
+        if bool(fine.all()):  # the global switch (the default) puts every row in one phase: no row copies
+            return self.config.fine_weight * self._fine(scores, users)
+        if not bool(fine.any()):
+            return self.config.overall_weight * self._overall(scores, users)
+        rows = ~fine
+        return (self.config.overall_weight * self._overall(scores[rows], users[rows]) * rows.float().mean()
+                + self.config.fine_weight * self._fine(scores[fine], users[fine]) * fine.float().mean())
+
+    def _overall(self, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """L_O(P⁺, N) + L_O(P⁻, N) of the users' rows.
+
+        L_O is a sum of independent terms per listed item, so L_O(P⁺, N) + L_O(P⁻, N) = L_O(P⁺ ∪ P⁻, N): one
+        list, one log-sum-exp over the shared tail N = unobserved − P⁻.
+        """
+        negatives = self.dynamic_topk[users]
+        listed = torch.cat([self.positive_items[users], negatives], 1)
+        valid = torch.cat([self.positive_valid[users], torch.ones_like(negatives, dtype=torch.bool)], 1)
+        tail_lse, listed_scores = self.context.tail_and_listed_scores(scores, users, negatives, listed, self.bound)
+        return overall_loss_of(listed_scores, valid, tail_lse)
+
+    @property
+    def bound(self) -> float | None:
+        return self.config.clamp or None
+
+    def _fine(self, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """L_F(P⁺, N) + L_F(P⁻, N) of the users' rows (the ``code`` form: the release's prefix terms)."""
         positives, positive_valid = self.positive_items[users], self.positive_valid[users]
         negatives = self.dynamic_topk[users]
-        fine = self.fine_phase_users[users]
-        total = scores.new_zeros(())
-        if (~fine).any():
-            rows = ~fine
-            # L_O is a sum of independent terms per listed item, so L_O(P⁺, N) + L_O(P⁻, N) = L_O(P⁺ ∪ P⁻, N):
-            # one list, one log-sum-exp over the shared tail N = unobserved − P⁻.
-            tail_lse = self._tail_lse(scores[rows], observed[rows], observed_valid[rows], negatives[rows])
-            listed = torch.cat([positives[rows], negatives[rows]], 1)
-            valid = torch.cat([positive_valid[rows], torch.ones_like(negatives[rows], dtype=torch.bool)], 1)
-            overall = overall_loss(scores[rows], listed, valid, tail_lse=tail_lse)
-            total = total + self.config.overall_weight * overall * rows.float().mean()
-        if fine.any():
-            fine_part = self._fine(scores[fine], observed[fine], observed_valid[fine], positives[fine],
-                                   positive_valid[fine], negatives[fine])
-            total = total + self.config.fine_weight * fine_part * fine.float().mean()
-        return total
-
-    @staticmethod
-    def _tail_lse(scores, observed, observed_valid, head) -> torch.Tensor:
-        """log Σ e^f over the unobserved items outside ``head`` (head items are unobserved and distinct)."""
-        excluded = torch.cat([observed, head], 1)
-        valid = torch.cat([observed_valid, torch.ones_like(head, dtype=torch.bool)], 1)
-        return tail_logsumexp(scores, excluded, valid)
-
-    def _fine(self, scores, observed, observed_valid, positives, positive_valid, negatives) -> torch.Tensor:
         all_valid = torch.ones_like(negatives, dtype=torch.bool)
+        n_positive = positives.shape[1]
         if self.fine_form == "code":
             half, tenth = self.config.k // 2, max(self.config.k // 10, 1)
-            half_lse = self._tail_lse(scores, observed, observed_valid, negatives[:, :half])
-            tenth_lse = self._tail_lse(scores, observed, observed_valid, negatives[:, :tenth])
-            return (fine_loss(scores, positives, positive_valid, tail_lse=half_lse)
-                    + 0.5 * (fine_loss(scores, negatives[:, :half], all_valid[:, :half], tail_lse=half_lse)
-                             + fine_loss(scores, negatives[:, :tenth], all_valid[:, :tenth], tail_lse=tenth_lse)))
-        tail_lse = self._tail_lse(scores, observed, observed_valid, negatives)
-        return (fine_loss(scores, positives, positive_valid, tail_lse=tail_lse)
-                + fine_loss(scores, negatives, all_valid, tail_lse=tail_lse))
+            half_lse, half_scores = self.context.tail_and_listed_scores(
+                scores, users, negatives[:, :half], torch.cat([positives, negatives[:, :half]], 1), self.bound)
+            tenth_lse, tenth_scores = self.context.tail_and_listed_scores(
+                scores, users, negatives[:, :tenth], negatives[:, :tenth], self.bound)
+            return (fine_loss_of(half_scores[:, :n_positive], positive_valid, half_lse)
+                    + 0.5 * (fine_loss_of(half_scores[:, n_positive:], all_valid[:, :half], half_lse)
+                             + fine_loss_of(tenth_scores, all_valid[:, :tenth], tenth_lse)))
+        tail_lse, listed_scores = self.context.tail_and_listed_scores(
+            scores, users, negatives, torch.cat([positives, negatives], 1), self.bound)
+        return (fine_loss_of(listed_scores[:, :n_positive], positive_valid, tail_lse)
+                + fine_loss_of(listed_scores[:, n_positive:], all_valid, tail_lse))
 
     def on_evaluate(self, trainer: Trainer, epoch: int, result: dict) -> None:
         """DKC every ``period`` epochs while some state is not final, from the evaluation's own ranking."""

@@ -31,7 +31,7 @@ import torch
 from hetcomp.data import HetCompError
 from hetcomp.distill import losses
 from hetcomp.distill.base import DistillContext, DistillMethod
-from hetcomp.distill.tools import sample_uniform_from_mask
+from hetcomp.distill.tools import sample_unobserved
 from hetcomp.models.base import Batch, Recommender
 
 KD_LOSSES = ("ce", "bce", "l2", "kl", "pairwise_hinge", "listwise")
@@ -74,6 +74,7 @@ class KD(DistillMethod):
     """A weighted sum of the chosen KD losses on the ensemble's top-K plus sampled negatives."""
 
     name = "kd"
+    version = 2  # 2: listwise normalizer by the fused tail log-sum-exp
     config_class = KDConfig
 
     def __init__(self, context: DistillContext, config: KDConfig | None = None) -> None:
@@ -95,8 +96,7 @@ class KD(DistillMethod):
         """(items [B, K + n_neg], teacher logits, valid): the top-K, then the sampled negatives."""
         top = self.ranking[users, :self.k]
         valid_top = torch.ones_like(top, dtype=torch.bool)
-        outside = ~self.context.train_mask(users) & ~losses.items_mask(top, valid_top, self.context.n_items)
-        negatives, valid_negative = sample_uniform_from_mask(outside, self.config.n_neg, generator)
+        negatives, valid_negative = sample_unobserved(self.context.sampler, users, self.config.n_neg, top, generator)
         items = torch.cat([top, negatives], dim=1)
         teacher = torch.cat([self.top_logits.expand(len(users), -1),
                              torch.full(negatives.shape, self.negative_logit, device=self.device)], dim=1)
@@ -131,8 +131,9 @@ class KD(DistillMethod):
 
         def listwise() -> torch.Tensor:
             target = torch.softmax(self.top_logits / tau, dim=0).expand(len(users), -1)
-            return losses.soft_target_cross_entropy(scores, ~self.context.train_mask(users), items[:, :self.k],
-                                                    target, valid[:, :self.k], tau)
+            normalizer = self.context.tail_logsumexp(scores if tau == 1 else scores / tau, users)
+            return losses.soft_target_cross_entropy(scores, None, items[:, :self.k], target, valid[:, :self.k], tau,
+                                                    log_normalizer=normalizer)
 
         total = student.new_zeros(())
         for name, weight in self.weights.items():

@@ -18,23 +18,82 @@ def masked_logsumexp(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, NEG_INF), dim=1)
 
 
-def tail_logsumexp(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor) -> torch.Tensor:
-    """log Σ_{j ∉ excluded} e^{scores_j} per row, without building a dense mask.
+_LOG2E = 1.4426950408889634
 
-    The tail is "every item except a short list per row" (the user's training items and the listed items), so
-    its mass is the row's total minus the listed items' mass: two reductions instead of a mask, a masked copy
-    and a masked reduction over all items (the student's hot path). Sums are taken in float64 after
-    subtracting the row maximum, and the same float32 exponentials are added and removed, so the difference is
-    exact to float64 rounding; it is floored at the smallest positive float64 in case the tail is empty.
-    ``excluded`` [B, L] must not repeat an item within a row.
+
+class _TailLogSumExp(torch.autograd.Function):
+    """log Σ_{j ∉ excluded} e^{clamp(s_j)} per row and the clamped scores of listed items, in a few in-place passes.
+
+    Autograd through ``clamp → sub → exp → sum`` and a ``gather`` keeps several [B, n_items] intermediates alive
+    and runs a backward pass for each (the gather's alone allocates, zeroes and adds a dense gradient); here the
+    forward keeps one buffer of exponentials and the backward turns it, in place, into the softmax gradient and
+    scatters the listed items' gradients into it. ``exp2`` of x·log2(e) replaces ``exp`` (about twice as fast on
+    the CPU). Excluded entries are zeroed before the sum, so no mass is subtracted and nothing cancels.
     """
-    peak = scores.detach().max(1, keepdim=True).values
-    exponentials = torch.exp(scores - peak)
-    total = exponentials.sum(1, dtype=torch.float64)
-    removed = torch.where(excluded_valid, exponentials.gather(1, excluded.clamp(min=0)),
-                          torch.zeros((), device=scores.device)).sum(1, dtype=torch.float64)
-    tail = (total - removed).clamp(min=torch.finfo(torch.float64).tiny)
-    return (torch.log(tail) + peak.squeeze(1).to(torch.float64)).to(scores.dtype)
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor,
+                bound: float | None, listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        peak = scores.amax(1, keepdim=True)
+        clipped = bound is not None and bool((peak > bound).any() or (scores.amin() < -bound))
+        if bound is not None:
+            peak = peak.clamp(-bound, bound)
+        exponentials = torch.add(peak * -_LOG2E, scores, alpha=_LOG2E)  # (s − peak)·log2(e) in one pass
+        if clipped:
+            exponentials.clamp_(min=(-bound - peak) * _LOG2E, max=(bound - peak) * _LOG2E)
+        exponentials.exp2_()
+        rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(excluded)
+        exponentials.index_put_((rows[excluded_valid], excluded[excluded_valid]),
+                                torch.zeros((), dtype=scores.dtype, device=scores.device))
+        total = exponentials.sum(1).clamp_(min=torch.finfo(scores.dtype).tiny)
+        listed = listed.clamp(min=0)
+        listed_scores = scores.gather(1, listed)
+        if bound is not None:
+            listed_scores.clamp_(-bound, bound)
+        ctx.bound = bound if clipped else None
+        ctx.save_for_backward(scores, exponentials, total, listed)
+        return torch.log(total) + peak.squeeze(1), listed_scores
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lse: torch.Tensor, grad_listed: torch.Tensor):
+        scores, exponentials, total, listed = ctx.saved_tensors
+        grad = exponentials.mul_((grad_lse / total).unsqueeze(1))  # the buffer is not needed again
+        if listed.numel():
+            grad.scatter_add_(1, listed, grad_listed)
+        if ctx.bound is not None:  # clamped scores do not move
+            grad.masked_fill_((scores > ctx.bound) | (scores < -ctx.bound), 0.0)
+        return grad, None, None, None, None
+
+
+def tail_logsumexp(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor,
+                   bound: float | None = None) -> torch.Tensor:
+    """log Σ_{j ∉ excluded} e^{scores_j} per row, without building a dense mask (the student's hot path).
+
+    The tail is "every item except a short list per row" (the user's training items and the listed items).
+    With ``bound`` the scores are first clamped to [−bound, bound] (HetComp's released code clamps at 40), with
+    the clamp's zero gradient outside. The row maximum is subtracted before exponentiating; an empty tail gives
+    log of the smallest positive float. ``excluded`` [B, L] may repeat an item; its invalid entries are ignored.
+    """
+    return tail_logsumexp_and_listed(scores, excluded, excluded_valid, scores.new_zeros((len(scores), 0),
+                                                                                         dtype=torch.int64),
+                                     bound)[0]
+
+
+def tail_logsumexp_and_listed(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor,
+                              listed: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`tail_logsumexp`, the scores of ``listed`` [B, L] items clamped like :func:`listed_scores`).
+
+    One autograd node for both, whose backward adds the listed items' gradients into the tail's gradient buffer
+    instead of a dense gather gradient (padding −1 in ``listed`` reads column 0: give it zero weight in the loss).
+    """
+    return _TailLogSumExp.apply(scores, excluded, excluded_valid, bound, listed)
+
+
+def listed_scores(scores: torch.Tensor, items: torch.Tensor, bound: float | None = None) -> torch.Tensor:
+    """The scores of ``items`` [B, L] (padding −1 reads column 0), clamped to [−bound, bound] when given."""
+    listed = scores.gather(1, items.clamp(min=0))
+    return listed if bound is None else listed.clamp(-bound, bound)
 
 
 def _mean_over_users(per_position: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -43,27 +102,38 @@ def _mean_over_users(per_position: torch.Tensor, valid: torch.Tensor) -> torch.T
 
 
 def overall_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor | None = None,
-                 tail_lse: torch.Tensor | None = None) -> torch.Tensor:
+                 tail_lse: torch.Tensor | None = None, bound: float | None = None) -> torch.Tensor:
     """L_O: every item of the list above every tail item, no order inside the list.
 
     −Σ_k log( e^{f_k} / (e^{f_k} + Σ_{j∈tail} e^{f_j}) ) = Σ_k softplus(LSE_tail − f_k).
-    Pass ``tail_lse`` (log Σ_tail e^f per row) instead of ``tail`` to share it between lists.
+    Pass ``tail_lse`` (log Σ_tail e^f per row) instead of ``tail`` to share it between lists; ``bound`` clamps
+    the listed scores (use the same bound as the ``tail_lse``).
     """
     if tail_lse is None:
         tail_lse = masked_logsumexp(scores, tail)
-    listed = scores.gather(1, items.clamp(min=0))
+    return overall_loss_of(listed_scores(scores, items, bound), valid, tail_lse)
+
+
+def overall_loss_of(listed: torch.Tensor, valid: torch.Tensor, tail_lse: torch.Tensor) -> torch.Tensor:
+    """:func:`overall_loss` from the listed items' scores [B, L] and the tail's log-sum-exp [B]."""
     return _mean_over_users(functional.softplus(tail_lse.unsqueeze(1) - listed), valid)
 
 
 def fine_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor | None = None,
-              tail_lse: torch.Tensor | None = None) -> torch.Tensor:
+              tail_lse: torch.Tensor | None = None, bound: float | None = None) -> torch.Tensor:
     """L_F: Plackett–Luce keeping the list's exact order and placing it above the tail.
 
     −Σ_k log( e^{f_k} / (Σ_{l≥k} e^{f_l} + Σ_{j∈tail} e^{f_j}) ); invalid (padding) positions are left out.
+    ``bound`` clamps the listed scores, as for :func:`overall_loss`.
     """
     if tail_lse is None:
         tail_lse = masked_logsumexp(scores, tail)
-    listed = scores.gather(1, items.clamp(min=0)).masked_fill(~valid, NEG_INF)
+    return fine_loss_of(listed_scores(scores, items, bound), valid, tail_lse)
+
+
+def fine_loss_of(listed: torch.Tensor, valid: torch.Tensor, tail_lse: torch.Tensor) -> torch.Tensor:
+    """:func:`fine_loss` from the listed items' scores [B, L] (in list order) and the tail's log-sum-exp [B]."""
+    listed = listed.masked_fill(~valid, NEG_INF)
     suffix = torch.logcumsumexp(listed.flip(1), dim=1).flip(1)
     denominator = torch.logaddexp(suffix, tail_lse.unsqueeze(1))
     return _mean_over_users(denominator - listed, valid)
@@ -143,16 +213,21 @@ def lambda_mrr_loss(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     return total / pair.sum().clamp(min=1)
 
 
-def soft_target_cross_entropy(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor,
-                              targets: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def soft_target_cross_entropy(scores: torch.Tensor, unobserved: torch.Tensor | None, items: torch.Tensor,
+                              targets: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0,
+                              log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
     """−Σ_l target_l · log softmax(f/τ)_{item_l}, the softmax over each user's unobserved items only.
 
     MTD's loss (targets = the teachers' mixture) and KD's ``listwise`` (targets = the teacher's top-K
     distribution). ``scores``/``unobserved`` are [B, n_items]; ``items``/``targets``/``valid`` [B, L]; an item
-    listed twice counts twice (so a mixture may be passed teacher by teacher). Averaged over users.
+    listed twice counts twice (so a mixture may be passed teacher by teacher). Averaged over users. The listed
+    items must be unobserved. ``log_normalizer`` [B] = log Σ_{unobserved} e^{f/τ} replaces the dense mask
+    (e.g. from :meth:`~hetcomp.distill.base.DistillContext.tail_logsumexp`, the students' fast path).
     """
-    log_probs = torch.log_softmax((scores / temperature).masked_fill(~unobserved, NEG_INF), dim=1)
-    return _mean_over_users(-targets * log_probs.gather(1, items.clamp(min=0)), valid)
+    if log_normalizer is None:
+        log_normalizer = masked_logsumexp(scores / temperature, unobserved)
+    log_probs = scores.gather(1, items.clamp(min=0)) / temperature - log_normalizer.unsqueeze(1)
+    return _mean_over_users(-targets * log_probs, valid)
 
 
 def candidate_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,

@@ -37,6 +37,7 @@ class MTD(DistillMethod):
     """The student's own loss plus a listwise loss on the user-weighted mixture of the teachers' rankings."""
 
     name = "mtd"
+    version = 2  # 2: normalizer by the fused tail log-sum-exp instead of a masked log-softmax
     config_class = MTDConfig
 
     def __init__(self, context: DistillContext, config: MTDConfig | None = None) -> None:
@@ -67,8 +68,9 @@ class MTD(DistillMethod):
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
         items, mass = self.mixture(users)
-        listwise = soft_target_cross_entropy(model.score(users), ~self.context.train_mask(users), items, mass,
-                                             torch.ones_like(items, dtype=torch.bool))
+        scores = model.score(users)
+        listwise = soft_target_cross_entropy(scores, None, items, mass, torch.ones_like(items, dtype=torch.bool),
+                                             log_normalizer=self.context.tail_logsumexp(scores, users))
         return self.own_loss(model, users) + self.config.weight * listwise
 
     def describe(self) -> str:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from hetcomp.distill.base import DistillContext, DistillMethod
-from hetcomp.distill.losses import fine_loss, items_mask, relaxed_ranking_loss
-from hetcomp.distill.tools import sample_uniform_from_mask, sample_without_replacement
+from hetcomp.distill.losses import fine_loss_of, relaxed_ranking_loss
+from hetcomp.distill.tools import sample_unobserved, sample_without_replacement
 from hetcomp.models.base import Batch, Recommender
 
 
@@ -41,6 +41,7 @@ class RRD(DistillMethod):
     """The student's own loss plus the relaxed ranking loss of the ensemble's top items (reused by DCD)."""
 
     name = "rrd"
+    version = 2  # 2: tail log-sum-exp over padded training lists (no dense mask; float32 sum of the tail)
     config_class = RRDConfig
 
     def __init__(self, context: DistillContext, config: RRDConfig | None = None) -> None:
@@ -59,9 +60,7 @@ class RRD(DistillMethod):
         head = self.ranking[users, :self.top_n]
         picks, _ = sample_without_replacement(self.interest.expand(len(users), -1), self.k, generator)
         interesting = head.gather(1, picks.sort(dim=1).values)
-        outside = ~self.context.train_mask(users) & ~items_mask(head, torch.ones_like(head, dtype=torch.bool),
-                                                                self.context.n_items)
-        tail, tail_valid = sample_uniform_from_mask(outside, self.config.n_tail, generator)
+        tail, tail_valid = sample_unobserved(self.context.sampler, users, self.config.n_tail, head, generator)
         return interesting, tail, tail_valid
 
     def distillation_loss(self, model: Recommender, users: torch.Tensor, generator: torch.Generator | None,
@@ -71,8 +70,8 @@ class RRD(DistillMethod):
             scores = model.score(users) if scores is None else scores
             items = self.ranking[users, :self.k]
             valid = torch.ones_like(items, dtype=torch.bool)
-            tail = ~self.context.train_mask(users) & ~items_mask(items, valid, self.context.n_items)
-            return fine_loss(scores, items, valid, tail)
+            tail_lse, listed = self.context.tail_and_listed_scores(scores, users, items, items)
+            return fine_loss_of(listed, valid, tail_lse)
         items, tail, tail_valid = self.sampled_lists(users, generator)
         valid = torch.ones_like(items, dtype=torch.bool)
         if scores is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from hetcomp.data import HetCompError, Split
+from hetcomp.device import peak_memory_mb
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method, method_class
 from hetcomp.models import build_model, model_config
 from hetcomp.teachers import TEACHERS
@@ -105,6 +106,8 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
         settings["teachers"] = names
     if split.meta.get("seed", 0) != 0:
         settings["split_seed"] = split.meta["seed"]
+    if (version := method_class(method).version) != 1:  # a changed method never reuses an older run's folder
+        settings["method_version"] = version
     name = run_name(student, method, dim, seed, settings)
     run_dir = Path(runs_root) / split.meta["dataset"].replace(":", "-") / name
     metrics_file = run_dir / "metrics.json"
@@ -151,6 +154,7 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
         "wall_seconds": round(state.seconds + state.eval_seconds, 1),
         "this_call_seconds": round(time.perf_counter() - started, 1),
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
+        "peak_memory_mb": round(peak_memory_mb()),  # of this process (the whole run when it ran alone)
         "command": command, "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(),
         "curve": [{"epoch": h["epoch"], "valid_recall@50": h["valid"]["recall@50"],
                    "test_recall@50": h["test"]["recall@50"]} for h in history],

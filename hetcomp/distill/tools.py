@@ -6,8 +6,13 @@ moved to the tensors' device.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from hetcomp.data.sampling import NegativeSampler
 
 NEG_INF = float("-inf")
 
@@ -46,12 +51,134 @@ def sorted_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 def unobserved_ranks(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each of ``items`` [B, L] among the row's unobserved items by ``scores`` [B, n_items].
+    """0-based rank of each of ``items`` [B, L] among the row's unobserved items by ``scores`` [B, n_items]:
+    the number of unobserved items with a strictly higher score, exact with ties and ±inf.
 
-    The rank is the number of unobserved items with a strictly higher score; one sort per row and a
-    ``searchsorted`` (O(n log n + L log n) per row) instead of an [B, L, n_items] comparison.
+    Two exact ways with identical results, picked by speed: on the CPU numpy's SIMD sort of the whole row beats
+    the branchy binary search of every item into the L thresholds (measured 6-9× slower for 64 × 25k rows and
+    L = 40 or 500); elsewhere :func:`ranks_by_thresholds`, which never sorts a whole row.
     """
-    ordered = sorted_rows(scores.detach().masked_fill(~unobserved, NEG_INF))
-    own = scores.detach().gather(1, items).contiguous()
-    not_higher = torch.searchsorted(ordered, own, right=True)
-    return scores.shape[1] - not_higher
+    if scores.device.type == "cpu":
+        return ranks_by_sorting(scores, unobserved, items)
+    return ranks_by_thresholds(scores, unobserved, items)
+
+
+def ranks_by_sorting(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """:func:`unobserved_ranks` by one sort per row (observed items at −inf) and a ``searchsorted``."""
+    scores = scores.detach()
+    ordered = sorted_rows(scores.masked_fill(~unobserved, NEG_INF))
+    own = scores.gather(1, items).contiguous()
+    return scores.shape[1] - torch.searchsorted(ordered, own, right=True)
+
+
+def ranks_by_thresholds(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """:func:`unobserved_ranks` without sorting any whole row: O(n log L) per row.
+
+    Sorts only the L thresholds of a row; each unobserved item's left ``searchsorted`` position p is the number of
+    thresholds strictly below its score, so it is strictly higher than the thresholds at sorted positions < p. A
+    count per (row, p) and a suffix sum give every threshold's rank; observed items count at p = 0 (above none).
+    """
+    scores, (batch, length) = scores.detach(), items.shape
+    thresholds, order = scores.gather(1, items).sort(dim=1)
+    below = torch.searchsorted(thresholds, scores.contiguous(), out_int32=True)
+    below.mul_(unobserved)
+    below += torch.arange(0, batch * (length + 1), length + 1, dtype=torch.int32,
+                          device=below.device).unsqueeze(1)
+    counts = torch.bincount(below.view(-1), minlength=batch * (length + 1)).view(batch, length + 1)
+    higher = counts.flip(1).cumsum(1).flip(1)[:, 1:]
+    return torch.empty_like(higher).scatter_(1, order, higher)
+
+
+def _observed_dense(sampler: NegativeSampler, users: torch.Tensor) -> torch.Tensor:
+    """Dense bool [B, n_items] of the users' training items, read off the sampler's sorted key array."""
+    n_items, keys = sampler.n_items, sampler.observed_keys
+    start = torch.searchsorted(keys, users * n_items)
+    counts = torch.searchsorted(keys, (users + 1) * n_items) - start
+    rows = torch.repeat_interleave(torch.arange(len(users), device=keys.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    position = start[rows] + torch.arange(len(rows), device=keys.device) - first[rows]
+    mask = torch.zeros(len(users), n_items, dtype=torch.bool, device=keys.device)
+    mask[rows, keys[position] - users[rows] * n_items] = True
+    return mask
+
+
+def _first_occurrences(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """Bool [R, C]: whether each entry of ``values`` (in [0, bound)) is the leftmost of its value in its row.
+
+    One flat sort of (row, value, column) keys: on the CPU numpy's, about 10× faster than torch's row sort.
+    """
+    n_rows, width = values.shape
+    rows = torch.arange(n_rows, device=values.device).unsqueeze(1)
+    keys = ((rows * bound + values) * width + torch.arange(width, device=values.device)).view(1, -1)
+    keys = sorted_rows(keys).view(-1)
+    group = keys // width
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = group[1:] != group[:-1]
+    out = torch.empty_like(first)
+    out[group // bound * width + keys % width] = first
+    return out.view(n_rows, width)
+
+
+def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, excluded: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None,
+                      max_rounds: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(items [B, n], valid): up to ``n`` distinct items per user, uniform without replacement among the items
+    in neither the user's training row nor the row's ``excluded`` item ids [B, L] (e.g. the teacher's head).
+
+    The law of :func:`sample_uniform_from_mask` on the allowed items, without a dense [B, n_items] mask or a key
+    per item: the distinct allowed items of an i.i.d. uniform stream, in order of first appearance, are a uniform
+    draw without replacement. So draw a little more than n per row, reject training items (the sampler's sorted
+    keys), excluded items and repeats, keep the first n, and let only deficient rows draw on. Draw widths are
+    integer functions of the data, so a seed gives the same items on every device. A batch with a row allowing
+    fewer than 2n items (tiny catalogues) takes the dense path, whose valid mask marks missing draws.
+    """
+    device, n_items = sampler.device, sampler.n_items
+    users = users.to(device=device, dtype=torch.int64)
+    batch = len(users)
+    if n <= 0 or batch == 0:
+        return (torch.zeros(batch, max(n, 0), dtype=torch.int64, device=device),
+                torch.zeros(batch, max(n, 0), dtype=torch.bool, device=device))
+    if excluded is None:
+        excluded = torch.empty(batch, 0, dtype=torch.int64, device=device)
+    excluded = excluded.to(device=device, dtype=torch.int64)
+    rows = torch.arange(batch, device=device)
+    excluded_keys = sorted_rows((rows.unsqueeze(1) * n_items + excluded).view(1, -1)).view(-1)
+    excluded_rows = excluded_keys // n_items
+    fresh = ~sampler.is_observed(users[excluded_rows], excluded_keys % n_items)
+    fresh[1:] &= excluded_keys[1:] != excluded_keys[:-1]
+    n_observed = (torch.searchsorted(sampler.observed_keys, (users + 1) * n_items)
+                  - torch.searchsorted(sampler.observed_keys, users * n_items))
+    allowed = n_items - n_observed - torch.bincount(excluded_rows[fresh], minlength=batch)
+    if int(allowed.min()) < 2 * n:
+        mask = ~_observed_dense(sampler, users)
+        mask[rows.unsqueeze(1).expand_as(excluded), excluded] = False
+        return sample_uniform_from_mask(mask, n, generator)
+    kept = torch.zeros(batch, n, dtype=torch.int64, device=device)
+    count = torch.zeros(batch, dtype=torch.int64, device=device)
+    pending = rows
+    for _ in range(max_rounds):
+        need = n - count[pending]
+        # expected draws for the missing items are at most need · n_items / (allowed − n); a quarter more + 8
+        expected = int(((need * n_items + allowed[pending] - n - 1) // (allowed[pending] - n)).max())
+        draws = torch.randint(n_items, (len(pending), expected + expected // 4 + 8), generator=generator).to(device)
+        fresh = ~sampler.is_observed(users[pending].unsqueeze(1).expand_as(draws), draws)
+        if excluded_keys.numel():
+            keys = pending.unsqueeze(1) * n_items + draws
+            at = torch.searchsorted(excluded_keys, keys).clamp_(max=excluded_keys.numel() - 1)
+            fresh &= excluded_keys[at] != keys
+        candidates = torch.cat([kept[pending], draws], dim=1)  # the kept items first: they stay first occurrences
+        ok = torch.cat([torch.arange(n, device=device) < count[pending].unsqueeze(1), fresh], dim=1)
+        width = candidates.shape[1]
+        ok &= _first_occurrences(torch.where(ok, candidates, n_items + torch.arange(width, device=device)),
+                                 n_items + width)
+        rank = ok.cumsum(1)
+        take = ok & (rank <= n)
+        chosen = torch.zeros(len(pending), n, dtype=torch.int64, device=device)
+        where = take.nonzero(as_tuple=True)
+        chosen[where[0], rank[where] - 1] = candidates[where]
+        kept[pending] = chosen
+        count[pending] = rank[:, -1].clamp(max=n)
+        pending = pending[count[pending] < n]
+        if pending.numel() == 0:
+            return kept, torch.ones_like(kept, dtype=torch.bool)
+    raise RuntimeError("sampling unobserved items did not converge; a user allows almost no item")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetcomp.models.base import Batch, ModelConfig, Recommender
+from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores
 
 
 @dataclass
@@ -60,7 +60,7 @@ class CML(Recommender):
         user_side = torch.cat([2 * scale * user, torch.full_like(user[:, :1], -scale),
                                -scale * (user * user).sum(1, keepdim=True)], dim=1)
         item_side = torch.cat([items, (items * items).sum(1, keepdim=True), torch.ones_like(items[:, :1])], dim=1)
-        return user_side @ item_side.T
+        return all_item_scores(user_side, item_side)
 
     def distances(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """||p_u − q_i||² of ``items`` [B, L] for ``users`` [B]."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetcomp.models.base import Batch, ModelConfig, Recommender, bpr_loss
+from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores, bpr_loss
 
 
 @dataclass
@@ -41,7 +41,7 @@ class MF(Recommender):
         nn.init.normal_(self.item_embedding.weight, std=self.config.init_std)
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
-        return self.user_embedding(users) @ self.item_embedding.weight.T
+        return all_item_scores(self.user_embedding(users), self.item_embedding.weight)
 
     def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return (self.user_embedding(users).unsqueeze(1) * self.item_embedding(items)).sum(-1)

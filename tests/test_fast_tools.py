@@ -1,0 +1,173 @@
+"""The batched ranking and sampling tools: exact ranks without whole-row sorts, and rejection sampling of
+unobserved items (uniform, without replacement) against the dense reference paths."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from hetcomp.data.sampling import NegativeSampler
+from hetcomp.distill import tools
+from hetcomp.distill.tools import ranks_by_sorting, ranks_by_thresholds, sample_unobserved, unobserved_ranks
+from hetcomp.metrics import csr_rows_dense
+
+
+def reference_ranks(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """The implementation before the threshold counts: one numpy sort per whole row and a ``searchsorted``."""
+    masked = scores.detach().masked_fill(~unobserved, float("-inf"))
+    ordered = torch.from_numpy(np.sort(masked.contiguous().numpy(), axis=1))
+    own = scores.detach().gather(1, items).contiguous()
+    not_higher = torch.searchsorted(ordered, own, right=True)
+    return scores.shape[1] - not_higher
+
+
+def _tied_case(seed: int, batch: int, n_items: int, length: int, dtype: torch.dtype):
+    """Integer-valued scores (many ties) with ±inf entries, random observed items, and listed items that may be
+    observed or repeated."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-4, 5, size=(batch, n_items)).astype(np.float64)
+    scores[rng.random((batch, n_items)) < 0.05] = -np.inf
+    scores[rng.random((batch, n_items)) < 0.02] = np.inf
+    unobserved = rng.random((batch, n_items)) < 0.7
+    unobserved[0] = False  # a row with every item observed
+    items = rng.integers(0, n_items, size=(batch, length))
+    return (torch.from_numpy(scores).to(dtype), torch.from_numpy(unobserved), torch.from_numpy(items))
+
+
+@pytest.mark.parametrize("seed,batch,n_items,length", [(0, 6, 30, 5), (1, 9, 50, 50), (2, 4, 17, 40), (3, 3, 200, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranks_are_identical_to_the_whole_row_sort(seed, batch, n_items, length, dtype):
+    scores, unobserved, items = _tied_case(seed, batch, n_items, length, dtype)
+    expected = reference_ranks(scores, unobserved, items)
+    for ranks in (ranks_by_thresholds, ranks_by_sorting, unobserved_ranks):
+        got = ranks(scores, unobserved, items)
+        assert got.dtype == torch.int64 and torch.equal(got, expected), ranks.__name__
+    assert (expected[0] == 0).all()
+
+
+def test_ranks_ignore_gradients_and_match_naive_counts():
+    scores, unobserved, items = _tied_case(4, 5, 25, 8, torch.float32)
+    scores.requires_grad_(True)
+    got = ranks_by_thresholds(scores.detach(), unobserved, items)
+    for row in range(5):
+        for position, item in enumerate(items[row].tolist()):
+            naive = sum(1 for j in range(25) if unobserved[row, j] and scores[row, j] > scores[row, item])
+            assert got[row, position].item() == naive
+    assert torch.equal(unobserved_ranks(scores, unobserved, items), got)
+
+
+# ---- sampling of unobserved items -------------------------------------------------------------------------
+
+def _sampler(observed: list[list[int]], n_items: int) -> tuple[sp.csr_matrix, NegativeSampler]:
+    rows = [u for u, items in enumerate(observed) for _ in items]
+    cols = [i for items in observed for i in items]
+    train = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(observed), n_items))
+    return train, NegativeSampler(train)
+
+
+def _random_catalogue(seed: int, n_users: int, n_items: int, per_user: int, head: int):
+    rng = np.random.default_rng(seed)
+    observed = [sorted(rng.choice(n_items, per_user, replace=False).tolist()) for _ in range(n_users)]
+    train, sampler = _sampler(observed, n_items)
+    excluded = torch.stack([torch.from_numpy(rng.choice(np.setdiff1d(np.arange(n_items), row), head, replace=False))
+                            for row in observed])
+    return observed, train, sampler, excluded
+
+
+def _check_draws(items, valid, users, observed, excluded, expected_counts):
+    assert valid.sum(1).tolist() == expected_counts
+    for row, user in enumerate(users.tolist()):
+        drawn = items[row][valid[row]].tolist()
+        assert len(set(drawn)) == len(drawn)
+        assert not set(drawn) & set(observed[user])
+        if excluded is not None:
+            assert not set(drawn) & set(excluded[row].tolist())
+
+
+def test_sample_unobserved_returns_n_distinct_allowed_items():
+    observed, _, sampler, head = _random_catalogue(0, 30, 300, 25, 40)
+    users = torch.tensor([3, 0, 29, 3, 17])
+    items, valid = sample_unobserved(sampler, users, 60, head[users], torch.Generator().manual_seed(1))
+    assert items.shape == (5, 60) and items.dtype == torch.int64
+    _check_draws(items, valid, users, observed, head[users], [60] * 5)
+    items, valid = sample_unobserved(sampler, users, 60, None, torch.Generator().manual_seed(1))
+    _check_draws(items, valid, users, observed, None, [60] * 5)
+    repeated = torch.cat([head[users], head[users][:, :7], torch.tensor([[observed[u][0]] for u in users.tolist()])], 1)
+    items, valid = sample_unobserved(sampler, users, 60, repeated, torch.Generator().manual_seed(2))
+    _check_draws(items, valid, users, observed, repeated, [60] * 5)
+    empty, empty_valid = sample_unobserved(sampler, users, 0, head[users])
+    assert empty.shape == empty_valid.shape == (5, 0)
+
+
+def test_sample_unobserved_is_deterministic_for_a_seed():
+    _, _, sampler, head = _random_catalogue(1, 20, 500, 30, 50)
+    users = torch.arange(20)
+    first = sample_unobserved(sampler, users, 40, head, torch.Generator().manual_seed(7))
+    again = sample_unobserved(sampler, users, 40, head, torch.Generator().manual_seed(7))
+    other = sample_unobserved(sampler, users, 40, head, torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_sample_unobserved_falls_back_to_the_dense_path_on_tiny_catalogues():
+    observed = [[0, 1, 2, 3], [0], [5, 6, 7]]
+    _, sampler = _sampler(observed, 10)
+    users = torch.tensor([0, 1, 2, 0])
+    excluded = torch.tensor([[4, 5], [4, 4], [8, 9], [9, 3]])  # repeats and an observed item are fine
+    items, valid = sample_unobserved(sampler, users, 4, excluded, torch.Generator().manual_seed(0))
+    _check_draws(items, valid, users, observed, excluded, [4, 4, 4, 4])
+    items, valid = sample_unobserved(sampler, users, 20, excluded, torch.Generator().manual_seed(0))
+    assert items.shape == (4, 10)  # the dense path draws at most one per column
+    _check_draws(items, valid, users, observed, excluded, [4, 8, 5, 5])
+
+
+def test_observed_rows_from_the_sampler_keys_match_the_training_matrix():
+    _, train, sampler, _ = _random_catalogue(2, 15, 40, 7, 3)
+    users = torch.tensor([14, 0, 3, 3])
+    assert torch.equal(tools._observed_dense(sampler, users), csr_rows_dense(train, users.numpy()))
+
+
+def test_first_occurrences_keep_the_leftmost_of_each_value_per_row():
+    values = torch.randint(0, 6, (7, 15), generator=torch.Generator().manual_seed(0))
+    first = tools._first_occurrences(values, 6)
+    for row in range(7):
+        seen = set()
+        for column, value in enumerate(values[row].tolist()):
+            assert first[row, column].item() == (value not in seen)
+            seen.add(value)
+
+
+def _chi_square(counts: np.ndarray) -> float:
+    expected = counts.sum() / counts.size
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sample_unobserved_is_uniform_without_replacement(monkeypatch):
+    # 100 items, 78 observed, 2 excluded: 20 allowed, n = 10 rejects most draws, so some rows need more rounds
+    observed = [list(range(78))]
+    _, sampler = _sampler(observed, 100)
+    rounds = []
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: rounds.append(args) or randint(*args, **kwargs))
+    n_rows = 20000
+    users = torch.zeros(n_rows, dtype=torch.int64)
+    excluded = torch.tensor([[78, 79]]).expand(n_rows, -1)
+    items, valid = sample_unobserved(sampler, users, 10, excluded, torch.Generator().manual_seed(3))
+    assert len(rounds) >= 2 and valid.all()
+    assert ((items >= 80) & (items < 100)).all()
+    assert (items.sort(dim=1).values.diff(dim=1) > 0).all()
+    allowed = 20
+    # every allowed item equally often in every position (first and last drawn), and overall
+    for column in (items[:, 0], items[:, -1], items.reshape(-1)):
+        counts = np.bincount(column.numpy() - 80, minlength=allowed)
+        assert _chi_square(counts) < 19 + 6 * np.sqrt(2 * 19)  # df = 19; mean 19, sd ≈ 6.2
+    # ordered pairs of the first two draws: all 380 equally likely
+    pairs = (items[:, 0] - 80) * allowed + (items[:, 1] - 80)
+    counts = np.bincount(pairs.numpy(), minlength=allowed * allowed)
+    off_diagonal = np.array([counts[a * allowed + b] for a, b in itertools.permutations(range(allowed), 2)])
+    assert counts.sum() == off_diagonal.sum()
+    assert _chi_square(off_diagonal) < 379 + 6 * np.sqrt(2 * 379)
