@@ -38,9 +38,10 @@ class _TailLogSumExp(torch.autograd.Function):
         clipped = bound is not None and bool((peak > bound).any() or (scores.amin() < -bound))
         if bound is not None:
             peak = peak.clamp(-bound, bound)
-        exponentials = torch.add(peak * -_LOG2E, scores, alpha=_LOG2E)  # (s − peak)·log2(e) in one pass
-        if clipped:
-            exponentials.clamp_(min=(-bound - peak) * _LOG2E, max=(bound - peak) * _LOG2E)
+        if clipped:  # scalar bounds first: a clamp to per-row bounds is ~6× slower
+            exponentials = scores.clamp(-bound, bound).sub_(peak).mul_(_LOG2E)
+        else:
+            exponentials = torch.add(peak * -_LOG2E, scores, alpha=_LOG2E)  # (s − peak)·log2(e) in one pass
         exponentials.exp2_()
         rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(excluded)
         exponentials.index_put_((rows[excluded_valid], excluded[excluded_valid]),
@@ -61,8 +62,9 @@ class _TailLogSumExp(torch.autograd.Function):
         grad = exponentials.mul_((grad_lse / total).unsqueeze(1))  # the buffer is not needed again
         if listed.numel():
             grad.scatter_add_(1, listed, grad_listed)
-        if ctx.bound is not None:  # clamped scores do not move
-            grad.masked_fill_((scores > ctx.bound) | (scores < -ctx.bound), 0.0)
+        if ctx.bound is not None:  # clamped scores do not move: the clamp's (hardtanh's) fused backward, one
+            # pass where two comparisons, an "or" and a masked fill took ~20× longer on the CPU
+            grad = torch.ops.aten.hardtanh_backward(grad, scores, -ctx.bound, ctx.bound)
         return grad, None, None, None, None
 
 
