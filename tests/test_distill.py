@@ -318,3 +318,13 @@ def test_source_digest_follows_the_code(tmp_path):
     assert source_digest(tmp_path) != before
     (tmp_path / "a.py").write_text("x = 1\n")
     assert source_digest(tmp_path) == before
+
+
+def test_a_method_version_bump_is_a_new_run_folder_not_a_reused_one(teachers, tmp_path, monkeypatch):
+    from hetcomp.distill import method_class
+
+    first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=2)
+    assert distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=2) == first
+    monkeypatch.setattr(method_class("rrd"), "version", method_class("rrd").version + 1)
+    bumped = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=2)
+    assert bumped["run"] != first["run"] and len(list(tmp_path.rglob("metrics.json"))) == 2
