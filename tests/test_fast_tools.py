@@ -1,4 +1,4 @@
-"""The batched ranking and sampling tools: exact ranks without whole-row sorts, and rejection sampling of
+"""The batched ranking and sampling tools: exact ranks with ties and ±inf, and rejection sampling of
 unobserved items (uniform, without replacement) against the dense reference paths."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill import tools
-from hetcomp.distill.tools import ranks_by_sorting, ranks_by_thresholds, sample_unobserved, unobserved_ranks
+from hetcomp.distill.tools import sample_unobserved, unobserved_ranks
 from hetcomp.metrics import csr_rows_dense
 
 
 def reference_ranks(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """The implementation before the threshold counts: one numpy sort per whole row and a ``searchsorted``."""
+    """A plain reference: one numpy sort per whole row and a ``searchsorted``."""
     masked = scores.detach().masked_fill(~unobserved, float("-inf"))
     ordered = torch.from_numpy(np.sort(masked.contiguous().numpy(), axis=1))
     own = scores.detach().gather(1, items).contiguous()
@@ -43,7 +43,7 @@ def _tied_case(seed: int, batch: int, n_items: int, length: int, dtype: torch.dt
 def test_ranks_are_identical_to_the_whole_row_sort(seed, batch, n_items, length, dtype):
     scores, unobserved, items = _tied_case(seed, batch, n_items, length, dtype)
     expected = reference_ranks(scores, unobserved, items)
-    for ranks in (ranks_by_thresholds, ranks_by_sorting, unobserved_ranks):
+    for ranks in (unobserved_ranks,):
         got = ranks(scores, unobserved, items)
         assert got.dtype == torch.int64 and torch.equal(got, expected), ranks.__name__
     assert (expected[0] == 0).all()
@@ -52,12 +52,11 @@ def test_ranks_are_identical_to_the_whole_row_sort(seed, batch, n_items, length,
 def test_ranks_ignore_gradients_and_match_naive_counts():
     scores, unobserved, items = _tied_case(4, 5, 25, 8, torch.float32)
     scores.requires_grad_(True)
-    got = ranks_by_thresholds(scores.detach(), unobserved, items)
+    got = unobserved_ranks(scores, unobserved, items)
     for row in range(5):
         for position, item in enumerate(items[row].tolist()):
             naive = sum(1 for j in range(25) if unobserved[row, j] and scores[row, j] > scores[row, item])
             assert got[row, position].item() == naive
-    assert torch.equal(unobserved_ranks(scores, unobserved, items), got)
 
 
 # ---- sampling of unobserved items -------------------------------------------------------------------------

@@ -104,27 +104,22 @@ class DistillContext:
         items = torch.where(valid, order[index], torch.full_like(index, -1))
         return items.to(self.device), valid.to(self.device)
 
-    def tail_logsumexp(self, scores: torch.Tensor, users: torch.Tensor, listed: torch.Tensor | None = None,
-                       listed_valid: torch.Tensor | None = None, bound: float | None = None) -> torch.Tensor:
-        """log Σ e^f over each user's unobserved items outside ``listed`` [B, L] (all unobserved items without it).
-
-        Excludes the training items by their padded lists: no dense [B, n_items] mask (see
-        :func:`~hetcomp.distill.losses.tail_logsumexp`, which also takes the optional clamp ``bound``).
-        """
+    def _excluded(self, users: torch.Tensor, head: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items, valid) [B, L] to leave out of the users' tails: their padded training items, then ``head``."""
         excluded, valid = (x[users] for x in self.observed_order)
-        if listed is not None:
-            listed_valid = torch.ones_like(listed, dtype=torch.bool) if listed_valid is None else listed_valid
-            excluded, valid = torch.cat([excluded, listed], 1), torch.cat([valid, listed_valid], 1)
-        return tail_logsumexp(scores, excluded, valid, bound)
+        if head is None:
+            return excluded, valid
+        return torch.cat([excluded, head], 1), torch.cat([valid, torch.ones_like(head, dtype=torch.bool)], 1)
+
+    def tail_logsumexp(self, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """log Σ e^f over each user's unobserved items (a softmax normalizer), without a dense [B, n_items] mask."""
+        return tail_logsumexp(scores, *self._excluded(users))
 
     def tail_and_listed_scores(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
                                listed: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log Σ e^f over the unobserved items outside ``head`` [B, H], the scores of ``listed`` [B, L]) in one
         autograd node (:func:`~hetcomp.distill.losses.tail_logsumexp_and_listed`); both clamped by ``bound``."""
-        excluded, valid = (x[users] for x in self.observed_order)
-        excluded = torch.cat([excluded, head], 1)
-        valid = torch.cat([valid, torch.ones_like(head, dtype=torch.bool)], 1)
-        return tail_logsumexp_and_listed(scores, excluded, valid, listed, bound)
+        return tail_logsumexp_and_listed(scores, *self._excluded(users, head), listed, bound)
 
     def train_mask(self, users: torch.Tensor) -> torch.Tensor:
         """Dense bool [B, n_items] of the users' training items."""

@@ -104,16 +104,15 @@ def _mean_over_users(per_position: torch.Tensor, valid: torch.Tensor) -> torch.T
 
 
 def overall_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor | None = None,
-                 tail_lse: torch.Tensor | None = None, bound: float | None = None) -> torch.Tensor:
+                 tail_lse: torch.Tensor | None = None) -> torch.Tensor:
     """L_O: every item of the list above every tail item, no order inside the list.
 
     −Σ_k log( e^{f_k} / (e^{f_k} + Σ_{j∈tail} e^{f_j}) ) = Σ_k softplus(LSE_tail − f_k).
-    Pass ``tail_lse`` (log Σ_tail e^f per row) instead of ``tail`` to share it between lists; ``bound`` clamps
-    the listed scores (use the same bound as the ``tail_lse``).
+    Pass ``tail_lse`` (log Σ_tail e^f per row) instead of ``tail`` to share it between lists.
     """
     if tail_lse is None:
         tail_lse = masked_logsumexp(scores, tail)
-    return overall_loss_of(listed_scores(scores, items, bound), valid, tail_lse)
+    return overall_loss_of(listed_scores(scores, items), valid, tail_lse)
 
 
 def overall_loss_of(listed: torch.Tensor, valid: torch.Tensor, tail_lse: torch.Tensor) -> torch.Tensor:
@@ -122,15 +121,14 @@ def overall_loss_of(listed: torch.Tensor, valid: torch.Tensor, tail_lse: torch.T
 
 
 def fine_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor, tail: torch.Tensor | None = None,
-              tail_lse: torch.Tensor | None = None, bound: float | None = None) -> torch.Tensor:
+              tail_lse: torch.Tensor | None = None) -> torch.Tensor:
     """L_F: Plackett–Luce keeping the list's exact order and placing it above the tail.
 
     −Σ_k log( e^{f_k} / (Σ_{l≥k} e^{f_l} + Σ_{j∈tail} e^{f_j}) ); invalid (padding) positions are left out.
-    ``bound`` clamps the listed scores, as for :func:`overall_loss`.
     """
     if tail_lse is None:
         tail_lse = masked_logsumexp(scores, tail)
-    return fine_loss_of(listed_scores(scores, items, bound), valid, tail_lse)
+    return fine_loss_of(listed_scores(scores, items), valid, tail_lse)
 
 
 def fine_loss_of(listed: torch.Tensor, valid: torch.Tensor, tail_lse: torch.Tensor) -> torch.Tensor:
