@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from hetcomp.data.errors import HetCompError
+from hetcomp.data.sampling import contains_keys, sorted_pair_keys
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -152,21 +153,6 @@ def ranking_ndcg(ranking: torch.Tensor, ideal: torch.Tensor, gains: torch.Tensor
     return dcg / idcg
 
 
-def _sorted_keys(matrix: sp.csr_matrix, device: torch.device | str) -> torch.Tensor:
-    """The sorted int64 keys (row * n_cols + column) of a sparse matrix's entries, for :func:`_contains`."""
-    coo = matrix.tocoo()
-    keys = coo.row.astype(np.int64) * matrix.shape[1] + coo.col.astype(np.int64)
-    return torch.from_numpy(np.sort(keys)).to(device)
-
-
-def _contains(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Whether each key is in ``sorted_keys``: one ``searchsorted``, no dense [B, n_items] mask."""
-    if sorted_keys.numel() == 0:
-        return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
-    slot = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
-    return sorted_keys[slot] == keys
-
-
 def _top_values(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, k, dim=1, sorted=False)`` for wide rows: the same values, any of equally scored items.
 
@@ -217,7 +203,7 @@ def evaluate_split(score_fn: ScoreFn, split, ks: Sequence[int] = (10, 50), top_m
     sums = {part: {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")} for part in ("valid", "test")}
     counts = {"valid": 0, "test": 0}
     sizes = {part: torch.from_numpy(np.diff(getattr(split, part).indptr)) for part in ("valid", "test")}
-    keys = {part: _sorted_keys(getattr(split, part), device) for part in ("valid", "test")}
+    keys = {part: sorted_pair_keys(getattr(split, part), device) for part in ("valid", "test")}
     rankings = []
     for start in range(0, split.n_users, batch_size):
         users = np.arange(start, min(start + batch_size, split.n_users))
@@ -253,7 +239,7 @@ def _evaluate_batch(scores: torch.Tensor, split, users: np.ndarray, ks: Sequence
         values, items = _canonical_order(*_top_values(scores, length))
         user_index = torch.from_numpy(users).to(scores.device).unsqueeze(1)
         keys = {part: part_keys.to(scores.device) for part, part_keys in keys.items()}
-        member = {part: _contains(keys[part], user_index * n_items + items) for part in keys}
+        member = {part: contains_keys(keys[part], user_index * n_items + items) for part in keys}
         ranking = None
         if top_m:
             ranking = items[:, :top_m].clone()
@@ -280,7 +266,7 @@ def _evaluate_batch(scores: torch.Tensor, split, users: np.ndarray, ks: Sequence
                 redo = rows[undecided]
                 redo_users = users[redo.cpu().numpy()]
                 top = topk_items(exclude_rows_(scores[redo], getattr(split, other), redo_users), k_max)
-                hits[undecided] = _contains(keys[part], user_index[redo] * n_items + top)
+                hits[undecided] = contains_keys(keys[part], user_index[redo] * n_items + top)
             n_relevant = batch_sizes[batch_sizes > 0].to(scores.device)
             for key, metric in _recall_ndcg_from_hits(hits, n_relevant, ks).items():
                 sums[part][key] += float(metric.sum())

@@ -7,6 +7,21 @@ import scipy.sparse as sp
 import torch
 
 
+def sorted_pair_keys(matrix: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sorted int64 keys (row * n_cols + column) of a sparse matrix's entries, for :func:`contains_keys`."""
+    coo = matrix.tocoo()
+    keys = coo.row.astype(np.int64) * matrix.shape[1] + coo.col.astype(np.int64)
+    return torch.from_numpy(np.sort(keys)).to(device)
+
+
+def contains_keys(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``keys`` is in ``sorted_keys``: one ``searchsorted``, no dense [B, n_cols] mask."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    slot = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
+    return sorted_keys[slot] == keys
+
+
 class NegativeSampler:
     """Draws, for each given user, items outside the user's training row.
 
@@ -17,10 +32,8 @@ class NegativeSampler:
 
     def __init__(self, train: sp.csr_matrix, device: torch.device | str = "cpu") -> None:
         self.n_items = train.shape[1]
-        coo = train.tocoo()
-        keys = coo.row.astype(np.int64) * self.n_items + coo.col.astype(np.int64)
         self.device = torch.device(device)
-        self.observed_keys = torch.from_numpy(np.sort(keys)).to(self.device)
+        self.observed_keys = sorted_pair_keys(train, self.device)
         counts = np.diff(train.indptr)
         if (counts >= self.n_items).any():
             full = int(np.flatnonzero(counts >= self.n_items)[0])
@@ -28,11 +41,7 @@ class NegativeSampler:
 
     def is_observed(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Boolean tensor: whether each (user, item) pair is a training interaction."""
-        keys = users.to(torch.int64) * self.n_items + items.to(torch.int64)
-        if self.observed_keys.numel() == 0:
-            return torch.zeros_like(keys, dtype=torch.bool)
-        position = torch.searchsorted(self.observed_keys, keys).clamp_(max=self.observed_keys.numel() - 1)
-        return self.observed_keys[position] == keys
+        return contains_keys(self.observed_keys, users.to(torch.int64) * self.n_items + items.to(torch.int64))
 
     def sample(self, users: torch.Tensor, n_negatives: int = 1, generator: torch.Generator | None = None,
                max_rounds: int = 100) -> torch.Tensor:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from hetcomp.data.sampling import contains_keys
+
 if TYPE_CHECKING:
     from hetcomp.data.sampling import NegativeSampler
 
@@ -137,9 +139,7 @@ def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, exc
         draws = torch.randint(n_items, (len(pending), expected + expected // 4 + 8), generator=generator).to(device)
         fresh = ~sampler.is_observed(users[pending].unsqueeze(1).expand_as(draws), draws)
         if excluded_keys.numel():
-            keys = pending.unsqueeze(1) * n_items + draws
-            at = torch.searchsorted(excluded_keys, keys).clamp_(max=excluded_keys.numel() - 1)
-            fresh &= excluded_keys[at] != keys
+            fresh &= ~contains_keys(excluded_keys, pending.unsqueeze(1) * n_items + draws)
         candidates = torch.cat([kept[pending], draws], dim=1)  # the kept items first: they stay first occurrences
         ok = torch.cat([torch.arange(n, device=device) < count[pending].unsqueeze(1), fresh], dim=1)
         width = candidates.shape[1]
