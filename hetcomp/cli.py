@@ -17,10 +17,10 @@ from hetcomp.data import REGISTRY, DataError, HetCompError, load_dataset, resolv
 from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.distill import METHODS, EnsembleConfig, method_class
-from hetcomp.distill.run import distill
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
 from hetcomp.reproduce import TABLE2_METHODS
+from hetcomp.runs import distill
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
@@ -227,6 +227,8 @@ def distill_command(
     kd_loss: str = typer.Option(None, "--kd-loss", help="For --method kd: weighted losses, e.g. "
                                 "kl:1.0,pairwise_hinge:0.5 (ce, bce, l2, kl, pairwise_hinge, listwise)."),
     max_epochs: int = typer.Option(1000, help="Upper bound on epochs (early stopping usually ends sooner)."),
+    eval_every: int = typer.Option(10, help="Evaluate on validation every N epochs (early stopping, DKC)."),
+    patience: int = typer.Option(5, help="Stop after this many evaluations without a better validation R@50."),
     batch_users: int = typer.Option(64, help="Users per batch (each user once per epoch)."),
     lr: float = typer.Option(None, help="Adam learning rate of the student (default 1e-2 for KD methods, the "
                                         "model's own for --method none)."),
@@ -253,13 +255,13 @@ def distill_command(
             raise HetCompError("--kd-loss applies to --method kd only")
         options["losses"] = kd_loss
     seed_everything(seed)
-    command = "hetcomp " + " ".join(sys.argv[1:])
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
                          options, EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power),
-                         batch_users, lr=lr, weight_decay=weight_decay,
-                         max_epochs=max_epochs, callbacks=[bar], command=command)
+                         batch_users, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs, eval_every=eval_every,
+                         patience=patience, callbacks=[bar], source={"dataset": dataset},
+                         say=lambda text: progress.console.print(text, highlight=False))
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
                   f"R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} R@50 {test['recall@50']:.4f} "

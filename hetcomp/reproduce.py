@@ -37,9 +37,10 @@ from hetcomp.distill import EnsembleConfig, method_class
 from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
-from hetcomp.distill.run import default_recipe, distill, git_commit, machine
+from hetcomp.distill.run import git_commit, machine
 from hetcomp.metrics import csr_rows_dense, evaluate_split, exclude_rows_, topk_items
 from hetcomp.models import build_model
+from hetcomp.runs import default_recipe, distill
 from hetcomp.teachers import (
     TEACHERS,
     dataset_teacher_settings,
@@ -255,7 +256,7 @@ def student_run(rep: Reproduction, trajectories: list, student: str, method: str
     try:
         return distill(rep.split, trajectories, student, method, dim, seed, rep.device, rep.runs_dir, options,
                        max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
-                       callbacks=[callback] if callback else None, command=command, train=rep.train)
+                       callbacks=[callback] if callback else None, train=rep.train)
     finally:
         if callback is not None and hasattr(callback, "close"):
             callback.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,12 +9,12 @@ import pytest
 import torch
 from conftest import make_tiny_split
 
-from hetcomp.data import HetCompError
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
-from hetcomp.distill.run import distill, source_digest
+from hetcomp.distill.run import source_digest
 from hetcomp.models import build_model
+from hetcomp.runs import distill
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
 
@@ -299,18 +298,6 @@ def test_hetcomp_reaches_final_states_and_beats_no_kd(teachers, tmp_path):
     assert results["hetcomp"]["test"]["ndcg@10"] > results["none"]["test"]["ndcg@10"]
 
 
-def test_finished_run_under_other_defaults_is_refused_not_reused(teachers, tmp_path):
-    first = distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2)
-    assert first["lr"] == build_model("mf", SPLIT.train).config.lr  # RD keeps the student's own recipe
-    assert distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2) == first
-    assert first["code_digest"] == source_digest() and len(first["code_digest"]) == 12
-    metrics = next(tmp_path.rglob("metrics.json"))
-    stale = dict(first, lr=0.05)  # as if trained when the default was another lr
-    metrics.write_text(json.dumps(stale))
-    with pytest.raises(HetCompError, match="default changed"):
-        distill(SPLIT, teachers, "mf", "rd", dim=4, runs_root=tmp_path, max_epochs=4, eval_every=2)
-
-
 def test_source_digest_follows_the_code(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     before = source_digest(tmp_path)
@@ -318,13 +305,3 @@ def test_source_digest_follows_the_code(tmp_path):
     assert source_digest(tmp_path) != before
     (tmp_path / "a.py").write_text("x = 1\n")
     assert source_digest(tmp_path) == before
-
-
-def test_a_method_version_bump_is_a_new_run_folder_not_a_reused_one(teachers, tmp_path, monkeypatch):
-    from hetcomp.distill import method_class
-
-    first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=2)
-    assert distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=2) == first
-    monkeypatch.setattr(method_class("rrd"), "version", method_class("rrd").version + 1)
-    bumped = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=2)
-    assert bumped["run"] != first["run"] and len(list(tmp_path.rglob("metrics.json"))) == 2

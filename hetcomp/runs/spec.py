@@ -1,0 +1,202 @@
+"""One run specification, one identity.
+
+A :class:`RunSpec` holds everything that decides a student run's result, with every default resolved: the split
+(its fingerprint), the teachers (names and a digest of their rankings), the ensemble g, the student and its
+architecture, the method with its *whole* configuration and its ``version``, the recipe (lr, weight decay, batch),
+the seed and the training limits. Its :meth:`~RunSpec.identity` is the one hash of a run: the run folder's name,
+the ledger's key. Because defaults are resolved before hashing, changing a default (or retraining the teachers)
+gives new identities instead of silently reusing old results, while spelling a default out gives the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetcomp.data import Split
+from hetcomp.distill import EnsembleConfig, method_class
+from hetcomp.models import model_config
+from hetcomp.registry import checked_config
+from hetcomp.teachers import TEACHERS
+
+#: the student's recipe when its method distils (Adam); methods that train mostly on the student's own loss
+#: (``uses_own_recipe``: w/o KD, RD) take the model's own lr and weight decay instead
+KD_LR = 1e-2
+KD_WEIGHT_DECAY = 0.0
+#: ``hetcomp distill``'s defaults for what is not a config field
+DEFAULT_BATCH_USERS = 64
+DEFAULT_MAX_EPOCHS = 1000
+DEFAULT_EVAL_EVERY = 10
+DEFAULT_PATIENCE = 5
+#: the dataset options of the command line that are not part of a run's identity (the split fingerprint is)
+SOURCE_OPTIONS = ("path", "user_col", "item_col", "sep")
+
+
+def default_recipe(student: str, method: str) -> tuple[float, float]:
+    """(lr, weight decay) a student trains with by default: the model's own for methods that say so (w/o KD, RD),
+    else the distillation recipe."""
+    if method_class(method).uses_own_recipe:
+        config = model_config(student)
+        return config.lr, config.weight_decay
+    return KD_LR, KD_WEIGHT_DECAY
+
+
+def trajectory_digest(trajectory) -> str:
+    """sha256 over one teacher's identity (name, model, dim, seed, settings) and its rankings; cached on it.
+
+    The arrays, not the files: two trainings with the same rankings get one digest although their files differ
+    in timing metadata, and a retrained teacher whose rankings moved gets a new one."""
+    cached = getattr(trajectory, "_digest", None)
+    if cached is None:
+        identity = {"name": trajectory.name, "teacher": trajectory.teacher, "dim": trajectory.meta.get("dim"),
+                    "train_seed": trajectory.meta.get("train_seed"), "config": trajectory.meta.get("config")}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+        for array in (trajectory.states.numpy(), trajectory.observed, trajectory.observed_indptr):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        cached = digest.hexdigest()
+        trajectory._digest = cached
+    return cached
+
+
+def teachers_digest(trajectories: Sequence) -> str:
+    """12 hex digits over the teachers' digests, in order: which exact teachers a run learnt from."""
+    digest = hashlib.sha256("".join(trajectory_digest(t) for t in trajectories).encode())
+    return digest.hexdigest()[:12]
+
+
+def _frozen(mapping: dict) -> tuple[tuple[str, object], ...]:
+    return tuple(sorted((key, tuple(value) if isinstance(value, list) else value) for key, value in mapping.items()))
+
+
+def _canonical(value) -> str:
+    """JSON that is equal exactly when the values are (tuples as lists, keys sorted, floats by repr)."""
+    return json.dumps(value, sort_keys=True, default=str, allow_nan=True)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that decides one student run, defaults resolved (build one with :func:`make_spec`)."""
+
+    dataset: str  # the split's label (e.g. ``citeulike``; a csv file's ``csv:<name>``)
+    split_fingerprint: str
+    split_seed: int
+    teachers: tuple[str, ...]
+    teachers_digest: str
+    ensemble: tuple[tuple[str, object], ...]
+    student: str
+    student_config: tuple[tuple[str, object], ...]
+    dim: int
+    method: str
+    method_version: int
+    method_config: tuple[tuple[str, object], ...]
+    options: tuple[tuple[str, object], ...]  # what the command line set (method_config has every value)
+    lr: float
+    weight_decay: float
+    batch_users: int
+    seed: int
+    max_epochs: int
+    eval_every: int
+    patience: int
+    #: how the command line names the data (``--dataset``, and ``--path`` … for csv/recbole); not identity
+    source: tuple[tuple[str, object], ...] = field(default=(), compare=False)
+
+    def identity_dict(self) -> dict:
+        """The fields that make the identity, as plain JSON-able values."""
+        out = {}
+        for spec_field in dataclasses.fields(self):
+            if not spec_field.compare:
+                continue
+            value = getattr(self, spec_field.name)
+            if spec_field.name in ("ensemble", "student_config", "method_config", "options"):
+                value = {key: list(v) if isinstance(v, tuple) else v for key, v in value}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[spec_field.name] = value
+        return out
+
+    def to_dict(self) -> dict:
+        """What ``spec.json`` stores: the identity fields, the identity and the command that reruns the run."""
+        return {**self.identity_dict(), "source": dict(self.source), "identity": self.identity,
+                "command": self.command()}
+
+    @property
+    def identity(self) -> str:
+        """16 hex digits of sha256 over :meth:`identity_dict`: the run's folder suffix and its ledger key."""
+        return hashlib.sha256(_canonical(self.identity_dict()).encode()).hexdigest()[:16]
+
+    @property
+    def folder_name(self) -> str:
+        """``<student>-<method>-<dim>-<seed>-<identity>``: readable, and never shared by two specs."""
+        return f"{self.student}-{self.method}-{self.dim}-{self.seed}-{self.identity}"
+
+    @property
+    def method_options(self) -> dict:
+        return dict(self.options)
+
+    def command(self) -> str:
+        """The ``hetcomp distill`` line that trains (or reuses) exactly this run."""
+        source = dict(self.source)
+        words = ["hetcomp", "distill", "--dataset", str(source.get("dataset", self.dataset))]
+        for key in SOURCE_OPTIONS:
+            if source.get(key) is not None:
+                words += [f"--{key.replace('_', '-')}", str(source[key])]
+        if self.split_seed:
+            words += ["--split-seed", str(self.split_seed)]
+        words += ["--student", self.student, "--dim", str(self.dim), "--method", self.method,
+                  "--seed", str(self.seed)]
+        if list(self.teachers) != list(TEACHERS):
+            words += ["--teachers", ",".join(self.teachers)]
+        for key, value in self.options:
+            words += ["-o", f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
+        default_lr, default_decay = default_recipe(self.student, self.method)
+        if self.lr != default_lr:
+            words += ["--lr", repr(self.lr)]
+        if self.weight_decay != default_decay:
+            words += ["--weight-decay", repr(self.weight_decay)]
+        if self.batch_users != DEFAULT_BATCH_USERS:
+            words += ["--batch-users", str(self.batch_users)]
+        ensemble, default = dict(self.ensemble), dataclasses.asdict(EnsembleConfig())
+        for key, value in ensemble.items():
+            if value != default.get(key):
+                words += [f"--{key.replace('_', '-')}", str(value)]
+        for key, value, default_value in (("max-epochs", self.max_epochs, DEFAULT_MAX_EPOCHS),
+                                          ("eval-every", self.eval_every, DEFAULT_EVAL_EVERY),
+                                          ("patience", self.patience, DEFAULT_PATIENCE)):
+            if value != default_value:
+                words += [f"--{key}", str(value)]
+        return shlex.join(words)
+
+    def ensemble_config(self) -> EnsembleConfig:
+        return EnsembleConfig(**dict(self.ensemble))
+
+
+def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method: str = "hetcomp", dim: int = 6,
+              seed: int = 0, method_options: dict | None = None, ensemble: EnsembleConfig | None = None,
+              batch_users: int = DEFAULT_BATCH_USERS, lr: float | None = None, weight_decay: float | None = None,
+              max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY,
+              patience: int = DEFAULT_PATIENCE, source: dict | None = None) -> RunSpec:
+    """Resolve every default of one run into its :class:`RunSpec` (unknown method options are an error)."""
+    cls = method_class(method)
+    options = dict(method_options or {})
+    config = checked_config(cls.config_class, options, f"method {method!r}")
+    default_lr, default_decay = default_recipe(student, method)
+    lr = default_lr if lr is None else lr
+    weight_decay = default_decay if weight_decay is None else weight_decay
+    for name, value in (("lr", lr), ("weight decay", weight_decay)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number (got {value})")
+    return RunSpec(
+        dataset=split.meta["dataset"], split_fingerprint=split.fingerprint, split_seed=int(split.meta.get("seed", 0)),
+        teachers=tuple(t.name for t in trajectories), teachers_digest=teachers_digest(trajectories),
+        ensemble=_frozen(dataclasses.asdict(ensemble or EnsembleConfig())), student=student,
+        student_config=_frozen(dataclasses.asdict(model_config(student, dim=dim))), dim=dim, method=method,
+        method_version=cls.version, method_config=_frozen(dataclasses.asdict(config)), options=_frozen(options),
+        lr=float(lr), weight_decay=float(weight_decay), batch_users=batch_users, seed=seed, max_epochs=max_epochs,
+        eval_every=eval_every, patience=patience, source=_frozen(source or {"dataset": split.meta["dataset"]}))

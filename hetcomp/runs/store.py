@@ -1,0 +1,108 @@
+"""Run folders: ``<root>/<dataset>/<spec.folder_name>/`` holding ``spec.json``, ``last.pt`` (while training),
+``metrics.json`` and ``student.pt`` (when finished).
+
+A folder belongs to exactly one :class:`~hetcomp.runs.spec.RunSpec` (its name ends with the spec's identity), and
+its finished metrics are returned only when the stored ``spec.json`` equals the asked spec. One process at a time
+trains a folder: :meth:`RunStore.claim` holds an exclusive ``flock`` on its ``.lock`` file (released by the
+kernel when the process dies, so a killed run never leaves a stale lock); a second caller waits for it and then
+finds the run finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hetcomp.data import HetCompError
+from hetcomp.runs.spec import RunSpec
+
+SPEC_FILE = "spec.json"
+METRICS_FILE = "metrics.json"
+LOCK_FILE = ".lock"
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def read_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON file's content, or an error naming the file, what it is and how to fix it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HetCompError(f"{path}: cannot read this {what} ({error.__class__.__name__}: {error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise HetCompError(f"{path}: this {what} is not a JSON object; {fix}")
+    return value
+
+
+@contextmanager
+def exclusive_lock(path: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); tell ``waiting`` who holds it before waiting.
+
+    The file keeps the holder's pid for that message only: the lock itself is the kernel's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "another process"
+                waiting(f"waiting for pid {holder}, which holds {path.parent}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(handle, 0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        os.close(handle)
+
+
+class RunStore:
+    """The run folders under one root (a path every worker of a cluster sees)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def folder(self, spec: RunSpec) -> Path:
+        return self.root / spec.dataset.replace(":", "-") / spec.folder_name
+
+    def finished(self, spec: RunSpec) -> dict | None:
+        """The metrics of ``spec``'s finished run, or None; an error when the folder holds another spec's files."""
+        folder = self.folder(spec)
+        metrics_file = folder / METRICS_FILE
+        if not metrics_file.is_file():
+            return None
+        fix = f"delete {folder} to train the run again"
+        metrics = read_json(metrics_file, "run's metrics", fix)
+        stored = read_json(folder / SPEC_FILE, "run specification", fix)
+        if {key: stored.get(key) for key in spec.identity_dict()} != json.loads(json.dumps(spec.identity_dict())):
+            raise HetCompError(f"{folder} holds a run of another specification than the one asked "
+                               f"(identity {stored.get('identity')} vs {spec.identity}); {fix}")
+        if not {"valid", "test"} <= set(metrics):
+            raise HetCompError(f"{metrics_file} has no valid/test metrics; {fix}")
+        return metrics
+
+    @contextmanager
+    def claim(self, spec: RunSpec, say: Callable[[str], None] | None = None) -> Iterator[Path]:
+        """The run's folder, held by this process alone (others wait); ``spec.json`` written on first claim."""
+        folder = self.folder(spec)
+        with exclusive_lock(folder / LOCK_FILE, say):
+            spec_file = folder / SPEC_FILE
+            if not spec_file.is_file():
+                write_json_atomic(spec_file, spec.to_dict())
+            yield folder
+
+    def write_metrics(self, spec: RunSpec, metrics: dict) -> None:
+        write_json_atomic(self.folder(spec) / METRICS_FILE, metrics)

@@ -1,0 +1,143 @@
+"""The run layer: one specification, one identity; a finished run is reused only when nothing that decides it
+changed; one process at a time trains a run folder."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+import pytest
+import torch
+from conftest import make_tiny_split
+
+from hetcomp.data import HetCompError
+from hetcomp.distill import method_class
+from hetcomp.runs import RunStore, distill, make_spec
+from hetcomp.runs import spec as spec_module
+from hetcomp.teachers import train_teacher
+
+SPLIT = make_tiny_split(n_users=80, n_items=60, per_user=12)
+FAST = {"max_epochs": 2, "eval_every": 2}
+
+
+def _teachers(root, dim: int, split=SPLIT) -> list:
+    out = []
+    for name in ("mf", "ae"):
+        torch.manual_seed(0)
+        out.append(train_teacher(split, name, root, dim=dim, top_m=30, max_epochs=6, eval_every=2, lr=1e-2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    return _teachers(tmp_path_factory.mktemp("teachers16"), 16)
+
+
+def _folders(root) -> list:
+    return sorted(p.parent.name for p in root.rglob("metrics.json"))
+
+
+def test_a_finished_run_is_reused_when_nothing_changed(teachers, tmp_path):
+    first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    again = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    assert again == first and len(_folders(tmp_path)) == 1
+    # spelling a default out is the same run
+    assert distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, lr=spec_module.KD_LR, **FAST) == first
+    assert json.loads((tmp_path.rglob("spec.json").__next__()).read_text())["identity"] == first["identity"]
+
+
+def test_other_teachers_are_a_new_run_not_a_stale_one(teachers, tmp_path_factory, tmp_path):
+    """The issue's example: distil from teachers of dim 16, then of dim 8, into the same runs folder."""
+    first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    smaller = _teachers(tmp_path_factory.mktemp("teachers8"), 8)
+    second = distill(SPLIT, smaller, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    fresh = distill(SPLIT, smaller, "mf", "rrd", dim=4, runs_root=tmp_path_factory.mktemp("fresh"), **FAST)
+    assert second["identity"] != first["identity"] and len(_folders(tmp_path)) == 2
+    assert second["test"] == fresh["test"] and second["teachers_digest"] != first["teachers_digest"]
+
+
+def test_another_split_is_a_new_run(tmp_path_factory, tmp_path):
+    other = make_tiny_split(n_users=80, n_items=60, per_user=12, seed=1)
+    a = make_spec(SPLIT, _teachers(tmp_path_factory.mktemp("a"), 8), "mf", "rrd", 4)
+    b = make_spec(other, _teachers(tmp_path_factory.mktemp("b"), 8, other), "mf", "rrd", 4)
+    assert a.split_fingerprint != b.split_fingerprint and a.identity != b.identity
+
+
+def test_a_method_option_or_version_or_default_change_is_a_new_run(teachers, tmp_path, monkeypatch):
+    first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    option = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, method_options={"weight": 0.5}, **FAST)
+    assert option["identity"] != first["identity"]
+    monkeypatch.setattr(method_class("rrd"), "version", method_class("rrd").version + 1)
+    bumped = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    assert bumped["identity"] != first["identity"] and bumped["method_version"] == first["method_version"] + 1
+    monkeypatch.setattr(spec_module, "KD_LR", 3e-2)  # a default recipe changed since
+    relearnt = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    assert relearnt["lr"] == 3e-2 and len(_folders(tmp_path)) == 4
+
+
+def test_a_changed_config_default_changes_the_identity(teachers, monkeypatch):
+    """The method's whole resolved config is hashed, not only the options given."""
+    before = make_spec(SPLIT, teachers, "mf", "hetcomp", 4)
+    config = method_class("hetcomp").config_class
+    monkeypatch.setattr(config, "__init__", _with_default(config.__init__, "deadline", 123))
+    after = make_spec(SPLIT, teachers, "mf", "hetcomp", 4)
+    assert dict(after.method_config)["deadline"] == 123 and after.identity != before.identity
+
+
+def _with_default(init, key, value):
+    def patched(self, *args, **kwargs):
+        kwargs.setdefault(key, value)
+        init(self, *args, **kwargs)
+    return patched
+
+
+def test_the_command_names_what_differs_from_the_defaults(teachers):
+    spec = make_spec(SPLIT, teachers, "mf", "hetcomp", 4, seed=3, method_options={"deadline": 100},
+                     weight_decay=1e-5, max_epochs=50)
+    command = spec.command()
+    for part in ("--student mf", "--dim 4", "--method hetcomp", "--seed 3", "--teachers mf,ae", "-o deadline=100",
+                 "--weight-decay 1e-05", "--max-epochs 50"):
+        assert part in command
+    assert "--lr" not in command and "--eval-every" not in command
+
+
+def test_a_folder_holding_another_spec_or_a_corrupt_file_is_named(teachers, tmp_path):
+    first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    spec_file = next(tmp_path.rglob("spec.json"))
+    stored = json.loads(spec_file.read_text())
+    spec_file.write_text(json.dumps(dict(stored, seed=99)))
+    with pytest.raises(HetCompError, match="another specification"):
+        distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    spec_file.write_text(json.dumps(stored))
+    metrics = spec_file.with_name("metrics.json")
+    metrics.write_text(metrics.read_text()[:40])
+    with pytest.raises(HetCompError, match=f"{metrics}.*delete"):
+        distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
+    assert first["run"] in str(metrics)
+
+
+def _distill_in_child(root, teachers, queue):
+    torch.set_num_threads(1)
+    result = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=root, max_epochs=6, eval_every=2)
+    queue.put((result["identity"], result["test"]["recall@50"], result["this_call_seconds"]))
+
+
+def test_two_processes_on_one_run_wait_for_each_other_instead_of_crashing(teachers, tmp_path):
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_distill_in_child, args=(tmp_path, teachers, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0]
+    results = [queue.get(timeout=5) for _ in children]
+    assert results[0][:2] == results[1][:2] and len(_folders(tmp_path)) == 1
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("last.pt"))
+
+
+def test_the_store_finds_nothing_for_an_unfinished_run(teachers, tmp_path):
+    spec = make_spec(SPLIT, teachers, "mf", "rrd", 4)
+    store = RunStore(tmp_path)
+    assert store.finished(spec) is None
+    assert distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, train=False) is None
