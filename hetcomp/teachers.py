@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hetcomp.data import REGISTRY, Split
+from hetcomp.locks import exclusive_lock
 from hetcomp.models import build_model
 from hetcomp.train import Callback, Trainer, train_model
 from hetcomp.trajectory import (
@@ -102,19 +104,33 @@ def parse_seeded_name(name: str, split_seed: int = 0) -> tuple[str, int]:
 
 def train_teacher(split: Split, teacher: str, root: Path, dim: int = 64, seed: int = 0,
                   device: torch.device | str = "cpu", top_m: int = 200, callbacks: list[Callback] | None = None,
-                  command: str = "", name: str | None = None, **overrides) -> Trajectory:
+                  command: str = "", name: str | None = None, waiting: Callable[[str], None] | None = print,
+                  **overrides) -> Trajectory:
     """Train one teacher (resuming a killed run) and return its trajectory; reuse a finished one.
 
-    ``name`` is its folder under ``root/<dataset>/`` (default: the model name)."""
+    ``name`` is its folder under ``root/<dataset>/`` (default: the model name). One process at a time trains a
+    teacher folder; another caller is told (``waiting``) and waits for it."""
     run_dir = teacher_dir(root, split.meta["dataset"], name or teacher)
     done = run_dir / TRAJECTORY_FILE
     if done.is_file():
-        trajectory = load_trajectory(done, split)
-        if trajectory.meta.get("dim") == dim and trajectory.meta.get("train_seed") == seed:
-            return trajectory
-        raise TrajectoryError(f"{done} was trained with dim {trajectory.meta.get('dim')} and seed "
-                              f"{trajectory.meta.get('train_seed')}, not dim {dim} and seed {seed}; move it away "
-                              f"or pass --teachers-dir to another folder")
+        return _finished_teacher(done, split, dim, seed)
+    with exclusive_lock(run_dir / ".lock", waiting):
+        if done.is_file():  # trained by the process this one waited for
+            return _finished_teacher(done, split, dim, seed)
+        return _train_teacher(split, teacher, run_dir, dim, seed, device, top_m, callbacks, command, overrides)
+
+
+def _finished_teacher(done: Path, split: Split, dim: int, seed: int) -> Trajectory:
+    trajectory = load_trajectory(done, split)
+    if trajectory.meta.get("dim") == dim and trajectory.meta.get("train_seed") == seed:
+        return trajectory
+    raise TrajectoryError(f"{done} was trained with dim {trajectory.meta.get('dim')} and seed "
+                          f"{trajectory.meta.get('train_seed')}, not dim {dim} and seed {seed}; move it away "
+                          f"or pass --teachers-dir to another folder")
+
+
+def _train_teacher(split: Split, teacher: str, run_dir: Path, dim: int, seed: int, device: torch.device | str,
+                   top_m: int, callbacks: list[Callback] | None, command: str, overrides: dict) -> Trajectory:
     torch.manual_seed(seed)
     model = build_model(teacher, split.train, dim=dim, **overrides)
     config = {k: v for k, v in vars(model.config).items()}

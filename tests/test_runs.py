@@ -141,3 +141,22 @@ def test_the_store_finds_nothing_for_an_unfinished_run(teachers, tmp_path):
     store = RunStore(tmp_path)
     assert store.finished(spec) is None
     assert distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, train=False) is None
+
+
+def _teacher_in_child(root, queue):
+    torch.set_num_threads(1)
+    trajectory = train_teacher(SPLIT, "mf", root, dim=8, top_m=30, max_epochs=8, eval_every=2, lr=1e-2)
+    queue.put(trajectory.states.sum().item())
+
+
+def test_two_processes_training_one_teacher_share_it_instead_of_crashing(tmp_path):
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_teacher_in_child, args=(tmp_path, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0]
+    sums = [queue.get(timeout=5) for _ in children]
+    assert sums[0] == sums[1] and len(list(tmp_path.rglob("trajectory.npz"))) <= 1

@@ -10,7 +10,6 @@ finds the run finished.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hetcomp.data import HetCompError
+from hetcomp.locks import exclusive_lock
 from hetcomp.runs.spec import RunSpec
 
 SPEC_FILE = "spec.json"
@@ -41,32 +41,6 @@ def read_json(path: Path, what: str, fix: str) -> dict:
     if not isinstance(value, dict):
         raise HetCompError(f"{path}: this {what} is not a JSON object; {fix}")
     return value
-
-
-@contextmanager
-def exclusive_lock(path: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed); tell ``waiting`` who holds it before waiting.
-
-    The file keeps the holder's pid for that message only: the lock itself is the kernel's."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "another process"
-                waiting(f"waiting for pid {holder}, which holds {path.parent}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(handle, 0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    finally:
-        os.close(handle)
 
 
 class RunStore:
