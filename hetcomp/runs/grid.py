@@ -1,0 +1,132 @@
+"""Grids of runs on Ray: each :class:`~hetcomp.runs.spec.RunSpec` is one Ray task.
+
+By default :func:`run_grid` starts a local in-process cluster with ``jobs`` CPUs (nothing to install or start
+beyond the Python package); ``address`` (``auto``, ``ray://HOST:PORT``) sends the same grid to an existing
+cluster. Every worker must see the same run store and the same data/teacher folders (on a cluster: a shared
+mount, see README). Only the driver writes ledgers and pages (``on_result``); a task whose worker dies is
+retried and resumes from its run folder's ``last.pt``; Ctrl-C or SIGTERM of the driver cancels every task and
+stops the cluster it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hetcomp.data import HetCompError
+from hetcomp.runs.spec import RunSpec
+from hetcomp.runs.store import RunStore
+
+#: how often a task whose worker died is started again (it resumes from its last checkpoint)
+RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """How a worker loads the split and the teachers that a grid's specs were made from."""
+
+    dataset: str
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    teachers_dir: str = "teachers"
+    split_seed: int = 0
+    max_users: int | None = None
+    source: tuple[tuple[str, object], ...] = ()  # path, user_col, item_col, sep for csv / recbole files
+    device: str = "cpu"
+
+    def load(self, teachers: Sequence[str]) -> tuple:
+        """(split, trajectories), loaded once per worker process for each set of teachers."""
+        key = (self, tuple(teachers))
+        if key not in _LOADED:
+            from hetcomp.data import load_dataset
+            from hetcomp.teachers import load_teachers
+
+            split = load_dataset(self.dataset, data_dir=self.data_dir, seed=self.split_seed,
+                                 cache_dir=self.cache_dir, max_users=self.max_users, **dict(self.source))
+            _LOADED[key] = split, load_teachers(split, Path(self.teachers_dir), list(teachers))
+        return _LOADED[key]
+
+
+_LOADED: dict = {}
+
+
+@dataclass
+class GridReport:
+    """What a grid did: finished metrics by identity, and the failures (spec, message)."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+    failures: list[tuple[RunSpec, str]] = field(default_factory=list)
+
+
+def execute_spec(spec: RunSpec, inputs: Inputs, store_root: str, threads: int) -> dict:
+    """Train (or reuse) one run in this process; the body of a grid's Ray task."""
+    import torch
+
+    from hetcomp.runs.execute import train_run
+
+    torch.set_num_threads(max(1, threads))
+    split, trajectories = inputs.load(spec.teachers)
+    if split.fingerprint != spec.split_fingerprint:
+        raise HetCompError(f"run {spec.identity}: the worker's split {split.fingerprint} is not the driver's "
+                           f"{spec.split_fingerprint}; every worker must read the same data")
+    return train_run(spec, split, trajectories, RunStore(store_root), inputs.device)
+
+
+def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: int = 1, address: str | None = None,
+             cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
+             on_result: Callable[[RunSpec, dict], None] | None = None,
+             say: Callable[[str], None] = print) -> GridReport:
+    """Run every spec as a Ray task (finished ones are reused by the task itself) and report as they finish.
+
+    ``jobs``: CPUs of the local cluster started when ``address`` is None (each run gets ``cpus_per_run`` of them
+    and ``cores / jobs`` torch threads). ``on_result`` is called in the driver, in completion order."""
+    import ray
+
+    report = GridReport()
+    if not specs:
+        return report
+    started_here = address is None and not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    elif not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if address is None else max(1, int(cpus_per_run))
+    task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute_spec)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+    pending = {task.remote(spec, inputs, str(store.root), threads): spec for spec in specs}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(done[0])
+            try:
+                metrics = ray.get(done[0])
+            except Exception as error:  # a task's own error: reported, the grid goes on
+                cause = getattr(error, "cause", None) or error
+                message = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
+                report.failures.append((spec, message))
+                say(f"FAILED {spec.folder_name}: {message}")
+                continue
+            report.results[spec.identity] = metrics
+            if on_result is not None:
+                on_result(spec, metrics)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if started_here:
+            ray.shutdown()
+    return report
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

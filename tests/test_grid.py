@@ -1,0 +1,121 @@
+"""Grids on Ray (a local 2-worker cluster): the same rows as one by one, a killed worker's run retried and
+resumed to the same result, and a SIGTERM'd driver leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from hetcomp.data import load_dataset
+from hetcomp.runs import RunStore, make_spec, train_run
+from hetcomp.runs.grid import Inputs, run_grid
+from hetcomp.teachers import train_teacher
+
+pytest.importorskip("ray")
+
+KEYS = ("valid", "test", "best_epoch", "epochs", "curve")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A toy csv file, its split (cached) and two small teachers on disk, as a worker would find them."""
+    root = tmp_path_factory.mktemp("grid")
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(80) for i in rng.choice(60, size=12, replace=False)]
+    (root / "toy.csv").write_text("\n".join(lines))
+    inputs = Inputs("csv", cache_dir=str(root / "cache"), teachers_dir=str(root / "teachers"),
+                    source=(("item_col", "i"), ("path", str(root / "toy.csv")), ("user_col", "u")))
+    split = load_dataset("csv", cache_dir=root / "cache", **dict(inputs.source))
+    for name in ("mf", "ae"):
+        torch.manual_seed(0)
+        train_teacher(split, name, root / "teachers", dim=8, top_m=30, max_epochs=6, eval_every=2, lr=1e-2)
+    split, trajectories = inputs.load(("mf", "ae"))
+    return root, inputs, split, trajectories
+
+
+def _specs(world, seeds, max_epochs=4):
+    _, _, split, trajectories = world
+    return [make_spec(split, trajectories, "mf", method, 4, seed, max_epochs=max_epochs, eval_every=2)
+            for method in ("none", "rrd") for seed in seeds]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(a[key] == b[key] for key in KEYS)
+
+
+def test_a_grid_on_two_workers_gives_the_rows_of_one_by_one(world, tmp_path):
+    _, inputs, split, trajectories = world
+    specs = _specs(world, seeds=(0, 1))
+    seen = []
+    report = run_grid(specs, inputs, RunStore(tmp_path / "ray"), jobs=2, on_result=lambda s, m: seen.append(s))
+    assert not report.failures and sorted(s.identity for s in seen) == sorted(s.identity for s in specs)
+    for spec in specs:
+        alone = train_run(spec, split, trajectories, RunStore(tmp_path / "serial"))
+        assert _same(report.results[spec.identity], alone)
+
+
+def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_path):
+    _, inputs, split, trajectories = world
+    spec = _specs(world, seeds=(0,), max_epochs=40)[1]
+    store = RunStore(tmp_path / "ray")
+    folder = store.folder(spec)
+    killed = []
+
+    def kill_when_checkpointed():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            lock = folder / ".lock"
+            if (folder / "last.pt").is_file() and lock.is_file() and lock.read_text().strip():
+                pid = int(lock.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_checkpointed)
+    killer.start()
+    report = run_grid([spec], inputs, store, jobs=2)
+    killer.join()
+    assert killed and not report.failures
+    resumed = report.results[spec.identity]
+    assert resumed["this_call_seconds"] < resumed["wall_seconds"] + 1  # the retry continued, not restarted
+    alone = train_run(spec, split, trajectories, RunStore(tmp_path / "serial"))
+    assert _same(resumed, alone)
+
+
+DRIVER = textwrap.dedent("""
+    import sys, pickle
+    from hetcomp.runs import RunStore
+    from hetcomp.runs.grid import run_grid
+    specs, inputs = pickle.load(open(sys.argv[1], "rb"))
+    run_grid(specs, inputs, RunStore(sys.argv[2]), jobs=2)
+""")
+
+
+def test_sigterm_of_the_driver_leaves_no_process(world, tmp_path):
+    import pickle
+
+    _, inputs, _, _ = world
+    specs = _specs(world, seeds=(0, 1), max_epochs=400)
+    (tmp_path / "grid.pkl").write_bytes(pickle.dumps((specs, inputs)))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "grid.pkl"), str(tmp_path / "runs")])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs").rglob("last.pt")):
+        time.sleep(0.1)
+    assert list((tmp_path / "runs").rglob("last.pt")), "no run started"
+    family = psutil.Process(driver.pid).children(recursive=True)
+    assert family
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(60)
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert driver.returncode != 0
