@@ -13,13 +13,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hetcomp.data import REGISTRY, DataError, HetCompError, load_dataset, resolve_data_dir
+from hetcomp.data import REGISTRY, DataError, load_dataset, resolve_data_dir
 from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.distill import METHODS, EnsembleConfig, method_class
 from hetcomp.distill.run import distill
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
+from hetcomp.provenance import dataset_slug
 from hetcomp.reproduce import TABLE2_METHODS
 from hetcomp.teachers import (
     TEACHERS,
@@ -487,7 +489,7 @@ def bench_command(
 
 def _imported(root: Path, split) -> tuple[str, ...]:
     """Teachers present on disk for this split besides the built-in ones (e.g. imported)."""
-    folder = Path(root) / split.meta["dataset"].replace(":", "-")
+    folder = Path(root) / dataset_slug(split.meta["dataset"])
     if not folder.is_dir():
         return ()
     return tuple(p.name for p in sorted(folder.iterdir()) if (p / TRAJECTORY_FILE).is_file() and p.name not in TEACHERS)

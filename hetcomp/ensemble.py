@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hetcomp.data import HetCompError
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import exclude_rows_, topk_items
 
 DECAYS = ("exp", "power")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from hetcomp.data import Split
-from hetcomp.distill.run import git_commit, machine
 from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import evaluate_split
+from hetcomp.provenance import dataset_slug, git_commit, machine
 from hetcomp.reproduce import paper_values
 from hetcomp.teachers import teacher_weights, top_overlap, trajectory_state_metrics
 
@@ -105,7 +105,7 @@ def collect_runs(runs_dir, dataset: str) -> list[dict]:
     import json
     from pathlib import Path
 
-    folder = Path(runs_dir) / dataset.replace(":", "-")
+    folder = Path(runs_dir) / dataset_slug(dataset)
     runs = []
     for path in sorted(folder.glob("*/metrics.json")):
         run = json.loads(path.read_text())

@@ -37,9 +37,10 @@ from hetcomp.distill import EnsembleConfig, method_class
 from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
-from hetcomp.distill.run import default_recipe, distill, git_commit, machine
+from hetcomp.distill.run import default_recipe, distill
 from hetcomp.metrics import csr_rows_dense, evaluate_split, exclude_rows_, topk_items
 from hetcomp.models import build_model
+from hetcomp.provenance import git_commit, machine
 from hetcomp.teachers import (
     TEACHERS,
     dataset_teacher_settings,

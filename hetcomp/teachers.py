@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from hetcomp.data import REGISTRY, Split
+from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
+from hetcomp.provenance import dataset_slug
 from hetcomp.train import Callback, Trainer, train_model
 from hetcomp.trajectory import (
     Trajectory,
@@ -27,7 +29,7 @@ TRAJECTORY_FILE = "trajectory.npz"
 
 
 def teacher_dir(root: Path, dataset: str, teacher: str) -> Path:
-    return Path(root) / dataset.replace(":", "-") / teacher
+    return Path(root) / dataset_slug(dataset) / teacher
 
 
 def trajectory_file(root: Path, dataset: str, teacher: str) -> Path:
@@ -177,8 +179,6 @@ def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str
     if weighting == "uniform":
         return None
     if weighting != "valid":
-        from hetcomp.data import HetCompError
-
         raise HetCompError(f"unknown teacher weighting {weighting!r}; choose valid or uniform")
     recall = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
                            for t in trajectories], dtype=torch.float32)

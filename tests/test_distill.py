@@ -14,8 +14,9 @@ from hetcomp.data import HetCompError
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
-from hetcomp.distill.run import distill, source_digest
+from hetcomp.distill.run import distill
 from hetcomp.models import build_model
+from hetcomp.provenance import source_digest
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
 

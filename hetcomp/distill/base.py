@@ -14,10 +14,11 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from hetcomp.data import HetCompError, Split
+from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill.losses import tail_logsumexp, tail_logsumexp_and_listed
 from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import csr_rows_dense
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.teachers import teacher_weights

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-from hetcomp.data import HetCompError, Split
+from hetcomp.data import Split
 from hetcomp.device import peak_memory_mb
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method, method_class
+from hetcomp.errors import HetCompError
 from hetcomp.models import build_model, model_config
+from hetcomp.provenance import CODE_DIGEST, git_commit, machine
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback, Trainer, TrainerConfig
 
@@ -27,33 +27,6 @@ def run_name(student: str, method: str, dim: int, seed: int, options: dict | Non
         digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
         name += f"-{digest}"
     return name
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def source_digest(root: Path = Path(__file__).resolve().parents[1]) -> str:
-    """sha256 (12 hex) of the package's Python sources, names included."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-#: the sources this process runs, read once at import: a long ``reproduce`` trains every run with the code it
-#: loaded, while ``git_commit()`` reports the HEAD of the moment; runs record both
-CODE_DIGEST = source_digest()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
 #: the distillation recipe of a student (Adam), unless its method trains on the student's own loss mostly

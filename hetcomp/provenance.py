@@ -1,0 +1,56 @@
+"""Where a result came from: the commit, the source digest, the machine; and how files are named and written.
+
+Shared by the run layer (metrics.json) and the paper layer (tables, manifest), so it sits below both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def source_digest(root: Path = Path(__file__).resolve().parent) -> str:
+    """sha256 (12 hex) of the package's Python sources, names included."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+#: the sources this process runs, read once at import: a long ``reproduce`` trains every run with the code it
+#: loaded, while ``git_commit()`` reports the HEAD of the moment; runs record both
+CODE_DIGEST = source_digest()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def dataset_slug(name: str) -> str:
+    """A dataset label as a folder name (``csv:toy`` -> ``csv-toy``): the one spelling of every per-dataset path."""
+    return name.replace(":", "-")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename, so a killed process never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
