@@ -43,6 +43,8 @@ app = typer.Typer(help="HetComp: distil heterogeneous recommenders into one smal
 datasets_app = typer.Typer(help="List the registered datasets and inspect their splits.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 console = Console()
+#: g's defaults, read by the options of every command that builds an ensemble
+DEFAULT_ENSEMBLE = EnsembleConfig()
 
 DataDirOption = typer.Option(None, "--data-dir",
                              help="Folder with the raw files (default: $HETCOMP_DATA or ./datasets).")
@@ -234,10 +236,11 @@ def distill_command(
                                         "model's own for --method none)."),
     weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default 0 for KD methods, "
                                                   "the model's own for --method none)."),
-    decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
-    temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
-    weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
-    weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
+    decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the aggregation g: exp or power."),
+    temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
+    weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
+                                  help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+    weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
@@ -275,10 +278,11 @@ def evaluate_command(
     teachers: bool = typer.Option(True, "--teachers", help="Report the teachers, their states and the ensemble."),
     names: str = typer.Option(",".join(TEACHERS), "--names", help="Comma-separated teachers to report."),
     seed: int = typer.Option(0, help="Split seed."),
-    decay: str = typer.Option("exp", help="Rank decay of the ensemble g: exp or power."),
-    temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
-    weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
-    weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
+    decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the ensemble g: exp or power."),
+    temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
+    weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
+                                  help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+    weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
     data_dir: Path = DataDirOption,

@@ -13,19 +13,44 @@ ensemble's ranking, ties included, does not depend on how many threads computed 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from hetcomp.data import Split
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import exclude_rows_, topk_items
 
 DECAYS = ("exp", "power")
 
 
-def rank_importance(top_m: int, decay: str = "exp", temperature: float = 50.0, beta: float = 0.05,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+@dataclass
+class EnsembleConfig:
+    """How the teachers' rankings are aggregated (g): the rank decay and the teacher weights.
+
+    Defaults chosen on validation R@50 of the converged ensemble on CiteULike (teachers results page). They are
+    the only statement of g's defaults: every function, option and page that has one reads it from here.
+    """
+
+    decay: str = "exp"
+    temperature: float = 50.0
+    beta: float = 0.05
+    weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
+    weight_power: float = 8.0
+
+    def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
+               device: torch.device | str = "cpu") -> EnsembleScorer:
+        """g over the chosen states of ``trajectories`` (converged by default), weighted as configured."""
+        from hetcomp.teachers import teacher_weights  # teachers reads this class's defaults: imported when called
+
+        weights = teacher_weights(split, trajectories, self.weighting, self.weight_power)
+        return EnsembleScorer(trajectories, state_of, self.decay, self.temperature, self.beta, weights, device)
+
+
+def rank_importance(top_m: int, decay: str = EnsembleConfig.decay, temperature: float = EnsembleConfig.temperature,
+                    beta: float = EnsembleConfig.beta, device: torch.device | str = "cpu") -> torch.Tensor:
     """Importance of ranks 0..top_m−1 under the chosen decay (non-increasing, positive)."""
     ranks = torch.arange(top_m, dtype=torch.float32, device=device)
     if decay == "exp":
@@ -193,9 +218,9 @@ class EnsembleScorer:
     0-based state indices per teacher and user (HetComp's v).
     """
 
-    def __init__(self, trajectories: Sequence, state_of: int | torch.Tensor = -1, decay: str = "exp",
-                 temperature: float = 50.0, beta: float = 0.05, weights: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, trajectories: Sequence, state_of: int | torch.Tensor = -1, decay: str = EnsembleConfig.decay,
+                 temperature: float = EnsembleConfig.temperature, beta: float = EnsembleConfig.beta,
+                 weights: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
         if not trajectories:
             raise HetCompError("an ensemble needs at least one teacher trajectory")
         self.device = torch.device(device)
@@ -265,8 +290,9 @@ class EnsembleScorer:
         return torch.cat(parts)
 
 
-def ensemble_observed_order(trajectories: Sequence, train, decay: str = "exp", temperature: float = 50.0,
-                            beta: float = 0.05, weights: torch.Tensor | None = None) -> np.ndarray:
+def ensemble_observed_order(trajectories: Sequence, train, decay: str = EnsembleConfig.decay,
+                            temperature: float = EnsembleConfig.temperature, beta: float = EnsembleConfig.beta,
+                            weights: torch.Tensor | None = None) -> np.ndarray:
     """Each user's training items ordered by g over the teachers' converged rankings of them (CSR order).
 
     Returns int64 item ids aligned with ``train.indptr``: the user's P⁺ list, best first.

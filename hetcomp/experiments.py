@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from hetcomp.data import Split
-from hetcomp.ensemble import EnsembleScorer
+from hetcomp.ensemble import EnsembleConfig, EnsembleScorer
 from hetcomp.metrics import evaluate_split
 from hetcomp.provenance import dataset_slug, git_commit, machine
 from hetcomp.reproduce import paper_values
@@ -52,8 +52,10 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
         scorer = EnsembleScorer(trajectories, -1, decay, temperature=parameter, beta=parameter, weights=weights)
         study.append((decay, parameter, power, evaluate_split(scorer, split)))
     chosen = max(study, key=lambda row: row[3]["valid"]["recall@50"])
-    default = next(row for row in study if row[:3] == ("exp", 50.0, 8))
-    lines += ["", f"Ensemble (g = exp, T = 50, teacher weights (valid R@50 / mean)^8, all teachers at E4): test "
+    config = EnsembleConfig()
+    default = next(row for row in study if row[:3] == (config.decay, config.temperature, config.weight_power))
+    lines += ["", f"Ensemble (g = {config.decay}, T = {config.temperature:g}, teacher weights (valid R@50 / mean)^"
+              f"{config.weight_power:g}, all teachers at E4): test "
               f"R@10 {default[3]['test']['recall@10']:.4f}, N@10 {default[3]['test']['ndcg@10']:.4f}, "
               f"R@50 {default[3]['test']['recall@50']:.4f}, N@50 {default[3]['test']['ndcg@50']:.4f}.", "",
               "## The aggregation g, chosen on validation", "",

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from hetcomp.data import REGISTRY, Split
+from hetcomp.ensemble import EnsembleConfig, EnsembleScorer
 from hetcomp.errors import HetCompError
+from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
 from hetcomp.provenance import dataset_slug
 from hetcomp.train import Callback, Trainer, train_model
@@ -151,9 +153,6 @@ def trajectory_state_metrics(split: Split, trajectory: Trajectory, state: int) -
     recorded = trajectory.meta.get("metrics") or []
     if state < len(recorded):
         return recorded[state]
-    from hetcomp.ensemble import EnsembleScorer
-    from hetcomp.metrics import evaluate_split
-
     result = evaluate_split(EnsembleScorer([trajectory], state_of=state), split)
     return {"valid": result["valid"], "test": result["test"]}
 
@@ -169,8 +168,8 @@ def top_overlap(trajectories: list[Trajectory], k: int = 50) -> float:
     return float(np.mean(overlaps)) if overlaps else float("nan")
 
 
-def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = "valid",
-                    power: float = 8.0) -> torch.Tensor | None:
+def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = EnsembleConfig.weighting,
+                    power: float = EnsembleConfig.weight_power) -> torch.Tensor | None:
     """Per-teacher weights of g: None (uniform, as released) or (valid R@50 of E4 / mean)^power.
 
     Validation-only: a teacher much better than the others (here the item autoencoder) should count for more
