@@ -18,6 +18,7 @@ from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.distill import METHODS, EnsembleConfig, method_class
 from hetcomp.distill.run import distill
+from hetcomp.ensemble import trajectory_state_metrics
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
@@ -33,7 +34,6 @@ from hetcomp.teachers import (
     top_overlap,
     train_teacher,
     trajectory_file,
-    trajectory_state_metrics,
 )
 from hetcomp.train import Callback
 from hetcomp.trajectory import import_rankings, load_trajectory

@@ -4,7 +4,7 @@ Each teacher state gives item i an importance that decays with its rank r (0-bas
 (items outside get none); importances are summed over teachers (optionally weighted) and the ensemble ranks
 items by the sum. Decays: ``exp`` = exp(−r/T) (default T = 50, chosen on validation, see the teachers results),
 ``power`` = (r+1)^−β (β = 0.05 in the same lab's later code). Teacher weights: uniform (the released code) or
-by validation recall (:func:`hetcomp.teachers.teacher_weights`). Everything is batched over users.
+by validation recall (:func:`teacher_weights`). Everything is batched over users.
 
 Sums are added in teacher order on every device and thread count (see :func:`accumulate_rows_`), so the
 ensemble's ranking, ties included, does not depend on how many threads computed it.
@@ -21,7 +21,8 @@ import torch
 
 from hetcomp.data import Split
 from hetcomp.errors import HetCompError
-from hetcomp.metrics import exclude_rows_, topk_items
+from hetcomp.metrics import evaluate_split, exclude_rows_, topk_items
+from hetcomp.trajectory import Trajectory
 
 DECAYS = ("exp", "power")
 
@@ -43,8 +44,6 @@ class EnsembleConfig:
     def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
                device: torch.device | str = "cpu") -> EnsembleScorer:
         """g over the chosen states of ``trajectories`` (converged by default), weighted as configured."""
-        from hetcomp.teachers import teacher_weights  # teachers reads this class's defaults: imported when called
-
         weights = teacher_weights(split, trajectories, self.weighting, self.weight_power)
         return EnsembleScorer(trajectories, state_of, self.decay, self.temperature, self.beta, weights, device)
 
@@ -311,3 +310,32 @@ def ensemble_observed_order(trajectories: Sequence, train, decay: str = Ensemble
     csr_items = train.indices.astype(np.int64)
     final = np.lexsort((csr_items, -total, rows))
     return csr_items[final]
+
+
+def trajectory_state_metrics(split: Split, trajectory: Trajectory, state: int) -> dict:
+    """Metrics of one state: those recorded at training time, else computed from its top-M ranking.
+
+    The ranking-based fallback (for imported teachers) scores the top-M items by rank and everything else
+    equally, so it is exact whenever the top-M holds the K best items after excluding the other held-out part.
+    """
+    recorded = trajectory.meta.get("metrics") or []
+    if state < len(recorded):
+        return recorded[state]
+    result = evaluate_split(EnsembleScorer([trajectory], state_of=state), split)
+    return {"valid": result["valid"], "test": result["test"]}
+
+
+def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = EnsembleConfig.weighting,
+                    power: float = EnsembleConfig.weight_power) -> torch.Tensor | None:
+    """Per-teacher weights of g: None (uniform, as released) or (valid R@50 of E4 / mean)^power.
+
+    Validation-only: a teacher much better than the others (here the item autoencoder) should count for more
+    in the aggregation; the power was chosen on validation R@50 (see the teachers results page).
+    """
+    if weighting == "uniform":
+        return None
+    if weighting != "valid":
+        raise HetCompError(f"unknown teacher weighting {weighting!r}; choose valid or uniform")
+    recall = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
+                           for t in trajectories], dtype=torch.float32)
+    return (recall / recall.mean()) ** power

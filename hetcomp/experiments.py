@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 from hetcomp.data import Split
-from hetcomp.ensemble import EnsembleConfig, EnsembleScorer
+from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, teacher_weights, trajectory_state_metrics
 from hetcomp.metrics import evaluate_split
 from hetcomp.provenance import dataset_slug, git_commit, machine
 from hetcomp.reproduce import paper_values
-from hetcomp.teachers import teacher_weights, top_overlap, trajectory_state_metrics
+from hetcomp.teachers import top_overlap
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 #: (decay, its parameter, teacher-weight power; 0 = uniform as released)

@@ -17,11 +17,10 @@ import torch
 from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill.losses import tail_logsumexp, tail_logsumexp_and_listed
-from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, ensemble_observed_order
+from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, ensemble_observed_order, teacher_weights
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import csr_rows_dense
 from hetcomp.models.base import Batch, Recommender
-from hetcomp.teachers import teacher_weights
 from hetcomp.train import Objective
 
 
