@@ -22,8 +22,8 @@ from hetcomp.ensemble import trajectory_state_metrics
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
+from hetcomp.paper.common import TABLE2_METHODS
 from hetcomp.provenance import dataset_slug
-from hetcomp.reproduce import TABLE2_METHODS
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
@@ -380,7 +380,7 @@ def reproduce_command(
                                         "(what the children of --jobs do)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
-    from hetcomp import reproduce as rp
+    from hetcomp.paper import common, cost, curves, ledger, table1, table2
 
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
@@ -388,7 +388,7 @@ def reproduce_command(
         raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
     source = {"path": path, "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir,
-                         max_users=rp.QUICK_USERS if quick else None, **source)
+                         max_users=common.QUICK_USERS if quick else None, **source)
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     # a row records the command that reproduces it: a child's own switch is not part of that
@@ -410,23 +410,23 @@ def reproduce_command(
         def bar(label: str, total: int) -> ProgressCallback:
             return ProgressCallback(progress, label, total, verbose=False)
 
-        rep = rp.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
-                              rp.Schedule.short() if quick else rp.Schedule(), command, not no_train, bar,
-                              lambda text: progress.console.print(text, highlight=False), child_command)
+        rep = common.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
+                                  common.Schedule.short() if quick else common.Schedule(), command, not no_train,
+                                  bar, lambda text: progress.console.print(text, highlight=False), child_command)
         if figure == "curves":
-            written = [rp.curves_figure(rep, s) for s in student_names
-                       if any(r["student"] == s for r in rp.read_rows(rep.out_dir / "curves.csv"))]
+            written = [curves.curves_figure(rep, s) for s in student_names
+                       if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
         elif table == "2":
-            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, write_page=not rows_only)
+            table2.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, write_page=not rows_only)
             written = [rep.out_dir / "table2.csv"] if rows_only else [rep.out_dir / "table2.md",
                                                                        rep.out_dir / "table2.csv"]
         elif table == "1":
-            rp.table1(rep)
+            table1.table1(rep)
             written = [rep.out_dir / "table1.md", rep.out_dir / "table1.csv"]
         else:
-            rp.cost_table(rep, student_names)
+            cost.cost_table(rep, student_names)
             written = [rep.out_dir / "cost.md", rep.out_dir / "cost.csv"]
     for file in written:
         console.print(f"wrote {file}")

@@ -7,8 +7,8 @@ import time
 from hetcomp.data import Split
 from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, teacher_weights, trajectory_state_metrics
 from hetcomp.metrics import evaluate_split
+from hetcomp.paper.pages import paper_values
 from hetcomp.provenance import dataset_slug, git_commit, machine
-from hetcomp.reproduce import paper_values
 from hetcomp.teachers import top_overlap
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
