@@ -11,9 +11,9 @@ import torch
 from hetcomp.data import load_dataset
 from hetcomp.device import keep_freed_memory, peak_memory_mb
 from hetcomp.distill import METHODS, DistillContext, build_method
-from hetcomp.distill.run import machine
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
+from hetcomp.provenance import machine
 from hetcomp.teachers import load_teachers
 from hetcomp.train import OwnLoss, Trainer, TrainerConfig
 from hetcomp.trajectory import TrajectoryError

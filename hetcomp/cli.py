@@ -13,13 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hetcomp.data import REGISTRY, DataError, HetCompError, load_dataset, resolve_data_dir
+from hetcomp.data import REGISTRY, DataError, load_dataset, resolve_data_dir
 from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.distill import METHODS, EnsembleConfig, method_class
+from hetcomp.ensemble import trajectory_state_metrics
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
-from hetcomp.reproduce import TABLE2_METHODS
+from hetcomp.paper.common import TABLE2_METHODS
+from hetcomp.provenance import dataset_slug
 from hetcomp.runs import distill
 from hetcomp.teachers import (
     TEACHERS,
@@ -31,7 +34,6 @@ from hetcomp.teachers import (
     top_overlap,
     train_teacher,
     trajectory_file,
-    trajectory_state_metrics,
 )
 from hetcomp.train import Callback
 from hetcomp.trajectory import import_rankings, load_trajectory
@@ -41,6 +43,8 @@ app = typer.Typer(help="HetComp: distil heterogeneous recommenders into one smal
 datasets_app = typer.Typer(help="List the registered datasets and inspect their splits.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 console = Console()
+#: g's defaults, read by the options of every command that builds an ensemble
+DEFAULT_ENSEMBLE = EnsembleConfig()
 
 DataDirOption = typer.Option(None, "--data-dir",
                              help="Folder with the raw files (default: $HETCOMP_DATA or ./datasets).")
@@ -234,10 +238,11 @@ def distill_command(
                                         "model's own for --method none)."),
     weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default 0 for KD methods, "
                                                   "the model's own for --method none)."),
-    decay: str = typer.Option("exp", help="Rank decay of the aggregation g: exp or power."),
-    temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
-    weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
-    weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
+    decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the aggregation g: exp or power."),
+    temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
+    weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
+                                  help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+    weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
@@ -275,10 +280,11 @@ def evaluate_command(
     teachers: bool = typer.Option(True, "--teachers", help="Report the teachers, their states and the ensemble."),
     names: str = typer.Option(",".join(TEACHERS), "--names", help="Comma-separated teachers to report."),
     seed: int = typer.Option(0, help="Split seed."),
-    decay: str = typer.Option("exp", help="Rank decay of the ensemble g: exp or power."),
-    temperature: float = typer.Option(50.0, help="T of the exp decay exp(-rank/T)."),
-    weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
-    weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
+    decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the ensemble g: exp or power."),
+    temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
+    weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
+                                  help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+    weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
     data_dir: Path = DataDirOption,
@@ -376,7 +382,7 @@ def reproduce_command(
                                         "(what the children of --jobs do)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
-    from hetcomp import reproduce as rp
+    from hetcomp.paper import common, cost, curves, ledger, table1, table2
 
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
@@ -384,7 +390,7 @@ def reproduce_command(
         raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
     source = {"path": path, "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir,
-                         max_users=rp.QUICK_USERS if quick else None, **source)
+                         max_users=common.QUICK_USERS if quick else None, **source)
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     # a row records the command that reproduces it: a child's own switch is not part of that
@@ -406,23 +412,23 @@ def reproduce_command(
         def bar(label: str, total: int) -> ProgressCallback:
             return ProgressCallback(progress, label, total, verbose=False)
 
-        rep = rp.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
-                              rp.Schedule.short() if quick else rp.Schedule(), command, not no_train, bar,
-                              lambda text: progress.console.print(text, highlight=False), child_command)
+        rep = common.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
+                                  common.Schedule.short() if quick else common.Schedule(), command, not no_train,
+                                  bar, lambda text: progress.console.print(text, highlight=False), child_command)
         if figure == "curves":
-            written = [rp.curves_figure(rep, s) for s in student_names
-                       if any(r["student"] == s for r in rp.read_rows(rep.out_dir / "curves.csv"))]
+            written = [curves.curves_figure(rep, s) for s in student_names
+                       if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
         elif table == "2":
-            rp.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, write_page=not rows_only)
+            table2.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, write_page=not rows_only)
             written = [rep.out_dir / "table2.csv"] if rows_only else [rep.out_dir / "table2.md",
                                                                        rep.out_dir / "table2.csv"]
         elif table == "1":
-            rp.table1(rep)
+            table1.table1(rep)
             written = [rep.out_dir / "table1.md", rep.out_dir / "table1.csv"]
         else:
-            rp.cost_table(rep, student_names)
+            cost.cost_table(rep, student_names)
             written = [rep.out_dir / "cost.md", rep.out_dir / "cost.csv"]
     for file in written:
         console.print(f"wrote {file}")
@@ -489,7 +495,7 @@ def bench_command(
 
 def _imported(root: Path, split) -> tuple[str, ...]:
     """Teachers present on disk for this split besides the built-in ones (e.g. imported)."""
-    folder = Path(root) / split.meta["dataset"].replace(":", "-")
+    folder = Path(root) / dataset_slug(split.meta["dataset"])
     if not folder.is_dir():
         return ()
     return tuple(p.name for p in sorted(folder.iterdir()) if (p / TRAJECTORY_FILE).is_file() and p.name not in TEACHERS)

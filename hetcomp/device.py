@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from hetcomp.data.errors import HetCompError
+from hetcomp.errors import HetCompError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -4,7 +4,7 @@ Each teacher state gives item i an importance that decays with its rank r (0-bas
 (items outside get none); importances are summed over teachers (optionally weighted) and the ensemble ranks
 items by the sum. Decays: ``exp`` = exp(−r/T) (default T = 50, chosen on validation, see the teachers results),
 ``power`` = (r+1)^−β (β = 0.05 in the same lab's later code). Teacher weights: uniform (the released code) or
-by validation recall (:func:`hetcomp.teachers.teacher_weights`). Everything is batched over users.
+by validation recall (:func:`teacher_weights`). Everything is batched over users.
 
 Sums are added in teacher order on every device and thread count (see :func:`accumulate_rows_`), so the
 ensemble's ranking, ties included, does not depend on how many threads computed it.
@@ -13,19 +13,43 @@ ensemble's ranking, ties included, does not depend on how many threads computed 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hetcomp.data import HetCompError
-from hetcomp.metrics import exclude_rows_, topk_items
+from hetcomp.data import Split
+from hetcomp.errors import HetCompError
+from hetcomp.metrics import evaluate_split, exclude_rows_, topk_items
+from hetcomp.trajectory import Trajectory
 
 DECAYS = ("exp", "power")
 
 
-def rank_importance(top_m: int, decay: str = "exp", temperature: float = 50.0, beta: float = 0.05,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+@dataclass
+class EnsembleConfig:
+    """How the teachers' rankings are aggregated (g): the rank decay and the teacher weights.
+
+    Defaults chosen on validation R@50 of the converged ensemble on CiteULike (teachers results page). They are
+    the only statement of g's defaults: every function, option and page that has one reads it from here.
+    """
+
+    decay: str = "exp"
+    temperature: float = 50.0
+    beta: float = 0.05
+    weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
+    weight_power: float = 8.0
+
+    def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
+               device: torch.device | str = "cpu") -> EnsembleScorer:
+        """g over the chosen states of ``trajectories`` (converged by default), weighted as configured."""
+        weights = teacher_weights(split, trajectories, self.weighting, self.weight_power)
+        return EnsembleScorer(trajectories, state_of, self.decay, self.temperature, self.beta, weights, device)
+
+
+def rank_importance(top_m: int, decay: str = EnsembleConfig.decay, temperature: float = EnsembleConfig.temperature,
+                    beta: float = EnsembleConfig.beta, device: torch.device | str = "cpu") -> torch.Tensor:
     """Importance of ranks 0..top_m−1 under the chosen decay (non-increasing, positive)."""
     ranks = torch.arange(top_m, dtype=torch.float32, device=device)
     if decay == "exp":
@@ -193,9 +217,9 @@ class EnsembleScorer:
     0-based state indices per teacher and user (HetComp's v).
     """
 
-    def __init__(self, trajectories: Sequence, state_of: int | torch.Tensor = -1, decay: str = "exp",
-                 temperature: float = 50.0, beta: float = 0.05, weights: torch.Tensor | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, trajectories: Sequence, state_of: int | torch.Tensor = -1, decay: str = EnsembleConfig.decay,
+                 temperature: float = EnsembleConfig.temperature, beta: float = EnsembleConfig.beta,
+                 weights: torch.Tensor | None = None, device: torch.device | str = "cpu") -> None:
         if not trajectories:
             raise HetCompError("an ensemble needs at least one teacher trajectory")
         self.device = torch.device(device)
@@ -265,8 +289,9 @@ class EnsembleScorer:
         return torch.cat(parts)
 
 
-def ensemble_observed_order(trajectories: Sequence, train, decay: str = "exp", temperature: float = 50.0,
-                            beta: float = 0.05, weights: torch.Tensor | None = None) -> np.ndarray:
+def ensemble_observed_order(trajectories: Sequence, train, decay: str = EnsembleConfig.decay,
+                            temperature: float = EnsembleConfig.temperature, beta: float = EnsembleConfig.beta,
+                            weights: torch.Tensor | None = None) -> np.ndarray:
     """Each user's training items ordered by g over the teachers' converged rankings of them (CSR order).
 
     Returns int64 item ids aligned with ``train.indptr``: the user's P⁺ list, best first.
@@ -285,3 +310,32 @@ def ensemble_observed_order(trajectories: Sequence, train, decay: str = "exp", t
     csr_items = train.indices.astype(np.int64)
     final = np.lexsort((csr_items, -total, rows))
     return csr_items[final]
+
+
+def trajectory_state_metrics(split: Split, trajectory: Trajectory, state: int) -> dict:
+    """Metrics of one state: those recorded at training time, else computed from its top-M ranking.
+
+    The ranking-based fallback (for imported teachers) scores the top-M items by rank and everything else
+    equally, so it is exact whenever the top-M holds the K best items after excluding the other held-out part.
+    """
+    recorded = trajectory.meta.get("metrics") or []
+    if state < len(recorded):
+        return recorded[state]
+    result = evaluate_split(EnsembleScorer([trajectory], state_of=state), split)
+    return {"valid": result["valid"], "test": result["test"]}
+
+
+def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = EnsembleConfig.weighting,
+                    power: float = EnsembleConfig.weight_power) -> torch.Tensor | None:
+    """Per-teacher weights of g: None (uniform, as released) or (valid R@50 of E4 / mean)^power.
+
+    Validation-only: a teacher much better than the others (here the item autoencoder) should count for more
+    in the aggregation; the power was chosen on validation R@50 (see the teachers results page).
+    """
+    if weighting == "uniform":
+        return None
+    if weighting != "valid":
+        raise HetCompError(f"unknown teacher weighting {weighting!r}; choose valid or uniform")
+    recall = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
+                           for t in trajectories], dtype=torch.float32)
+    return (recall / recall.mean()) ** power

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 from hetcomp.data import Split
-from hetcomp.distill.run import git_commit, machine
-from hetcomp.ensemble import EnsembleScorer
+from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, teacher_weights, trajectory_state_metrics
 from hetcomp.metrics import evaluate_split
-from hetcomp.reproduce import paper_values
-from hetcomp.teachers import teacher_weights, top_overlap, trajectory_state_metrics
+from hetcomp.paper.pages import paper_values
+from hetcomp.provenance import dataset_slug, git_commit, machine
+from hetcomp.teachers import top_overlap
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 #: (decay, its parameter, teacher-weight power; 0 = uniform as released)
@@ -52,8 +52,10 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
         scorer = EnsembleScorer(trajectories, -1, decay, temperature=parameter, beta=parameter, weights=weights)
         study.append((decay, parameter, power, evaluate_split(scorer, split)))
     chosen = max(study, key=lambda row: row[3]["valid"]["recall@50"])
-    default = next(row for row in study if row[:3] == ("exp", 50.0, 8))
-    lines += ["", f"Ensemble (g = exp, T = 50, teacher weights (valid R@50 / mean)^8, all teachers at E4): test "
+    config = EnsembleConfig()
+    default = next(row for row in study if row[:3] == (config.decay, config.temperature, config.weight_power))
+    lines += ["", f"Ensemble (g = {config.decay}, T = {config.temperature:g}, teacher weights (valid R@50 / mean)^"
+              f"{config.weight_power:g}, all teachers at E4): test "
               f"R@10 {default[3]['test']['recall@10']:.4f}, N@10 {default[3]['test']['ndcg@10']:.4f}, "
               f"R@50 {default[3]['test']['recall@50']:.4f}, N@50 {default[3]['test']['ndcg@50']:.4f}.", "",
               "## The aggregation g, chosen on validation", "",
@@ -105,7 +107,7 @@ def collect_runs(runs_dir, dataset: str) -> list[dict]:
     import json
     from pathlib import Path
 
-    folder = Path(runs_dir) / dataset.replace(":", "-")
+    folder = Path(runs_dir) / dataset_slug(dataset)
     runs = []
     for path in sorted(folder.glob("*/metrics.json")):
         run = json.loads(path.read_text())

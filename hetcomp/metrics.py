@@ -14,8 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hetcomp.data.errors import HetCompError
 from hetcomp.data.sampling import contains_keys, sorted_pair_keys
+from hetcomp.errors import HetCompError
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from hetcomp.data.errors import HetCompError
+from hetcomp.errors import HetCompError
 
 
 def lookup(registry: dict[str, str], name: str, kind: str) -> type:

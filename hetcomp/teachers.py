@@ -12,8 +12,13 @@ import numpy as np
 import torch
 
 from hetcomp.data import REGISTRY, Split
+
+# re-exported: their home was this module
+from hetcomp.ensemble import teacher_weights as teacher_weights
+from hetcomp.ensemble import trajectory_state_metrics as trajectory_state_metrics
 from hetcomp.locks import exclusive_lock
 from hetcomp.models import build_model
+from hetcomp.provenance import dataset_slug
 from hetcomp.train import Callback, Trainer, train_model
 from hetcomp.trajectory import (
     Trajectory,
@@ -29,7 +34,7 @@ TRAJECTORY_FILE = "trajectory.npz"
 
 
 def teacher_dir(root: Path, dataset: str, teacher: str) -> Path:
-    return Path(root) / dataset.replace(":", "-") / teacher
+    return Path(root) / dataset_slug(dataset) / teacher
 
 
 def trajectory_file(root: Path, dataset: str, teacher: str) -> Path:
@@ -156,22 +161,6 @@ def load_teachers(split: Split, root: Path, teachers: tuple[str, ...] | list[str
     return out
 
 
-def trajectory_state_metrics(split: Split, trajectory: Trajectory, state: int) -> dict:
-    """Metrics of one state: those recorded at training time, else computed from its top-M ranking.
-
-    The ranking-based fallback (for imported teachers) scores the top-M items by rank and everything else
-    equally, so it is exact whenever the top-M holds the K best items after excluding the other held-out part.
-    """
-    recorded = trajectory.meta.get("metrics") or []
-    if state < len(recorded):
-        return recorded[state]
-    from hetcomp.ensemble import EnsembleScorer
-    from hetcomp.metrics import evaluate_split
-
-    result = evaluate_split(EnsembleScorer([trajectory], state_of=state), split)
-    return {"valid": result["valid"], "test": result["test"]}
-
-
 def top_overlap(trajectories: list[Trajectory], k: int = 50) -> float:
     """Mean pairwise overlap |top-k(a) ∩ top-k(b)| / k of the converged teachers, averaged over users."""
     tops = [t.states[-1, :, :k].long() for t in trajectories]
@@ -181,21 +170,3 @@ def top_overlap(trajectories: list[Trajectory], k: int = 50) -> float:
             shared = (tops[a].unsqueeze(2) == tops[b].unsqueeze(1)).any(2).sum(1).double() / k
             overlaps.append(float(shared.mean()))
     return float(np.mean(overlaps)) if overlaps else float("nan")
-
-
-def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = "valid",
-                    power: float = 8.0) -> torch.Tensor | None:
-    """Per-teacher weights of g: None (uniform, as released) or (valid R@50 of E4 / mean)^power.
-
-    Validation-only: a teacher much better than the others (here the item autoencoder) should count for more
-    in the aggregation; the power was chosen on validation R@50 (see the teachers results page).
-    """
-    if weighting == "uniform":
-        return None
-    if weighting != "valid":
-        from hetcomp.data import HetCompError
-
-        raise HetCompError(f"unknown teacher weighting {weighting!r}; choose valid or uniform")
-    recall = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
-                           for t in trajectories], dtype=torch.float32)
-    return (recall / recall.mean()) ** power

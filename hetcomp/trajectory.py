@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetcomp.data import HetCompError, Split
+from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
+from hetcomp.errors import HetCompError
 
 FORMAT = "hetcomp-trajectory/1"
 STATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)

@@ -12,8 +12,8 @@ from conftest import make_tiny_split
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
-from hetcomp.distill.run import source_digest
 from hetcomp.models import build_model
+from hetcomp.provenance import source_digest
 from hetcomp.runs import distill
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig

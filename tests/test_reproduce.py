@@ -11,7 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from hetcomp.cli import app
-from hetcomp.reproduce import TABLE2_COLUMNS, paired_p_value, read_rows, teachers_digest, write_rows
+from hetcomp.paper.ledger import TABLE2_COLUMNS, read_rows, write_rows
+from hetcomp.paper.pages import paired_p_value
+from hetcomp.paper.teachers import teachers_digest
 from hetcomp.trajectory import Trajectory
 
 runner = CliRunner()
@@ -150,7 +152,8 @@ def test_a_method_version_bump_retrains_its_rows(monkeypatch):
     from conftest import make_tiny_split
 
     from hetcomp.distill import method_class
-    from hetcomp.reproduce import Reproduction, run_config
+    from hetcomp.paper.common import Reproduction
+    from hetcomp.paper.identity import run_config
 
     rep = Reproduction("csv", make_tiny_split())
     before = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
@@ -165,7 +168,7 @@ def test_a_failed_child_run_stops_the_table_and_names_its_log(tmp_path):
     from types import SimpleNamespace
 
     from hetcomp.data import HetCompError
-    from hetcomp.reproduce import train_side_by_side
+    from hetcomp.paper.scheduler import train_side_by_side
 
     def child(student, method, seed):
         code = f"print('run {method} {seed}'); raise SystemExit({3 if method == 'bad' else 0})"
@@ -195,7 +198,8 @@ def test_teachers_digest_follows_the_rankings_not_the_timing_metadata():
 def test_rows_hashed_before_a_later_teacher_setting_are_reused(workspace):
     """A row written when the CML teacher had no ``score_scale`` is the same run: adopted, not retrained."""
     from hetcomp.data import load_dataset
-    from hetcomp.reproduce import QUICK_USERS, Reproduction, Schedule, earlier_config
+    from hetcomp.paper.common import QUICK_USERS, Reproduction, Schedule
+    from hetcomp.paper.identity import earlier_config
     from hetcomp.teachers import TEACHERS, load_teachers
 
     args = ("--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp")

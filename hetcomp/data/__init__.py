@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetcomp.data.errors import DataError, HetCompError
+from hetcomp.data.errors import DataError
 from hetcomp.data.interactions import Interactions
 from hetcomp.data.parsers import make_csv_parser, parse_recbole_inter
 from hetcomp.data.registry import (
@@ -19,6 +19,8 @@ from hetcomp.data.registry import (
     resolve_data_dir,
 )
 from hetcomp.data.split import Split, load_split_file, save_split, split_interactions
+from hetcomp.errors import HetCompError  # re-exported: its home was this package
+from hetcomp.provenance import dataset_slug
 
 CACHE_ENV = "HETCOMP_CACHE"
 
@@ -74,7 +76,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0, p
         interactions, label = first_users(interactions, max_users), f"{label}-first{max_users}"
     cache_file = None
     if use_cache:
-        key = f"{label.replace(':', '-')}-{protocol}-seed{seed}-min{min_user_interactions}-{checksum[:16]}.npz"
+        key = f"{dataset_slug(label)}-{protocol}-seed{seed}-min{min_user_interactions}-{checksum[:16]}.npz"
         cache_file = resolve_cache_dir(cache_dir) / "splits" / key
         if cache_file.is_file():
             try:

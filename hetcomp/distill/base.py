@@ -14,34 +14,14 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from hetcomp.data import HetCompError, Split
+from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill.losses import tail_logsumexp, tail_logsumexp_and_listed
-from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
+from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, ensemble_observed_order, teacher_weights
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import csr_rows_dense
 from hetcomp.models.base import Batch, Recommender
-from hetcomp.teachers import teacher_weights
 from hetcomp.train import Objective
-
-
-@dataclass
-class EnsembleConfig:
-    """How the teachers' rankings are aggregated (g): the rank decay and the teacher weights.
-
-    Defaults chosen on validation R@50 of the converged ensemble on CiteULike (teachers results page).
-    """
-
-    decay: str = "exp"
-    temperature: float = 50.0
-    beta: float = 0.05
-    weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
-    weight_power: float = 8.0
-
-    def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
-               device: torch.device | str = "cpu") -> EnsembleScorer:
-        """g over the chosen states of ``trajectories`` (converged by default), weighted as configured."""
-        weights = teacher_weights(split, trajectories, self.weighting, self.weight_power)
-        return EnsembleScorer(trajectories, state_of, self.decay, self.temperature, self.beta, weights, device)
 
 
 class DistillContext:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hetcomp.data import HetCompError
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import lambda_mrr_loss
 from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved
+from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 

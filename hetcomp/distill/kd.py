@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hetcomp.data import HetCompError
 from hetcomp.distill import losses
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.tools import sample_unobserved
+from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
 
 KD_LOSSES = ("ce", "bce", "l2", "kl", "pairwise_hinge", "listwise")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetcomp.data import HetCompError
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import positions_in
 
 FORMS = ("paper", "code")

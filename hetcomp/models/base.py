@@ -30,8 +30,8 @@ class ModelConfig:
     ``lr``, ``weight_decay``, ``batch_size`` and ``n_negatives`` are training settings, but their good values
     depend on the model, so each model's defaults live beside its maths.
 
-    A teacher's config is part of every student run's configuration hash (``hetcomp.reproduce``): a field added
-    later, with a default that keeps the old behaviour, belongs in ``reproduce.LATER_TEACHER_SETTINGS`` too, or
+    A teacher's config is part of every student run's configuration hash (``hetcomp.paper.identity``): a field
+    added later, with a default that keeps the old behaviour, belongs in ``LATER_TEACHER_SETTINGS`` there too, or
     every committed Table 2 row stops matching once the teachers are retrained.
     """
 

@@ -12,8 +12,8 @@ import torch
 from hetcomp.data import HetCompError, Split
 from hetcomp.device import peak_memory_mb
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method
-from hetcomp.distill.run import CODE_DIGEST, git_commit, machine
 from hetcomp.models import build_model
+from hetcomp.provenance import CODE_DIGEST, git_commit, machine
 from hetcomp.runs.spec import DEFAULT_BATCH_USERS, DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, RunSpec, make_spec
 from hetcomp.runs.store import RunStore
 from hetcomp.train import Callback, Trainer, TrainerConfig

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hetcomp.data import HetCompError
 from hetcomp.locks import exclusive_lock
+from hetcomp.provenance import dataset_slug
 from hetcomp.runs.spec import RunSpec
 
 SPEC_FILE = "spec.json"
@@ -50,7 +51,7 @@ class RunStore:
         self.root = Path(root)
 
     def folder(self, spec: RunSpec) -> Path:
-        return self.root / spec.dataset.replace(":", "-") / spec.folder_name
+        return self.root / dataset_slug(spec.dataset) / spec.folder_name
 
     def finished(self, spec: RunSpec) -> dict | None:
         """The metrics of ``spec``'s finished run, or None; an error when the folder holds another spec's files."""

@@ -1,8 +1,12 @@
-"""Provenance of results: the commit, the sources and the machine that produced them."""
+"""Where a result came from: the commit, the source digest, the machine; and how files are named and written.
+
+Shared by the run layer (metrics.json) and the paper layer (tables, manifest), so it sits below both.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -18,7 +22,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def source_digest(root: Path = Path(__file__).resolve().parents[1]) -> str:
+def source_digest(root: Path = Path(__file__).resolve().parent) -> str:
     """sha256 (12 hex) of the package's Python sources, names included."""
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
@@ -35,3 +39,18 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def dataset_slug(name: str) -> str:
+    """A dataset label as a folder name (``csv:toy`` -> ``csv-toy``): the one spelling of every per-dataset path."""
+    return name.replace(":", "-")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename, so a killed process never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,78 @@
+"""What every table shares: the run schedule, one dataset's reproduction, metric names and labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hetcomp.data import Split
+from hetcomp.provenance import dataset_slug
+from hetcomp.train import Callback
+
+METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+HEADERS = ("R@10", "N@10", "R@50", "N@50")
+#: Table 2's rows in the paper's order, with the paper's labels
+TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-drd": "CL-DRD", "dcd": "DCD",
+                  "hetcomp": "HetComp"}
+#: every method's label in tables (kd is ours, not a paper row)
+LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)"}
+BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd", "kd")
+CURVE_METHODS = ("none", "dcd", "hetcomp")
+#: the users ``--quick`` keeps (the first ones of the file)
+QUICK_USERS = 300
+#: Table 1: the MF teachers of different training seeds that form supervision (b)
+MF_SEEDS = (0, 1, 2, 3, 4)
+TABLE1_METHOD = "rrd"
+
+
+@dataclass
+class Schedule:
+    """Training lengths: the paper's (default) or ``--quick``'s short ones."""
+
+    teacher_dim: int = 64
+    teacher_overrides: dict = field(default_factory=dict)
+    max_epochs: int = 1000
+    eval_every: int = 10
+    method_options: dict = field(default_factory=dict)  # per method, e.g. HetComp's DKC period for --quick
+    quick: bool = False
+
+    def options(self, method: str) -> dict:
+        """The method options this schedule sets (a fresh dict: callers may extend it)."""
+        return dict(self.method_options.get(method, {}))
+
+    @classmethod
+    def short(cls) -> Schedule:
+        """``--quick``: dim-16 teachers and 20-epoch runs, evaluated every 5 epochs."""
+        return cls(teacher_dim=16, teacher_overrides={"max_epochs": 20, "eval_every": 5}, max_epochs=20,
+                   eval_every=5, method_options={"hetcomp": {"period": 5, "deadline": 10}}, quick=True)
+
+
+@dataclass
+class Reproduction:
+    """One dataset's inputs and where everything goes."""
+
+    dataset: str
+    split: Split
+    teachers_dir: Path = Path("teachers")
+    runs_dir: Path = Path("experiments/runs")
+    results_dir: Path = Path("experiments/results")
+    device: torch.device = torch.device("cpu")
+    schedule: Schedule = field(default_factory=Schedule)
+    command: str = ""
+    train: bool = True  # False: tables from finished runs only; what is missing is listed, not trained
+    progress: Callable[[str, int], Callback | None] = lambda label, total: None
+    say: Callable[[str], None] = print
+    #: the command line of a child ``hetcomp reproduce`` that trains one (student, method, seed) run; ``--jobs``
+    #: runs several of them side by side
+    child_command: Callable[[str, str, int], list[str]] | None = None
+
+    @property
+    def label(self) -> str:
+        return dataset_slug(self.split.meta["dataset"])
+
+    @property
+    def out_dir(self) -> Path:
+        return self.results_dir / self.label

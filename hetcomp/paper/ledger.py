@@ -1,0 +1,57 @@
+"""The results ledger: one CSV row per run under ``<results>/<dataset>/``, written atomically under a folder lock.
+
+The CSV files are the source of truth of every table: pages are rendered from them, never from run folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from hetcomp.paper.common import METRICS
+from hetcomp.provenance import atomic_write_text
+
+#: table2.csv: one row per student run (test metrics, cost, how to rerun it, where it came from)
+TABLE2_COLUMNS = ("dataset", "student", "method", "seed", *METRICS, "best_epoch", "epochs", "wall_seconds", "command",
+                  "config", "teachers_digest", "commit", "code_digest", "machine")
+#: curves.csv: one row per evaluation of a Table 2 run
+CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "valid_recall@50", "test_recall@50")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A ledger's rows as text fields (none when the file does not exist yet)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_rows(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
+    """Write a CSV atomically (a killed reproduce never leaves half a table)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def row_key(row: dict) -> tuple[str, str, str, str]:
+    """What makes a row one run: student, method, seed and configuration hash."""
+    return row["student"], row["method"], row["seed"], row["config"]
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a results folder, so that reproduce calls running side by side (e.g. one per group of
+    methods, one per core) merge their rows instead of overwriting each other's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

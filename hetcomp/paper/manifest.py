@@ -1,0 +1,48 @@
+"""manifest.json: how each table of a dataset was made, and what it cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+
+from hetcomp.paper.common import Reproduction
+from hetcomp.provenance import git_commit, machine
+
+
+def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float,
+                   teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: bool = False) -> dict:
+    """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
+    teachers' training). From scratch, the table costs the teachers' time plus the runs' time divided by the runs
+    trained side by side (``--jobs``, one per core here): that estimate is recorded beside the measured times.
+
+    A call that trained every teacher and every run itself (``from_scratch``: nothing existed to reuse) is a
+    measurement of that cost: it is kept as ``from_scratch_measured`` with its command, and later calls (a
+    ``--no-train`` regeneration of the page, more seeds) carry it over instead of losing it."""
+    path = rep.out_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
+    stamp = {"commit": git_commit(), "machine": machine(),
+             "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    measured = manifest.get(table, {}).get("from_scratch_measured")
+    if from_scratch:
+        measured = {"command": rep.command, "wall_seconds": round(seconds, 1), "runs": len(rows), "jobs": jobs,
+                    **stamp}
+    manifest[table] = {
+        "command": rep.command, "seeds": list(seeds), **stamp,
+        "wall_seconds_this_call": round(seconds, 1),
+        "sum_of_run_wall_seconds": round(run_seconds, 1),
+        "teacher_training_seconds": round(teacher_seconds, 1),
+        "jobs": jobs,
+        "from_scratch_estimate": {
+            "jobs": (cores := os.cpu_count() or 1),
+            "seconds": round(teacher_seconds + run_seconds / cores, 1),
+            "how": "teachers' training + the runs' summed wall time / jobs (one single-thread run per core)",
+        },
+        **({"from_scratch_measured": measured} if measured else {}),
+        "runs": [r.get("command", "") for r in rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1))
+    return manifest[table]

@@ -1,0 +1,119 @@
+"""Table 2's Markdown page and its statistics, rendered from ledger rows (no training, no evaluation)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hetcomp.paper.common import BASELINES, HEADERS, LABELS, METRICS, Reproduction
+from hetcomp.paper.ledger import read_rows
+from hetcomp.provenance import git_commit, machine
+
+#: hand-written reading of a dataset's Table 2 (exceptions explained), appended to every regenerated table2.md
+TABLE2_NOTES = "table2-notes.md"
+
+
+def paper_values(dataset: str) -> dict[tuple[str, str], dict]:
+    """The paper's Table 2, for display beside ours only (a copy of the shared docs' paper-table2.csv; nothing in
+    training or evaluation reads it)."""
+    path = Path(__file__).parents[1] / "paper_table2.csv"
+    out = {}
+    for row in read_rows(path):
+        if row["dataset"] == dataset:
+            out[(row["student"], row["method"])] = {m: float(row[h]) for m, h in zip(METRICS, HEADERS, strict=True)}
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def paired_p_value(a: list[float], b: list[float]) -> float:
+    """Two-sided paired t-test over seeds (nan with fewer than two pairs or identical differences)."""
+    if len(a) < 2:
+        return math.nan
+    from scipy import stats
+
+    with np.errstate(all="ignore"):
+        return float(stats.ttest_rel(a, b).pvalue)
+
+
+def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, students: Sequence[str],
+                    methods: Sequence[str], seeds: Sequence[int], missing: Sequence[str] = ()) -> str:
+    paper = {} if rep.schedule.quick else paper_values(rep.dataset)
+    digests = sorted({r["teachers_digest"] for r in rows})
+    lines = [f"# Table 2 — {rep.label} (authors' split), students at dim 6", "",
+             f"- command: `{rep.command}`", f"- seeds: {', '.join(map(str, seeds))} (student training seeds; split "
+             f"seed {rep.split.meta['seed']}; teachers trained with seed 0)", f"- commit: {git_commit()}",
+             f"- machine: {machine()}", f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             "- source of truth: `table2.csv` beside this file (one row per run, with the command that reruns it); "
+             "the manifest has the wall times", "",
+             "Cells: ours, mean ± std over seeds (the paper's value in brackets where it reports one). "
+             "Imp.: HetComp over the best baseline on each metric (by mean); p: paired t-test over seeds between "
+             "HetComp and that baseline.", ""]
+    if len(digests) > 1:
+        lines += [f"Note: rows came from {len(digests)} trainings of the same teacher configuration "
+                  f"(digests {', '.join(digests)}); retrained teachers differ only by floating-point order.", ""]
+    for student in students:
+        block = [r for r in rows if r["student"] == student]
+        if not block:
+            continue
+        lines += [f"## {student.upper()} student", "",
+                  "| method | " + " | ".join(HEADERS) + " | seeds | epochs (mean) | wall s (mean) |",
+                  "|---|" + "---|" * (len(HEADERS) + 3)]
+        for label, metrics in teachers.items():
+            shown = f"{label} ({metrics['name']})" if "name" in metrics else label
+            cells = [f"{metrics[m]:.4f}" + _paper_cell(paper.get(("", label)), m) for m in METRICS]
+            lines.append(f"| {shown} | " + " | ".join(cells) + " | - | - | - |")
+        per_method: dict[str, dict[str, list[float]]] = {}
+        for method in methods:
+            runs = sorted((r for r in block if r["method"] == method), key=lambda r: int(r["seed"]))
+            if not runs:
+                continue
+            per_method[method] = {m: [float(r[m]) for r in runs] for m in METRICS}
+            per_method[method]["seeds"] = [int(r["seed"]) for r in runs]
+            cells = []
+            for m in METRICS:
+                mean, std = mean_std(per_method[method][m])
+                spread = f" ± {std:.4f}" if len(runs) > 1 else ""  # one seed has no spread to show
+                cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, LABELS[method])), m))
+            epochs = np.mean([float(r["epochs"]) for r in runs])
+            seconds = np.mean([float(r["wall_seconds"]) for r in runs])
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
+                         f"{seconds:.0f} |")
+        baselines = [m for m in BASELINES if m in per_method]
+        if "hetcomp" in per_method and baselines:
+            imp, pvals = [], []
+            for m in METRICS:
+                best = max(baselines, key=lambda b: np.mean(per_method[b][m]))
+                ours, theirs = np.mean(per_method["hetcomp"][m]), np.mean(per_method[best][m])
+                imp.append(f"{100 * (ours / theirs - 1):+.1f}% vs {LABELS[best]}")
+                shared = sorted(set(per_method["hetcomp"]["seeds"]) & set(per_method[best]["seeds"]))
+                a = [per_method["hetcomp"][m][per_method["hetcomp"]["seeds"].index(s)] for s in shared]
+                b = [per_method[best][m][per_method[best]["seeds"].index(s)] for s in shared]
+                p = paired_p_value(a, b)
+                pvals.append("-" if math.isnan(p) else f"{p:.3g}")
+            lines.append("| Imp. | " + " | ".join(imp) + " | | | |")
+            lines.append("| p (paired t) | " + " | ".join(pvals) + " | | | |")
+        lines.append("")
+    if missing:
+        lines += [f"Not finished yet ({len(missing)} of {len(missing) + len(rows)} runs; the cells above average the "
+                  "seeds that are): rerun the command without --no-train to train them.", ""]
+        lines += [f"- `{command}`" for command in missing] + [""]
+    if rep.split.meta["dataset"].startswith(("foursquare", "amusic")):
+        lines += ["Our copy of this dataset differs from the paper's (a smaller cut; see the data catalogue), so the "
+                  "paper's values are shown for orientation, not as a like-for-like comparison.", ""]
+    notes = rep.out_dir / TABLE2_NOTES
+    if notes.is_file():
+        lines += [f"## Reading it (written by hand in `{TABLE2_NOTES}`, kept when the table is regenerated)", "",
+                  notes.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def _paper_cell(values: dict | None, metric: str) -> str:
+    return f" ({values[metric]:.4f})" if values else ""
