@@ -14,10 +14,11 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.data import HetCompError, Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill.losses import tail_logsumexp, tail_logsumexp_and_listed
-from hetcomp.ensemble import EnsembleScorer, ensemble_observed_order
+from hetcomp.ensemble import DECAYS, EnsembleScorer, ensemble_observed_order
 from hetcomp.metrics import csr_rows_dense
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.teachers import teacher_weights
@@ -31,11 +32,16 @@ class EnsembleConfig:
     Defaults chosen on validation R@50 of the converged ensemble on CiteULike (teachers results page).
     """
 
-    decay: str = "exp"
-    temperature: float = 50.0
-    beta: float = 0.05
-    weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
-    weight_power: float = 8.0
+    owner = "the ensemble"
+    decay: str = knob("exp", choices=DECAYS)
+    temperature: float = knob(50.0, gt=0)
+    beta: float = knob(0.05, ge=0)
+    # teacher weights (valid R@50 / mean)^power, or "uniform" as released
+    weighting: str = knob("valid", choices=("valid", "uniform"))
+    weight_power: float = knob(8.0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
                device: torch.device | str = "cpu") -> EnsembleScorer:
