@@ -176,8 +176,8 @@ def unknown_settings(config_class: type, names, owner: str | None = None, label:
     """Raise if any of ``names`` is not a field of ``config_class``, listing the settings it has."""
     unknown = sorted(set(names) - set(_fields(config_class)))
     if unknown:
-        raise HetCompError(f"{label}{owner or _owner(config_class)} has no setting {', '.join(unknown)}; "
-                           f"its settings: {settings_summary(config_class)}")
+        settings = f"its settings: {settings_summary(config_class)}" if _fields(config_class) else "it has none"
+        raise HetCompError(f"{label}{owner or _owner(config_class)} has no setting {', '.join(unknown)}; {settings}")
 
 
 def _convert(kind, spec: Knob, text: str):

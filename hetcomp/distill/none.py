@@ -12,7 +12,7 @@ from hetcomp.models.base import Batch, Recommender
 
 @dataclass
 class NoKDConfig:
-    owner = "none"
+    owner = "method none"
 
 
 class NoKD(DistillMethod):
