@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hetcomp.config import check_choice, check_option, check_value, parse_options
 from hetcomp.data import REGISTRY, DataError, load_dataset, resolve_data_dir
 from hetcomp.data.registry import locate_files
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.distill import METHODS, EnsembleConfig, method_class
-from hetcomp.ensemble import trajectory_state_metrics
+from hetcomp.ensemble import DECAYS, trajectory_state_metrics
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
@@ -60,7 +61,8 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except HetCompError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            # the message as written: not read as markup ([...]) or emoji codes (:x: in "-o losses=kl:x")
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, emoji=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -101,6 +103,8 @@ def datasets_info(
     cache_dir: Path = CacheDirOption,
 ) -> None:
     """Print users, items and interactions of train / valid / test, density and the file checksum."""
+    check_option("--seed", seed, 0, ge=0)
+    sep = _separator(sep)
     started = time.perf_counter()
     split = load_dataset(name, data_dir=data_dir, seed=seed, protocol=protocol, cache_dir=cache_dir, path=path,
                          user_col=user_col, item_col=item_col, sep=sep)
@@ -178,14 +182,19 @@ def train_teachers(
                                              "teachers are saved as <model>-s<seed>, e.g. mf-s1."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory."),
-    eval_every: int = typer.Option(None, min=1, help="Evaluate and snapshot every N epochs (the trajectory's "
-                                                    "states are chosen among these); default: the dataset's "
-                                                    "setting, else each model's."),
+    eval_every: int = typer.Option(None, help="Evaluate and snapshot every N epochs (the trajectory's "
+                                              "states are chosen among these); default: the dataset's "
+                                              "setting, else each model's."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Train the heterogeneous teachers and save each one's trajectory (E1..E4); finished ones are skipped."""
+    check_option("--dim", dim, 64, ge=1)
+    check_option("--seed", seed, 0, ge=0)
+    check_option("--train-seed", train_seed, 1, ge=0)
+    check_option("--top-m", top_m, 200, ge=1)
+    check_option("--eval-every", eval_every, 10, ge=1)
     names = _parse_names(teachers, TEACHERS, "teacher")
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
     target = resolve_device(device)
@@ -250,22 +259,30 @@ def distill_command(
     runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
 ) -> None:
     """Train a small student from the teachers' trajectories with HetComp or a baseline."""
-    method_class(method)
-    split = load_dataset(dataset, data_dir=data_dir, seed=split_seed, cache_dir=cache_dir)
-    known = TEACHERS + _imported(teachers_dir, split)
-    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
-    options = _parse_options(option)
+    config_class = method_class(method).config_class
+    options = parse_options(config_class, _parse_options(option))
     if kd_loss is not None:
         if method != "kd":
             raise HetCompError("--kd-loss applies to --method kd only")
+        check_value(config_class, "losses", kd_loss, label=f"--kd-loss {kd_loss}: ")
         options["losses"] = kd_loss
+    check_option("--dim", dim, 6, ge=1)
+    check_option("--seed", seed, 0, ge=0)
+    check_option("--split-seed", split_seed, 0, ge=0)
+    check_option("--max-epochs", max_epochs, 1000, ge=1)
+    check_option("--batch-users", batch_users, 64, ge=1)
+    check_option("--lr", lr, 0.01, gt=0)
+    check_option("--weight-decay", weight_decay, 0, ge=0)
+    ensemble = _ensemble(decay, temperature, weighting, weight_power)
+    split = load_dataset(dataset, data_dir=data_dir, seed=split_seed, cache_dir=cache_dir)
+    known = TEACHERS + _imported(teachers_dir, split)
+    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
     seed_everything(seed)
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
-                         options, EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power),
-                         batch_users, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs, eval_every=eval_every,
-                         patience=patience, callbacks=[bar], source={"dataset": dataset},
+                         options, ensemble, batch_users, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
+                         eval_every=eval_every, patience=patience, callbacks=[bar], source={"dataset": dataset},
                          say=lambda text: progress.console.print(text, highlight=False))
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
@@ -292,6 +309,8 @@ def evaluate_command(
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Print R@10/N@10/R@50/N@50 on valid and test of each teacher, each of its states, and the ensemble."""
+    check_option("--seed", seed, 0, ge=0)
+    config = _ensemble(decay, temperature, weighting, weight_power)
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
     trajectories = load_teachers(split, teachers_dir, _parse_names(names, TEACHERS + _imported(teachers_dir, split),
                                                                    "teacher"))
@@ -310,8 +329,7 @@ def evaluate_command(
         for state in range(trajectory.n_states):
             metrics = trajectory_state_metrics(split, trajectory, state)
             row(trajectory.name, f"E{state + 1}", str(epochs[state]) if state < len(epochs) else "-", metrics)
-    ensemble = evaluate_split(EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power)
-                              .scorer(split, trajectories), split)
+    ensemble = evaluate_split(config.scorer(split, trajectories), split)
     row("ensemble", "E4", "-", ensemble)
     console.print(table)
     console.print(f"mean pairwise top-50 overlap of the converged teachers: {top_overlap(trajectories):.3f}")
@@ -339,6 +357,7 @@ def summarize_command(
     """Write a results page from every finished distillation run of a dataset."""
     from hetcomp.experiments import collect_runs, runs_report
 
+    check_option("--seed", seed, 0, ge=0)
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
     runs = collect_runs(runs_dir, split.meta["dataset"])
     if not runs:
@@ -375,8 +394,8 @@ def reproduce_command(
     teachers_dir: Path = TeachersDirOption,
     runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
     results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
-    jobs: int = typer.Option(1, min=1, help="Table 2: train this many student runs at once, each in its own "
-                                            "process with cores/jobs threads (e.g. 2 on a 2-core machine)."),
+    jobs: int = typer.Option(1, help="Table 2: train this many student runs at once, each in its own "
+                                     "process with cores/jobs threads (e.g. 2 on a 2-core machine)."),
     rows_only: bool = typer.Option(False, "--rows-only", hidden=True,
                                    help="Table 2: merge the rows into table2.csv, leave table2.md and the manifest "
                                         "(what the children of --jobs do)."),
@@ -384,6 +403,8 @@ def reproduce_command(
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
 
+    check_option("--jobs", jobs, 2, ge=1)
+    sep = _separator(sep)
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
@@ -446,6 +467,7 @@ def import_teacher(
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Turn rankings produced by another tool into a trajectory that `distill` can use."""
+    check_option("--seed", seed, 0, ge=0)
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
     target = trajectory_file(teachers_dir, split.meta["dataset"], name)
     if target.exists():
@@ -501,18 +523,34 @@ def _imported(root: Path, split) -> tuple[str, ...]:
     return tuple(p.name for p in sorted(folder.iterdir()) if (p / TRAJECTORY_FILE).is_file() and p.name not in TEACHERS)
 
 
-def _parse_options(items: list[str]) -> dict:
-    """NAME=VALUE pairs; values are parsed as JSON when they can be (numbers, true/false), else kept as text."""
+def _parse_options(items: list[str]) -> dict[str, str]:
+    """NAME=VALUE pairs as text; :func:`hetcomp.config.parse_options` converts and checks them per method."""
     options = {}
     for item in items:
-        if "=" not in item:
-            raise HetCompError(f"option {item!r} must look like NAME=VALUE")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise HetCompError(f"-o {item}: a method option must look like NAME=VALUE, e.g. -o preset=code")
         name, value = item.split("=", 1)
-        try:
-            options[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name.strip()] = value
+        options[name.strip()] = value
     return options
+
+
+def _ensemble(decay: str, temperature: float, weighting: str, weight_power: float) -> EnsembleConfig:
+    """The aggregation g from its options, each checked with a message that names the option."""
+    check_choice("--decay", decay, DECAYS)
+    check_option("--temperature", temperature, 50, gt=0)
+    check_choice("--weighting", weighting, ("valid", "uniform"))
+    check_option("--weight-power", weight_power, 8, ge=0)
+    return EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power)
+
+
+def _separator(sep: str) -> str:
+    """The csv delimiter: one character; the escape ``\\t`` (as typed in a shell) or ``tab`` means a tab."""
+    sep = "\t" if sep in ("\\t", "tab") else sep
+    if len(sep) != 1:
+        shown = sep if sep.isprintable() else repr(sep)
+        raise HetCompError(f"--sep {shown}: the csv delimiter must be one character, e.g. --sep ';' or --sep '\\t' "
+                           "for a tab")
+    return sep
 
 
 def _parse_seeds(text: str) -> list[int]:

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.data import Split
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split, exclude_rows_, topk_items
@@ -35,11 +36,16 @@ class EnsembleConfig:
     the only statement of g's defaults: every function, option and page that has one reads it from here.
     """
 
-    decay: str = "exp"
-    temperature: float = 50.0
-    beta: float = 0.05
-    weighting: str = "valid"  # teacher weights (valid R@50 / mean)^power, or "uniform" as released
-    weight_power: float = 8.0
+    owner = "the ensemble"
+    decay: str = knob("exp", choices=DECAYS)
+    temperature: float = knob(50.0, gt=0)
+    beta: float = knob(0.05, ge=0)
+    # teacher weights (valid R@50 / mean)^power, or "uniform" as released
+    weighting: str = knob("valid", choices=("valid", "uniform"))
+    weight_power: float = knob(8.0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
                device: torch.device | str = "cpu") -> EnsembleScorer:

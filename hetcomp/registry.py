@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
+from hetcomp.config import check_value, unknown_settings
 from hetcomp.errors import HetCompError
 
 
@@ -21,10 +21,9 @@ def lookup(registry: dict[str, str], name: str, kind: str) -> type:
 
 
 def checked_config(config_class: type, overrides: dict, owner: str):
-    """``config_class(**overrides)``; an unknown setting is an error that lists the known ones."""
-    known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise HetCompError(f"{owner} has no setting {', '.join(sorted(unknown))}; "
-                           f"its settings are {', '.join(sorted(known)) or '(none)'}")
+    """``config_class(**overrides)``; an unknown setting is an error that lists the known ones, and a value of
+    the wrong type or out of its declared range one that names it (:mod:`hetcomp.config`)."""
+    unknown_settings(config_class, overrides, owner)
+    for name, value in overrides.items():
+        check_value(config_class, name, value, owner)
     return config_class(**overrides)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.device import keep_freed_memory
@@ -28,16 +29,21 @@ from hetcomp.models.base import Batch, Recommender
 class TrainerConfig:
     """Optimization and model selection. Model selection: best validation Recall@50 (``monitor``)."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_epochs: int = 500
-    eval_every: int = 10
-    patience: int = 5
+    owner = "the trainer"
+    lr: float = knob(1e-3, gt=0)
+    weight_decay: float = knob(0.0, ge=0)
+    max_epochs: int = knob(500, ge=1)
+    eval_every: int = knob(10, ge=1)
+    patience: int = knob(5, ge=1)
     monitor: str = "recall@50"
-    ks: tuple[int, ...] = (10, 50)
-    top_m: int | None = None
-    eval_batch_size: int = 256  # [256, n_items] scores stay under glibc's reused-buffer size (see keep_freed_memory)
-    seed: int = 0
+    ks: tuple[int, ...] = knob((10, 50), ge=1)
+    top_m: int | None = knob(None, ge=1)
+    # [256, n_items] scores stay under glibc's reused-buffer size (see keep_freed_memory)
+    eval_batch_size: int = knob(256, ge=1)
+    seed: int = knob(0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class Objective:
@@ -263,6 +269,7 @@ def train_model(model: Recommender, split: Split, device: torch.device | str = "
                                    eval_every=config.eval_every, seed=seed, top_m=top_m)
     for key, value in overrides.items():
         setattr(trainer_config, key, value)
+    validate(trainer_config)
     objective = OwnLoss(model, split, config.batch_size, config.n_negatives, torch.device(device))
     trainer = Trainer(model, split, objective, trainer_config, device, callbacks, run_dir)
     trainer.fit()

@@ -394,7 +394,7 @@ def test_kd_menu_parses_weights_and_rejects_unknown_names(context):
         build_method("kd", context, losses="kl:1.0,klx:2")
     with pytest.raises(HetCompError, match="not a number"):
         parse_losses("kl:heavy")
-    with pytest.raises(HetCompError, match="on="):
+    with pytest.raises(HetCompError, match="on of method 'kd' must be one of logits, probs"):
         build_method("kd", context, on="ranks")
 
 

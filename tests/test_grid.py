@@ -43,9 +43,10 @@ def world(tmp_path_factory):
     return root, inputs, split, trajectories
 
 
-def _specs(world, seeds, max_epochs=4):
+def _specs(world, seeds, max_epochs=4, patience=5):
     _, _, split, trajectories = world
-    return [make_spec(split, trajectories, "mf", method, 4, seed, max_epochs=max_epochs, eval_every=2)
+    return [make_spec(split, trajectories, "mf", method, 4, seed, max_epochs=max_epochs, eval_every=2,
+                      patience=patience)
             for method in ("none", "rrd") for seed in seeds]
 
 
@@ -105,7 +106,7 @@ def test_sigterm_of_the_driver_leaves_no_process(world, tmp_path):
     import pickle
 
     _, inputs, _, _ = world
-    specs = _specs(world, seeds=(0, 1), max_epochs=400)
+    specs = _specs(world, seeds=(0, 1), max_epochs=5000, patience=5000)  # runs outlive the test
     (tmp_path / "grid.pkl").write_bytes(pickle.dumps((specs, inputs)))
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "grid.pkl"), str(tmp_path / "runs")])
     deadline = time.time() + 120

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import lambda_mrr_loss
 from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved
@@ -37,11 +38,15 @@ from hetcomp.train import Trainer
 
 @dataclass
 class CLDRDConfig:
-    stages: str = "5,10,20"
-    stage_epochs: int = 30
-    list_size: int = 30
-    top_n: int = 100
-    weight: float = 1.0
+    owner = "cl-drd"
+    stages: str = knob("5,10,20", check=lambda text: parse_stages(text))  # list lengths, one per stage
+    stage_epochs: int = knob(30, ge=1)
+    list_size: int = knob(30, ge=2)
+    top_n: int = knob(100, ge=1)
+    weight: float = knob(1.0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 HARD_LABEL, NEGATIVE_LABEL = -0.25, -0.5  # the authors' labels; below every 1/rank, and only their order matters

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import relaxed_ranking_loss
 from hetcomp.distill.rrd import RRD, RRDConfig
@@ -34,18 +35,22 @@ from hetcomp.train import Trainer
 
 @dataclass
 class DCDConfig:
-    k: int = 40
+    owner = "dcd"
+    k: int = knob(40, ge=1)
     sample: bool = False
-    top_n: int = 100
-    temperature: float = 10.0
-    n_tail: int = 100
-    rrd_weight: float = 0.001
-    dcd_weight: float = 0.001
-    period: int = 3
-    epsilon: float = 1e-3
-    n_under: int = 10
-    n_over: int = 10
-    check_users: int = 1024
+    top_n: int = knob(100, ge=1)
+    temperature: float = knob(10.0, gt=0)
+    n_tail: int = knob(100, ge=1)
+    rrd_weight: float = knob(0.001, ge=0)
+    dcd_weight: float = knob(0.001, ge=0)
+    period: int = knob(3, ge=1)
+    epsilon: float = knob(1e-3, gt=0)
+    n_under: int = knob(10, ge=1)
+    n_over: int = knob(10, ge=1)
+    check_users: int = knob(1024, ge=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class DCD(DistillMethod):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge
 from hetcomp.distill.losses import fine_loss_of, overall_loss_of
@@ -29,22 +30,29 @@ from hetcomp.train import Trainer
 
 @dataclass
 class HetCompConfig:
-    preset: str = "paper"  # "paper" or "code": the code preset switches every released-code variant on
-    k: int = 100
-    pos_k: int = 10
-    overall_weight: float = 0.01
-    fine_weight: float = 0.005
-    clamp: float = 40.0
-    switch: str = "global"  # L_O → L_F when all users are final ("global", the code) or per user ("user")
-    alpha: float = 1.05
-    period: int = 10
-    dkc_k: int = 50
-    dkc_lambda: float = 10.0
-    dkc_form: str | None = None  # None: from the preset
+    owner = "hetcomp"
+    # "paper" or "code": the code preset switches every released-code variant on
+    preset: str = knob("paper", choices=("paper", "code"))
+    k: int = knob(100, ge=1)
+    pos_k: int = knob(10, ge=1)
+    overall_weight: float = knob(0.01, ge=0)
+    fine_weight: float = knob(0.005, ge=0)
+    clamp: float = knob(40.0, ge=0)  # 0: no clamp
+    # L_O → L_F when all users are final ("global", the code) or per user ("user")
+    switch: str = knob("global", choices=("global", "user"))
+    alpha: float = knob(1.05, gt=0)
+    period: int = knob(10, ge=1)
+    dkc_k: int = knob(50, ge=1)
+    dkc_lambda: float = knob(10.0, gt=0)
+    dkc_form: str | None = knob(None, choices=("paper", "code"))  # None: from the preset
     decay_threshold: bool | None = None
     switch_when_below_one: bool | None = None
-    deadline: int | None = 300
-    fine_form: str | None = None  # "paper": L_F(P⁺) + L_F(P⁻); "code": the release's prefix terms
+    deadline: int | None = knob(300, ge=1)
+    # "paper": L_F(P⁺) + L_F(P⁻); "code": the release's prefix terms
+    fine_form: str | None = knob(None, choices=("paper", "code"))
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class HetComp(DistillMethod):

@@ -23,11 +23,13 @@ all average over users. Defaults: K = 100, n_neg = 100, T_rank = 10, τ = 1, mar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.distill import losses
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.tools import sample_unobserved
@@ -40,15 +42,19 @@ ON = ("logits", "probs")
 
 @dataclass
 class KDConfig:
-    losses: str = "kl:1.0"
-    k: int = 100
-    n_neg: int = 100
-    rank_temperature: float = 10.0
-    temperature: float = 1.0
-    on: str = "logits"
-    margin: float = 1.0
+    owner = "kd"
+    losses: str = knob("kl:1.0", check=lambda text: parse_losses(text))
+    k: int = knob(100, ge=1)
+    n_neg: int = knob(100, ge=1)
+    rank_temperature: float = knob(10.0, gt=0)
+    temperature: float = knob(1.0, gt=0)
+    on: str = knob("logits", choices=ON)
+    margin: float = knob(1.0, ge=0)
     label_margin: bool = False
-    own_weight: float = 0.0
+    own_weight: float = knob(0.0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def parse_losses(text: str) -> dict[str, float]:
@@ -65,6 +71,8 @@ def parse_losses(text: str) -> dict[str, float]:
             chosen[name] = float(weight) if weight.strip() else 1.0
         except ValueError:
             raise HetCompError(f"KD loss weight {weight!r} of {name!r} is not a number") from None
+        if not math.isfinite(chosen[name]) or chosen[name] < 0:
+            raise HetCompError(f"KD loss weight {weight.strip()!r} of {name!r} must be a finite number ≥ 0")
     if not chosen:
         raise HetCompError(f"no KD loss chosen; pass e.g. 'kl:1.0' with names from {', '.join(KD_LOSSES)}")
     return chosen

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import positions_in
 
@@ -115,14 +116,18 @@ def list_positions(items: torch.Tensor, lists: torch.Tensor, table_bytes: int = 
 class DKCConfig:
     """DKC settings. Defaults follow method.md (the paper); the released code's variants are options."""
 
-    alpha: float = 1.05
-    period: int = 10
-    k: int = 50
-    lam: float = 10.0
-    form: str = "paper"
+    owner = "DKC"
+    alpha: float = knob(1.05, gt=0)
+    period: int = knob(10, ge=1)
+    k: int = knob(50, ge=1)
+    lam: float = knob(10.0, gt=0)
+    form: str = knob("paper", choices=("paper", "code"))
     decay_threshold: bool = False  # code: threshold α·0.995^⌊epoch/p⌋
     switch_when_below_one: bool = False  # code: also move on when γ < 1
-    deadline: int | None = 300  # ours: at this epoch every open state jumps to the last (None: never)
+    deadline: int | None = knob(300, ge=1)  # ours: at this epoch every open state jumps to the last (None: never)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class DynamicKnowledge:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import soft_target_cross_entropy
 from hetcomp.models.base import Batch, Recommender
@@ -28,9 +29,13 @@ from hetcomp.models.base import Batch, Recommender
 
 @dataclass
 class MTDConfig:
-    k: int = 50
-    temperature: float = 10.0
-    weight: float = 1.0
+    owner = "mtd"
+    k: int = knob(50, ge=1)
+    temperature: float = knob(10.0, gt=0)
+    weight: float = knob(1.0, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class MTD(DistillMethod):

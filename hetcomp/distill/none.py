@@ -12,7 +12,7 @@ from hetcomp.models.base import Batch, Recommender
 
 @dataclass
 class NoKDConfig:
-    pass
+    owner = "method none"
 
 
 class NoKD(DistillMethod):

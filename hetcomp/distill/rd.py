@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import weighted_pointwise_loss
 from hetcomp.distill.tools import unobserved_ranks
@@ -33,12 +34,16 @@ from hetcomp.train import Trainer
 
 @dataclass
 class RDConfig:
-    k: int = 10
-    lam: float = 1.0
-    weight: float = 1.0
+    owner = "rd"
+    k: int = knob(10, ge=1)
+    lam: float = knob(1.0, gt=0)
+    weight: float = knob(1.0, ge=0)
     dynamic: bool = False
-    mu: float = 0.1
-    dynamic_start: int = 10
+    mu: float = knob(0.1, gt=0)
+    dynamic_start: int = knob(10, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def position_weights(k: int, lam: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:

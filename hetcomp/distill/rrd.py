@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import fine_loss_of, relaxed_ranking_loss
 from hetcomp.distill.tools import sample_unobserved, sample_without_replacement
@@ -29,12 +30,16 @@ from hetcomp.models.base import Batch, Recommender
 
 @dataclass
 class RRDConfig:
-    k: int = 40
-    weight: float = 0.001
+    owner = "rrd"
+    k: int = knob(40, ge=1)
+    weight: float = knob(0.001, ge=0)
     sample: bool = False
-    top_n: int = 100
-    temperature: float = 10.0
-    n_tail: int = 100
+    top_n: int = knob(100, ge=1)
+    temperature: float = knob(10.0, gt=0)
+    n_tail: int = knob(100, ge=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class RRD(DistillMethod):

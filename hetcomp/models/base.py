@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from hetcomp.config import knob, validate
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -35,13 +37,16 @@ class ModelConfig:
     every committed Table 2 row stops matching once the teachers are retrained.
     """
 
-    dim: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 1024
-    n_negatives: int = 1
-    max_epochs: int = 500
-    eval_every: int = 10
+    dim: int = knob(64, ge=1)
+    lr: float = knob(1e-3, gt=0)
+    weight_decay: float = knob(0.0, ge=0)
+    batch_size: int = knob(1024, ge=1)
+    n_negatives: int = knob(1, ge=1)
+    max_epochs: int = knob(500, ge=1)
+    eval_every: int = knob(10, ge=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 class Recommender(nn.Module):

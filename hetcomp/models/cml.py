@@ -21,16 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hetcomp.config import knob
 from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores
 
 
 @dataclass
 class CMLConfig(ModelConfig):
     lr: float = 5e-3
-    margin: float = 1.0
+    margin: float = knob(1.0, ge=0)
     n_negatives: int = 10
-    init_std: float = 0.1
-    score_scale: float = 10.0
+    init_std: float = knob(0.1, gt=0)
+    score_scale: float = knob(10.0, gt=0)
 
 
 class CML(Recommender):

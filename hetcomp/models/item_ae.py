@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from hetcomp.config import knob
 from hetcomp.models.base import Batch, CSRRows, ModelConfig, Recommender
 
 
 @dataclass
 class ItemAEConfig(ModelConfig):
-    dropout: float = 0.5
-    positive_weight: float = 20.0
+    dropout: float = knob(0.5, ge=0, lt=1)
+    positive_weight: float = knob(20.0, gt=0)
     lr: float = 1e-2
     batch_size: int = 256
     eval_every: int = 5

@@ -20,16 +20,17 @@ import torch
 from torch import nn
 from torch_geometric.nn import LGConv
 
+from hetcomp.config import knob
 from hetcomp.models.base import Batch, ModelConfig, Recommender, bpr_loss, sparse_tensor
 
 
 @dataclass
 class LightGCNConfig(ModelConfig):
     lr: float = 5e-3
-    n_layers: int = 2
-    reg: float = 1e-4
+    n_layers: int = knob(2, ge=0)
+    reg: float = knob(1e-4, ge=0)
     batch_size: int = 2048
-    init_std: float = 0.1
+    init_std: float = knob(0.1, gt=0)
 
 
 def normalized_adjacency(train: sp.csr_matrix) -> torch.Tensor:

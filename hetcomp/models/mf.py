@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hetcomp.config import knob
 from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores, bpr_loss
 
 
 @dataclass
 class MFConfig(ModelConfig):
-    reg: float = 1e-4
-    init_std: float = 0.01
+    reg: float = knob(1e-4, ge=0)
+    init_std: float = knob(0.01, gt=0)
     max_epochs: int = 300
 
 

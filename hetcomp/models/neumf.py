@@ -19,14 +19,15 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional
 
+from hetcomp.config import knob
 from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores
 
 
 @dataclass
 class NeuMFConfig(ModelConfig):
     n_negatives: int = 4
-    init_std: float = 0.01
-    score_chunk: int = 64
+    init_std: float = knob(0.01, gt=0)
+    score_chunk: int = knob(64, ge=1)
 
 
 class NeuMF(Recommender):

@@ -17,15 +17,16 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from hetcomp.config import knob
 from hetcomp.models.base import Batch, CSRRows, ModelConfig, Recommender
 
 
 @dataclass
 class MultVAEConfig(ModelConfig):
-    hidden: int = 300
-    dropout: float = 0.5
-    beta_max: float = 0.2
-    anneal_steps: int = 2000
+    hidden: int = knob(300, ge=1)
+    dropout: float = knob(0.5, ge=0, lt=1)
+    beta_max: float = knob(0.2, ge=0)
+    anneal_steps: int = knob(2000, ge=1)
     batch_size: int = 128
     eval_every: int = 5
 

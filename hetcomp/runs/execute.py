@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from hetcomp.data import HetCompError, Split
+from hetcomp.data import Split
 from hetcomp.device import peak_memory_mb
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method
+from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.provenance import CODE_DIGEST, git_commit, machine
 from hetcomp.runs.spec import DEFAULT_BATCH_USERS, DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, RunSpec, make_spec

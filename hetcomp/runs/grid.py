@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetcomp.data import HetCompError
+from hetcomp.errors import HetCompError
 from hetcomp.runs.spec import RunSpec
 from hetcomp.runs.store import RunStore
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hetcomp.data import HetCompError
+from hetcomp.errors import HetCompError
 from hetcomp.locks import exclusive_lock
 from hetcomp.provenance import dataset_slug
 from hetcomp.runs.spec import RunSpec
