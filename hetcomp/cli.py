@@ -24,6 +24,7 @@ from hetcomp.reproduce import TABLE2_METHODS
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
+    check_teacher_name,
     dataset_teacher_settings,
     load_teachers,
     seeded_name,
@@ -439,7 +440,7 @@ def import_teacher(
 ) -> None:
     """Turn rankings produced by another tool into a trajectory that `distill` can use."""
     split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
-    target = trajectory_file(teachers_dir, split.meta["dataset"], name)
+    target = trajectory_file(teachers_dir, split.meta["dataset"], check_teacher_name(name))
     if target.exists():
         raise HetCompError(f"{target} already exists; choose another --name or delete it first")
     trajectory = import_rankings(file, split, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +25,15 @@ from hetcomp.trajectory import (
 
 TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
 TRAJECTORY_FILE = "trajectory.npz"
+
+
+def check_teacher_name(name: str) -> str:
+    """A teacher's name is its folder under ``<teachers-dir>/<dataset>/``: a plain folder name (letters, digits,
+    ``-``, ``_`` and ``.``, not leading with ``.``), never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise TrajectoryError(f"teacher name {name!r}: use a plain folder name of letters, digits, '-', '_' and "
+                              "'.' (not first), e.g. mytool-v2; it names the folder under <teachers-dir>/<dataset>/")
+    return name
 
 
 def teacher_dir(root: Path, dataset: str, teacher: str) -> Path:

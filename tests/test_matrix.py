@@ -43,3 +43,16 @@ def test_every_student_under_every_method(student, method, tmp_path):
     assert result["epochs"] == 2
     for part in ("valid", "test"):
         assert all(math.isfinite(value) for value in result[part].values()), result[part]
+
+
+def test_hetcomp_names_a_teacher_too_short_or_with_other_states_instead_of_crashing(tmp_path):
+    from hetcomp.data import HetCompError
+
+    short = [*TEACHERS, random_teacher("short", 2, top_m=3)]
+    with pytest.raises(HetCompError, match=r"compares top-5 rankings, but teacher short \(top-3\)"):
+        distill(SPLIT, short, "mf", "hetcomp", dim=4, runs_root=tmp_path, max_epochs=1,
+                method_options=SMALL_OPTIONS["hetcomp"])
+    fewer = [*TEACHERS, random_teacher("two", 3, n_states=2)]
+    with pytest.raises(HetCompError, match="same number of states .*two: 2"):
+        distill(SPLIT, fewer, "mf", "hetcomp", dim=4, runs_root=tmp_path, max_epochs=1,
+                method_options=SMALL_OPTIONS["hetcomp"])
