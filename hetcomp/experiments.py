@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from hetcomp.data import Split
-from hetcomp.distill.run import git_commit, machine
+from hetcomp.distill.run import git_commit, machine, read_metrics
 from hetcomp.ensemble import EnsembleScorer
 from hetcomp.metrics import evaluate_split
 from hetcomp.reproduce import paper_values
@@ -102,13 +102,12 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
 
 def collect_runs(runs_dir, dataset: str) -> list[dict]:
     """Every finished run (its metrics.json) of a dataset."""
-    import json
     from pathlib import Path
 
     folder = Path(runs_dir) / dataset.replace(":", "-")
     runs = []
     for path in sorted(folder.glob("*/metrics.json")):
-        run = json.loads(path.read_text())
+        run = read_metrics(path)
         run["run"] = path.parent.name
         runs.append(run)
     return runs

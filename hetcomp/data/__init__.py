@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +81,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0, p
         if cache_file.is_file():
             try:
                 return load_split_file(cache_file)
-            except (OSError, ValueError, KeyError):
-                cache_file.unlink()
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                # only a cache: rebuilt from the dataset file, and said so
+                warnings.warn(f"{cache_file}: the cached split cannot be read ({error.__class__.__name__}: "
+                              f"{error}); rebuilding it from the dataset file", stacklevel=2)
+                cache_file.unlink(missing_ok=True)
     split = split_interactions(interactions, label, checksum, seed=seed, protocol=protocol,
                                min_user_interactions=min_user_interactions)
     if cache_file is not None:

@@ -56,6 +56,18 @@ def machine() -> str:
     return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
+def read_metrics(path: Path) -> dict:
+    """A finished run's ``metrics.json``; an unreadable one is an error naming it and how to retrain."""
+    try:
+        finished = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise HetCompError(f"{path}: this finished run's metrics cannot be read ({error.__class__.__name__}: "
+                           f"{error}); the file is truncated or corrupt: delete it to retrain the run") from None
+    if not isinstance(finished, dict):
+        raise HetCompError(f"{path}: not a run's metrics (a JSON object); delete it to retrain the run")
+    return finished
+
+
 #: the distillation recipe of a student (Adam), unless its method trains on the student's own loss mostly
 KD_LR = 1e-2
 KD_WEIGHT_DECAY = 0.0
@@ -115,7 +127,7 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     lr = default_lr if lr is None else lr
     weight_decay = default_weight_decay if weight_decay is None else weight_decay
     if metrics_file.is_file():
-        finished = json.loads(metrics_file.read_text())
+        finished = read_metrics(metrics_file)
         if (finished.get("lr"), finished.get("weight_decay")) != (lr, weight_decay):
             raise HetCompError(f"{run_dir} was trained with lr {finished.get('lr')} and weight decay "
                                f"{finished.get('weight_decay')}, but this run asks for lr {lr} and weight decay "
