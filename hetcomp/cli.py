@@ -119,6 +119,19 @@ def datasets_info(
 
 
 TeachersDirOption = typer.Option(Path("teachers"), "--teachers-dir", help="Where teacher trajectories live.")
+DatasetHelp = "Registered dataset name, or csv / recbole with --path."
+PathOption = typer.Option(None, "--path", help="The file, for the csv and recbole formats.")
+UserColOption = typer.Option("user_id", "--user-col", help="csv: the user column.")
+ItemColOption = typer.Option("item_id", "--item-col", help="csv: the item column.")
+SepOption = typer.Option(",", "--sep", help="csv: the delimiter.")
+
+
+def load_split(dataset: str, seed: int, path: Path | None, user_col: str, item_col: str, sep: str,
+               data_dir: Path | None, cache_dir: Path | None):
+    """The split of a registered dataset, or of a csv / recbole file (``--path`` and its columns and delimiter):
+    what every command that takes ``--dataset`` reads (the options above declare the file's part)."""
+    return load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir, path=path, user_col=user_col,
+                        item_col=item_col, sep=sep)
 
 
 class ProgressCallback(Callback):
@@ -167,7 +180,7 @@ def make_progress() -> Progress:
 @app.command("train-teachers")
 @friendly_errors
 def train_teachers(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teacher models."),
     dim: int = typer.Option(64, help="Embedding size of every teacher."),
     seed: int = typer.Option(0, help="Split and training seed."),
@@ -178,13 +191,14 @@ def train_teachers(
     eval_every: int = typer.Option(None, min=1, help="Evaluate and snapshot every N epochs (the trajectory's "
                                                     "states are chosen among these); default: the dataset's "
                                                     "setting, else each model's."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Train the heterogeneous teachers and save each one's trajectory (E1..E4); finished ones are skipped."""
     names = _parse_names(teachers, TEACHERS, "teacher")
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     target = resolve_device(device)
     command = "hetcomp " + " ".join(sys.argv[1:])
     train_seed = seed if train_seed is None else train_seed
@@ -216,7 +230,7 @@ def train_teachers(
 @app.command("distill")
 @friendly_errors
 def distill_command(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     student: str = typer.Option("mf", help="Student model: mf, ml or dnn (any model name works)."),
     dim: int = typer.Option(6, help="Student embedding size."),
     method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}."),
@@ -238,6 +252,7 @@ def distill_command(
     weighting: str = typer.Option("valid", help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
     weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -245,7 +260,7 @@ def distill_command(
 ) -> None:
     """Train a small student from the teachers' trajectories with HetComp or a baseline."""
     method_class(method)
-    split = load_dataset(dataset, data_dir=data_dir, seed=split_seed, cache_dir=cache_dir)
+    split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
     trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
     options = _parse_options(option)
@@ -270,7 +285,7 @@ def distill_command(
 @app.command("evaluate")
 @friendly_errors
 def evaluate_command(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     teachers: bool = typer.Option(True, "--teachers", help="Report the teachers, their states and the ensemble."),
     names: str = typer.Option(",".join(TEACHERS), "--names", help="Comma-separated teachers to report."),
     seed: int = typer.Option(0, help="Split seed."),
@@ -280,12 +295,13 @@ def evaluate_command(
     weight_power: float = typer.Option(8.0, help="The power of the valid weighting."),
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Print R@10/N@10/R@50/N@50 on valid and test of each teacher, each of its states, and the ensemble."""
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     trajectories = load_teachers(split, teachers_dir, _parse_names(names, TEACHERS + _imported(teachers_dir, split),
                                                                    "teacher"))
     table = Table(title=f"teachers on {split.meta['dataset']} (seed {seed})")
@@ -321,9 +337,10 @@ def evaluate_command(
 @app.command("summarize")
 @friendly_errors
 def summarize_command(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     seed: int = typer.Option(0, help="Split seed."),
     write: Path = typer.Option(..., help="The results page to write, e.g. experiments/results/hetcomp-citeulike.md."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -332,7 +349,7 @@ def summarize_command(
     """Write a results page from every finished distillation run of a dataset."""
     from hetcomp.experiments import collect_runs, runs_report
 
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     runs = collect_runs(runs_dir, split.meta["dataset"])
     if not runs:
         raise HetCompError(f"no finished runs under {runs_dir / split.meta['dataset']}; run `hetcomp distill` first")
@@ -432,15 +449,17 @@ def reproduce_command(
 def import_teacher(
     file: Path = typer.Option(..., "--file", help="Rankings to import: .npz or .csv (see teachers/README.md)."),
     name: str = typer.Option(..., "--name", help="Name of the imported teacher (its folder name)."),
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     seed: int = typer.Option(0, help="Split seed the rankings were made on."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Turn rankings produced by another tool into a trajectory that `distill` can use."""
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
-    target = trajectory_file(teachers_dir, split.meta["dataset"], check_teacher_name(name))
+    check_teacher_name(name)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
+    target = trajectory_file(teachers_dir, split.meta["dataset"], name)
     if target.exists():
         raise HetCompError(f"{target} already exists; choose another --name or delete it first")
     trajectory = import_rankings(file, split, name)
