@@ -76,7 +76,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0, p
         interactions, label = first_users(interactions, max_users), f"{label}-first{max_users}"
     cache_file = None
     if use_cache:
-        key = f"{label.replace(':', '-')}-{protocol}-seed{seed}-min{min_user_interactions}-{checksum[:16]}.npz"
+        # csv / recbole splits cached before numeric ids were normalized (5096.0 = 5096) are not reused
+        ids = "-ids2" if name in FILE_FORMATS else ""
+        key = f"{label.replace(':', '-')}-{protocol}-seed{seed}-min{min_user_interactions}{ids}-{checksum[:16]}.npz"
         cache_file = resolve_cache_dir(cache_dir) / "splits" / key
         if cache_file.is_file():
             try:
