@@ -28,6 +28,7 @@ from hetcomp.runs import distill
 from hetcomp.teachers import (
     TEACHERS,
     TRAJECTORY_FILE,
+    check_teacher_name,
     dataset_teacher_settings,
     load_teachers,
     seeded_name,
@@ -126,6 +127,26 @@ def datasets_info(
 
 
 TeachersDirOption = typer.Option(Path("teachers"), "--teachers-dir", help="Where teacher trajectories live.")
+DatasetHelp = "Registered dataset name, or csv / recbole with --path."
+PathOption = typer.Option(None, "--path", help="The file, for the csv and recbole formats.")
+UserColOption = typer.Option("user_id", "--user-col", help="csv: the user column.")
+ItemColOption = typer.Option("item_id", "--item-col", help="csv: the item column.")
+SepOption = typer.Option(",", "--sep", help="csv: the delimiter.")
+
+
+def load_split(dataset: str, seed: int, path: Path | None, user_col: str, item_col: str, sep: str,
+               data_dir: Path | None, cache_dir: Path | None):
+    """The split of a registered dataset, or of a csv / recbole file (``--path`` and its columns and delimiter):
+    what every command that takes ``--dataset`` reads (the options above declare the file's part)."""
+    return load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir, path=path, user_col=user_col,
+                        item_col=item_col, sep=_separator(sep))
+
+
+def _source(dataset: str, path: Path | None, user_col: str, item_col: str, sep: str) -> dict:
+    """How a run's command line names its data (a run specification's ``source``)."""
+    if path is None:
+        return {"dataset": dataset}
+    return {"dataset": dataset, "path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep}
 
 
 class ProgressCallback(Callback):
@@ -174,7 +195,7 @@ def make_progress() -> Progress:
 @app.command("train-teachers")
 @friendly_errors
 def train_teachers(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teacher models."),
     dim: int = typer.Option(64, help="Embedding size of every teacher."),
     seed: int = typer.Option(0, help="Split and training seed."),
@@ -185,6 +206,7 @@ def train_teachers(
     eval_every: int = typer.Option(None, help="Evaluate and snapshot every N epochs (the trajectory's "
                                               "states are chosen among these); default: the dataset's "
                                               "setting, else each model's."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -196,7 +218,7 @@ def train_teachers(
     check_option("--top-m", top_m, 200, ge=1)
     check_option("--eval-every", eval_every, 10, ge=1)
     names = _parse_names(teachers, TEACHERS, "teacher")
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     target = resolve_device(device)
     command = "hetcomp " + " ".join(sys.argv[1:])
     train_seed = seed if train_seed is None else train_seed
@@ -228,7 +250,7 @@ def train_teachers(
 @app.command("distill")
 @friendly_errors
 def distill_command(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     student: str = typer.Option("mf", help="Student model: mf, ml or dnn (any model name works)."),
     dim: int = typer.Option(6, help="Student embedding size."),
     method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}."),
@@ -253,6 +275,7 @@ def distill_command(
                                   help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
     weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -270,11 +293,13 @@ def distill_command(
     check_option("--seed", seed, 0, ge=0)
     check_option("--split-seed", split_seed, 0, ge=0)
     check_option("--max-epochs", max_epochs, 1000, ge=1)
+    check_option("--eval-every", eval_every, 10, ge=1)
+    check_option("--patience", patience, 5, ge=1)
     check_option("--batch-users", batch_users, 64, ge=1)
     check_option("--lr", lr, 0.01, gt=0)
     check_option("--weight-decay", weight_decay, 0, ge=0)
     ensemble = _ensemble(decay, temperature, weighting, weight_power)
-    split = load_dataset(dataset, data_dir=data_dir, seed=split_seed, cache_dir=cache_dir)
+    split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
     trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
     seed_everything(seed)
@@ -282,7 +307,8 @@ def distill_command(
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)
         result = distill(split, trajectories, student, method, dim, seed, resolve_device(device), runs_dir,
                          options, ensemble, batch_users, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
-                         eval_every=eval_every, patience=patience, callbacks=[bar], source={"dataset": dataset},
+                         eval_every=eval_every, patience=patience, callbacks=[bar],
+                         source=_source(dataset, path, user_col, item_col, sep),
                          say=lambda text: progress.console.print(text, highlight=False))
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
@@ -293,7 +319,7 @@ def distill_command(
 @app.command("evaluate")
 @friendly_errors
 def evaluate_command(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     teachers: bool = typer.Option(True, "--teachers", help="Report the teachers, their states and the ensemble."),
     names: str = typer.Option(",".join(TEACHERS), "--names", help="Comma-separated teachers to report."),
     seed: int = typer.Option(0, help="Split seed."),
@@ -304,6 +330,7 @@ def evaluate_command(
     weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -311,7 +338,7 @@ def evaluate_command(
     """Print R@10/N@10/R@50/N@50 on valid and test of each teacher, each of its states, and the ensemble."""
     check_option("--seed", seed, 0, ge=0)
     config = _ensemble(decay, temperature, weighting, weight_power)
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     trajectories = load_teachers(split, teachers_dir, _parse_names(names, TEACHERS + _imported(teachers_dir, split),
                                                                    "teacher"))
     table = Table(title=f"teachers on {split.meta['dataset']} (seed {seed})")
@@ -346,9 +373,10 @@ def evaluate_command(
 @app.command("summarize")
 @friendly_errors
 def summarize_command(
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     seed: int = typer.Option(0, help="Split seed."),
     write: Path = typer.Option(..., help="The results page to write, e.g. experiments/results/hetcomp-citeulike.md."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
@@ -358,7 +386,7 @@ def summarize_command(
     from hetcomp.experiments import collect_runs, runs_report
 
     check_option("--seed", seed, 0, ge=0)
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     runs = collect_runs(runs_dir, split.meta["dataset"])
     if not runs:
         raise HetCompError(f"no finished runs under {runs_dir / split.meta['dataset']}; run `hetcomp distill` first")
@@ -460,15 +488,17 @@ def reproduce_command(
 def import_teacher(
     file: Path = typer.Option(..., "--file", help="Rankings to import: .npz or .csv (see teachers/README.md)."),
     name: str = typer.Option(..., "--name", help="Name of the imported teacher (its folder name)."),
-    dataset: str = typer.Option("citeulike", help="Registered dataset name."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
     seed: int = typer.Option(0, help="Split seed the rankings were made on."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
 ) -> None:
     """Turn rankings produced by another tool into a trajectory that `distill` can use."""
     check_option("--seed", seed, 0, ge=0)
-    split = load_dataset(dataset, data_dir=data_dir, seed=seed, cache_dir=cache_dir)
+    check_teacher_name(name)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     target = trajectory_file(teachers_dir, split.meta["dataset"], name)
     if target.exists():
         raise HetCompError(f"{target} already exists; choose another --name or delete it first")

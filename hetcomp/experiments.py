@@ -9,6 +9,7 @@ from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, teacher_weights, tr
 from hetcomp.metrics import evaluate_split
 from hetcomp.paper.pages import paper_values
 from hetcomp.provenance import dataset_slug, git_commit, machine
+from hetcomp.runs.store import read_metrics
 from hetcomp.teachers import top_overlap
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -104,13 +105,12 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
 
 def collect_runs(runs_dir, dataset: str) -> list[dict]:
     """Every finished run (its metrics.json) of a dataset."""
-    import json
     from pathlib import Path
 
     folder = Path(runs_dir) / dataset_slug(dataset)
     runs = []
     for path in sorted(folder.glob("*/metrics.json")):
-        run = json.loads(path.read_text())
+        run = read_metrics(path)
         run["run"] = path.parent.name
         runs.append(run)
     return runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -31,6 +32,15 @@ from hetcomp.trajectory import (
 
 TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
 TRAJECTORY_FILE = "trajectory.npz"
+
+
+def check_teacher_name(name: str) -> str:
+    """A teacher's name is its folder under ``<teachers-dir>/<dataset>/``: a plain folder name (letters, digits,
+    ``-``, ``_`` and ``.``, not leading with ``.``), never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise TrajectoryError(f"teacher name {name!r}: use a plain folder name of letters, digits, '-', '_' and "
+                              "'.' (not first), e.g. mytool-v2; it names the folder under <teachers-dir>/<dataset>/")
+    return name
 
 
 def teacher_dir(root: Path, dataset: str, teacher: str) -> Path:
@@ -66,7 +76,8 @@ class TrajectoryRecorder(Callback):
         history = {entry["epoch"]: entry for entry in trainer.state.history}
         converged = trainer.state.best_epoch
         epochs = state_epochs(converged, sorted(history))
-        states = [torch.from_numpy(np.load(self.snapshots / f"epoch_{epoch:04d}.npy")) for epoch in epochs]
+        states = [torch.from_numpy(_read_snapshot(self.snapshots / f"epoch_{epoch:04d}.npy", self.run_dir))
+                  for epoch in epochs]
         observed = rank_observed(trainer.model.score, trainer.split.train, device=trainer.device)
         meta = dict(self.meta)
         meta.update({
@@ -78,6 +89,14 @@ class TrajectoryRecorder(Callback):
         self.trajectory.save(self.run_dir / TRAJECTORY_FILE)
         shutil.rmtree(self.snapshots, ignore_errors=True)
         (self.run_dir / "last.pt").unlink(missing_ok=True)
+
+
+def _read_snapshot(path: Path, run_dir: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise TrajectoryError(f"{path}: cannot read this snapshot of the teacher run ({error}); delete the folder "
+                              f"{run_dir} to retrain the teacher") from None
 
 
 def dataset_teacher_settings(dataset: str, eval_every: int | None = None) -> dict:
@@ -139,8 +158,10 @@ def _train_teacher(split: Split, teacher: str, run_dir: Path, dim: int, seed: in
     torch.manual_seed(seed)
     model = build_model(teacher, split.train, dim=dim, **overrides)
     config = {k: v for k, v in vars(model.config).items()}
+    check_partial_run(run_dir, {"teacher": teacher, "config": config, "seed": seed, "top_m": top_m})
     (run_dir).mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"teacher": teacher, "config": config, "seed": seed}, indent=1))
+    (run_dir / "config.json").write_text(json.dumps({"teacher": teacher, "config": config, "seed": seed,
+                                                     "top_m": top_m}, indent=1))
     recorder = TrajectoryRecorder(run_dir, {"teacher": teacher, "dim": dim, "train_seed": seed, "config": config,
                                             "n_parameters": model.n_parameters(), "source": command,
                                             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -148,6 +169,35 @@ def _train_teacher(split: Split, teacher: str, run_dir: Path, dim: int, seed: in
                 top_m=top_m)
     assert recorder.trajectory is not None
     return recorder.trajectory
+
+
+def check_partial_run(run_dir: Path, asked: dict) -> None:
+    """A killed teacher resumes only with the settings it started with: compare its ``config.json`` and the top-M
+    of its snapshots with ``asked`` (teacher, seed, top_m, config) before training, not at the end of the run."""
+    snapshots = sorted((run_dir / "snapshots").glob("epoch_*[0-9].npy"))
+    if not snapshots and not (run_dir / "last.pt").is_file():
+        return
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    asked = json.loads(json.dumps(asked))  # tuples as lists, as config.json holds them
+    flat_saved = {**saved.get("config", {}), **{k: v for k, v in saved.items() if k != "config"}}
+    flat_asked = {**asked["config"], **{k: v for k, v in asked.items() if k != "config"}}
+    for snapshot in snapshots:  # headers only; folders from before top_m was recorded have it here too
+        try:
+            flat_saved.setdefault("top_m", int(np.load(snapshot, mmap_mode="r").shape[1]))
+        except (OSError, ValueError, IndexError) as error:
+            raise TrajectoryError(f"{snapshot}: a snapshot of the unfinished teacher run in {run_dir} cannot be "
+                                  f"read ({error}); delete the folder {run_dir} to retrain the teacher") from None
+    differ = [key for key in flat_asked if key in flat_saved and flat_saved[key] != flat_asked[key]]
+    if differ:
+        def show(values: dict) -> str:
+            return ", ".join(f"{key.replace('_', '-')} {values[key]}" for key in differ)
+
+        raise TrajectoryError(f"{run_dir} holds an unfinished run of this teacher started with {show(flat_saved)}, "
+                              f"but this call asks for {show(flat_asked)}: rerun with the same settings to resume "
+                              "it, or delete the folder to start over with the new ones")
 
 
 def load_teachers(split: Split, root: Path, teachers: tuple[str, ...] | list[str] = TEACHERS) -> list[Trajectory]:

@@ -7,9 +7,12 @@ the per-epoch hooks are the trainer's; progress, logging and trajectory capture 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import pickle
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from hetcomp.config import knob, validate
 from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.device import keep_freed_memory
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models.base import Batch, Recommender
 
@@ -111,6 +115,10 @@ class OwnLoss(Objective):
         return model.loss(batch)
 
 
+class CheckpointError(HetCompError):
+    """A resume checkpoint (``last.pt`` / ``best.pt``) cannot be read or does not fit the model being trained."""
+
+
 class Callback:
     """Hooks called by :meth:`Trainer.fit`; every method is optional."""
 
@@ -141,7 +149,9 @@ class Trainer:
     """Trains ``model`` on ``objective``; evaluates every ``eval_every`` epochs; stops early; resumes.
 
     With ``run_dir`` the trainer writes ``last.pt`` (model, optimizer, RNG and loop state) after every
-    evaluation and ``best.pt`` (the best model), and :meth:`fit` continues from ``last.pt`` when present.
+    evaluation and ``best.pt`` (the best model), and :meth:`fit` continues from ``last.pt`` when present. A
+    checkpoint that cannot be read or applied is a :class:`CheckpointError` naming it (deleting ``last.pt`` and
+    ``best.pt`` restarts the run): never an automatic restart, which would silently throw away hours of training.
     """
 
     def __init__(self, model: Recommender, split: Split, objective: Objective, config: TrainerConfig,
@@ -243,15 +253,34 @@ class Trainer:
             return
         # on the CPU: the RNG states must stay CPU byte tensors; the model, the optimizer (it follows its
         # parameters) and the objective move their own parts to the device
-        saved = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=False)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        self.state = FitState(**saved["state"])
-        self.objective.load_state_dict(saved.get("objective", {}))
-        if (self.run_dir / "best.pt").is_file():
-            self.best_state = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+        # a checkpoint that cannot be read is an error naming it, not a silent restart: the run may be hours old
+        last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        with _reading_checkpoint(last, self.run_dir):
+            saved = torch.load(last, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            self.state = FitState(**saved["state"])
+            self.objective.load_state_dict(saved.get("objective", {}))
+        if best.is_file():
+            with _reading_checkpoint(best, self.run_dir):
+                self.best_state = torch.load(best, map_location=self.device, weights_only=False)
+                self.model.load_state_dict(self.best_state)  # it must fit the model too
+                self.model.load_state_dict(saved["model"])
+
+
+@contextlib.contextmanager
+def _reading_checkpoint(path: Path, run_dir: Path):
+    """Turn any failure to read or apply a resume checkpoint into an error naming the file and the way out."""
+    try:
+        yield
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({error.__class__.__name__}: "
+                              f"{' '.join(str(error).split())[:300]}); it is truncated, corrupt or "
+                              f"from other settings. Delete last.pt and best.pt in {run_dir} to restart the run "
+                              "from its first epoch") from None
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -30,6 +30,15 @@ from hetcomp.errors import HetCompError
 
 FORMAT = "hetcomp-trajectory/1"
 STATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+#: the fewest items per user and state an imported ranking may hold: HetComp's K (its dynamic top-K of the
+#: ensemble, 100 by default; DKC compares top-50 lists), which trained teachers (top-200) exceed
+MIN_TOP_M = 100
+
+
+def required_top_m(split: Split) -> int:
+    """:data:`MIN_TOP_M`, or every unobserved item of the user with the most training items when that is fewer
+    (a small catalogue)."""
+    return min(MIN_TOP_M, split.n_items - int(np.diff(split.train.indptr).max()))
 
 
 class TrajectoryError(HetCompError):
@@ -149,10 +158,38 @@ def check_against_split(path: Path, trajectory: Trajectory, split: Split) -> Non
                               f"{split.n_users} x {split.n_items}")
     if not np.array_equal(trajectory.observed_indptr, split.train.indptr.astype(np.int64)):
         raise TrajectoryError(f"{path}: the observed-item rows do not match the split's training rows")
+    _check_observed(path, trajectory.observed, split)
     sampler = NegativeSampler(split.train)
     users = torch.arange(split.n_users).view(1, -1, 1).expand_as(trajectory.states).reshape(-1)
     if sampler.is_observed(users, trajectory.states.reshape(-1).long()).any():
         raise TrajectoryError(f"{path}: a state ranks a user's training item; rankings must hold unobserved items")
+
+
+def _check_observed(path: Path, observed: np.ndarray, split: Split) -> None:
+    """Each user's observed row must be a permutation of exactly that user's training items."""
+    rows = np.repeat(np.arange(split.n_users, dtype=np.int64), np.diff(split.train.indptr))
+    given = np.sort(rows * split.n_items + observed.astype(np.int64))
+    wanted = rows * split.n_items + split.train.indices.astype(np.int64)  # CSR: sorted within each row
+    wrong = np.flatnonzero(given != wanted)
+    if len(wrong):
+        raise TrajectoryError(f"{path}: the observed items of user {int(rows[wrong[0]])} (raw id "
+                              f"{split.user_ids[rows[wrong[0]]]}) are not exactly that user's training items; "
+                              "each user's 'observed' row must rank its own training items, each once")
+
+
+def _check_rankings(path: Path, states: np.ndarray, split: Split) -> None:
+    """An imported ranking must be long enough for distillation and list each item at most once per user."""
+    need = required_top_m(split)
+    if states.shape[2] < need:
+        raise TrajectoryError(f"{path}: ranks {states.shape[2]} items per user and state; distillation needs at "
+                              f"least {need} (HetComp's K: it keeps the ensemble's top-{MIN_TOP_M} per user, "
+                              "trained teachers keep 200): export a longer ranking")
+    ordered = np.sort(states, axis=2)
+    repeated = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(2))
+    if len(repeated):
+        state, user = (int(x) for x in repeated[0])
+        raise TrajectoryError(f"{path}: state {state + 1} ranks an item twice for user {user} (raw id "
+                              f"{split.user_ids[user]}); each ranking must list distinct items")
 
 
 def make_trajectory(states: list[torch.Tensor], observed: np.ndarray, split: Split, meta: dict) -> Trajectory:
@@ -176,7 +213,9 @@ def import_rankings(path: Path, split: Split, teacher: str, top_m: int | None = 
       1..n_states, or ``observed`` for the converged model's order of the user's training items; ``rank``
       starts at 1.
 
-    Training items inside a state, unknown ids, or users with fewer than M ranked items are errors.
+    Training items inside a state, unknown ids, users with fewer than M ranked items, an item twice in a ranking,
+    fewer than :func:`required_top_m` items per ranking and observed rows that are not exactly the user's
+    training items are errors.
     Without observed rankings the training items keep their id order and the metadata says so.
     """
     path = Path(path)
@@ -200,6 +239,7 @@ def import_rankings(path: Path, split: Split, teacher: str, top_m: int | None = 
         states = states[:, :, :top_m]
     if states.size and (states.min() < 0 or states.max() >= split.n_items):
         raise TrajectoryError(f"{path}: item indices outside [0, {split.n_items})")
+    _check_rankings(path, states, split)
     observed_ranked = observed is not None
     if observed is None:
         observed = split.train.indices.astype(np.int32)

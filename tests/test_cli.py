@@ -42,3 +42,48 @@ def test_citeulike_info_from_shared_file(citeulike_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "5,219" in result.output and "25,181" in result.output
     assert "02d5d429b2c0362e0ed79f6ef204666b4092563d21493abf4dfb521e8a7078bf" in result.output
+
+
+def test_every_command_reads_a_csv_file(tmp_path):
+    """train-teachers, import-teacher, distill, evaluate and summarize take --path / --user-col / --item-col /
+    --sep like `datasets info`, and --name must be a plain folder name."""
+    import numpy as np
+
+    from hetcomp.data import load_dataset
+    from hetcomp.trajectory import required_top_m
+
+    rng = np.random.default_rng(0)
+    rows = [f"user{u};{item}" for u in range(40) for item in rng.choice(70, size=14, replace=False)]
+    data = tmp_path / "toy.csv"
+    data.write_text("who;what\n" + "\n".join(rows))
+    source = ["--dataset", "csv", "--path", str(data), "--user-col", "who", "--item-col", "what", "--sep", ";",
+              "--cache-dir", str(tmp_path / "cache"), "--teachers-dir", str(tmp_path / "teachers")]
+    trained = runner.invoke(app, ["train-teachers", *source, "--teachers", "mf", "--dim", "4", "--top-m", "50",
+                                  "--eval-every", "1", "--device", "cpu"])
+    assert trained.exit_code == 0, trained.output
+
+    split = load_dataset("csv", path=data, user_col="who", item_col="what", sep=";", cache_dir=tmp_path / "cache")
+    scores = rng.random((split.n_users, split.n_items))
+    scores[split.train.nonzero()] = -1
+    top = np.argsort(-scores, axis=1)[:, :required_top_m(split)]
+    lines = ["state,user,rank,item"] + [f"1,{split.user_ids[u]},{r + 1},{split.item_ids[i]}"
+                                        for u in range(split.n_users) for r, i in enumerate(top[u])]
+    rankings = tmp_path / "rankings.csv"
+    rankings.write_text("\n".join(lines))
+    escaping = runner.invoke(app, ["import-teacher", *source, "--file", str(rankings), "--name", "../../x"])
+    assert escaping.exit_code == 1 and "plain folder name" in escaping.output
+    assert not (tmp_path / "x").exists()
+    imported = runner.invoke(app, ["import-teacher", *source, "--file", str(rankings), "--name", "ext"])
+    assert imported.exit_code == 0, imported.output
+
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    distilled = runner.invoke(app, ["distill", *source, *runs, "--teachers", "mf,ext", "--method", "rd",
+                                    "--dim", "4", "--max-epochs", "2", "--device", "cpu"])
+    assert distilled.exit_code == 0, distilled.output
+    assert "mf-rd dim 4" in distilled.output and list((tmp_path / "runs" / "csv-toy").iterdir())
+    evaluated = runner.invoke(app, ["evaluate", *source, "--names", "mf,ext"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "overlap of the converged teachers" in evaluated.output
+    page = tmp_path / "page.md"
+    summarized = runner.invoke(app, ["summarize", *source, *runs, "--write", str(page)])
+    assert summarized.exit_code == 0 and page.is_file(), summarized.output

@@ -11,6 +11,7 @@ import pytest
 
 from hetcomp.data import DataError, load_dataset, load_interactions
 from hetcomp.data.interactions import Interactions
+from hetcomp.data.parsers import normalize_ids
 from hetcomp.data.registry import REGISTRY, sha256_of
 from hetcomp.data.split import split_interactions
 
@@ -190,6 +191,23 @@ def test_recbole_and_csv_formats(tmp_path):
     assert split.n_items == 8
     with pytest.raises(DataError, match="no column named 'user'"):
         load_dataset("csv", path=table, user_col="user", item_col="what", sep="\t", use_cache=False)
+
+
+def test_float_renderings_of_integer_ids_are_the_integer(tmp_path):
+    assert list(normalize_ids(["5096", "5096.0", "5096.", "5.096e3", "-3.0", "0.00", "1.5E+2"])) == [
+        "5096", "5096", "5096", "5096", "-3", "0", "150"]
+    kept = ["5096.5", "A12", "007", "x5096.0", "1e400", "nan", "12345678901234567890.0"]
+    assert list(normalize_ids(kept)) == kept  # not integers, not numbers, or beyond a float's exact integers
+    # one tool wrote the item as 5096, another as 5096.0: one item, in csv and recbole files alike
+    rows = [(u, 5096 if k == 0 else 100 + (u + k) % 7) for u in range(10) for k in range(6)]
+    table = tmp_path / "mixed.csv"
+    table.write_text("user,item\n" + "\n".join(f"{u}.0,{i}.0" if u % 2 else f"{u},{i}" for u, i in rows))
+    split = load_dataset("csv", path=table, user_col="user", item_col="item", use_cache=False)
+    assert split.n_users == 10 and split.n_items == 8 and "5096" in split.item_ids
+    inter = tmp_path / "mixed.inter"
+    inter.write_text("user_id:token\titem_id:token\n" + "\n".join(f"{u}\t{i}.0" if u % 2 else f"{u}\t{i}"
+                                                                    for u, i in rows) + "\n")
+    assert load_dataset("recbole", path=inter, use_cache=False).n_items == 8
 
 
 def test_download_is_verified(tmp_path, monkeypatch):

@@ -9,8 +9,15 @@ from conftest import make_tiny_split
 
 from hetcomp.ensemble import EnsembleScorer, aggregate_scores, ensemble_observed_order, rank_importance
 from hetcomp.metrics import evaluate_split
-from hetcomp.teachers import dataset_teacher_settings, load_teachers, train_teacher
-from hetcomp.trajectory import TrajectoryError, import_rankings, load_trajectory, state_epochs
+from hetcomp.teachers import check_teacher_name, dataset_teacher_settings, load_teachers, train_teacher
+from hetcomp.trajectory import (
+    MIN_TOP_M,
+    TrajectoryError,
+    import_rankings,
+    load_trajectory,
+    required_top_m,
+    state_epochs,
+)
 
 SPLIT = make_tiny_split(n_users=90, n_items=60, per_user=12)
 
@@ -82,28 +89,39 @@ def test_corrupt_and_mismatched_trajectories_are_rejected(teacher_root, tmp_path
         load_trajectory(tmp_path / "absent.npz", SPLIT)
 
 
+def random_rankings(n_states: int, length: int, seed: int = 0) -> np.ndarray:
+    """Rankings [n_states, n_users, length] of distinct unobserved items of SPLIT, in random order."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random((n_states, SPLIT.n_users, SPLIT.n_items))
+    rows, items = SPLIT.train.nonzero()
+    scores[:, rows, items] = -1.0
+    return np.argsort(-scores, axis=2, kind="stable")[:, :, :length].astype(np.int32)
+
+
+def ranking_csv(path, states: np.ndarray, observed: np.ndarray | None) -> list[str]:
+    lines = ["state,user,rank,item"]
+    for state, user, rank in np.ndindex(*states.shape):
+        lines.append(f"{state + 1},{SPLIT.user_ids[user]},{rank + 1},{SPLIT.item_ids[states[state, user, rank]]}")
+    for user in range(SPLIT.n_users if observed is not None else 0):
+        lo, hi = SPLIT.train.indptr[user], SPLIT.train.indptr[user + 1]
+        for rank, item in enumerate(observed[lo:hi]):
+            lines.append(f"observed,{SPLIT.user_ids[user]},{rank + 1},{SPLIT.item_ids[item]}")
+    path.write_text("\n".join([lines[0]] + lines[:0:-1]))  # rows in reverse: the import sorts by rank
+    return lines
+
+
 def test_import_npz_and_csv(teacher_root, tmp_path):
     trajectory = load_teachers(SPLIT, teacher_root, ["mf"])[0]
     npz = tmp_path / "external.npz"
-    np.savez(npz, states=trajectory.states.numpy(), observed=trajectory.observed)
+    states = random_rankings(4, required_top_m(SPLIT))
+    np.savez(npz, states=states, observed=trajectory.observed)
     imported = import_rankings(npz, SPLIT, "external")
-    assert torch.equal(imported.states, trajectory.states) and imported.meta["observed_ranked"]
+    assert np.array_equal(imported.states.numpy(), states) and imported.meta["observed_ranked"]
 
-    states = trajectory.states[:2, :, :5].numpy()
-    lines = ["state,user,rank,item"]
-    for state in range(2):
-        for user in range(SPLIT.n_users):
-            for rank in range(5):
-                item = states[state, user, rank]
-                lines.append(f"{state + 1},{SPLIT.user_ids[user]},{rank + 1},{SPLIT.item_ids[item]}")
-    for user in range(SPLIT.n_users):
-        lo, hi = trajectory.observed_indptr[user], trajectory.observed_indptr[user + 1]
-        for rank, item in enumerate(trajectory.observed[lo:hi]):
-            lines.append(f"observed,{SPLIT.user_ids[user]},{rank + 1},{SPLIT.item_ids[item]}")
     csv = tmp_path / "external.csv"
-    csv.write_text("\n".join([lines[0]] + lines[:0:-1]))  # rows in reverse: the import sorts by rank
+    lines = ranking_csv(csv, states[:2], trajectory.observed)
     from_csv = import_rankings(csv, SPLIT, "external")
-    assert np.array_equal(from_csv.states.numpy(), states)
+    assert np.array_equal(from_csv.states.numpy(), states[:2])
     assert np.array_equal(from_csv.observed, trajectory.observed)
 
     train_item = SPLIT.item_ids[SPLIT.train.indices[0]]
@@ -114,6 +132,46 @@ def test_import_npz_and_csv(teacher_root, tmp_path):
     csv.write_text("state,user,rank,item\n1,nobody,1,1\n")
     with pytest.raises(TrajectoryError, match="user id 'nobody' is not in the split"):
         import_rankings(csv, SPLIT, "external")
+
+
+def test_import_rejects_short_repeated_and_foreign_rankings(teacher_root, tmp_path):
+    need = required_top_m(SPLIT)
+    assert need == min(MIN_TOP_M, SPLIT.n_items - int(np.diff(SPLIT.train.indptr).max()))
+    npz = tmp_path / "external.npz"
+    states = random_rankings(4, need)
+    np.savez(npz, states=states[:, :, :20])  # a top-20, as in the issue: distill would crash in torch.stack
+    with pytest.raises(TrajectoryError, match=f"ranks 20 items .* needs at least {need}"):
+        import_rankings(npz, SPLIT, "external")
+    ranking_csv(tmp_path / "short.csv", states[:, :, :20], None)
+    with pytest.raises(TrajectoryError, match="needs at least"):
+        import_rankings(tmp_path / "short.csv", SPLIT, "external")
+
+    repeated = states.copy()
+    repeated[2, 7, 5] = repeated[2, 7, 1]  # one user's list holds an item twice
+    np.savez(npz, states=repeated)
+    with pytest.raises(TrajectoryError, match=f"state 3 ranks an item twice for user 7 .*{SPLIT.user_ids[7]}"):
+        import_rankings(npz, SPLIT, "external")
+    ranking_csv(tmp_path / "repeated.csv", repeated, None)
+    with pytest.raises(TrajectoryError, match="twice"):
+        import_rankings(tmp_path / "repeated.csv", SPLIT, "external")
+
+    # observed rows of the right length holding other users' items: user 0 swaps one with a later user
+    observed = SPLIT.train.indices.copy()
+    own = SPLIT.train.indices[:SPLIT.train.indptr[1]]
+    other = int(np.flatnonzero(~np.isin(SPLIT.train.indices, own))[0])
+    observed[0], observed[other] = observed[other], observed[0]
+    np.savez(npz, states=states, observed=observed)
+    with pytest.raises(TrajectoryError, match="observed items of user 0 .* not exactly that user's training"):
+        import_rankings(npz, SPLIT, "external")
+    np.savez(npz, states=states, observed=SPLIT.train.indices)
+    assert import_rankings(npz, SPLIT, "external").meta["observed_ranked"]
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "", "x y", "..", "/abs"])
+def test_teacher_names_are_plain_folder_names(name):
+    with pytest.raises(TrajectoryError, match="plain folder name"):
+        check_teacher_name(name)
+    assert check_teacher_name("mytool-v2.1_b") == "mytool-v2.1_b"
 
 
 def test_aggregate_scores_matches_naive_sum():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +78,18 @@ def load_dataset(name: str, data_dir: str | Path | None = None, seed: int = 0, p
         interactions, label = first_users(interactions, max_users), f"{label}-first{max_users}"
     cache_file = None
     if use_cache:
-        key = f"{dataset_slug(label)}-{protocol}-seed{seed}-min{min_user_interactions}-{checksum[:16]}.npz"
+        # csv / recbole splits cached before numeric ids were normalized (5096.0 = 5096) are not reused
+        ids = "-ids2" if name in FILE_FORMATS else ""
+        key = f"{dataset_slug(label)}-{protocol}-seed{seed}-min{min_user_interactions}{ids}-{checksum[:16]}.npz"
         cache_file = resolve_cache_dir(cache_dir) / "splits" / key
         if cache_file.is_file():
             try:
                 return load_split_file(cache_file)
-            except (OSError, ValueError, KeyError):
-                cache_file.unlink()
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                # only a cache: rebuilt from the dataset file, and said so
+                warnings.warn(f"{cache_file}: the cached split cannot be read ({error.__class__.__name__}: "
+                              f"{error}); rebuilding it from the dataset file", stacklevel=2)
+                cache_file.unlink(missing_ok=True)
     split = split_interactions(interactions, label, checksum, seed=seed, protocol=protocol,
                                min_user_interactions=min_user_interactions)
     if cache_file is not None:

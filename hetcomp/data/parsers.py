@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from hetcomp.data.errors import DataError
 from hetcomp.data.interactions import Interactions
@@ -138,6 +139,24 @@ def parse_amazon_reviews_json(paths: list[Path]) -> Interactions:
                         np.asarray(stamps, dtype=np.int64))
 
 
+_FLOAT_RENDERING = r"[+-]?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?[eE][+-]?\d+)"
+
+
+def normalize_ids(values: list[str]) -> np.ndarray:
+    """Raw ids as text, with every float rendering of an integer written as that integer (``5096.0``, ``5096.``,
+    ``5.096e3`` → ``5096``), so that one item written both ways by a tool is one item. Other ids are unchanged
+    (integers keep their exact digits; ``5096.5`` or ``A12`` stay as they are). Integers beyond 2^53, where a
+    float no longer holds every integer, are left as written."""
+    ids = pd.Series(values, dtype=object).astype(str)
+    looks_float = ids.str.fullmatch(_FLOAT_RENDERING)
+    if looks_float.any():
+        numbers = pd.to_numeric(ids[looks_float], errors="coerce")
+        integral = numbers.notna() & (numbers % 1 == 0) & (numbers.abs() < 2.0 ** 53)
+        integral = integral[integral].index
+        ids[integral] = numbers[integral].astype(np.int64).astype(str)
+    return ids.to_numpy(dtype=object)
+
+
 def parse_recbole_inter(paths: list[Path]) -> Interactions:
     """RecBole atomic ``.inter`` file: a tab-separated header of ``name:type`` fields, then rows.
 
@@ -172,7 +191,7 @@ def parse_recbole_inter(paths: list[Path]) -> Interactions:
                 except ValueError:
                     raise _malformed(path, number, line, "a numeric timestamp") from None
     stamp_array = np.asarray(stamps, dtype=np.float64) if has_time else None
-    return Interactions(np.asarray(users, dtype=object), np.asarray(items, dtype=object), stamp_array)
+    return Interactions(normalize_ids(users), normalize_ids(items), stamp_array)
 
 
 def make_csv_parser(user_col: str, item_col: str, sep: str = ",", time_col: str | None = None) -> Parser:
@@ -207,6 +226,6 @@ def make_csv_parser(user_col: str, item_col: str, sep: str = ",", time_col: str 
                         except ValueError:
                             raise _malformed(path, number, sep.join(row), "a numeric timestamp") from None
         stamp_array = np.asarray(stamps, dtype=np.float64) if time_col else None
-        return Interactions(np.asarray(users, dtype=object), np.asarray(items, dtype=object), stamp_array)
+        return Interactions(normalize_ids(users), normalize_ids(items), stamp_array)
 
     return parse

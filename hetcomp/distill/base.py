@@ -115,6 +115,15 @@ class DistillContext:
         return {"users": users.to(self.device), "pos": positives.to(self.device), "neg": negatives.to(self.device)}
 
 
+def own_batch(model: Recommender, triples: Batch) -> Batch:
+    """A batch of training triples in the form the student's own loss reads (its ``batch_kind``): triples and
+    user batches as they are (a user model reads ``users``), an item model (the item autoencoder) the distinct
+    positive items, whose user columns it reconstructs."""
+    if model.batch_kind == "items":
+        return {"items": torch.unique(triples["pos"])}
+    return triples
+
+
 class DistillMethod(Objective):
     """Base class: user batches (each user once per epoch), options from ``config_class``."""
 
@@ -150,7 +159,7 @@ class DistillMethod(Objective):
     def own_loss(self, model: Recommender, users: torch.Tensor) -> torch.Tensor:
         """The student's own collaborative-filtering loss on one sampled triple per user of the batch."""
         n_negatives = getattr(model.config, "n_negatives", 1)
-        return model.loss(self.context.sample_triples(users, self._generator, n_negatives))
+        return model.loss(own_batch(model, self.context.sample_triples(users, self._generator, n_negatives)))
 
     def describe(self) -> str:
         """One line for progress logs (e.g. HetComp's phase and states)."""

@@ -24,6 +24,7 @@ from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge
 from hetcomp.distill.losses import fine_loss_of, overall_loss_of
+from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -55,6 +56,19 @@ class HetCompConfig:
         validate(self)
 
 
+def _check_teachers(trajectories: list, k: int) -> None:
+    """DKC compares the student with every teacher's top-``k`` at the same state index: each teacher needs at
+    least ``k`` ranked items and all the same number of states."""
+    short = [f"{t.name} (top-{t.top_m})" for t in trajectories if t.top_m < k]
+    if short:
+        raise HetCompError(f"HetComp's DKC compares top-{k} rankings, but teacher {', '.join(short)} ranks fewer "
+                           "items per user: retrain it with a larger --top-m, import a longer ranking, or lower "
+                           f"-o dkc_k (at most {min(t.top_m for t in trajectories)})")
+    if len({t.n_states for t in trajectories}) > 1:
+        states = ", ".join(f"{t.name}: {t.n_states}" for t in trajectories)
+        raise HetCompError(f"HetComp needs the same number of states in every teacher's trajectory ({states})")
+
+
 class HetComp(DistillMethod):
     name = "hetcomp"
     version = 2  # 2: fused tail log-sum-exp (exp2, float32 sum of the tail instead of a float64 difference)
@@ -70,6 +84,7 @@ class HetComp(DistillMethod):
                         decay_threshold=code if cfg.decay_threshold is None else cfg.decay_threshold,
                         switch_when_below_one=code if cfg.switch_when_below_one is None else cfg.switch_when_below_one,
                         deadline=cfg.deadline)
+        _check_teachers(context.trajectories, dkc.k)
         states = torch.stack([t.states[:, :, :dkc.k] for t in context.trajectories]).to(self.device)
         self.knowledge = DynamicKnowledge(states, dkc)
         self.positive_items, self.positive_valid = (x[:, :cfg.pos_k] for x in context.observed_order)

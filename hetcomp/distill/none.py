@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetcomp.distill.base import DistillMethod
+from hetcomp.distill.base import DistillMethod, own_batch
 from hetcomp.models.base import Batch, Recommender
 
 
@@ -35,4 +35,4 @@ class NoKD(DistillMethod):
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         negatives = self.context.sampler.sample(batch["users"], model.config.n_negatives, self._generator)
-        return model.loss({**batch, "neg": negatives.to(self.device)})
+        return model.loss(own_batch(model, {**batch, "neg": negatives.to(self.device)}))

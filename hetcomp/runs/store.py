@@ -44,6 +44,11 @@ def read_json(path: Path, what: str, fix: str) -> dict:
     return value
 
 
+def read_metrics(path: Path) -> dict:
+    """A finished run's ``metrics.json``; an unreadable one is an error naming it and how to retrain."""
+    return read_json(path, "finished run's metrics", "the file is truncated or corrupt: delete it to retrain the run")
+
+
 class RunStore:
     """The run folders under one root (a path every worker of a cluster sees)."""
 
@@ -60,7 +65,7 @@ class RunStore:
         if not metrics_file.is_file():
             return None
         fix = f"delete {folder} to train the run again"
-        metrics = read_json(metrics_file, "run's metrics", fix)
+        metrics = read_json(metrics_file, "finished run's metrics", fix)
         stored = read_json(folder / SPEC_FILE, "run specification", fix)
         if {key: stored.get(key) for key in spec.identity_dict()} != json.loads(json.dumps(spec.identity_dict())):
             raise HetCompError(f"{folder} holds a run of another specification than the one asked "
