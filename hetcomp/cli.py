@@ -422,40 +422,36 @@ def reproduce_command(
     teachers_dir: Path = TeachersDirOption,
     runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
     results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
-    jobs: int = typer.Option(1, help="Table 2: train this many student runs at once, each in its own "
-                                     "process with cores/jobs threads (e.g. 2 on a 2-core machine)."),
-    rows_only: bool = typer.Option(False, "--rows-only", hidden=True,
-                                   help="Table 2: merge the rows into table2.csv, leave table2.md and the manifest "
-                                        "(what the children of --jobs do)."),
+    jobs: int = typer.Option(1, help="Table 2: train this many student runs at once, as Ray tasks on a local "
+                                     "cluster of this many CPUs, each run with cores/jobs threads (e.g. 2 on a "
+                                     "2-core machine); 1 trains them one by one in this process."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Send the runs to an existing Ray cluster (auto, "
+                                    "ray://HOST:PORT); every node must see --runs-dir, --teachers-dir and the data."),
+    top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory of a teacher trained "
+                                        "here (at most the catalogue's size)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
+    from hetcomp.runs.grid import Inputs
 
     check_option("--jobs", jobs, 2, ge=1)
+    check_option("--top-m", top_m, 200, ge=1)
     sep = _separator(sep)
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
         raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
-    source = {"path": path, "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
-    split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir,
-                         max_users=common.QUICK_USERS if quick else None, **source)
+    source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
+    max_users = common.QUICK_USERS if quick else None
+    split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, max_users=max_users, **source)
+    if top_m > split.n_items:
+        raise HetCompError(f"--top-m {top_m}: the catalogue has only {split.n_items} items; use --top-m "
+                           f"{split.n_items} or less")
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
-    # a row records the command that reproduces it: a child's own switch is not part of that
-    command = "hetcomp " + " ".join(arg for arg in sys.argv[1:] if arg != "--rows-only")
-
-    def child_command(student: str, method: str, seed: int) -> list[str]:
-        """This call's options for one run: a child of ``--jobs`` reads exactly the same inputs."""
-        args = [sys.executable, "-m", "hetcomp", "reproduce", "--dataset", dataset, "--table", "2",
-                "--students", student, "--methods", method, "--seeds", f"{seed},", "--device", device, "--rows-only",
-                "--teachers-dir", str(teachers_dir), "--runs-dir", str(runs_dir), "--results-dir", str(results_dir)]
-        args += ["--quick"] if quick else []
-        args += ["--data-dir", str(data_dir)] if data_dir else []
-        args += ["--cache-dir", str(cache_dir)] if cache_dir else []
-        if path:
-            args += ["--path", str(path), "--user-col", user_col, "--item-col", item_col, "--sep", sep]
-        return args
+    command = "hetcomp " + " ".join(sys.argv[1:])
+    inputs = Inputs(dataset, str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None,
+                    str(teachers_dir), 0, max_users, tuple(sorted(source.items())), str(resolve_device(device)))
 
     with make_progress() as progress:
         def bar(label: str, total: int) -> ProgressCallback:
@@ -463,16 +459,17 @@ def reproduce_command(
 
         rep = common.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
                                   common.Schedule.short() if quick else common.Schedule(), command, not no_train,
-                                  bar, lambda text: progress.console.print(text, highlight=False), child_command)
+                                  bar, lambda text: progress.console.print(text, highlight=False),
+                                  source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
+                                  ray_address=ray_address, teacher_top_m=top_m)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names
                        if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
         elif table == "2":
-            table2.table2(rep, student_names, _parse_seeds(seeds), method_names, jobs=jobs, write_page=not rows_only)
-            written = [rep.out_dir / "table2.csv"] if rows_only else [rep.out_dir / "table2.md",
-                                                                       rep.out_dir / "table2.csv"]
+            table2.table2(rep, student_names, _parse_seeds(seeds), method_names)
+            written = [rep.out_dir / "table2.md", rep.out_dir / "table2.csv"]
         elif table == "1":
             table1.table1(rep)
             written = [rep.out_dir / "table1.md", rep.out_dir / "table1.csv"]

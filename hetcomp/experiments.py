@@ -117,7 +117,12 @@ def collect_runs(runs_dir, dataset: str) -> list[dict]:
 
 
 def _is_default(run: dict) -> bool:
-    """A run with every setting at its default (its folder name carries no settings hash)."""
+    """A run with every setting at its default: its command line names nothing after ``--seed`` (a run
+    specification's command spells out only what differs from the defaults), or, for runs written before run
+    specifications, its folder name carries no settings hash."""
+    if "identity" in run:
+        command = run.get("command", "")
+        return "--split-seed" not in command and command.endswith(f"--seed {run['seed']}")
     return run["run"] == f"{run['student']}-{run['method']}-{run['dim']}-{run['seed']}"
 
 

@@ -47,10 +47,11 @@ def dataset_slug(name: str) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename, so a killed process never leaves half a file."""
+    """Write ``text`` through a temporary file and a rename, so a killed process never leaves half a file (the
+    temporary name is the process's own: two writers never share one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as handle:
         handle.write(text)
     os.replace(tmp, path)

@@ -120,3 +120,14 @@ def test_sigterm_of_the_driver_leaves_no_process(world, tmp_path):
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     assert driver.returncode != 0
+
+
+def test_a_failed_run_is_reported_by_name_while_the_others_finish(world, tmp_path):
+    import dataclasses
+
+    good = _specs(world, seeds=(0,))
+    bad = dataclasses.replace(good[0], split_fingerprint="not-this-split")
+    report = run_grid([bad, *good], world[1], RunStore(tmp_path), jobs=2)
+    assert sorted(report.results) == sorted(s.identity for s in good)
+    assert [(spec.identity, "not the driver's" in message) for spec, message in report.failures] == [(bad.identity,
+                                                                                                     True)]

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from hetcomp.cli import app
-from hetcomp.paper.ledger import TABLE2_COLUMNS, read_rows, write_rows
+from hetcomp.paper.ledger import read_rows
 from hetcomp.paper.pages import paired_p_value
-from hetcomp.paper.teachers import teachers_digest
+from hetcomp.runs import teachers_digest
 from hetcomp.trajectory import Trajectory
 
 runner = CliRunner()
@@ -97,25 +97,49 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert "ensemble" in cost and "student mf" in cost and "teacher iae" in cost
 
 
-def test_jobs_train_runs_in_child_processes_and_merge_their_rows(workspace):
+def test_jobs_train_runs_as_ray_tasks_and_the_driver_merges_their_rows(workspace):
     result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
     out = workspace / "results" / "csv-toy-first300"
-    assert "training 2 runs in 2 processes" in result.output and "[2/2]" in result.output
+    assert "training 2 runs on a local Ray cluster of 2 CPUs" in result.output and "[2/2]" in result.output
     rows = [r for r in read_rows(out / "table2.csv") if r["method"] == "rd"]
     assert sorted(r["seed"] for r in rows) == ["0", "1"]
-    assert all(f"--methods rd --seeds {r['seed']}," in r["command"] for r in rows)  # a quick row: the child's call
-    assert {"mf-rd-0.log", "mf-rd-1.log"} <= {f.name for f in (out / "logs").iterdir()}
-    # a child merges its row only: its one-row page would replace the table's page until the parent's rewrite
-    assert not any("--rows-only" in r["command"] for r in rows)
-    assert all("table2.md" not in (out / "logs" / f"mf-rd-{seed}.log").read_text() for seed in (0, 1))
     assert "| RD |" in (out / "table2.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())["table2"]
-    assert manifest["jobs"] == 2 and len(manifest["runs"]) == 2
+    assert all(r["command"] == manifest["command"] for r in rows)  # a quick row: the reproduce call that made it
+    assert manifest["jobs"] == 2 and {r["command"] for r in rows} <= set(manifest["runs"])
+    assert "rd" in manifest["grid"]["methods"]
     assert manifest["from_scratch_estimate"]["seconds"] >= manifest["teacher_training_seconds"]
 
-    # nothing left to train: no child is started
+    # nothing left to train: no cluster is started
     again = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
-    assert "processes" not in again.output
+    assert "Ray" not in again.output
+
+
+def test_two_reproduce_calls_at_once_end_with_every_row_page_and_manifest(workspace, tmp_path):
+    """Side by side on the same (empty) folders: the teachers are trained once, shared runs once, and both the
+    page and the manifest hold every cell of both calls."""
+    import subprocess
+    import sys
+
+    common = [sys.executable, "-m", "hetcomp", "reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+              "--user-col", "u", "--item-col", "i", "--quick", "--device", "cpu", "--table", "2",
+              "--students", "mf", "--seeds", "2", "--teachers-dir", str(tmp_path / "teachers"),
+              "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+              "--cache-dir", str(tmp_path / "cache")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    calls = [subprocess.Popen([*common, "--methods", methods], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for methods in ("none,rrd", "rrd,rd")]
+    outputs = [call.communicate(timeout=600)[0] for call in calls]
+    assert [call.returncode for call in calls] == [0, 0], outputs
+    out = tmp_path / "results" / "csv-toy-first300"
+    rows = read_rows(out / "table2.csv")
+    assert sorted((r["method"], r["seed"]) for r in rows) == [(m, s) for m in ("none", "rd", "rrd") for s in "01"]
+    page = (out / "table2.md").read_text()
+    assert all(f"| {label} |" in page for label in ("w/o KD", "RD", "RRD")) and "Not finished" not in page
+    manifest = json.loads((out / "manifest.json").read_text())["table2"]
+    assert len(manifest["runs"]) == 6 and manifest["grid"]["methods"] == ["none", "rd", "rrd"]
+    assert len(list((tmp_path / "runs").rglob("metrics.json"))) == 6  # the shared rrd runs trained once each
+    assert len(list((tmp_path / "teachers").rglob("trajectory.npz"))) == 6
 
 
 def test_quick_table1_reports_three_supervisions(workspace):
@@ -153,35 +177,13 @@ def test_a_method_version_bump_retrains_its_rows(monkeypatch):
 
     from hetcomp.distill import method_class
     from hetcomp.paper.common import Reproduction
-    from hetcomp.paper.identity import run_config
+    from hetcomp.paper.runs import run_spec
 
     rep = Reproduction("csv", make_tiny_split())
-    before = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
+    before = {m: run_spec(rep, [], "mf", m, 0).identity for m in ("rrd", "dcd")}
     monkeypatch.setattr(method_class("rrd"), "version", method_class("rrd").version + 1)
-    after = {m: run_config(rep, [], "mf", m, 0, 6, {})[0] for m in ("rrd", "dcd")}
+    after = {m: run_spec(rep, [], "mf", m, 0).identity for m in ("rrd", "dcd")}
     assert after["rrd"] != before["rrd"] and after["dcd"] == before["dcd"]
-
-
-def test_a_failed_child_run_stops_the_table_and_names_its_log(tmp_path):
-    """--jobs: a child exiting non-zero must not leave a silently missing row; the others still finish."""
-    import sys
-    from types import SimpleNamespace
-
-    from hetcomp.data import HetCompError
-    from hetcomp.paper.scheduler import train_side_by_side
-
-    def child(student, method, seed):
-        code = f"print('run {method} {seed}'); raise SystemExit({3 if method == 'bad' else 0})"
-        return [sys.executable, "-c", code]
-
-    said = []
-    rep = SimpleNamespace(out_dir=tmp_path, child_command=child, say=said.append,
-                          progress=lambda label, total: None)
-    with pytest.raises(HetCompError, match=r"1 run\(s\) failed; see .*mf-bad-0\.log"):
-        train_side_by_side(rep, [("mf", "bad", 0), ("mf", "good", 0), ("mf", "good", 1)], jobs=2, poll_seconds=0.05)
-    assert any("mf-bad-0 FAILED (exit 3)" in line for line in said)
-    assert sum(" done in " in line for line in said) == 2  # the good runs were not cut short
-    assert (tmp_path / "logs" / "mf-bad-0.log").read_text().strip() == "run bad 0"
 
 
 def test_teachers_digest_follows_the_rankings_not_the_timing_metadata():
@@ -193,32 +195,3 @@ def test_teachers_digest_follows_the_rankings_not_the_timing_metadata():
     retrained = teachers_digest([trajectory(10.0)])
     assert teachers_digest([trajectory(99.0)]) == retrained  # same rankings, another wall time
     assert teachers_digest([trajectory(10.0, first_item=0)]) != retrained  # one item moved
-
-
-def test_rows_hashed_before_a_later_teacher_setting_are_reused(workspace):
-    """A row written when the CML teacher had no ``score_scale`` is the same run: adopted, not retrained."""
-    from hetcomp.data import load_dataset
-    from hetcomp.paper.common import QUICK_USERS, Reproduction, Schedule
-    from hetcomp.paper.identity import earlier_config
-    from hetcomp.teachers import TEACHERS, load_teachers
-
-    args = ("--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,hetcomp")
-    invoke(workspace, *args)
-    out = workspace / "results" / "csv-toy-first300"
-    planned = ("none", "rrd", "hetcomp")
-    current = {(r["method"], r["seed"]): r["config"] for r in read_rows(out / "table2.csv") if r["method"] in planned}
-    split = load_dataset("csv", path=workspace / "toy.csv", user_col="u", item_col="i", max_users=QUICK_USERS,
-                         cache_dir=workspace / "cache")
-    rep = Reproduction("csv", split, workspace / "teachers", schedule=Schedule.short())
-    trajectories = load_teachers(split, workspace / "teachers", list(TEACHERS))
-    rows = read_rows(out / "table2.csv")
-    for row in (r for r in rows if r["method"] in planned):
-        row["config"] = earlier_config(rep, trajectories, "mf", row["method"], int(row["seed"]), 6,
-                                       rep.schedule.options(row["method"]))
-        assert row["config"] != current[(row["method"], row["seed"])]  # the toy's CML teacher has score_scale
-    write_rows(out / "table2.csv", rows, TABLE2_COLUMNS)
-
-    result = invoke(workspace, *args, "--no-train")
-    assert "6 row(s) hashed before the teacher setting" in result.output and "Not finished" not in result.output
-    assert {(r["method"], r["seed"]): r["config"] for r in read_rows(out / "table2.csv")
-            if r["method"] in planned} == current

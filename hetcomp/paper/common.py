@@ -10,6 +10,7 @@ import torch
 
 from hetcomp.data import Split
 from hetcomp.provenance import dataset_slug
+from hetcomp.runs.grid import Inputs
 from hetcomp.train import Callback
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -65,9 +66,13 @@ class Reproduction:
     train: bool = True  # False: tables from finished runs only; what is missing is listed, not trained
     progress: Callable[[str, int], Callback | None] = lambda label, total: None
     say: Callable[[str], None] = print
-    #: the command line of a child ``hetcomp reproduce`` that trains one (student, method, seed) run; ``--jobs``
-    #: runs several of them side by side
-    child_command: Callable[[str, str, int], list[str]] | None = None
+    #: how the command line names the data (``dataset`` and, for csv / recbole files, ``path`` and its columns)
+    source: dict = field(default_factory=dict)
+    #: how a Ray worker loads the same split and teachers (None: runs train in this process only)
+    inputs: Inputs | None = None
+    jobs: int = 1  # runs at once: > 1 (or ``ray_address``) trains the missing runs as Ray tasks
+    ray_address: str | None = None
+    teacher_top_m: int = 200  # items kept per user and state in a trained teacher's trajectory
 
     @property
     def label(self) -> str:

@@ -6,12 +6,12 @@ The CSV files are the source of truth of every table: pages are rendered from th
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from hetcomp.locks import exclusive_lock
 from hetcomp.paper.common import METRICS
 from hetcomp.provenance import atomic_write_text
 
@@ -40,7 +40,7 @@ def write_rows(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
 
 
 def row_key(row: dict) -> tuple[str, str, str, str]:
-    """What makes a row one run: student, method, seed and configuration hash."""
+    """student, method, seed and the run's identity (the ``config`` column holds ``RunSpec.identity``)."""
     return row["student"], row["method"], row["seed"], row["config"]
 
 
@@ -48,10 +48,5 @@ def row_key(row: dict) -> tuple[str, str, str, str]:
 def locked(folder: Path) -> Iterator[None]:
     """An exclusive lock on a results folder, so that reproduce calls running side by side (e.g. one per group of
     methods, one per core) merge their rows instead of overwriting each other's."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(Path(folder) / ".lock"):
+        yield

@@ -6,22 +6,33 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from hetcomp.paper.common import Reproduction
-from hetcomp.provenance import git_commit, machine
+from hetcomp.provenance import atomic_write_text, git_commit, machine
+from hetcomp.runs.store import read_json
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json's content ({} before the first table); a corrupt one is named with its fix."""
+    if not path.is_file():
+        return {}
+    return read_json(path, "results manifest", "delete it: the next reproduce writes it again")
 
 
 def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float,
-                   teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: bool = False) -> dict:
+                   teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: bool = False,
+                   grid: dict | None = None) -> dict:
     """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
     teachers' training). From scratch, the table costs the teachers' time plus the runs' time divided by the runs
     trained side by side (``--jobs``, one per core here): that estimate is recorded beside the measured times.
 
     A call that trained every teacher and every run itself (``from_scratch``: nothing existed to reuse) is a
     measurement of that cost: it is kept as ``from_scratch_measured`` with its command, and later calls (a
-    ``--no-train`` regeneration of the page, more seeds) carry it over instead of losing it."""
+    ``--no-train`` regeneration of the page, more seeds) carry it over instead of losing it. ``grid``: the cells
+    the table covers (every caller's, merged by the caller under the results lock)."""
     path = rep.out_dir / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest = read_manifest(path)
     run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
     stamp = {"commit": git_commit(), "machine": machine(),
              "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -42,7 +53,8 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
         },
         **({"from_scratch_measured": measured} if measured else {}),
         "runs": [r.get("command", "") for r in rows],
+        **({"grid": grid} if grid else {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(path, json.dumps(manifest, indent=1))
     return manifest[table]

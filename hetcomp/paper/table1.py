@@ -11,14 +11,16 @@ from hetcomp.data import Split
 from hetcomp.distill.base import DistillContext
 from hetcomp.distill.knowledge import discrepancy
 from hetcomp.distill.losses import fine_loss, tail_logsumexp
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import csr_rows_dense, evaluate_split
 from hetcomp.models import build_model
 from hetcomp.paper.common import MF_SEEDS, TABLE1_METHOD, Reproduction
-from hetcomp.paper.identity import student_run
 from hetcomp.paper.ledger import write_rows
 from hetcomp.paper.manifest import write_manifest
+from hetcomp.paper.runs import run_spec, student_run
 from hetcomp.paper.teachers import ensure_teachers
 from hetcomp.provenance import git_commit, machine
+from hetcomp.runs import RunStore
 from hetcomp.teachers import TEACHERS, load_teachers, seeded_name
 
 
@@ -60,8 +62,11 @@ def table1(rep: Reproduction, seed: int = 0, dim: int = 6, k: int = 50) -> dict:
         context = DistillContext(rep.split, trajectories, rep.device)
         supervision = context.ensemble_topk(k).cpu()
         quality = evaluate_split(context.scorer(), rep.split, device=rep.device)["test"]
-        result = student_run(rep, trajectories, "mf", TABLE1_METHOD, seed, dim)
-        run_dir = rep.runs_dir / rep.label / result["run"]
+        spec = run_spec(rep, trajectories, "mf", TABLE1_METHOD, seed, dim)
+        result = student_run(rep, trajectories, spec)
+        if result is None:
+            raise HetCompError(f"Table 1 needs the run `{spec.command()}`, which is not finished (--no-train)")
+        run_dir = RunStore(rep.runs_dir).folder(spec)
         model = build_model("mf", rep.split.train, dim=dim)
         model.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu", weights_only=True))
         model = model.to(rep.device).eval()

@@ -1,14 +1,11 @@
-"""The teachers of a reproduction: trained or reused, identified, and their rows of Table 2."""
+"""The teachers of a reproduction: trained or reused, and their rows of Table 2."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
-import numpy as np
-
 from hetcomp.distill import EnsembleConfig
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.paper.common import Reproduction
 from hetcomp.teachers import (
@@ -24,16 +21,20 @@ from hetcomp.teachers import (
 
 def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: int = 0) -> list:
     """Train (or reuse) the teachers ``names`` (``<model>`` or ``<model>-s<seed>``) and load them."""
-    for name in names:
+    dataset = rep.split.meta["dataset"]
+    absent = [name for name in names if not trajectory_file(rep.teachers_dir, dataset, name).is_file()]
+    if absent and not rep.train:
+        raise HetCompError(f"teacher(s) {', '.join(absent)} not trained under {rep.teachers_dir}; --no-train uses "
+                           "finished runs only: drop it, or train them first with `hetcomp train-teachers`")
+    for name in absent:
         model, train_seed = parse_seeded_name(name, seed)
-        if trajectory_file(rep.teachers_dir, rep.split.meta["dataset"], name).is_file():
-            continue
         rep.say(f"training teacher {name}")
         overrides = {**({} if rep.schedule.quick else dataset_teacher_settings(rep.dataset)),
                      **rep.schedule.teacher_overrides}
         callback = rep.progress(f"teacher {name}", overrides.get("max_epochs", 300))
         train_teacher(rep.split, model, rep.teachers_dir, dim=rep.schedule.teacher_dim, seed=train_seed,
-                      device=rep.device, callbacks=[callback] if callback else None, name=name,
+                      device=rep.device, top_m=rep.teacher_top_m, callbacks=[callback] if callback else None,
+                      name=name, waiting=rep.say,
                       command=f"hetcomp train-teachers --dataset {rep.dataset} --teachers {model}"
                               + (f" --train-seed {train_seed}" if train_seed != seed else ""),
                       **overrides)
@@ -43,23 +44,6 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
             rep.say(f"warning: {trajectory.name}'s states share epochs {trajectory.meta['state_epochs']}; retrain "
                     "it with a smaller --eval-every (hetcomp train-teachers) so that E1..E4 differ")
     return trajectories
-
-
-def teachers_digest(trajectories: Sequence) -> str:
-    """sha256 (first 12 hex digits) over the teachers' identities and rankings: which exact teachers a run learnt
-    from. The arrays, not the files: two trainings with the same rankings get one digest, although their files
-    differ in timing metadata."""
-    digest = hashlib.sha256(json.dumps(teacher_identity(trajectories), sort_keys=True, default=str).encode())
-    for trajectory in trajectories:
-        for array in (trajectory.states.numpy(), trajectory.observed, trajectory.observed_indptr):
-            digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:12]
-
-
-def teacher_identity(trajectories: list) -> list[dict]:
-    """What identifies a teacher's training, independent of floating-point noise: name, model, dim, seed, settings."""
-    return [{"name": t.name, "teacher": t.teacher, "dim": t.meta.get("dim"), "train_seed": t.meta.get("train_seed"),
-             "config": t.meta.get("config")} for t in trajectories]
 
 
 def teacher_rows(rep: Reproduction, trajectories: list) -> dict[str, dict]:

@@ -11,14 +11,13 @@ finds the run finished.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from hetcomp.errors import HetCompError
 from hetcomp.locks import exclusive_lock
-from hetcomp.provenance import dataset_slug
+from hetcomp.provenance import atomic_write_text, dataset_slug
 from hetcomp.runs.spec import RunSpec
 
 SPEC_FILE = "spec.json"
@@ -28,9 +27,7 @@ LOCK_FILE = ".lock"
 
 def write_json_atomic(path: Path, value: dict) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(value, indent=1))
 
 
 def read_json(path: Path, what: str, fix: str) -> dict:

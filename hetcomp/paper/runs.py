@@ -1,0 +1,102 @@
+"""The student runs of a table: each a :class:`~hetcomp.runs.RunSpec` made from the reproduction's schedule,
+trained in this process or as Ray tasks, and recorded in the ledger by this (driver) process alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from hetcomp.errors import HetCompError
+from hetcomp.paper.common import METRICS, Reproduction
+from hetcomp.paper.ledger import CURVE_COLUMNS, TABLE2_COLUMNS, locked, read_rows, write_rows
+from hetcomp.runs import RunSpec, RunStore, make_spec, train_run
+from hetcomp.runs.grid import run_grid
+
+
+def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: str, seed: int, dim: int = 6,
+             options: dict | None = None) -> RunSpec:
+    """One student run of this reproduction (its schedule's limits and method options)."""
+    options = dict(rep.schedule.options(method), **(options or {}))
+    return make_spec(rep.split, trajectories, student, method, dim, seed, options,
+                     max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
+                     source=rep.source or {"dataset": rep.dataset})
+
+
+def rerun_command(rep: Reproduction, spec: RunSpec) -> str:
+    """The command that reruns a run: its ``hetcomp distill`` line (a quick slice has none: this reproduce)."""
+    return rep.command if rep.schedule.quick else spec.command()
+
+
+def student_run(rep: Reproduction, trajectories: Sequence, spec: RunSpec) -> dict | None:
+    """Train (or reuse) one run in this process; None when it is not finished and ``rep.train`` is off."""
+    callback = rep.progress(f"{spec.student}-{spec.method} seed {spec.seed}", spec.max_epochs) if rep.train else None
+    try:
+        return train_run(spec, rep.split, trajectories, RunStore(rep.runs_dir), rep.device,
+                         [callback] if callback else None, rep.train, rep.say)
+    finally:
+        if callback is not None and hasattr(callback, "close"):
+            callback.close()
+
+
+def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[RunSpec],
+                  record: Callable[[RunSpec, dict], None]) -> None:
+    """Train ``specs`` (or reuse their finished folders), calling ``record`` for each result in this process.
+
+    One job: one after the other, here. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks; a failed run stops
+    the table after the others finish, naming each failure."""
+    if not specs:
+        return
+    if not (rep.jobs > 1 or rep.ray_address):
+        for position, spec in enumerate(specs, 1):
+            rep.say(f"[{position}/{len(specs)}] {rerun_command(rep, spec)}")
+            record(spec, student_run(rep, trajectories, spec))
+        return
+    if rep.inputs is None:
+        raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
+    where = rep.ray_address or f"a local Ray cluster of {rep.jobs} CPUs"
+    rep.say(f"training {len(specs)} runs on {where}")
+    bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))
+    done = []
+
+    def finished(spec: RunSpec, metrics: dict) -> None:
+        done.append(spec)
+        rep.say(f"[{len(done)}/{len(specs)}] {spec.folder_name} done ({metrics['wall_seconds']:.0f} s)")
+        record(spec, metrics)
+        if bar is not None:
+            bar.on_epoch_end(None, len(done), 0.0)
+
+    try:
+        report = run_grid(specs, rep.inputs, RunStore(rep.runs_dir), rep.jobs, rep.ray_address, on_result=finished,
+                          say=rep.say, gpus_per_run=0.25 if rep.device.type == "cuda" else 0.0)
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+    if report.failures:
+        raise HetCompError(f"{len(report.failures)} run(s) failed: "
+                           + "; ".join(f"{spec.folder_name}: {message}" for spec, message in report.failures)
+                           + " (finished runs are kept: rerun the same command to retry the rest)")
+
+
+def table2_row(rep: Reproduction, spec: RunSpec, result: dict) -> tuple[dict, list[dict]]:
+    """The ledger row of a finished run and its curve points."""
+    row = {"dataset": rep.label, "student": spec.student, "method": spec.method, "seed": str(spec.seed),
+           **{m: f"{result['test'][m]:.6f}" for m in METRICS}, "best_epoch": result["best_epoch"],
+           "epochs": result["epochs"], "wall_seconds": result["wall_seconds"], "command": rerun_command(rep, spec),
+           "config": spec.identity, "teachers_digest": spec.teachers_digest, "commit": result.get("commit", ""),
+           "code_digest": result.get("code_digest", ""), "machine": result.get("machine", "")}
+    curve = [{"dataset": rep.label, "student": spec.student, "method": spec.method, "seed": spec.seed,
+              "config": spec.identity, "epoch": p["epoch"], "valid_recall@50": f"{p['valid_recall@50']:.6f}",
+              "test_recall@50": f"{p['test_recall@50']:.6f}"} for p in result["curve"]]
+    return row, curve
+
+
+def record_table2_row(rep: Reproduction, spec: RunSpec, result: dict) -> None:
+    """Merge one run into table2.csv and curves.csv under the results lock; it replaces the row of the same
+    student, method and seed made under another specification (older defaults, other teachers)."""
+    row, curve = table2_row(rep, spec, result)
+    table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
+    same = (spec.student, spec.method, str(spec.seed))
+    with locked(rep.out_dir):
+        write_rows(table_file, [r for r in read_rows(table_file)
+                                if (r["student"], r["method"], r["seed"]) != same] + [row], TABLE2_COLUMNS)
+        write_rows(curves_file, [c for c in read_rows(curves_file)
+                                 if (c["student"], c["method"], c["seed"]) != same] + curve, CURVE_COLUMNS)
