@@ -163,7 +163,7 @@ def test_paired_p_value():
 
 
 def test_seeds_are_a_count_or_a_list():
-    from hetcomp.cli import _parse_seeds
+    from hetcomp.cli.common import _parse_seeds
     from hetcomp.data import HetCompError
 
     assert _parse_seeds("3") == [0, 1, 2] and _parse_seeds("1,2") == [1, 2] and _parse_seeds("4,") == [4]

@@ -1,0 +1,110 @@
+"""``hetcomp reproduce``: the paper's tables and figures; the paper layer decides which runs are missing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from hetcomp.cli.common import (
+    CacheDirOption,
+    DataDirOption,
+    ItemColOption,
+    PathOption,
+    ProgressCallback,
+    SepOption,
+    TeachersDirOption,
+    UserColOption,
+    _parse_names,
+    _parse_seeds,
+    _separator,
+    app,
+    console,
+    friendly_errors,
+    make_progress,
+)
+from hetcomp.config import check_option
+from hetcomp.data import load_dataset
+from hetcomp.device import resolve_device
+from hetcomp.distill import METHODS
+from hetcomp.errors import HetCompError
+from hetcomp.paper.common import TABLE2_METHODS
+
+
+@app.command("reproduce")
+@friendly_errors
+def reproduce_command(
+    dataset: str = typer.Option("citeulike", help="Registered dataset name (or csv / recbole with --path)."),
+    table: str = typer.Option(None, help="2 (accuracy of every method), 1 (discrepancy study) or cost."),
+    figure: str = typer.Option(None, help="curves: test R@50 every 10 epochs of w/o KD, DCD and HetComp (PNG)."),
+    students: str = typer.Option("mf,ml,dnn", help="Comma-separated students (Table 2, cost)."),
+    seeds: str = typer.Option("5", help="Student seeds of Table 2: a count N (seeds 0 .. N-1) or a list, e.g. 1,2."),
+    methods: str = typer.Option(",".join(TABLE2_METHODS), help="Methods of Table 2."),
+    quick: bool = typer.Option(False, "--quick", help="The same pipeline on the first 300 users with short "
+                                                      "schedules (minutes; checks the pipeline, not the paper)."),
+    no_train: bool = typer.Option(False, "--no-train", help="Table 2 from finished runs only: list the missing "
+                                                             "runs instead of training them."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+    runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
+    results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
+    jobs: int = typer.Option(1, help="Table 2: train this many student runs at once, as Ray tasks on a local "
+                                     "cluster of this many CPUs, each run with cores/jobs threads (e.g. 2 on a "
+                                     "2-core machine); 1 trains them one by one in this process."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Send the runs to an existing Ray cluster (auto, "
+                                    "ray://HOST:PORT); every node must see --runs-dir, --teachers-dir and the data."),
+    top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory of a teacher trained "
+                                        "here (at most the catalogue's size)."),
+) -> None:
+    """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
+    from hetcomp.paper import common, cost, curves, ledger, table1, table2
+    from hetcomp.runs.grid import Inputs
+
+    check_option("--jobs", jobs, 2, ge=1)
+    check_option("--top-m", top_m, 200, ge=1)
+    sep = _separator(sep)
+    if (table is None) == (figure is None):
+        raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
+    if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
+        raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
+    source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
+    max_users = common.QUICK_USERS if quick else None
+    split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, max_users=max_users, **source)
+    if top_m > split.n_items:
+        raise HetCompError(f"--top-m {top_m}: the catalogue has only {split.n_items} items; use --top-m "
+                           f"{split.n_items} or less")
+    student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
+    method_names = _parse_names(methods, list(METHODS), "method")
+    command = "hetcomp " + " ".join(sys.argv[1:])
+    inputs = Inputs(dataset, str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None,
+                    str(teachers_dir), 0, max_users, tuple(sorted(source.items())), str(resolve_device(device)))
+
+    with make_progress() as progress:
+        def bar(label: str, total: int) -> ProgressCallback:
+            return ProgressCallback(progress, label, total, verbose=False)
+
+        rep = common.Reproduction(dataset, split, teachers_dir, runs_dir, results_dir, resolve_device(device),
+                                  common.Schedule.short() if quick else common.Schedule(), command, not no_train,
+                                  bar, lambda text: progress.console.print(text, highlight=False),
+                                  source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
+                                  ray_address=ray_address, teacher_top_m=top_m)
+        if figure == "curves":
+            written = [curves.curves_figure(rep, s) for s in student_names
+                       if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]
+            if not written:
+                raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
+        elif table == "2":
+            table2.table2(rep, student_names, _parse_seeds(seeds), method_names)
+            written = [rep.out_dir / "table2.md", rep.out_dir / "table2.csv"]
+        elif table == "1":
+            table1.table1(rep)
+            written = [rep.out_dir / "table1.md", rep.out_dir / "table1.csv"]
+        else:
+            cost.cost_table(rep, student_names)
+            written = [rep.out_dir / "cost.md", rep.out_dir / "cost.csv"]
+    for file in written:
+        console.print(f"wrote {file}")

@@ -1,0 +1,123 @@
+"""``hetcomp train-teachers`` and ``hetcomp import-teacher``: the two ways a teacher's trajectory comes to disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from hetcomp.cli.common import (
+    CacheDirOption,
+    DataDirOption,
+    DatasetHelp,
+    ItemColOption,
+    PathOption,
+    ProgressCallback,
+    SepOption,
+    TeachersDirOption,
+    UserColOption,
+    _parse_names,
+    app,
+    console,
+    friendly_errors,
+    load_split,
+    make_progress,
+)
+from hetcomp.config import check_option
+from hetcomp.device import resolve_device, seed_everything
+from hetcomp.errors import HetCompError
+from hetcomp.models import model_config
+from hetcomp.teachers import (
+    TEACHERS,
+    check_teacher_name,
+    dataset_teacher_settings,
+    seeded_name,
+    shares_state_epochs,
+    train_teacher,
+    trajectory_file,
+)
+from hetcomp.trajectory import import_rankings, load_trajectory
+
+
+@app.command("train-teachers")
+@friendly_errors
+def train_teachers(
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
+    teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teacher models."),
+    dim: int = typer.Option(64, help="Embedding size of every teacher."),
+    seed: int = typer.Option(0, help="Split and training seed."),
+    train_seed: int = typer.Option(None, help="Another training seed on the same split (default: --seed); such "
+                                             "teachers are saved as <model>-s<seed>, e.g. mf-s1."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory."),
+    eval_every: int = typer.Option(None, help="Evaluate and snapshot every N epochs (the trajectory's "
+                                              "states are chosen among these); default: the dataset's "
+                                              "setting, else each model's."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+) -> None:
+    """Train the heterogeneous teachers and save each one's trajectory (E1..E4); finished ones are skipped."""
+    check_option("--dim", dim, 64, ge=1)
+    check_option("--seed", seed, 0, ge=0)
+    check_option("--train-seed", train_seed, 1, ge=0)
+    check_option("--top-m", top_m, 200, ge=1)
+    check_option("--eval-every", eval_every, 10, ge=1)
+    names = _parse_names(teachers, TEACHERS, "teacher")
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
+    target = resolve_device(device)
+    command = "hetcomp " + " ".join(sys.argv[1:])
+    train_seed = seed if train_seed is None else train_seed
+    with make_progress() as progress:
+        for model in names:
+            name = seeded_name(model, train_seed, seed)
+            path = trajectory_file(teachers_dir, split.meta["dataset"], name)
+            if path.is_file():
+                load_trajectory(path, split)
+                progress.console.print(f"{name}: already complete at {path}, skipped (delete it to retrain)")
+                continue
+            seed_everything(train_seed)
+            config = model_config(model, dim=dim)
+            bar = ProgressCallback(progress, name, config.max_epochs)
+            trajectory = train_teacher(split, model, teachers_dir, dim=dim, seed=train_seed, device=target,
+                                       top_m=top_m, callbacks=[bar], command=command, name=name,
+                                       **dataset_teacher_settings(dataset, eval_every))
+            test = trajectory.meta["metrics"][-1]["test"]
+            epochs = trajectory.meta["state_epochs"]
+            progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
+                                   f"{epochs}, test R@50 {test['recall@50']:.4f}, "
+                                   f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
+            if shares_state_epochs(trajectory):
+                progress.console.print(f"[yellow]warning[/]: {name}'s states share epochs {epochs}: it converged "
+                                       "within a few evaluations; retrain it with a smaller --eval-every so that "
+                                       "E1..E4 differ")
+
+
+
+@app.command("import-teacher")
+@friendly_errors
+def import_teacher(
+    file: Path = typer.Option(..., "--file", help="Rankings to import: .npz or .csv (see teachers/README.md)."),
+    name: str = typer.Option(..., "--name", help="Name of the imported teacher (its folder name)."),
+    dataset: str = typer.Option("citeulike", help=DatasetHelp),
+    seed: int = typer.Option(0, help="Split seed the rankings were made on."),
+    path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
+    data_dir: Path = DataDirOption,
+    cache_dir: Path = CacheDirOption,
+    teachers_dir: Path = TeachersDirOption,
+) -> None:
+    """Turn rankings produced by another tool into a trajectory that `distill` can use."""
+    check_option("--seed", seed, 0, ge=0)
+    check_teacher_name(name)
+    split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
+    target = trajectory_file(teachers_dir, split.meta["dataset"], name)
+    if target.exists():
+        raise HetCompError(f"{target} already exists; choose another --name or delete it first")
+    trajectory = import_rankings(file, split, name)
+    trajectory.meta["source"] = "hetcomp " + " ".join(sys.argv[1:])
+    trajectory.save(target)
+    console.print(f"imported {trajectory.n_states} states x {split.n_users} users x top-{trajectory.top_m} "
+                  f"from {file} -> {target}")
+
