@@ -15,7 +15,14 @@ from hetcomp.distill import DistillContext, EnsembleConfig, build_method
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.provenance import CODE_DIGEST, git_commit, machine
-from hetcomp.runs.spec import DEFAULT_BATCH_USERS, DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, RunSpec, make_spec
+from hetcomp.runs.spec import (
+    DEFAULT_BATCH_USERS,
+    DEFAULT_EVAL_EVERY,
+    DEFAULT_MAX_EPOCHS,
+    DEFAULT_PATIENCE,
+    RunSpec,
+    make_spec,
+)
 from hetcomp.runs.store import RunStore
 from hetcomp.train import Callback, Trainer, TrainerConfig
 
@@ -84,7 +91,8 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
             seed: int = 0, device: torch.device | str = "cpu", runs_root: Path = Path("experiments/runs"),
             method_options: dict | None = None, ensemble: EnsembleConfig | None = None,
             batch_users: int = DEFAULT_BATCH_USERS, lr: float | None = None, weight_decay: float | None = None,
-            max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY, patience: int = DEFAULT_PATIENCE,
+            max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY,
+            patience: int = DEFAULT_PATIENCE,
             callbacks: list[Callback] | None = None, train: bool = True, source: dict | None = None,
             say: Callable[[str], None] | None = None) -> dict | None:
     """Train a student with ``method`` (or reuse its finished run); returns its metrics (None: not finished and
