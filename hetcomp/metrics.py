@@ -32,16 +32,19 @@ def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
 def topk_items(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the k best items per row, best first; ``exclude`` (bool, same shape) are ranked last.
 
-    Fast path: a float ``topk`` of k + 1 entries and a stable re-sort of the first k by (score desc, index asc).
-    Only rows whose k-th and (k+1)-th scores are equal (a tie across the cut: rare for trained models, every
-    row of a constant scorer) are recomputed with the exact integer keys of :func:`sortable_keys`.
+    Fast path: the k + 1 best scores by the grouped top-k of :func:`_top_values`, sorted, and a stable re-sort of
+    the first k by (score desc, index asc). Only rows whose k-th and (k+1)-th scores are equal (a tie across the
+    cut: rare for trained models, every row of a constant scorer) are recomputed with the exact integer keys of
+    :func:`sortable_keys`; elsewhere the top-k set is unique, so the grouping cannot change it.
     """
     n_items = scores.shape[-1]
     if k > n_items:
         raise HetCompError(f"K = {k} is larger than the number of items ({n_items}); choose K <= {n_items}")
     if exclude is not None:
         scores = scores.masked_fill(exclude, float("-inf"))
-    values, items = torch.topk(scores, min(k + 1, n_items), dim=-1)
+    values, items = _top_values(scores, min(k + 1, n_items))
+    values, order = values.sort(dim=-1, descending=True)
+    items = items.gather(-1, order)
     if k < n_items:
         ambiguous = values[:, k] == values[:, k - 1]
         values, items = values[:, :k], items[:, :k]

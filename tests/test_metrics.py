@@ -103,3 +103,18 @@ def test_exclude_rows_in_place_matches_the_dense_mask():
     expected = scores.masked_fill(csr_rows_dense(matrix, rows), float("-inf"))
     out = exclude_rows_(scores, matrix, rows)
     assert out is scores and torch.equal(scores, expected)
+
+
+@pytest.mark.parametrize("levels", [None, 40])
+def test_topk_items_on_wide_rows_matches_the_exact_keys(levels):
+    """Wide rows take the grouped top-k; with ties (quantized scores) and excluded items it must still equal the
+    exact integer-key ranking, best first."""
+    from hetcomp.metrics import _exact_topk
+
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(64, 3000, generator=generator)
+    if levels is not None:
+        scores = (scores * levels).round() / levels
+    exclude = torch.rand(64, 3000, generator=generator) < 0.05
+    fast = topk_items(scores, 50, exclude)
+    assert torch.equal(fast, _exact_topk(scores.masked_fill(exclude, float("-inf")), 50))

@@ -125,3 +125,26 @@ def test_a_killed_run_resumes_to_the_same_model(tmp_path):
     assert resumed.state.epoch == 8 and len(resumed.state.history) == 4
     assert [h["valid"] for h in resumed.state.history] == [h["valid"] for h in straight.state.history]
     assert torch.equal(resumed.model.score(torch.arange(5)), straight.model.score(torch.arange(5)))
+
+
+@pytest.mark.parametrize("signs", [(1.0, 0.5), (1.0, -0.5), (-1.0, 0.5), (-1.0, -0.5), (0.0, 0.5), (0.0, -0.5)])
+def test_narrow_dnn_tower_serves_the_trained_scores(signs):
+    """A d < 8 NeuMF scores without gradients through clamps; with gradients through the exact tower."""
+    from hetcomp.models.neumf import NeuMF
+
+    split = make_tiny_split(n_users=30, n_items=50)
+    torch.manual_seed(0)
+    model = build_model("dnn", split.train, dim=6)
+    assert isinstance(model, NeuMF) and model.first_user.out_features == 1
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.7)
+    with torch.no_grad():
+        model.second.weight.fill_(signs[0])
+        model.second.bias.fill_(signs[1])
+    users = torch.arange(30)
+    with torch.enable_grad():
+        exact = model.score(users).detach()
+    with torch.no_grad():
+        served = model.score(users)
+    assert torch.allclose(served, exact, atol=1e-6, rtol=1e-5)
+    assert torch.equal(served.argsort(1, descending=True)[:, :5], exact.argsort(1, descending=True)[:, :5])

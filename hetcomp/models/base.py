@@ -55,6 +55,9 @@ class Recommender(nn.Module):
     name: str = ""
     batch_kind: str = "triples"
     config_class: type[ModelConfig] = ModelConfig
+    #: bumped when the model's scores change (even in the last bits): a run specification holds its student's
+    #: version, so runs of the old model are never reused for the new one
+    version: int = 1
 
     def __init__(self, n_users: int, n_items: int, config: ModelConfig | None = None,
                  train: sp.csr_matrix | None = None) -> None:

@@ -33,6 +33,7 @@ class NeuMFConfig(ModelConfig):
 class NeuMF(Recommender):
     name = "dnn"
     config_class = NeuMFConfig
+    version = 2  # 2: with a one-unit first MLP layer (d < 8), no-gradient scores are clamps (same values ± rounding)
 
     def __init__(self, n_users: int, n_items: int, config: NeuMFConfig | None = None, train=None) -> None:
         super().__init__(n_users, n_items, config)
@@ -75,10 +76,13 @@ class NeuMF(Recommender):
         still faster at d = 64, with the same values up to float rounding. Under autograd the tower's backward
         is hand-written (:class:`_TowerScores`); the values are the same bits either way.
         """
-        out = all_item_scores(self.user_gmf(users) * self.predict.weight[0, :self.config.dim], self.item_gmf.weight)
-        out = out + self.predict.bias[0]
+        gmf_users = self.user_gmf(users) * self.predict.weight[0, :self.config.dim]
         tower = (self.first_user(self.user_mlp(users)), self.first_item(self.item_mlp.weight), self.second.weight,
                  self.second.bias, self.predict.weight[0, self.config.dim:])
+        if not torch.is_grad_enabled() and tower[0].shape[1] == 1:
+            return _narrow_scores(gmf_users, self.item_gmf.weight, self.predict.bias[0], *tower,
+                                  self.config.score_chunk)
+        out = all_item_scores(gmf_users, self.item_gmf.weight) + self.predict.bias[0]
         if torch.is_grad_enabled():
             return _TowerScores.apply(out, *tower, self.config.score_chunk)
         _add_tower_(out, *tower, self.config.score_chunk)
@@ -105,6 +109,40 @@ def _add_tower_(out: torch.Tensor, user_hidden: torch.Tensor, item_hidden: torch
         for unit in range(weight.shape[0]):
             pre = hidden[..., 0] * weight[unit, 0] if hidden.shape[2] == 1 else hidden @ weight[unit]
             out[start:stop].addcmul_(pre.add_(bias[unit]).relu_(), tower_weight[unit])
+
+
+def _narrow_scores(gmf_users: torch.Tensor, gmf_items: torch.Tensor, bias: torch.Tensor, user_hidden: torch.Tensor,
+                   item_hidden: torch.Tensor, weight: torch.Tensor, second_bias: torch.Tensor,
+                   tower_weight: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Scores without gradients when the tower's first layer has one unit (students below d = 8), in few passes.
+
+    With x = a_user + b_item a scalar, each second-layer unit adds t·relu(W·relu(x) + c), a piecewise-linear
+    function of x that equals t·W·clamp(x, lo, hi) + t·c with
+    W > 0: lo = max(0, −c/W), hi = ∞;   W < 0, c ≥ 0: lo = 0, hi = −c/W;   W < 0, c < 0: lo = hi = −c/W;
+    W = 0: the constant t·relu(c). The constants join the prediction bias in the GMF product (one ``addmm``),
+    so serving costs the product, one add for x and a clamp and an add per unit. Training keeps the exact form
+    (:class:`_TowerScores`), which this matches up to float rounding (tested).
+    """
+    units = []
+    constant = bias.detach().clone()
+    for w, c, t in zip(weight[:, 0].tolist(), second_bias.tolist(), tower_weight.tolist(), strict=True):
+        if w == 0:
+            constant += t * max(c, 0.0)
+            continue
+        constant += t * c
+        if w > 0:
+            units.append((max(0.0, -c / w), None, t * w))
+        else:
+            units.append((0.0 if c >= 0 else -c / w, -c / w, t * w))
+    out = torch.addmm(constant, gmf_users, gmf_items.T)
+    item_row = item_hidden[:, 0]
+    for start in range(0, len(user_hidden), chunk):
+        stop = start + chunk
+        x = user_hidden[start:stop, :1] + item_row  # [b, n_items]
+        for position, (low, high, slope) in enumerate(units):
+            clamped = x.clamp_(low, high) if position == len(units) - 1 else x.clamp(low, high)
+            out[start:stop].add_(clamped, alpha=slope)
+    return out
 
 
 def _relu_backward(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

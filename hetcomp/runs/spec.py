@@ -22,7 +22,7 @@ import numpy as np
 
 from hetcomp.data import Split
 from hetcomp.distill import EnsembleConfig, method_class
-from hetcomp.models import model_config
+from hetcomp.models import model_class, model_config
 from hetcomp.registry import checked_config
 from hetcomp.teachers import TEACHERS
 
@@ -91,6 +91,7 @@ class RunSpec:
     teachers_digest: str
     ensemble: tuple[tuple[str, object], ...]
     student: str
+    student_version: int
     student_config: tuple[tuple[str, object], ...]
     dim: int
     method: str
@@ -196,6 +197,7 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
         dataset=split.meta["dataset"], split_fingerprint=split.fingerprint, split_seed=int(split.meta.get("seed", 0)),
         teachers=tuple(t.name for t in trajectories), teachers_digest=teachers_digest(trajectories),
         ensemble=_frozen(dataclasses.asdict(ensemble or EnsembleConfig())), student=student,
+        student_version=model_class(student).version,
         student_config=_frozen(dataclasses.asdict(model_config(student, dim=dim))), dim=dim, method=method,
         method_version=cls.version, method_config=_frozen(dataclasses.asdict(config)), options=_frozen(options),
         lr=float(lr), weight_decay=float(weight_decay), batch_users=batch_users, seed=seed, max_epochs=max_epochs,
