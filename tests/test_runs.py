@@ -160,3 +160,31 @@ def test_two_processes_training_one_teacher_share_it_instead_of_crashing(tmp_pat
     assert [child.exitcode for child in children] == [0, 0]
     sums = [queue.get(timeout=5) for _ in children]
     assert sums[0] == sums[1] and len(list(tmp_path.rglob("trajectory.npz"))) <= 1
+
+
+def test_a_spec_command_run_through_the_cli_is_the_same_run(tmp_path):
+    """The command a run records reruns that very run: parsed by the CLI it yields the same identity."""
+    import shlex
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from hetcomp.cli import app
+    from hetcomp.data import load_dataset
+    from hetcomp.distill import EnsembleConfig
+
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(60) for i in rng.choice(50, size=10, replace=False)]
+    (tmp_path / "toy.csv").write_text("\n".join(lines))
+    source = {"path": str(tmp_path / "toy.csv"), "user_col": "u", "item_col": "i", "sep": ","}
+    split = load_dataset("csv", cache_dir=tmp_path / "cache", **source)
+    teachers = [train_teacher(split, "mf", tmp_path / "teachers", dim=8, top_m=30, max_epochs=4, eval_every=2)]
+    spec = make_spec(split, teachers, "mf", "rrd", 4, seed=1, method_options={"weight": 0.5}, lr=3e-3,
+                     max_epochs=2, eval_every=2, patience=3, source={"dataset": "csv", **source},
+                     ensemble=EnsembleConfig(decay="power", beta=0.1))
+    words = shlex.split(spec.command())[2:]
+    result = CliRunner().invoke(app, ["distill", *words, "--teachers-dir", str(tmp_path / "teachers"),
+                                      "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [p.parent.name for p in (tmp_path / "runs").rglob("metrics.json")] == [spec.folder_name]

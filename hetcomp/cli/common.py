@@ -136,13 +136,15 @@ def _parse_options(items: list[str]) -> dict[str, str]:
     return options
 
 
-def _ensemble(decay: str, temperature: float, weighting: str, weight_power: float) -> EnsembleConfig:
+def _ensemble(decay: str, temperature: float, weighting: str, weight_power: float,
+              beta: float = DEFAULT_ENSEMBLE.beta) -> EnsembleConfig:
     """The aggregation g from its options, each checked with a message that names the option."""
     check_choice("--decay", decay, DECAYS)
     check_option("--temperature", temperature, f"{DEFAULT_ENSEMBLE.temperature:g}", gt=0)
     check_choice("--weighting", weighting, ("valid", "uniform"))
     check_option("--weight-power", weight_power, f"{DEFAULT_ENSEMBLE.weight_power:g}", ge=0)
-    return EnsembleConfig(decay, temperature, weighting=weighting, weight_power=weight_power)
+    check_option("--beta", beta, f"{DEFAULT_ENSEMBLE.beta:g}", ge=0)
+    return EnsembleConfig(decay, temperature, beta, weighting=weighting, weight_power=weight_power)
 
 
 def _separator(sep: str) -> str:

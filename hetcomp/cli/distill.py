@@ -74,6 +74,7 @@ def distill_command(
     weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
                                   help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
     weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
+    beta: float = typer.Option(DEFAULT_ENSEMBLE.beta, help="β of the power decay (rank+1)^-β."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
@@ -98,7 +99,7 @@ def distill_command(
     check_option("--batch-users", batch_users, DEFAULT_BATCH_USERS, ge=1)
     check_option("--lr", lr, KD_LR, gt=0)
     check_option("--weight-decay", weight_decay, f"{KD_WEIGHT_DECAY:g}", ge=0)
-    ensemble = _ensemble(decay, temperature, weighting, weight_power)
+    ensemble = _ensemble(decay, temperature, weighting, weight_power, beta)
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
     trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))

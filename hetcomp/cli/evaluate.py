@@ -46,6 +46,7 @@ def evaluate_command(
     weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
                                   help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
     weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
+    beta: float = typer.Option(DEFAULT_ENSEMBLE.beta, help="β of the power decay (rank+1)^-β."),
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
     path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
@@ -55,7 +56,7 @@ def evaluate_command(
 ) -> None:
     """Print R@10/N@10/R@50/N@50 on valid and test of each teacher, each of its states, and the ensemble."""
     check_option("--seed", seed, 0, ge=0)
-    config = _ensemble(decay, temperature, weighting, weight_power)
+    config = _ensemble(decay, temperature, weighting, weight_power, beta)
     split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
     trajectories = load_teachers(split, teachers_dir, _parse_names(names, TEACHERS + _imported(teachers_dir, split),
                                                                    "teacher"))
