@@ -1,5 +1,6 @@
 """MTD — multi-teacher distillation with a learnable, user-specific importance of each teacher (the MTD baseline
-of Kang et al., WWW 2023, HetComp's Table 2).
+of Kang et al., WWW 2023, HetComp's Table 2). This is the project's own construction from the paper's description:
+the paper does not publish its MTD implementation, and tables mark the row (†).
 
 Each teacher t's converged ranking (its trajectory's last state) turns into a target distribution over its top-K
 unobserved items, p_t(i|u) ∝ exp(−rank_t(i)/T). A learnable logit table a [n_users, n_teachers] (zeros at the

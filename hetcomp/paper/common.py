@@ -21,6 +21,10 @@ TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-
 #: every method's label in tables (kd is ours, not a paper row)
 LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)"}
 BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd", "kd")
+#: rows whose method is the project's own construction or adaptation, marked in tables with their footnote
+CONSTRUCTED = {"mtd": ("†", "MTD is this project's construction (hetcomp/distill/mtd.py): the HetComp paper describes "
+                             "its MTD baseline but does not publish that implementation."),
+               "kd": ("‡", "KD (loss menu) is this project's own baseline, not a row of the paper.")}
 CURVE_METHODS = ("none", "dcd", "hetcomp")
 #: the users ``--quick`` keeps (the first ones of the file)
 QUICK_USERS = 300

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetcomp.paper.common import BASELINES, HEADERS, LABELS, METRICS, Reproduction
+from hetcomp.paper.common import BASELINES, CONSTRUCTED, HEADERS, LABELS, METRICS, Reproduction
 from hetcomp.paper.ledger import read_rows
 from hetcomp.provenance import git_commit, machine
 
@@ -84,7 +84,8 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
                 cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, LABELS[method])), m))
             epochs = np.mean([float(r["epochs"]) for r in runs])
             seconds = np.mean([float(r["wall_seconds"]) for r in runs])
-            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
+            mark = CONSTRUCTED.get(method, ("",))[0]
+            lines.append(f"| {LABELS[method]}{mark} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
                          f"{seconds:.0f} |")
         baselines = [m for m in BASELINES if m in per_method]
         if "hetcomp" in per_method and baselines:
@@ -101,6 +102,9 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
             lines.append("| Imp. | " + " | ".join(imp) + " | | | |")
             lines.append("| p (paired t) | " + " | ".join(pvals) + " | | | |")
         lines.append("")
+    marked = [method for method in methods if method in CONSTRUCTED and any(r["method"] == method for r in rows)]
+    if marked:
+        lines += [" ".join(f"{CONSTRUCTED[m][0]} {CONSTRUCTED[m][1]}" for m in marked), ""]
     if missing:
         lines += [f"Not finished yet ({len(missing)} of {len(missing) + len(rows)} runs; the cells above average the "
                   "seeds that are): rerun the command without --no-train to train them.", ""]
