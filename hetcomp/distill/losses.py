@@ -346,11 +346,13 @@ def _lambda_mrr_rest_rows(scores: torch.Tensor, unobserved: torch.Tensor, listed
     at = positions.gather(1, listed) - 1  # each listed item's sorted index; r = 0 there, so inclusive cumulative
     # sums at it are the exclusive sums over the items strictly above (prefix) or below (suffix) it
 
+    at_reversed = n_items - 1 - at  # the same items in the reversed (ascending) order
+
     def prefix(values: torch.Tensor) -> torch.Tensor:
         return torch.cumsum(values, 1).gather(1, at)
 
-    def suffix(values: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(values.flip(1), 1).flip(1).gather(1, at)
+    def suffix(reversed_values: torch.Tensor) -> torch.Tensor:  # values given in ascending order (no flip per call)
+        return torch.cumsum(reversed_values, 1).gather(1, at_reversed)
 
     # above: softplus(x) = x + log(1 + e^{−x}), x = f_j − f_i ≥ 0, weight 1/p_j − 1/p_i
     rf = r * f_sorted
@@ -359,20 +361,26 @@ def _lambda_mrr_rest_rows(scores: torch.Tensor, unobserved: torch.Tensor, listed
     # the log(1 + e^{−|x|}) parts (above and below) as Σ_k a_k e^{−k|x|}, each term a product of an i- and a j-factor,
     # on scores centred at c: each listed item takes the centre of its band of width 2·_BAND (band 0 starts at the
     # row's lowest unobserved score), so |f_i − c| ≤ _BAND; a j clamped at ±_EXP_SPAN is then > _EXP_SPAN − _BAND
-    # from i and adds < e^{−36} per pair, i.e. nothing in float64. One band (one pass) unless scores spread > 64
+    # from i and adds < e^{−36} per pair, i.e. nothing in float64. One band (one pass) unless scores spread > 64.
+    # r ∈ {0, 1}, so (r·e^{±z})^k = r·e^{±kz}: the powers carry the mask
     low = scores.detach().masked_fill(~unobserved, float("inf")).amin(1, keepdim=True).to(torch.float64)
     band = ((f_listed.detach() - low) / (2 * _BAND)).floor().clamp(min=0)
-    r_over_p = r * inv_p
+    inv_p_reversed = inv_p.flip(0)
+    f_reversed, r_reversed = f_sorted.flip(1), r.flip(1)
     curved = torch.zeros_like(f_listed)
     for index in torch.unique(band[valid]).tolist():
         centre = low + (2 * index + 1) * _BAND
-        z_sorted = (f_sorted - centre).clamp(-_EXP_SPAN, _EXP_SPAN)
         z_listed = (f_listed - centre).clamp(-_EXP_SPAN, _EXP_SPAN)
+        down_1 = r * torch.exp(-(f_sorted - centre).clamp(-_EXP_SPAN, _EXP_SPAN))  # r·e^{−z_j}, descending order
+        up_1 = r_reversed * torch.exp((f_reversed - centre).clamp(-_EXP_SPAN, _EXP_SPAN))  # r·e^{z_j}, ascending
+        e_listed = torch.exp(z_listed)
+        down, up, e_k = down_1, up_1, e_listed
         part = torch.zeros_like(f_listed)
         for k, a_k in enumerate(_LOG1P_SERIES[1:], start=1):
-            down, up = torch.exp(-k * z_sorted), torch.exp(k * z_sorted)  # e^{−k z_j}, e^{k z_j}
-            above = torch.exp(k * z_listed) * (prefix(down * r_over_p) - inv_listed * prefix(down * r))
-            below = torch.exp(-k * z_listed) * (inv_listed * suffix(up * r) - suffix(up * r_over_p))
+            if k > 1:
+                down, up, e_k = down * down_1, up * up_1, e_k * e_listed
+            above = e_k * (prefix(down * inv_p) - inv_listed * prefix(down))
+            below = (inv_listed * suffix(up) - suffix(up * inv_p_reversed)) / e_k
             part = part + a_k * (above + below)
         curved = torch.where(band == index, part, curved)
     across = torch.where(valid, linear + curved, torch.zeros((), dtype=f.dtype, device=f.device)).sum(1)
