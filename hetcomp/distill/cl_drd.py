@@ -1,35 +1,57 @@
 """CL-DRD — curriculum learning for dense retrieval distillation (H. Zeng, H. Zamani, V. Vinay, "Curriculum
 Learning for Dense Retrieval Distillation", SIGIR 2022), applied to the converged ensemble's ranking.
 
-A predefined easy-to-hard curriculum over rank positions, following the authors' released training code. Each
-user's list has ``list_size`` items in three groups; stage s (lengths n_1 < n_2 < … from ``stages``) changes
-how many are in the finely ordered head:
+A predefined easy-to-hard curriculum over rank positions. Stage s (lengths n_1 < n_2 < … from ``stages``) fixes
+how many of the ensemble's top unobserved items are finely ordered, in three label groups (from the authors'
+released code, github.com/HansiZeng/CL-DRD: ``dataset/nway_dataset.py`` label modes 8, 9, 10 and
+``losses/lambda_rank.py``):
 
-- the ensemble's top-n_s unobserved items, label 1/rank (rank from 1): their exact order matters;
-- ⌊(size − n_s)/2⌋ "hard" items drawn uniformly from ensemble ranks (n_s, N], label −0.25;
-- the rest drawn uniformly from the unobserved items outside the ensemble's top-N, label −0.5.
+- the head: the ensemble's top-n_s unobserved items, label 1/rank (rank from 1): their exact order matters;
+- the "hard" items: ensemble ranks (n_s, N], label −0.25: below the head, no order among them;
+- the negatives: unobserved items outside the ensemble's top-N, label −0.5: below everything listed.
 
-With the defaults the lists are 5 + 12 + 13, then 10 + 10 + 10, then 20 + 5 + 5, the authors' three steps. The
-loss is their LambdaMRR (:func:`hetcomp.distill.losses.lambda_mrr_loss`): a logistic loss on each pair the labels
-order, weighted by |1/p_i − 1/p_j| with p the student's current positions in the list, so the label values only
-fix the order and the pairs the student has near its top weigh most:
+The loss is the authors' LambdaMRR: a logistic loss on every pair the labels order, weighted by |1/p_i − 1/p_j|
+with p the student's current positions, so the label values only fix the order and the pairs the student has
+near its top weigh most.
 
-    L = L_own + weight · mean_{pairs} |1/p_i − 1/p_j| · log(1 + e^{−(f_i − f_j)}).
+**Default, ``sampling=False``: as the HetComp paper ran it.** The HetComp authors report (README of
+github.com/SeongKu-Kang/HetComp_WWW23) that the sampling of top-ranked unobserved items was unnecessary and
+that removing it considerably improved the ranking-matching baselines (RRD, MTD, CL-DRD, DCD), so they ran all
+of them without it; their released code contains no CL-DRD, and how the groups look without sampling is not
+published. Our reading (an adaptation, like RRD's ``sample=False``): every member of each group is used instead
+of a sample, i.e. the head and *all* N − n_s hard items as listed, and *every* other unobserved item of the user
+as a negative; p is the student's rank among all the user's unobserved items:
 
-Each stage lasts ``stage_epochs`` epochs, the last one until training ends. Defaults: stages 5, 10, 20 and lists
-of 30 (the authors' code), N = 100, weight 1, 30 epochs a stage (our choice; the paper trains one pass a step).
-Lengths are clamped to the ensemble ranking that exists; a group with nothing to draw from is left out.
+    L_u = Σ_{(i,j): label_i > label_j} |1/p_i − 1/p_j| · softplus(f_j − f_i),
+    L = L_own + weight · mean_u L_u
+
+(:func:`hetcomp.distill.losses.lambda_mrr_rest_loss`: linear in n_items per user, no [B, N, n_items] pairs).
+Summing per user (instead of the authors' mean over a batch's pairs, which would divide by ~N·n_items here) is
+our choice, the same normalization as our RRD and HetComp losses; its scale is absorbed by ``weight``, whose
+default 0.01 (HetComp's L_O weight, also a list against all unobserved items) is a starting point, not tuned.
+
+**``sampling=True``: the authors' sampled groups** (version 2 of this method, unchanged): each user's list has
+``list_size`` items: the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble ranks (n_s, N] and the
+rest drawn uniformly from the unobserved items outside the top-N; with the defaults 5 + 12 + 13, then 10 + 10 +
+10, then 20 + 5 + 5, the authors' three steps; LambdaMRR with p the positions inside the list, mean over the
+batch's pairs; default weight 1.
+
+Each stage lasts ``stage_epochs`` epochs, the last one until training ends. Defaults: stages 5, 10, 20 (the
+authors' code), N = 100, 30 epochs a stage (our choice; the paper trains one pass a step). Lengths are clamped
+to the ensemble ranking that exists; a group with nothing in it is left out. ``search_space`` on the config
+declares the ranges to tune on validation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
-from hetcomp.distill.losses import lambda_mrr_loss
+from hetcomp.distill.losses import lambda_mrr_loss, lambda_mrr_rest_loss
 from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
@@ -43,7 +65,18 @@ class CLDRDConfig:
     stage_epochs: int = knob(30, ge=1)
     list_size: int = knob(30, ge=2)
     top_n: int = knob(100, ge=1)
-    weight: float = knob(1.0, ge=0)
+    weight: float | None = knob(None, ge=0)  # None: 0.01 without sampling, 1 with it (see the module docstring)
+    sampling: bool = False  # True: the authors' sampled hard and negative groups (this method's version 2)
+
+    #: what ``hetcomp tune`` may search, on validation: name → ("float_log" | "float" | "int", low, high) or
+    #: ("choice", [values]); ``weight`` spans both normalizations (per-user sums without sampling, pair means with)
+    search_space: ClassVar[dict] = {
+        "stage_epochs": ("int", 5, 60),
+        "weight": ("float_log", 1e-4, 10.0),
+        "stages": ("choice", ["5,10,20", "10,20,50", "20,50,100"]),
+        "top_n": ("choice", [50, 100, 200]),
+        "sampling": ("choice", [False, True]),
+    }
 
     def __post_init__(self) -> None:
         validate(self)
@@ -67,7 +100,10 @@ class CLDRD(DistillMethod):
     """The student's own loss plus LambdaMRR on a list whose finely ordered head grows stage by stage."""
 
     name = "cl-drd"
-    version = 2  # 2: negatives by rejection sampling (sample_unobserved), another random stream
+    # 2: negatives by rejection sampling (sample_unobserved), another random stream; 3: the default is now the
+    # HetComp paper's form without sampling (every unobserved item a negative, per-user sums, weight 0.01), so
+    # every default result changes; ``sampling=True`` is version 2's method, value for value
+    version = 3
     config_class = CLDRDConfig
 
     def __init__(self, context: DistillContext, config: CLDRDConfig | None = None) -> None:
@@ -75,12 +111,14 @@ class CLDRD(DistillMethod):
         self.stage_sizes = parse_stages(self.config.stages)
         if self.config.stage_epochs < 1:
             raise HetCompError("stage_epochs must be at least 1")
-        if self.config.list_size <= max(self.stage_sizes):
+        if self.config.sampling and self.config.list_size <= max(self.stage_sizes):
             raise HetCompError(f"list_size ({self.config.list_size}) must exceed the longest stage "
                                f"({max(self.stage_sizes)}) so that every list has items to rank below its head")
         self.ranking = context.converged_topk
         self.top_n = min(self.config.top_n, self.ranking.shape[1])
         self.stage = 0
+        self.weight = self.config.weight if self.config.weight is not None else (1.0 if self.config.sampling
+                                                                                 else 0.01)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.stage = min((epoch - 1) // self.config.stage_epochs, len(self.stage_sizes) - 1)
@@ -108,11 +146,23 @@ class CLDRD(DistillMethod):
         groups.append((items, torch.full(items.shape, NEGATIVE_LABEL, device=self.device), valid))
         return tuple(torch.cat(parts, dim=1) for parts in zip(*groups, strict=True))
 
+    def listed(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Without sampling, the current stage's listed items per user: (the ensemble's top-N [B, N], labels: 1/rank
+        for the head, the hard label after it, valid [B, N]); every other unobserved item is a negative."""
+        n, head = self.list_length, self.ranking[users, :self.top_n]
+        labels = torch.full(head.shape, HARD_LABEL, device=self.device)
+        labels[:, :n] = 1.0 / torch.arange(1, n + 1, dtype=torch.float32, device=self.device)
+        return head, labels, torch.ones_like(head, dtype=torch.bool)
+
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
-        items, labels, valid = self.candidates(users, self._generator)
-        pairwise = lambda_mrr_loss(model.score_items(users, items), labels, valid)
-        return self.own_loss(model, users) + self.config.weight * pairwise
+        if self.config.sampling:
+            items, labels, valid = self.candidates(users, self._generator)
+            pairwise = lambda_mrr_loss(model.score_items(users, items), labels, valid)
+            return self.own_loss(model, users) + self.weight * pairwise
+        items, labels, valid = self.listed(users)
+        per_user = lambda_mrr_rest_loss(model.score(users), ~self.context.train_mask(users), items, labels, valid)
+        return self.own_loss(model, users) + self.weight * per_user.mean()
 
     def describe(self) -> str:
         return f"stage {self.stage + 1}/{len(self.stage_sizes)}  list {self.list_length}"
