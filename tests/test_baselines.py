@@ -338,8 +338,8 @@ def test_cl_drd_candidate_list_grows_with_the_stage(context):
         build_method("cl-drd", context, stages="5,x")
     with pytest.raises(HetCompError, match="list_size"):
         build_method("cl-drd", context, stages="5,10", list_size=10, sampling=True)
-    assert build_method("cl-drd", context, stages="5,10", list_size=10).weight == 0.01  # no list without sampling
-    assert build_method("cl-drd", context, stages=7).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
+    assert build_method("cl-drd", context, stages="5,10", list_size=10, sampling=False).weight == 0.01  # no list
+    assert build_method("cl-drd", context, stages=7, list_size=30).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
 
 
 def naive_lambda_mrr_rest(scores, unobserved, listed, labels, valid):
@@ -391,7 +391,7 @@ def test_lambda_mrr_rest_loss_matches_naive_values_and_gradients(scale):
 
 
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):
-    method = build_method("cl-drd", context, stages="2,4", stage_epochs=2, top_n=5)
+    method = build_method("cl-drd", context, stages="2,4", stage_epochs=2, top_n=5, sampling=False)
     users = torch.tensor([1, 4, 7])
     model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(15)))
     method.own_loss = lambda model, users: torch.zeros(())
@@ -411,7 +411,7 @@ def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(contex
 def test_cl_drd_without_sampling_learns_the_ensembles_order(context):
     """Gradient steps on the distillation term alone move the student's ranking towards the ensemble's (more of
     its top-5 in the student's top-5, and more at the same place) and lower the term."""
-    method = build_method("cl-drd", context, stages="5", top_n=10, weight=1.0)
+    method = build_method("cl-drd", context, stages="5", top_n=10, weight=1.0, sampling=False)
     method.own_loss = lambda model, users: torch.zeros(())
     users = context.active_users[:16]
     model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(16)) * 0.1)
@@ -618,9 +618,9 @@ def test_kd_candidates_and_listwise_term_match_naive(context):
     # stage 2 from epoch 3; LambdaMRR's loss is nearly flat on this split at lr 1e-2 (a coin flip whether
     # epoch 6 is below epoch 3 for a given random stream), so it trains at 3e-2, where it falls for every seed
     ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "list_size": 8, "sampling": True}, 2, 3e-2),
-    # the default, without sampling: LambdaMRR's value grows with the weight of pairs the student already puts near
-    # its top, so it is not checked to fall here (test_cl_drd_without_sampling_learns_the_ensembles_order)
-    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10}, None, 1e-2),
+    # without sampling: LambdaMRR's value grows with the weight of pairs the student already puts near its top, so
+    # it is not checked to fall here (test_cl_drd_without_sampling_learns_the_ensembles_order)
+    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "sampling": False}, None, 1e-2),
     ("kd", {"k": 10, "n_neg": 8, "own_weight": 1.0, "on": "probs", "label_margin": True,
             "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}, 0, 1e-2),
 ])
