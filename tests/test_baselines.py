@@ -339,7 +339,7 @@ def test_cl_drd_candidate_list_grows_with_the_stage(context):
     with pytest.raises(HetCompError, match="list_size"):
         build_method("cl-drd", context, stages="5,10", list_size=10, sampling=True)
     assert build_method("cl-drd", context, stages="5,10", list_size=10, sampling=False).weight == 0.01  # no list
-    assert build_method("cl-drd", context, stages=7, list_size=30).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
+    assert build_method("cl-drd", context, stages=7).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
 
 
 def naive_lambda_mrr_rest(scores, unobserved, listed, labels, valid):

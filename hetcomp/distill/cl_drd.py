@@ -31,8 +31,8 @@ Summing per user (instead of the authors' mean over a batch's pairs, which would
 our choice, the same normalization as our RRD and HetComp losses; its scale is absorbed by ``weight``, whose
 default 0.01 (HetComp's L_O weight, also a list against all unobserved items) is a starting point, not tuned.
 
-**``sampling=True``, the default for now: the authors' sampled groups** (version 2 of this method, unchanged): each user's list has
-``list_size`` items: the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble ranks (n_s, N] and the
+**``sampling=True``, the default for now: the authors' sampled groups** (version 2 of this method, unchanged):
+each user's list has ``list_size`` items: the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble ranks (n_s, N] and the
 rest drawn uniformly from the unobserved items outside the top-N; with the defaults 5 + 12 + 13, then 10 + 10 +
 10, then 20 + 5 + 5, the authors' three steps; LambdaMRR with p the positions inside the list, mean over the
 batch's pairs; default weight 1.
