@@ -32,10 +32,10 @@ our choice, the same normalization as our RRD and HetComp losses; its scale is a
 default 0.01 (HetComp's L_O weight, also a list against all unobserved items) is a starting point, not tuned.
 
 **``sampling=True``, the default for now: the authors' sampled groups** (version 2 of this method, unchanged):
-each user's list has ``list_size`` items: the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble ranks (n_s, N] and the
-rest drawn uniformly from the unobserved items outside the top-N; with the defaults 5 + 12 + 13, then 10 + 10 +
-10, then 20 + 5 + 5, the authors' three steps; LambdaMRR with p the positions inside the list, mean over the
-batch's pairs; default weight 1.
+each user's list has ``list_size`` items: the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble
+ranks (n_s, N] and the rest drawn uniformly from the unobserved items outside the top-N; with the defaults
+5 + 12 + 13, then 10 + 10 + 10, then 20 + 5 + 5, the authors' three steps; LambdaMRR with p the positions inside
+the list, mean over the batch's pairs; default weight 1.
 
 Each stage lasts ``stage_epochs`` epochs, the last one until training ends. Defaults: stages 5, 10, 20 (the
 authors' code), N = 100, 30 epochs a stage (our choice; the paper trains one pass a step). Lengths are clamped
