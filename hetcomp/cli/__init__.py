@@ -9,7 +9,7 @@ from importlib import import_module
 
 from hetcomp.cli.common import app
 
-COMMAND_MODULES = ("teachers", "distill", "evaluate", "reproduce", "bench", "datasets")
+COMMAND_MODULES = ("teachers", "distill", "tune", "evaluate", "reproduce", "bench", "datasets")
 for _module in COMMAND_MODULES:
     import_module(f"{__name__}.{_module}")
 

@@ -55,7 +55,8 @@ def distill_command(
     split_seed: int = typer.Option(0, help="Split seed; the teachers must have been trained on the same split."),
     teachers: str = typer.Option(",".join(TEACHERS), help="Comma-separated teachers to distil from."),
     option: list[str] = typer.Option([], "--option", "-o",
-                                     help="Method option NAME=VALUE (repeatable), e.g. -o preset=code."),
+                                     help="Method option NAME=VALUE (repeatable), e.g. -o preset=code; unset "
+                                          "ones take the settings `hetcomp tune` chose, if any."),
     kd_loss: str = typer.Option(None, "--kd-loss", help="For --method kd: weighted losses, e.g. "
                                 "kl:1.0,pairwise_hinge:0.5 (ce, bce, l2, kl, pairwise_hinge, listwise)."),
     max_epochs: int = typer.Option(DEFAULT_MAX_EPOCHS,
@@ -65,10 +66,11 @@ def distill_command(
     patience: int = typer.Option(DEFAULT_PATIENCE,
                                  help="Stop after this many evaluations without a better validation R@50."),
     batch_users: int = typer.Option(DEFAULT_BATCH_USERS, help="Users per batch (each user once per epoch)."),
-    lr: float = typer.Option(None, help=f"Adam learning rate of the student (default {KD_LR:g} for KD methods, "
-                                        "the model's own for --method none)."),
-    weight_decay: float = typer.Option(None, help=f"Adam weight decay of the student (default {KD_WEIGHT_DECAY:g} "
-                                                  "for KD methods, the model's own for --method none)."),
+    lr: float = typer.Option(None, help="Adam learning rate of the student (default: the one `hetcomp tune` chose, "
+                                        f"else {KD_LR:g} for KD methods, the model's own for --method none)."),
+    weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default: the one `hetcomp tune` "
+                                                  f"chose, else {KD_WEIGHT_DECAY:g} for KD methods, the model's own "
+                                                  "for --method none)."),
     decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
     weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,

@@ -52,6 +52,17 @@ class HetCompConfig:
     # "paper": L_F(P⁺) + L_F(P⁻); "code": the release's prefix terms
     fine_form: str | None = knob(None, choices=("paper", "code"))
 
+    #: what ``hetcomp tune`` searches besides lr and weight decay (kinds: hetcomp.tune.KINDS), around the paper's
+    #: values: the weights an order of magnitude each way, α (DKC's switching threshold) from 1 to 1.2
+    search_space = {
+        "preset": ("choice", ["paper", "code"]),
+        "overall_weight": ("float_log", 1e-3, 1e-1),
+        "fine_weight": ("float_log", 5e-4, 5e-2),
+        "alpha": ("float", 1.0, 1.2),
+        "k": ("choice", [50, 100, 200]),
+        "deadline": ("choice", [100, 200, 300]),
+    }
+
     def __post_init__(self) -> None:
         validate(self)
 

@@ -53,6 +53,15 @@ class KDConfig:
     label_margin: bool = False
     own_weight: float = knob(0.0, ge=0)
 
+    #: searched by ``hetcomp tune`` besides lr and weight decay: a few loss menus, their temperatures, the lists
+    search_space = {
+        "losses": ("choice", ["kl:1.0", "ce:1.0", "listwise:1.0", "kl:1.0,pairwise_hinge:0.5"]),
+        "k": ("int", 20, 200),
+        "temperature": ("float_log", 0.5, 4.0),
+        "rank_temperature": ("float_log", 2.0, 50.0),
+        "own_weight": ("choice", [0.0, 0.1, 1.0]),
+    }
+
     def __post_init__(self) -> None:
         validate(self)
 

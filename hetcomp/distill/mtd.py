@@ -35,6 +35,9 @@ class MTDConfig:
     temperature: float = knob(10.0, gt=0)
     weight: float = knob(1.0, ge=0)
 
+    #: searched by ``hetcomp tune`` besides lr and weight decay
+    search_space = {"k": ("int", 10, 100), "temperature": ("float_log", 1.0, 100.0), "weight": ("float_log", 0.1, 10.0)}
+
     def __post_init__(self) -> None:
         validate(self)
 

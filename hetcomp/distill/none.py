@@ -13,6 +13,8 @@ from hetcomp.models.base import Batch, Recommender
 @dataclass
 class NoKDConfig:
     owner = "method none"
+    #: nothing of its own to search: ``hetcomp tune`` searches lr and weight decay only
+    search_space = {}
 
 
 class NoKD(DistillMethod):

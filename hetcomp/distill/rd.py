@@ -42,6 +42,15 @@ class RDConfig:
     mu: float = knob(0.1, gt=0)
     dynamic_start: int = knob(10, ge=0)
 
+    #: searched by ``hetcomp tune`` besides lr and weight decay
+    search_space = {
+        "weight": ("float_log", 1e-2, 10.0),
+        "k": ("int", 5, 50),
+        "lam": ("float_log", 0.5, 10.0),
+        "dynamic": ("choice", [False, True]),
+        "mu": ("float_log", 0.01, 1.0),
+    }
+
     def __post_init__(self) -> None:
         validate(self)
 

@@ -38,6 +38,9 @@ class RRDConfig:
     temperature: float = knob(10.0, gt=0)
     n_tail: int = knob(100, ge=1)
 
+    #: searched by ``hetcomp tune`` besides lr and weight decay (the sampling variant keeps its defaults)
+    search_space = {"weight": ("float_log", 1e-4, 1e-1), "k": ("int", 10, 100)}
+
     def __post_init__(self) -> None:
         validate(self)
 

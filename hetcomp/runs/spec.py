@@ -24,6 +24,7 @@ from hetcomp.data import Split
 from hetcomp.distill import EnsembleConfig, method_class
 from hetcomp.models import model_class, model_config
 from hetcomp.registry import checked_config
+from hetcomp.runs.tuned import RECIPE, tuned_defaults
 from hetcomp.teachers import TEACHERS
 
 #: the student's recipe when its method distils (Adam); methods that train mostly on the student's own loss
@@ -182,10 +183,20 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
               seed: int = 0, method_options: dict | None = None, ensemble: EnsembleConfig | None = None,
               batch_users: int = DEFAULT_BATCH_USERS, lr: float | None = None, weight_decay: float | None = None,
               max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY,
-              patience: int = DEFAULT_PATIENCE, source: dict | None = None) -> RunSpec:
-    """Resolve every default of one run into its :class:`RunSpec` (unknown method options are an error)."""
+              patience: int = DEFAULT_PATIENCE, source: dict | None = None, tuned: bool = True) -> RunSpec:
+    """Resolve every default of one run into its :class:`RunSpec` (unknown method options are an error).
+
+    With ``tuned`` (the default), the settings a study chose for this dataset, student, method and dim
+    (:func:`~hetcomp.runs.tuned.tuned_defaults`, a committed ``experiments/tuning`` file) fill the method
+    options, lr and weight decay that the caller did not give; explicit arguments win. Tuned options join the
+    spec's ``options``, so its command line spells them out and reruns the same run without the file."""
     cls = method_class(method)
     options = dict(method_options or {})
+    if tuned:
+        chosen = tuned_defaults(split.meta["dataset"], student, method, dim)
+        options = {**{k: v for k, v in chosen.items() if k not in RECIPE}, **options}
+        lr = chosen.get("lr") if lr is None else lr
+        weight_decay = chosen.get("weight_decay") if weight_decay is None else weight_decay
     config = checked_config(cls.config_class, options, f"method {method!r}")
     default_lr, default_decay = default_recipe(student, method)
     lr = default_lr if lr is None else lr

@@ -1,0 +1,52 @@
+"""The settings a study chose (``hetcomp tune``), read back as defaults for the runs that did not set them.
+
+One small JSON file per dataset, student, method and dimension, ``<root>/<dataset>/<student>-<method>-<dim>.json``
+(:data:`TUNING_ROOT`, relative to the working directory like ``experiments/runs``). Its ``settings`` hold the
+chosen ``lr``, ``weight_decay`` and method ``options``; :func:`~hetcomp.runs.spec.make_spec` takes them for
+whatever its caller left unset, so they enter the run's identity and its ``hetcomp distill`` command line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hetcomp.config import check_value, unknown_settings
+from hetcomp.distill import method_class
+from hetcomp.errors import HetCompError
+from hetcomp.provenance import dataset_slug
+from hetcomp.train import TrainerConfig
+
+#: where committed study summaries live (tests point it elsewhere)
+TUNING_ROOT = Path("experiments/tuning")
+#: the searched settings that belong to the trainer's recipe rather than to the method's config
+RECIPE = ("lr", "weight_decay")
+
+
+def summary_path(dataset: str, student: str, method: str, dim: int, root: Path | None = None) -> Path:
+    """``<root>/<dataset-slug>/<student>-<method>-<dim>.json``."""
+    return Path(TUNING_ROOT if root is None else root) / dataset_slug(dataset) / f"{student}-{method}-{dim}.json"
+
+
+def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path | None = None) -> dict:
+    """The chosen ``{"lr": …, "weight_decay": …, <option>: …}`` of a finished study; ``{}`` when there is none.
+
+    Every value is checked against its declared range, so a summary that no longer fits the method (a renamed
+    option, a narrowed range) is an error naming the file rather than a silently different run."""
+    path = summary_path(dataset, student, method, dim, root)
+    if not path.is_file():
+        return {}
+    fix = f"rerun `hetcomp tune` for it, or delete {path} to use the built-in defaults"
+    try:
+        summary = json.loads(path.read_text())
+        settings = summary.get("settings") or {}
+        chosen = {**settings.get("options", {}), **{k: settings[k] for k in RECIPE if k in settings}}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as error:
+        raise HetCompError(f"{path}: cannot read these tuned settings ({error.__class__.__name__}: {error}); "
+                           f"{fix}") from None
+    config_class = method_class(method).config_class
+    label = f"{path}: "
+    unknown_settings(config_class, [k for k in chosen if k not in RECIPE], label=label)
+    for name, value in chosen.items():
+        check_value(TrainerConfig if name in RECIPE else config_class, name, value, label=label)
+    return chosen

@@ -1,0 +1,279 @@
+"""Choosing a method's settings on validation: an Optuna study over the space the method declares.
+
+Each method's config declares ``search_space`` beside its fields: name → ``("float_log", low, high)``,
+``("float", low, high)``, ``("int", low, high)`` or ``("choice", [values])``. Every method also searches
+:data:`COMMON_SPACE` (lr and weight decay; a method may redeclare them). A trial is one student run
+(:func:`~hetcomp.runs.make_spec` with the sampled values, trained by :func:`~hetcomp.runs.train_run` in its own
+run store); its value is the validation Recall@50 at the best epoch, each evaluation is reported to the pruner.
+
+Test data never reaches a trial: the runs train and evaluate on :func:`validation_only`, the split with an
+empty test part (so validation ranks each user's held-out items among every item not in training, test items
+included, where ``hetcomp distill`` also drops them; and the runs get their own split fingerprint, so that no
+tuning run is ever taken for a real one). Optuna's TPE sampler (seeded) proposes, its median pruner stops
+runs whose validation curve trails the earlier trials': the two things a grid cannot do with 16 runs.
+
+A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
+records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
+completes it. When the budget is reached, the summary (:func:`~hetcomp.runs.tuned.summary_path`) holds the
+chosen settings, which ``distill`` and ``reproduce`` then use by default. It holds no test metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import optuna
+import scipy.sparse as sp
+import torch
+
+from hetcomp.config import check_value, settings_summary
+from hetcomp.data import Split
+from hetcomp.distill import method_class
+from hetcomp.errors import HetCompError
+from hetcomp.provenance import CODE_DIGEST, atomic_write_text, git_commit, machine
+from hetcomp.runs import RunStore, make_spec, teachers_digest, train_run
+from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
+from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, summary_path
+from hetcomp.teachers import TEACHERS
+from hetcomp.train import Callback, TrainerConfig
+
+KINDS = ("float_log", "float", "int", "choice")
+#: searched for every method: Adam's lr, and weight decay as a choice (0 cannot sit on a log scale)
+COMMON_SPACE = {"lr": ("float_log", 1e-4, 1e-1), "weight_decay": ("choice", [0.0, 1e-6, 1e-5, 1e-4])}
+#: what a study records and a resumed study must match
+STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
+              "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def check_space(config_class: type, space: dict, owner: str) -> None:
+    """Each entry a known kind over a real setting (of the method's config, or lr / weight_decay), its bounds or
+    choices within that setting's declared range; else a one-line HetCompError naming the entry."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    for name, entry in space.items():
+        target = TrainerConfig if name in RECIPE else config_class
+        label = f"the search space of {owner}, {name}={entry!r}: "
+        if name not in RECIPE and name not in fields:
+            settings = settings_summary(config_class)
+            raise HetCompError(f"{label}{owner} has no setting {name!r}; its settings: {settings}")
+        kind = entry[0] if isinstance(entry, tuple | list) and entry else None
+        if kind not in KINDS or len(entry) != (2 if kind == "choice" else 3):
+            raise HetCompError(f"{label}write (KIND, LOW, HIGH) or ('choice', [VALUES]) with KIND one of "
+                               f"{', '.join(KINDS[:3])}")
+        if kind == "choice":
+            if not isinstance(entry[1], list | tuple) or not entry[1]:
+                raise HetCompError(f"{label}a choice needs a non-empty list of values")
+            values = list(entry[1])
+        else:
+            low, high = entry[1:]
+            cast = int if kind == "int" else float
+            if kind == "int" and not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+                raise HetCompError(f"{label}an int range needs integer bounds")
+            if not low < high or kind == "float_log" and low <= 0:
+                raise HetCompError(f"{label}needs LOW < HIGH{' and LOW > 0 on a log scale' * (kind == 'float_log')}")
+            values = [cast(low), cast(high)]
+        for value in values:
+            check_value(target, name, value, label=label)
+
+
+def search_space(method: str, knobs: Sequence[str] | None = None, fixed: dict | None = None) -> dict:
+    """The space a study of ``method`` searches: lr, weight decay and the method's declared knobs, narrowed to
+    ``knobs`` when given, without the ``fixed`` options; an unknown knob or an empty space is an error."""
+    config_class = method_class(method).config_class
+    declared = getattr(config_class, "search_space", {})
+    check_space(config_class, declared, f"method {method!r}")
+    space = {**COMMON_SPACE, **declared}
+    if knobs is not None:
+        unknown = [k for k in knobs if k not in space]
+        if unknown:
+            raise HetCompError(f"--knobs {','.join(knobs)}: method {method!r} declares no knob "
+                               f"{', '.join(unknown)}; its search space: {', '.join(space)}")
+        space = {k: space[k] for k in knobs}
+    space = {k: v for k, v in space.items() if k not in (fixed or {})}
+    if not space:
+        raise HetCompError(f"the search space of method {method!r} is empty (every knob is fixed or left out); "
+                           f"search at least one of {', '.join({**COMMON_SPACE, **declared})}")
+    return space
+
+
+def validation_only(split: Split) -> Split:
+    """``split`` with an empty test part and its own fingerprint: what every tuning run sees."""
+    return dataclasses.replace(split, test=sp.csr_matrix(split.test.shape, dtype=split.test.dtype),
+                               meta={**split.meta, "fingerprint": f"{split.fingerprint}+valid-only"})
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage, or a one-line error naming the URL (its password hidden)."""
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:  # sqlalchemy's and the drivers' errors have no common base
+        reason = " ".join(str(error).split("(Background")[0].split())[:200]
+        raise HetCompError(f"--storage {_shown(url)}: cannot open this study storage ({reason}); give an Optuna "
+                           "RDB URL such as sqlite:///study.db or postgresql://user@host/db") from None
+
+
+def _shown(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+class _Report(Callback):
+    """Reports each evaluation's validation R@50 to the trial; stops the run when the pruner says so (before
+    its checkpoint and metrics are written: a pruned run is never a finished one)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
+        self.trial.report(result["valid"]["recall@50"], epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+
+def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str = "hetcomp", dim: int = 6,
+         trials: int = 16, storage: str | None = None, study_name: str | None = None,
+         store: RunStore | None = None, seed: int = 0, max_epochs: int = DEFAULT_MAX_EPOCHS,
+         eval_every: int = DEFAULT_EVAL_EVERY, patience: int = DEFAULT_PATIENCE,
+         knobs: Sequence[str] | None = None, fixed: dict | None = None,
+         pruner: optuna.pruners.BasePruner | None = None, device: torch.device | str = "cpu",
+         callbacks: Sequence[Callback] = (), on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+         source: dict | None = None, root: Path | None = None) -> dict:
+    """Run ``method``'s study until it holds ``trials`` finished (complete or pruned) trials; returns the summary
+    (also written to :func:`~hetcomp.runs.tuned.summary_path` under ``root`` once the budget is reached)."""
+    dataset = split.meta["dataset"]
+    fixed = dict(fixed or {})
+    space = search_space(method, knobs, fixed)
+    root = Path(TUNING_ROOT if root is None else root)
+    summary_file = summary_path(dataset, student, method, dim, root)
+    default_storage = storage is None
+    if default_storage:
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{summary_file.with_suffix('.db')}"
+    study_name = study_name or f"{dataset}-{student}-{method}-{dim}"
+    attrs = {"dataset": dataset, "split_fingerprint": split.fingerprint, "split_seed": int(split.meta.get("seed", 0)),
+             "student": student, "dim": dim,
+             "method": method, "method_version": method_class(method).version,
+             "teachers": [t.name for t in trajectories], "teachers_digest": teachers_digest(trajectories),
+             "search_space": _jsonable(space), "fixed": _jsonable(fixed), "seed": seed, "max_epochs": max_epochs,
+             "eval_every": eval_every, "patience": patience}
+    study = optuna.create_study(storage=open_storage(storage), study_name=study_name, direction="maximize",
+                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0),
+                                load_if_exists=True)
+    _claim(study, attrs, storage)
+    # seeded, and reseeded by the trials already there: a resumed study does not repeat its first proposals
+    study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + len(study.trials))
+    blind = validation_only(split)
+    store = store or RunStore("experiments/tuning-runs")
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {name: _suggest(trial, name, entry) for name, entry in space.items()}
+        options = {**fixed, **{k: v for k, v in params.items() if k not in RECIPE}}
+        spec = make_spec(blind, trajectories, student, method, dim, seed, options, lr=params.get("lr"),
+                         weight_decay=params.get("weight_decay"), max_epochs=max_epochs, eval_every=eval_every,
+                         patience=patience, source=source, tuned=False)
+        trial.set_user_attr("run", spec.folder_name)
+        try:
+            result = train_run(spec, blind, trajectories, store, device, [_Report(trial), *callbacks])
+        except FloatingPointError as error:  # a diverging run is a bad setting, stopped: a pruned trial
+            trial.set_user_attr("diverged", str(error))
+            raise optuna.TrialPruned(str(error)) from None
+        trial.set_user_attr("best_epoch", result["best_epoch"])
+        return result["valid"]["recall@50"]
+
+    remaining = trials - sum(t.state in DONE for t in study.trials)
+    if remaining > 0:
+        stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
+        study.optimize(objective, n_trials=remaining,
+                       callbacks=[stop, *([lambda _, trial: on_trial(trial)] if on_trial else [])])
+    summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
+    if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
+        atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _suggest(trial: optuna.Trial, name: str, entry: tuple):
+    kind = entry[0]
+    if kind == "choice":
+        return trial.suggest_categorical(name, list(entry[1]))
+    if kind == "int":
+        return trial.suggest_int(name, entry[1], entry[2])
+    return trial.suggest_float(name, entry[1], entry[2], log=kind == "float_log")
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _claim(study: optuna.Study, attrs: dict, storage: str) -> None:
+    """Record what a new study is for; a study made for something else is an error naming the difference."""
+    stored = study.user_attrs
+    if not stored and not study.trials:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return
+    for key in STUDY_KEYS:
+        if stored.get(key) != attrs[key]:
+            raise HetCompError(f"study {study.study_name!r} in {_shown(storage)} was created for {key} "
+                               f"{stored.get(key)!r}, not {attrs[key]!r}; give another --study-name or --storage "
+                               "to start a new study")
+
+
+def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None, source: dict | None,
+             knobs: Sequence[str] | None) -> dict:
+    states = [t.state for t in study.trials]
+    count = {name.lower(): states.count(state) for name, state in optuna.trial.TrialState.__members__.items()}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    settings = None
+    if best is not None:
+        chosen = {**attrs["fixed"], **best.params}
+        settings = {**{k: chosen[k] for k in RECIPE if k in chosen},
+                    "options": {k: v for k, v in chosen.items() if k not in RECIPE}}
+    return {
+        **attrs, "study_name": study.study_name, "storage": storage and _shown(storage), "budget": trials,
+        "objective": "validation recall@50 at the best epoch, test part of the split emptied (never read)",
+        "trials": {"complete": count["complete"], "pruned": count["pruned"], "failed": count["fail"],
+                   "running": count["running"]},
+        "best_value": best.value if best else None, "best_trial": best.number if best else None,
+        "best_params": best.params if best else None, "settings": settings,
+        "history": [{"number": t.number, "state": t.state.name.lower(),
+                     "value": t.value if t.value is None or math.isfinite(t.value) else None,
+                     "last_epoch": t.last_step, "params": t.params,
+                     **({"diverged": t.user_attrs["diverged"]} if "diverged" in t.user_attrs else {})}
+                    for t in study.trials],
+        "command": _command(attrs, trials, storage, study.study_name, source, knobs),
+        "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(),
+    }
+
+
+def _command(attrs: dict, trials: int, storage: str | None, study_name: str, source: dict | None,
+             knobs: Sequence[str] | None) -> str:
+    """The ``hetcomp tune`` line that runs (or resumes) this study."""
+    source = dict(source or {"dataset": attrs["dataset"]})
+    words = ["hetcomp", "tune", "--dataset", str(source.pop("dataset", attrs["dataset"]))]
+    for key, value in source.items():
+        words += [f"--{key.replace('_', '-')}", str(value)]
+    if attrs["split_seed"]:
+        words += ["--split-seed", str(attrs["split_seed"])]
+    words += ["--student", attrs["student"], "--method", attrs["method"], "--dim", str(attrs["dim"]),
+              "--trials", str(trials), "--seed", str(attrs["seed"]), "--max-epochs", str(attrs["max_epochs"])]
+    if attrs["teachers"] != list(TEACHERS):
+        words += ["--teachers", ",".join(attrs["teachers"])]
+    if knobs is not None:
+        words += ["--knobs", ",".join(knobs)]
+    for key, value in attrs["fixed"].items():
+        words += ["-o", f"{key}={json.dumps(value)}"]
+    if storage is not None:  # another than the default SQLite file beside the summary
+        words += ["--storage", _shown(storage)]
+    if study_name != f"{attrs['dataset']}-{attrs['student']}-{attrs['method']}-{attrs['dim']}":
+        words += ["--study-name", study_name]
+    return shlex.join(words)

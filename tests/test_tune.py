@@ -1,0 +1,190 @@
+"""``hetcomp tune``: declared search spaces, an Optuna study over tiny runs, resume, pruning, test isolation,
+the chosen settings as make_spec's defaults, and the bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import optuna
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import make_tiny_split
+from typer.testing import CliRunner
+
+from hetcomp.cli import app
+from hetcomp.distill import METHODS, method_class
+from hetcomp.errors import HetCompError
+from hetcomp.metrics import evaluate_split
+from hetcomp.runs import RunStore, make_spec
+from hetcomp.runs import tuned as tuned_module
+from hetcomp.runs.tuned import summary_path, tuned_defaults
+from hetcomp.teachers import train_teacher
+from hetcomp.tune import COMMON_SPACE, check_space, search_space, tune
+
+SPLIT = make_tiny_split(n_users=60, n_items=150, per_user=12)
+FAST = {"max_epochs": 4, "eval_every": 2, "patience": 2}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    out = []
+    for name in ("mf", "ae"):
+        torch.manual_seed(0)
+        out.append(train_teacher(SPLIT, name, tmp_path_factory.mktemp("teachers"), dim=8, top_m=30, max_epochs=4,
+                                 eval_every=2, lr=1e-2))
+    return out
+
+
+def _study(tmp, trajectories, split=SPLIT, trials=3, **kwargs) -> dict:
+    kwargs.setdefault("storage", f"sqlite:///{tmp / 'study.db'}")
+    return tune(split, trajectories, "mf", "rrd", 4, trials, store=RunStore(tmp / "runs"), root=tmp / "tuning",
+                **FAST, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def study(teachers, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    return tmp, _study(tmp, teachers)
+
+
+def _keys(value) -> set:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    return {k for v in value for k in _keys(v)} if isinstance(value, list) else set()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_declared_space_names_real_settings_within_their_ranges(method):
+    config_class = method_class(method).config_class
+    declared = getattr(config_class, "search_space", {})
+    check_space(config_class, declared, method)
+    check_space(config_class, COMMON_SPACE, method)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    assert set(declared) <= fields | {"lr", "weight_decay"}
+    assert {"lr", "weight_decay"} <= set(search_space(method))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"nosuch": ("float", 0.0, 1.0)}, "has no setting 'nosuch'"),
+    ({"weight": ("float", -1.0, 1.0)}, "weight of rrd must be"),
+    ({"k": ("float", 1.0, 5.0)}, "k of rrd must be an integer"),
+    ({"k": ("int", 5, 5)}, "LOW < HIGH"),
+    ({"weight": ("float_log", 0.0, 1.0)}, "LOW > 0"),
+    ({"weight": ("normal", 0.0, 1.0)}, "KIND one of"),
+    ({"k": ("choice", [])}, "non-empty list"),
+    ({"lr": ("float_log", 1e-3, float("inf"))}, "lr of the trainer"),
+])
+def test_a_bad_declared_space_is_a_one_line_error(entry, message):
+    with pytest.raises(HetCompError, match=message):
+        check_space(method_class("rrd").config_class, entry, "rrd")
+
+
+def test_a_study_runs_and_writes_its_summary_without_test_metrics(study):
+    tmp, summary = study
+    path = summary_path("tiny", "mf", "rrd", 4, tmp / "tuning")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(summary))
+    assert summary["trials"] == {"complete": 3, "pruned": 0, "failed": 0, "running": 0}
+    values = [t["value"] for t in summary["history"]]
+    assert summary["best_value"] == max(values) > 0 and set(summary["best_params"]) == {"lr", "weight_decay",
+                                                                                          "weight", "k"}
+    assert summary["settings"] == {"lr": summary["best_params"]["lr"],
+                                   "weight_decay": summary["best_params"]["weight_decay"],
+                                   "options": {"weight": summary["best_params"]["weight"],
+                                               "k": summary["best_params"]["k"]}}
+    assert not any("test" in key for key in _keys(summary))
+    assert summary["command"].startswith("hetcomp tune --dataset tiny --student mf --method rrd --dim 4 --trials 3")
+    # the trials' runs saw an empty test part, under their own fingerprint
+    runs = [json.loads(p.read_text()) for p in (tmp / "runs").rglob("metrics.json")]
+    assert len(runs) == 3 and all(r["test"]["recall@50"] == 0 for r in runs)
+    assert {r["split_fingerprint"] for r in runs} == {SPLIT.fingerprint + "+valid-only"}
+
+
+def test_the_chosen_settings_are_make_specs_defaults_and_explicit_arguments_win(study, teachers, monkeypatch):
+    tmp, summary = study
+    before = make_spec(SPLIT, teachers, "mf", "rrd", 4)
+    monkeypatch.setattr(tuned_module, "TUNING_ROOT", tmp / "tuning")
+    chosen = tuned_defaults("tiny", "mf", "rrd", 4)
+    assert chosen == {**summary["settings"]["options"], "lr": summary["settings"]["lr"],
+                      "weight_decay": summary["settings"]["weight_decay"]}
+    spec = make_spec(SPLIT, teachers, "mf", "rrd", 4)
+    assert spec.lr == chosen["lr"] and dict(spec.method_config)["k"] == chosen["k"]
+    assert f"-o k={chosen['k']}" in spec.command() and spec.identity != before.identity
+    explicit = make_spec(SPLIT, teachers, "mf", "rrd", 4, method_options={"k": 7}, lr=0.5)
+    assert explicit.lr == 0.5 and dict(explicit.method_config)["k"] == 7
+    assert dict(explicit.method_config)["weight"] == chosen["weight"]
+    assert make_spec(SPLIT, teachers, "mf", "rrd", 4, tuned=False) == before
+    assert make_spec(SPLIT, teachers, "mf", "mtd", 4) == make_spec(SPLIT, teachers, "mf", "mtd", 4, tuned=False)
+    path = summary_path("tiny", "mf", "rrd", 4)
+    path.write_text(json.dumps({"settings": {"options": {"k": 0}}}))
+    with pytest.raises(HetCompError, match=f"{path}: k of rrd must be"):
+        make_spec(SPLIT, teachers, "mf", "rrd", 4)
+
+
+def test_corrupting_the_test_part_leaves_every_trial_unchanged(study, teachers, tmp_path):
+    """The test part replaced by the validation items plus random ones: anything that read it (its metrics, or
+    its items as the validation ranking's mask, as ``hetcomp distill`` does) would see every value move."""
+    _, summary = study
+    noise = sp.random(SPLIT.n_users, SPLIT.n_items, density=0.05, format="csr", random_state=1)
+    corrupted = ((SPLIT.valid + noise) > 0).astype(SPLIT.test.dtype).tocsr()
+    popular = -torch.arange(SPLIT.n_items, dtype=torch.float32)
+    def score(users):
+        return popular.expand(len(users), -1)
+    seen = [evaluate_split(score, split)["valid"]["recall@50"]
+            for split in (SPLIT, dataclasses.replace(SPLIT, test=corrupted))]
+    assert seen[1] < seen[0] / 2  # the corruption is visible to a reader of the test part
+    other = _study(tmp_path, teachers, dataclasses.replace(SPLIT, test=corrupted))
+    assert [(t["params"], t["value"]) for t in other["history"]] == [(t["params"], t["value"])
+                                                                     for t in summary["history"]]
+
+
+def test_an_interrupted_study_resumes_to_its_budget(teachers, tmp_path):
+    first = _study(tmp_path, teachers, trials=2)
+    assert first["trials"]["complete"] == 2
+    resumed = _study(tmp_path, teachers, trials=5)
+    assert resumed["trials"]["complete"] == 5 and [t["number"] for t in resumed["history"]] == list(range(5))
+    assert len({json.dumps(t["params"]) for t in resumed["history"]}) == 5  # no repeated proposal
+    assert _study(tmp_path, teachers, trials=5)["history"] == resumed["history"]  # budget reached: nothing runs
+
+
+def test_pruned_trials_leave_no_finished_run(teachers, tmp_path):
+    summary = _study(tmp_path, teachers, trials=2, pruner=optuna.pruners.ThresholdPruner(lower=1.0))
+    assert summary["trials"]["pruned"] == 2 and summary["best_value"] is None and summary["settings"] is None
+    assert all(t["last_epoch"] == 2 for t in summary["history"])
+    assert list((tmp_path / "runs").rglob("spec.json")) and not list((tmp_path / "runs").rglob("metrics.json"))
+    assert tuned_defaults("tiny", "mf", "rrd", 4, tmp_path / "tuning") == {}
+
+
+def test_bad_input_is_a_clear_error(study, teachers, tmp_path, monkeypatch):
+    with pytest.raises(HetCompError, match="unknown method 'magic'"):
+        search_space("magic")
+    with pytest.raises(HetCompError, match="declares no knob nosuch"):
+        search_space("rrd", ["k", "nosuch"])
+    with pytest.raises(HetCompError, match="search space of method 'rrd' is empty"):
+        search_space("rrd", ["k"], {"k": 10})
+    monkeypatch.setattr(method_class("mtd").config_class, "search_space", {"depth": ("int", 1, 3)}, raising=False)
+    with pytest.raises(HetCompError, match="mtd' has no setting 'depth'"):
+        search_space("mtd")
+    for url in ("nosuchdb://x", f"sqlite:///{tmp_path}/missing/folder/x.db", "not a url"):
+        with pytest.raises(HetCompError, match="cannot open this study storage"):
+            _study(tmp_path, teachers, storage=url)
+    stored, _ = study
+    with pytest.raises(HetCompError, match="was created for dim 4, not 8"):
+        tune(SPLIT, teachers, "mf", "rrd", 8, 3, storage=f"sqlite:///{stored / 'study.db'}", study_name="tiny-mf-rrd-4")
+    other = make_tiny_split(n_users=60, n_items=150, per_user=12, seed=1)
+    with pytest.raises(HetCompError, match="was created for split_fingerprint"):
+        _study(stored, teachers, other, study_name="tiny-mf-rrd-4")
+    with pytest.raises(HetCompError, match="was created for student 'mf', not 'ml'"):
+        tune(SPLIT, teachers, "ml", "rrd", 4, 3, storage=f"sqlite:///{stored / 'study.db'}", study_name="tiny-mf-rrd-4")
+
+
+def test_the_command_names_bad_input_in_one_line(tmp_path):
+    runner = CliRunner()
+    for args, message in ((["--method", "magic"], "unknown method 'magic'"),
+                          (["--method", "rrd", "--knobs", "depth"], "declares no knob depth"),
+                          (["--method", "rrd", "--knobs", "k", "-o", "k=5"], "is empty"),
+                          (["--method", "rrd", "-o", "depth=3"], "rrd has no setting depth"),
+                          (["--method", "rrd", "--storage", "nosuchdb://x"], "cannot open this study storage")):
+        result = runner.invoke(app, ["tune", *args, "--data-dir", str(tmp_path)])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
