@@ -122,16 +122,21 @@ def _distill_in_child(root, teachers, queue):
     queue.put((result["identity"], result["test"]["recall@50"], result["this_call_seconds"]))
 
 
-def test_two_processes_on_one_run_wait_for_each_other_instead_of_crashing(teachers, tmp_path):
+def _twice_at_once(target, *args) -> list:
+    """Run ``target(*args, queue)`` in two forked processes at once; both must succeed; what each put."""
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    children = [context.Process(target=_distill_in_child, args=(tmp_path, teachers, queue)) for _ in range(2)]
+    children = [context.Process(target=target, args=(*args, queue)) for _ in range(2)]
     for child in children:
         child.start()
     for child in children:
         child.join(120)
     assert [child.exitcode for child in children] == [0, 0]
-    results = [queue.get(timeout=5) for _ in children]
+    return [queue.get(timeout=5) for _ in children]
+
+
+def test_two_processes_on_one_run_wait_for_each_other_instead_of_crashing(teachers, tmp_path):
+    results = _twice_at_once(_distill_in_child, tmp_path, teachers)
     assert results[0][:2] == results[1][:2] and len(_folders(tmp_path)) == 1
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("last.pt"))
 
@@ -150,15 +155,7 @@ def _teacher_in_child(root, queue):
 
 
 def test_two_processes_training_one_teacher_share_it_instead_of_crashing(tmp_path):
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    children = [context.Process(target=_teacher_in_child, args=(tmp_path, queue)) for _ in range(2)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(120)
-    assert [child.exitcode for child in children] == [0, 0]
-    sums = [queue.get(timeout=5) for _ in children]
+    sums = _twice_at_once(_teacher_in_child, tmp_path)
     assert sums[0] == sums[1] and len(list(tmp_path.rglob("trajectory.npz"))) <= 1
 
 
