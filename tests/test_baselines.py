@@ -3,6 +3,7 @@ each method's defining property on a tiny split with tiny teachers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,9 +15,17 @@ from torch import nn
 from hetcomp.data import HetCompError
 from hetcomp.distill import DistillContext, build_method
 from hetcomp.distill import losses as L
+from hetcomp.distill.dcd import DCDConfig, draw_corrections
 from hetcomp.distill.kd import KD_LOSSES, parse_losses
 from hetcomp.distill.rd import dynamic_weights, position_weights
-from hetcomp.distill.tools import sample_without_replacement, unobserved_ranks
+from hetcomp.distill.tools import (
+    csr_rows_padded,
+    ranks_within_groups,
+    ranks_within_rows,
+    sample_without_replacement,
+    transpose_lists,
+    unobserved_ranks,
+)
 from hetcomp.models import build_model
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
@@ -474,20 +483,74 @@ def test_cl_drd_declares_its_search_space():
 
 # ---- DCD --------------------------------------------------------------------------------------------------
 
-def test_dcd_errors_match_naive_and_follow_the_student(context):
-    method = build_method("dcd", context, epsilon=0.05, n_under=4, n_over=4)
+def _short_lists(context, width: int = 20) -> DistillContext:
+    """The context with the ensemble's lists cut to ``width`` items, so a rank within them differs from one
+    among all the unobserved items."""
+    context.converged_topk = context.converged_topk[:, :width].clone()
+    return context
+
+
+def test_ranks_within_rows_match_naive():
+    rng = np.random.default_rng(4)
+    scores = torch.from_numpy(rng.integers(0, 5, size=(6, 9))).float()  # many ties
+    valid = torch.from_numpy(rng.random((6, 9)) < 0.7)
+    fast = ranks_within_rows(scores, valid)
+    for r in range(6):
+        for c in range(9):
+            naive = sum(1 for j in range(9) if valid[r, j] and scores[r, j] > scores[r, c]) if valid[r, c] else 0
+            assert fast[r, c].item() == naive
+    assert torch.equal(ranks_within_rows(scores), ranks_within_rows(scores, torch.ones_like(valid)))
+
+
+def test_transpose_lists_and_group_ranks_match_naive():
+    rng = np.random.default_rng(5)
+    lists = torch.stack([torch.from_numpy(rng.choice(12, 5, replace=False)) for _ in range(8)])
+    lists[2, 3:] = -1  # padding
+    indptr, entries = transpose_lists(lists, 12, width=3)
+    for column in range(12):
+        naive = sorted((p, r) for r in range(8) for p in range(5) if lists[r, p].item() == column)[:3]
+        assert entries[indptr[column]:indptr[column + 1]].tolist() == [r * 5 + p for p, r in naive]
+    values = torch.from_numpy(rng.integers(0, 4, size=len(entries))).float()  # ties within groups
+    ranks = ranks_within_groups(values, indptr)
+    for column in range(12):
+        group = values[indptr[column]:indptr[column + 1]].tolist()
+        assert ranks[indptr[column]:indptr[column + 1]].tolist() == [sum(1 for w in group if w > v) for v in group]
+    padded, valid = csr_rows_padded(indptr, torch.tensor([3, 0, 7]))
+    for row, column in enumerate((3, 0, 7)):
+        assert padded[row][valid[row]].tolist() == list(range(indptr[column], indptr[column + 1]))
+
+
+@pytest.mark.parametrize("scope", ["topn", "all"])
+def test_dcd_errors_match_naive_on_both_sides_and_follow_the_student(context, scope):
+    method = build_method("dcd", _short_lists(context), epsilon=0.05, n_under=4, n_over=4, rank_scope=scope,
+                          item_width=6)
     torch.manual_seed(0)
     model = build_model("mf", SPLIT.train, dim=4)
     method.refresh(model)
     under, over = method.under_error.clone(), method.over_error.clone()
     with torch.no_grad():
         scores = model.score(torch.arange(SPLIT.n_users))
+    width = method.ranking.shape[1]
     for user in (0, 13, 27):
-        unobserved = _unobserved([user])[0]
-        for r_t, item in enumerate(method.ranking[user].tolist()):
-            r_s = sum(1 for j in unobserved if scores[user, j] > scores[user, item])
+        listed = method.ranking[user].tolist()
+        # topn: the student's rank among the teacher's list (the authors' code); all: among every unobserved item
+        among = listed if scope == "topn" else _unobserved([user])[0]
+        for r_t, item in enumerate(listed):
+            r_s = sum(1 for j in among if scores[user, j] > scores[user, item])
             assert under[user, r_t].item() == pytest.approx(math.tanh(max(0.05 * (r_s - r_t), 0)), abs=1e-6)
             assert over[user, r_t].item() == pytest.approx(math.tanh(max(0.05 * (r_t - r_s), 0)), abs=1e-6)
+    item_users, item_under, item_over, item_valid = method.item_lists(torch.arange(SPLIT.n_items))
+    for item in range(SPLIT.n_items):  # item side: each item's best-placed users, ranked within that list
+        holders = sorted((method.ranking[u].tolist().index(item), u) for u in range(SPLIT.n_users)
+                         if item in method.ranking[u].tolist())[:6]
+        users = [u for _, u in holders]
+        assert item_users[item][item_valid[item]].tolist() == users
+        for r_t, user in enumerate(users):
+            r_s = sum(1 for v in users if scores[v, item] > scores[user, item])
+            assert item_under[item, r_t].item() == pytest.approx(math.tanh(max(0.05 * (r_s - r_t), 0)), abs=1e-6)
+            assert item_over[item, r_t].item() == pytest.approx(math.tanh(max(0.05 * (r_t - r_s), 0)), abs=1e-6)
+        assert item_under[item, len(users):].abs().sum() == 0 and (item_users[item, len(users):] == -1).all()
+    assert width == 20
     users = torch.arange(8)
     listed, valid, tail, tail_valid = method.correction_lists(users, _generator())
     for row, user in enumerate(users.tolist()):
@@ -500,6 +563,91 @@ def test_dcd_errors_match_naive_and_follow_the_student(context):
             parameter.copy_(torch.randn(parameter.shape, generator=_generator(11)))
     method.refresh(model)
     assert not torch.equal(method.under_error, under) and not torch.equal(method.over_error, over)
+
+
+def test_dcd_draws_follow_the_error_mass():
+    under = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0, 4.0]]).expand(20000, -1)
+    over = torch.tensor([[2.0, 0.0, 0.0, 0.0, 6.0, 0.0]]).expand(20000, -1)
+    lists = torch.tensor([[50, 51, 52, 53, 54, 55]]).expand(20000, -1)
+    listed, valid, tail, tail_valid = draw_corrections(under, over, lists, 1, 1, _generator(2))
+    assert valid.all() and tail_valid.all()
+    frequency = torch.bincount(listed[:, 0] - 50, minlength=6).double() / 20000
+    assert torch.allclose(frequency, torch.tensor([0, 1 / 8, 0, 3 / 8, 0, 4 / 8], dtype=torch.float64), atol=0.015)
+    frequency = torch.bincount(tail[:, 0] - 50, minlength=6).double() / 20000
+    assert torch.allclose(frequency, torch.tensor([2 / 8, 0, 0, 0, 6 / 8, 0], dtype=torch.float64), atol=0.015)
+    listed, valid, tail, tail_valid = draw_corrections(under[:50], over[:50], lists[:50], 5, 5, _generator(3))
+    assert valid.sum(1).eq(3).all() and tail_valid.sum(1).eq(2).all()  # only entries with error mass
+    assert torch.equal(listed[valid].view(50, 3), torch.tensor([[51, 53, 55]]).expand(50, -1))  # list order
+
+
+def test_dcd_item_correction_loss_matches_naive_and_decreases(context):
+    method = build_method("dcd", _short_lists(context), epsilon=0.05, n_under=3, n_over=3, sides="item")
+    model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(7)))
+    method.refresh(model)
+    items = method.item_pool[:10]
+    fast = method.item_correction_loss(model, items, _generator(1))
+    under, under_valid, over, over_valid = method.item_correction_lists(items, _generator(1))
+    naive = 0.0
+    for row, item in enumerate(items.tolist()):
+        top = [model.table[u, item].item() for u in under[row][under_valid[row]].tolist()]
+        rest = [model.table[u, item].item() for u in over[row][over_valid[row]].tolist()]
+        for k in range(len(top)):
+            naive -= top[k] - math.log(sum(math.exp(x) for x in top[k:] + rest))
+    assert fast.item() == pytest.approx(naive / len(items), rel=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    losses = []
+    for _ in range(30):
+        loss = method.item_correction_loss(model, items, _generator(1))  # the same draws every step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_dcd_with_zero_correction_weight_is_rrd(context, teachers):
+    rrd = build_method("rrd", context, weight=0.002)
+    dcd = build_method("dcd", context, rrd_weight=0.002, dcd_weight=0.0)
+    torch.manual_seed(5)
+    model = build_model("mf", SPLIT.train, dim=4)
+    users = torch.tensor([1, 4, 9, 17, 30])
+    rrd._generator, dcd._generator = _generator(8), _generator(8)
+    assert torch.equal(rrd.loss(model, {"users": users}), dcd.loss(model, {"users": users}))
+    scores = []
+    for name, options in (("rrd", {"weight": 0.002}), ("dcd", {"rrd_weight": 0.002, "dcd_weight": 0.0})):
+        torch.manual_seed(0)
+        student = build_model("mf", SPLIT.train, dim=4)
+        trainer = Trainer(student, SPLIT, build_method(name, DistillContext(SPLIT, teachers, batch_users=16),
+                                                       **options), TrainerConfig(lr=1e-2, seed=0))
+        for _ in range(3):
+            trainer.train_epoch()
+        scores.append(student.score(torch.arange(SPLIT.n_users)).detach())
+    assert torch.equal(scores[0], scores[1])
+
+
+def test_dcd_item_side_covers_every_listed_item_once_per_epoch(context):
+    method = build_method("dcd", context, sides="both")
+    batches = list(method.batches(1, _generator(4)))
+    items = torch.cat([b["items"] for b in batches])
+    assert sorted(items.tolist()) == sorted(method.item_pool.tolist())
+    assert all("items" not in b for b in build_method("dcd", context, sides="user").batches(1, _generator(4)))
+
+
+def test_dcd_search_space_is_declared_in_the_simple_form():
+    space = DCDConfig.search_space
+    fields = {f.name: f for f in dataclasses.fields(DCDConfig)}
+    assert {"epsilon", "n_under", "n_over", "rrd_weight", "dcd_weight", "period", "sides"} <= set(space)
+    for name, spec in space.items():
+        default = fields[name].default
+        if spec[0] == "choice":
+            assert len(spec) == 2 and default in spec[1]
+            for value in spec[1]:
+                DCDConfig(**{name: value})
+        else:
+            kind, low, high = spec
+            assert kind in ("float_log", "float", "int") and low < high and low <= default <= high
+            assert (kind == "int") == isinstance(default, int)
+            DCDConfig(**{name: low}), DCDConfig(**{name: high})
 
 
 def test_dcd_checks_every_period_epochs(context):
@@ -615,6 +763,9 @@ def test_kd_candidates_and_listwise_term_match_naive(context):
     ("rd", {"dynamic": True, "dynamic_start": 2}, 0, 1e-2),
     ("rrd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8}, 0, 1e-2),
     ("dcd", {"sample": True, "top_n": 12, "k": 6, "n_tail": 8, "period": 2}, 0, 1e-2),
+    # the corrections' draws follow the errors of the last check, so the loss falls between checks (period 100)
+    ("dcd", {"sides": "item", "period": 100, "dcd_weight": 0.1}, 0, 1e-2),
+    ("dcd", {"sides": "both", "rank_scope": "all", "period": 100, "dcd_weight": 0.1}, 0, 1e-2),
     # stage 2 from epoch 3; LambdaMRR's loss is nearly flat on this split at lr 1e-2 (a coin flip whether
     # epoch 6 is below epoch 3 for a given random stream), so it trains at 3e-2, where it falls for every seed
     ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "list_size": 8, "sampling": True}, 2, 3e-2),

@@ -1,25 +1,64 @@
 """DCD — Dual Correction Distillation (Y. Lee and K.-E. Kim, "Dual Correction Strategy for Ranking
 Distillation in Top-N Recommender System", CIKM 2021), on top of RRD.
 
-Every ``period`` epochs, for every user, the student's current 0-based rank r_S of each item in the ensemble's
-top-W (W ≤ 500) among the user's unobserved items is compared with the item's ensemble rank r_T:
+Every ``period`` epochs the student's rank of each entry of the teacher's lists is compared with the teacher's:
 
-    under-ranked error e_U = tanh(max(ε(r_S − r_T), 0)),   over-ranked error e_O = tanh(max(ε(r_T − r_S), 0)).
+- user side: for user u and each item in the ensemble's top-W list of u (W ≤ 500), r_T = the item's position
+  in that list and r_S = its 0-based rank by the student's scores *within the same list* (``rank_scope="topn"``)
+  or among all the user's unobserved items (``rank_scope="all"``, DCD version 2);
+- item side: for item i and each user of the teacher's top-user list of i (below), r_T = the user's position in
+  that list and r_S = the user's rank by the student's scores s(·, i) within the list;
+- under-ranked error e_U = tanh(max(ε(r_S − r_T), 0)), over-ranked error e_O = tanh(max(ε(r_T − r_S), 0)).
 
-Each batch draws, per user, n_U items ∝ e_U and n_O items ∝ e_O (without replacement; a user with no error mass
-of a kind draws none) and applies the RRD form to them: the under-ranked items, in ensemble order, above the
-over-ranked ones. The student thus gets told precisely what it currently ranks too low and too high:
+Each batch draws, per user, n_U list items ∝ e_U and n_O ∝ e_O without replacement (a row with less error mass
+draws fewer) and applies the relaxed ranking (Plackett–Luce) loss: the under-ranked items, in teacher order,
+above the over-ranked ones. The item side does the same with the sampled users' scores of the item:
 
-    L = L_own + rrd_weight · L_RRD + dcd_weight · L_correction.
+    L = L_own + rrd_weight · L_RRD + dcd_weight · (L_user-correction + L_item-correction).
 
-Only the user side is implemented; the paper's item side (each item's top users, corrected the same way) is
-left out. Defaults from the authors' code: period 3, ε = 10⁻³, n_U = n_O = 10, both weights 0.001; the RRD
-part takes RRD's options (K = 40, no sampling by default). The check scores every user once (in batches of
-``check_users``): one sort per user and a ``searchsorted``, no per-user loop.
+What follows the authors' code (github.com/dudwns511/DCD_CIKM21, ``run_dcd.py``, function ``DCD``; loss in
+``Utils/dcd_loss.py``, ``relaxed_ranking_loss``):
+
+- the errors are refreshed every 3 epochs (``epoch % 3 == 0``), on the teacher's top-500 items per user and
+  top-500 users per item;
+- the student's rank is taken *within* the teacher's list: the student scores only the listed items
+  (``forward_multi_items`` / ``forward_multi_users``), its order of them (``argsort``) gives r_S. Our "topn"
+  does the same with ties counted as in :func:`~hetcomp.distill.tools.ranks_within_rows` (strictly higher
+  scores), the code breaks them by ``argsort``;
+- the tanh errors, and draws ∝ error without replacement (``torch.multinomial``; we use the same law by
+  Gumbel-top-k, which also tolerates rows with too little error mass instead of raising), the under-ranked draws
+  sorted back into teacher order, the over-ranked ones unordered;
+- the loss −Σ_k log(e^{f_k} / (Σ_{l≥k} e^{f_l} + Σ_{over} e^{f})) on the sampled items (user side) and on the
+  sampled users (item side), one n (``p_n``) and one weight per side (``UCD_lmbda``, ``ICD_lmbda``).
+
+What is ours:
+
+- the teacher is the converged ensemble g, and the item side's top users are not a teacher score column (which
+  g does not have) but the transpose of the users' top-W lists (:func:`~hetcomp.distill.tools.transpose_lists`):
+  per item, the users that have it in their list, ordered by its position there (then user id), the first
+  ``item_width`` (500, as the code) kept; items in no list have no item-side term;
+- batches are user batches (each active user once per epoch, as for every method here); the item side takes
+  an equal share of a per-epoch permutation of the items that have a user list, so every such item is corrected
+  once per epoch (the code corrects the distinct positive items of each 1,024-interaction batch, so popular
+  items more often);
+- the RRD term (``rrd_weight``, RRD's options) is kept, as method.md and the HetComp paper describe DCD; the
+  released ``run_dcd.py`` adds only the two corrections to the base loss. ``rrd_weight=0`` drops it;
+- one ``dcd_weight`` for both sides and n_U, n_O apart (the code: one p_n, two λ), means over the batch's
+  users / items (the code sums, so its λ are ours divided by the rows per batch);
+- ε, n_U, n_O and the weights are *not* set in the released code (they come from an ``opt`` whose parser is
+  not released) and the paper's values were not available to us: the defaults below are placeholders to be
+  chosen on validation within :attr:`DCDConfig.search_space`;
+- ``rank_scope="all"`` (version 2's user-side rank among all ~25k unobserved items, a full-row sort per user)
+  is kept as an option for the user side; the item side always ranks within its list (a rank among all users
+  would need the transposed full score matrix);
+- ``sides`` switches each side off (``"user"`` alone with ``rank_scope="all"`` is version 2). With
+  ``dcd_weight=0`` nothing is refreshed or sampled, so DCD trains exactly as RRD with ``weight=rrd_weight``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +67,14 @@ from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import relaxed_ranking_loss
 from hetcomp.distill.rrd import RRD, RRDConfig
-from hetcomp.distill.tools import sample_without_replacement, unobserved_ranks
+from hetcomp.distill.tools import (
+    csr_rows_padded,
+    ranks_within_groups,
+    ranks_within_rows,
+    sample_without_replacement,
+    transpose_lists,
+    unobserved_ranks,
+)
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -47,17 +93,57 @@ class DCDConfig:
     epsilon: float = knob(1e-3, gt=0)
     n_under: int = knob(10, ge=1)
     n_over: int = knob(10, ge=1)
+    sides: str = knob("both", choices=("both", "user", "item"))
+    rank_scope: str = knob("topn", choices=("topn", "all"))
+    item_width: int = knob(500, ge=1)
     check_users: int = knob(1024, ge=1)
+
+    #: what a tuner searches, on validation: name -> ("float_log" | "float" | "int", low, high) or
+    #: ("choice", [values]). ε scales rank gaps of up to 500 (1e-4: nearly linear, 1e-1: saturated after ~20
+    #: places); the weights span our mean-over-rows convention around the authors' summed one; period 1..10
+    #: around the code's 3
+    search_space = {
+        "epsilon": ("float_log", 1e-4, 1e-1),
+        "n_under": ("int", 2, 50),
+        "n_over": ("int", 2, 50),
+        "rrd_weight": ("float_log", 1e-4, 1e-1),
+        "dcd_weight": ("float_log", 1e-4, 1.0),
+        "period": ("int", 1, 10),
+        "sides": ("choice", ["both", "user", "item"]),
+    }
 
     def __post_init__(self) -> None:
         validate(self)
 
 
+def draw_corrections(under: torch.Tensor, over: torch.Tensor, lists: torch.Tensor, n_under: int, n_over: int,
+                     generator: torch.Generator | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, entries of ``lists`` [B, W] drawn ∝ the errors [B, W] without replacement: (under-ranked ids in
+    list order, valid, over-ranked ids, valid), each [B, ≤n]. Entries of zero error are never drawn."""
+    width = lists.shape[1]
+    picks, valid = sample_without_replacement(under, n_under, generator)
+    order = torch.where(valid, picks, picks + width).sort(dim=1).indices  # list order, invalid draws last
+    picks, valid = picks.gather(1, order), valid.gather(1, order)
+    over_picks, over_valid = sample_without_replacement(over, n_over, generator)
+    return lists.gather(1, picks), valid, lists.gather(1, over_picks), over_valid
+
+
+def _errors(student_ranks: torch.Tensor, teacher_ranks: torch.Tensor, epsilon: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(under-ranked, over-ranked) errors tanh(max(±ε(r_S − r_T), 0))."""
+    gap = epsilon * (student_ranks - teacher_ranks).to(torch.float32)
+    return torch.tanh(gap.clamp(min=0)), torch.tanh((-gap).clamp(min=0))
+
+
 class DCD(DistillMethod):
-    """The student's own loss, RRD, and a relaxed ranking loss on the items the student currently misplaces."""
+    """The student's own loss, RRD, and relaxed ranking losses on what the student currently misplaces, from
+    the users' side and the items' side."""
 
     name = "dcd"
-    version = 2  # 2: its RRD term uses the fused tail log-sum-exp
+    # 3: the item side; the student's rank within the teacher's top-N list by default (v2: among all unobserved
+    # items, user side only); each item of the item side corrected once per epoch
+    version = 3
     config_class = DCDConfig
 
     def __init__(self, context: DistillContext, config: DCDConfig | None = None) -> None:
@@ -66,61 +152,127 @@ class DCD(DistillMethod):
         self.rrd = RRD(context, RRDConfig(k=cfg.k, weight=cfg.rrd_weight, sample=cfg.sample, top_n=cfg.top_n,
                                           temperature=cfg.temperature, n_tail=cfg.n_tail))
         self.ranking = context.converged_topk
-        #: [n_users, W] errors of the last check (None before the first)
+        self.active = cfg.dcd_weight > 0
+        self.user_side = self.active and cfg.sides in ("both", "user")
+        self.item_side = self.active and cfg.sides in ("both", "item")
+        if self.item_side:
+            #: each item's top users (by the item's place in their lists), as CSR: the entries of item i are
+            #: ``item_entries[item_indptr[i]:item_indptr[i + 1]]``, each a flat index u·W + place into the users'
+            #: lists (so u = entry // W); ``item_places`` [E] is each entry's 0-based place in its item's list
+            self.item_indptr, self.item_entries = transpose_lists(self.ranking, context.n_items, cfg.item_width)
+            counts = self.item_indptr[1:] - self.item_indptr[:-1]
+            self.item_places = (torch.arange(len(self.item_entries), device=self.device)
+                                - torch.repeat_interleave(self.item_indptr[:-1], counts))
+            self.item_pool = torch.nonzero(counts).squeeze(1).cpu()
+        #: errors of the last check, user side [n_users, W] and item side [E] (None before the first)
         self.under_error: torch.Tensor | None = None
         self.over_error: torch.Tensor | None = None
+        self.item_under_error: torch.Tensor | None = None
+        self.item_over_error: torch.Tensor | None = None
+
+    @property
+    def checked(self) -> bool:
+        return self.under_error is not None or self.item_under_error is not None
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        if self.under_error is None or (epoch - 1) % self.config.period == 0:
+        if self.active and (not self.checked or (epoch - 1) % self.config.period == 0):
             self.refresh(trainer.model)
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        """User batches as every method's; with the item side each also takes its share of the items."""
+        user_batches = list(super().batches(epoch, generator))
+        if not self.item_side or not user_batches:
+            yield from user_batches
+            return
+        items = self.item_pool[torch.randperm(len(self.item_pool), generator=generator)]
+        share = math.ceil(len(items) / len(user_batches))
+        for index, batch in enumerate(user_batches):
+            yield {**batch, "items": items[index * share:(index + 1) * share].to(self.device)}
 
     @torch.no_grad()
     def refresh(self, model: Recommender) -> None:
-        """Recompute every user's under- and over-ranking errors from the student's current scores."""
+        """Recompute the under- and over-ranking errors of both sides from the student's current scores."""
+        cfg = self.config
         was_training = model.training
         model.eval()
-        width = self.ranking.shape[1]
-        teacher_ranks = torch.arange(width, device=self.device)
-        under = torch.zeros(self.context.n_users, width, device=self.device)
-        over = torch.zeros_like(under)
-        for start in range(0, self.context.n_users, self.config.check_users):  # user batches, not users
-            users = torch.arange(start, min(start + self.config.check_users, self.context.n_users),
-                                 device=self.device)
-            ranks = unobserved_ranks(model.score(users), ~self.context.train_mask(users), self.ranking[users])
-            gap = self.config.epsilon * (ranks - teacher_ranks).to(torch.float32)
-            under[users] = torch.tanh(gap.clamp(min=0))
-            over[users] = torch.tanh((-gap).clamp(min=0))
+        listed = torch.empty(self.ranking.shape, device=self.device)  # the student's scores of the user lists
+        full_rows = self.user_side and cfg.rank_scope == "all"  # version 2: a full-row sort per user
+        ranks = torch.empty(self.ranking.shape, dtype=torch.int64, device=self.device) if full_rows else None
+        for start in range(0, self.context.n_users, cfg.check_users):  # user batches, not users
+            users = torch.arange(start, min(start + cfg.check_users, self.context.n_users), device=self.device)
+            items = self.ranking[users]
+            if full_rows:
+                scores = model.score(users)
+                listed[users] = scores.gather(1, items)
+                ranks[users] = unobserved_ranks(scores, ~self.context.train_mask(users), items)
+            else:
+                listed[users] = model.score_items(users, items)
+        if self.user_side:
+            if not full_rows:
+                ranks = ranks_within_rows(listed)
+            self.under_error, self.over_error = _errors(ranks, torch.arange(ranks.shape[1], device=self.device),
+                                                        cfg.epsilon)
+        if self.item_side:  # the same pairs (u, i) as the user lists: the scores are already there
+            ranks = ranks_within_groups(listed.view(-1)[self.item_entries], self.item_indptr)
+            self.item_under_error, self.item_over_error = _errors(ranks, self.item_places, cfg.epsilon)
         model.train(was_training)
-        self.under_error, self.over_error = under, over
 
     def correction_lists(self, users: torch.Tensor, generator: torch.Generator | None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sampled (under-ranked items in ensemble order, valid, over-ranked items, valid), each [B, ≤n]."""
-        width = self.ranking.shape[1]
-        picks, valid = sample_without_replacement(self.under_error[users], self.config.n_under, generator)
-        order = torch.where(valid, picks, picks + width).sort(dim=1).indices  # ensemble order, invalid draws last
-        picks, valid = picks.gather(1, order), valid.gather(1, order)
-        over_picks, over_valid = sample_without_replacement(self.over_error[users], self.config.n_over, generator)
-        ranking = self.ranking[users]
-        return ranking.gather(1, picks), valid, ranking.gather(1, over_picks), over_valid
+        """User side: sampled (under-ranked items in ensemble order, valid, over-ranked items, valid)."""
+        return draw_corrections(self.under_error[users], self.over_error[users], self.ranking[users],
+                                self.config.n_under, self.config.n_over, generator)
+
+    def item_lists(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top users [B, L] in list order, under-ranked errors, over-ranked errors, valid) of ``items``, padded
+        (padding has zero error, so it is never drawn)."""
+        entries, valid = csr_rows_padded(self.item_indptr, items)
+        users = self.item_entries[entries] // self.ranking.shape[1]
+        zero = torch.zeros((), device=self.device)
+        under = self.item_under_error[entries] if self.item_under_error is not None else None
+        over = self.item_over_error[entries] if self.item_over_error is not None else None
+        if under is not None:
+            under, over = torch.where(valid, under, zero), torch.where(valid, over, zero)
+        return torch.where(valid, users, -1), under, over, valid
+
+    def item_correction_lists(self, items: torch.Tensor, generator: torch.Generator | None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Item side: sampled (under-ranked users in list order, valid, over-ranked users, valid)."""
+        users, under, over, _ = self.item_lists(items)
+        return draw_corrections(under, over, users, self.config.n_under, self.config.n_over, generator)
+
+    def item_correction_loss(self, model: Recommender, items: torch.Tensor,
+                             generator: torch.Generator | None) -> torch.Tensor:
+        """Mean over ``items`` of the relaxed ranking loss on the sampled users' scores of the item."""
+        under, under_valid, over, over_valid = self.item_correction_lists(items, generator)
+        users = torch.cat([under, over], 1)
+        local = model.score_items(users.clamp(min=0).reshape(-1),
+                                  items.repeat_interleave(users.shape[1]).unsqueeze(1)).view(users.shape)
+        positions = torch.arange(users.shape[1], device=local.device).expand_as(users)
+        width = under.shape[1]
+        return relaxed_ranking_loss(local, positions[:, :width], under_valid, positions[:, width:], over_valid)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
-        if self.under_error is None:
-            self.refresh(model)
+        own = self.own_loss(model, users)
         scores = model.score(users)
-        rrd = self.rrd.distillation_loss(model, users, self._generator, scores)
-        under, under_valid, over, over_valid = self.correction_lists(users, self._generator)
-        correction = relaxed_ranking_loss(scores, under, under_valid, over, over_valid)
-        return (self.own_loss(model, users) + self.config.rrd_weight * rrd
-                + self.config.dcd_weight * correction)
+        loss = own + self.config.rrd_weight * self.rrd.distillation_loss(model, users, self._generator, scores)
+        if not self.active:
+            return loss
+        if not self.checked:
+            self.refresh(model)
+        if self.user_side:
+            under, under_valid, over, over_valid = self.correction_lists(users, self._generator)
+            loss = loss + self.config.dcd_weight * relaxed_ranking_loss(scores, under, under_valid, over, over_valid)
+        items = batch.get("items")
+        if self.item_side and items is not None and len(items):
+            loss = loss + self.config.dcd_weight * self.item_correction_loss(model, items, self._generator)
+        return loss
 
     def state_dict(self) -> dict:
-        if self.under_error is None:
-            return {}
-        return {"under_error": self.under_error.cpu(), "over_error": self.over_error.cpu()}
+        names = ("under_error", "over_error", "item_under_error", "item_over_error")
+        return {name: getattr(self, name).cpu() for name in names if getattr(self, name) is not None}
 
     def load_state_dict(self, state: dict) -> None:
-        if "under_error" in state:
-            self.under_error = state["under_error"].to(self.device)
-            self.over_error = state["over_error"].to(self.device)
+        for name, value in state.items():
+            setattr(self, name, value.to(self.device))

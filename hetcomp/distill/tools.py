@@ -65,6 +65,71 @@ def unobserved_ranks(scores: torch.Tensor, unobserved: torch.Tensor, items: torc
     return scores.shape[1] - not_higher
 
 
+def ranks_within_rows(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each entry of ``scores`` [B, L] among the valid entries of its own row.
+
+    The rank is the number of valid entries of the row with a strictly higher score (ties share the better
+    rank), as :func:`unobserved_ranks` counts it, but within the short list itself: one sort of L values per row
+    and a ``searchsorted``. Invalid entries get rank 0.
+    """
+    scores = scores.detach()
+    if valid is not None:
+        scores = scores.masked_fill(~valid, NEG_INF)
+    ordered = sorted_rows(scores)
+    ranks = scores.shape[1] - torch.searchsorted(ordered, scores.contiguous(), right=True)
+    return ranks if valid is None else ranks.masked_fill(~valid, 0)
+
+
+def transpose_lists(lists: torch.Tensor, n_columns: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column id, the rows whose list holds it, best-placed first: the transpose of ranked lists, as CSR.
+
+    ``lists`` [R, W] holds, per row, column ids (−1 = padding) in rank order, e.g. each user's top-W items.
+    For every column c, the rows r with c in their list are ordered by the position of c in row r's list (then
+    by row id) and the first ``width`` are kept. One flat sort of (column, position, row) keys, no loop.
+    Returns (indptr [n_columns + 1], entries [E]): column c's entries are ``entries[indptr[c]:indptr[c + 1]]``,
+    each the flat index r·W + position into ``lists`` (so the row is entry // W).
+    """
+    n_rows, list_width = lists.shape
+    flat = lists.reshape(-1).long()
+    keep = flat >= 0
+    positions = torch.arange(flat.numel(), device=lists.device)[keep]
+    columns = flat[keep]
+    keys = (columns * list_width + positions % list_width) * n_rows + positions // list_width
+    order = torch.sort(keys).indices
+    columns, positions = columns[order], positions[order]
+    counts = torch.bincount(columns, minlength=n_columns)
+    place = torch.arange(len(columns), device=lists.device) - (torch.cumsum(counts, 0) - counts)[columns]
+    indptr = torch.zeros(n_columns + 1, dtype=torch.int64, device=lists.device)
+    indptr[1:] = torch.cumsum(counts.clamp(max=width), 0)
+    return indptr, positions[place < width]
+
+
+def ranks_within_groups(values: torch.Tensor, indptr: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each of ``values`` [E] within its CSR group (``indptr`` [G + 1]): the number of the
+    group's values strictly higher, as :func:`ranks_within_rows` on ragged rows. Two stable flat sorts."""
+    counts = indptr[1:] - indptr[:-1]
+    group = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
+    order = torch.sort(values.detach(), descending=True, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]  # by group, then by value descending
+    ordered, ordered_group = values.detach()[order], group[order]
+    new_run = torch.ones_like(ordered, dtype=torch.bool)
+    new_run[1:] = (ordered[1:] != ordered[:-1]) | (ordered_group[1:] != ordered_group[:-1])
+    position = torch.arange(len(values), device=values.device)
+    run_start = torch.cummax(torch.where(new_run, position, torch.zeros_like(position)), 0).values
+    ranks = torch.empty_like(position)
+    ranks[order] = run_start - indptr[:-1][ordered_group]
+    return ranks
+
+
+def csr_rows_padded(indptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entry indices [B, L], valid) of CSR ``rows``, padded to the longest (padding points at entry 0)."""
+    start, count = indptr[rows], indptr[rows + 1] - indptr[rows]
+    width = int(count.max()) if len(rows) else 0
+    offset = torch.arange(width, device=indptr.device)
+    valid = offset < count.unsqueeze(1)
+    return torch.where(valid, start.unsqueeze(1) + offset, torch.zeros((), dtype=torch.int64)), valid
+
+
 def _observed_dense(sampler: NegativeSampler, users: torch.Tensor) -> torch.Tensor:
     """Dense bool [B, n_items] of the users' training items, read off the sampler's sorted key array."""
     n_items, keys = sampler.n_items, sampler.observed_keys
