@@ -195,3 +195,21 @@ def test_teachers_digest_follows_the_rankings_not_the_timing_metadata():
     retrained = teachers_digest([trajectory(10.0)])
     assert teachers_digest([trajectory(99.0)]) == retrained  # same rankings, another wall time
     assert teachers_digest([trajectory(10.0, first_item=0)]) != retrained  # one item moved
+
+
+def test_no_train_never_trains_a_teacher_and_top_m_fits_a_small_catalogue(tmp_path):
+    rng = np.random.default_rng(1)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(60) for i in rng.choice(120, size=12, replace=False)]
+    (tmp_path / "small.csv").write_text("\n".join(lines))
+    base = ["reproduce", "--dataset", "csv", "--path", str(tmp_path / "small.csv"), "--user-col", "u", "--item-col",
+            "i", "--quick", "--device", "cpu", "--table", "2", "--students", "mf", "--methods", "none,rrd",
+            "--seeds", "1", "--teachers-dir", str(tmp_path / "teachers"), "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache")]
+    refused = runner.invoke(app, [*base, "--no-train"])
+    assert refused.exit_code == 1 and "not trained" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "teachers").exists() or not list((tmp_path / "teachers").rglob("trajectory.npz"))
+    too_long = runner.invoke(app, [*base, "--top-m", "500"])
+    assert too_long.exit_code == 1 and "--top-m 500" in too_long.output and "120 items" in too_long.output
+    done = runner.invoke(app, base)  # the default top-M shrinks to the catalogue
+    assert done.exit_code == 0, done.output
+    assert len(read_rows(tmp_path / "results" / "csv-small-first300" / "table2.csv")) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from hetcomp.cli.common import (
@@ -57,8 +58,8 @@ def reproduce_command(
                                      "2-core machine); 1 trains them one by one in this process."),
     ray_address: str = typer.Option(None, "--ray-address", help="Send the runs to an existing Ray cluster (auto, "
                                     "ray://HOST:PORT); every node must see --runs-dir, --teachers-dir and the data."),
-    top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory of a teacher trained "
-                                        "here (at most the catalogue's size)."),
+    top_m: int = typer.Option(None, help="Items kept per user and state in the trajectory of a teacher trained "
+                                         "here (default 200, or fewer when the catalogue is too small)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
@@ -74,9 +75,13 @@ def reproduce_command(
     source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
     max_users = common.QUICK_USERS if quick else None
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, max_users=max_users, **source)
-    if top_m > split.n_items:
-        raise HetCompError(f"--top-m {top_m}: the catalogue has only {split.n_items} items; use --top-m "
-                           f"{split.n_items} or less")
+    # a trajectory ranks unobserved items only: the busiest user leaves this many
+    fits = split.n_items - int(np.diff(split.train.indptr).max())
+    top_m = min(200, fits) if top_m is None else top_m
+    if top_m > fits:
+        raise HetCompError(f"--top-m {top_m}: the catalogue has {split.n_items} items and a user has "
+                           f"{split.n_items - fits} training items, so a ranking of unobserved items holds at most "
+                           f"{fits}; use --top-m {fits} or less")
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     command = "hetcomp " + " ".join(sys.argv[1:])
