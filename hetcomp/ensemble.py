@@ -26,6 +26,7 @@ from hetcomp.metrics import evaluate_split, exclude_rows_, topk_items
 from hetcomp.trajectory import Trajectory
 
 DECAYS = ("exp", "power")
+WEIGHTINGS = ("valid", "valid-state", "uniform")
 
 
 @dataclass
@@ -40,8 +41,9 @@ class EnsembleConfig:
     decay: str = knob("exp", choices=DECAYS)
     temperature: float = knob(50.0, gt=0)
     beta: float = knob(0.05, ge=0)
-    # teacher weights (valid R@50 / mean)^power, or "uniform" as released
-    weighting: str = knob("valid", choices=("valid", "uniform"))
+    # teacher weights (valid R@50 / mean)^power from the converged state ("valid") or from the state each user
+    # learns from ("valid-state": the early states of a teacher weigh what they achieved), or "uniform" as released
+    weighting: str = knob("valid", choices=WEIGHTINGS)
     weight_power: float = knob(8.0, ge=0)
 
     def __post_init__(self) -> None:
@@ -50,7 +52,7 @@ class EnsembleConfig:
     def scorer(self, split: Split, trajectories: list, state_of: int | torch.Tensor = -1,
                device: torch.device | str = "cpu") -> EnsembleScorer:
         """g over the chosen states of ``trajectories`` (converged by default), weighted as configured."""
-        weights = teacher_weights(split, trajectories, self.weighting, self.weight_power)
+        weights = teacher_weights(split, trajectories, self.weighting, self.weight_power, state_of)
         return EnsembleScorer(trajectories, state_of, self.decay, self.temperature, self.beta, weights, device)
 
 
@@ -260,7 +262,10 @@ class EnsembleScorer:
         return torch.stack(parts, 1).to(self.device)
 
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
-        return aggregate_scores(self.rankings(users), self.n_items, self.importance, self.weights)
+        weights = self.weights
+        if weights is not None and weights.dim() == 2:  # per user: this batch's columns
+            weights = weights[:, users.to(weights.device)]
+        return aggregate_scores(self.rankings(users), self.n_items, self.importance, weights)
 
     def topk(self, k: int, exclude: sp.csr_matrix, batch_size: int = 1024) -> torch.Tensor:
         """Top-k items [n_users, k] of every user (rows of ``exclude``), its nonzeros ranked last.
@@ -332,16 +337,29 @@ def trajectory_state_metrics(split: Split, trajectory: Trajectory, state: int) -
 
 
 def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str = EnsembleConfig.weighting,
-                    power: float = EnsembleConfig.weight_power) -> torch.Tensor | None:
-    """Per-teacher weights of g: None (uniform, as released) or (valid R@50 of E4 / mean)^power.
+                    power: float = EnsembleConfig.weight_power, state_of: int | torch.Tensor = -1
+                    ) -> torch.Tensor | None:
+    """Per-teacher weights of g: None (uniform, as released) or (valid R@50 / mean)^power.
 
-    Validation-only: a teacher much better than the others (here the item autoencoder) should count for more
-    in the aggregation; the power was chosen on validation R@50 (see the teachers results page).
+    ``valid``: each teacher's converged (E4) valid R@50, one weight per teacher ([n_teachers]). ``valid-state``:
+    the valid R@50 of the state a user learns from (``state_of``, an int or [n_teachers, n_users]), over the same
+    mean of the converged ones, so a teacher's early state weighs what it achieved then ([n_teachers] or
+    [n_teachers, n_users]); at the converged states both agree. Validation-only: a teacher much better than the
+    others (here the item autoencoder) should count for more; the power was chosen on validation R@50.
     """
     if weighting == "uniform":
         return None
-    if weighting != "valid":
-        raise HetCompError(f"unknown teacher weighting {weighting!r}; choose valid or uniform")
-    recall = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
-                           for t in trajectories], dtype=torch.float32)
-    return (recall / recall.mean()) ** power
+    if weighting not in WEIGHTINGS:
+        raise HetCompError(f"unknown teacher weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    converged = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
+                              for t in trajectories], dtype=torch.float32)
+    if weighting == "valid":
+        return (converged / converged.mean()) ** power
+    n_states = max(t.n_states for t in trajectories)
+    by_state = torch.stack([torch.tensor([trajectory_state_metrics(split, t, min(s, t.n_states - 1))["valid"]
+                                          ["recall@50"] for s in range(n_states)], dtype=torch.float32)
+                            for t in trajectories])  # [n_teachers, n_states]
+    table = (by_state / converged.mean()) ** power
+    if isinstance(state_of, int):
+        return table[:, state_of]
+    return table.gather(1, state_of.long().cpu().remainder(n_states))

@@ -199,3 +199,29 @@ def test_dkc_distances_equal_the_per_teacher_discrepancy(form):
         ideal = states[0, 0].long()
         expected = 1.0 - ranking_ndcg(student, ideal, discrepancy_gains(k, 3.0))
         assert torch.equal(discrepancy(student, ideal, k, 3.0), expected)
+
+
+def test_valid_state_weights_follow_the_state_each_user_learns_from():
+    from hetcomp.ensemble import teacher_weights
+    from hetcomp.metrics import exclude_rows_
+
+    split = make_tiny_split(n_users=50, n_items=60, per_user=10)
+    trajectories = random_trajectories(split.n_users, split.n_items, [15, 15, 15], 4, seed=21, pool=45,
+                                       exclude=split.train)
+    recalls = ([0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.2, 0.2, 0.2, 0.2])
+    for trajectory, recall in zip(trajectories, recalls, strict=True):
+        trajectory.meta["metrics"] = [{"valid": {"recall@50": r}, "test": {}} for r in recall]
+    v = per_user_states(3, split.n_users, 4, seed=22)
+    weights = teacher_weights(split, trajectories, "valid-state", 2.0, v)
+    converged_mean = (0.4 + 0.1 + 0.2) / 3
+    for teacher in range(3):
+        for user in range(split.n_users):
+            expected = (recalls[teacher][int(v[teacher, user])] / converged_mean) ** 2
+            assert weights[teacher, user].item() == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(teacher_weights(split, trajectories, "valid-state", 2.0, -1),
+                          teacher_weights(split, trajectories, "valid", 2.0))
+    context = DistillContext(split, trajectories, ensemble=EnsembleConfig(weighting="valid-state", weight_power=2.0),
+                             batch_users=16)
+    users = torch.arange(split.n_users)
+    dense = exclude_rows_(context.scorer(v)(users), split.train, users.numpy())
+    assert torch.equal(context.ensemble_topk(20, v, batch_size=16), topk_items(dense, 20))

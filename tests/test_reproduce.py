@@ -146,7 +146,9 @@ def test_quick_table1_reports_three_supervisions(workspace):
     invoke(workspace, "--table", "1")
     with open(workspace / "results" / "csv-toy-first300" / "table1.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["supervision"][:3] for r in rows] == ["(a)", "(b)", "(c)"]
+    assert [r["supervision"][:3] for r in rows] == ["(a)", "(b)", "(b)", "(c)", "(c)"]
+    assert rows[0]["g"] == "-" and [r["g"] for r in rows[1:]] == ["uniform (released code)",
+                                                                  "valid-weighted (ours)"] * 2
     assert rows[1]["teachers"] == "mf,mf-s1,mf-s2,mf-s3,mf-s4"
     for row in rows:
         assert 0.0 <= float(row["D@10"]) <= 1.0 and 0.0 <= float(row["D@50"]) <= 1.0 and float(row["NLL"]) > 0

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hetcomp.config import check_choice, check_option
 from hetcomp.data import Split, load_dataset
 from hetcomp.distill import EnsembleConfig
-from hetcomp.ensemble import DECAYS
+from hetcomp.ensemble import DECAYS, WEIGHTINGS
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import dataset_slug
 from hetcomp.teachers import TEACHERS, TRAJECTORY_FILE
@@ -141,7 +141,7 @@ def _ensemble(decay: str, temperature: float, weighting: str, weight_power: floa
     """The aggregation g from its options, each checked with a message that names the option."""
     check_choice("--decay", decay, DECAYS)
     check_option("--temperature", temperature, f"{DEFAULT_ENSEMBLE.temperature:g}", gt=0)
-    check_choice("--weighting", weighting, ("valid", "uniform"))
+    check_choice("--weighting", weighting, WEIGHTINGS)
     check_option("--weight-power", weight_power, f"{DEFAULT_ENSEMBLE.weight_power:g}", ge=0)
     check_option("--beta", beta, f"{DEFAULT_ENSEMBLE.beta:g}", ge=0)
     return EnsembleConfig(decay, temperature, beta, weighting=weighting, weight_power=weight_power)

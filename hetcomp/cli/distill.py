@@ -74,7 +74,8 @@ def distill_command(
     decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the aggregation g: exp or power."),
     temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
     weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
-                                  help="Teacher weights in g: valid ((valid R@50/mean)^power) or uniform."),
+                                  help="Teacher weights in g: valid ((converged valid R@50/mean)^power), valid-state "
+                                       "(each state its own valid R@50) or uniform."),
     weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
     beta: float = typer.Option(DEFAULT_ENSEMBLE.beta, help="β of the power decay (rank+1)^-β."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

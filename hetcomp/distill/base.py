@@ -53,8 +53,12 @@ class DistillContext:
         return [t.name for t in self.trajectories]
 
     def scorer(self, state_of: int | torch.Tensor = -1) -> EnsembleScorer:
+        weights = self.teacher_weights
+        if self.ensemble.weighting == "valid-state":  # the weights follow the states the users learn from
+            weights = teacher_weights(self.split, self.trajectories, "valid-state", self.ensemble.weight_power,
+                                      state_of)
         return EnsembleScorer(self.trajectories, state_of, self.ensemble.decay, self.ensemble.temperature,
-                              self.ensemble.beta, self.teacher_weights, self.device)
+                              self.ensemble.beta, weights, self.device)
 
     def ensemble_topk(self, k: int, state_of: int | torch.Tensor = -1, batch_size: int = 1024) -> torch.Tensor:
         """Top-k unobserved items [n_users, k] of g over the chosen states (converged by default).

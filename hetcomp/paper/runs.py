@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from hetcomp.ensemble import EnsembleConfig
 from hetcomp.errors import HetCompError
 from hetcomp.paper.common import METRICS, Reproduction
 from hetcomp.paper.ledger import CURVE_COLUMNS, TABLE2_COLUMNS, locked, read_rows, write_rows
@@ -13,10 +14,10 @@ from hetcomp.runs.grid import run_grid
 
 
 def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: str, seed: int, dim: int = 6,
-             options: dict | None = None) -> RunSpec:
+             options: dict | None = None, ensemble: EnsembleConfig | None = None) -> RunSpec:
     """One student run of this reproduction (its schedule's limits and method options)."""
     options = dict(rep.schedule.options(method), **(options or {}))
-    return make_spec(rep.split, trajectories, student, method, dim, seed, options,
+    return make_spec(rep.split, trajectories, student, method, dim, seed, options, ensemble,
                      max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
                      source=rep.source or {"dataset": rep.dataset})
 
