@@ -22,6 +22,7 @@ import numpy as np
 
 from hetcomp.data import Split
 from hetcomp.distill import EnsembleConfig, method_class
+from hetcomp.errors import HetCompError
 from hetcomp.models import model_class, model_config
 from hetcomp.registry import checked_config
 from hetcomp.runs.tuned import RECIPE, tuned_defaults
@@ -203,7 +204,7 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
     weight_decay = default_decay if weight_decay is None else weight_decay
     for name, value in (("lr", lr), ("weight decay", weight_decay)):
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number (got {value})")
+            raise HetCompError(f"{name} must be a finite number (got {value})")
     return RunSpec(
         dataset=split.meta["dataset"], split_fingerprint=split.fingerprint, split_seed=int(split.meta.get("seed", 0)),
         teachers=tuple(t.name for t in trajectories), teachers_digest=teachers_digest(trajectories),
