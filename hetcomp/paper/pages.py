@@ -43,14 +43,23 @@ def paired_p_value(a: list[float], b: list[float]) -> float:
         return float(stats.ttest_rel(a, b).pvalue)
 
 
+def stamp() -> dict:
+    """Where and when a page is written: the commit, the machine and the time (UTC)."""
+    return {"commit": git_commit(), "machine": machine(), "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, students: Sequence[str],
-                    methods: Sequence[str], seeds: Sequence[int], missing: Sequence[str] = ()) -> str:
+                    methods: Sequence[str], seeds: Sequence[int], missing: Sequence[str] = (),
+                    written: dict | None = None, notes: str | None = None) -> str:
+    """Table 2's page from the ledger's rows: a pure function of its arguments (``written``: :func:`stamp`'s
+    commit, machine and time; ``notes``: the hand-written reading kept below the table)."""
+    written = written or {"commit": "-", "machine": "-", "written": "-"}
     paper = {} if rep.schedule.quick else paper_values(rep.dataset)
     digests = sorted({r["teachers_digest"] for r in rows})
     lines = [f"# Table 2 — {rep.label} (authors' split), students at dim 6", "",
              f"- command: `{rep.command}`", f"- seeds: {', '.join(map(str, seeds))} (student training seeds; split "
-             f"seed {rep.split.meta['seed']}; teachers trained with seed 0)", f"- commit: {git_commit()}",
-             f"- machine: {machine()}", f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"seed {rep.split.meta['seed']}; teachers trained with seed 0)", f"- commit: {written['commit']}",
+             f"- machine: {written['machine']}", f"- written: {written['written']}",
              "- source of truth: `table2.csv` beside this file (one row per run, with the command that reruns it); "
              "the manifest has the wall times", "",
              "Cells: ours, mean ± std over seeds (the paper's value in brackets where it reports one). "
@@ -112,10 +121,9 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
     if rep.split.meta["dataset"].startswith(("foursquare", "amusic")):
         lines += ["Our copy of this dataset differs from the paper's (a smaller cut; see the data catalogue), so the "
                   "paper's values are shown for orientation, not as a like-for-like comparison.", ""]
-    notes = rep.out_dir / TABLE2_NOTES
-    if notes.is_file():
+    if notes:
         lines += [f"## Reading it (written by hand in `{TABLE2_NOTES}`, kept when the table is regenerated)", "",
-                  notes.read_text().strip(), ""]
+                  notes.strip(), ""]
     return "\n".join(lines)
 
 
