@@ -41,6 +41,15 @@ PathOption = typer.Option(None, "--path", help="The file, for the csv and recbol
 UserColOption = typer.Option("user_id", "--user-col", help="csv: the user column.")
 ItemColOption = typer.Option("item_id", "--item-col", help="csv: the item column.")
 SepOption = typer.Option(",", "--sep", help="csv: the delimiter.")
+#: the aggregation g's options (distill, evaluate), defaults from EnsembleConfig
+DecayOption = typer.Option(DEFAULT_ENSEMBLE.decay, "--decay", help="Rank decay of the aggregation g: exp or power.")
+TemperatureOption = typer.Option(DEFAULT_ENSEMBLE.temperature, "--temperature", help="T of the exp decay exp(-rank/T).")
+WeightingOption = typer.Option(DEFAULT_ENSEMBLE.weighting, "--weighting",
+                               help="Teacher weights in g: valid ((converged valid R@50/mean)^power), valid-state "
+                                    "(each state its own valid R@50) or uniform.")
+WeightPowerOption = typer.Option(DEFAULT_ENSEMBLE.weight_power, "--weight-power",
+                                 help="The power of the valid weighting.")
+BetaOption = typer.Option(DEFAULT_ENSEMBLE.beta, "--beta", help="β of the power decay (rank+1)^-β.")
 
 
 def friendly_errors(command: Callable) -> Callable:

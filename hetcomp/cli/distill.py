@@ -7,16 +7,20 @@ from pathlib import Path
 import typer
 
 from hetcomp.cli.common import (
-    DEFAULT_ENSEMBLE,
+    BetaOption,
     CacheDirOption,
     DataDirOption,
     DatasetHelp,
+    DecayOption,
     ItemColOption,
     PathOption,
     ProgressCallback,
     SepOption,
     TeachersDirOption,
+    TemperatureOption,
     UserColOption,
+    WeightingOption,
+    WeightPowerOption,
     _ensemble,
     _imported,
     _parse_names,
@@ -71,13 +75,8 @@ def distill_command(
     weight_decay: float = typer.Option(None, help="Adam weight decay of the student (default: the one `hetcomp tune` "
                                                   f"chose, else {KD_WEIGHT_DECAY:g} for KD methods, the model's own "
                                                   "for --method none)."),
-    decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the aggregation g: exp or power."),
-    temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
-    weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
-                                  help="Teacher weights in g: valid ((converged valid R@50/mean)^power), valid-state "
-                                       "(each state its own valid R@50) or uniform."),
-    weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
-    beta: float = typer.Option(DEFAULT_ENSEMBLE.beta, help="β of the power decay (rank+1)^-β."),
+    decay: str = DecayOption, temperature: float = TemperatureOption, weighting: str = WeightingOption,
+    weight_power: float = WeightPowerOption, beta: float = BetaOption,
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,

@@ -9,15 +9,19 @@ import typer
 from rich.table import Table
 
 from hetcomp.cli.common import (
-    DEFAULT_ENSEMBLE,
+    BetaOption,
     CacheDirOption,
     DataDirOption,
     DatasetHelp,
+    DecayOption,
     ItemColOption,
     PathOption,
     SepOption,
     TeachersDirOption,
+    TemperatureOption,
     UserColOption,
+    WeightingOption,
+    WeightPowerOption,
     _ensemble,
     _imported,
     _parse_names,
@@ -41,13 +45,8 @@ def evaluate_command(
     teachers: bool = typer.Option(True, "--teachers", help="Report the teachers, their states and the ensemble."),
     names: str = typer.Option(",".join(TEACHERS), "--names", help="Comma-separated teachers to report."),
     seed: int = typer.Option(0, help="Split seed."),
-    decay: str = typer.Option(DEFAULT_ENSEMBLE.decay, help="Rank decay of the ensemble g: exp or power."),
-    temperature: float = typer.Option(DEFAULT_ENSEMBLE.temperature, help="T of the exp decay exp(-rank/T)."),
-    weighting: str = typer.Option(DEFAULT_ENSEMBLE.weighting,
-                                  help="Teacher weights in g: valid ((converged valid R@50/mean)^power), valid-state "
-                                       "(each state its own valid R@50) or uniform."),
-    weight_power: float = typer.Option(DEFAULT_ENSEMBLE.weight_power, help="The power of the valid weighting."),
-    beta: float = typer.Option(DEFAULT_ENSEMBLE.beta, help="β of the power decay (rank+1)^-β."),
+    decay: str = DecayOption, temperature: float = TemperatureOption, weighting: str = WeightingOption,
+    weight_power: float = WeightPowerOption, beta: float = BetaOption,
     write: Path = typer.Option(None, help="Also write a results page (Markdown) here, e.g. "
                                           "experiments/results/teachers-citeulike.md."),
     path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
