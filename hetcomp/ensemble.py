@@ -351,15 +351,27 @@ def teacher_weights(split: Split, trajectories: list[Trajectory], weighting: str
         return None
     if weighting not in WEIGHTINGS:
         raise HetCompError(f"unknown teacher weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    if weighting == "valid-state":
+        return weights_at_states(state_weight_table(split, trajectories, power), state_of)
     converged = torch.tensor([trajectory_state_metrics(split, t, t.n_states - 1)["valid"]["recall@50"]
                               for t in trajectories], dtype=torch.float32)
-    if weighting == "valid":
-        return (converged / converged.mean()) ** power
+    return (converged / converged.mean()) ** power
+
+
+def state_weight_table(split: Split, trajectories: list[Trajectory],
+                       power: float = EnsembleConfig.weight_power) -> torch.Tensor:
+    """``valid-state`` weights of every teacher at every state, [n_teachers, n_states]: (valid R@50 of the state /
+    mean of the teachers' converged valid R@50)^power. Computed once per context: each DKC rebuild only gathers.
+    A teacher with fewer states repeats its last one, so the last column holds every converged recall."""
     n_states = max(t.n_states for t in trajectories)
     by_state = torch.stack([torch.tensor([trajectory_state_metrics(split, t, min(s, t.n_states - 1))["valid"]
                                           ["recall@50"] for s in range(n_states)], dtype=torch.float32)
                             for t in trajectories])  # [n_teachers, n_states]
-    table = (by_state / converged.mean()) ** power
+    return (by_state / by_state[:, -1].mean()) ** power
+
+
+def weights_at_states(table: torch.Tensor, state_of: int | torch.Tensor) -> torch.Tensor:
+    """Each teacher's weight at the state it is at: [n_teachers] for one state, [n_teachers, n_users] per user."""
     if isinstance(state_of, int):
         return table[:, state_of]
-    return table.gather(1, state_of.long().cpu().remainder(n_states))
+    return table.gather(1, state_of.long().cpu().remainder(table.shape[1]))

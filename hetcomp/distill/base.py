@@ -17,7 +17,14 @@ import torch
 from hetcomp.data import Split
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill.losses import tail_logsumexp, tail_logsumexp_and_listed
-from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, ensemble_observed_order, teacher_weights
+from hetcomp.ensemble import (
+    EnsembleConfig,
+    EnsembleScorer,
+    ensemble_observed_order,
+    state_weight_table,
+    teacher_weights,
+    weights_at_states,
+)
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import csr_rows_dense
 from hetcomp.models.base import Batch, Recommender
@@ -48,6 +55,11 @@ class DistillContext:
         self.teacher_weights = teacher_weights(split, trajectories, self.ensemble.weighting,
                                                self.ensemble.weight_power)
 
+    @cached_property
+    def state_weights(self) -> torch.Tensor:
+        """``valid-state`` weights [n_teachers, n_states], measured once (DKC rebuilds only gather from them)."""
+        return state_weight_table(self.split, self.trajectories, self.ensemble.weight_power)
+
     @property
     def teacher_names(self) -> list[str]:
         return [t.name for t in self.trajectories]
@@ -55,8 +67,7 @@ class DistillContext:
     def scorer(self, state_of: int | torch.Tensor = -1) -> EnsembleScorer:
         weights = self.teacher_weights
         if self.ensemble.weighting == "valid-state":  # the weights follow the states the users learn from
-            weights = teacher_weights(self.split, self.trajectories, "valid-state", self.ensemble.weight_power,
-                                      state_of)
+            weights = weights_at_states(self.state_weights, state_of)
         return EnsembleScorer(self.trajectories, state_of, self.ensemble.decay, self.ensemble.temperature,
                               self.ensemble.beta, weights, self.device)
 
