@@ -1,4 +1,4 @@
-"""Where a result came from: the commit, the source digest, the machine; and how files are named and written.
+"""Where a result came from: the commit, the source digest, the machine; and how files are named, written and read.
 
 Shared by the run layer (metrics.json) and the paper layer (tables, manifest), so it sits below both.
 """
@@ -6,12 +6,15 @@ Shared by the run layer (metrics.json) and the paper layer (tables, manifest), s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import subprocess
 from pathlib import Path
 
 import torch
+
+from hetcomp.errors import HetCompError
 
 
 def git_commit() -> str:
@@ -55,3 +58,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     with open(tmp, "w", newline="") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON file's content, or an error naming the file, what it is and how to fix it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HetCompError(f"{path}: cannot read this {what} ({error.__class__.__name__}: {error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise HetCompError(f"{path}: this {what} is not a JSON object; {fix}")
+    return value

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hetcomp.paper.common import Reproduction
-from hetcomp.provenance import atomic_write_text, git_commit, machine
-from hetcomp.runs.store import read_json
+from hetcomp.provenance import atomic_write_text, git_commit, machine, read_json
 
 
 def read_manifest(path: Path) -> dict:

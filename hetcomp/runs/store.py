@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hetcomp.errors import HetCompError
 from hetcomp.locks import exclusive_lock
-from hetcomp.provenance import atomic_write_text, dataset_slug
+from hetcomp.provenance import atomic_write_text, dataset_slug, read_json
 from hetcomp.runs.spec import RunSpec
 
 SPEC_FILE = "spec.json"
@@ -28,17 +28,6 @@ LOCK_FILE = ".lock"
 def write_json_atomic(path: Path, value: dict) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     atomic_write_text(path, json.dumps(value, indent=1))
-
-
-def read_json(path: Path, what: str, fix: str) -> dict:
-    """A JSON file's content, or an error naming the file, what it is and how to fix it."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HetCompError(f"{path}: cannot read this {what} ({error.__class__.__name__}: {error}); {fix}") from None
-    if not isinstance(value, dict):
-        raise HetCompError(f"{path}: this {what} is not a JSON object; {fix}")
-    return value
 
 
 def read_metrics(path: Path) -> dict:

@@ -8,13 +8,12 @@ whatever its caller left unset, so they enter the run's identity and its ``hetco
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hetcomp.config import check_value, unknown_settings
 from hetcomp.distill import method_class
 from hetcomp.errors import HetCompError
-from hetcomp.provenance import dataset_slug
+from hetcomp.provenance import dataset_slug, read_json
 from hetcomp.train import TrainerConfig
 
 #: where committed study summaries live (tests point it elsewhere)
@@ -37,11 +36,11 @@ def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path
     if not path.is_file():
         return {}
     fix = f"rerun `hetcomp tune` for it, or delete {path} to use the built-in defaults"
+    summary = read_json(path, "tuned settings file", fix)
     try:
-        summary = json.loads(path.read_text())
         settings = summary.get("settings") or {}
         chosen = {**settings.get("options", {}), **{k: settings[k] for k in RECIPE if k in settings}}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as error:
+    except (AttributeError, TypeError) as error:
         raise HetCompError(f"{path}: cannot read these tuned settings ({error.__class__.__name__}: {error}); "
                            f"{fix}") from None
     config_class = method_class(method).config_class
