@@ -205,9 +205,7 @@ def lambda_mrr_loss(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     a reciprocal-rank metric. Summed over the valid pairs of the batch and divided by their number (the mean over
     pairs of the authors' code). Ties in ``scores`` take positions in column order.
     """
-    order = scores.detach().masked_fill(~valid, NEG_INF).argsort(dim=1, descending=True, stable=True)
-    positions = torch.empty_like(order)
-    positions.scatter_(1, order, torch.arange(1, scores.shape[1] + 1, device=scores.device).expand_as(order))
+    positions = _student_positions(scores, valid)[1]
     reciprocal = 1.0 / positions.to(scores.dtype)
     weight = (reciprocal.unsqueeze(2) - reciprocal.unsqueeze(1)).abs()
     pair = (labels.unsqueeze(2) > labels.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
@@ -314,8 +312,8 @@ _LOG1P_SERIES = _log1p_series()
 
 
 def _student_positions(scores: torch.Tensor, unobserved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [B, n]: columns by descending score, unobserved first, ties in column order (as
-    :func:`lambda_mrr_loss`); positions [B, n]: each column's 1-based place in ``order``)."""
+    """(order [B, n]: columns by descending score, unobserved first, ties in column order; positions [B, n]: each
+    column's 1-based place in ``order``): the student's positions of LambdaMRR's weights."""
     order = scores.detach().masked_fill(~unobserved, NEG_INF).argsort(dim=1, descending=True, stable=True)
     positions = torch.empty_like(order)
     positions.scatter_(1, order, torch.arange(1, scores.shape[1] + 1, device=scores.device).expand_as(order))
