@@ -163,6 +163,9 @@ def test_import_rejects_short_repeated_and_foreign_rankings(teacher_root, tmp_pa
     np.savez(npz, states=states, observed=observed)
     with pytest.raises(TrajectoryError, match="observed items of user 0 .* not exactly that user's training"):
         import_rankings(npz, SPLIT, "external")
+    ranking_csv(tmp_path / "swapped.csv", states, observed)
+    with pytest.raises(TrajectoryError, match="observed items of user 0 .* not exactly that user's training"):
+        import_rankings(tmp_path / "swapped.csv", SPLIT, "external")
     np.savez(npz, states=states, observed=SPLIT.train.indices)
     assert import_rankings(npz, SPLIT, "external").meta["observed_ranked"]
 
