@@ -38,7 +38,7 @@ MIN_TOP_M = 100
 def required_top_m(split: Split) -> int:
     """:data:`MIN_TOP_M`, or every unobserved item of the user with the most training items when that is fewer
     (a small catalogue)."""
-    return min(MIN_TOP_M, split.n_items - int(np.diff(split.train.indptr).max()))
+    return min(MIN_TOP_M, split.fewest_unobserved)
 
 
 class TrajectoryError(HetCompError):

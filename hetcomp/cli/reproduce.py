@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from hetcomp.cli.common import (
@@ -75,8 +74,7 @@ def reproduce_command(
     source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
     max_users = common.QUICK_USERS if quick else None
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, max_users=max_users, **source)
-    # a trajectory ranks unobserved items only: the busiest user leaves this many
-    fits = split.n_items - int(np.diff(split.train.indptr).max())
+    fits = split.fewest_unobserved  # a trajectory ranks unobserved items only
     top_m = min(200, fits) if top_m is None else top_m
     if top_m > fits:
         raise HetCompError(f"--top-m {top_m}: the catalogue has {split.n_items} items and a user has "

@@ -44,6 +44,12 @@ class Split:
         return self.train.shape[1]
 
     @property
+    def fewest_unobserved(self) -> int:
+        """How many unobserved items the user with the most training items has: the longest ranking of unobserved
+        items that every user can fill (a bound on teachers' top-M and on knowledge lists)."""
+        return self.n_items - int(np.diff(self.train.indptr).max())
+
+    @property
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 

@@ -83,7 +83,7 @@ class DistillContext:
     @cached_property
     def converged_topk(self) -> torch.Tensor:
         """The converged ensemble's top-500 unobserved items per user (every baseline's supervision)."""
-        return self.ensemble_topk(min(500, self.n_items - int(np.diff(self.split.train.indptr).max())))
+        return self.ensemble_topk(min(500, self.split.fewest_unobserved))
 
     @cached_property
     def observed_order(self) -> tuple[torch.Tensor, torch.Tensor]:
