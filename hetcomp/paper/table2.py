@@ -31,7 +31,9 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(trajectories)
     table_file = rep.out_dir / "table2.csv"
-    specs = [run_spec(rep, trajectories, s, m, seed, dim) for s in students for m in methods for seed in seeds]
+    cells = {(s, m, seed): run_spec(rep, trajectories, s, m, seed, dim)
+             for s in students for m in methods for seed in seeds}
+    specs = list(cells.values())
     runs_folder = rep.runs_dir / rep.label
     from_scratch = (rep.train and not had_teachers and not read_rows(table_file)
                     and not (runs_folder.is_dir() and any(runs_folder.iterdir())))
@@ -48,7 +50,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
                           for t in trajectories)
     with locked(rep.out_dir):
         grid = _merged_grid(rep, digest, students, methods, seeds)
-        union = [run_spec(rep, trajectories, s, m, seed, dim)
+        union = [cells.get((s, m, seed)) or run_spec(rep, trajectories, s, m, seed, dim)  # others' cells
                  for s in grid["students"] for m in grid["methods"] for seed in grid["seeds"]]
         by_identity = {r["config"]: r for r in read_rows(table_file)}
         chosen = [by_identity[spec.identity] for spec in union if spec.identity in by_identity]
