@@ -22,6 +22,7 @@ from hetcomp.distill.tools import (
     csr_rows_padded,
     ranks_within_groups,
     ranks_within_rows,
+    sample_disjoint_without_replacement,
     sample_without_replacement,
     transpose_lists,
     unobserved_ranks,
@@ -103,6 +104,19 @@ def test_sampling_without_replacement_is_distinct_proportional_and_skips_empty_r
     first, _ = sample_without_replacement(torch.tensor([[1.0, 2.0, 0.0, 5.0]]).expand(20000, -1), 1, _generator(1))
     frequency = torch.bincount(first[:, 0], minlength=4).double() / 20000
     assert torch.allclose(frequency, torch.tensor([1 / 8, 2 / 8, 0, 5 / 8], dtype=torch.float64), atol=0.015)
+
+
+def test_disjoint_draws_follow_each_law_independently():
+    first = torch.tensor([[1.0, 0.0, 3.0, 0.0, 4.0, 0.0]]).expand(40000, -1)
+    second = torch.tensor([[0.0, 2.0, 0.0, 6.0, 0.0, 0.0]]).expand(40000, -1)
+    (a, a_valid), (b, b_valid) = sample_disjoint_without_replacement(first, second, 1, 5, _generator(5))
+    assert a_valid.all() and b_valid.sum(1).eq(2).all()  # the second has two entries with weight
+    assert set(b[b_valid].tolist()) == {1, 3}
+    frequency = torch.bincount(a[:, 0], minlength=6).double() / 40000
+    assert torch.allclose(frequency, torch.tensor([1, 0, 3, 0, 4, 0], dtype=torch.float64) / 8, atol=0.01)
+    b_first = b[:, 0]  # P(3 first) = 6/8, and independent of the first draw's pick
+    for pick in (0, 2, 4):
+        assert abs((b_first[a[:, 0] == pick] == 3).double().mean().item() - 0.75) < 0.03
 
 
 # ---- RD ---------------------------------------------------------------------------------------------------
@@ -500,6 +514,9 @@ def test_ranks_within_rows_match_naive():
             naive = sum(1 for j in range(9) if valid[r, j] and scores[r, j] > scores[r, c]) if valid[r, c] else 0
             assert fast[r, c].item() == naive
     assert torch.equal(ranks_within_rows(scores), ranks_within_rows(scores, torch.ones_like(valid)))
+    signed = torch.tensor([[0.0, -0.0, -1e-30, 3.5, float("-inf"), -7.25, 1e30, 3.5]])  # sign bits, extremes
+    naive = [[sum(1 for w in signed[0].tolist() if w > v) for v in signed[0].tolist()]]
+    assert ranks_within_rows(signed).tolist() == naive
 
 
 def test_transpose_lists_and_group_ranks_match_naive():

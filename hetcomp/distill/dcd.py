@@ -26,8 +26,8 @@ What follows the authors' code (github.com/dudwns511/DCD_CIKM21, ``run_dcd.py``,
   does the same with ties counted as in :func:`~hetcomp.distill.tools.ranks_within_rows` (strictly higher
   scores), the code breaks them by ``argsort``;
 - the tanh errors, and draws ∝ error without replacement (``torch.multinomial``; we use the same law by
-  Gumbel-top-k, which also tolerates rows with too little error mass instead of raising), the under-ranked draws
-  sorted back into teacher order, the over-ranked ones unordered;
+  exponential keys, Gumbel-top-k in another form, which also tolerates rows with too little error mass instead
+  of raising), the under-ranked draws sorted back into teacher order, the over-ranked ones unordered;
 - the loss −Σ_k log(e^{f_k} / (Σ_{l≥k} e^{f_l} + Σ_{over} e^{f})) on the sampled items (user side) and on the
   sampled users (item side), one n (``p_n``) and one weight per side (``UCD_lmbda``, ``ICD_lmbda``).
 
@@ -38,9 +38,10 @@ What is ours:
   per item, the users that have it in their list, ordered by its position there (then user id), the first
   ``item_width`` (500, as the code) kept; items in no list have no item-side term;
 - batches are user batches (each active user once per epoch, as for every method here); the item side takes
-  an equal share of a per-epoch permutation of the items that have a user list, so every such item is corrected
-  once per epoch (the code corrects the distinct positive items of each 1,024-interaction batch, so popular
-  items more often);
+  an equal share of the items that have a user list, so every such item is corrected once per epoch (the code
+  corrects the distinct positive items of each 1,024-interaction batch, so popular items more often). The
+  shares group items of similar list length (a per-epoch shuffle, a stable sort by length, the groups dealt to
+  the batches in random order), so a batch pads its lists to ~its own length, not always to 500;
 - the RRD term (``rrd_weight``, RRD's options) is kept, as method.md and the HetComp paper describe DCD; the
   released ``run_dcd.py`` adds only the two corrections to the base loss. ``rrd_weight=0`` drops it;
 - one ``dcd_weight`` for both sides and n_U, n_O apart (the code: one p_n, two λ), means over the batch's
@@ -71,7 +72,7 @@ from hetcomp.distill.tools import (
     csr_rows_padded,
     ranks_within_groups,
     ranks_within_rows,
-    sample_without_replacement,
+    sample_disjoint_without_replacement,
     transpose_lists,
     unobserved_ranks,
 )
@@ -120,12 +121,13 @@ def draw_corrections(under: torch.Tensor, over: torch.Tensor, lists: torch.Tenso
                      generator: torch.Generator | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row, entries of ``lists`` [B, W] drawn ∝ the errors [B, W] without replacement: (under-ranked ids in
-    list order, valid, over-ranked ids, valid), each [B, ≤n]. Entries of zero error are never drawn."""
+    list order, valid, over-ranked ids, valid), each [B, ≤n]. Entries of zero error are never drawn. An entry is
+    under- or over-ranked, never both, so both draws share one noise draw."""
     width = lists.shape[1]
-    picks, valid = sample_without_replacement(under, n_under, generator)
+    (picks, valid), (over_picks, over_valid) = sample_disjoint_without_replacement(under, over, n_under, n_over,
+                                                                                   generator)
     order = torch.where(valid, picks, picks + width).sort(dim=1).indices  # list order, invalid draws last
     picks, valid = picks.gather(1, order), valid.gather(1, order)
-    over_picks, over_valid = sample_without_replacement(over, n_over, generator)
     return lists.gather(1, picks), valid, lists.gather(1, over_picks), over_valid
 
 
@@ -142,8 +144,10 @@ class DCD(DistillMethod):
 
     name = "dcd"
     # 3: the item side; the student's rank within the teacher's top-N list by default (v2: among all unobserved
-    # items, user side only); each item of the item side corrected once per epoch
-    version = 3
+    # items, user side only); each item of the item side corrected once per epoch. 4: both draws of a batch from
+    # one exponential-key noise draw (the same law, other random numbers; ~6× fewer logarithms); item shares
+    # grouped by list length; the user side scores its sampled items alone (other float rounding)
+    version = 4
     config_class = DCDConfig
 
     def __init__(self, context: DistillContext, config: DCDConfig | None = None) -> None:
@@ -164,6 +168,7 @@ class DCD(DistillMethod):
             self.item_places = (torch.arange(len(self.item_entries), device=self.device)
                                 - torch.repeat_interleave(self.item_indptr[:-1], counts))
             self.item_pool = torch.nonzero(counts).squeeze(1).cpu()
+            self.item_counts = counts.cpu()
         #: errors of the last check, user side [n_users, W] and item side [E] (None before the first)
         self.under_error: torch.Tensor | None = None
         self.over_error: torch.Tensor | None = None
@@ -184,9 +189,13 @@ class DCD(DistillMethod):
         if not self.item_side or not user_batches:
             yield from user_batches
             return
+        # shuffled, then grouped by list length (stable: random order among equal lengths), so each batch pads
+        # its items' user lists to about their own length instead of the longest list's 500
         items = self.item_pool[torch.randperm(len(self.item_pool), generator=generator)]
+        items = items[torch.sort(self.item_counts[items], stable=True).indices]
         share = math.ceil(len(items) / len(user_batches))
-        for index, batch in enumerate(user_batches):
+        groups = torch.randperm(len(user_batches), generator=generator).tolist()
+        for index, batch in zip(groups, user_batches, strict=True):
             yield {**batch, "items": items[index * share:(index + 1) * share].to(self.device)}
 
     @torch.no_grad()
@@ -241,6 +250,19 @@ class DCD(DistillMethod):
         users, under, over, _ = self.item_lists(items)
         return draw_corrections(under, over, users, self.config.n_under, self.config.n_over, generator)
 
+    def user_correction_loss(self, model: Recommender, users: torch.Tensor, scores: torch.Tensor,
+                             generator: torch.Generator | None) -> torch.Tensor:
+        """Mean over ``users`` of the relaxed ranking loss on the sampled items. A model with its own
+        ``score_items`` scores just those ~20 items per user, so the gradient skips a dense [B, n_items] pass;
+        others read them from the batch's full ``scores``."""
+        under, under_valid, over, over_valid = self.correction_lists(users, generator)
+        if type(model).score_items is Recommender.score_items:
+            return relaxed_ranking_loss(scores, under, under_valid, over, over_valid)
+        local = model.score_items(users, torch.cat([under, over], 1).clamp(min=0))
+        positions = torch.arange(local.shape[1], device=local.device).expand_as(local)
+        width = under.shape[1]
+        return relaxed_ranking_loss(local, positions[:, :width], under_valid, positions[:, width:], over_valid)
+
     def item_correction_loss(self, model: Recommender, items: torch.Tensor,
                              generator: torch.Generator | None) -> torch.Tensor:
         """Mean over ``items`` of the relaxed ranking loss on the sampled users' scores of the item."""
@@ -262,8 +284,7 @@ class DCD(DistillMethod):
         if not self.checked:
             self.refresh(model)
         if self.user_side:
-            under, under_valid, over, over_valid = self.correction_lists(users, self._generator)
-            loss = loss + self.config.dcd_weight * relaxed_ranking_loss(scores, under, under_valid, over, over_valid)
+            loss = loss + self.config.dcd_weight * self.user_correction_loss(model, users, scores, self._generator)
         items = batch.get("items")
         if self.item_side and items is not None and len(items):
             loss = loss + self.config.dcd_weight * self.item_correction_loss(model, items, self._generator)
