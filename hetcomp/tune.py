@@ -10,7 +10,9 @@ Test data never reaches a trial: the runs train and evaluate on :func:`validatio
 empty test part (so validation ranks each user's held-out items among every item not in training, test items
 included, where ``hetcomp distill`` also drops them; and the runs get their own split fingerprint, so that no
 tuning run is ever taken for a real one). Optuna's TPE sampler (seeded) proposes, its median pruner stops
-runs whose validation curve trails the earlier trials': the two things a grid cannot do with 16 runs.
+runs whose validation curve trails the earlier trials': the two things a grid cannot do with 16 runs. A new
+study's first trial is :func:`start_point`, today's defaults, so a tuned method is not worse on validation
+than it was untuned.
 
 A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
 records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
@@ -37,8 +39,8 @@ from hetcomp.distill import method_class
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import CODE_DIGEST, atomic_write_text, git_commit, machine
 from hetcomp.runs import RunStore, make_spec, teachers_digest, train_run
-from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
-from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, summary_path
+from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE, default_recipe
+from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, summary_path, tuned_defaults
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback, TrainerConfig
 
@@ -189,6 +191,8 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         trial.set_user_attr("best_epoch", result["best_epoch"])
         return result["valid"]["recall@50"]
 
+    if not study.trials:  # a new study: its first trial is the defaults (never worse than them on validation)
+        study.enqueue_trial(start_point(method, student, dim, dataset, space, fixed, root))
     remaining = trials - sum(t.state in DONE for t in study.trials)
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
@@ -198,6 +202,29 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
         atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def start_point(method: str, student: str, dim: int, dataset: str, space: dict, fixed: dict,
+                root: Path | None = None) -> dict:
+    """A study's first trial: the values ``distill`` would use today (built-in defaults and the recipe),
+    overridden by what the method's ``tuning_start`` draws from other finished studies (DCD starts from a tuned
+    RRD, the method it extends), kept inside the space. It spends one trial of the same budget as any other."""
+    cls = method_class(method)
+    defaults = dataclasses.asdict(cls.config_class())
+    lr, weight_decay = default_recipe(student, method)
+    point = {**defaults, "lr": lr, "weight_decay": weight_decay}
+    point.update(cls.tuning_start(lambda other: tuned_defaults(dataset, student, other, dim, root)))
+    start = {}
+    for name, entry in space.items():
+        value = point.get(name)
+        if value is None or name in fixed:
+            continue
+        if entry[0] == "choice":
+            if value in entry[1]:
+                start[name] = value
+        else:
+            start[name] = type(entry[1])(min(max(value, entry[1]), entry[2]))
+    return start
 
 
 def _suggest(trial: optuna.Trial, name: str, entry: tuple):

@@ -17,11 +17,12 @@ from hetcomp.cli import app
 from hetcomp.distill import METHODS, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
+from hetcomp.models import model_config
 from hetcomp.runs import RunStore, make_spec
 from hetcomp.runs import tuned as tuned_module
 from hetcomp.runs.tuned import summary_path, tuned_defaults
 from hetcomp.teachers import train_teacher
-from hetcomp.tune import COMMON_SPACE, check_space, search_space, tune
+from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, tune
 
 SPLIT = make_tiny_split(n_users=60, n_items=150, per_user=12)
 FAST = {"max_epochs": 4, "eval_every": 2, "patience": 2}
@@ -120,6 +121,25 @@ def test_the_chosen_settings_are_make_specs_defaults_and_explicit_arguments_win(
     path.write_text(json.dumps({"settings": {"options": {"k": 0}}}))
     with pytest.raises(HetCompError, match=f"{path}: k of rrd must be"):
         make_spec(SPLIT, teachers, "mf", "rrd", 4)
+
+
+def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, tmp_path):
+    _, summary = study
+    first = summary["history"][0]["params"]
+    config = method_class("rrd").config_class()
+    assert first == {"lr": 1e-2, "weight_decay": 0.0, "weight": config.weight, "k": config.k}
+    tmp = tmp_path
+    path = summary_path("tiny", "mf", "rrd", 4, tmp / "tuning")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(summary))
+    dcd = start_point("dcd", "mf", 4, "tiny", search_space("dcd"), {}, tmp / "tuning")
+    rrd = summary["settings"]
+    assert (dcd["k"], dcd["rrd_weight"], dcd["lr"]) == (rrd["options"]["k"], rrd["options"]["weight"], rrd["lr"])
+    assert dcd["dcd_weight"] == method_class("dcd").config_class().dcd_weight
+    untuned = start_point("dcd", "mf", 4, "tiny", search_space("dcd"), {"epsilon": 0.5}, tmp / "elsewhere")
+    assert untuned["k"] == method_class("dcd").config_class().k and "epsilon" not in untuned
+    own = start_point("none", "mf", 4, "tiny", search_space("none"), {}, tmp / "elsewhere")
+    assert own["lr"] == model_config("mf").lr  # w/o KD starts from the model's own recipe
 
 
 def test_corrupting_the_test_part_leaves_every_trial_unchanged(study, teachers, tmp_path):

@@ -7,7 +7,7 @@ Adding a method = one file with a subclass of :class:`DistillMethod` and one lin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -158,6 +158,12 @@ class DistillMethod(Objective):
 
     #: top-M unobserved items each evaluation should also return (HetComp's DKC reads the student's ranking)
     evaluation_top_m: int | None = None
+
+    @classmethod
+    def tuning_start(cls, tuned: Callable[[str], dict]) -> dict:
+        """Settings a new tuning study tries first besides the defaults, e.g. read from another method's tuned
+        settings with ``tuned(method)`` ({} when that method has none)."""
+        return {}
 
     def __init__(self, context: DistillContext, config=None) -> None:
         self.context = context

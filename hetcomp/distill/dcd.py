@@ -59,7 +59,7 @@ What is ours:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +102,9 @@ class DCDConfig:
     #: what a tuner searches, on validation: name -> ("float_log" | "float" | "int", low, high) or
     #: ("choice", [values]). ε scales rank gaps of up to 500 (1e-4: nearly linear, 1e-1: saturated after ~20
     #: places); the weights span our mean-over-rows convention around the authors' summed one; period 1..10
-    #: around the code's 3
+    #: around the code's 3; k (the RRD component's list) over RRD's own range, so DCD can match a tuned RRD
     search_space = {
+        "k": ("int", 10, 100),
         "epsilon": ("float_log", 1e-4, 1e-1),
         "n_under": ("int", 2, 50),
         "n_over": ("int", 2, 50),
@@ -174,6 +175,14 @@ class DCD(DistillMethod):
         self.over_error: torch.Tensor | None = None
         self.item_under_error: torch.Tensor | None = None
         self.item_over_error: torch.Tensor | None = None
+
+    @classmethod
+    def tuning_start(cls, tuned: Callable[[str], dict]) -> dict:
+        """A tuned RRD (its list, weight and recipe) under the default correction: DCD extends RRD, so its
+        study starts where RRD's ended."""
+        rrd = tuned("rrd")
+        start = {name: rrd[name] for name in ("lr", "weight_decay", "k") if name in rrd}
+        return start | ({"rrd_weight": rrd["weight"]} if "weight" in rrd else {})
 
     @property
     def checked(self) -> bool:
