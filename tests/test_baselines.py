@@ -486,7 +486,7 @@ def test_cl_drd_with_sampling_is_version_2_unchanged(teachers):
 def test_cl_drd_declares_its_search_space():
     from hetcomp.distill.cl_drd import CLDRDConfig
     space = CLDRDConfig.search_space
-    assert {"stage_epochs", "weight", "sampling"} <= set(space)
+    assert {"stage_epochs", "weight"} <= set(space) and "sampling" not in space  # ~13 h a run without it
     fields = {f.name for f in __import__("dataclasses").fields(CLDRDConfig)}
     for name, (kind, *bounds) in space.items():
         assert name in fields and kind in ("float_log", "float", "int", "choice")
