@@ -16,8 +16,9 @@ than it was untuned.
 
 A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
 records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
-completes it. When the budget is reached, the summary (:func:`~hetcomp.runs.tuned.summary_path`) holds the
-chosen settings, which ``distill`` and ``reproduce`` then use by default. It holds no test metric.
+completes it, and a trial its killed process left "running" is run again from its run's last checkpoint.
+When the budget is reached, the summary (:func:`~hetcomp.runs.tuned.summary_path`) holds the chosen settings,
+which ``distill`` and ``reproduce`` then use by default. It holds no test metric.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shlex
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,6 +54,8 @@ COMMON_SPACE = {"lr": ("float_log", 1e-4, 1e-1), "weight_decay": ("choice", [0.0
 STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
               "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+#: who runs a trial (host:pid), so that a later process can tell a killed trial from a live one
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def check_space(config_class: type, space: dict, owner: str) -> None:
@@ -177,6 +182,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     store = store or RunStore("experiments/tuning-runs")
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER)  # first: a running trial without it is an older study's
         params = {name: _suggest(trial, name, entry) for name, entry in space.items()}
         options = {**fixed, **{k: v for k, v in params.items() if k not in RECIPE}}
         spec = make_spec(blind, trajectories, student, method, dim, seed, options, lr=params.get("lr"),
@@ -193,6 +199,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
 
     if not study.trials:  # a new study: its first trial is the defaults (never worse than them on validation)
         study.enqueue_trial(start_point(method, student, dim, dataset, space, fixed, root))
+    _rerun_stale(study, legacy=default_storage)
     remaining = trials - sum(t.state in DONE for t in study.trials)
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
@@ -225,6 +232,34 @@ def start_point(method: str, student: str, dim: int, dataset: str, space: dict, 
         else:
             start[name] = type(entry[1])(min(max(value, entry[1]), entry[2]))
     return start
+
+
+def _alive(worker: str) -> bool:
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return True  # another machine's trial: its own process decides
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def _rerun_stale(study: optuna.Study, legacy: bool) -> None:
+    """A trial left "running" by a killed process (this machine's, by pid) is marked failed and its parameters
+    queued again: the same run specification, so the trial resumes from its run's last checkpoint. With the
+    default (local) storage a running trial that names no worker (older studies) counts as stale too."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if (worker is None and not legacy) or (worker is not None and _alive(worker)):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another process recovered it first
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number})
 
 
 def _suggest(trial: optuna.Trial, name: str, entry: tuple):

@@ -168,6 +168,27 @@ def test_an_interrupted_study_resumes_to_its_budget(teachers, tmp_path):
     assert _study(tmp_path, teachers, trials=5)["history"] == resumed["history"]  # budget reached: nothing runs
 
 
+def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp_path):
+    import subprocess
+    import sys
+
+    from hetcomp import tune as tune_module
+    first = _study(tmp_path, teachers, trials=1)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    killed.set_user_attr("worker", f"{tune_module.socket.gethostname()}:{int(dead.stdout)}")
+    live = study.ask()
+    live.set_user_attr("worker", tune_module.WORKER)  # this process: alive, left alone
+    resumed = _study(tmp_path, teachers, trials=2)  # same parameters, same spec: its run resumes (RunStore)
+    states = {t["number"]: t["state"] for t in resumed["history"]}
+    assert states[killed.number] == "fail" and states[live.number] == "running"
+    again = [t for t in resumed["history"] if t["number"] > live.number]
+    assert len(again) == 1 and again[0]["state"] == "complete"
+    assert again[0]["params"]["lr"] == killed.params["lr"] and first["trials"]["complete"] == 1
+
+
 def test_pruned_trials_leave_no_finished_run(teachers, tmp_path):
     summary = _study(tmp_path, teachers, trials=2, pruner=optuna.pruners.ThresholdPruner(lower=1.0))
     assert summary["trials"]["pruned"] == 2 and summary["best_value"] is None and summary["settings"] is None
