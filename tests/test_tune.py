@@ -123,6 +123,23 @@ def test_the_chosen_settings_are_make_specs_defaults_and_explicit_arguments_win(
         make_spec(SPLIT, teachers, "mf", "rrd", 4)
 
 
+def test_settings_chosen_for_another_split_or_version_are_an_error_other_teachers_a_warning(study, teachers,
+                                                                                             tmp_path, monkeypatch):
+    _, summary = study
+    monkeypatch.setattr(tuned_module, "TUNING_ROOT", tmp_path)
+    path = summary_path("tiny", "mf", "rrd", 4)
+    path.parent.mkdir(parents=True)
+    for key, value, message in (("method_version", 99, "chosen for method version 99"),
+                                ("split_fingerprint", "0123", "chosen for split '0123'")):
+        path.write_text(json.dumps({**summary, key: value}))
+        with pytest.raises(HetCompError, match=f"{message}, this run has .*; rerun `hetcomp tune --dataset tiny"):
+            make_spec(SPLIT, teachers, "mf", "rrd", 4)
+    path.write_text(json.dumps({**summary, "teachers_digest": "other"}))
+    with pytest.warns(UserWarning, match="chosen with teachers other"):
+        spec = make_spec(SPLIT, teachers, "mf", "rrd", 4)
+    assert spec.lr == summary["settings"]["lr"]
+
+
 def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, tmp_path):
     _, summary = study
     first = summary["history"][0]["params"]

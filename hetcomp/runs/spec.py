@@ -194,7 +194,9 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
     cls = method_class(method)
     options = dict(method_options or {})
     if tuned:
-        chosen = tuned_defaults(split.meta["dataset"], student, method, dim)
+        made_for = {"split_fingerprint": split.fingerprint, "method_version": cls.version,
+                    "teachers_digest": teachers_digest(trajectories)}
+        chosen = tuned_defaults(split.meta["dataset"], student, method, dim, made_for=made_for)
         options = {**{k: v for k, v in chosen.items() if k not in RECIPE}, **options}
         lr = chosen.get("lr") if lr is None else lr
         weight_decay = chosen.get("weight_decay") if weight_decay is None else weight_decay

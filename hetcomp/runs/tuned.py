@@ -8,6 +8,7 @@ whatever its caller left unset, so they enter the run's identity and its ``hetco
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from hetcomp.config import check_value, unknown_settings
@@ -27,16 +28,27 @@ def summary_path(dataset: str, student: str, method: str, dim: int, root: Path |
     return Path(TUNING_ROOT if root is None else root) / dataset_slug(dataset) / f"{student}-{method}-{dim}.json"
 
 
-def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path | None = None) -> dict:
+#: what a summary must have been made for, when the caller says (the teachers' digest only warns: retrained
+#: teachers need not match bit for bit across machines, while another split or method version is other work)
+MADE_FOR = {"split_fingerprint": "split", "method_version": "method version"}
+
+
+def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path | None = None,
+                   made_for: dict | None = None) -> dict:
     """The chosen ``{"lr": …, "weight_decay": …, <option>: …}`` of a finished study; ``{}`` when there is none.
 
     Every value is checked against its declared range, so a summary that no longer fits the method (a renamed
-    option, a narrowed range) is an error naming the file rather than a silently different run."""
+    option, a narrowed range) is an error naming the file rather than a silently different run. ``made_for``
+    (``split_fingerprint``, ``method_version``, ``teachers_digest``) is compared with what the study recorded:
+    settings chosen on another split or for another version of the method are an error, for other teachers a
+    warning."""
     path = summary_path(dataset, student, method, dim, root)
     if not path.is_file():
         return {}
     fix = f"rerun `hetcomp tune` for it, or delete {path} to use the built-in defaults"
     summary = read_json(path, "tuned settings file", fix)
+    if isinstance(summary, dict):
+        _check_made_for(path, summary, made_for or {}, fix)
     try:
         settings = summary.get("settings") or {}
         chosen = {**settings.get("options", {}), **{k: settings[k] for k in RECIPE if k in settings}}
@@ -49,3 +61,17 @@ def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path
     for name, value in chosen.items():
         check_value(TrainerConfig if name in RECIPE else config_class, name, value, label=label)
     return chosen
+
+
+def _check_made_for(path: Path, summary: dict, made_for: dict, fix: str) -> None:
+    command = summary.get("command")
+    fix = f"rerun `{command}`, or delete {path} to use the built-in defaults" if command else fix
+    for key, what in MADE_FOR.items():
+        if key in made_for and key in summary and summary[key] != made_for[key]:
+            raise HetCompError(f"{path}: these settings were chosen for {what} {summary[key]!r}, this run has "
+                               f"{made_for[key]!r}; {fix}")
+    digest = made_for.get("teachers_digest")
+    if digest is not None and summary.get("teachers_digest") not in (None, digest):
+        warnings.warn(f"{path}: these settings were chosen with teachers {summary['teachers_digest']}, this run "
+                      f"has {digest}; using them (to choose for these teachers: {fix.split(', or')[0]})",
+                      stacklevel=3)
