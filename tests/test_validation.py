@@ -214,3 +214,18 @@ def test_check_option_names_the_option_and_an_example():
     for value, text in ((0, "--dim 0: must be an integer ≥ 1, e.g. --dim 6"), (math.nan, "--dim nan")):
         with pytest.raises(HetCompError, match=text):
             check_option("--dim", value, 6, ge=1)
+
+
+def test_a_commands_warning_is_one_line_without_the_source(capsys):
+    import warnings
+
+    from hetcomp.cli.common import friendly_errors
+
+    @friendly_errors
+    def command() -> int:
+        warnings.warn("these settings were chosen with other teachers", stacklevel=2)
+        return 7
+
+    assert command() == 7
+    out = capsys.readouterr().out
+    assert out.strip() == "warning: these settings were chosen with other teachers"

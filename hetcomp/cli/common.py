@@ -8,6 +8,7 @@ The commands themselves live one module per command (or small group) beside this
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -52,13 +53,20 @@ WeightPowerOption = typer.Option(DEFAULT_ENSEMBLE.weight_power, "--weight-power"
 BetaOption = typer.Option(DEFAULT_ENSEMBLE.beta, "--beta", help="β of the power decay (rank+1)^-β.")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True, emoji=False)
+
+
 def friendly_errors(command: Callable) -> Callable:
-    """Print toolkit errors as one clear message and exit 1, instead of a traceback."""
+    """Print toolkit errors as one clear message and exit 1, instead of a traceback; warnings as one line
+    (not Python's file:line form with the source line)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except HetCompError as error:
             # the message as written: not read as markup ([...]) or emoji codes (:x: in "-o losses=kl:x")
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, emoji=False)
