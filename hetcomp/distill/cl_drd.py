@@ -76,7 +76,7 @@ class CLDRDConfig:
     search_space: ClassVar[dict] = {
         "stage_epochs": ("int", 5, 60),
         "weight": ("float_log", 1e-4, 10.0),
-        "stages": ("choice", ["5,10,20", "10,20,50", "20,50,100"]),
+        "stages": ("choice", ["3,5,10", "5,10,20", "10,15,25"]),  # every stage below list_size (30)
         "top_n": ("choice", [50, 100, 200]),
     }
 
