@@ -17,6 +17,9 @@ than it was untuned.
 A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
 records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
 completes it, and a trial its killed process left "running" is run again from its run's last checkpoint.
+With the default storage every finished trial is also written to a small text file beside the summary
+(:func:`trials_path`: parameters, value, validation curve), which is committed with the results: a study whose
+SQLite file is gone (a fresh checkout, another machine) is rebuilt from it and goes on where it stopped.
 When the budget is reached, the summary (:func:`~hetcomp.runs.tuned.summary_path`) holds the chosen settings,
 which ``distill`` and ``reproduce`` then use by default. It holds no test metric.
 """
@@ -29,6 +32,7 @@ import math
 import os
 import shlex
 import socket
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -176,6 +180,9 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
                                 pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0),
                                 load_if_exists=True)
     _claim(study, attrs, storage)
+    record = trials_path(summary_file) if default_storage else None
+    if record is not None:
+        _restore(study, record, attrs)
     # seeded, and reseeded by the trials already there: a resumed study does not repeat its first proposals
     study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + len(study.trials))
     blind = validation_only(split)
@@ -204,11 +211,52 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
         study.optimize(objective, n_trials=remaining,
-                       callbacks=[stop, *([lambda _, trial: on_trial(trial)] if on_trial else [])])
+                       callbacks=[stop, *([lambda _, trial: _record(study, record, attrs)] if record else []),
+                                  *([lambda _, trial: on_trial(trial)] if on_trial else [])])
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
         atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def trials_path(summary_file: Path) -> Path:
+    """The study's finished trials as text, beside its summary (``mf-dcd-6.json`` → ``mf-dcd-6.trials.json``)."""
+    return summary_file.with_name(f"{summary_file.stem}.trials.json")
+
+
+def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
+    """Write every finished trial of ``study`` (what :func:`_restore` needs to rebuild it) to ``path``."""
+    trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+               "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
+               "curve": {str(step): value for step, value in sorted(t.intermediate_values.items())},
+               "user_attrs": t.user_attrs}
+              for t in study.get_trials(deepcopy=False, states=DONE)]
+    record = {"format": "hetcomp-study/1", "study_name": study.study_name, "study": attrs, "trials": trials}
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
+    """An empty study gets the finished trials recorded in ``path`` (its SQLite file was lost, the record was
+    committed); a record made for another study (other teachers, method version, space...) is left alone."""
+    if study.trials or not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+        made_for = record["study"]
+        trials = [optuna.trial.create_trial(
+            state=optuna.trial.TrialState[t["state"].upper()], value=t["value"], params=t["params"],
+            distributions={k: optuna.distributions.json_to_distribution(d) for k, d in t["distributions"].items()},
+            intermediate_values={int(step): value for step, value in t["curve"].items()},
+            user_attrs=t["user_attrs"]) for t in record["trials"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise HetCompError(f"{path}: not a readable study record ({type(error).__name__}: {error}); move it away "
+                           "to start the study afresh") from None
+    differ = [key for key in STUDY_KEYS if made_for.get(key) != attrs[key]]
+    if differ or record.get("study_name") != study.study_name:
+        warnings.warn(f"{path} records a study made for other settings ({', '.join(differ) or 'study name'}); "
+                      "starting a new study, which will replace it", stacklevel=3)
+        return
+    study.add_trials(trials)
 
 
 def start_point(method: str, student: str, dim: int, dataset: str, space: dict, fixed: dict,

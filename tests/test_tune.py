@@ -22,7 +22,7 @@ from hetcomp.runs import RunStore, make_spec
 from hetcomp.runs import tuned as tuned_module
 from hetcomp.runs.tuned import summary_path, tuned_defaults
 from hetcomp.teachers import train_teacher
-from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, tune
+from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, trials_path, tune
 
 SPLIT = make_tiny_split(n_users=60, n_items=150, per_user=12)
 FAST = {"max_epochs": 4, "eval_every": 2, "patience": 2}
@@ -183,6 +183,38 @@ def test_an_interrupted_study_resumes_to_its_budget(teachers, tmp_path):
     assert resumed["trials"]["complete"] == 5 and [t["number"] for t in resumed["history"]] == list(range(5))
     assert len({json.dumps(t["params"]) for t in resumed["history"]}) == 5  # no repeated proposal
     assert _study(tmp_path, teachers, trials=5)["history"] == resumed["history"]  # budget reached: nothing runs
+
+
+def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teachers, tmp_path):
+    """A fresh checkout has the summary and the trials record (committed) but no SQLite file and no runs."""
+    import shutil
+
+    first = _study(tmp_path, teachers, trials=2, storage=None)
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    record = trials_path(summary_file)
+    saved = json.loads(record.read_text())
+    assert [t["number"] for t in saved["trials"]] == [0, 1] and all(t["curve"] for t in saved["trials"])
+    summary_file.with_suffix(".db").unlink()
+    shutil.rmtree(tmp_path / "runs")
+    resumed = _study(tmp_path, teachers, trials=3, storage=None)
+    def kept(history):
+        return [(t["params"], t["value"], t["last_epoch"]) for t in history]
+    assert kept(resumed["history"][:2]) == kept(first["history"])
+    assert len(resumed["history"]) == 3 and resumed["history"][2]["params"] not in [t["params"] for t in
+                                                                                       first["history"]]
+    assert len(list((tmp_path / "runs").rglob("metrics.json"))) == 1  # only the new trial trained
+    assert len(json.loads(record.read_text())["trials"]) == 3
+
+    summary_file.with_suffix(".db").unlink()  # a record made for another method version is not taken
+    record.write_text(record.read_text().replace('"method_version": 2', '"method_version": 1'))
+    with pytest.warns(UserWarning, match="made for other settings \\(method_version\\)"):
+        fresh = _study(tmp_path, teachers, trials=1, storage=None)
+    assert fresh["history"][0]["params"] == start_point("rrd", "mf", 4, "tiny", search_space("rrd"), {},
+                                                        tmp_path / "tuning")
+    summary_file.with_suffix(".db").unlink()
+    record.write_text("{ truncated")
+    with pytest.raises(HetCompError, match="mf-rrd-4.trials.json: not a readable study record"):
+        _study(tmp_path, teachers, trials=1, storage=None)
 
 
 def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp_path):
