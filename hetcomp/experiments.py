@@ -38,7 +38,8 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
         lines.append(f"- teachers trained by: `{train_command}`")
     lines += ["", "## Converged teachers (E4) and their trajectories", "",
               "| teacher | params | state epochs E1–E4 | train s | eval s | test R@10 | N@10 | R@50 | N@50 | "
-              "test R@50 at E1 / E2 / E3 / E4 | digest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "test R@50 at E1 / E2 / E3 / E4 | threads | digest |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     state_metrics = {}
     for trajectory in trajectories:
         metrics = [trajectory_state_metrics(split, trajectory, s) for s in range(trajectory.n_states)]
@@ -47,11 +48,12 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
         per_state = " / ".join(f"{m['test']['recall@50']:.4f}" for m in metrics)
         lines.append(f"| {trajectory.name} | {meta.get('n_parameters', '-'):,} | {meta.get('state_epochs')} | "
                      f"{meta.get('train_seconds', '-')} | {meta.get('eval_seconds', '-')} | "
-                     f"{_cells(metrics[-1]['test'])} | {per_state} | {trajectory_digest(trajectory)[:12]} |")
+                     f"{_cells(metrics[-1]['test'])} | {per_state} | {meta.get('threads', '-')} | "
+                     f"{trajectory_digest(trajectory)[:12]} |")
     lines += ["", f"Teachers digest (these {len(trajectories)}, in this order): **{teachers_digest(trajectories)}**, "
               "the identity every student run and tuning summary records (`digest`: each trajectory's, over its "
-              "settings and rankings). Retrained teachers with the same digests give bit-identical students; other "
-              "digests make earlier runs stale."]
+              "settings and rankings). Retrained with the same thread count (`threads`; `train-teachers --threads`), "
+              "a teacher gets the same digest; other digests make earlier runs stale."]
     study = []
     for decay, parameter, power in ENSEMBLE_GRID:
         weights = teacher_weights(split, trajectories, "valid", power) if power else None

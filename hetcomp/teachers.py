@@ -164,6 +164,7 @@ def _train_teacher(split: Split, teacher: str, run_dir: Path, dim: int, seed: in
                                                      "top_m": top_m}, indent=1))
     recorder = TrajectoryRecorder(run_dir, {"teacher": teacher, "dim": dim, "train_seed": seed, "config": config,
                                             "n_parameters": model.n_parameters(), "source": command,
+                                            "threads": torch.get_num_threads(),  # the rankings depend on it
                                             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     train_model(model, split, device=device, seed=seed, callbacks=[recorder, *(callbacks or [])], run_dir=run_dir,
                 top_m=top_m)

@@ -52,6 +52,7 @@ def test_trajectory_round_trip_and_contents(teacher_root):
     assert meta["state_epochs"][-1] == meta["converged_epoch"]
     assert meta["state_epochs"] == sorted(meta["state_epochs"])
     assert len(meta["metrics"]) == 4 and "recall@50" in meta["metrics"][0]["test"]
+    assert meta["threads"] == torch.get_num_threads()  # a ranking is bit-identical only for the same count
     for user in (0, 5, 77):  # observed rows hold exactly the user's training items
         lo, hi = trajectory.observed_indptr[user], trajectory.observed_indptr[user + 1]
         assert sorted(trajectory.observed[lo:hi]) == sorted(SPLIT.train.indices[lo:hi])

@@ -77,6 +77,7 @@ def test_evaluate_rejects_a_bad_ensemble(tmp_path, args, named):
     (["--top-m", "0"], ["--top-m 0", "≥ 1"]),
     (["--seed", "-1"], ["--seed -1"]),
     (["--eval-every", "0"], ["--eval-every 0"]),
+    (["--threads", "0"], ["--threads 0"]),
 ])
 def test_train_teachers_rejects_bad_options(tmp_path, args, named):
     fails_cleanly(["train-teachers", *folders(tmp_path), *args], *named)

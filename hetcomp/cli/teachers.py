@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import typer
 
 from hetcomp.cli.common import (
@@ -54,6 +55,9 @@ def train_teachers(
     eval_every: int = typer.Option(None, help="Evaluate and snapshot every N epochs (the trajectory's "
                                               "states are chosen among these); default: the dataset's "
                                               "setting, else each model's."),
+    threads: int = typer.Option(None, help="CPU threads (default: torch's, one per core). A teacher's rankings "
+                                           "are bit-identical only for the same thread count (recorded in its "
+                                           "trajectory)."),
     path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
@@ -61,6 +65,9 @@ def train_teachers(
 ) -> None:
     """Train the heterogeneous teachers and save each one's trajectory (E1..E4); finished ones are skipped."""
     check_option("--dim", dim, 64, ge=1)
+    check_option("--threads", threads, 2, ge=1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     check_option("--seed", seed, 0, ge=0)
     check_option("--train-seed", train_seed, 1, ge=0)
     check_option("--top-m", top_m, 200, ge=1)
