@@ -11,8 +11,8 @@ empty test part (so validation ranks each user's held-out items among every item
 included, where ``hetcomp distill`` also drops them; and the runs get their own split fingerprint, so that no
 tuning run is ever taken for a real one). Optuna's TPE sampler (seeded) proposes, its median pruner stops
 runs whose validation curve trails the earlier trials': the two things a grid cannot do with 16 runs. A new
-study's first trial is :func:`start_point`, today's defaults, so a tuned method is not worse on validation
-than it was untuned.
+study's first trial is :func:`start_point`, today's defaults (for a student other than MF, with the options
+the method's MF study chose), so a tuned method is not worse on validation than its start.
 
 A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
 records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
@@ -58,6 +58,8 @@ COMMON_SPACE = {"lr": ("float_log", 1e-4, 1e-1), "weight_decay": ("choice", [0.0
 STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
               "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+#: the student whose study of a method gives the other students' studies of it their first trial's options
+REFERENCE_STUDENT = "mf"
 #: who runs a trial (host:pid), so that a later process can tell a killed trial from a live one
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -261,13 +263,18 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
 
 def start_point(method: str, student: str, dim: int, dataset: str, space: dict, fixed: dict,
                 root: Path | None = None) -> dict:
-    """A study's first trial: the values ``distill`` would use today (built-in defaults and the recipe),
-    overridden by what the method's ``tuning_start`` draws from other finished studies (DCD starts from a tuned
-    RRD, the method it extends), kept inside the space. It spends one trial of the same budget as any other."""
+    """A study's first trial: the values ``distill`` would use today (built-in defaults and the recipe), the
+    method's options chosen by its study for :data:`REFERENCE_STUDENT` when this is another student (a better
+    guess than the built-in defaults; lr and weight decay stay this student's recipe), then what the method's
+    ``tuning_start`` draws from this student's other finished studies (DCD starts from a tuned RRD, the method it
+    extends), kept inside the space. It spends one trial of the same budget as any other."""
     cls = method_class(method)
     defaults = dataclasses.asdict(cls.config_class())
     lr, weight_decay = default_recipe(student, method)
     point = {**defaults, "lr": lr, "weight_decay": weight_decay}
+    if student != REFERENCE_STUDENT:  # the method's own knobs as the reference student's study chose them
+        chosen = tuned_defaults(dataset, REFERENCE_STUDENT, method, dim, root)
+        point.update({name: value for name, value in chosen.items() if name not in RECIPE})
     point.update(cls.tuning_start(lambda other: tuned_defaults(dataset, student, other, dim, root)))
     start = {}
     for name, entry in space.items():

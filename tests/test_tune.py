@@ -157,6 +157,11 @@ def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, 
     assert untuned["k"] == method_class("dcd").config_class().k and "epsilon" not in untuned
     own = start_point("none", "mf", 4, "tiny", search_space("none"), {}, tmp / "elsewhere")
     assert own["lr"] == model_config("mf").lr  # w/o KD starts from the model's own recipe
+    # another student starts from the options the MF study chose, with its own recipe
+    other = start_point("rrd", "ml", 4, "tiny", search_space("rrd"), {}, tmp / "tuning")
+    assert (other["k"], other["weight"]) == (rrd["options"]["k"], rrd["options"]["weight"])
+    assert (other["lr"], other["weight_decay"]) == (first["lr"], first["weight_decay"])
+    assert start_point("rrd", "ml", 4, "tiny", search_space("rrd"), {}, tmp / "elsewhere") == first
 
 
 def test_corrupting_the_test_part_leaves_every_trial_unchanged(study, teachers, tmp_path):
