@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,38 +89,75 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     report = GridReport()
     if not specs:
         return report
+
+    def finished(spec: RunSpec, metrics: dict | None, message: str | None) -> None:
+        if message is not None:
+            report.failures.append((spec, message))
+            say(f"FAILED {spec.folder_name}: {message}")
+            return
+        report.results[spec.identity] = metrics
+        if on_result is not None:
+            on_result(spec, metrics)
+
+    with ray_cluster(jobs, address):
+        threads = task_threads(jobs, address, cpus_per_run)
+        task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute_spec)
+        collect({task.remote(spec, inputs, str(store.root), threads): spec for spec in specs}, finished)
+    return report
+
+
+def task_threads(jobs: int, address: str | None, cpus_per_task: float) -> int:
+    """torch threads of one task: the local machine's cores shared by ``jobs`` tasks, else its CPUs."""
+    return max(1, (os.cpu_count() or 1) // jobs) if address is None else max(1, int(cpus_per_task))
+
+
+@contextmanager
+def ray_cluster(jobs: int, address: str | None) -> Iterator[None]:
+    """Ray for the duration of a grid: a local cluster of ``jobs`` CPUs started here (and stopped at the end)
+    when ``address`` is None, else the cluster at ``address``; SIGTERM of the driver becomes a
+    KeyboardInterrupt, so that :func:`collect` cancels every task."""
+    import ray
+
     started_here = address is None and not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False)
     elif not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if address is None else max(1, int(cpus_per_run))
-    task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute_spec)
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
-    pending = {task.remote(spec, inputs, str(store.root), threads): spec for spec in specs}
     try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            spec = pending.pop(done[0])
-            try:
-                metrics = ray.get(done[0])
-            except Exception as error:  # a task's own error: reported, the grid goes on
-                cause = getattr(error, "cause", None) or error
-                message = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
-                report.failures.append((spec, message))
-                say(f"FAILED {spec.folder_name}: {message}")
-                continue
-            report.results[spec.identity] = metrics
-            if on_result is not None:
-                on_result(spec, metrics)
+        yield
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if started_here:
             ray.shutdown()
-    return report
+
+
+def collect(pending: dict, finished: Callable[[object, object, str | None], None], poll: float | None = None,
+            waiting: Callable[[], None] | None = None) -> None:
+    """Wait for the Ray tasks ``pending`` {ref: item}; ``finished(item, result, None)`` or ``finished(item, None,
+    message)`` (a task's own error: reported, the others go on) in completion order; ``waiting()`` every ``poll``
+    seconds meanwhile. Whatever is still pending when this returns or raises is cancelled."""
+    import ray
+
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
+            if not done:
+                if waiting is not None:
+                    waiting()
+                continue
+            item = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except Exception as error:
+                cause = getattr(error, "cause", None) or error
+                finished(item, None, str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause))
+                continue
+            finished(item, result, None)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def _interrupt(signum, frame) -> None:
