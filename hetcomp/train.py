@@ -170,6 +170,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.state = FitState()
+        #: the epoch this call's :meth:`fit` continued from (0: it started afresh)
+        self.resumed_from_epoch = 0
         self.best_state: dict | None = None
 
     def train_epoch(self) -> float:
@@ -262,6 +264,7 @@ class Trainer:
             self.generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
             self.state = FitState(**saved["state"])
+            self.resumed_from_epoch = self.state.epoch
             self.objective.load_state_dict(saved.get("objective", {}))
         if best.is_file():
             with _reading_checkpoint(best, self.run_dir):

@@ -67,7 +67,7 @@ def test_a_grid_on_two_workers_gives_the_rows_of_one_by_one(world, tmp_path):
 
 def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_path):
     _, inputs, split, trajectories = world
-    spec = _specs(world, seeds=(0,), max_epochs=40)[1]
+    spec = _specs(world, seeds=(0,), max_epochs=40, patience=40)[1]  # all 40 epochs: time to be killed
     store = RunStore(tmp_path / "ray")
     folder = store.folder(spec)
     killed = []
@@ -88,7 +88,7 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_pa
     killer.join()
     assert killed and not report.failures
     resumed = report.results[spec.identity]
-    assert resumed["this_call_seconds"] < resumed["wall_seconds"] + 1  # the retry continued, not restarted
+    assert resumed["resumed_from_epoch"] > 0  # the retry continued from last.pt, not restarted
     alone = train_run(spec, split, trajectories, RunStore(tmp_path / "serial"))
     assert _same(resumed, alone)
 
@@ -131,3 +131,23 @@ def test_a_failed_run_is_reported_by_name_while_the_others_finish(world, tmp_pat
     assert sorted(report.results) == sorted(s.identity for s in good)
     assert [(spec.identity, "not the driver's" in message) for spec, message in report.failures] == [(bad.identity,
                                                                                                      True)]
+
+
+def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world, tmp_path):
+    from hetcomp.tune import tune
+    from hetcomp.tune_plan import StudyPlan, run_studies
+
+    _, inputs, split, trajectories = world
+    plans = [StudyPlan("mf", method, 4, 2, ("mf", "ae"), max_epochs=4, eval_every=2, patience=2)
+             for method in ("none", "rrd")]
+    ended, counts = [], []
+    summaries = run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning", jobs=2,
+                            on_done=lambda plan, summary, message: ended.append((plan.label, message)),
+                            on_progress=counts.append, poll=0.5)
+    assert sorted(ended) == [("mf-none-4", None), ("mf-rrd-4", None)]
+    assert all(0 <= count <= 4 for count in counts)
+    for plan in plans:
+        alone = tune(split, trajectories, "mf", plan.method, 4, 2, store=RunStore(tmp_path / "serial"),
+                     root=tmp_path / "serial-tuning", max_epochs=4, eval_every=2, patience=2)
+        assert [(t["params"], t["value"]) for t in summaries[plan.label]["history"]] == [
+            (t["params"], t["value"]) for t in alone["history"]]

@@ -276,10 +276,13 @@ def test_bad_input_is_a_clear_error(study, teachers, tmp_path, monkeypatch):
 
 def test_the_command_names_bad_input_in_one_line(tmp_path):
     runner = CliRunner()
-    for args, message in ((["--method", "magic"], "unknown method 'magic'"),
+    for args, message in ((["--method", "magic"], "unknown method magic"),
                           (["--method", "rrd", "--knobs", "depth"], "declares no knob depth"),
                           (["--method", "rrd", "--knobs", "k", "-o", "k=5"], "is empty"),
                           (["--method", "rrd", "-o", "depth=3"], "rrd has no setting depth"),
-                          (["--method", "rrd", "--storage", "nosuchdb://x"], "cannot open this study storage")):
+                          (["--method", "rrd", "--storage", "nosuchdb://x"], "cannot open this study storage"),
+                          (["--method", "rrd,dcd", "-o", "k=5"], "set one study"),
+                          (["--student", "mf,xx", "--method", "all"], "unknown student xx"),
+                          (["--method", "all", "--jobs", "0"], "--jobs 0: must be an integer ≥ 1")):
         result = runner.invoke(app, ["tune", *args, "--data-dir", str(tmp_path)])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output

@@ -19,6 +19,7 @@ from hetcomp.cli.common import (
     _imported,
     _parse_names,
     _parse_options,
+    _separator,
     _source,
     app,
     console,
@@ -29,6 +30,8 @@ from hetcomp.cli.common import (
 from hetcomp.config import check_option, parse_options
 from hetcomp.device import resolve_device
 from hetcomp.distill import METHODS, method_class
+from hetcomp.errors import HetCompError
+from hetcomp.models import MODELS
 from hetcomp.runs import RunStore
 from hetcomp.runs.spec import DEFAULT_MAX_EPOCHS
 from hetcomp.runs.tuned import TUNING_ROOT, summary_path
@@ -48,8 +51,9 @@ class _EpochBar(ProgressCallback):
 @friendly_errors
 def tune_command(
     dataset: str = typer.Option("citeulike", help=DatasetHelp),
-    student: str = typer.Option("mf", help="Student model."),
-    method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}."),
+    student: str = typer.Option("mf", help="Student model, or several comma-separated (one study each)."),
+    method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}; several "
+                                                "comma-separated, or all (one study each)."),
     dim: int = typer.Option(6, help="Student embedding size."),
     trials: int = typer.Option(16, help="The study's budget: trials in all (complete or pruned); rerunning the "
                                         "command resumes an interrupted study up to it."),
@@ -70,6 +74,11 @@ def tune_command(
     teachers_dir: Path = TeachersDirOption,
     runs_dir: Path = typer.Option(Path("experiments/tuning-runs"), help="Where the trials' run folders go."),
     tuning_dir: Path = typer.Option(TUNING_ROOT, help="Where the summary (the chosen settings) is written."),
+    jobs: int = typer.Option(1, help="Run this many studies at once, as Ray tasks on a local cluster of this many "
+                                     "CPUs (each with cores/jobs threads)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Send the studies to an existing Ray cluster "
+                                    "(auto, ray://HOST:PORT); every node must see the data, --teachers-dir, "
+                                    "--runs-dir and --tuning-dir."),
 ) -> None:
     """Search a method's declared space on validation R@50 (test data is never read); write the chosen settings,
     which `distill` and `reproduce` then use by default."""
@@ -77,6 +86,18 @@ def tune_command(
 
     from hetcomp.tune import open_storage, search_space, tune
 
+    students = _parse_names(student, list(MODELS), "student")
+    methods = list(METHODS) if method.strip() == "all" else _parse_names(method, list(METHODS), "method")
+    check_option("--jobs", jobs, 2, ge=1)
+    if len(students) * len(methods) > 1 or jobs > 1 or ray_address is not None:
+        if storage is not None or study_name is not None or knobs is not None or option:
+            raise HetCompError("--storage, --study-name, --knobs and -o set one study: give one --student and "
+                               "one --method (and no --jobs / --ray-address) with them")
+        _tune_plan(students, methods, dataset, dim, trials, teachers, max_epochs, seed, split_seed, device, path,
+                   user_col, item_col, sep, data_dir, cache_dir, teachers_dir, runs_dir, tuning_dir, jobs,
+                   ray_address)
+        return
+    student, method = students[0], methods[0]
     fixed = parse_options(method_class(method).config_class, _parse_options(option))
     knob_names = [k.strip() for k in knobs.split(",") if k.strip()] if knobs is not None else None
     search_space(method, knob_names, fixed)  # an unknown knob or an empty space fails before any data is read
@@ -108,3 +129,48 @@ def tune_command(
                   f"with {summary['settings']}")
     if counts["complete"] + counts["pruned"] >= trials:
         console.print(f"chosen settings: {summary_path(split.meta['dataset'], student, method, dim, tuning_dir)}")
+
+
+def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, trials: int, teachers: str,
+               max_epochs: int, seed: int, split_seed: int, device: str, path: Path | None, user_col: str,
+               item_col: str, sep: str, data_dir: Path | None, cache_dir: Path | None, teachers_dir: Path,
+               runs_dir: Path, tuning_dir: Path, jobs: int, ray_address: str | None) -> None:
+    """Every (student, method) study as a Ray task (:mod:`hetcomp.tune_plan`); each resumes where it stopped."""
+    from hetcomp.runs.grid import Inputs
+    from hetcomp.tune import search_space
+    from hetcomp.tune_plan import StudyPlan, run_studies
+
+    for name, value, example in (("--dim", dim, 6), ("--trials", trials, 16), ("--max-epochs", max_epochs, 300),
+                                 ("--seed", seed, 0), ("--split-seed", split_seed, 0)):
+        check_option(name, value, example, ge=0 if "seed" in name else 1)
+    for method in methods:
+        search_space(method)
+    split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
+    names = _parse_names(teachers, TEACHERS + _imported(teachers_dir, split), "teacher")
+    load_teachers(split, teachers_dir, names)  # missing or stale teachers fail here, not in every task
+    source = ({"path": str(path), "user_col": user_col, "item_col": item_col, "sep": _separator(sep)}
+              if path else {})
+    inputs = Inputs(dataset, str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None,
+                    str(teachers_dir), split_seed, None, tuple(sorted(source.items())),
+                    str(resolve_device(device)))
+    plans = [StudyPlan(s, m, dim, trials, tuple(names), seed, max_epochs) for s in students for m in methods]
+    failed = []
+    with make_progress() as progress:
+        bar = progress.add_task(f"{len(plans)} studies, trials", total=trials * len(plans))
+
+        def done(plan: StudyPlan, summary: dict | None, message: str | None) -> None:
+            if summary is None:
+                failed.append(plan.label)
+                progress.console.print(f"FAILED {plan.label}: {message}", highlight=False)
+                return
+            progress.console.print(f"{plan.label}: best valid R@50 {summary['best_value']} with "
+                                   f"{summary['settings']}", highlight=False)
+
+        summaries = run_studies(plans, inputs, split.meta["dataset"], runs_dir, tuning_dir, jobs, ray_address,
+                                source=_source(dataset, path, user_col, item_col, sep), on_done=done,
+                                on_progress=lambda count: progress.update(bar, completed=count))
+        progress.update(bar, completed=sum(s["trials"]["complete"] + s["trials"]["pruned"]
+                                           for s in summaries.values()))
+    if failed:
+        raise HetCompError(f"{len(failed)} of {len(plans)} studies failed ({', '.join(failed)}); rerun the same "
+                           "command to resume them")

@@ -72,6 +72,7 @@ def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore,
         # training + evaluation over every resumed segment (a resumed run's own call is shorter)
         "wall_seconds": round(state.seconds + state.eval_seconds, 1),
         "this_call_seconds": round(time.perf_counter() - started, 1),
+        "resumed_from_epoch": trainer.resumed_from_epoch,
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
         "peak_memory_mb": round(peak_memory_mb()),  # of this process (the whole run when it ran alone)
         "device": str(device), "command": spec.command(), "commit": git_commit(), "code_digest": CODE_DIGEST,

@@ -1,0 +1,97 @@
+"""Several studies at once: each (student, method) study of ``hetcomp tune`` is one Ray task.
+
+The whole tuning plan of a table (every method for every student, the same budget each) is one command: on a
+local cluster of ``jobs`` CPUs by default, or on an existing Ray cluster (``address``) whose workers see the same
+data, teachers, tuning and runs folders. Each task runs :func:`~hetcomp.tune.tune` with the default storage (the
+SQLite file and the trials record beside the summary), so a rerun resumes every study where it stopped, and a
+task whose worker dies is retried: its running trial is recovered like any killed process's. Only the driver
+reports: a study's summary as it finishes, and the finished trials of all studies while they run (read from
+their trials records).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetcomp.runs.grid import RETRIES, Inputs, collect, ray_cluster, task_threads
+from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
+from hetcomp.runs.tuned import summary_path
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One study of a plan, and what all of a plan's studies share."""
+
+    student: str
+    method: str
+    dim: int
+    trials: int
+    teachers: tuple[str, ...]
+    seed: int = 0
+    max_epochs: int = DEFAULT_MAX_EPOCHS
+    eval_every: int = DEFAULT_EVAL_EVERY
+    patience: int = DEFAULT_PATIENCE
+
+    @property
+    def label(self) -> str:
+        return f"{self.student}-{self.method}-{self.dim}"
+
+
+def run_study(plan: StudyPlan, inputs: Inputs, runs_dir: str, root: str, threads: int,
+              source: dict | None = None) -> dict:
+    """One study, to its budget, in this process: the body of a plan's Ray task. Returns its summary."""
+    import torch
+
+    from hetcomp.runs import RunStore
+    from hetcomp.tune import tune
+
+    torch.set_num_threads(max(1, threads))
+    split, trajectories = inputs.load(plan.teachers)
+    return tune(split, trajectories, plan.student, plan.method, plan.dim, plan.trials, store=RunStore(runs_dir),
+                seed=plan.seed, max_epochs=plan.max_epochs, eval_every=plan.eval_every, patience=plan.patience,
+                device=inputs.device, source=source,
+                root=Path(root))
+
+
+def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
+    """Finished trials of a study so far, from its trials record (0 before its first)."""
+    from hetcomp.tune import trials_path
+
+    path = trials_path(summary_path(dataset, plan.student, plan.method, plan.dim, root))
+    try:
+        return len(json.loads(path.read_text())["trials"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_dir: Path, root: Path,
+                jobs: int = 1, address: str | None = None, cpus_per_study: float = 1.0,
+                gpus_per_study: float = 0.0, source: dict | None = None,
+                on_done: Callable[[StudyPlan, dict | None, str | None], None] | None = None,
+                on_progress: Callable[[int], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
+    """Every study of ``plans`` as a Ray task; ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as
+    each ends, ``on_progress(finished trials of all studies)`` every ``poll`` seconds. Returns the summaries by
+    :attr:`StudyPlan.label`."""
+    import ray
+
+    summaries: dict[str, dict] = {}
+
+    def finished(plan: StudyPlan, summary: dict | None, message: str | None) -> None:
+        if summary is not None:
+            summaries[plan.label] = summary
+        if on_done is not None:
+            on_done(plan, summary, message)
+
+    def waiting() -> None:
+        if on_progress is not None:
+            on_progress(sum(finished_trials(dataset, plan, root) for plan in plans))
+
+    with ray_cluster(jobs, address):
+        threads = task_threads(jobs, address, cpus_per_study)
+        task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_study, num_gpus=gpus_per_study)(run_study)
+        pending = {task.remote(plan, inputs, str(runs_dir), str(root), threads, source): plan for plan in plans}
+        collect(pending, finished, poll, waiting)
+    return summaries
