@@ -27,6 +27,7 @@ which ``distill`` and ``reproduce`` then use by default. It holds no test metric
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -207,7 +208,8 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         return result["valid"]["recall@50"]
 
     if not study.trials:  # a new study: its first trial is the defaults (never worse than them on validation)
-        study.enqueue_trial(start_point(method, student, dim, dataset, space, fixed, root))
+        for point in start_points(method, student, dim, dataset, space, fixed, root):
+            study.enqueue_trial(point)
     _rerun_stale(study, legacy=default_storage)
     remaining = trials - sum(t.state in DONE for t in study.trials)
     if remaining > 0:
@@ -261,6 +263,39 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
     study.add_trials(trials)
 
 
+def start_points(method: str, student: str, dim: int, dataset: str, space: dict, fixed: dict,
+                 root: Path | None = None) -> list[dict]:
+    """A new study's first trials: :func:`start_point`, then each of the method's ``tuning_alternatives`` applied
+    to it (kept inside the space; a point equal to an earlier one is left out)."""
+    first = start_point(method, student, dim, dataset, space, fixed, root)
+    points = [first]
+    tuned = functools.partial(_tuned_settings, dataset, student, dim, root)
+    for change in method_class(method).tuning_alternatives(tuned):
+        point = {**first, **_inside(space, fixed, change)}
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def _tuned_settings(dataset: str, student: str, dim: int, root: Path | None, method: str) -> dict:
+    return tuned_defaults(dataset, student, method, dim, root)
+
+
+def _inside(space: dict, fixed: dict, point: dict) -> dict:
+    """The searched entries of ``point`` (not fixed), clipped into their ranges; choices outside the list dropped."""
+    kept = {}
+    for name, entry in space.items():
+        value = point.get(name)
+        if value is None or name in fixed:
+            continue
+        if entry[0] == "choice":
+            if value in entry[1]:
+                kept[name] = value
+        else:
+            kept[name] = type(entry[1])(min(max(value, entry[1]), entry[2]))
+    return kept
+
+
 def start_point(method: str, student: str, dim: int, dataset: str, space: dict, fixed: dict,
                 root: Path | None = None) -> dict:
     """A study's first trial: the values ``distill`` would use today (built-in defaults and the recipe), the
@@ -275,18 +310,8 @@ def start_point(method: str, student: str, dim: int, dataset: str, space: dict, 
     if student != REFERENCE_STUDENT:  # the method's own knobs as the reference student's study chose them
         chosen = tuned_defaults(dataset, REFERENCE_STUDENT, method, dim, root)
         point.update({name: value for name, value in chosen.items() if name not in RECIPE})
-    point.update(cls.tuning_start(lambda other: tuned_defaults(dataset, student, other, dim, root)))
-    start = {}
-    for name, entry in space.items():
-        value = point.get(name)
-        if value is None or name in fixed:
-            continue
-        if entry[0] == "choice":
-            if value in entry[1]:
-                start[name] = value
-        else:
-            start[name] = type(entry[1])(min(max(value, entry[1]), entry[2]))
-    return start
+    point.update(cls.tuning_start(functools.partial(_tuned_settings, dataset, student, dim, root)))
+    return _inside(space, fixed, point)
 
 
 def _alive(worker: str) -> bool:

@@ -460,7 +460,8 @@ def test_cl_drd_without_sampling_learns_the_ensembles_order(context):
 
 
 def test_cl_drd_with_sampling_is_version_2_unchanged(teachers):
-    """``sampling=True`` trains exactly as version 2 did: its loss, kept here as it was, gives equal students."""
+    """``sampling=True`` trains as version 2 did, but for the own loss (version 3): its loss as version 2 wrote
+    it, with today's own loss, gives equal students."""
 
     def version_2_loss(self, model, batch):
         users = batch["users"]
@@ -481,6 +482,34 @@ def test_cl_drd_with_sampling_is_version_2_unchanged(teachers):
         losses = [trainer.train_epoch() for _ in range(4)]
         outputs.append((losses, model.score(torch.arange(SPLIT.n_users)).detach()))
     assert outputs[0][0] == outputs[1][0] and torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_the_own_loss_sees_every_training_interaction_once_per_epoch(context):
+    """One epoch of user batches gives the own loss each (user, training item) pair exactly once, as a pass over
+    the data does, with negatives outside the user's training items."""
+    method = build_method("rrd", context)
+    generator = torch.Generator().manual_seed(0)
+    seen = []
+    for batch in method.batches(1, generator):
+        triples = context.sample_interactions(batch["users"], generator, 2)
+        assert triples["neg"].shape == (len(triples["users"]), 2)
+        dense = SPLIT.train.toarray()
+        assert not dense[triples["users"].numpy()[:, None], triples["neg"].numpy()].any()
+        seen += list(zip(triples["users"].tolist(), triples["pos"].tolist(), strict=True))
+    rows, columns = SPLIT.train.nonzero()
+    assert sorted(seen) == sorted(zip(rows.tolist(), columns.tolist(), strict=True))
+
+
+def test_methods_that_add_the_own_loss_also_try_the_tuned_wo_kd_recipe():
+    from hetcomp.distill import METHODS, method_class
+
+    tuned = {"none": {"lr": 3e-3, "weight_decay": 1e-5}, "rrd": {}}.get
+    assert method_class("rrd").tuning_alternatives(lambda m: tuned(m, {})) == [{"lr": 3e-3, "weight_decay": 1e-5}]
+    assert method_class("hetcomp").tuning_alternatives(lambda m: tuned(m, {})) == []
+    assert method_class("rrd").tuning_alternatives(lambda m: {}) == []  # no w/o KD study yet: nothing more
+    low = DCDConfig.search_space["dcd_weight"][1]
+    assert method_class("dcd").tuning_alternatives(lambda m: {}) == [{"dcd_weight": low}]
+    assert {m for m in METHODS if method_class(m).adds_own_loss} == {"rd", "rrd", "mtd", "cl-drd", "dcd", "kd"}
 
 
 def test_cl_drd_declares_its_search_space():

@@ -22,7 +22,7 @@ from hetcomp.runs import RunStore, make_spec
 from hetcomp.runs import tuned as tuned_module
 from hetcomp.runs.tuned import summary_path, tuned_defaults
 from hetcomp.teachers import train_teacher
-from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, trials_path, tune
+from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, start_points, trials_path, tune
 
 SPLIT = make_tiny_split(n_users=60, n_items=150, per_user=12)
 FAST = {"max_epochs": 4, "eval_every": 2, "patience": 2}
@@ -153,6 +153,12 @@ def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, 
     rrd = summary["settings"]
     assert (dcd["k"], dcd["rrd_weight"], dcd["lr"]) == (rrd["options"]["k"], rrd["options"]["weight"], rrd["lr"])
     assert dcd["dcd_weight"] == method_class("dcd").config_class().dcd_weight
+    # its second trial: the same, with the smallest correction (nearly the RRD it extends)
+    points = start_points("dcd", "mf", 4, "tiny", search_space("dcd"), {}, tmp / "tuning")
+    assert points == [dcd, {**dcd, "dcd_weight": search_space("dcd")["dcd_weight"][1]}]
+    fixed = {"dcd_weight": 0.5}  # a fixed weight leaves nothing to vary: one start
+    assert start_points("dcd", "mf", 4, "tiny", search_space("dcd"), fixed, tmp / "tuning") == [
+        start_point("dcd", "mf", 4, "tiny", search_space("dcd"), fixed, tmp / "tuning")]
     untuned = start_point("dcd", "mf", 4, "tiny", search_space("dcd"), {"epsilon": 0.5}, tmp / "elsewhere")
     assert untuned["k"] == method_class("dcd").config_class().k and "epsilon" not in untuned
     own = start_point("none", "mf", 4, "tiny", search_space("none"), {}, tmp / "elsewhere")
@@ -211,7 +217,8 @@ def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teache
     assert len(json.loads(record.read_text())["trials"]) == 3
 
     summary_file.with_suffix(".db").unlink()  # a record made for another method version is not taken
-    record.write_text(record.read_text().replace('"method_version": 2', '"method_version": 1'))
+    version = method_class("rrd").version
+    record.write_text(record.read_text().replace(f'"method_version": {version}', f'"method_version": {version - 1}'))
     with pytest.warns(UserWarning, match="made for other settings \\(method_version\\)"):
         fresh = _study(tmp_path, teachers, trials=1, storage=None)
     assert fresh["history"][0]["params"] == start_point("rrd", "mf", 4, "tiny", search_space("rrd"), {},

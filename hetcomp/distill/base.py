@@ -120,14 +120,17 @@ class DistillContext:
         """Dense bool [B, n_items] of the users' training items."""
         return csr_rows_dense(self.split.train, users.cpu().numpy(), self.device)
 
-    def sample_triples(self, users: torch.Tensor, generator: torch.Generator, n_negatives: int = 1) -> Batch:
-        """One random training item and ``n_negatives`` sampled negatives per user (for a student's own loss)."""
+    def sample_interactions(self, users: torch.Tensor, generator: torch.Generator, n_negatives: int = 1) -> Batch:
+        """Every training interaction of ``users`` (a user once per epoch, so one pass over the data per epoch)
+        with ``n_negatives`` sampled negatives each (for a student's own loss)."""
         users_cpu = users.cpu()
-        start, length = self.train_indptr[users_cpu], self.train_indptr[users_cpu + 1] - self.train_indptr[users_cpu]
-        offset = (torch.rand(len(users_cpu), generator=generator) * length).long()
-        positives = self.train_indices[start + offset]
-        negatives = self.sampler.sample(users_cpu, n_negatives, generator)
-        return {"users": users.to(self.device), "pos": positives.to(self.device), "neg": negatives.to(self.device)}
+        start = self.train_indptr[users_cpu]
+        length = self.train_indptr[users_cpu + 1] - start
+        first = torch.repeat_interleave(start - (torch.cumsum(length, 0) - length), length)
+        positives = self.train_indices[first + torch.arange(int(length.sum()))]
+        repeated = torch.repeat_interleave(users_cpu, length)
+        negatives = self.sampler.sample(repeated, n_negatives, generator)
+        return {"users": repeated.to(self.device), "pos": positives.to(self.device), "neg": negatives.to(self.device)}
 
 
 def own_batch(model: Recommender, triples: Batch) -> Batch:
@@ -159,11 +162,24 @@ class DistillMethod(Objective):
     #: top-M unobserved items each evaluation should also return (HetComp's DKC reads the student's ranking)
     evaluation_top_m: int | None = None
 
+    #: True when the loss is the student's own loss plus a distillation term (``L_own + weight · L_KD``): at a
+    #: small weight such a method is w/o KD, whose tuned recipe its study therefore also tries
+    adds_own_loss: bool = False
+
     @classmethod
     def tuning_start(cls, tuned: Callable[[str], dict]) -> dict:
         """Settings a new tuning study tries first besides the defaults, e.g. read from another method's tuned
         settings with ``tuned(method)`` ({} when that method has none)."""
         return {}
+
+    @classmethod
+    def tuning_alternatives(cls, tuned: Callable[[str], dict]) -> list[dict]:
+        """Other informed guesses a new study tries right after its first trial, each a change of that trial
+        (one trial of the budget each). A method with ``adds_own_loss`` tries w/o KD's tuned lr and weight decay:
+        its own loss is w/o KD's, and the distillation recipe (lr 1e-2, no weight decay) may starve it."""
+        own = tuned("none") if cls.adds_own_loss else {}
+        recipe = {name: own[name] for name in ("lr", "weight_decay") if name in own}
+        return [recipe] if recipe else []
 
     def __init__(self, context: DistillContext, config=None) -> None:
         self.context = context
@@ -178,9 +194,12 @@ class DistillMethod(Objective):
             yield {"users": order[start:start + self.context.batch_users].to(self.device)}
 
     def own_loss(self, model: Recommender, users: torch.Tensor) -> torch.Tensor:
-        """The student's own collaborative-filtering loss on one sampled triple per user of the batch."""
+        """The student's own collaborative-filtering loss on every training interaction of the batch's users, so
+        one pass over the data per epoch, as the authors' codes of RD, DE-RRD and DCD train the base model beside
+        the distillation term. (Until version bumps of 2026-12 it saw one sampled interaction per user per epoch,
+        ~1/15 of CiteULike's: it starved the own loss and kept RD and CL-DRD at or below w/o KD.)"""
         n_negatives = getattr(model.config, "n_negatives", 1)
-        return model.loss(own_batch(model, self.context.sample_triples(users, self._generator, n_negatives)))
+        return model.loss(own_batch(model, self.context.sample_interactions(users, self._generator, n_negatives)))
 
     def describe(self) -> str:
         """One line for progress logs (e.g. HetComp's phase and states)."""

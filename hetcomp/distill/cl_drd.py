@@ -103,9 +103,11 @@ class CLDRD(DistillMethod):
 
     name = "cl-drd"
     # 2: negatives by rejection sampling (sample_unobserved), another random stream. The default (sampling) is
-    # version 2's method value for value; the no-sampling form has its own run identity through the config
-    version = 2
+    # version 2's method value for value; the no-sampling form has its own run identity through the config.
+    # 3: the own loss over every training interaction of the batch users (was one sampled per user)
+    version = 3
     config_class = CLDRDConfig
+    adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: CLDRDConfig | None = None) -> None:
         super().__init__(context, config)

@@ -147,9 +147,11 @@ class DCD(DistillMethod):
     # 3: the item side; the student's rank within the teacher's top-N list by default (v2: among all unobserved
     # items, user side only); each item of the item side corrected once per epoch. 4: both draws of a batch from
     # one exponential-key noise draw (the same law, other random numbers; ~6× fewer logarithms); item shares
-    # grouped by list length; the user side scores its sampled items alone (other float rounding)
-    version = 4
+    # grouped by list length; the user side scores its sampled items alone (other float rounding). 5: the own
+    # loss over every training interaction of the batch users (was one sampled per user)
+    version = 5
     config_class = DCDConfig
+    adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: DCDConfig | None = None) -> None:
         super().__init__(context, config)
@@ -183,6 +185,12 @@ class DCD(DistillMethod):
         rrd = tuned("rrd")
         start = {name: rrd[name] for name in ("lr", "weight_decay", "k") if name in rrd}
         return start | ({"rrd_weight": rrd["weight"]} if "weight" in rrd else {})
+
+    @classmethod
+    def tuning_alternatives(cls, tuned: Callable[[str], dict]) -> list[dict]:
+        """The same start with the smallest correction weight the space holds: DCD at zero correction is RRD,
+        so the study also tries (nearly) the RRD it extends and leaves it only where validation says so."""
+        return [{"dcd_weight": DCDConfig.search_space["dcd_weight"][1]}]
 
     @property
     def checked(self) -> bool:

@@ -91,8 +91,11 @@ class KD(DistillMethod):
     """A weighted sum of the chosen KD losses on the ensemble's top-K plus sampled negatives."""
 
     name = "kd"
-    version = 2  # 2: listwise normalizer by the fused tail log-sum-exp
+    # 2: listwise normalizer by the fused tail log-sum-exp; 3: the own loss over every training interaction of
+    # the batch users (was one sampled per user)
+    version = 3
     config_class = KDConfig
+    adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: KDConfig | None = None) -> None:
         super().__init__(context, config)

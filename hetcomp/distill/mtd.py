@@ -46,8 +46,11 @@ class MTD(DistillMethod):
     """The student's own loss plus a listwise loss on the user-weighted mixture of the teachers' rankings."""
 
     name = "mtd"
-    version = 2  # 2: normalizer by the fused tail log-sum-exp instead of a masked log-softmax
+    # 2: normalizer by the fused tail log-sum-exp instead of a masked log-softmax; 3: the own loss over every
+    # training interaction of the batch users (was one sampled per user)
+    version = 3
     config_class = MTDConfig
+    adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: MTDConfig | None = None) -> None:
         super().__init__(context, config)

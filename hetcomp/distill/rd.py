@@ -79,6 +79,9 @@ class RD(DistillMethod):
 
     name = "rd"
     config_class = RDConfig
+    # 2: the own loss over every training interaction of the batch users (was one sampled per user)
+    version = 2
+    adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: RDConfig | None = None) -> None:
         super().__init__(context, config)

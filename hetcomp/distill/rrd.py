@@ -49,8 +49,11 @@ class RRD(DistillMethod):
     """The student's own loss plus the relaxed ranking loss of the ensemble's top items (reused by DCD)."""
 
     name = "rrd"
-    version = 2  # 2: tail log-sum-exp over padded training lists (no dense mask; float32 sum of the tail)
+    # 2: tail log-sum-exp over padded training lists (no dense mask; float32 sum of the tail); 3: the own loss
+    # over every training interaction of the batch users (was one sampled per user)
+    version = 3
     config_class = RRDConfig
+    adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: RRDConfig | None = None) -> None:
         super().__init__(context, config)
