@@ -4,9 +4,11 @@ The whole tuning plan of a table (every method for every student, the same budge
 local cluster of ``jobs`` CPUs by default, or on an existing Ray cluster (``address``) whose workers see the same
 data, teachers, tuning and runs folders. Each task runs :func:`~hetcomp.tune.tune` with the default storage (the
 SQLite file and the trials record beside the summary), so a rerun resumes every study where it stopped, and a
-task whose worker dies is retried: its running trial is recovered like any killed process's. Only the driver
-reports: a study's summary as it finishes, and the finished trials of all studies while they run (read from
-their trials records).
+task whose worker dies is retried: its running trial is recovered like any killed process's. A study whose
+first trials read other studies' choices (:func:`prerequisites`: w/o KD's recipe, DCD's RRD, an ML or DNN
+study's MF one) starts once those have ended, so a plan gives the studies of running them one by one in that
+order. Only the driver reports: a study's summary as it finishes, and the finished trials of all studies while
+they run (read from their trials records).
 """
 
 from __future__ import annotations
@@ -67,23 +69,47 @@ def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
         return 0
 
 
+def prerequisites(plan: StudyPlan, plans: Sequence[StudyPlan]) -> set[str]:
+    """Labels of the studies in ``plans`` whose chosen settings ``plan``'s first trials read (so they run first):
+    the same student's studies of the methods its method reads (w/o KD for the methods that add the student's
+    own loss, RRD for DCD), and, for a student other than the reference one, its method's reference study."""
+    from hetcomp.distill import method_class
+    from hetcomp.tune import REFERENCE_STUDENT
+
+    reads = method_class(plan.method).tuning_reads()
+    return {other.label for other in plans if other.dim == plan.dim and other.label != plan.label and (
+        (other.student == plan.student and other.method in reads)
+        or (plan.student != REFERENCE_STUDENT and other.student == REFERENCE_STUDENT
+            and other.method == plan.method))}
+
+
 def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_dir: Path, root: Path,
                 jobs: int = 1, address: str | None = None, cpus_per_study: float = 1.0,
                 gpus_per_study: float = 0.0, source: dict | None = None,
                 on_done: Callable[[StudyPlan, dict | None, str | None], None] | None = None,
                 on_progress: Callable[[int], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
-    """Every study of ``plans`` as a Ray task; ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as
-    each ends, ``on_progress(finished trials of all studies)`` every ``poll`` seconds. Returns the summaries by
-    :attr:`StudyPlan.label`."""
+    """Every study of ``plans`` as a Ray task, each once its :func:`prerequisites` have ended (a failed one
+    too); ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as each ends, ``on_progress(finished
+    trials of all studies)`` every ``poll`` seconds. Returns the summaries by :attr:`StudyPlan.label`."""
     import ray
 
     summaries: dict[str, dict] = {}
+    ended: set[str] = set()
+    waiting_plans = list(plans)
+    pending: dict = {}
+
+    def submit_ready() -> None:
+        for plan in [p for p in waiting_plans if prerequisites(p, plans) <= ended]:
+            waiting_plans.remove(plan)
+            pending[task.remote(plan, inputs, str(runs_dir), str(root), threads, source)] = plan
 
     def finished(plan: StudyPlan, summary: dict | None, message: str | None) -> None:
+        ended.add(plan.label)
         if summary is not None:
             summaries[plan.label] = summary
         if on_done is not None:
             on_done(plan, summary, message)
+        submit_ready()
 
     def waiting() -> None:
         if on_progress is not None:
@@ -92,6 +118,6 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
     with ray_cluster(jobs, address):
         threads = task_threads(jobs, address, cpus_per_study)
         task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_study, num_gpus=gpus_per_study)(run_study)
-        pending = {task.remote(plan, inputs, str(runs_dir), str(root), threads, source): plan for plan in plans}
+        submit_ready()
         collect(pending, finished, poll, waiting)
     return summaries

@@ -151,3 +151,14 @@ def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world,
                      root=tmp_path / "serial-tuning", max_epochs=4, eval_every=2, patience=2)
         assert [(t["params"], t["value"]) for t in summaries[plan.label]["history"]] == [
             (t["params"], t["value"]) for t in alone["history"]]
+
+
+def test_a_study_waits_for_the_studies_whose_choices_its_first_trials_read():
+    from hetcomp.tune_plan import StudyPlan, prerequisites
+
+    plans = [StudyPlan(student, method, 6, 8, ("mf",)) for student in ("mf", "ml") for method in
+             ("none", "rrd", "dcd", "hetcomp")]
+    needs = {plan.label: sorted(prerequisites(plan, plans)) for plan in plans}
+    assert needs == {"mf-none-6": [], "mf-rrd-6": ["mf-none-6"], "mf-dcd-6": ["mf-rrd-6"], "mf-hetcomp-6": [],
+                     "ml-none-6": ["mf-none-6"], "ml-rrd-6": ["mf-rrd-6", "ml-none-6"],
+                     "ml-dcd-6": ["mf-dcd-6", "ml-rrd-6"], "ml-hetcomp-6": ["mf-hetcomp-6"]}

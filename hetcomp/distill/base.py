@@ -173,6 +173,12 @@ class DistillMethod(Objective):
         return {}
 
     @classmethod
+    def tuning_reads(cls) -> tuple[str, ...]:
+        """The methods (of the same student) whose tuned settings :meth:`tuning_start` and
+        :meth:`tuning_alternatives` read: a plan of studies runs theirs first."""
+        return ("none",) if cls.adds_own_loss else ()
+
+    @classmethod
     def tuning_alternatives(cls, tuned: Callable[[str], dict]) -> list[dict]:
         """Other informed guesses a new study tries right after its first trial, each a change of that trial
         (one trial of the budget each). A method with ``adds_own_loss`` tries w/o KD's tuned lr and weight decay:
