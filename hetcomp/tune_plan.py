@@ -59,12 +59,16 @@ def run_study(plan: StudyPlan, inputs: Inputs, runs_dir: str, root: str, threads
 
 
 def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
-    """Finished trials of a study so far, from its trials record (0 before its first)."""
+    """Finished trials of a study so far, from its trials record (0 before its first, and while the record is
+    an earlier study's, made for another version of the method, which this one will replace)."""
+    from hetcomp.distill import method_class
     from hetcomp.tune import trials_path
 
     path = trials_path(summary_path(dataset, plan.student, plan.method, plan.dim, root))
     try:
-        return len(json.loads(path.read_text())["trials"])
+        record = json.loads(path.read_text())
+        current = record["study"]["method_version"] == method_class(plan.method).version
+        return len(record["trials"]) if current else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -87,10 +91,10 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
                 jobs: int = 1, address: str | None = None, cpus_per_study: float = 1.0,
                 gpus_per_study: float = 0.0, source: dict | None = None,
                 on_done: Callable[[StudyPlan, dict | None, str | None], None] | None = None,
-                on_progress: Callable[[int], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
+                on_progress: Callable[[dict[str, int]], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
     """Every study of ``plans`` as a Ray task, each once its :func:`prerequisites` have ended (a failed one
-    too); ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as each ends, ``on_progress(finished
-    trials of all studies)`` every ``poll`` seconds. Returns the summaries by :attr:`StudyPlan.label`."""
+    too); ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as each ends, ``on_progress({label:
+    finished trials})`` every ``poll`` seconds. Returns the summaries by :attr:`StudyPlan.label`."""
     import ray
 
     summaries: dict[str, dict] = {}
@@ -113,7 +117,7 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
 
     def waiting() -> None:
         if on_progress is not None:
-            on_progress(sum(finished_trials(dataset, plan, root) for plan in plans))
+            on_progress({plan.label: finished_trials(dataset, plan, root) for plan in plans})
 
     with ray_cluster(jobs, address):
         threads = task_threads(jobs, address, cpus_per_study)

@@ -145,7 +145,8 @@ def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world,
                             on_done=lambda plan, summary, message: ended.append((plan.label, message)),
                             on_progress=counts.append, poll=0.5)
     assert sorted(ended) == [("mf-none-4", None), ("mf-rrd-4", None)]
-    assert all(0 <= count <= 4 for count in counts)
+    assert all(set(count) == {"mf-none-4", "mf-rrd-4"} and all(0 <= n <= 2 for n in count.values())
+               for count in counts)
     for plan in plans:
         alone = tune(split, trajectories, "mf", plan.method, 4, 2, store=RunStore(tmp_path / "serial"),
                      root=tmp_path / "serial-tuning", max_epochs=4, eval_every=2, patience=2)
@@ -162,3 +163,23 @@ def test_a_study_waits_for_the_studies_whose_choices_its_first_trials_read():
     assert needs == {"mf-none-6": [], "mf-rrd-6": ["mf-none-6"], "mf-dcd-6": ["mf-rrd-6"], "mf-hetcomp-6": [],
                      "ml-none-6": ["mf-none-6"], "ml-rrd-6": ["mf-rrd-6", "ml-none-6"],
                      "ml-dcd-6": ["mf-dcd-6", "ml-rrd-6"], "ml-hetcomp-6": ["mf-hetcomp-6"]}
+
+
+def test_the_tune_command_runs_a_plan_and_a_rerun_resumes_it(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from hetcomp.cli import app
+
+    root, inputs, _, _ = world
+    args = ["tune", "--dataset", "csv", "--path", str(root / "toy.csv"), "--user-col", "u", "--item-col", "i",
+            "--cache-dir", inputs.cache_dir, "--teachers-dir", inputs.teachers_dir, "--teachers", "mf,ae",
+            "--student", "mf", "--method", "none,rrd", "--dim", "4", "--trials", "1", "--max-epochs", "2",
+            "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--tuning-dir", str(tmp_path / "tuning")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "mf-none-4: best valid R@50" in result.output and "mf-rrd-4: best valid R@50" in result.output
+    summaries = sorted(p.name for p in (tmp_path / "tuning").rglob("*.json") if ".trials" not in p.name)
+    assert summaries == ["mf-none-4.json", "mf-rrd-4.json"]
+    runs = len(list((tmp_path / "runs").rglob("metrics.json")))
+    again = CliRunner().invoke(app, args)  # both studies at their budget: nothing trains again
+    assert again.exit_code == 0 and len(list((tmp_path / "runs").rglob("metrics.json"))) == runs

@@ -166,9 +166,18 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
             progress.console.print(f"{plan.label}: best valid R@50 {summary['best_value']} with "
                                    f"{summary['settings']}", highlight=False)
 
+        shown: dict[str, int] = {}
+
+        def advanced(counts: dict[str, int]) -> None:  # a line per new trial: logs of background runs show them
+            for label, count in counts.items():
+                if count > shown.get(label, 0):
+                    progress.console.print(f"{label}: {count}/{trials} trials finished", highlight=False)
+                    shown[label] = count
+            progress.update(bar, completed=sum(counts.values()))
+
         summaries = run_studies(plans, inputs, split.meta["dataset"], runs_dir, tuning_dir, jobs, ray_address,
                                 source=_source(dataset, path, user_col, item_col, sep), on_done=done,
-                                on_progress=lambda count: progress.update(bar, completed=count))
+                                on_progress=advanced)
         progress.update(bar, completed=sum(s["trials"]["complete"] + s["trials"]["pruned"]
                                            for s in summaries.values()))
     if failed:
