@@ -89,12 +89,13 @@ def prerequisites(plan: StudyPlan, plans: Sequence[StudyPlan]) -> set[str]:
 
 def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_dir: Path, root: Path,
                 jobs: int = 1, address: str | None = None, cpus_per_study: float = 1.0,
-                gpus_per_study: float = 0.0, source: dict | None = None,
+                gpus_per_study: float = 0.0, threads: int | None = None, source: dict | None = None,
                 on_done: Callable[[StudyPlan, dict | None, str | None], None] | None = None,
                 on_progress: Callable[[dict[str, int]], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
     """Every study of ``plans`` as a Ray task, each once its :func:`prerequisites` have ended (a failed one
     too); ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as each ends, ``on_progress({label:
-    finished trials})`` every ``poll`` seconds. Returns the summaries by :attr:`StudyPlan.label`."""
+    finished trials})`` every ``poll`` seconds. ``threads``: torch threads of each study (default: the local
+    cores shared by ``jobs``, or ``cpus_per_study`` on a cluster). Returns the summaries by :attr:`StudyPlan.label`."""
     import ray
 
     summaries: dict[str, dict] = {}
@@ -120,7 +121,7 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
             on_progress({plan.label: finished_trials(dataset, plan, root) for plan in plans})
 
     with ray_cluster(jobs, address):
-        threads = task_threads(jobs, address, cpus_per_study)
+        threads = threads or task_threads(jobs, address, cpus_per_study)
         task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_study, num_gpus=gpus_per_study)(run_study)
         submit_ready()
         collect(pending, finished, poll, waiting)

@@ -76,6 +76,8 @@ def tune_command(
     tuning_dir: Path = typer.Option(TUNING_ROOT, help="Where the summary (the chosen settings) is written."),
     jobs: int = typer.Option(1, help="Run this many studies at once, as Ray tasks on a local cluster of this many "
                                      "CPUs (each with cores/jobs threads)."),
+    threads: int = typer.Option(None, help="Torch threads of each study run as a Ray task (default: the machine's "
+                                           "cores / --jobs); lower it when other work shares the machine."),
     ray_address: str = typer.Option(None, "--ray-address", help="Send the studies to an existing Ray cluster "
                                     "(auto, ray://HOST:PORT); every node must see the data, --teachers-dir, "
                                     "--runs-dir and --tuning-dir."),
@@ -89,13 +91,15 @@ def tune_command(
     students = _parse_names(student, list(MODELS), "student")
     methods = list(METHODS) if method.strip() == "all" else _parse_names(method, list(METHODS), "method")
     check_option("--jobs", jobs, 2, ge=1)
+    if threads is not None:
+        check_option("--threads", threads, 1, ge=1)
     if len(students) * len(methods) > 1 or jobs > 1 or ray_address is not None:
         if storage is not None or study_name is not None or knobs is not None or option:
             raise HetCompError("--storage, --study-name, --knobs and -o set one study: give one --student and "
                                "one --method (and no --jobs / --ray-address) with them")
         _tune_plan(students, methods, dataset, dim, trials, teachers, max_epochs, seed, split_seed, device, path,
                    user_col, item_col, sep, data_dir, cache_dir, teachers_dir, runs_dir, tuning_dir, jobs,
-                   ray_address)
+                   ray_address, threads)
         return
     student, method = students[0], methods[0]
     fixed = parse_options(method_class(method).config_class, _parse_options(option))
@@ -134,7 +138,7 @@ def tune_command(
 def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, trials: int, teachers: str,
                max_epochs: int, seed: int, split_seed: int, device: str, path: Path | None, user_col: str,
                item_col: str, sep: str, data_dir: Path | None, cache_dir: Path | None, teachers_dir: Path,
-               runs_dir: Path, tuning_dir: Path, jobs: int, ray_address: str | None) -> None:
+               runs_dir: Path, tuning_dir: Path, jobs: int, ray_address: str | None, threads: int | None) -> None:
     """Every (student, method) study as a Ray task (:mod:`hetcomp.tune_plan`); each resumes where it stopped."""
     from hetcomp.runs.grid import Inputs
     from hetcomp.tune import search_space
@@ -176,7 +180,8 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
             progress.update(bar, completed=sum(counts.values()))
 
         summaries = run_studies(plans, inputs, split.meta["dataset"], runs_dir, tuning_dir, jobs, ray_address,
-                                source=_source(dataset, path, user_col, item_col, sep), on_done=done,
+                                threads=threads, source=_source(dataset, path, user_col, item_col, sep),
+                                on_done=done,
                                 on_progress=advanced)
         progress.update(bar, completed=sum(s["trials"]["complete"] + s["trials"]["pruned"]
                                            for s in summaries.values()))
