@@ -183,3 +183,15 @@ def test_the_tune_command_runs_a_plan_and_a_rerun_resumes_it(world, tmp_path):
     runs = len(list((tmp_path / "runs").rglob("metrics.json")))
     again = CliRunner().invoke(app, args)  # both studies at their budget: nothing trains again
     assert again.exit_code == 0 and len(list((tmp_path / "runs").rglob("metrics.json"))) == runs
+
+
+def test_a_task_never_takes_more_threads_than_the_caller_allows(monkeypatch):
+    from hetcomp.runs.grid import task_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert (task_threads(2, None, 1), task_threads(16, None, 1), task_threads(1, "auto", 3)) == (4, 1, 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert (task_threads(2, None, 1), task_threads(1, "auto", 3)) == (1, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert task_threads(2, None, 1) == 4

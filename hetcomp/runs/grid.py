@@ -107,8 +107,12 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
 
 
 def task_threads(jobs: int, address: str | None, cpus_per_task: float) -> int:
-    """torch threads of one task: the local machine's cores shared by ``jobs`` tasks, else its CPUs."""
-    return max(1, (os.cpu_count() or 1) // jobs) if address is None else max(1, int(cpus_per_task))
+    """torch threads of one task: the local machine's cores shared by ``jobs`` tasks, else its CPUs; never more
+    than ``OMP_NUM_THREADS`` when the caller set it (other work shares the machine: OpenMP threads that wait on
+    a busy core slow an epoch tens of times)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs) if address is None else max(1, int(cpus_per_task))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
 @contextmanager
