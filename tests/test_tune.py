@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import optuna
 import pytest
@@ -138,6 +139,13 @@ def test_settings_chosen_for_another_split_or_version_are_an_error_other_teacher
     with pytest.warns(UserWarning, match="chosen with teachers other"):
         spec = make_spec(SPLIT, teachers, "mf", "rrd", 4)
     assert spec.lr == summary["settings"]["lr"]
+    none_path = summary_path("tiny", "mf", "none", 4)  # w/o KD reads no teacher: no warning
+    none_path.write_text(json.dumps({**summary, "method": "none", "method_version": method_class("none").version,
+                                     "settings": {"lr": 3e-3, "weight_decay": 0.0, "options": {}},
+                                     "teachers_digest": "other"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_spec(SPLIT, teachers, "mf", "none", 4).lr == 3e-3
 
 
 def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, tmp_path):

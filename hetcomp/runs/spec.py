@@ -194,8 +194,9 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
     cls = method_class(method)
     options = dict(method_options or {})
     if tuned:
-        made_for = {"split_fingerprint": split.fingerprint, "method_version": cls.version,
-                    "teachers_digest": teachers_digest(trajectories)}
+        made_for = {"split_fingerprint": split.fingerprint, "method_version": cls.version}
+        if method != "none":  # w/o KD reads no teacher: its settings hold for any
+            made_for["teachers_digest"] = teachers_digest(trajectories)
         chosen = tuned_defaults(split.meta["dataset"], student, method, dim, made_for=made_for)
         options = {**{k: v for k, v in chosen.items() if k not in RECIPE}, **options}
         lr = chosen.get("lr") if lr is None else lr
