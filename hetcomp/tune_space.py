@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,7 +88,14 @@ def start_points(method: str, student: str, dim: int, dataset: str, space: dict,
 
 
 def _tuned_settings(dataset: str, student: str, dim: int, root: Path | None, method: str) -> dict:
-    return tuned_defaults(dataset, student, method, dim, root)
+    """A finished study's choice to start from; ``{}``, with a warning, when it was made for another version of
+    its method or no longer fits it (a stale choice is no informed guess, and must not stop a new study)."""
+    try:
+        return tuned_defaults(dataset, student, method, dim, root,
+                              made_for={"method_version": method_class(method).version})
+    except HetCompError as error:
+        warnings.warn(f"a new study does not start from these settings: {error}", stacklevel=2)
+        return {}
 
 
 def _inside(space: dict, fixed: dict, point: dict) -> dict:
@@ -117,7 +125,7 @@ def start_point(method: str, student: str, dim: int, dataset: str, space: dict, 
     lr, weight_decay = default_recipe(student, method)
     point = {**defaults, "lr": lr, "weight_decay": weight_decay}
     if student != REFERENCE_STUDENT:  # the method's own knobs as the reference student's study chose them
-        chosen = tuned_defaults(dataset, REFERENCE_STUDENT, method, dim, root)
+        chosen = _tuned_settings(dataset, REFERENCE_STUDENT, dim, root, method)
         point.update({name: value for name, value in chosen.items() if name not in RECIPE})
     point.update(cls.tuning_start(functools.partial(_tuned_settings, dataset, student, dim, root)))
     return _inside(space, fixed, point)

@@ -164,6 +164,12 @@ def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, 
     # its second trial: the same, with the smallest correction (nearly the RRD it extends)
     points = start_points("dcd", "mf", 4, "tiny", search_space("dcd"), {}, tmp / "tuning")
     assert points == [dcd, {**dcd, "dcd_weight": search_space("dcd")["dcd_weight"][1]}]
+    stale = tmp / "stale"  # RRD settings chosen for another version of RRD: DCD starts from its defaults
+    summary_path("tiny", "mf", "rrd", 4, stale).parent.mkdir(parents=True)
+    summary_path("tiny", "mf", "rrd", 4, stale).write_text(json.dumps({**summary, "method_version": 1}))
+    with pytest.warns(UserWarning, match="does not start from these settings.*method version 1"):
+        assert start_point("dcd", "mf", 4, "tiny", search_space("dcd"), {}, stale) == start_point(
+            "dcd", "mf", 4, "tiny", search_space("dcd"), {}, tmp / "elsewhere")
     fixed = {"dcd_weight": 0.5}  # a fixed weight leaves nothing to vary: one start
     assert start_points("dcd", "mf", 4, "tiny", search_space("dcd"), fixed, tmp / "tuning") == [
         start_point("dcd", "mf", 4, "tiny", search_space("dcd"), fixed, tmp / "tuning")]
