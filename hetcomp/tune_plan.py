@@ -54,8 +54,7 @@ def run_study(plan: StudyPlan, inputs: Inputs, runs_dir: str, root: str, threads
     split, trajectories = inputs.load(plan.teachers)
     return tune(split, trajectories, plan.student, plan.method, plan.dim, plan.trials, store=RunStore(runs_dir),
                 seed=plan.seed, max_epochs=plan.max_epochs, eval_every=plan.eval_every, patience=plan.patience,
-                device=inputs.device, source=source,
-                root=Path(root))
+                device=inputs.device, source=source, root=Path(root))
 
 
 def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:

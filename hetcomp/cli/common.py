@@ -83,6 +83,19 @@ def load_split(dataset: str, seed: int, path: Path | None, user_col: str, item_c
                         item_col=item_col, sep=_separator(sep))
 
 
+def _grid_inputs(dataset: str, path: Path | None, user_col: str, item_col: str, sep: str, data_dir: Path | None,
+                 cache_dir: Path | None, teachers_dir: Path, device: str, split_seed: int = 0,
+                 max_users: int | None = None):
+    """How a grid's Ray workers load the split and the teachers this command read (a
+    :class:`hetcomp.runs.grid.Inputs`)."""
+    from hetcomp.device import resolve_device
+    from hetcomp.runs.grid import Inputs
+
+    source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": _separator(sep)} if path else {}
+    return Inputs(dataset, str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None,
+                  str(teachers_dir), split_seed, max_users, tuple(sorted(source.items())), str(resolve_device(device)))
+
+
 def _source(dataset: str, path: Path | None, user_col: str, item_col: str, sep: str) -> dict:
     """How a run's command line names its data (a run specification's ``source``)."""
     if path is None:

@@ -16,6 +16,7 @@ from hetcomp.cli.common import (
     SepOption,
     TeachersDirOption,
     UserColOption,
+    _grid_inputs,
     _parse_names,
     _parse_seeds,
     _separator,
@@ -62,7 +63,6 @@ def reproduce_command(
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
-    from hetcomp.runs.grid import Inputs
 
     check_option("--jobs", jobs, 2, ge=1)
     check_option("--top-m", top_m, 200, ge=1)
@@ -83,8 +83,8 @@ def reproduce_command(
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     command = "hetcomp " + " ".join(sys.argv[1:])
-    inputs = Inputs(dataset, str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None,
-                    str(teachers_dir), 0, max_users, tuple(sorted(source.items())), str(resolve_device(device)))
+    inputs = _grid_inputs(dataset, path, user_col, item_col, sep, data_dir, cache_dir, teachers_dir, device,
+                          max_users=max_users)
 
     with make_progress() as progress:
         def bar(label: str, total: int) -> ProgressCallback:

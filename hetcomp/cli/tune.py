@@ -16,10 +16,10 @@ from hetcomp.cli.common import (
     SepOption,
     TeachersDirOption,
     UserColOption,
+    _grid_inputs,
     _imported,
     _parse_names,
     _parse_options,
-    _separator,
     _source,
     app,
     console,
@@ -140,7 +140,6 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
                item_col: str, sep: str, data_dir: Path | None, cache_dir: Path | None, teachers_dir: Path,
                runs_dir: Path, tuning_dir: Path, jobs: int, ray_address: str | None, threads: int | None) -> None:
     """Every (student, method) study as a Ray task (:mod:`hetcomp.tune_plan`); each resumes where it stopped."""
-    from hetcomp.runs.grid import Inputs
     from hetcomp.tune import search_space
     from hetcomp.tune_plan import StudyPlan, run_studies
 
@@ -152,11 +151,8 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     names = _parse_names(teachers, TEACHERS + _imported(teachers_dir, split), "teacher")
     load_teachers(split, teachers_dir, names)  # missing or stale teachers fail here, not in every task
-    source = ({"path": str(path), "user_col": user_col, "item_col": item_col, "sep": _separator(sep)}
-              if path else {})
-    inputs = Inputs(dataset, str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None,
-                    str(teachers_dir), split_seed, None, tuple(sorted(source.items())),
-                    str(resolve_device(device)))
+    inputs = _grid_inputs(dataset, path, user_col, item_col, sep, data_dir, cache_dir, teachers_dir, device,
+                          split_seed)
     plans = [StudyPlan(s, m, dim, trials, tuple(names), seed, max_epochs) for s in students for m in methods]
     failed = []
     with make_progress() as progress:
@@ -181,8 +177,7 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
 
         summaries = run_studies(plans, inputs, split.meta["dataset"], runs_dir, tuning_dir, jobs, ray_address,
                                 threads=threads, source=_source(dataset, path, user_col, item_col, sep),
-                                on_done=done,
-                                on_progress=advanced)
+                                on_done=done, on_progress=advanced)
         progress.update(bar, completed=sum(s["trials"]["complete"] + s["trials"]["pruned"]
                                            for s in summaries.values()))
     if failed:
