@@ -32,6 +32,7 @@ import math
 import os
 import shlex
 import socket
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -138,6 +139,9 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     record = trials_path(summary_file) if default_storage else None
     if record is not None:
         _restore(study, record, attrs)
+        finished = None if record.exists() else _finished_summary(study, summary_file, attrs, trials)
+        if finished is not None:
+            return finished
     # seeded, and reseeded by the trials already there: a resumed study does not repeat its first proposals
     study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + len(study.trials))
     blind = validation_only(split)
@@ -151,11 +155,14 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
                          weight_decay=params.get("weight_decay"), max_epochs=max_epochs, eval_every=eval_every,
                          patience=patience, source=source, tuned=False)
         trial.set_user_attr("run", spec.folder_name)
+        started = time.perf_counter()
         try:
             result = train_run(spec, blind, trajectories, store, device, [_Report(trial), *callbacks])
         except FloatingPointError as error:  # a diverging run is a bad setting, stopped: a pruned trial
             trial.set_user_attr("diverged", str(error))
             raise optuna.TrialPruned(str(error)) from None
+        finally:  # what the trial cost, pruned or not (a resumed trial: this attempt only)
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
         trial.set_user_attr("best_epoch", result["best_epoch"])
         return result["valid"]["recall@50"]
 
@@ -213,6 +220,24 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
                       "starting a new study, which will replace it", stacklevel=3)
         return
     study.add_trials(trials)
+
+
+def _finished_summary(study: optuna.Study, summary_file: Path, attrs: dict, trials: int) -> dict | None:
+    """The committed summary of a study made before trials were recorded (no SQLite file, no trials record), when
+    it was made for these settings and holds the budget: rerunning its trials would only repeat them."""
+    if study.trials or not summary_file.exists():
+        return None
+    try:
+        summary = json.loads(summary_file.read_text())
+        done = summary["trials"]["complete"] + summary["trials"]["pruned"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    keys = [key for key in STUDY_KEYS if attrs["method"] != "none" or not key.startswith("teachers")]
+    if done < trials or any(summary.get(key) != attrs[key] for key in keys):
+        return None
+    warnings.warn(f"{summary_file} already holds this study's {done} trials (made before trials records were "
+                  "kept): nothing to run; move it away to study afresh", stacklevel=3)
+    return summary
 
 
 def _alive(worker: str) -> bool:
@@ -290,7 +315,7 @@ def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None,
         "best_params": best.params if best else None, "settings": settings,
         "history": [{"number": t.number, "state": t.state.name.lower(),
                      "value": t.value if t.value is None or math.isfinite(t.value) else None,
-                     "last_epoch": t.last_step, "params": t.params,
+                     "last_epoch": t.last_step, "seconds": t.user_attrs.get("seconds"), "params": t.params,
                      **({"diverged": t.user_attrs["diverged"]} if "diverged" in t.user_attrs else {})}
                     for t in study.trials],
         "command": _command(attrs, trials, storage, study.study_name, source, knobs),

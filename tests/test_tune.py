@@ -243,6 +243,29 @@ def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teache
         _study(tmp_path, teachers, trials=1, storage=None)
 
 
+def test_a_summary_made_before_trials_records_is_not_studied_again(teachers, tmp_path):
+    """Older studies left only their summary (no SQLite file, no trials record): at their budget and made for
+    these settings, rerunning `tune` trains nothing; made for another method version, the study runs afresh."""
+    import shutil
+
+    first = _study(tmp_path, teachers, trials=2, storage=None)
+    assert all(t["seconds"] > 0 for t in first["history"])  # each trial's cost is recorded
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    summary_file.with_suffix(".db").unlink()
+    trials_path(summary_file).unlink()
+    shutil.rmtree(tmp_path / "runs")
+    with pytest.warns(UserWarning, match="already holds this study's 2 trials"):
+        again = _study(tmp_path, teachers, trials=2, storage=None)
+    assert again == first and not (tmp_path / "runs").exists()
+
+    summary_file.with_suffix(".db").unlink()
+    version = method_class("rrd").version
+    summary_file.write_text(summary_file.read_text().replace(f'"method_version": {version}',
+                                                             f'"method_version": {version - 1}'))
+    fresh = _study(tmp_path, teachers, trials=1, storage=None)
+    assert fresh["method_version"] == version and len(list((tmp_path / "runs").rglob("metrics.json"))) == 1
+
+
 def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp_path):
     import subprocess
     import sys
