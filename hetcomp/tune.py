@@ -21,7 +21,8 @@ With the default storage every finished trial is also written to a small text fi
 (:func:`trials_path`: parameters, value, validation curve), which is committed with the results: a study whose
 SQLite file is gone (a fresh checkout, another machine) is rebuilt from it and goes on where it stopped.
 When the budget is reached, the summary (:func:`~hetcomp.runs.tuned.summary_path`) holds the chosen settings,
-which ``distill`` and ``reproduce`` then use by default. It holds no test metric.
+which ``distill`` and ``reproduce`` then use by default. It holds no test metric. The dataset's studies page
+(:mod:`hetcomp.tune_page`) is then rewritten from every summary beside it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PA
 from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, summary_path
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback
+from hetcomp.tune_page import write_studies_page
 from hetcomp.tune_space import (  # noqa: F401 (re-exported: the public names of tuning)
     COMMON_SPACE,
     KINDS,
@@ -179,6 +181,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
         atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
+        write_studies_page(summary_file.parent)
     return summary
 
 

@@ -24,6 +24,7 @@ from hetcomp.runs import tuned as tuned_module
 from hetcomp.runs.tuned import summary_path, tuned_defaults
 from hetcomp.teachers import train_teacher
 from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, start_points, trials_path, tune
+from hetcomp.tune_page import STUDIES_PAGE, studies_page
 
 SPLIT = make_tiny_split(n_users=60, n_items=150, per_user=12)
 FAST = {"max_epochs": 4, "eval_every": 2, "patience": 2}
@@ -101,6 +102,22 @@ def test_a_study_runs_and_writes_its_summary_without_test_metrics(study):
     runs = [json.loads(p.read_text()) for p in (tmp / "runs").rglob("metrics.json")]
     assert len(runs) == 3 and all(r["test"]["recall@50"] == 0 for r in runs)
     assert {r["split_fingerprint"] for r in runs} == {SPLIT.fingerprint + "+valid-only"}
+
+
+def test_the_studies_page_lists_every_finished_study_and_flags_stale_ones(study):
+    tmp, summary = study
+    folder = summary_path("tiny", "mf", "rrd", 4, tmp / "tuning").parent
+    page = (folder / STUDIES_PAGE).read_text()
+    assert f"| mf | 4 | rrd | {summary['method_version']} |" in page and f"{summary['best_value']:.4f}" in page
+    assert "| current |" in page
+    stale = {**summary, "method": "dcd", "method_version": 0, "best_value": 0.5}
+    (folder / "mf-dcd-4.json").write_text(json.dumps(stale))
+    try:
+        page = studies_page(folder)
+    finally:
+        (folder / "mf-dcd-4.json").unlink()
+    assert page.index("| rrd |") < page.index("| dcd |")  # the methods' order
+    assert "0.5000" in page and "stale: made for version 0" in page
 
 
 def test_the_chosen_settings_are_make_specs_defaults_and_explicit_arguments_win(study, teachers, monkeypatch):

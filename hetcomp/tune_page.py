@@ -1,0 +1,88 @@
+"""The studies page: every finished study of a dataset in one Markdown table, beside their summaries.
+
+`hetcomp tune` rewrites it from the summaries whenever a study reaches its budget, so the figures a reader
+compares across methods (trials spent, best validation R@50, the chosen settings, what the trials cost, whether a
+choice is still valid for today's method) are never typed by hand nor left behind by a newer study.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hetcomp.distill import METHODS, method_class
+from hetcomp.errors import HetCompError
+from hetcomp.provenance import atomic_write_text
+
+STUDIES_PAGE = "STUDIES.md"
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    return f"{value:.3g}"
+
+
+def _settings(summary: dict) -> str:
+    settings = summary.get("settings") or {}
+    parts = [f"{name}={_number(settings[name])}" for name in ("lr", "weight_decay") if name in settings]
+    parts += [f"{name}={_number(value)}" for name, value in sorted((settings.get("options") or {}).items())]
+    return ", ".join(parts) or "—"
+
+
+def _status(summary: dict) -> str:
+    try:
+        current = method_class(summary["method"]).version
+    except HetCompError:  # a method this version of the toolkit does not know
+        return f"unknown method {summary['method']!r}"
+    if summary["method_version"] != current:
+        return f"stale: made for version {summary['method_version']}, the method is now {current}"
+    return "current"
+
+
+def _cost(summary: dict) -> str:
+    seconds = [h.get("seconds") for h in summary.get("history", [])]
+    if not seconds or any(s is None for s in seconds):
+        return "—"  # trials made before their cost was recorded
+    return f"{sum(seconds) / 3600:.2f}"
+
+
+def studies_page(folder: Path) -> str:
+    """The page for the summaries in ``folder`` (one dataset), grouped by student in the methods' order."""
+    summaries = []
+    for file in sorted(Path(folder).glob("*.json")):
+        if file.name.endswith(".trials.json"):
+            continue
+        try:
+            summary = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(summary, dict) or "best_value" not in summary or "trials" not in summary:
+            continue  # not a study summary
+        summaries.append((file.name, summary))
+    order = {name: position for position, name in enumerate(METHODS)}
+    summaries.sort(key=lambda item: (item[1]["student"], item[1]["dim"], order.get(item[1]["method"], 99)))
+    lines = [f"# Tuning studies — {summaries[0][1]['dataset'] if summaries else Path(folder).name}", "",
+             "Written by `hetcomp tune` whenever a study reaches its budget, from the summaries in this folder "
+             "(each holds its command, search space, commit and machine; the `.trials.json` beside it every trial). "
+             "Values are validation Recall@50 at a run's best epoch; test data is never read. \"Trial hours\": the "
+             "wall time of the trials, as recorded (one thread each, on a machine that may have been shared).", "",
+             "| student | dim | method | version | teachers | trials: complete + pruned / budget | best valid R@50 "
+             "(trial) | trial hours | chosen settings | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, s in summaries:
+        teachers = "—" if s["method"] == "none" else s.get("teachers_digest", "?")
+        best = "—" if s["best_value"] is None else f"{s['best_value']:.4f} ({s.get('best_trial')})"
+        counts = s["trials"]
+        lines.append(f"| {s['student']} | {s['dim']} | {s['method']} | {s['method_version']} | {teachers} | "
+                     f"{counts['complete']} + {counts['pruned']} / {s.get('budget', '?')} | {best} | {_cost(s)} | "
+                     f"{_settings(s)} | {_status(s)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_studies_page(folder: Path) -> Path:
+    """Rewrite ``folder``'s page from its summaries (atomically: a study finishing beside this one rewrites it
+    again after its own summary is on disk, so the last page written holds both)."""
+    path = Path(folder) / STUDIES_PAGE
+    atomic_write_text(path, studies_page(folder))
+    return path
