@@ -180,9 +180,25 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
                                   *([lambda _, trial: on_trial(trial)] if on_trial else [])])
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
-        atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
+        if not _same_study_result(summary_file, summary):  # a rerun that changed nothing keeps who made it
+            atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
         write_studies_page(summary_file.parent)
     return summary
+
+
+#: what a summary says about where it was written, not about the study
+PROVENANCE = ("commit", "code_digest", "machine")
+
+
+def _same_study_result(summary_file: Path, summary: dict) -> bool:
+    """Whether ``summary_file`` already holds ``summary`` but for its provenance."""
+    try:
+        stored = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
+        return False
+    def result(value: dict) -> dict:
+        return {key: item for key, item in value.items() if key not in PROVENANCE}
+    return isinstance(stored, dict) and result(stored) == json.loads(json.dumps(result(summary)))
 
 
 def trials_path(summary_file: Path) -> Path:

@@ -224,7 +224,10 @@ def test_an_interrupted_study_resumes_to_its_budget(teachers, tmp_path):
     resumed = _study(tmp_path, teachers, trials=5)
     assert resumed["trials"]["complete"] == 5 and [t["number"] for t in resumed["history"]] == list(range(5))
     assert len({json.dumps(t["params"]) for t in resumed["history"]}) == 5  # no repeated proposal
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    summary_file.write_text(summary_file.read_text().replace(f'"commit": "{resumed["commit"]}"', '"commit": "maker"'))
     assert _study(tmp_path, teachers, trials=5)["history"] == resumed["history"]  # budget reached: nothing runs
+    assert json.loads(summary_file.read_text())["commit"] == "maker"  # nor rewrites who made the summary
 
 
 def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teachers, tmp_path):
