@@ -175,8 +175,17 @@ class DistillMethod(Objective):
     @classmethod
     def tuning_reads(cls) -> tuple[str, ...]:
         """The methods (of the same student) whose tuned settings :meth:`tuning_start` and
-        :meth:`tuning_alternatives` read: a plan of studies runs theirs first."""
-        return ("none",) if cls.adds_own_loss else ()
+        :meth:`tuning_alternatives` ask for, found by asking them (with no method tuned yet), so it cannot drift
+        from what they read: a plan of studies runs those studies first."""
+        asked: list[str] = []
+
+        def tuned(method: str) -> dict:
+            asked.append(method)
+            return {}
+
+        cls.tuning_start(tuned)
+        cls.tuning_alternatives(tuned)
+        return tuple(dict.fromkeys(asked))
 
     @classmethod
     def tuning_alternatives(cls, tuned: Callable[[str], dict]) -> list[dict]:

@@ -187,10 +187,6 @@ class DCD(DistillMethod):
         return start | ({"rrd_weight": rrd["weight"]} if "weight" in rrd else {})
 
     @classmethod
-    def tuning_reads(cls) -> tuple[str, ...]:
-        return ("rrd",)
-
-    @classmethod
     def tuning_alternatives(cls, tuned: Callable[[str], dict]) -> list[dict]:
         """The same start with the smallest correction weight the space holds: DCD at zero correction is RRD,
         so the study also tries (nearly) the RRD it extends and leaves it only where validation says so."""
