@@ -24,7 +24,11 @@ BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd", "kd")
 #: rows whose method is the project's own construction or adaptation, marked in tables with their footnote
 CONSTRUCTED = {"mtd": ("†", "MTD is this project's construction (hetcomp/distill/mtd.py): the HetComp paper describes "
                              "its MTD baseline but does not publish that implementation."),
-               "kd": ("‡", "KD (loss menu) is this project's own baseline, not a row of the paper.")}
+               "kd": ("‡", "KD (loss menu) is this project's own baseline, not a row of the paper."),
+               "cl-drd": ("§", "CL-DRD runs the form its settings name, by default its authors' sampled label groups "
+                               "(hetcomp/distill/cl_drd.py); the HetComp paper ran it without the sampling step, "
+                               "a form that exists here (-o sampling=false) but costs ~113 s per CPU epoch on "
+                               "CiteULike and was not tuned.")}
 CURVE_METHODS = ("none", "dcd", "hetcomp")
 #: the users ``--quick`` keeps (the first ones of the file)
 QUICK_USERS = 300
