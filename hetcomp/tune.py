@@ -164,7 +164,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
             trial.set_user_attr("diverged", str(error))
             raise optuna.TrialPruned(str(error)) from None
         finally:  # what the trial cost, pruned or not (a resumed trial: this attempt only)
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
         trial.set_user_attr("best_epoch", result["best_epoch"])
         return result["valid"]["recall@50"]
 
