@@ -201,6 +201,13 @@ def _same_study_result(summary_file: Path, summary: dict) -> bool:
     return isinstance(stored, dict) and result(stored) == json.loads(json.dumps(result(summary)))
 
 
+def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    """What a trial cost: as it recorded it, else (trials made before they did) its span in the study's storage."""
+    if "seconds" in trial.user_attrs:
+        return trial.user_attrs["seconds"]
+    return None if trial.duration is None else round(trial.duration.total_seconds(), 3)
+
+
 def trials_path(summary_file: Path) -> Path:
     """The study's finished trials as text, beside its summary (``mf-dcd-6.json`` → ``mf-dcd-6.trials.json``)."""
     return summary_file.with_name(f"{summary_file.stem}.trials.json")
@@ -211,7 +218,7 @@ def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
                "curve": {str(step): value for step, value in sorted(t.intermediate_values.items())},
-               "user_attrs": t.user_attrs}
+               "user_attrs": {**t.user_attrs, **({} if _trial_seconds(t) is None else {"seconds": _trial_seconds(t)})}}
               for t in study.get_trials(deepcopy=False, states=DONE)]
     record = {"format": "hetcomp-study/1", "study_name": study.study_name, "study": attrs, "trials": trials}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
@@ -334,7 +341,7 @@ def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None,
         "best_params": best.params if best else None, "settings": settings,
         "history": [{"number": t.number, "state": t.state.name.lower(),
                      "value": t.value if t.value is None or math.isfinite(t.value) else None,
-                     "last_epoch": t.last_step, "seconds": t.user_attrs.get("seconds"), "params": t.params,
+                     "last_epoch": t.last_step, "seconds": _trial_seconds(t), "params": t.params,
                      **({"diverged": t.user_attrs["diverged"]} if "diverged" in t.user_attrs else {})}
                     for t in study.trials],
         "command": _command(attrs, trials, storage, study.study_name, source, knobs),
