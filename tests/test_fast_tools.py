@@ -49,6 +49,24 @@ def test_ranks_are_identical_to_the_whole_row_sort(seed, batch, n_items, length,
     assert (expected[0] == 0).all()
 
 
+def _padded_observed(unobserved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's observed items as padded lists (-1 padding), in a scrambled order: (items, valid)."""
+    rows = [torch.nonzero(~row).flatten().flip(0) for row in unobserved]
+    width = max(1, max(len(r) for r in rows))
+    items = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        items[index, :len(row)] = row
+    return items, items >= 0
+
+
+@pytest.mark.parametrize("seed,batch,n_items,length", [(0, 6, 30, 5), (1, 9, 50, 50), (2, 4, 17, 40), (3, 3, 200, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranks_outside_listed_items_are_the_masked_ranks_without_a_mask(seed, batch, n_items, length, dtype):
+    scores, unobserved, items = _tied_case(seed, batch, n_items, length, dtype)
+    got = tools.ranks_outside(scores, items, *_padded_observed(unobserved))
+    assert got.dtype == torch.int64 and torch.equal(got, reference_ranks(scores, unobserved, items))
+
+
 def test_ranks_ignore_gradients_and_match_naive_counts():
     scores, unobserved, items = _tied_case(4, 5, 25, 8, torch.float32)
     scores.requires_grad_(True)

@@ -27,7 +27,7 @@ import torch
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import weighted_pointwise_loss
-from hetcomp.distill.tools import unobserved_ranks
+from hetcomp.distill.tools import ranks_outside
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -107,7 +107,7 @@ class RD(DistillMethod):
         if self.dynamic_active:
             with torch.no_grad():  # the ranks only weigh the term: the whole score matrix needs no gradient
                 scores = model.score(users)
-            student_ranks = unobserved_ranks(scores, ~self.context.train_mask(users), items)
+            student_ranks = ranks_outside(scores, items, *self.context.observed_order_of(users))
             teacher_ranks = torch.arange(self.k, device=self.device)
             weights = dynamic_weights(self.position, student_ranks, teacher_ranks, self.config.mu)
         else:
