@@ -20,12 +20,12 @@ from hetcomp.distill.kd import KD_LOSSES, parse_losses
 from hetcomp.distill.rd import dynamic_weights, position_weights
 from hetcomp.distill.tools import (
     csr_rows_padded,
+    ranks_outside,
     ranks_within_groups,
     ranks_within_rows,
     sample_disjoint_without_replacement,
     sample_without_replacement,
     transpose_lists,
-    unobserved_ranks,
 )
 from hetcomp.models import build_model
 from hetcomp.teachers import train_teacher
@@ -83,13 +83,15 @@ def softmax(values: list[float]) -> list[float]:
 
 # ---- shared tools -----------------------------------------------------------------------------------------
 
-def test_unobserved_ranks_match_naive():
+def test_ranks_outside_the_training_items_match_naive():
     rng = np.random.default_rng(0)
     scores = torch.from_numpy(rng.normal(size=(4, 12))).float()
     unobserved = torch.from_numpy(rng.random((4, 12)) < 0.7)
     items = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), 3, replace=False))
                          for row in unobserved])
-    fast = unobserved_ranks(scores, unobserved, items)
+    observed = [torch.nonzero(~row).flatten() for row in unobserved]
+    excluded = torch.nn.utils.rnn.pad_sequence(observed, batch_first=True, padding_value=-1)
+    fast = ranks_outside(scores, items, excluded, excluded >= 0)
     for u in range(4):
         for position, item in enumerate(items[u].tolist()):
             naive = sum(1 for j in range(12) if unobserved[u, j] and scores[u, j] > scores[u, item])

@@ -1,4 +1,4 @@
-"""The batched ranking and sampling tools: exact ranks with ties and ±inf, and rejection sampling of
+"""The batched ranking and sampling tools: exact ranks with ties and ±inf (no dense mask), and rejection sampling of
 unobserved items (uniform, without replacement) against the dense reference paths."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from hetcomp.data.sampling import NegativeSampler
 from hetcomp.distill import tools
-from hetcomp.distill.tools import sample_unobserved, unobserved_ranks
+from hetcomp.distill.tools import sample_unobserved
 from hetcomp.metrics import csr_rows_dense
 
 
@@ -38,21 +38,30 @@ def _tied_case(seed: int, batch: int, n_items: int, length: int, dtype: torch.dt
     return (torch.from_numpy(scores).to(dtype), torch.from_numpy(unobserved), torch.from_numpy(items))
 
 
+def _padded_observed(unobserved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's observed items as padded lists (-1 padding), reversed so that no order is assumed: (items, valid)."""
+    rows = [torch.nonzero(~row).flatten().flip(0) for row in unobserved]
+    width = max(1, max(len(r) for r in rows))
+    items = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        items[index, :len(row)] = row
+    return items, items >= 0
+
+
 @pytest.mark.parametrize("seed,batch,n_items,length", [(0, 6, 30, 5), (1, 9, 50, 50), (2, 4, 17, 40), (3, 3, 200, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ranks_are_identical_to_the_whole_row_sort(seed, batch, n_items, length, dtype):
     scores, unobserved, items = _tied_case(seed, batch, n_items, length, dtype)
     expected = reference_ranks(scores, unobserved, items)
-    for ranks in (unobserved_ranks,):
-        got = ranks(scores, unobserved, items)
-        assert got.dtype == torch.int64 and torch.equal(got, expected), ranks.__name__
+    got = tools.ranks_outside(scores, items, *_padded_observed(unobserved))
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
     assert (expected[0] == 0).all()
 
 
 def test_ranks_ignore_gradients_and_match_naive_counts():
     scores, unobserved, items = _tied_case(4, 5, 25, 8, torch.float32)
     scores.requires_grad_(True)
-    got = unobserved_ranks(scores, unobserved, items)
+    got = tools.ranks_outside(scores, items, *_padded_observed(unobserved))
     for row in range(5):
         for position, item in enumerate(items[row].tolist()):
             naive = sum(1 for j in range(25) if unobserved[row, j] and scores[row, j] > scores[row, item])

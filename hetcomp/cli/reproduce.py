@@ -30,7 +30,7 @@ from hetcomp.data import load_dataset
 from hetcomp.device import resolve_device
 from hetcomp.distill import METHODS
 from hetcomp.errors import HetCompError
-from hetcomp.paper.common import TABLE2_METHODS
+from hetcomp.paper.common import TABLE2_DEFAULT_METHODS
 
 
 @app.command("reproduce")
@@ -41,7 +41,8 @@ def reproduce_command(
     figure: str = typer.Option(None, help="curves: test R@50 every 10 epochs of w/o KD, DCD and HetComp (PNG)."),
     students: str = typer.Option("mf,ml,dnn", help="Comma-separated students (Table 2, cost)."),
     seeds: str = typer.Option("5", help="Student seeds of Table 2: a count N (seeds 0 .. N-1) or a list, e.g. 1,2."),
-    methods: str = typer.Option(",".join(TABLE2_METHODS), help="Methods of Table 2."),
+    methods: str = typer.Option(",".join(TABLE2_DEFAULT_METHODS), help="Methods of Table 2 (the paper's seven "
+                                                                         "and the KD menu)."),
     quick: bool = typer.Option(False, "--quick", help="The same pipeline on the first 300 users with short "
                                                       "schedules (minutes; checks the pipeline, not the paper)."),
     no_train: bool = typer.Option(False, "--no-train", help="Table 2 from finished runs only: list the missing "

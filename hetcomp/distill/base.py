@@ -99,6 +99,12 @@ class DistillContext:
         items = torch.where(valid, order[index], torch.full_like(index, -1))
         return items.to(self.device), valid.to(self.device)
 
+    def observed_order_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The users' rows of :attr:`observed_order`, cut to the longest of them: (items [B, L], valid)."""
+        items, valid = (x[users] for x in self.observed_order)
+        width = max(int(valid.sum(1).max()), 1) if len(users) else 1
+        return items[:, :width], valid[:, :width]
+
     def _excluded(self, users: torch.Tensor, head: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(items, valid) [B, L] to leave out of the users' tails: their padded training items, then ``head``."""
         excluded, valid = (x[users] for x in self.observed_order)

@@ -70,11 +70,11 @@ from hetcomp.distill.losses import relaxed_ranking_loss
 from hetcomp.distill.rrd import RRD, RRDConfig
 from hetcomp.distill.tools import (
     csr_rows_padded,
+    ranks_outside,
     ranks_within_groups,
     ranks_within_rows,
     sample_disjoint_without_replacement,
     transpose_lists,
-    unobserved_ranks,
 )
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
@@ -230,7 +230,7 @@ class DCD(DistillMethod):
             if full_rows:
                 scores = model.score(users)
                 listed[users] = scores.gather(1, items)
-                ranks[users] = unobserved_ranks(scores, ~self.context.train_mask(users), items)
+                ranks[users] = ranks_outside(scores, items, *self.context.observed_order_of(users))
             else:
                 listed[users] = model.score_items(users, items)
         if self.user_side:

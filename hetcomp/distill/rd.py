@@ -27,7 +27,7 @@ import torch
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import weighted_pointwise_loss
-from hetcomp.distill.tools import unobserved_ranks
+from hetcomp.distill.tools import ranks_outside
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
 
@@ -79,8 +79,11 @@ class RD(DistillMethod):
 
     name = "rd"
     config_class = RDConfig
-    # 2: the own loss over every training interaction of the batch users (was one sampled per user)
-    version = 2
+    # 2: the own loss over every training interaction of the batch users (was one sampled per user); 3: with
+    # dynamic weighting, the listed items' scores come from ``score_items`` and the full score matrix (for the
+    # ranks) is computed without gradient (was: gathered from it under autograd, whose backward cost two
+    # [batch, n_items] products a step; the same values up to float rounding)
+    version = 3
     adds_own_loss = True
 
     def __init__(self, context: DistillContext, config: RDConfig | None = None) -> None:
@@ -100,14 +103,14 @@ class RD(DistillMethod):
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
         items = self.teacher_items[users]
+        listed = model.score_items(users, items)
         if self.dynamic_active:
-            scores = model.score(users)
-            listed = scores.gather(1, items)
-            student_ranks = unobserved_ranks(scores, ~self.context.train_mask(users), items)
+            with torch.no_grad():  # the ranks only weigh the term: the whole score matrix needs no gradient
+                scores = model.score(users)
+            student_ranks = ranks_outside(scores, items, *self.context.observed_order_of(users))
             teacher_ranks = torch.arange(self.k, device=self.device)
             weights = dynamic_weights(self.position, student_ranks, teacher_ranks, self.config.mu)
         else:
-            listed = model.score_items(users, items)
             weights = self.position.expand_as(listed)
         valid = torch.ones_like(items, dtype=torch.bool)
         return self.own_loss(model, users) + self.config.weight * weighted_pointwise_loss(listed, weights, valid)

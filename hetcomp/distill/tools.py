@@ -76,24 +76,31 @@ def sorted_rows(values: torch.Tensor) -> torch.Tensor:
     return values.sort(dim=1).values
 
 
-def unobserved_ranks(scores: torch.Tensor, unobserved: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each of ``items`` [B, L] among the row's unobserved items by ``scores`` [B, n_items].
+def ranks_outside(scores: torch.Tensor, items: torch.Tensor, excluded: torch.Tensor,
+                  excluded_valid: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each of ``items`` [B, L] among the row's items of ``scores`` [B, n_items] that are not
+    ``excluded`` [B, E] (item ids, e.g. each user's padded training items, with ``excluded_valid``): the number of
+    such items with a strictly higher score.
 
-    The rank is the number of unobserved items with a strictly higher score; one sort per row and a
-    ``searchsorted`` (O(n log n + L log n) per row) instead of an [B, L, n_items] comparison. (Searching every
-    item among the L sorted thresholds instead, without a whole-row sort, measured 6–9× slower on the CPU.)
+    The items of the whole row with a strictly higher score (one row sort and a ``searchsorted``, O(n log n + L log n)
+    per row instead of an [B, L, n_items] comparison), minus the excluded ones with a strictly higher score (a sort
+    of the short excluded rows and a ``searchsorted``): no dense [B, n_items] mask, whose building, inversion and
+    application cost about as much as the row sort itself. (Searching every item among the L sorted thresholds
+    instead of a whole-row sort measured 6–9× slower on the CPU.)
     """
-    ordered = sorted_rows(scores.detach().masked_fill(~unobserved, NEG_INF))
-    own = scores.detach().gather(1, items).contiguous()
-    not_higher = torch.searchsorted(ordered, own, right=True)
-    return scores.shape[1] - not_higher
+    detached = scores.detach()
+    own = detached.gather(1, items).contiguous()
+    above = scores.shape[1] - torch.searchsorted(sorted_rows(detached), own, right=True)
+    left_out = detached.gather(1, excluded.clamp(min=0)).masked_fill(~excluded_valid, NEG_INF)
+    left_out_above = excluded.shape[1] - torch.searchsorted(left_out.sort(dim=1).values, own, right=True)
+    return above - left_out_above
 
 
 def ranks_within_rows(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each entry of ``scores`` [B, L] among the valid entries of its own row.
 
     The rank is the number of valid entries of the row with a strictly higher score (ties share the better
-    rank), as :func:`unobserved_ranks` counts it, but within the short list itself: :func:`ranks_within_groups`
+    rank), as :func:`ranks_outside` counts it, but within the short list itself: :func:`ranks_within_groups`
     on the rows as equal groups (one flat integer sort; a per-row float sort and a ``searchsorted`` measured
     1.6× slower on the CPU). Invalid entries get rank 0.
     """

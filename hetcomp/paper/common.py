@@ -20,6 +20,8 @@ TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-
                   "hetcomp": "HetComp"}
 #: every method's label in tables (kd is ours, not a paper row)
 LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)"}
+#: what `reproduce --table 2` runs by default, in the tables' column order: the paper's rows and the KD menu
+TABLE2_DEFAULT_METHODS = ("none", "rd", "rrd", "mtd", "cl-drd", "dcd", "kd", "hetcomp")
 BASELINES = ("rd", "rrd", "mtd", "cl-drd", "dcd", "kd")
 #: rows whose method is the project's own construction or adaptation, marked in tables with their footnote
 CONSTRUCTED = {"mtd": ("†", "MTD is this project's construction (hetcomp/distill/mtd.py): the HetComp paper describes "

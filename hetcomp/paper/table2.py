@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from hetcomp.paper.common import TABLE2_METHODS, Reproduction
+from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, Reproduction
 from hetcomp.paper.ledger import locked, read_rows, row_key
 from hetcomp.paper.manifest import read_manifest, write_manifest
 from hetcomp.paper.pages import TABLE2_NOTES, stamp, table2_markdown
@@ -25,7 +25,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     page and the manifest cover the union of the cells asked by every call on the same teachers (kept in the
     manifest's ``grid``), so two calls running side by side both end with the whole table."""
     started = time.perf_counter()
-    methods = list(methods or TABLE2_METHODS)
+    methods = list(methods or TABLE2_DEFAULT_METHODS)
     dataset = rep.split.meta["dataset"]
     had_teachers = any(trajectory_file(rep.teachers_dir, dataset, name).is_file() for name in TEACHERS)
     trajectories = ensure_teachers(rep)
@@ -76,5 +76,5 @@ def _merged_grid(rep: Reproduction, digest: str, students: Sequence[str], method
         return [x for x in order if x in merged] + sorted(x for x in merged if x not in order)
 
     return {"students": union("students", students, students),
-            "methods": union("methods", methods, list(TABLE2_METHODS) + ["kd"]),
+            "methods": union("methods", methods, TABLE2_DEFAULT_METHODS),
             "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds))}
