@@ -208,6 +208,12 @@ def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
     return None if trial.duration is None else round(trial.duration.total_seconds(), 3)
 
 
+def _recorded_attrs(trial: optuna.trial.FrozenTrial) -> dict:
+    """A trial's user attributes as its record keeps them: with its cost, when known (see :func:`_trial_seconds`)."""
+    seconds = _trial_seconds(trial)
+    return trial.user_attrs if seconds is None else {**trial.user_attrs, "seconds": seconds}
+
+
 def trials_path(summary_file: Path) -> Path:
     """The study's finished trials as text, beside its summary (``mf-dcd-6.json`` → ``mf-dcd-6.trials.json``)."""
     return summary_file.with_name(f"{summary_file.stem}.trials.json")
@@ -218,7 +224,7 @@ def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
                "curve": {str(step): value for step, value in sorted(t.intermediate_values.items())},
-               "user_attrs": {**t.user_attrs, **({} if _trial_seconds(t) is None else {"seconds": _trial_seconds(t)})}}
+               "user_attrs": _recorded_attrs(t)}
               for t in study.get_trials(deepcopy=False, states=DONE)]
     record = {"format": "hetcomp-study/1", "study_name": study.study_name, "study": attrs, "trials": trials}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
