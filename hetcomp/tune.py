@@ -65,6 +65,14 @@ from hetcomp.tune_space import (  # noqa: F401 (re-exported: the public names of
 #: what a study records and a resumed study must match
 STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
               "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
+
+
+def identity_keys(method: str) -> tuple[str, ...]:
+    """The :data:`STUDY_KEYS` a resumed study must match: w/o KD reads no teacher, so retrained teachers leave
+    its study (and its record and summary) valid."""
+    return tuple(key for key in STUDY_KEYS if method != "none" or not key.startswith("teachers"))
+
+
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: who runs a trial (host:pid), so that a later process can tell a killed trial from a live one
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -246,7 +254,7 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise HetCompError(f"{path}: not a readable study record ({type(error).__name__}: {error}); move it away "
                            "to start the study afresh") from None
-    differ = [key for key in STUDY_KEYS if made_for.get(key) != attrs[key]]
+    differ = [key for key in identity_keys(attrs["method"]) if made_for.get(key) != attrs[key]]
     if differ or record.get("study_name") != study.study_name:
         warnings.warn(f"{path} records a study made for other settings ({', '.join(differ) or 'study name'}); "
                       "starting a new study, which will replace it", stacklevel=3)
@@ -264,8 +272,7 @@ def _finished_summary(study: optuna.Study, summary_file: Path, attrs: dict, tria
         done = summary["trials"]["complete"] + summary["trials"]["pruned"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    keys = [key for key in STUDY_KEYS if attrs["method"] != "none" or not key.startswith("teachers")]
-    if done < trials or any(summary.get(key) != attrs[key] for key in keys):
+    if done < trials or any(summary.get(key) != attrs[key] for key in identity_keys(attrs["method"])):
         return None
     warnings.warn(f"{summary_file} already holds this study's {done} trials (made before trials records were "
                   "kept): nothing to run; move it away to study afresh", stacklevel=3)
@@ -320,7 +327,7 @@ def _claim(study: optuna.Study, attrs: dict, storage: str) -> None:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         return
-    for key in STUDY_KEYS:
+    for key in identity_keys(attrs["method"]):
         if stored.get(key) != attrs[key]:
             raise HetCompError(f"study {study.study_name!r} in {_shown(storage)} was created for {key} "
                                f"{stored.get(key)!r}, not {attrs[key]!r}; give another --study-name or --storage "

@@ -286,6 +286,26 @@ def test_a_summary_made_before_trials_records_is_not_studied_again(teachers, tmp
     assert fresh["method_version"] == version and len(list((tmp_path / "runs").rglob("metrics.json"))) == 1
 
 
+def test_retrained_teachers_end_a_kd_study_but_not_a_wo_kd_one(teachers, tmp_path):
+    """w/o KD reads no teacher: its study (database and record) goes on with other teachers; RRD's is refused."""
+    def run(method, trajectories, trials, storage=None):
+        return tune(SPLIT, trajectories, "mf", method, 4, trials, storage=storage, store=RunStore(tmp_path / "runs"),
+                    root=tmp_path / "tuning", **FAST)
+
+    first = run("none", teachers, 1)
+    again = run("none", teachers[:1], 2)  # the database: same study
+    assert again["history"][0] == first["history"][0] and again["trials"]["complete"] == 2
+    summary_path("tiny", "mf", "none", 4, tmp_path / "tuning").with_suffix(".db").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the record is taken, not warned about and replaced
+        restored = run("none", teachers[::-1], 2)
+    assert restored["history"] == again["history"]
+    storage = f"sqlite:///{tmp_path / 'rrd.db'}"
+    run("rrd", teachers, 1, storage)
+    with pytest.raises(HetCompError, match="was created for teachers"):
+        run("rrd", teachers[:1], 1, storage)
+
+
 def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp_path):
     import subprocess
     import sys
