@@ -215,3 +215,28 @@ def test_no_train_never_trains_a_teacher_and_top_m_fits_a_small_catalogue(tmp_pa
     done = runner.invoke(app, base)  # the default top-M shrinks to the catalogue
     assert done.exit_code == 0, done.output
     assert len(read_rows(tmp_path / "results" / "csv-small-first300" / "table2.csv")) == 2
+
+
+def test_table2_page_flags_rows_whose_share_of_the_ensemble_is_far_from_the_papers():
+    from types import SimpleNamespace
+
+    from hetcomp.paper.common import LABELS
+    from hetcomp.paper.pages import paper_values, table2_markdown
+
+    paper = paper_values("citeulike")
+    ensemble = paper[("", "Ensemble")]
+    rep = SimpleNamespace(schedule=SimpleNamespace(quick=False), dataset="citeulike", label="citeulike",
+                          command="hetcomp reproduce", split=SimpleNamespace(meta={"seed": 0, "dataset": "citeulike"}))
+    def row(method, seed, share):  # a run whose R@50 is ``share`` × the paper's own share of its ensemble
+        recall = share * paper[("mf", LABELS[method])]["recall@50"] / ensemble["recall@50"] * 0.5
+        return {"student": "mf", "method": method, "seed": seed, "recall@10": 0.1, "ndcg@10": 0.1,
+                "recall@50": recall, "ndcg@50": 0.1, "epochs": 10, "wall_seconds": 1, "teachers_digest": "d"}
+    rows = [row("rrd", s, 1.05) for s in (0, 1)] + [row("dcd", s, 0.85) for s in (0, 1)]
+    ours = {"Ensemble": {"recall@10": 0.1, "ndcg@10": 0.1, "recall@50": 0.5, "ndcg@50": 0.1}}
+    page = table2_markdown(rep, rows, ours, ["mf"], ["rrd", "dcd"], [0, 1])
+    lines = {line.split(" |")[0]: line for line in page.splitlines() if line.startswith(("| RRD |", "| DCD |"))
+             and line.count("|") == 5}
+    assert "+5.0%" in lines["| RRD"] and "flagged" not in lines["| RRD"]
+    assert "-15.0% **flagged**" in lines["| DCD"]
+    quick = SimpleNamespace(**{**vars(rep), "schedule": SimpleNamespace(quick=True)})
+    assert "share of the ensemble" not in table2_markdown(quick, rows, ours, ["mf"], ["rrd", "dcd"], [0, 1])
