@@ -58,6 +58,37 @@ def test_ranks_are_identical_to_the_whole_row_sort(seed, batch, n_items, length,
     assert (expected[0] == 0).all()
 
 
+@pytest.mark.parametrize("seed,batch,n_items,length", [(0, 6, 30, 5), (1, 9, 50, 50), (3, 3, 200, 1)])
+@pytest.mark.parametrize("cap", [0, 1, 3, 10, 150, 10_000])
+def test_capped_ranks_are_exact_below_the_cap_and_at_least_it_above(seed, batch, n_items, length, cap):
+    scores, unobserved, items = _tied_case(seed, batch, n_items, length, torch.float32)
+    expected = reference_ranks(scores, unobserved, items)
+    got = tools.ranks_outside(scores, items, *_padded_observed(unobserved), cap=cap)
+    assert torch.equal(got.clamp(max=cap), expected.clamp(max=cap))
+
+
+@pytest.mark.parametrize("mu", [0.005, 0.03, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rd_weights_from_capped_ranks_are_bit_identical(mu, dtype):
+    """RD's dynamic weights saturate (tanh = 1.0 exactly), so capping the ranks there changes no bit of them."""
+    from hetcomp.distill.rd import dynamic_weights, position_weights, saturating_rank
+
+    rng = np.random.default_rng(7)
+    k, n_items = 7, 5_000
+    scores = torch.from_numpy(rng.normal(size=(16, n_items)) * 3).to(dtype)
+    unobserved = torch.from_numpy(rng.random((16, n_items)) < 0.9)
+    items = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), k, replace=False))
+                         for row in unobserved])
+    items[:, :3] = scores.masked_fill(~unobserved, float("-inf")).topk(3, dim=1).indices  # some near the top
+    observed = _padded_observed(unobserved)
+    exact = tools.ranks_outside(scores, items, *observed)
+    capped = tools.ranks_outside(scores, items, *observed, cap=saturating_rank(k, mu))
+    position = position_weights(k, 2.0).to(dtype)
+    teacher = torch.arange(k)
+    assert not torch.equal(exact, capped)  # the cap is really used (ranks run to ~4,500)
+    assert torch.equal(dynamic_weights(position, capped, teacher, mu), dynamic_weights(position, exact, teacher, mu))
+
+
 def test_ranks_ignore_gradients_and_match_naive_counts():
     scores, unobserved, items = _tied_case(4, 5, 25, 8, torch.float32)
     scores.requires_grad_(True)

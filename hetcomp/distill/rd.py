@@ -20,6 +20,7 @@ on CiteULike reached valid R@50 0.1381 with it against 0.1171 with the distillat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,16 @@ def position_weights(k: int, lam: float = 1.0, device: torch.device | str = "cpu
     """w_r ∝ exp(−r/λ) for r = 0..k−1, summing to one: the teacher's first items matter most."""
     weights = torch.exp(-torch.arange(k, dtype=torch.float32, device=device) / lam)
     return weights / weights.sum()
+
+
+#: tanh(x) rounds to exactly 1.0 from x ≈ 9.01 in float32 (≈ 19.1 in float64): past this, ranks weigh the same
+TANH_SATURATED = 20.0
+
+
+def saturating_rank(k: int, mu: float) -> int:
+    """A student rank from which every dynamic weight's tanh is exactly 1.0 for each teacher rank r < ``k``:
+    μ(r̂ − r) ≥ :data:`TANH_SATURATED`, so :func:`ranks_outside` may cap the ranks there (same weights, bit for bit)."""
+    return k - 1 + math.ceil(TANH_SATURATED / mu)
 
 
 def dynamic_weights(position: torch.Tensor, student_ranks: torch.Tensor, teacher_ranks: torch.Tensor,
@@ -107,7 +118,8 @@ class RD(DistillMethod):
         if self.dynamic_active:
             with torch.no_grad():  # the ranks only weigh the term: the whole score matrix needs no gradient
                 scores = model.score(users)
-            student_ranks = ranks_outside(scores, items, *self.context.observed_order_of(users))
+            student_ranks = ranks_outside(scores, items, *self.context.observed_order_of(users),
+                                          cap=saturating_rank(self.k, self.config.mu))
             teacher_ranks = torch.arange(self.k, device=self.device)
             weights = dynamic_weights(self.position, student_ranks, teacher_ranks, self.config.mu)
         else:
