@@ -228,7 +228,8 @@ def trials_path(summary_file: Path) -> Path:
 
 
 def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
-    """Write every finished trial of ``study`` (what :func:`_restore` needs to rebuild it) to ``path``."""
+    """Write every finished trial of ``study`` (what :func:`_restore` needs to rebuild it) to ``path``, and the
+    studies page beside it."""
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
                "curve": {str(step): value for step, value in sorted(t.intermediate_values.items())},
@@ -236,6 +237,7 @@ def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
               for t in study.get_trials(deepcopy=False, states=DONE)]
     record = {"format": "hetcomp-study/1", "study_name": study.study_name, "study": attrs, "trials": trials}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    write_studies_page(path.parent)  # its "in progress" part
 
 
 def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:

@@ -1,4 +1,5 @@
-"""The studies page: every finished study of a dataset in one Markdown table, beside their summaries.
+"""The studies page: every finished study of a dataset in one Markdown table, beside their summaries, and the
+studies still under way.
 
 `hetcomp tune` rewrites it from the summaries whenever a study reaches its budget, so the figures a reader
 compares across methods (trials spent, best validation R@50, the chosen settings, what the trials cost, whether a
@@ -77,7 +78,37 @@ def studies_page(folder: Path) -> str:
         lines.append(f"| {s['student']} | {s['dim']} | {s['method']} | {s['method_version']} | {teachers} | "
                      f"{counts['complete']} + {counts['pruned']} / {s.get('budget', '?')} | {best} | {_cost(s)} | "
                      f"{_settings(s)} | {_status(s)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _in_progress(folder, summaries)) + "\n"
+
+
+def _in_progress(folder: Path, summaries: list[tuple[str, dict]]) -> list[str]:
+    """Studies whose trials record (written after every trial) is ahead of their summary, or has none: what a
+    rerun of the `hetcomp tune` command resumes."""
+    finished = {(s["student"], s["dim"], s["method"], s["method_version"]):
+                s["trials"]["complete"] + s["trials"]["pruned"] for _, s in summaries}
+    rows = []
+    for file in sorted(Path(folder).glob("*.trials.json")):
+        try:
+            record = json.loads(file.read_text())
+            study, trials = record["study"], record["trials"]
+            key = (study["student"], study["dim"], study["method"], study["method_version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if len(trials) <= finished.get(key, -1):
+            continue
+        complete = [t for t in trials if t.get("state") == "complete" and t.get("value") is not None]
+        best = max(complete, key=lambda t: t["value"], default=None)
+        shown = "—" if best is None else f"{best['value']:.4f} ({best['number']})"
+        pruned = sum(t.get("state") == "pruned" for t in trials)
+        rows.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {len(complete)} + {pruned} | {shown} | "
+                    f"{_status({'method': key[2], 'method_version': key[3]})} |")
+    if not rows:
+        return []
+    return ["", "## In progress", "",
+            "Finished trials so far, from each study's trials record (rerunning its `hetcomp tune` command resumes it; "
+            "the table above keeps the last finished summary, if any, until the study reaches its budget again).", "",
+            "| student | dim | method | version | trials so far: complete + pruned | best so far (trial) | status |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def write_studies_page(folder: Path) -> Path:

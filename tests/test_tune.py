@@ -118,6 +118,20 @@ def test_the_studies_page_lists_every_finished_study_and_flags_stale_ones(study)
         (folder / "mf-dcd-4.json").unlink()
     assert page.index("| rrd |") < page.index("| dcd |")  # the methods' order
     assert "0.5000" in page and "stale: made for version 0" in page
+    assert "## In progress" not in page  # the study's record holds no more than its summary
+
+    partial = {"format": "hetcomp-study/1", "study_name": "tiny-mf-kd-4",
+               "study": {**summary, "method": "kd", "method_version": method_class("kd").version},
+               "trials": [{"number": 0, "state": "complete", "value": 0.25}, {"number": 1, "state": "pruned",
+                                                                              "value": 0.1}]}
+    (folder / "mf-kd-4.trials.json").write_text(json.dumps(partial))
+    try:
+        page = studies_page(folder)
+    finally:
+        (folder / "mf-kd-4.trials.json").unlink()
+    progress = page[page.index("## In progress"):]
+    assert "| mf | 4 | kd |" in progress and "| 1 + 1 | 0.2500 (0) | current |" in progress
+    assert "| rrd |" not in progress
 
 
 def test_the_chosen_settings_are_make_specs_defaults_and_explicit_arguments_win(study, teachers, monkeypatch):
