@@ -1,7 +1,8 @@
 """The studies page: every finished study of a dataset in one Markdown table, beside their summaries, and the
 studies still under way.
 
-`hetcomp tune` rewrites it from the summaries whenever a study reaches its budget, so the figures a reader
+`hetcomp tune` rewrites it from the summaries whenever a study reaches its budget (and its "In progress" part,
+from the trials records, after every trial), so the figures a reader
 compares across methods (trials spent, best validation R@50, the chosen settings, what the trials cost, whether a
 choice is still valid for today's method) are never typed by hand nor left behind by a newer study.
 """
@@ -64,8 +65,9 @@ def studies_page(folder: Path) -> str:
     order = {name: position for position, name in enumerate(METHODS)}
     summaries.sort(key=lambda item: (item[1]["student"], item[1]["dim"], order.get(item[1]["method"], 99)))
     lines = [f"# Tuning studies — {summaries[0][1]['dataset'] if summaries else Path(folder).name}", "",
-             "Written by `hetcomp tune` whenever a study reaches its budget, from the summaries in this folder "
-             "(each holds its command, search space, commit and machine; the `.trials.json` beside it every trial). "
+             "Written by `hetcomp tune` whenever a study reaches its budget (and after every trial), from the "
+             "summaries in this folder (each holds its command, search space, commit and machine; the "
+             "`.trials.json` beside it every trial). "
              "Values are validation Recall@50 at a run's best epoch; test data is never read. \"Trial hours\": the "
              "wall time of the trials, as recorded (one thread each, on a machine that may have been shared).", "",
              "| student | dim | method | version | teachers | trials: complete + pruned / budget | best valid R@50 "

@@ -10,7 +10,8 @@ Optional dynamic weighting (``dynamic``, from epoch ``dynamic_start``): an item 
 above the teacher's position needs no push, one it ranks far below needs more. With r̂_r the student's current
 0-based rank of t_r among the user's unobserved items (the number of unobserved items it scores higher, counted
 exactly for the batch, no sampling as in the original), w_r ← w_r · tanh(max(μ(r̂_r − r), 0)), renormalized to
-sum 1; a user whose every item is already placed well gets no distillation term.
+sum 1; a user whose every item is already placed well gets no distillation term. Ranks from
+:func:`saturating_rank` on, where the tanh is exactly 1.0, are not counted out (:func:`ranks_outside`'s cap).
 
 Defaults from the authors' code: K = 10, λ = 1, μ = 0.1, dynamic from epoch 10 (off by default), weight 1.
 RD trains the student mostly on its own loss (the point-wise term is light), so, as in its paper, the student keeps

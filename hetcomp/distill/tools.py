@@ -101,7 +101,7 @@ def ranks_outside(scores: torch.Tensor, items: torch.Tensor, excluded: torch.Ten
     if width >= scores.shape[1] or detached.device.type != "cpu":
         above = scores.shape[1] - torch.searchsorted(sorted_rows(detached), own, right=True)
         return above - left_out_above
-    split = scores.shape[1] - width  # after the partition, columns split: are the row's ``width`` highest
+    split = scores.shape[1] - width  # after the partition, columns split: hold the row's ``width`` highest scores
     top = torch.from_numpy(np.partition(detached.contiguous().numpy(), split, axis=1)[:, split:])
     threshold = top[:, :1]  # the partition's pivot: the width-th highest score of the row
     above = (top.unsqueeze(1) > own.unsqueeze(2)).sum(2)
