@@ -213,6 +213,8 @@ def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
     """What a trial cost: as it recorded it, else (trials made before they did) its span in the study's storage."""
     if "seconds" in trial.user_attrs:
         return trial.user_attrs["seconds"]
+    if trial.state == optuna.trial.TrialState.FAIL:  # a killed trial's span runs until a later process marks it
+        return None                                  # failed (hours later), not until it stopped: unknown
     return None if trial.duration is None else round(trial.duration.total_seconds(), 3)
 
 

@@ -43,10 +43,14 @@ def _status(summary: dict) -> str:
 
 
 def _cost(summary: dict) -> str:
-    seconds = [h.get("seconds") for h in summary.get("history", [])]
-    if not seconds or any(s is None for s in seconds):
+    """Hours of the finished trials (complete or pruned); a killed attempt's time is unknown and left out (the
+    trial that resumed it counts its own attempt), and ``seconds`` of a failed trial from older summaries too."""
+    history = summary.get("history", [])
+    finished = [h for h in history if h.get("state") in ("complete", "pruned")]
+    if not finished or any(h.get("seconds") is None for h in finished):
         return "—"  # trials made before their cost was recorded
-    return f"{sum(seconds) / 3600:.2f}"
+    killed = any(h.get("state") == "fail" for h in history)  # then a lower bound
+    return f"{'≥ ' if killed else ''}{sum(h['seconds'] for h in finished) / 3600:.2f}"
 
 
 def studies_page(folder: Path) -> str:
@@ -69,7 +73,9 @@ def studies_page(folder: Path) -> str:
              "summaries in this folder (each holds its command, search space, commit and machine; the "
              "`.trials.json` beside it every trial). "
              "Values are validation Recall@50 at a run's best epoch; test data is never read. \"Trial hours\": the "
-             "wall time of the trials, as recorded (one thread each, on a machine that may have been shared).", "",
+             "wall time of the finished (complete or pruned) trials, as recorded (one thread each, on a machine that "
+             "may have been shared); \"≥\": some attempt was killed by a stop, whose time is not known (the trial "
+             "resuming it counts its own).", "",
              "| student | dim | method | version | teachers | trials: complete + pruned / budget | best valid R@50 "
              "(trial) | trial hours | chosen settings | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -118,6 +118,14 @@ def test_the_studies_page_lists_every_finished_study_and_flags_stale_ones(study)
         (folder / "mf-dcd-4.json").unlink()
     assert page.index("| rrd |") < page.index("| dcd |")  # the methods' order
     assert "0.5000" in page and "stale: made for version 0" in page
+    hours = sum(h["seconds"] for h in summary["history"]) / 3600
+    killed = {**summary, "history": [*summary["history"], {"number": 9, "state": "fail", "seconds": 36_000.0}]}
+    (folder / "mf-rrd-4.json").write_text(json.dumps(killed))  # a killed attempt's span: hours, not work
+    try:
+        row = next(line for line in studies_page(folder).splitlines() if line.startswith("| mf | 4 | rrd |"))
+    finally:
+        (folder / "mf-rrd-4.json").write_text(json.dumps(summary))
+    assert f"| ≥ {hours:.2f} |" in row  # a lower bound: the killed attempt's work is unknown
     assert "## In progress" not in page  # the study's record holds no more than its summary
 
     partial = {"format": "hetcomp-study/1", "study_name": "tiny-mf-kd-4",
