@@ -32,13 +32,14 @@ def _settings(summary: dict) -> str:
     return ", ".join(parts) or "—"
 
 
-def _status(summary: dict) -> str:
+def _status(method: str, version: int) -> str:
+    """Whether settings made for ``version`` of ``method`` still fit today's method."""
     try:
-        current = method_class(summary["method"]).version
+        current = method_class(method).version
     except HetCompError:  # a method this version of the toolkit does not know
-        return f"unknown method {summary['method']!r}"
-    if summary["method_version"] != current:
-        return f"stale: made for version {summary['method_version']}, the method is now {current}"
+        return f"unknown method {method!r}"
+    if version != current:
+        return f"stale: made for version {version}, the method is now {current}"
     return "current"
 
 
@@ -85,7 +86,7 @@ def studies_page(folder: Path) -> str:
         counts = s["trials"]
         lines.append(f"| {s['student']} | {s['dim']} | {s['method']} | {s['method_version']} | {teachers} | "
                      f"{counts['complete']} + {counts['pruned']} / {s.get('budget', '?')} | {best} | {_cost(s)} | "
-                     f"{_settings(s)} | {_status(s)} |")
+                     f"{_settings(s)} | {_status(s['method'], s['method_version'])} |")
     return "\n".join(lines + _in_progress(folder, summaries)) + "\n"
 
 
@@ -109,7 +110,7 @@ def _in_progress(folder: Path, summaries: list[tuple[str, dict]]) -> list[str]:
         shown = "—" if best is None else f"{best['value']:.4f} ({best['number']})"
         pruned = sum(t.get("state") == "pruned" for t in trials)
         rows.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {len(complete)} + {pruned} | {shown} | "
-                    f"{_status({'method': key[2], 'method_version': key[3]})} |")
+                    f"{_status(key[2], key[3])} |")
     if not rows:
         return []
     return ["", "## In progress", "",

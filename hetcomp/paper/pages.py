@@ -93,8 +93,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
                 cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, LABELS[method])), m))
             epochs = np.mean([float(r["epochs"]) for r in runs])
             seconds = np.mean([float(r["wall_seconds"]) for r in runs])
-            mark = CONSTRUCTED.get(method, ("",))[0]
-            lines.append(f"| {LABELS[method]}{mark} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
+            lines.append(f"| {_row_label(method)} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
                          f"{seconds:.0f} |")
         baselines = [m for m in BASELINES if m in per_method]
         if "hetcomp" in per_method and baselines:
@@ -128,6 +127,11 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
     return "\n".join(lines)
 
 
+def _row_label(method: str) -> str:
+    """A method's label in tables, with its footnote mark when it is the project's construction or adaptation."""
+    return LABELS[method] + CONSTRUCTED.get(method, ("",))[0]
+
+
 #: how far (relative) a row's share of its ensemble's R@50 may sit from the paper's before it needs a measured reason
 PAPER_GAP = 0.10
 
@@ -148,7 +152,7 @@ def _against_the_paper(student: str, per_method: dict, ensemble: dict | None, pa
         theirs = paper[(student, LABELS[method])]["recall@50"] / theirs_ensemble["recall@50"]
         gap = ours / theirs - 1
         flag = " **flagged**" if abs(gap) > PAPER_GAP else ""
-        lines.append(f"| {LABELS[method]}{CONSTRUCTED.get(method, ('',))[0]} | {ours:.3f} | {theirs:.3f} | "
+        lines.append(f"| {_row_label(method)} | {ours:.3f} | {theirs:.3f} | "
                      f"{gap:+.1%}{flag} |")
     return lines + [""]
 
