@@ -56,22 +56,13 @@ from hetcomp.tune_space import (  # noqa: F401 (re-exported: the public names of
     COMMON_SPACE,
     KINDS,
     REFERENCE_STUDENT,
+    STUDY_KEYS,
     check_space,
+    identity_keys,
     search_space,
     start_point,
     start_points,
 )
-
-#: what a study records and a resumed study must match
-STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
-              "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
-
-
-def identity_keys(method: str) -> tuple[str, ...]:
-    """The :data:`STUDY_KEYS` a resumed study must match: w/o KD reads no teacher, so retrained teachers leave
-    its study (and its record and summary) valid."""
-    return tuple(key for key in STUDY_KEYS if method != "none" or not key.startswith("teachers"))
-
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: who runs a trial (host:pid), so that a later process can tell a killed trial from a live one

@@ -15,6 +15,7 @@ from pathlib import Path
 from hetcomp.distill import METHODS, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import atomic_write_text
+from hetcomp.tune_space import identity_keys
 
 STUDIES_PAGE = "STUDIES.md"
 
@@ -81,7 +82,7 @@ def studies_page(folder: Path) -> str:
              "(trial) | trial hours | chosen settings | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, s in summaries:
-        teachers = "—" if s["method"] == "none" else s.get("teachers_digest", "?")
+        teachers = s.get("teachers_digest", "?") if "teachers_digest" in identity_keys(s["method"]) else "—"
         best = "—" if s["best_value"] is None else f"{s['best_value']:.4f} ({s.get('best_trial')})"
         counts = s["trials"]
         lines.append(f"| {s['student']} | {s['dim']} | {s['method']} | {s['method_version']} | {teachers} | "

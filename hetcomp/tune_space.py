@@ -16,6 +16,17 @@ from hetcomp.runs.spec import default_recipe
 from hetcomp.runs.tuned import RECIPE, tuned_defaults
 from hetcomp.train import TrainerConfig
 
+#: what a study records and a resumed study must match
+STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
+              "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
+
+
+def identity_keys(method: str) -> tuple[str, ...]:
+    """The :data:`STUDY_KEYS` a resumed study must match: w/o KD reads no teacher, so retrained teachers leave
+    its study (and its record and summary) valid."""
+    return tuple(key for key in STUDY_KEYS if method != "none" or not key.startswith("teachers"))
+
+
 KINDS = ("float_log", "float", "int", "choice")
 #: searched for every method: Adam's lr, and weight decay as a choice (0 cannot sit on a log scale)
 COMMON_SPACE = {"lr": ("float_log", 1e-4, 1e-1), "weight_decay": ("choice", [0.0, 1e-6, 1e-5, 1e-4])}
