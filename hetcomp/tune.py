@@ -45,7 +45,7 @@ import torch
 from hetcomp.data import Split
 from hetcomp.distill import method_class
 from hetcomp.errors import HetCompError
-from hetcomp.provenance import CODE_DIGEST, atomic_write_text, git_commit, machine
+from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine
 from hetcomp.runs import RunStore, make_spec, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
 from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, summary_path
@@ -250,11 +250,24 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
         raise HetCompError(f"{path}: not a readable study record ({type(error).__name__}: {error}); move it away "
                            "to start the study afresh") from None
     differ = [key for key in identity_keys(attrs["method"]) if made_for.get(key) != attrs[key]]
+    if "teachers_digest" in differ:
+        raise _other_teachers(path, made_for, attrs)
     if differ or record.get("study_name") != study.study_name:
         warnings.warn(f"{path} records a study made for other settings ({', '.join(differ) or 'study name'}); "
                       "starting a new study, which will replace it", stacklevel=3)
         return
     study.add_trials(trials)
+
+
+def _other_teachers(path: Path, made_for: dict, attrs: dict) -> HetCompError:
+    """Committed trials made with other teachers: an error, not a fresh study that would replace them. Retrained
+    teachers usually differ by accident (another thread count changes a teacher's rankings), not by intent."""
+    return HetCompError(
+        f"{path} holds this study's trials made with teachers {made_for.get('teachers_digest')}, but the teachers "
+        f"here are {attrs['teachers_digest']}: retrain them as the study's were (each teacher's digest and thread "
+        f"count are on experiments/results/teachers-{dataset_slug(attrs['dataset'])}.md; "
+        "`hetcomp train-teachers --threads N`), "
+        f"or move {path.name} and its summary away to study afresh with these teachers")
 
 
 def _finished_summary(study: optuna.Study, summary_file: Path, attrs: dict, trials: int) -> dict | None:
@@ -268,6 +281,9 @@ def _finished_summary(study: optuna.Study, summary_file: Path, attrs: dict, tria
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if done < trials or any(summary.get(key) != attrs[key] for key in identity_keys(attrs["method"])):
+        if "teachers_digest" in identity_keys(attrs["method"]) and summary.get("teachers_digest") not in (
+                None, attrs["teachers_digest"]):
+            raise _other_teachers(summary_file, summary, attrs)
         return None
     warnings.warn(f"{summary_file} already holds this study's {done} trials (made before trials records were "
                   "kept): nothing to run; move it away to study afresh", stacklevel=3)

@@ -19,7 +19,7 @@ from hetcomp.distill import METHODS, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
-from hetcomp.runs import RunStore, make_spec
+from hetcomp.runs import RunStore, make_spec, teachers_digest
 from hetcomp.runs import tuned as tuned_module
 from hetcomp.runs.tuned import summary_path, tuned_defaults
 from hetcomp.teachers import train_teacher
@@ -283,6 +283,27 @@ def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teache
     record.write_text("{ truncated")
     with pytest.raises(HetCompError, match="mf-rrd-4.trials.json: not a readable study record"):
         _study(tmp_path, teachers, trials=1, storage=None)
+
+
+def test_committed_trials_made_with_other_teachers_are_an_error_not_replaced(teachers, tmp_path):
+    """Teachers retrained with another thread count get other rankings: the study's committed record and summary
+    are refused with the fix, never silently replaced by a fresh study (w/o KD's are taken: it reads no teacher)."""
+    _study(tmp_path, teachers, trials=1, storage=None)
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    record = trials_path(summary_file)
+    before = record.read_text()
+    summary_file.with_suffix(".db").unlink()
+    with pytest.raises(HetCompError, match="made with teachers .*, but the teachers here are .*--threads N.*"
+                                           "move mf-rrd-4.trials.json and its summary away"):
+        tune(SPLIT, teachers[:1], "mf", "rrd", 4, 1, store=RunStore(tmp_path / "runs"), root=tmp_path / "tuning",
+             **FAST)
+    assert record.read_text() == before
+    summary_file.with_suffix(".db").unlink()
+    record.unlink()  # a summary without a record (older studies): the same
+    with pytest.raises(HetCompError, match="mf-rrd-4.json holds this study's trials made with teachers"):
+        tune(SPLIT, teachers[:1], "mf", "rrd", 4, 1, store=RunStore(tmp_path / "runs"), root=tmp_path / "tuning",
+             **FAST)
+    assert json.loads(summary_file.read_text())["teachers_digest"] != teachers_digest(teachers[:1])
 
 
 def test_a_summary_made_before_trials_records_is_not_studied_again(teachers, tmp_path):
