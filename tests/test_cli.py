@@ -84,6 +84,13 @@ def test_every_command_reads_a_csv_file(tmp_path):
     evaluated = runner.invoke(app, ["evaluate", *source, "--names", "mf,ext"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "overlap of the converged teachers" in evaluated.output
+    (tmp_path / "teachers-notes.md").write_text("Measured by hand: a rerun gave the same digests.\n")
+    for _ in range(2):  # regenerating the page keeps the hand-written notes, once
+        written = runner.invoke(app, ["evaluate", *source, "--names", "mf", "--write", str(tmp_path / "teachers.md")])
+        assert written.exit_code == 0, written.output
+    text = (tmp_path / "teachers.md").read_text()
+    assert text.count("Measured by hand: a rerun gave the same digests.") == 1
+    assert "written by hand in `teachers-notes.md`, kept when this page is regenerated" in text
     page = tmp_path / "page.md"
     summarized = runner.invoke(app, ["summarize", *source, *runs, "--write", str(page)])
     assert summarized.exit_code == 0 and page.is_file(), summarized.output
