@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "hetcomp"
 #: a module's layer by the first part of its name under hetcomp; anything else is core (0)
-LAYERS = {"runs": 1, "tune": 1, "tune_plan": 1, "tune_space": 1, "paper": 2, "experiments": 2, "cli": 3, "__main__": 3}
+LAYERS = {"runs": 1, "tune": 1, "tune_plan": 1, "tune_space": 1, "tune_page": 1, "paper": 2, "experiments": 2,
+          "cli": 3, "__main__": 3}
 
 
 def _module_name(path: Path) -> str:
