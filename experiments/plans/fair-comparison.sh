@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# What is left of the fair comparison (every method tuned on validation, then Table 2 at the studies' settings),
+# as two one-thread lanes for a 2-core machine: run `fair-comparison.sh citeulike` and `fair-comparison.sh
+# foursquare` side by side (e.g. under nohup). Every step resumes where it stopped: finished teachers are skipped,
+# studies go on from their committed trials records, finished runs are reused; stop with SIGTERM (not SIGSTOP:
+# Ray kills a stopped worker) and rerun the same lane to continue. Needs $HETCOMP_DATA.
+#
+# The teachers are trained exactly as the committed studies' were (their digests and thread counts are on
+# experiments/results/teachers-<dataset>.md; `hetcomp tune` refuses trials made with other teachers).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1
+METHODS=none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp
+
+case "${1:-}" in
+citeulike)
+  hetcomp train-teachers --dataset citeulike --teachers mf,ml,dnn,gnn,ae --threads 1
+  OMP_NUM_THREADS=2 hetcomp train-teachers --dataset citeulike --teachers iae --threads 2
+  hetcomp tune --dataset citeulike --student ml,dnn --method all --trials 8 --jobs 1 --threads 1
+  hetcomp reproduce --dataset citeulike --table 2 --students mf,ml,dnn --seeds 5 --methods "$METHODS" \
+    --results-dir experiments/results/tuned --jobs 1
+  ;;
+foursquare)
+  hetcomp train-teachers --dataset foursquare --threads 1
+  hetcomp tune --dataset foursquare --student mf,ml,dnn --method all --trials 8 --jobs 1 --threads 1
+  hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS" \
+    --results-dir experiments/results/tuned --jobs 1
+  ;;
+*)
+  echo "usage: $0 citeulike|foursquare   (one lane per core; see the comment at the top)" >&2
+  exit 2
+  ;;
+esac
