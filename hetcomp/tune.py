@@ -222,12 +222,13 @@ def trials_path(summary_file: Path) -> Path:
 
 def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
     """Write every finished trial of ``study`` (what :func:`_restore` needs to rebuild it) to ``path``, and the
-    studies page beside it."""
+    studies page beside it. Failed (killed) trials too: a rebuilt study keeps its trial numbers, the "≥" of its
+    cost and the trials a resumed one names, so its summary is the one the lost SQLite file gave."""
     trials = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
                "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
                "curve": {str(step): value for step, value in sorted(t.intermediate_values.items())},
                "user_attrs": _recorded_attrs(t)}
-              for t in study.get_trials(deepcopy=False, states=DONE)]
+              for t in study.get_trials(deepcopy=False, states=(*DONE, optuna.trial.TrialState.FAIL))]
     record = {"format": "hetcomp-study/1", "study_name": study.study_name, "study": attrs, "trials": trials}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     write_studies_page(path.parent)  # its "in progress" part

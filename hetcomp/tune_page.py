@@ -104,7 +104,7 @@ def _in_progress(folder: Path, summaries: list[tuple[str, dict]]) -> list[str]:
             key = (study["student"], study["dim"], study["method"], study["method_version"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if len(trials) <= finished.get(key, -1):
+        if sum(t.get("state") in ("complete", "pruned") for t in trials) <= finished.get(key, -1):
             continue
         complete = [t for t in trials if t.get("state") == "complete" and t.get("value") is not None]
         best = max(complete, key=lambda t: t["value"], default=None)

@@ -67,7 +67,8 @@ def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
     try:
         record = json.loads(path.read_text())
         current = record["study"]["method_version"] == method_class(plan.method).version
-        return len(record["trials"]) if current else 0
+        done = sum(trial["state"] in ("complete", "pruned") for trial in record["trials"])  # not the killed ones
+        return done if current else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 

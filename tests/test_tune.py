@@ -285,6 +285,27 @@ def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teache
         _study(tmp_path, teachers, trials=1, storage=None)
 
 
+def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(teachers, tmp_path):
+    """A trial killed by a stop is in the record too, so the rebuilt study's summary is the lost database's: the
+    same trial numbers (a resumed trial names the killed one), failed count and best trial."""
+    _study(tmp_path, teachers, trials=1, storage=None)
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    storage = f"sqlite:///{summary_file.with_suffix('.db')}"
+    study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
+    done = study.trials[0]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=done.params,
+                                              distributions=done.distributions, user_attrs={"worker": "gone:1"}))
+    original = _study(tmp_path, teachers, trials=2, storage=None)
+    assert [t["state"] for t in original["history"]] == ["complete", "fail", "complete"]
+    assert [t["state"] for t in json.loads(trials_path(summary_file).read_text())["trials"]] == [
+        "complete", "fail", "complete"]
+    summary_file.with_suffix(".db").unlink()
+    rebuilt = _study(tmp_path, teachers, trials=2, storage=None)
+    def result(summary):
+        return {key: value for key, value in summary.items() if key not in ("commit", "code_digest", "machine")}
+    assert result(rebuilt) == result(original) and rebuilt["trials"]["failed"] == 1
+
+
 def test_committed_trials_made_with_other_teachers_are_an_error_not_replaced(teachers, tmp_path):
     """Teachers retrained with another thread count get other rankings: the study's committed record and summary
     are refused with the fix, never silently replaced by a fresh study (w/o KD's are taken: it reads no teacher)."""
