@@ -250,9 +250,8 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise HetCompError(f"{path}: not a readable study record ({type(error).__name__}: {error}); move it away "
                            "to start the study afresh") from None
+    _refuse_other_teachers(path, made_for, attrs)
     differ = [key for key in identity_keys(attrs["method"]) if made_for.get(key) != attrs[key]]
-    if "teachers_digest" in differ:
-        raise _other_teachers(path, made_for, attrs)
     if differ or record.get("study_name") != study.study_name:
         warnings.warn(f"{path} records a study made for other settings ({', '.join(differ) or 'study name'}); "
                       "starting a new study, which will replace it", stacklevel=3)
@@ -260,11 +259,15 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
     study.add_trials(trials)
 
 
-def _other_teachers(path: Path, made_for: dict, attrs: dict) -> HetCompError:
-    """Committed trials made with other teachers: an error, not a fresh study that would replace them. Retrained
-    teachers usually differ by accident (another thread count changes a teacher's rankings), not by intent."""
-    return HetCompError(
-        f"{path} holds this study's trials made with teachers {made_for.get('teachers_digest')}, but the teachers "
+def _refuse_other_teachers(path: Path, made_for: dict, attrs: dict) -> None:
+    """Committed trials (a record or summary ``made_for`` a study) made with other teachers are an error, not a
+    fresh study that would replace them: retrained teachers usually differ by accident (another thread count
+    changes a teacher's rankings), not by intent. w/o KD's identity names no teachers."""
+    made_with = made_for.get("teachers_digest")
+    if "teachers_digest" not in identity_keys(attrs["method"]) or made_with == attrs["teachers_digest"]:
+        return
+    raise HetCompError(
+        f"{path} holds this study's trials made with teachers {made_with}, but the teachers "
         f"here are {attrs['teachers_digest']}: retrain them as the study's were (each teacher's digest and thread "
         f"count are on experiments/results/teachers-{dataset_slug(attrs['dataset'])}.md; "
         "`hetcomp train-teachers --threads N`), "
@@ -281,10 +284,8 @@ def _finished_summary(study: optuna.Study, summary_file: Path, attrs: dict, tria
         done = summary["trials"]["complete"] + summary["trials"]["pruned"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    _refuse_other_teachers(summary_file, summary, attrs)
     if done < trials or any(summary.get(key) != attrs[key] for key in identity_keys(attrs["method"])):
-        if "teachers_digest" in identity_keys(attrs["method"]) and summary.get("teachers_digest") not in (
-                None, attrs["teachers_digest"]):
-            raise _other_teachers(summary_file, summary, attrs)
         return None
     warnings.warn(f"{summary_file} already holds this study's {done} trials (made before trials records were "
                   "kept): nothing to run; move it away to study afresh", stacklevel=3)

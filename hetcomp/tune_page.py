@@ -104,12 +104,12 @@ def _in_progress(folder: Path, summaries: list[tuple[str, dict]]) -> list[str]:
             key = (study["student"], study["dim"], study["method"], study["method_version"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if sum(t.get("state") in ("complete", "pruned") for t in trials) <= finished.get(key, -1):
-            continue
         complete = [t for t in trials if t.get("state") == "complete" and t.get("value") is not None]
+        pruned = sum(t.get("state") == "pruned" for t in trials)
+        if len(complete) + pruned <= finished.get(key, -1):  # killed trials are recorded too: not counted
+            continue
         best = max(complete, key=lambda t: t["value"], default=None)
         shown = "—" if best is None else f"{best['value']:.4f} ({best['number']})"
-        pruned = sum(t.get("state") == "pruned" for t in trials)
         rows.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {len(complete)} + {pruned} | {shown} | "
                     f"{_status(key[2], key[3])} |")
     if not rows:

@@ -85,12 +85,13 @@ def evaluate_command(
         sources = {t.meta.get("source", "") for t in trajectories}
         page = teachers_report(split, trajectories, "hetcomp " + " ".join(sys.argv[1:]), " ; ".join(sorted(sources)))
         notes = write.with_name(f"{write.stem}-notes.md")  # measurements written by hand survive a regeneration
-        if notes.is_file():
+        kept = notes.is_file()
+        if kept:
             page = (f"{page.rstrip()}\n\n## Notes (written by hand in `{notes.name}`, kept when this page is "
                     f"regenerated)\n\n{notes.read_text().strip()}\n")
         write.parent.mkdir(parents=True, exist_ok=True)
         write.write_text(page)
-        console.print(f"wrote {write}" + (f" with the notes of {notes.name}" if notes.is_file() else ""))
+        console.print(f"wrote {write}" + (f" with the notes of {notes.name}" if kept else ""))
 
 
 @app.command("summarize")
