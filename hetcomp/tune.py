@@ -139,7 +139,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     _claim(study, attrs, storage)
     record = trials_path(summary_file) if default_storage else None
     if record is not None:
-        _restore(study, record, attrs)
+        _restore(study, record, attrs, summary_file)
         finished = None if record.exists() else _finished_summary(study, summary_file, attrs, trials)
         if finished is not None:
             return finished
@@ -172,6 +172,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
             study.enqueue_trial(point)
     _rerun_stale(study, legacy=default_storage)
     remaining = trials - sum(t.state in DONE for t in study.trials)
+    ran = remaining > 0
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
         study.optimize(objective, n_trials=remaining,
@@ -179,7 +180,9 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
                                   *([lambda _, trial: on_trial(trial)] if on_trial else [])])
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
-        if not _same_study_result(summary_file, summary):  # a rerun that changed nothing keeps who made it
+        # a rerun that changed nothing keeps the summary, and who made it: one written from the original SQLite
+        # file knows more (killed trials, costs) than a study rebuilt from an older record
+        if not _same_study_result(summary_file, summary) and (ran or not _same_finished_trials(summary_file, summary)):
             atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
         write_studies_page(summary_file.parent)
     return summary
@@ -198,6 +201,21 @@ def _same_study_result(summary_file: Path, summary: dict) -> bool:
     def result(value: dict) -> dict:
         return {key: item for key, item in value.items() if key not in PROVENANCE}
     return isinstance(stored, dict) and result(stored) == json.loads(json.dumps(result(summary)))
+
+
+def _finished_trials(summary: dict) -> list:
+    """A summary's finished (complete or pruned) trials in order, as what identifies them: value and parameters."""
+    return [(t["state"], t["value"], t["params"]) for t in summary["history"] if t["state"] in ("complete", "pruned")]
+
+
+def _same_finished_trials(summary_file: Path, summary: dict) -> bool:
+    """Whether ``summary_file`` is a summary of this study (same identity) with the same finished trials."""
+    try:
+        stored = json.loads(summary_file.read_text())
+        return (all(stored.get(key) == summary[key] for key in identity_keys(summary["method"]))
+                and _finished_trials(stored) == _finished_trials(json.loads(json.dumps(summary))))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
@@ -234,9 +252,11 @@ def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
     write_studies_page(path.parent)  # its "in progress" part
 
 
-def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
+def _restore(study: optuna.Study, path: Path, attrs: dict, summary_file: Path) -> None:
     """An empty study gets the finished trials recorded in ``path`` (its SQLite file was lost, the record was
-    committed); a record made for another study (other teachers, method version, space...) is left alone."""
+    committed); a record made for another study (other teachers, method version, space...) is left alone. A rebuilt
+    trial has no real start and end: its cost is the record's, else the committed summary's, else unknown (not the
+    zero its rebuilt span would give)."""
     if study.trials or not path.exists():
         return
     try:
@@ -246,7 +266,8 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
             state=optuna.trial.TrialState[t["state"].upper()], value=t["value"], params=t["params"],
             distributions={k: optuna.distributions.json_to_distribution(d) for k, d in t["distributions"].items()},
             intermediate_values={int(step): value for step, value in t["curve"].items()},
-            user_attrs=t["user_attrs"]) for t in record["trials"]]
+            user_attrs={"seconds": _summary_seconds(summary_file, t), **t["user_attrs"]})
+            for t in record["trials"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise HetCompError(f"{path}: not a readable study record ({type(error).__name__}: {error}); move it away "
                            "to start the study afresh") from None
@@ -257,6 +278,18 @@ def _restore(study: optuna.Study, path: Path, attrs: dict) -> None:
                       "starting a new study, which will replace it", stacklevel=3)
         return
     study.add_trials(trials)
+
+
+def _summary_seconds(summary_file: Path, trial: dict) -> float | None:
+    """What the committed summary says ``trial`` (a record's entry) cost: the trial with its state, value and
+    parameters (records made before failed trials were kept number trials otherwise), or None."""
+    try:
+        history = json.loads(summary_file.read_text())["history"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same = [h.get("seconds") for h in history if isinstance(h, dict)
+            and (h.get("state"), h.get("value"), h.get("params")) == (trial["state"], trial["value"], trial["params"])]
+    return same[0] if len(same) == 1 else None
 
 
 def _refuse_other_teachers(path: Path, made_for: dict, attrs: dict) -> None:

@@ -306,6 +306,33 @@ def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(tea
     assert result(rebuilt) == result(original) and rebuilt["trials"]["failed"] == 1
 
 
+def test_a_finished_study_rebuilt_from_an_older_record_keeps_its_committed_summary(teachers, tmp_path):
+    """Records once kept neither killed trials nor costs: a finished study rebuilt from such a record (a new machine)
+    and rerun must not rewrite its committed summary with fewer trials and zero seconds, and a rebuilt trial's cost
+    is the committed summary's, not its rebuilt span."""
+    _study(tmp_path, teachers, trials=1, storage=None)
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    storage = f"sqlite:///{summary_file.with_suffix('.db')}"
+    study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
+    done = study.trials[0]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=done.params,
+                                              distributions=done.distributions, user_attrs={"worker": "gone:1"}))
+    original = _study(tmp_path, teachers, trials=2, storage=None)
+    committed = summary_file.read_text()
+    record = trials_path(summary_file)
+    older = json.loads(record.read_text())
+    older["trials"] = [{**t, "user_attrs": {k: v for k, v in t["user_attrs"].items() if k != "seconds"}}
+                       for t in older["trials"] if t["state"] != "fail"]
+    record.write_text(json.dumps(older))
+    summary_file.with_suffix(".db").unlink()
+    rerun = _study(tmp_path, teachers, trials=2, storage=None)
+    assert summary_file.read_text() == committed
+    assert rerun["trials"]["failed"] == 0  # what the rebuilt study holds; the committed file says more
+    assert [t["seconds"] for t in rerun["history"]] == [t["seconds"] for t in original["history"]
+                                                        if t["state"] != "fail"]
+    assert all(t["seconds"] > 0 for t in rerun["history"])
+
+
 def test_committed_trials_made_with_other_teachers_are_an_error_not_replaced(teachers, tmp_path):
     """Teachers retrained with another thread count get other rankings: the study's committed record and summary
     are refused with the fix, never silently replaced by a fresh study (w/o KD's are taken: it reads no teacher)."""
