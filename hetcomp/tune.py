@@ -54,6 +54,7 @@ from hetcomp.train import Callback
 from hetcomp.tune_page import write_studies_page
 from hetcomp.tune_space import (  # noqa: F401 (re-exported: the public names of tuning)
     COMMON_SPACE,
+    FINISHED_STATES,
     KINDS,
     REFERENCE_STUDENT,
     STUDY_KEYS,
@@ -205,7 +206,7 @@ def _same_study_result(summary_file: Path, summary: dict) -> bool:
 
 def _finished_trials(summary: dict) -> list:
     """A summary's finished (complete or pruned) trials in order, as what identifies them: value and parameters."""
-    return [(t["state"], t["value"], t["params"]) for t in summary["history"] if t["state"] in ("complete", "pruned")]
+    return [(t["state"], t["value"], t["params"]) for t in summary["history"] if t["state"] in FINISHED_STATES]
 
 
 def _same_finished_trials(summary_file: Path, summary: dict) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from hetcomp.distill import METHODS, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import atomic_write_text
-from hetcomp.tune_space import identity_keys
+from hetcomp.tune_space import FINISHED_STATES, identity_keys
 
 STUDIES_PAGE = "STUDIES.md"
 
@@ -48,7 +48,7 @@ def _cost(summary: dict) -> str:
     """Hours of the finished trials (complete or pruned); a killed attempt's time is unknown and left out (the
     trial that resumed it counts its own attempt), and ``seconds`` of a failed trial from older summaries too."""
     history = summary.get("history", [])
-    finished = [h for h in history if h.get("state") in ("complete", "pruned")]
+    finished = [h for h in history if h.get("state") in FINISHED_STATES]
     if not finished or any(h.get("seconds") is None for h in finished):
         return "—"  # trials made before their cost was recorded
     killed = any(h.get("state") == "fail" for h in history)  # then a lower bound

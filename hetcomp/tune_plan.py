@@ -62,12 +62,13 @@ def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
     an earlier study's, made for another version of the method, which this one will replace)."""
     from hetcomp.distill import method_class
     from hetcomp.tune import trials_path
+    from hetcomp.tune_space import FINISHED_STATES
 
     path = trials_path(summary_path(dataset, plan.student, plan.method, plan.dim, root))
     try:
         record = json.loads(path.read_text())
         current = record["study"]["method_version"] == method_class(plan.method).version
-        done = sum(trial["state"] in ("complete", "pruned") for trial in record["trials"])  # not the killed ones
+        done = sum(trial["state"] in FINISHED_STATES for trial in record["trials"])  # not the killed ones
         return done if current else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
@@ -87,14 +88,24 @@ def prerequisites(plan: StudyPlan, plans: Sequence[StudyPlan]) -> set[str]:
             and other.method == plan.method))}
 
 
+def next_studies(waiting: Sequence[StudyPlan], plans: Sequence[StudyPlan], ended: set[str],
+                 room: int | None) -> list[StudyPlan]:
+    """The studies of ``waiting`` to start now, in plan order: those whose :func:`prerequisites` have ended, at
+    most ``room`` of them (None: all; a remote cluster decides its own capacity). Starting only as many as there
+    are workers keeps the listed order: Ray runs the tasks it holds in an order of its own."""
+    ready = [plan for plan in waiting if prerequisites(plan, plans) <= ended]
+    return ready if room is None else ready[:max(0, room)]
+
+
 def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_dir: Path, root: Path,
                 jobs: int = 1, address: str | None = None, cpus_per_study: float = 1.0,
                 gpus_per_study: float = 0.0, threads: int | None = None, source: dict | None = None,
                 on_done: Callable[[StudyPlan, dict | None, str | None], None] | None = None,
                 on_progress: Callable[[dict[str, int]], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
     """Every study of ``plans`` as a Ray task, each once its :func:`prerequisites` have ended (a failed one
-    too); ``on_done(plan, summary, None)`` or ``(plan, None, message)`` as each ends, ``on_progress({label:
-    finished trials})`` every ``poll`` seconds. ``threads``: torch threads of each study (default: the local
+    too) and, on the local cluster, a worker is free (see :func:`next_studies`); ``on_done(plan, summary,
+    None)`` or ``(plan, None, message)`` as each ends, ``on_progress({label: finished trials})`` every ``poll``
+    seconds. ``threads``: torch threads of each study (default: the local
     cores shared by ``jobs``, or ``cpus_per_study`` on a cluster). Returns the summaries by :attr:`StudyPlan.label`."""
     import ray
 
@@ -104,7 +115,8 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
     pending: dict = {}
 
     def submit_ready() -> None:
-        for plan in [p for p in waiting_plans if prerequisites(p, plans) <= ended]:
+        room = None if address else jobs - len(pending)
+        for plan in next_studies(waiting_plans, plans, ended, room):
             waiting_plans.remove(plan)
             pending[task.remote(plan, inputs, str(runs_dir), str(root), threads, source)] = plan
 

@@ -17,6 +17,10 @@ from hetcomp.runs.tuned import RECIPE, tuned_defaults
 from hetcomp.train import TrainerConfig
 
 #: what a study records and a resumed study must match
+#: the states of a finished trial as records and summaries spell them (Optuna's COMPLETE and PRUNED; a killed
+#: trial, "fail", is kept in both but spent no budget)
+FINISHED_STATES = ("complete", "pruned")
+
 STUDY_KEYS = ("dataset", "split_fingerprint", "student", "dim", "method", "method_version", "teachers",
               "teachers_digest", "search_space", "fixed", "seed", "max_epochs", "eval_every", "patience")
 

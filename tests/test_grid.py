@@ -165,6 +165,20 @@ def test_a_study_waits_for_the_studies_whose_choices_its_first_trials_read():
                      "ml-dcd-6": ["mf-dcd-6", "ml-rrd-6"], "ml-hetcomp-6": ["mf-hetcomp-6"]}
 
 
+def test_a_plan_starts_its_ready_studies_in_the_listed_order_as_workers_free():
+    from hetcomp.tune_plan import StudyPlan, next_studies
+
+    plans = [StudyPlan(student, method, 6, 8, ("mf",)) for student, method in
+             (("mf", "none"), ("mf", "rrd"), ("mf", "hetcomp"), ("mf", "kd"), ("ml", "none"))]
+    labels = lambda chosen: [plan.label for plan in chosen]  # noqa: E731
+    assert labels(next_studies(plans, plans, set(), 1)) == ["mf-none-6"]
+    assert labels(next_studies(plans, plans, set(), 2)) == ["mf-none-6", "mf-hetcomp-6"]
+    assert labels(next_studies(plans[1:], plans, {"mf-none-6"}, 1)) == ["mf-rrd-6"]
+    assert labels(next_studies(plans[1:], plans, {"mf-none-6"}, 0)) == []
+    assert labels(next_studies(plans[1:], plans, {"mf-none-6"}, None)) == ["mf-rrd-6", "mf-hetcomp-6", "mf-kd-6",
+                                                                            "ml-none-6"]
+
+
 def test_the_tune_command_runs_a_plan_and_a_rerun_resumes_it(world, tmp_path):
     from typer.testing import CliRunner
 
