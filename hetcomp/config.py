@@ -214,7 +214,7 @@ def _convert(kind, spec: Knob, text: str):
         return text
 
 
-def parse_options(config_class: type, options: dict, owner: str | None = None) -> dict:
+def parse_options(config_class: type, options: dict, owner: str | None = None, flag: str = "-o") -> dict:
     """``{"k": "20"}`` → ``{"k": 20}``: command-line ``-o`` values converted to the fields' types and checked.
 
     Values that are not strings are checked as they are. An unknown name, a value of the wrong type or out of
@@ -222,12 +222,12 @@ def parse_options(config_class: type, options: dict, owner: str | None = None) -
     """
     owner = owner or _owner(config_class)
     for name, value in options.items():
-        unknown_settings(config_class, [name], owner, f"-o {name}={value}: ")
+        unknown_settings(config_class, [name], owner, f"{flag} {name}={value}: ")
     parsed = {}
     for name, value in options.items():
         kind, spec = _fields(config_class)[name]
         typed = _convert(kind, spec, value) if isinstance(value, str) else value
-        _check(kind, spec, name, typed, owner, f"-o {name}={value}: ", value)
+        _check(kind, spec, name, typed, owner, f"{flag} {name}={value}: ", value)
         parsed[name] = typed
     return parsed
 

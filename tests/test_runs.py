@@ -101,6 +101,27 @@ def test_the_command_names_what_differs_from_the_defaults(teachers):
     assert "--lr" not in command and "--eval-every" not in command
 
 
+def test_student_model_settings_are_part_of_the_run_and_of_its_command(teachers):
+    """``-m n_negatives=3``: another run (its own folder), spelled in its command; the model's defaults are not."""
+    plain = make_spec(SPLIT, teachers, "ml", "none", 4)
+    spec = make_spec(SPLIT, teachers, "ml", "none", 4, model_options={"n_negatives": "3", "margin": 0.5})
+    assert dict(spec.student_config)["n_negatives"] == 3 and dict(spec.student_config)["margin"] == 0.5
+    assert spec.identity != plain.identity and " -m " not in plain.command()
+    assert "-m margin=0.5" in spec.command() and "-m n_negatives=3" in spec.command()
+    assert make_spec(SPLIT, teachers, "ml", "none", 4, model_options={"n_negatives": 10}).identity == plain.identity
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"lr": 0.1}, "-m lr: the student's lr is set with --lr, not -m"),
+    ({"negatives": 1}, "-m negatives=1: student 'ml' has no setting negatives; its model settings: n_negatives, "
+                       "margin, init_std, score_scale"),
+    ({"n_negatives": 0}, "-m n_negatives=0: n_negatives .* ≥ 1"),
+])
+def test_a_bad_student_model_setting_is_a_one_line_error(teachers, option, message):
+    with pytest.raises(HetCompError, match=message):
+        make_spec(SPLIT, teachers, "ml", "none", 4, model_options=option)
+
+
 def test_a_folder_holding_another_spec_or_a_corrupt_file_is_named(teachers, tmp_path):
     first = distill(SPLIT, teachers, "mf", "rrd", dim=4, runs_root=tmp_path, **FAST)
     spec_file = next(tmp_path.rglob("spec.json"))
@@ -178,7 +199,7 @@ def test_a_spec_command_run_through_the_cli_is_the_same_run(tmp_path):
     teachers = [train_teacher(split, "mf", tmp_path / "teachers", dim=8, top_m=30, max_epochs=4, eval_every=2)]
     spec = make_spec(split, teachers, "mf", "rrd", 4, seed=1, method_options={"weight": 0.5}, lr=3e-3,
                      max_epochs=2, eval_every=2, patience=3, source={"dataset": "csv", **source},
-                     ensemble=EnsembleConfig(decay="power", beta=0.1))
+                     ensemble=EnsembleConfig(decay="power", beta=0.1), model_options={"n_negatives": 2})
     words = shlex.split(spec.command())[2:]
     result = CliRunner().invoke(app, ["distill", *words, "--teachers-dir", str(tmp_path / "teachers"),
                                       "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),

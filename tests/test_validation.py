@@ -55,6 +55,9 @@ def fails_cleanly(args: list[str], *named: str) -> str:
     (["-o", "k=0"], ["-o k=0", "k of hetcomp", "≥ 1"]),
     (["-o", "period=-1"], ["-o period=-1", "≥ 1"]),
     (["--max-epochs", "0"], ["--max-epochs 0", "≥ 1"]),
+    (["-m", "n_negatives"], ["-m n_negatives: a student model setting must look like NAME=VALUE"]),
+    (["-m", "n_negatives=0"], ["-m n_negatives=0", "≥ 1"]),
+    (["-m", "lr=0.1"], ["-m lr", "--lr"]),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_distill_rejects_the_issues_inputs(tmp_path, args, named):
     fails_cleanly(["distill", *folders(tmp_path), "--runs-dir", str(tmp_path / "runs"), *args], *named)

@@ -155,12 +155,13 @@ def _imported(root: Path, split: Split) -> tuple[str, ...]:
     return tuple(p.name for p in sorted(folder.iterdir()) if (p / TRAJECTORY_FILE).is_file() and p.name not in TEACHERS)
 
 
-def _parse_options(items: list[str]) -> dict[str, str]:
+def _parse_options(items: list[str], flag: str = "-o", what: str = "a method option",
+                   example: str = "preset=code") -> dict[str, str]:
     """NAME=VALUE pairs as text; :func:`hetcomp.config.parse_options` converts and checks them per method."""
     options = {}
     for item in items:
         if "=" not in item or not item.split("=", 1)[0].strip():
-            raise HetCompError(f"-o {item}: a method option must look like NAME=VALUE, e.g. -o preset=code")
+            raise HetCompError(f"{flag} {item}: {what} must look like NAME=VALUE, e.g. {flag} {example}")
         name, value = item.split("=", 1)
         options[name.strip()] = value
     return options

@@ -44,6 +44,7 @@ from hetcomp.runs.spec import (
     DEFAULT_PATIENCE,
     KD_LR,
     KD_WEIGHT_DECAY,
+    student_options,
 )
 from hetcomp.teachers import TEACHERS, load_teachers
 
@@ -61,6 +62,10 @@ def distill_command(
     option: list[str] = typer.Option([], "--option", "-o",
                                      help="Method option NAME=VALUE (repeatable), e.g. -o preset=code; unset "
                                           "ones take the settings `hetcomp tune` chose, if any."),
+    model_option: list[str] = typer.Option([], "--model-option", "-m",
+                                           help="Student model setting NAME=VALUE (repeatable), e.g. -m "
+                                                "n_negatives=1 for the ML student; unset ones keep the model's "
+                                                "defaults (lr, weight decay, epochs and batches are options above)."),
     kd_loss: str = typer.Option(None, "--kd-loss", help="For --method kd: weighted losses, e.g. "
                                 "kl:1.0,pairwise_hinge:0.5 (ce, bce, l2, kl, pairwise_hinge, listwise)."),
     max_epochs: int = typer.Option(DEFAULT_MAX_EPOCHS,
@@ -87,6 +92,8 @@ def distill_command(
     """Train a small student from the teachers' trajectories with HetComp or a baseline."""
     config_class = method_class(method).config_class
     options = parse_options(config_class, _parse_options(option))
+    model_options = student_options(student, _parse_options(model_option, "-m", "a student model setting",
+                                                            "n_negatives=1"))
     if kd_loss is not None:
         if method != "kd":
             raise HetCompError("--kd-loss applies to --method kd only")
@@ -112,7 +119,8 @@ def distill_command(
                          options, ensemble, batch_users, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
                          eval_every=eval_every, patience=patience, callbacks=[bar],
                          source=_source(dataset, path, user_col, item_col, sep),
-                         say=lambda text: progress.console.print(text, highlight=False))
+                         say=lambda text: progress.console.print(text, highlight=False),
+                         model_options=model_options)
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
                   f"R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} R@50 {test['recall@50']:.4f} "

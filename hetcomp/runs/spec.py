@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetcomp.config import parse_options
 from hetcomp.data import Split
 from hetcomp.distill import EnsembleConfig, method_class
 from hetcomp.errors import HetCompError
@@ -39,6 +40,27 @@ DEFAULT_EVAL_EVERY = 10
 DEFAULT_PATIENCE = 5
 #: the dataset options of the command line that are not part of a run's identity (the split fingerprint is)
 SOURCE_OPTIONS = ("path", "user_col", "item_col", "sep")
+
+
+#: model settings a run sets with its own options (a student's lr, weight decay, epochs and batches are the run's,
+#: not its model config's, which are a teacher's recipe), not with ``-m``
+RUN_SETTINGS = {"dim": "--dim", "lr": "--lr", "weight_decay": "--weight-decay", "batch_size": "--batch-users",
+                "max_epochs": "--max-epochs", "eval_every": "--eval-every"}
+
+
+def student_options(student: str, options: dict | None) -> dict:
+    """``-m NAME=VALUE`` settings of the student model (e.g. CML's ``n_negatives``, ``margin``), converted and
+    checked against its config; an unknown name, a bad value or a setting the run owns is a HetCompError."""
+    options = dict(options or {})
+    config_class = model_class(student).config_class
+    settable = [f.name for f in dataclasses.fields(config_class) if f.name not in RUN_SETTINGS]
+    for name, value in options.items():
+        if name in RUN_SETTINGS:
+            raise HetCompError(f"-m {name}: the student's {name} is set with {RUN_SETTINGS[name]}, not -m")
+        if name not in settable:
+            raise HetCompError(f"-m {name}={value}: student {student!r} has no setting {name}; its model settings: "
+                               f"{', '.join(settable)}")
+    return parse_options(config_class, options, f"student {student!r}", flag="-m")
 
 
 def default_recipe(student: str, method: str) -> tuple[float, float]:
@@ -158,6 +180,10 @@ class RunSpec:
             words += ["--teachers", ",".join(self.teachers)]
         for key, value in self.options:
             words += ["-o", f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
+        model_defaults = dataclasses.asdict(model_config(self.student, dim=self.dim))
+        for key, value in self.student_config:
+            if key not in RUN_SETTINGS and key in model_defaults and value != model_defaults[key]:
+                words += ["-m", f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
         default_lr, default_decay = default_recipe(self.student, self.method)
         if self.lr != default_lr:
             words += ["--lr", repr(self.lr)]
@@ -184,13 +210,15 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
               seed: int = 0, method_options: dict | None = None, ensemble: EnsembleConfig | None = None,
               batch_users: int = DEFAULT_BATCH_USERS, lr: float | None = None, weight_decay: float | None = None,
               max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY,
-              patience: int = DEFAULT_PATIENCE, source: dict | None = None, tuned: bool = True) -> RunSpec:
+              patience: int = DEFAULT_PATIENCE, source: dict | None = None, tuned: bool = True,
+              model_options: dict | None = None) -> RunSpec:
     """Resolve every default of one run into its :class:`RunSpec` (unknown method options are an error).
 
     With ``tuned`` (the default), the settings a study chose for this dataset, student, method and dim
     (:func:`~hetcomp.runs.tuned.tuned_defaults`, a committed ``experiments/tuning`` file) fill the method
     options, lr and weight decay that the caller did not give; explicit arguments win. Tuned options join the
-    spec's ``options``, so its command line spells them out and reruns the same run without the file."""
+    spec's ``options``, so its command line spells them out and reruns the same run without the file.
+    ``model_options``: settings of the student model (:func:`student_options`), the model's defaults otherwise."""
     cls = method_class(method)
     options = dict(method_options or {})
     if tuned:
@@ -213,7 +241,8 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
         teachers=tuple(t.name for t in trajectories), teachers_digest=teachers_digest(trajectories),
         ensemble=_frozen(dataclasses.asdict(ensemble or EnsembleConfig())), student=student,
         student_version=model_class(student).version,
-        student_config=_frozen(dataclasses.asdict(model_config(student, dim=dim))), dim=dim, method=method,
+        student_config=_frozen(dataclasses.asdict(model_config(student, **student_options(student, model_options),
+                                                               dim=dim))), dim=dim, method=method,
         method_version=cls.version, method_config=_frozen(dataclasses.asdict(config)), options=_frozen(options),
         lr=float(lr), weight_decay=float(weight_decay), batch_users=batch_users, seed=seed, max_epochs=max_epochs,
         eval_every=eval_every, patience=patience, source=_frozen(source or {"dataset": split.meta["dataset"]}))
