@@ -260,6 +260,7 @@ def _restore(study: optuna.Study, path: Path, attrs: dict, summary_file: Path) -
     zero its rebuilt span would give)."""
     if study.trials or not path.exists():
         return
+    cost = _committed_costs(summary_file)
     try:
         record = json.loads(path.read_text())
         made_for = record["study"]
@@ -267,7 +268,7 @@ def _restore(study: optuna.Study, path: Path, attrs: dict, summary_file: Path) -
             state=optuna.trial.TrialState[t["state"].upper()], value=t["value"], params=t["params"],
             distributions={k: optuna.distributions.json_to_distribution(d) for k, d in t["distributions"].items()},
             intermediate_values={int(step): value for step, value in t["curve"].items()},
-            user_attrs={"seconds": _summary_seconds(summary_file, t), **t["user_attrs"]})
+            user_attrs={"seconds": cost(t), **t["user_attrs"]})
             for t in record["trials"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise HetCompError(f"{path}: not a readable study record ({type(error).__name__}: {error}); move it away "
@@ -281,16 +282,19 @@ def _restore(study: optuna.Study, path: Path, attrs: dict, summary_file: Path) -
     study.add_trials(trials)
 
 
-def _summary_seconds(summary_file: Path, trial: dict) -> float | None:
-    """What the committed summary says ``trial`` (a record's entry) cost: the trial with its state, value and
-    parameters (records made before failed trials were kept number trials otherwise), or None."""
+def _committed_costs(summary_file: Path) -> Callable[[dict], float | None]:
+    """What the committed summary says a record's trial cost: the trial of the same state, value and parameters
+    (records made before killed trials were kept number trials otherwise), or None when there is no such one."""
     try:
-        history = json.loads(summary_file.read_text())["history"]
+        history = [h for h in json.loads(summary_file.read_text())["history"] if isinstance(h, dict)]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    same = [h.get("seconds") for h in history if isinstance(h, dict)
-            and (h.get("state"), h.get("value"), h.get("params")) == (trial["state"], trial["value"], trial["params"])]
-    return same[0] if len(same) == 1 else None
+        history = []
+
+    def cost(trial: dict) -> float | None:
+        key = (trial["state"], trial["value"], trial["params"])
+        same = [h.get("seconds") for h in history if (h.get("state"), h.get("value"), h.get("params")) == key]
+        return same[0] if len(same) == 1 else None
+    return cost
 
 
 def _refuse_other_teachers(path: Path, made_for: dict, attrs: dict) -> None:
