@@ -285,9 +285,9 @@ def test_a_study_whose_database_is_lost_goes_on_from_its_committed_record(teache
         _study(tmp_path, teachers, trials=1, storage=None)
 
 
-def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(teachers, tmp_path):
-    """A trial killed by a stop is in the record too, so the rebuilt study's summary is the lost database's: the
-    same trial numbers (a resumed trial names the killed one), failed count and best trial."""
+def _study_with_a_killed_trial(teachers, tmp_path) -> tuple:
+    """A finished 2-trial study whose trial 1 was killed (its SQLite file and record hold it): (summary file,
+    summary)."""
     _study(tmp_path, teachers, trials=1, storage=None)
     summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
     storage = f"sqlite:///{summary_file.with_suffix('.db')}"
@@ -296,6 +296,13 @@ def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(tea
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=done.params,
                                               distributions=done.distributions, user_attrs={"worker": "gone:1"}))
     original = _study(tmp_path, teachers, trials=2, storage=None)
+    return summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning"), original
+
+
+def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(teachers, tmp_path):
+    """A trial killed by a stop is in the record too, so the rebuilt study's summary is the lost database's: the
+    same trial numbers (a resumed trial names the killed one), failed count and best trial."""
+    summary_file, original = _study_with_a_killed_trial(teachers, tmp_path)
     assert [t["state"] for t in original["history"]] == ["complete", "fail", "complete"]
     assert [t["state"] for t in json.loads(trials_path(summary_file).read_text())["trials"]] == [
         "complete", "fail", "complete"]
@@ -310,14 +317,7 @@ def test_a_finished_study_rebuilt_from_an_older_record_keeps_its_committed_summa
     """Records once kept neither killed trials nor costs: a finished study rebuilt from such a record (a new machine)
     and rerun must not rewrite its committed summary with fewer trials and zero seconds, and a rebuilt trial's cost
     is the committed summary's, not its rebuilt span."""
-    _study(tmp_path, teachers, trials=1, storage=None)
-    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
-    storage = f"sqlite:///{summary_file.with_suffix('.db')}"
-    study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
-    done = study.trials[0]
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=done.params,
-                                              distributions=done.distributions, user_attrs={"worker": "gone:1"}))
-    original = _study(tmp_path, teachers, trials=2, storage=None)
+    summary_file, original = _study_with_a_killed_trial(teachers, tmp_path)
     committed = summary_file.read_text()
     record = trials_path(summary_file)
     older = json.loads(record.read_text())
