@@ -296,7 +296,7 @@ def _study_with_a_killed_trial(teachers, tmp_path) -> tuple:
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=done.params,
                                               distributions=done.distributions, user_attrs={"worker": "gone:1"}))
     original = _study(tmp_path, teachers, trials=2, storage=None)
-    return summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning"), original
+    return summary_file, original
 
 
 def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(teachers, tmp_path):
