@@ -181,9 +181,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
                                   *([lambda _, trial: on_trial(trial)] if on_trial else [])])
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
-        # a rerun that changed nothing keeps the summary, and who made it: one written from the original SQLite
-        # file knows more (killed trials, costs) than a study rebuilt from an older record
-        if not _same_study_result(summary_file, summary) and (ran or not _same_finished_trials(summary_file, summary)):
+        if not _keeps_committed(summary_file, summary, ran):
             atomic_write_text(summary_file, json.dumps(summary, indent=1) + "\n")
         write_studies_page(summary_file.parent)
     return summary
@@ -193,30 +191,39 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
 PROVENANCE = ("commit", "code_digest", "machine")
 
 
-def _same_study_result(summary_file: Path, summary: dict) -> bool:
-    """Whether ``summary_file`` already holds ``summary`` but for its provenance."""
+def _keeps_committed(summary_file: Path, summary: dict, ran: bool) -> bool:
+    """Whether the committed ``summary_file`` stays as it is: it holds ``summary`` but for its provenance (a rerun
+    that changed nothing keeps who made it), or no trial ran here and it is this study's summary with the same
+    finished trials (one written from the original SQLite file knows more, killed trials and costs, than a study
+    rebuilt from an older record)."""
     try:
         stored = json.loads(summary_file.read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(stored, dict):
+        return False
+    fresh = json.loads(json.dumps(summary))
+
     def result(value: dict) -> dict:
         return {key: item for key, item in value.items() if key not in PROVENANCE}
-    return isinstance(stored, dict) and result(stored) == json.loads(json.dumps(result(summary)))
+    if result(stored) == result(fresh):
+        return True
+    try:
+        return not ran and all(stored.get(key) == fresh[key] for key in identity_keys(fresh["method"])) and (
+            _finished_trials(stored) == _finished_trials(fresh))
+    except (KeyError, TypeError):
+        return False
+
+
+def _trial_key(trial: dict) -> tuple:
+    """What identifies a trial across a record and a summary (whose trial numbers may differ): state, value and
+    parameters."""
+    return trial.get("state"), trial.get("value"), trial.get("params")
 
 
 def _finished_trials(summary: dict) -> list:
-    """A summary's finished (complete or pruned) trials in order, as what identifies them: value and parameters."""
-    return [(t["state"], t["value"], t["params"]) for t in summary["history"] if t["state"] in FINISHED_STATES]
-
-
-def _same_finished_trials(summary_file: Path, summary: dict) -> bool:
-    """Whether ``summary_file`` is a summary of this study (same identity) with the same finished trials."""
-    try:
-        stored = json.loads(summary_file.read_text())
-        return (all(stored.get(key) == summary[key] for key in identity_keys(summary["method"]))
-                and _finished_trials(stored) == _finished_trials(json.loads(json.dumps(summary))))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    """A summary's finished (complete or pruned) trials in order, by :func:`_trial_key`."""
+    return [_trial_key(t) for t in summary["history"] if t["state"] in FINISHED_STATES]
 
 
 def _trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
@@ -291,8 +298,7 @@ def _committed_costs(summary_file: Path) -> Callable[[dict], float | None]:
         history = []
 
     def cost(trial: dict) -> float | None:
-        key = (trial["state"], trial["value"], trial["params"])
-        same = [h.get("seconds") for h in history if (h.get("state"), h.get("value"), h.get("params")) == key]
+        same = [h.get("seconds") for h in history if _trial_key(h) == _trial_key(trial)]
         return same[0] if len(same) == 1 else None
     return cost
 
