@@ -42,6 +42,9 @@ class Knob:
     choices: tuple | None = None
     nonfinite: bool = False  # True: nan / ±inf are valid values of this float
     check: Callable | None = None  # called with the value once type and bounds pass; raises HetCompError
+    #: a setting added after runs were made without it, whose default is the behaviour from before it existed:
+    #: left out of a run's identity while at that default (:func:`identity_settings`), so adding it reruns nothing
+    added_later: bool = False
 
     def bounds(self) -> str:
         """e.g. ``≥ 1``, ``> 0``, ``≥ 0 and < 1`` ('' when unbounded)."""
@@ -59,6 +62,15 @@ class Knob:
 def knob(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **spec):
     """A dataclass field with its accepted values, e.g. ``period: int = knob(10, ge=1)``."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"knob": Knob(**spec)})
+
+
+def identity_settings(config) -> dict:
+    """A config's settings as a run's identity holds them: every field, except an ``added_later`` one at its
+    default (runs made before it existed had that behaviour and keep their identity)."""
+    knobs = _fields(type(config))
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    return {name: value for name, value in dataclasses.asdict(config).items()
+            if not (knobs[name][1].added_later and name in defaults and value == defaults[name])}
 
 
 def _number(value) -> str:

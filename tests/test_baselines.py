@@ -167,6 +167,57 @@ def test_rd_dynamic_loss_matches_naive(context):
     assert fast == pytest.approx(naive / len(users), rel=1e-5)
 
 
+
+def test_pointwise_log_loss_matches_naive_binary_cross_entropy():
+    rng = np.random.default_rng(5)
+    scores = torch.from_numpy(rng.normal(size=(4, 4)))
+    naive = sum(-math.log(sigmoid(scores[r, 0].item())) - sum(math.log(1 - sigmoid(s)) for s in scores[r, 1:].tolist())
+                for r in range(4)) / 4
+    assert L.pointwise_log_loss(scores).item() == pytest.approx(naive)
+
+
+def test_rd_pointwise_own_loss_is_binary_cross_entropy_on_sampled_negatives(context):
+    """``own_loss="pointwise"`` (the authors' code): every training interaction of the users with
+    ``own_negatives`` unobserved items, scored by the student, in the binary cross-entropy; default: the model's."""
+    method = build_method("rd", context, own_loss="pointwise", own_negatives=2)
+    model = build_model("mf", SPLIT.train, dim=4)
+    users = torch.tensor([1, 7])
+    method._generator = torch.Generator().manual_seed(4)
+    fast = method.own_loss(model, users).item()
+    triples = context.sample_interactions(users, torch.Generator().manual_seed(4), 2)
+    assert triples["neg"].shape[1] == 2
+    naive = []
+    for user, positive, negatives in zip(triples["users"].tolist(), triples["pos"].tolist(),
+                                         triples["neg"].tolist(), strict=True):
+        def score(item, user=user):
+            with torch.no_grad():
+                return model.score_items(torch.tensor([user]), torch.tensor([[item]])).item()
+        naive.append(-math.log(sigmoid(score(positive))) - sum(math.log(1 - sigmoid(score(n))) for n in negatives))
+    assert fast == pytest.approx(sum(naive) / len(naive), rel=1e-5)
+    default = build_method("rd", context)
+    default._generator = torch.Generator().manual_seed(4)
+    expected = model.loss(context.sample_interactions(users, torch.Generator().manual_seed(4), 1))
+    assert default.own_loss(model, users).item() == pytest.approx(expected.item())
+
+
+def test_rd_options_added_later_leave_earlier_runs_identities_alone(teachers):
+    """RD's ``own_loss`` / ``own_negatives`` came after RD 3's studies and rows: at their defaults a run's
+    identity is what it was before they existed; set, they are part of it."""
+    from hetcomp.config import identity_settings
+    from hetcomp.distill.rd import RDConfig
+
+    before = {k: v for k, v in dataclasses.asdict(RDConfig()).items() if k not in ("own_loss", "own_negatives")}
+    assert identity_settings(RDConfig()) == before
+    assert identity_settings(RDConfig(own_loss="pointwise"))["own_loss"] == "pointwise"
+    assert identity_settings(RDConfig(own_negatives=5))["own_negatives"] == 5
+    with pytest.raises(HetCompError, match="own_loss"):
+        RDConfig(own_loss="bce")
+    from hetcomp.runs.spec import make_spec
+    default = make_spec(SPLIT, teachers, "mf", "rd", 4, tuned=False)
+    assert "own_loss" not in dict(default.method_config)
+    changed = make_spec(SPLIT, teachers, "mf", "rd", 4, method_options={"own_loss": "pointwise"}, tuned=False)
+    assert changed.identity != default.identity and "own_loss=" in changed.command()
+
 # ---- RRD --------------------------------------------------------------------------------------------------
 
 def naive_relaxed(scores, lists, tails):

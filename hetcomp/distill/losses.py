@@ -189,6 +189,11 @@ def _mean_over_rows_with(per_row: torch.Tensor, present: torch.Tensor) -> torch.
     return per_row.sum() / present.sum().clamp(min=1)
 
 
+def pointwise_log_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of rows [positive, negatives…]: −log σ(f_pos) − Σ_n log(1 − σ(f_n)), mean over rows."""
+    return (functional.softplus(-scores[:, 0]) + functional.softplus(scores[:, 1:]).sum(1)).mean()
+
+
 def weighted_pointwise_loss(listed: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """RD: the listed items are positives, each weighted: Σ_r w_r · (−log σ(f_r)), averaged over users.
 

@@ -13,6 +13,12 @@ exactly for the batch, no sampling as in the original), w_r ← w_r · tanh(max(
 sum 1; a user whose every item is already placed well gets no distillation term. Ranks from
 :func:`saturating_rank` on, where the tanh is exactly 1.0, are not counted out (:func:`ranks_outside`'s cap).
 
+``own_loss="pointwise"``: the student's own part as the authors' code trains it (github.com/graytowne/rank_distill,
+``losses.weighted_sigmoid_log_loss``, on Caser's sampler of 3 negatives per positive): binary cross-entropy on each
+training interaction and ``own_negatives`` sampled unobserved items, −log σ(f_pos) − Σ_n log(1 − σ(f_n)) averaged
+over interactions, on the same logit scale as the distillation term. The default ``"model"`` keeps the student's
+own loss (BPR for MF, as the HetComp paper trains every student), which is what RD's studies and rows so far used.
+
 Defaults from the authors' code: K = 10, λ = 1, μ = 0.1, dynamic from epoch 10 (off by default), weight 1.
 RD trains the student mostly on its own loss (the point-wise term is light), so, as in its paper, the student keeps
 its own optimizer recipe (for MF: lr 1e-3 and its L2), like w/o KD. Chosen on validation: an MF student at dim 6
@@ -28,7 +34,7 @@ import torch
 
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
-from hetcomp.distill.losses import weighted_pointwise_loss
+from hetcomp.distill.losses import pointwise_log_loss, weighted_pointwise_loss
 from hetcomp.distill.tools import ranks_outside
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
@@ -43,6 +49,8 @@ class RDConfig:
     dynamic: bool = False
     mu: float = knob(0.1, gt=0)
     dynamic_start: int = knob(10, ge=0)
+    own_loss: str = knob("model", choices=("model", "pointwise"), added_later=True)
+    own_negatives: int = knob(3, ge=1, added_later=True)  # per positive, with ``own_loss="pointwise"``
 
     #: searched by ``hetcomp tune`` besides lr and weight decay
     search_space = {
@@ -111,6 +119,13 @@ class RD(DistillMethod):
     @property
     def dynamic_active(self) -> bool:
         return self.config.dynamic and self.epoch >= self.config.dynamic_start
+
+    def own_loss(self, model: Recommender, users: torch.Tensor) -> torch.Tensor:
+        if self.config.own_loss == "model":
+            return super().own_loss(model, users)
+        triples = self.context.sample_interactions(users, self._generator, self.config.own_negatives)
+        items = torch.cat([triples["pos"].unsqueeze(1), triples["neg"]], 1)
+        return pointwise_log_loss(model.score_items(triples["users"], items))
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetcomp.config import parse_options
+from hetcomp.config import identity_settings, parse_options
 from hetcomp.data import Split
 from hetcomp.distill import EnsembleConfig, method_class
 from hetcomp.errors import HetCompError
@@ -243,6 +243,6 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
         student_version=model_class(student).version,
         student_config=_frozen(dataclasses.asdict(model_config(student, **student_options(student, model_options),
                                                                dim=dim))), dim=dim, method=method,
-        method_version=cls.version, method_config=_frozen(dataclasses.asdict(config)), options=_frozen(options),
+        method_version=cls.version, method_config=_frozen(identity_settings(config)), options=_frozen(options),
         lr=float(lr), weight_decay=float(weight_decay), batch_users=batch_users, seed=seed, max_epochs=max_epochs,
         eval_every=eval_every, patience=patience, source=_frozen(source or {"dataset": split.meta["dataset"]}))
