@@ -7,24 +7,28 @@
 #
 # The teachers are trained exactly as the committed studies' were (their digests and thread counts are on
 # experiments/results/teachers-<dataset>.md; `hetcomp tune` refuses trials made with other teachers).
+#
+# JOBS=2 runs two studies (then two runs) at once, one thread each: for one lane alone on the machine, e.g. the
+# Foursquare lane once the CiteULike one is done (stop it with SIGTERM and start it again with JOBS=2).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
 METHODS=none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp
+JOBS="${JOBS:-1}"
 
 case "${1:-}" in
 citeulike)
   hetcomp train-teachers --dataset citeulike --teachers mf,ml,dnn,gnn,ae --threads 1
   OMP_NUM_THREADS=2 hetcomp train-teachers --dataset citeulike --teachers iae --threads 2
-  hetcomp tune --dataset citeulike --student ml,dnn --method all --trials 8 --jobs 1 --threads 1
+  hetcomp tune --dataset citeulike --student ml,dnn --method all --trials 8 --jobs "$JOBS" --threads 1
   hetcomp reproduce --dataset citeulike --table 2 --students mf,ml,dnn --seeds 5 --methods "$METHODS" \
-    --results-dir experiments/results/tuned --jobs 1
+    --results-dir experiments/results/tuned --jobs "$JOBS"
   ;;
 foursquare)
   hetcomp train-teachers --dataset foursquare --threads 1
-  hetcomp tune --dataset foursquare --student mf,ml,dnn --method all --trials 8 --jobs 1 --threads 1
+  hetcomp tune --dataset foursquare --student mf,ml,dnn --method all --trials 8 --jobs "$JOBS" --threads 1
   hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS" \
-    --results-dir experiments/results/tuned --jobs 1
+    --results-dir experiments/results/tuned --jobs "$JOBS"
   ;;
 *)
   echo "usage: $0 citeulike|foursquare   (one lane per core; see the comment at the top)" >&2
