@@ -240,3 +240,34 @@ def test_table2_page_flags_rows_whose_share_of_the_ensemble_is_far_from_the_pape
     assert "-15.0% **flagged**" in lines["| DCD"]
     quick = SimpleNamespace(**{**vars(rep), "schedule": SimpleNamespace(quick=True)})
     assert "share of the ensemble" not in table2_markdown(quick, rows, ours, ["mf"], ["rrd", "dcd"], [0, 1])
+
+
+def test_table2_page_checks_each_student_on_validation_at_the_best_epoch():
+    """Under each student's table: every KD baseline's and DCD's validation R@50 at each run's best epoch (read
+    from curves.csv), mean over seeds, against w/o KD and against RRD, with a paired t-test over seeds."""
+    from types import SimpleNamespace
+
+    from hetcomp.paper.pages import paired_p_value, table2_markdown, validation_at_best
+
+    rep = SimpleNamespace(schedule=SimpleNamespace(quick=True), dataset="tiny", label="tiny",
+                          command="hetcomp reproduce", split=SimpleNamespace(meta={"seed": 0, "dataset": "tiny"}))
+    valid = {("none", 0): 0.10, ("none", 1): 0.12, ("rrd", 0): 0.20, ("rrd", 1): 0.22, ("dcd", 0): 0.19,
+             ("dcd", 1): 0.225}
+    rows, curves = [], []
+    for (method, seed), value in valid.items():
+        config = f"{method}{seed}"
+        rows.append({"student": "mf", "method": method, "seed": seed, "config": config, "best_epoch": 20,
+                     "recall@10": 0.1, "ndcg@10": 0.1, "recall@50": 0.3, "ndcg@50": 0.1, "epochs": 30,
+                     "wall_seconds": 1, "teachers_digest": "d"})
+        curves += [{"config": config, "epoch": epoch, "valid_recall@50": value if epoch == 20 else value / 2}
+                   for epoch in (10, 20, 30)]
+    validation = validation_at_best(rows, curves)
+    assert validation == {f"{m}{s}": v for (m, s), v in valid.items()}
+    assert validation_at_best(rows, curves[:1]) == {}  # no evaluation at the best epoch: left out, not guessed
+    page = table2_markdown(rep, rows, {}, ["mf"], ["none", "rrd", "dcd"], [0, 1], validation=validation)
+    lines = [line for line in page.splitlines() if line.startswith("| DCD |") and "valid" not in line]
+    against_rrd = next(line for line in lines if "| RRD |" in line)
+    p = paired_p_value([0.19, 0.225], [0.20, 0.22])
+    assert f"| DCD | 0.2075 | RRD | 0.2100 | -1.2% | {p:.3g} |" == against_rrd
+    assert any("| w/o KD | 0.1100 | +88.6% |" in line for line in lines)
+    assert "Validation R@50" not in table2_markdown(rep, rows, {}, ["mf"], ["none", "rrd", "dcd"], [0, 1])

@@ -48,11 +48,21 @@ def stamp() -> dict:
     return {"commit": git_commit(), "machine": machine(), "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def validation_at_best(rows: list[dict], curves: list[dict]) -> dict[str, float]:
+    """Each run's validation R@50 at its best epoch (the one early stopping kept), by the run's identity
+    (``config``), from curves.csv; runs without that evaluation in the curves are left out."""
+    valid = {(c["config"], int(c["epoch"])): float(c["valid_recall@50"]) for c in curves}
+    keys = {r["config"]: (r["config"], int(r.get("best_epoch") or -1)) for r in rows if r.get("config")}
+    return {config: valid[key] for config, key in keys.items() if key in valid}
+
+
 def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, students: Sequence[str],
                     methods: Sequence[str], seeds: Sequence[int], missing: Sequence[str] = (),
-                    written: dict | None = None, notes: str | None = None) -> str:
+                    written: dict | None = None, notes: str | None = None,
+                    validation: dict[str, float] | None = None) -> str:
     """Table 2's page from the ledger's rows: a pure function of its arguments (``written``: :func:`stamp`'s
-    commit, machine and time; ``notes``: the hand-written reading kept below the table)."""
+    commit, machine and time; ``notes``: the hand-written reading kept below the table; ``validation``:
+    :func:`validation_at_best` of the rows, for the validation checks under each student's table)."""
     written = written or {"commit": "-", "machine": "-", "written": "-"}
     paper = {} if rep.schedule.quick else paper_values(rep.dataset)
     digests = sorted({r["teachers_digest"] for r in rows})
@@ -110,6 +120,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
             lines.append("| Imp. | " + " | ".join(imp) + " | | | |")
             lines.append("| p (paired t) | " + " | ".join(pvals) + " | | | |")
         lines.append("")
+        lines += _validation_checks(block, methods, validation or {})
         lines += _against_the_paper(student, per_method, teachers.get("Ensemble"), paper)
     marked = [method for method in methods if method in CONSTRUCTED and any(r["method"] == method for r in rows)]
     if marked:
@@ -125,6 +136,35 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
         lines += [f"## Reading it (written by hand in `{TABLE2_NOTES}`, kept when the table is regenerated)", "",
                   notes.strip(), ""]
     return "\n".join(lines)
+
+
+#: the validation comparisons the fair-comparison issue asks of every student: (method, the method it must beat)
+VALIDATION_PAIRS = tuple((m, "none") for m in BASELINES) + (("dcd", "rrd"),)
+
+
+def _validation_checks(block: list[dict], methods: Sequence[str], validation: dict[str, float]) -> list[str]:
+    """Validation R@50 at each run's best epoch, mean over seeds, for each pair of :data:`VALIDATION_PAIRS`
+    present: every KD baseline against w/o KD, DCD against the RRD it extends (difference of the means and a
+    paired t-test over the seeds both have). Validation only: the rows' test numbers are the table above."""
+    per_method = {}
+    for method in methods:
+        runs = {int(r["seed"]): validation[r["config"]] for r in block
+                if r["method"] == method and r.get("config") in validation}
+        if runs:
+            per_method[method] = runs
+    pairs = [(a, b) for a, b in VALIDATION_PAIRS if a in per_method and b in per_method]
+    if not pairs:
+        return []
+    lines = ["Validation R@50 at each run's best epoch (mean over seeds), for the comparisons every student is held "
+             "to: each KD baseline against w/o KD, DCD against RRD (p: paired t-test over seeds):", "",
+             "| method | valid R@50 | against | its valid R@50 | difference | p |", "|---|---|---|---|---|---|"]
+    for method, other in pairs:
+        shared = sorted(set(per_method[method]) & set(per_method[other]))
+        ours, theirs = np.mean(list(per_method[method].values())), np.mean(list(per_method[other].values()))
+        p = paired_p_value([per_method[method][s] for s in shared], [per_method[other][s] for s in shared])
+        lines.append(f"| {_row_label(method)} | {ours:.4f} | {_row_label(other)} | {theirs:.4f} | "
+                     f"{100 * (ours / theirs - 1):+.1f}% | {'-' if math.isnan(p) else f'{p:.3g}'} |")
+    return lines + [""]
 
 
 def _row_label(method: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, Reproduction
 from hetcomp.paper.ledger import locked, read_rows, row_key
 from hetcomp.paper.manifest import read_manifest, write_manifest
-from hetcomp.paper.pages import TABLE2_NOTES, stamp, table2_markdown
+from hetcomp.paper.pages import TABLE2_NOTES, stamp, table2_markdown, validation_at_best
 from hetcomp.paper.runs import record_table2_row, rerun_command, run_spec, student_run, train_missing
 from hetcomp.paper.teachers import ensure_teachers, teacher_rows
 from hetcomp.provenance import atomic_write_text
@@ -56,8 +56,9 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         chosen = [by_identity[spec.identity] for spec in union if spec.identity in by_identity]
         missing = [rerun_command(rep, spec) for spec in union if spec.identity not in by_identity]
         notes = rep.out_dir / TABLE2_NOTES
+        validation = validation_at_best(chosen, read_rows(rep.out_dir / "curves.csv"))
         page = table2_markdown(rep, chosen, teachers, grid["students"], grid["methods"], grid["seeds"], missing,
-                               stamp(), notes.read_text() if notes.is_file() else None)
+                               stamp(), notes.read_text() if notes.is_file() else None, validation)
         atomic_write_text(rep.out_dir / "table2.md", page)
         manifest = write_manifest(rep, "table2", chosen, grid["seeds"], time.perf_counter() - started,
                                   teacher_seconds, rep.jobs, from_scratch, grid={**grid, "teachers_digest": digest})
