@@ -210,3 +210,26 @@ def test_sample_unobserved_is_uniform_without_replacement(monkeypatch):
     off_diagonal = np.array([counts[a * allowed + b] for a, b in itertools.permutations(range(allowed), 2)])
     assert counts.sum() == off_diagonal.sum()
     assert _chi_square(off_diagonal) < 379 + 6 * np.sqrt(2 * 379)
+
+
+def test_key_bitmap_answers_as_the_sorted_keys_search_and_the_sampler_draws_the_same_items():
+    """The bitmap membership (the sampler's fast path) against ``searchsorted`` on the sorted keys: the same answer
+    for present, absent and out-of-range keys (padding −1 included), and the same negatives for the same seed
+    whichever path the sampler takes (a bitmap over the limit falls back to the search)."""
+    from hetcomp.data.sampling import KeyBitmap, contains_keys
+
+    rng = np.random.default_rng(7)
+    observed = [sorted(rng.choice(53, int(rng.integers(1, 40)), replace=False).tolist()) for _ in range(37)]
+    train, fast = _sampler(observed, 53)
+    assert fast.observed_bitmap is not None
+    n_keys = train.shape[0] * train.shape[1]
+    keys = torch.cat([fast.observed_keys, torch.arange(-9, n_keys + 9), torch.tensor([-1, n_keys, 2**40])])
+    assert torch.equal(fast.observed_bitmap.contains(keys), contains_keys(fast.observed_keys, keys))
+    assert KeyBitmap.build(fast.observed_keys, n_keys, limit=(n_keys + 7) // 8 - 1) is None
+
+    slow = NegativeSampler(train)
+    slow.observed_bitmap = None  # the searchsorted path
+    users = torch.from_numpy(rng.integers(0, 37, 500))
+    draws = [sampler.sample(users, 4, torch.Generator().manual_seed(3)) for sampler in (fast, slow)]
+    assert torch.equal(draws[0], draws[1])
+    assert not fast.is_observed(users.repeat_interleave(4), draws[0].view(-1)).any()

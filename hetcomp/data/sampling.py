@@ -22,18 +22,51 @@ def contains_keys(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return sorted_keys[slot] == keys
 
 
+#: the largest bitmap :class:`KeyBitmap` builds (bytes); wider key ranges keep the sorted keys' ``searchsorted``
+BITMAP_LIMIT_BYTES = 1 << 28
+
+
+class KeyBitmap:
+    """Membership of int64 keys in [0, n_keys): one bit per possible key, a lookup is one byte gather.
+
+    The same answers as :func:`contains_keys` on the sorted keys, several times faster for many lookups
+    (~7× for 200k lookups among CiteULike's 5,219 × 25,181 pairs, a 16 MB bitmap), since a binary search costs
+    ~18 dependent memory reads a key. Built only where it fits in ``limit`` bytes: :meth:`build` returns None
+    otherwise and the caller keeps ``searchsorted``."""
+
+    def __init__(self, bits: torch.Tensor, n_keys: int) -> None:
+        self.bits = bits  # uint8 [⌈n_keys / 8⌉], bit (key & 7) of byte (key >> 3), as numpy's little bit order
+        self.n_keys = n_keys
+
+    @classmethod
+    def build(cls, sorted_keys: torch.Tensor, n_keys: int, limit: int = BITMAP_LIMIT_BYTES) -> KeyBitmap | None:
+        if n_keys <= 0 or (n_keys + 7) // 8 > limit:
+            return None
+        present = np.zeros(n_keys, dtype=bool)
+        present[sorted_keys.cpu().numpy()] = True
+        return cls(torch.from_numpy(np.packbits(present, bitorder="little")).to(sorted_keys.device), n_keys)
+
+    def contains(self, keys: torch.Tensor) -> torch.Tensor:
+        """Whether each int64 key is present (keys outside [0, n_keys) never are)."""
+        inside = (keys >= 0) & (keys < self.n_keys)
+        keys = torch.where(inside, keys, 0)
+        return ((self.bits[keys >> 3] >> (keys & 7).to(torch.uint8)) & 1).bool() & inside
+
+
 class NegativeSampler:
     """Draws, for each given user, items outside the user's training row.
 
-    Rejection sampling in rounds: draw for every request at once, look all draws up in the sorted array of
-    observed (user * n_items + item) keys with one ``searchsorted``, redraw only the collisions. The number
-    of rounds is logarithmic in the number of requests for any user with a non-full row.
+    Rejection sampling in rounds: draw for every request at once, look all draws up among the observed
+    (user * n_items + item) keys (a bitmap of every pair where it fits in :data:`BITMAP_LIMIT_BYTES`, else one
+    ``searchsorted`` in the sorted keys; the same answers), redraw only the collisions. The number of rounds is
+    logarithmic in the number of requests for any user with a non-full row.
     """
 
     def __init__(self, train: sp.csr_matrix, device: torch.device | str = "cpu") -> None:
         self.n_items = train.shape[1]
         self.device = torch.device(device)
         self.observed_keys = sorted_pair_keys(train, self.device)
+        self.observed_bitmap = KeyBitmap.build(self.observed_keys, train.shape[0] * train.shape[1])
         counts = np.diff(train.indptr)
         if (counts >= self.n_items).any():
             full = int(np.flatnonzero(counts >= self.n_items)[0])
@@ -41,7 +74,10 @@ class NegativeSampler:
 
     def is_observed(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Boolean tensor: whether each (user, item) pair is a training interaction."""
-        return contains_keys(self.observed_keys, users.to(torch.int64) * self.n_items + items.to(torch.int64))
+        keys = users.to(torch.int64) * self.n_items + items.to(torch.int64)
+        if self.observed_bitmap is not None:
+            return self.observed_bitmap.contains(keys)
+        return contains_keys(self.observed_keys, keys)
 
     def sample(self, users: torch.Tensor, n_negatives: int = 1, generator: torch.Generator | None = None,
                max_rounds: int = 100) -> torch.Tensor:
