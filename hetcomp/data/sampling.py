@@ -30,21 +30,22 @@ class KeyBitmap:
     """Membership of int64 keys in [0, n_keys): one bit per possible key, a lookup is one byte gather.
 
     The same answers as :func:`contains_keys` on the sorted keys, several times faster for many lookups
-    (~7× for 200k lookups among CiteULike's 5,219 × 25,181 pairs, a 16 MB bitmap), since a binary search costs
+    (~4× for 200k lookups among CiteULike's 5,219 × 25,181 pairs, a 16 MB bitmap), since a binary search costs
     ~18 dependent memory reads a key. Built only where it fits in ``limit`` bytes: :meth:`build` returns None
     otherwise and the caller keeps ``searchsorted``."""
 
     def __init__(self, bits: torch.Tensor, n_keys: int) -> None:
-        self.bits = bits  # uint8 [⌈n_keys / 8⌉], bit (key & 7) of byte (key >> 3), as numpy's little bit order
+        self.bits = bits  # uint8 [⌈n_keys / 8⌉], bit (key & 7) of byte (key >> 3), numpy's little bit order
         self.n_keys = n_keys
 
     @classmethod
     def build(cls, sorted_keys: torch.Tensor, n_keys: int, limit: int = BITMAP_LIMIT_BYTES) -> KeyBitmap | None:
         if n_keys <= 0 or (n_keys + 7) // 8 > limit:
             return None
-        present = np.zeros(n_keys, dtype=bool)
-        present[sorted_keys.cpu().numpy()] = True
-        return cls(torch.from_numpy(np.packbits(present, bitorder="little")).to(sorted_keys.device), n_keys)
+        keys = sorted_keys.cpu().numpy()
+        bits = np.zeros((n_keys + 7) // 8, dtype=np.uint8)  # set bit by bit: no n_keys-byte dense mask on the way
+        np.bitwise_or.at(bits, keys >> 3, (1 << (keys & 7)).astype(np.uint8))
+        return cls(torch.from_numpy(bits).to(sorted_keys.device), n_keys)
 
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
         """Whether each int64 key is present (keys outside [0, n_keys) never are)."""
