@@ -30,6 +30,12 @@ def _settings(summary: dict) -> str:
     settings = summary.get("settings") or {}
     parts = [f"{name}={_number(settings[name])}" for name in ("lr", "weight_decay") if name in settings]
     parts += [f"{name}={_number(value)}" for name, value in sorted((settings.get("options") or {}).items())]
+    source = summary.get("chosen_from")
+    if isinstance(source, dict) and "method" in source:  # a special case's choice, e.g. DCD's RRD at weight 0
+        value = source.get("value")
+        reached = f" ({value:.4f}, trial {source.get('trial')})" if isinstance(value, float) else ""
+        parts.insert(0, f"{source['method']}'s choice{reached}:")
+        return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
     return ", ".join(parts) or "—"
 
 
@@ -77,7 +83,8 @@ def studies_page(folder: Path) -> str:
              "Values are validation Recall@50 at a run's best epoch; test data is never read. \"Trial hours\": the "
              "wall time of the finished (complete or pruned) trials, as recorded (one thread each, on a machine that "
              "may have been shared); \"≥\": some attempt was killed by a stop, whose time is not known (the trial "
-             "resuming it counts its own).", "",
+             "resuming it counts its own). \"X's choice\": no trial of the study beat method X's chosen settings, "
+             "at which this method trains exactly as X (DCD at dcd_weight 0 is RRD), so it takes them.", "",
              "| student | dim | method | version | teachers | trials: complete + pruned / budget | best valid R@50 "
              "(trial) | trial hours | chosen settings | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]

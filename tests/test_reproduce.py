@@ -271,3 +271,11 @@ def test_table2_page_checks_each_student_on_validation_at_the_best_epoch():
     assert f"| DCD | 0.2075 | RRD | 0.2100 | -1.2% | {p:.3g} |" == against_rrd
     assert any("| w/o KD | 0.1100 | +88.6% |" in line for line in lines)
     assert "Validation R@50" not in table2_markdown(rep, rows, {}, ["mf"], ["none", "rrd", "dcd"], [0, 1])
+    assert "dcd_weight 0" not in page
+    # DCD at its special case (the tuned RRD, no correction) says so under the comparison
+    for row in rows:
+        if row["method"] == "dcd":
+            row["command"] = (f"hetcomp distill --method dcd --seed {row['seed']} -o dcd_weight=0.0 -o k=41 "
+                              "-o 'sides=\"both\"'")
+    page = table2_markdown(rep, rows, {}, ["mf"], ["none", "rrd", "dcd"], [0, 1], validation=validation)
+    assert "DCD runs with dcd_weight 0 (2 of its runs here)" in page

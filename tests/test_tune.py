@@ -19,11 +19,21 @@ from hetcomp.distill import METHODS, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import model_config
-from hetcomp.runs import RunStore, make_spec, teachers_digest
+from hetcomp.runs import RunStore, make_spec, teachers_digest, train_run
 from hetcomp.runs import tuned as tuned_module
-from hetcomp.runs.tuned import summary_path, tuned_defaults
+from hetcomp.runs.tuned import RECIPE, summary_path, tuned_defaults
 from hetcomp.teachers import train_teacher
-from hetcomp.tune import COMMON_SPACE, check_space, search_space, start_point, start_points, trials_path, tune
+from hetcomp.tune import (
+    COMMON_SPACE,
+    check_space,
+    search_space,
+    special_case_choice,
+    start_point,
+    start_points,
+    trials_path,
+    tune,
+    validation_only,
+)
 from hetcomp.tune_page import STUDIES_PAGE, studies_page
 
 SPLIT = make_tiny_split(n_users=60, n_items=150, per_user=12)
@@ -221,6 +231,70 @@ def test_a_new_study_starts_from_the_defaults_and_dcd_from_the_tuned_rrd(study, 
     assert (other["k"], other["weight"]) == (rrd["options"]["k"], rrd["options"]["weight"])
     assert (other["lr"], other["weight_decay"]) == (first["lr"], first["weight_decay"])
     assert start_point("rrd", "ml", 4, "tiny", search_space("rrd"), {}, tmp / "elsewhere") == first
+
+
+def test_dcd_chooses_rrds_settings_at_zero_correction_where_rrd_reached_more(study, teachers, tmp_path):
+    _, rrd = study
+    root = tmp_path / "tuning"
+    path = summary_path("tiny", "mf", "rrd", 4, root)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rrd))
+    own = {"lr": 3e-3, "weight_decay": 0.0, "k": 20, "epsilon": 0.01, "n_under": 5, "n_over": 5,
+           "rrd_weight": 0.01, "dcd_weight": 0.1, "period": 2, "sides": "user"}
+    dcd = {**rrd, "method": "dcd", "method_version": method_class("dcd").version, "best_params": own,
+           "best_value": rrd["best_value"] - 0.01, "settings": None}
+    chosen = special_case_choice(dcd, root)
+    expected = {"k": rrd["settings"]["options"]["k"], "rrd_weight": rrd["settings"]["options"]["weight"],
+                "dcd_weight": 0.0}
+    assert chosen["settings"] == {"lr": rrd["settings"]["lr"], "weight_decay": rrd["settings"]["weight_decay"],
+                                  "options": expected}
+    assert chosen["chosen_from"]["method"] == "rrd" and chosen["chosen_from"]["value"] == rrd["best_value"]
+    assert chosen["best_value"] == dcd["best_value"] and chosen["best_params"] == own  # its own trials stay
+    summary_path("tiny", "mf", "dcd", 4, root).write_text(json.dumps(chosen))
+    settings = tuned_defaults("tiny", "mf", "dcd", 4, root)
+    assert settings == {"lr": rrd["settings"]["lr"], "weight_decay": rrd["settings"]["weight_decay"], **expected}
+    assert "rrd's choice" in studies_page(root / "tiny")
+    # the claim it rests on: a DCD run at those settings reaches RRD's best trial value, bit for bit
+    blind = validation_only(SPLIT)
+    spec = make_spec(blind, teachers, "mf", "dcd", 4, 0, expected, lr=settings["lr"],
+                     weight_decay=settings["weight_decay"], tuned=False, **FAST)
+    result = train_run(spec, blind, teachers, RunStore(tmp_path / "runs"), "cpu", [])
+    assert result["valid"]["recall@50"] == rrd["best_value"]
+    # its own settings where they did at least as well, or where RRD's study does not compare
+    own_settings = {"lr": 3e-3, "weight_decay": 0.0, "options": {k: v for k, v in own.items() if k not in RECIPE}}
+    for other, changed in (({}, {"best_value": rrd["best_value"]}),
+                           ({"teachers_digest": "another"}, {}),
+                           ({"seed": 1}, {}),
+                           ({"budget": rrd["budget"] + 1}, {}),
+                           ({"method_version": 1}, {}),
+                           ({}, {"fixed": {"dcd_weight": 0.5}, "best_params": {**own, "dcd_weight": 0.5}})):
+        path.write_text(json.dumps({**rrd, **other}))
+        kept = special_case_choice({**dcd, **changed}, root)
+        assert "chosen_from" not in kept and kept["settings"]["options"]["dcd_weight"] == (
+            0.5 if changed.get("fixed") else 0.1), (other, changed)
+    assert special_case_choice(dcd, tmp_path / "elsewhere")["settings"] == own_settings
+    assert special_case_choice({**rrd}, root)["settings"] == rrd["settings"]  # RRD has no special case
+
+
+def test_a_finished_dcd_study_takes_up_rrds_choice_when_rerun(study, teachers, tmp_path):
+    _, rrd = study
+    root = tmp_path / "tuning"
+    rrd_file = summary_path("tiny", "mf", "rrd", 4, root)
+    rrd_file.parent.mkdir(parents=True)
+    rrd_file.write_text(json.dumps({**rrd, "best_value": 0.0}))  # below any trial: DCD keeps its own
+
+    def dcd_study() -> dict:
+        return tune(SPLIT, teachers, "mf", "dcd", 4, 2, store=RunStore(tmp_path / "runs"), root=root, **FAST)
+    own = dcd_study()
+    assert "chosen_from" not in own and own["settings"]["options"]["dcd_weight"] > 0
+    rrd_file.write_text(json.dumps({**rrd, "best_value": 1.0}))  # RRD's study now reached more
+    dcd_file = summary_path("tiny", "mf", "dcd", 4, root)
+    before = json.loads(dcd_file.read_text())
+    assert dcd_study()["chosen_from"]["value"] == 1.0  # no trial runs: the budget is spent
+    after = json.loads(dcd_file.read_text())
+    assert after["settings"]["options"]["dcd_weight"] == 0.0 and after["chosen_from"]["method"] == "rrd"
+    assert {k: v for k, v in after.items() if k not in ("settings", "chosen_from")} == {
+        k: v for k, v in before.items() if k != "settings"}
 
 
 def test_corrupting_the_test_part_leaves_every_trial_unchanged(study, teachers, tmp_path):

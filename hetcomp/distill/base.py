@@ -191,7 +191,18 @@ class DistillMethod(Objective):
 
         cls.tuning_start(tuned)
         cls.tuning_alternatives(tuned)
-        return tuple(dict.fromkeys(asked))
+        special = cls.special_case()
+        return tuple(dict.fromkeys([*asked, *([special[0]] if special else [])]))
+
+    @classmethod
+    def special_case(cls) -> tuple[str, Callable[[dict], dict]] | None:
+        """Another method that this one trains exactly as at one of its own settings, and how that method's chosen
+        settings (``{"lr": …, "weight_decay": …, <option>: …}``) read as this one's (DCD at ``dcd_weight=0`` is RRD,
+        bit for bit). A finished study of this method then chooses them where that method's own study reached a
+        higher validation value than any of this study's trials: the point exists in this method's space (a
+        log-scale range cannot hold the 0), so its choice is never below the method it extends. None: no such
+        method."""
+        return None
 
     @classmethod
     def tuning_alternatives(cls, tuned: Callable[[str], dict]) -> list[dict]:

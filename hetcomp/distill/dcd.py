@@ -53,7 +53,10 @@ What is ours:
   is kept as an option for the user side; the item side always ranks within its list (a rank among all users
   would need the transposed full score matrix);
 - ``sides`` switches each side off (``"user"`` alone with ``rank_scope="all"`` is version 2). With
-  ``dcd_weight=0`` nothing is refreshed or sampled, so DCD trains exactly as RRD with ``weight=rrd_weight``.
+  ``dcd_weight=0`` nothing is refreshed or sampled, so DCD trains exactly as RRD with ``weight=rrd_weight``;
+  that point is outside the searched log-scale range, so a finished study chooses RRD's tuned settings at
+  ``dcd_weight=0`` where RRD's study reached more on validation than every correction tried
+  (:meth:`DCD.special_case`).
 """
 
 from __future__ import annotations
@@ -132,6 +135,12 @@ def draw_corrections(under: torch.Tensor, over: torch.Tensor, lists: torch.Tenso
     return lists.gather(1, picks), valid, lists.gather(1, over_picks), over_valid
 
 
+def _from_rrd(settings: dict) -> dict:
+    """RRD's settings as DCD's: the same recipe and list options, RRD's weight as ``rrd_weight``, no correction."""
+    return {("rrd_weight" if name == "weight" else name): value for name, value in settings.items()} | {
+        "dcd_weight": 0.0}
+
+
 def _errors(student_ranks: torch.Tensor, teacher_ranks: torch.Tensor, epsilon: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(under-ranked, over-ranked) errors tanh(max(±ε(r_S − r_T), 0))."""
@@ -191,6 +200,12 @@ class DCD(DistillMethod):
         """The same start with the smallest correction weight the space holds: DCD at zero correction is RRD,
         so the study also tries (nearly) the RRD it extends and leaves it only where validation says so."""
         return [{"dcd_weight": DCDConfig.search_space["dcd_weight"][1]}]
+
+    @classmethod
+    def special_case(cls) -> tuple[str, Callable[[dict], dict]]:
+        """RRD: DCD with ``dcd_weight=0`` refreshes and samples nothing and trains exactly as RRD with
+        ``weight=rrd_weight`` (tested), so RRD's tuned settings are DCD's with RRD's weight as ``rrd_weight``."""
+        return "rrd", _from_rrd
 
     @property
     def checked(self) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,7 +166,28 @@ def _validation_checks(block: list[dict], methods: Sequence[str], validation: di
         p = paired_p_value([per_method[method][s] for s in shared], [per_method[other][s] for s in shared])
         lines.append(f"| {_row_label(method)} | {ours:.4f} | {_row_label(other)} | {theirs:.4f} | "
                      f"{100 * (ours / theirs - 1):+.1f}% | {'-' if math.isnan(p) else f'{p:.3g}'} |")
-    return lines + [""]
+    lines.append("")
+    uncorrected = [r for r in block if r["method"] == "dcd" and _option(r.get("command", ""), "dcd_weight") == 0]
+    if uncorrected:
+        lines += [f"DCD runs with dcd_weight 0 ({len(uncorrected)} of its runs here): its study found no correction "
+                  "that beat RRD's tuned settings on validation, so it took them, and DCD at dcd_weight 0 trains "
+                  "exactly as RRD (its row repeats RRD's; `chosen_from` in its study summary).", ""]
+    return lines
+
+
+def _option(command: str, name: str):
+    """The value a ``hetcomp distill`` command line gives option ``name`` (``-o name=VALUE``), else None."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    for flag, value in zip(words, words[1:], strict=False):
+        if flag == "-o" and value.startswith(f"{name}="):
+            try:
+                return json.loads(value.split("=", 1)[1])
+            except ValueError:
+                return None
+    return None
 
 
 def _row_label(method: str) -> str:
