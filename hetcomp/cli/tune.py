@@ -129,10 +129,19 @@ def tune_command(
                        source=_source(dataset, path, user_col, item_col, sep), root=tuning_dir)
     counts = summary["trials"]
     console.print(f"{summary['study_name']}: {counts['complete']} complete, {counts['pruned']} pruned, "
-                  f"{counts['failed']} failed of {trials}; best valid R@50 {summary['best_value']} "
-                  f"with {summary['settings']}")
+                  f"{counts['failed']} failed of {trials}; {_outcome(summary)}")
     if counts["complete"] + counts["pruned"] >= trials:
         console.print(f"chosen settings: {summary_path(split.meta['dataset'], student, method, dim, tuning_dir)}")
+
+
+def _outcome(summary: dict) -> str:
+    """One line: the study's best value and its chosen settings, or the special case's whose choice it took."""
+    line = f"best valid R@50 {summary['best_value']}"
+    source = summary.get("chosen_from")
+    if source:
+        return (f"{line}; chosen: {source['method']}'s settings (valid R@50 {source['value']}), at which "
+                f"{summary['method']} trains exactly as {source['method']}: {summary['settings']}")
+    return f"{line} with {summary['settings']}"
 
 
 def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, trials: int, teachers: str,
@@ -163,8 +172,7 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
                 failed.append(plan.label)
                 progress.console.print(f"FAILED {plan.label}: {message}", highlight=False)
                 return
-            progress.console.print(f"{plan.label}: best valid R@50 {summary['best_value']} with "
-                                   f"{summary['settings']}", highlight=False)
+            progress.console.print(f"{plan.label}: {_outcome(summary)}", highlight=False)
 
         shown: dict[str, int] = {}
 
