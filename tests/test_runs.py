@@ -206,3 +206,43 @@ def test_a_spec_command_run_through_the_cli_is_the_same_run(tmp_path):
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert [p.parent.name for p in (tmp_path / "runs").rglob("metrics.json")] == [spec.folder_name]
+
+
+def test_wo_kd_runs_without_teachers_and_its_identity_names_none(teachers, tmp_path):
+    """w/o KD learns from the data alone: `hetcomp distill --method none` needs no trained teacher, and its run
+    is the same whether teachers were given or not (retraining them leaves its rows valid)."""
+    import shlex
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from hetcomp.cli import app
+    from hetcomp.data import load_dataset
+
+    with_teachers = make_spec(SPLIT, teachers, "mf", "none", 4, seed=0, max_epochs=2, eval_every=2, tuned=False)
+    alone = make_spec(SPLIT, [], "mf", "none", 4, seed=0, max_epochs=2, eval_every=2, tuned=False)
+    assert with_teachers == alone and alone.teachers == () and alone.teachers_digest == ""
+    assert "--teachers" not in alone.command()
+    result = distill(SPLIT, teachers, "mf", "none", 4, seed=0, runs_root=tmp_path / "runs", max_epochs=2,
+                     eval_every=2)
+    assert distill(SPLIT, [], "mf", "none", 4, seed=0, runs_root=tmp_path / "runs", max_epochs=2,
+                   eval_every=2) == result  # the same run, reused
+    assert result["teachers_digest"] == ""
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(60) for i in rng.choice(50, size=10, replace=False)]
+    (tmp_path / "toy.csv").write_text("\n".join(lines))
+    source = ["--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
+              "--sep", ","]
+    folders = ["--teachers-dir", str(tmp_path / "no-teachers"), "--runs-dir", str(tmp_path / "cli-runs"),
+               "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--max-epochs", "2", "--eval-every", "2"]
+    done = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "none"])
+    assert done.exit_code == 0, done.output
+    split = load_dataset("csv", cache_dir=tmp_path / "cache", path=str(tmp_path / "toy.csv"), user_col="u",
+                         item_col="i", sep=",")
+    spec = make_spec(split, [], "mf", "none", 6, max_epochs=2, eval_every=2, tuned=False,
+                     source={"dataset": "csv", "path": str(tmp_path / "toy.csv"), "user_col": "u", "item_col": "i",
+                             "sep": ","})
+    assert [p.parent.name for p in (tmp_path / "cli-runs").rglob("metrics.json")] == [spec.folder_name]
+    assert shlex.split(spec.command())[:2] == ["hetcomp", "distill"]
+    needs = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "rrd"])
+    assert needs.exit_code != 0 and "train-teachers" in needs.output

@@ -111,7 +111,9 @@ def distill_command(
     ensemble = _ensemble(decay, temperature, weighting, weight_power, beta)
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
-    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
+    names = _parse_names(teachers, known, "teacher")
+    # w/o KD learns from the data alone: it needs no trained teachers
+    trajectories = load_teachers(split, teachers_dir, names) if method_class(method).reads_teachers else []
     seed_everything(seed)
     with make_progress() as progress:
         bar = ProgressCallback(progress, f"{student}-{method}", max_epochs)

@@ -39,8 +39,8 @@ class DistillContext:
     """
 
     def __init__(self, split: Split, trajectories: list, device: torch.device | str = "cpu",
-                 ensemble: EnsembleConfig | None = None, batch_users: int = 64) -> None:
-        if not trajectories:
+                 ensemble: EnsembleConfig | None = None, batch_users: int = 64, needs_teachers: bool = True) -> None:
+        if needs_teachers and not trajectories:
             raise HetCompError("distillation needs teacher trajectories; train them with `hetcomp train-teachers`")
         self.split = split
         self.trajectories = trajectories
@@ -52,8 +52,14 @@ class DistillContext:
         self.sampler = NegativeSampler(split.train, self.device)
         self.train_indptr = torch.from_numpy(split.train.indptr.astype(np.int64))
         self.train_indices = torch.from_numpy(split.train.indices.astype(np.int64))
-        self.teacher_weights = teacher_weights(split, trajectories, self.ensemble.weighting,
-                                               self.ensemble.weight_power)
+
+    @cached_property
+    def teacher_weights(self) -> torch.Tensor:
+        """The converged teachers' weights in g (read on first use: w/o KD has no teachers to weigh)."""
+        if not self.trajectories:
+            raise HetCompError("this method reads the teachers' knowledge, but the run was given no teacher "
+                               "trajectories; train them with `hetcomp train-teachers`")
+        return teacher_weights(self.split, self.trajectories, self.ensemble.weighting, self.ensemble.weight_power)
 
     @cached_property
     def state_weights(self) -> torch.Tensor:
@@ -155,6 +161,9 @@ class DistillMethod(Objective):
     #: False: the student uses the distillation recipe (lr 1e-2, no weight decay); True: the model's own lr and
     #: weight decay, as when it is trained as a teacher (w/o KD)
     uses_own_recipe: bool = False
+    #: False for a method that learns from the data alone (w/o KD): its runs need no teachers and their identity
+    #: names none, so retraining the teachers leaves them valid
+    reads_teachers: bool = True
     #: bump when a change of this method's code changes its results: ``reproduce`` then retrains its rows
     #: instead of reusing them (the configuration hash holds the version from 2 on, so version-1 rows keep theirs)
     version: int = 1

@@ -23,6 +23,7 @@ class NoKD(DistillMethod):
     name = "none"
     config_class = NoKDConfig
     uses_own_recipe = True
+    reads_teachers = False
 
     def batches(self, epoch: int, generator: torch.Generator):
         context = self.context

@@ -67,7 +67,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
     :func:`validation_at_best` of the rows, for the validation checks under each student's table)."""
     written = written or {"commit": "-", "machine": "-", "written": "-"}
     paper = {} if rep.schedule.quick else paper_values(rep.dataset)
-    digests = sorted({r["teachers_digest"] for r in rows})
+    digests = sorted({r["teachers_digest"] for r in rows} - {""})  # w/o KD's runs name no teachers
     lines = [f"# Table 2 — {rep.label} (authors' split), students at dim 6", "",
              f"- command: `{rep.command}`", f"- seeds: {', '.join(map(str, seeds))} (student training seeds; split "
              f"seed {rep.split.meta['seed']}; teachers trained with seed 0)", f"- commit: {written['commit']}",

@@ -11,7 +11,7 @@ import torch
 
 from hetcomp.data import Split
 from hetcomp.device import peak_memory_mb
-from hetcomp.distill import DistillContext, EnsembleConfig, build_method
+from hetcomp.distill import DistillContext, EnsembleConfig, build_method, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.provenance import CODE_DIGEST, git_commit, machine
@@ -31,7 +31,10 @@ def train_run(spec: RunSpec, split: Split, trajectories: Sequence, store: RunSto
               device: torch.device | str = "cpu", callbacks: list[Callback] | None = None, train: bool = True,
               say: Callable[[str], None] | None = None) -> dict | None:
     """The metrics of ``spec``'s run: reused when finished, else trained (resuming its ``last.pt``); None when
-    it is not finished and ``train`` is off. ``split`` and ``trajectories`` must be the spec's own."""
+    it is not finished and ``train`` is off. ``split`` and ``trajectories`` must be the spec's own (a method that
+    reads no teachers ignores any given)."""
+    if not method_class(spec.method).reads_teachers:
+        trajectories = ()
     if (split.fingerprint, tuple(t.name for t in trajectories)) != (spec.split_fingerprint, spec.teachers):
         raise HetCompError(f"the split or teachers given differ from the run specification {spec.identity}")
     finished = store.finished(spec)
@@ -48,7 +51,8 @@ def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore,
            device: torch.device, callbacks: list[Callback] | None) -> dict:
     torch.manual_seed(spec.seed)
     model = build_model(spec.student, split.train, **dict(spec.student_config))
-    context = DistillContext(split, list(trajectories), device, spec.ensemble_config(), spec.batch_users)
+    context = DistillContext(split, list(trajectories), device, spec.ensemble_config(), spec.batch_users,
+                             needs_teachers=method_class(spec.method).reads_teachers)
     objective = build_method(spec.method, context, **dict(spec.method_config))
     config = TrainerConfig(lr=spec.lr, weight_decay=spec.weight_decay, max_epochs=spec.max_epochs,
                            eval_every=spec.eval_every, patience=spec.patience, top_m=objective.evaluation_top_m,

@@ -176,7 +176,7 @@ class RunSpec:
             words += ["--split-seed", str(self.split_seed)]
         words += ["--student", self.student, "--dim", str(self.dim), "--method", self.method,
                   "--seed", str(self.seed)]
-        if list(self.teachers) != list(TEACHERS):
+        if self.teachers and list(self.teachers) != list(TEACHERS):  # w/o KD names none: it reads none
             words += ["--teachers", ",".join(self.teachers)]
         for key, value in self.options:
             words += ["-o", f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
@@ -220,6 +220,7 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
     spec's ``options``, so its command line spells them out and reruns the same run without the file.
     ``model_options``: settings of the student model (:func:`student_options`), the model's defaults otherwise."""
     cls = method_class(method)
+    trajectories = trajectories if cls.reads_teachers else ()  # w/o KD's identity names no teachers
     options = dict(method_options or {})
     if tuned:
         made_for = {"split_fingerprint": split.fingerprint, "method_version": cls.version}
@@ -238,7 +239,8 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
             raise HetCompError(f"{name} must be a finite number (got {value})")
     return RunSpec(
         dataset=split.meta["dataset"], split_fingerprint=split.fingerprint, split_seed=int(split.meta.get("seed", 0)),
-        teachers=tuple(t.name for t in trajectories), teachers_digest=teachers_digest(trajectories),
+        teachers=tuple(t.name for t in trajectories),
+        teachers_digest=teachers_digest(trajectories) if trajectories else "",
         ensemble=_frozen(dataclasses.asdict(ensemble or EnsembleConfig())), student=student,
         student_version=model_class(student).version,
         student_config=_frozen(dataclasses.asdict(model_config(student, **student_options(student, model_options),
