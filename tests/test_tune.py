@@ -254,6 +254,10 @@ def test_dcd_chooses_rrds_settings_at_zero_correction_where_rrd_reached_more(stu
     settings = tuned_defaults("tiny", "mf", "dcd", 4, root)
     assert settings == {"lr": rrd["settings"]["lr"], "weight_decay": rrd["settings"]["weight_decay"], **expected}
     assert "rrd's choice" in studies_page(root / "tiny")
+    path.write_text(json.dumps({**rrd, "best_value": 0.9}))  # RRD's study changed since: choose again
+    with pytest.warns(UserWarning, match="rrd's choice when its study's best was .* rerun `hetcomp tune"):
+        tuned_defaults("tiny", "mf", "dcd", 4, root)
+    path.write_text(json.dumps(rrd))
     # the claim it rests on: a DCD run at those settings reaches RRD's best trial value, bit for bit
     blind = validation_only(SPLIT)
     spec = make_spec(blind, teachers, "mf", "dcd", 4, 0, expected, lr=settings["lr"],

@@ -8,6 +8,7 @@ whatever its caller left unset, so they enter the run's identity and its ``hetco
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path
     except (AttributeError, TypeError) as error:
         raise HetCompError(f"{path}: cannot read these tuned settings ({error.__class__.__name__}: {error}); "
                            f"{fix}") from None
+    if isinstance(summary, dict):
+        _check_special_case(path, summary, dataset, student, dim, root)
     config_class = method_class(method).config_class
     label = f"{path}: "
     unknown_settings(config_class, [k for k in chosen if k not in RECIPE], label=label)
@@ -74,4 +77,22 @@ def _check_made_for(path: Path, summary: dict, made_for: dict, fix: str) -> None
     if digest is not None and summary.get("teachers_digest") not in (None, digest):
         warnings.warn(f"{path}: these settings were chosen with teachers {summary['teachers_digest']}, this run "
                       f"has {digest}; using them (to choose for these teachers: {fix.split(', or')[0]})",
+                      stacklevel=3)
+
+
+def _check_special_case(path: Path, summary: dict, dataset: str, student: str, dim: int, root: Path | None) -> None:
+    """A warning when the settings are another method's choice (``chosen_from``, e.g. DCD's RRD at dcd_weight 0)
+    and that method's study has changed since: rerunning this study's command chooses again."""
+    source = summary.get("chosen_from")
+    if not isinstance(source, dict) or not isinstance(source.get("method"), str):
+        return
+    other = summary_path(dataset, student, source["method"], dim, root)
+    try:
+        now = json.loads(other.read_text()).get("best_value")
+    except (OSError, ValueError, AttributeError):
+        now = None
+    if now != source.get("value"):
+        command = summary.get("command", "hetcomp tune")
+        warnings.warn(f"{path}: these settings are {source['method']}'s choice when its study's best was "
+                      f"{source.get('value')}, and {other} now holds {now}; rerun `{command}` to choose again",
                       stacklevel=3)
