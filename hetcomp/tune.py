@@ -487,7 +487,7 @@ def _command(attrs: dict, trials: int, storage: str | None, study_name: str, sou
         words += ["--split-seed", str(attrs["split_seed"])]
     words += ["--student", attrs["student"], "--method", attrs["method"], "--dim", str(attrs["dim"]),
               "--trials", str(trials), "--seed", str(attrs["seed"]), "--max-epochs", str(attrs["max_epochs"])]
-    if attrs["teachers"] != list(TEACHERS):
+    if attrs["teachers"] and attrs["teachers"] != list(TEACHERS):  # none given: a study of w/o KD
         words += ["--teachers", ",".join(attrs["teachers"])]
     if knobs is not None:
         words += ["--knobs", ",".join(knobs)]

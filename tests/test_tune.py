@@ -469,6 +469,9 @@ def test_retrained_teachers_end_a_kd_study_but_not_a_wo_kd_one(teachers, tmp_pat
         warnings.simplefilter("error")  # the record is taken, not warned about and replaced
         restored = run("none", teachers[::-1], 2)
     assert restored["history"] == again["history"]
+    alone = run("none", [], 3)  # and with no teachers at all (`hetcomp tune --method none` needs none)
+    assert alone["history"][:2] == again["history"] and alone["trials"]["complete"] == 3
+    assert "--teachers" not in alone["command"]
     storage = f"sqlite:///{tmp_path / 'rrd.db'}"
     run("rrd", teachers, 1, storage)
     with pytest.raises(HetCompError, match="was created for teachers"):

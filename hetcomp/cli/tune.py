@@ -112,7 +112,9 @@ def tune_command(
         check_option(name, value, example, ge=0 if "seed" in name else 1)
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
-    trajectories = load_teachers(split, teachers_dir, _parse_names(teachers, known, "teacher"))
+    names = _parse_names(teachers, known, "teacher")
+    # w/o KD learns from the data alone: its study needs no trained teachers
+    trajectories = load_teachers(split, teachers_dir, names) if method_class(method).reads_teachers else []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with make_progress() as progress:
         bar = progress.add_task(f"{student}-{method} trials", total=trials)
@@ -159,10 +161,13 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
         search_space(method)
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     names = _parse_names(teachers, TEACHERS + _imported(teachers_dir, split), "teacher")
-    load_teachers(split, teachers_dir, names)  # missing or stale teachers fail here, not in every task
+    reading = {m: method_class(m).reads_teachers for m in methods}  # w/o KD's studies need no teachers
+    if any(reading.values()):
+        load_teachers(split, teachers_dir, names)  # missing or stale teachers fail here, not in every task
     inputs = _grid_inputs(dataset, path, user_col, item_col, sep, data_dir, cache_dir, teachers_dir, device,
                           split_seed)
-    plans = [StudyPlan(s, m, dim, trials, tuple(names), seed, max_epochs) for s in students for m in methods]
+    plans = [StudyPlan(s, m, dim, trials, tuple(names) if reading[m] else (), seed, max_epochs)
+             for s in students for m in methods]
     failed = []
     with make_progress() as progress:
         bar = progress.add_task(f"{len(plans)} studies, trials", total=trials * len(plans))
