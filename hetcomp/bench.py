@@ -55,6 +55,8 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
         score = lambda batch, u=user_factors, v=item_factors: u[batch] @ v.T  # noqa: E731
         record(f"full evaluation, valid + test R/N@10/50, all users ({who}'s scores)",
                timed(lambda s=score: evaluate_split(s, split, device=device), 2))
+    record("full-tail floor of a student epoch (dim 6, 64-user batches: score, exp, sum, gradient products)",
+           timed(lambda: full_tail_floor(split.n_users, split.n_items, 6, 64, device), 2))
     model = build_model(teacher, split.train, dim=64)
     objective = OwnLoss(model, split, model.config.batch_size, model.config.n_negatives, device)
     trainer = Trainer(model, split, objective, TrainerConfig(lr=model.config.lr), device)
@@ -79,6 +81,27 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
             record("rebuild of the dynamic top-K (g over current states)",
                    timed(lambda m=method: context.ensemble_topk(m.config.k, m.knowledge.v)))
     return _with_peak_memory(out, device, report)
+
+
+def full_tail_floor(n_users: int, n_items: int, dim: int = 6, batch_users: int = 64,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The passes over [batch, n_items] that any epoch of a loss over every item costs (RRD, HetComp's L_O / L_F,
+    the KD menu's full softmax): per user batch, the scores (one product), log Σ e^s (exponentials and a sum) and
+    its gradient (the softmax, then the user and item products), on random factors. No method can train an epoch
+    of such a loss in less on this machine without fusing these passes; bench reports it beside the epochs.
+    Returns the last batch's (user, item) gradients of log Σ e^s summed over its users (tested against autograd)."""
+    generator = torch.Generator().manual_seed(0)
+    users = (torch.randn(n_users, dim, generator=generator) * 0.1).to(device)
+    items = (torch.randn(n_items, dim, generator=generator) * 0.1).to(device)
+    grad_users = grad_items = torch.empty(0)
+    for start in range(0, n_users, batch_users):
+        batch = users[start:start + batch_users]
+        scores = batch @ items.T
+        peak = scores.amax(1, keepdim=True)
+        softmax = scores.sub_(peak).mul_(1.4426950408889634).exp2_()  # e^x as 2^(x·log2 e): the faster kernel
+        softmax.div_(softmax.sum(1, keepdim=True))
+        grad_users, grad_items = softmax @ items, softmax.T @ batch
+    return grad_users, grad_items
 
 
 def _with_peak_memory(out: dict, device: torch.device, report: Callable[[str, float], None]) -> dict:

@@ -233,3 +233,15 @@ def test_key_bitmap_answers_as_the_sorted_keys_search_and_the_sampler_draws_the_
     draws = [sampler.sample(users, 4, torch.Generator().manual_seed(3)) for sampler in (fast, slow)]
     assert torch.equal(draws[0], draws[1])
     assert not fast.is_observed(users.repeat_interleave(4), draws[0].view(-1)).any()
+
+
+def test_bench_full_tail_floor_computes_the_log_sum_exp_gradient():
+    """The floor bench times is the real work of a full-tail loss: its gradients are autograd's of Σ_u log Σ_i e^s."""
+    from hetcomp.bench import full_tail_floor
+
+    grad_users, grad_items = full_tail_floor(10, 30, dim=4, batch_users=4)
+    generator = torch.Generator().manual_seed(0)
+    users = (torch.randn(10, 4, generator=generator) * 0.1).requires_grad_()
+    items = (torch.randn(30, 4, generator=generator) * 0.1).requires_grad_()
+    torch.logsumexp(users[8:] @ items.T, dim=1).sum().backward()
+    assert torch.allclose(grad_users, users.grad[8:], atol=1e-6) and torch.allclose(grad_items, items.grad, atol=1e-6)
