@@ -169,9 +169,9 @@ def _validation_checks(block: list[dict], methods: Sequence[str], validation: di
     lines.append("")
     uncorrected = [r for r in block if r["method"] == "dcd" and _option(r.get("command", ""), "dcd_weight") == 0]
     if uncorrected:
-        lines += [f"DCD runs with dcd_weight 0 ({len(uncorrected)} of its runs here): its study found no correction "
-                  "that beat RRD's tuned settings on validation, so it took them, and DCD at dcd_weight 0 trains "
-                  "exactly as RRD (its row repeats RRD's; `chosen_from` in its study summary).", ""]
+        lines += [f"DCD runs with dcd_weight 0 ({len(uncorrected)} of its runs here): at that weight DCD trains "
+                  "exactly as RRD, so at RRD's settings its row repeats RRD's. A DCD study chooses it when no "
+                  "correction it tried beat RRD's tuned settings on validation (`chosen_from` in its summary).", ""]
     return lines
 
 
