@@ -48,7 +48,7 @@ from hetcomp.errors import HetCompError
 from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine
 from hetcomp.runs import RunStore, make_spec, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
-from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, summary_path
+from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, flat_settings, summary_path, summary_settings
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback
 from hetcomp.tune_page import write_studies_page
@@ -202,9 +202,7 @@ def _own_settings(summary: dict) -> dict | None:
     """The settings of a summary's best trial (with the study's fixed options), as summaries hold them."""
     if summary.get("best_params") is None:
         return None
-    chosen = {**summary.get("fixed", {}), **summary["best_params"]}
-    return {**{k: chosen[k] for k in RECIPE if k in chosen},
-            "options": {k: v for k, v in chosen.items() if k not in RECIPE}}
+    return summary_settings({**summary.get("fixed", {}), **summary["best_params"]})
 
 
 def special_case_choice(summary: dict, root: Path | None = None) -> dict:
@@ -224,9 +222,8 @@ def special_case_choice(summary: dict, root: Path | None = None) -> dict:
     try:
         theirs = json.loads(path.read_text())
         finished = theirs["trials"]["complete"] + theirs["trials"]["pruned"] >= theirs["budget"]
-        value, settings = theirs["best_value"], theirs["settings"]
-        recipe = {k: settings[k] for k in RECIPE if k in settings}
-        chosen = translate({**settings["options"], **recipe})
+        value = theirs["best_value"]
+        chosen = translate(flat_settings(theirs["settings"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return summary  # no finished study of the special case (yet): nothing to compare
     fixed = summary.get("fixed", {})
@@ -235,15 +232,12 @@ def special_case_choice(summary: dict, root: Path | None = None) -> dict:
             or any(name in fixed and fixed[name] != chosen[name] for name in chosen)
             or summary["best_value"] is not None and value <= summary["best_value"]):
         return summary
-    chosen = {**fixed, **chosen}
-    summary["settings"] = {**{k: chosen[k] for k in RECIPE if k in chosen},
-                           "options": {k: v for k, v in chosen.items() if k not in RECIPE}}
+    summary["settings"] = summary_settings({**fixed, **chosen})
     own = "none complete" if summary["best_value"] is None else f"best {summary['best_value']:.4f}"
     summary["chosen_from"] = {
         "method": other, "summary": path.name, "study_name": theirs.get("study_name"),
         "trial": theirs.get("best_trial"), "value": value, "commit": theirs.get("commit"),
-        "why": f"{other}'s study reached {value:.4f} on validation, above every trial of this study "
-               f"({own}); "
+        "why": f"{other}'s study reached {value:.4f} on validation, above every trial of this study ({own}); "
                f"this method trains exactly as {other} at these settings"}
     return summary
 

@@ -29,6 +29,17 @@ def summary_path(dataset: str, student: str, method: str, dim: int, root: Path |
     return Path(TUNING_ROOT if root is None else root) / dataset_slug(dataset) / f"{student}-{method}-{dim}.json"
 
 
+def summary_settings(chosen: dict) -> dict:
+    """Flat chosen settings (``{"lr": …, <option>: …}``) as a summary holds them: the recipe, then ``options``."""
+    return {**{k: chosen[k] for k in RECIPE if k in chosen},
+            "options": {k: v for k, v in chosen.items() if k not in RECIPE}}
+
+
+def flat_settings(settings: dict) -> dict:
+    """A summary's ``settings`` as one flat mapping (the inverse of :func:`summary_settings`)."""
+    return {**settings.get("options", {}), **{k: settings[k] for k in RECIPE if k in settings}}
+
+
 #: what a summary must have been made for, when the caller says (the teachers' digest only warns: retrained
 #: teachers need not match bit for bit across machines, while another split or method version is other work)
 MADE_FOR = {"split_fingerprint": "split", "method_version": "method version"}
@@ -52,7 +63,7 @@ def tuned_defaults(dataset: str, student: str, method: str, dim: int, root: Path
         _check_made_for(path, summary, made_for or {}, fix)
     try:
         settings = summary.get("settings") or {}
-        chosen = {**settings.get("options", {}), **{k: settings[k] for k in RECIPE if k in settings}}
+        chosen = flat_settings(settings)
     except (AttributeError, TypeError) as error:
         raise HetCompError(f"{path}: cannot read these tuned settings ({error.__class__.__name__}: {error}); "
                            f"{fix}") from None
