@@ -17,6 +17,7 @@ from hetcomp.data import REGISTRY, Split
 # re-exported: their home was this module
 from hetcomp.ensemble import teacher_weights as teacher_weights
 from hetcomp.ensemble import trajectory_state_metrics as trajectory_state_metrics
+from hetcomp.errors import HetCompError
 from hetcomp.locks import exclusive_lock
 from hetcomp.models import build_model
 from hetcomp.provenance import dataset_slug
@@ -105,6 +106,24 @@ def dataset_teacher_settings(dataset: str, eval_every: int | None = None) -> dic
     spec = REGISTRY.get(dataset)
     every = eval_every or (spec.teacher_eval_every if spec else None)
     return {"eval_every": every} if every else {}
+
+
+#: items kept per user and state in a trained teacher's trajectory unless the catalogue is smaller
+DEFAULT_TOP_M = 200
+
+
+def trained_top_m(split: Split, top_m: int | None = None) -> int:
+    """Items per user and state that a teacher trained on ``split`` keeps: ``top_m``, by default
+    :data:`DEFAULT_TOP_M` or, on a small catalogue, every unobserved item of the user with the most training
+    items (a trajectory ranks unobserved items only, so more could never be loaded)."""
+    fits = split.fewest_unobserved
+    if top_m is None:
+        return min(DEFAULT_TOP_M, fits)
+    if top_m > fits:
+        raise HetCompError(f"--top-m {top_m}: the catalogue has {split.n_items} items and a user has "
+                           f"{split.n_items - fits} training items, so a ranking of unobserved items holds at most "
+                           f"{fits}; use --top-m {fits} or less")
+    return top_m
 
 
 def shares_state_epochs(trajectory: Trajectory) -> bool:

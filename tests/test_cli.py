@@ -94,3 +94,27 @@ def test_every_command_reads_a_csv_file(tmp_path):
     page = tmp_path / "page.md"
     summarized = runner.invoke(app, ["summarize", *source, *runs, "--write", str(page)])
     assert summarized.exit_code == 0 and page.is_file(), summarized.output
+
+
+def test_train_teachers_keeps_what_a_small_catalogue_allows(tmp_path):
+    """The default top-M shrinks to the unobserved items a user has (a longer ranking could never be loaded);
+    an explicit one that cannot fit is refused before any training."""
+    import numpy as np
+
+    from hetcomp.data import load_dataset
+    from hetcomp.teachers import load_teachers
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "small.csv"
+    data.write_text("user_id,item_id\n" + "\n".join(f"{u},{i}" for u in range(40)
+                                                    for i in rng.choice(60, size=12, replace=False)))
+    source = ["--dataset", "csv", "--path", str(data), "--cache-dir", str(tmp_path / "cache"),
+              "--teachers-dir", str(tmp_path / "teachers"), "--teachers", "mf", "--dim", "4", "--device", "cpu"]
+    too_long = runner.invoke(app, ["train-teachers", *source, "--top-m", "200"])
+    assert too_long.exit_code == 1 and "--top-m 200" in too_long.output and "60 items" in too_long.output
+    assert not list((tmp_path / "teachers").rglob("*.npz"))
+    trained = runner.invoke(app, ["train-teachers", *source, "--eval-every", "50"])
+    assert trained.exit_code == 0, trained.output
+    split = load_dataset("csv", path=data, cache_dir=tmp_path / "cache")
+    (teacher,) = load_teachers(split, tmp_path / "teachers", ["mf"])
+    assert teacher.top_m == split.fewest_unobserved

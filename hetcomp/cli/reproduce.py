@@ -31,6 +31,7 @@ from hetcomp.device import resolve_device
 from hetcomp.distill import METHODS
 from hetcomp.errors import HetCompError
 from hetcomp.paper.common import TABLE2_DEFAULT_METHODS
+from hetcomp.teachers import trained_top_m
 
 
 @app.command("reproduce")
@@ -75,12 +76,7 @@ def reproduce_command(
     source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
     max_users = common.QUICK_USERS if quick else None
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, max_users=max_users, **source)
-    fits = split.fewest_unobserved  # a trajectory ranks unobserved items only
-    top_m = min(200, fits) if top_m is None else top_m
-    if top_m > fits:
-        raise HetCompError(f"--top-m {top_m}: the catalogue has {split.n_items} items and a user has "
-                           f"{split.n_items - fits} training items, so a ranking of unobserved items holds at most "
-                           f"{fits}; use --top-m {fits} or less")
+    top_m = trained_top_m(split, top_m)
     student_names = _parse_names(students, ("mf", "ml", "dnn", "gnn", "ae", "iae"), "student")
     method_names = _parse_names(methods, list(METHODS), "method")
     command = "hetcomp " + " ".join(sys.argv[1:])

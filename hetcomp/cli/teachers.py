@@ -36,6 +36,7 @@ from hetcomp.teachers import (
     seeded_name,
     shares_state_epochs,
     train_teacher,
+    trained_top_m,
     trajectory_file,
 )
 from hetcomp.trajectory import import_rankings, load_trajectory
@@ -51,7 +52,8 @@ def train_teachers(
     train_seed: int = typer.Option(None, help="Another training seed on the same split (default: --seed); such "
                                              "teachers are saved as <model>-s<seed>, e.g. mf-s1."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    top_m: int = typer.Option(200, help="Items kept per user and state in the trajectory."),
+    top_m: int = typer.Option(None, help="Items kept per user and state in the trajectory (default 200, or fewer "
+                                         "when the catalogue is too small)."),
     eval_every: int = typer.Option(None, help="Evaluate and snapshot every N epochs (the trajectory's "
                                               "states are chosen among these); default: the dataset's "
                                               "setting, else each model's."),
@@ -74,6 +76,7 @@ def train_teachers(
     check_option("--eval-every", eval_every, 10, ge=1)
     names = _parse_names(teachers, TEACHERS, "teacher")
     split = load_split(dataset, seed, path, user_col, item_col, sep, data_dir, cache_dir)
+    top_m = trained_top_m(split, top_m)
     target = resolve_device(device)
     command = "hetcomp " + " ".join(sys.argv[1:])
     train_seed = seed if train_seed is None else train_seed
