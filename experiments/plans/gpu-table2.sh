@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The whole Table 2 of a dataset from scratch on one GPU (issue 17, goal 5), measured: the six teachers trained
+# at once (one process each), the GPU benchmark, then the student runs as one process per student and method
+# (each trains its seeds one after the other), all sharing the device, then the table assembled from the
+# finished runs. Each phase's wall time goes to $OUT/timings.md, the device's load to the dmon log.
+#
+# A deadline (DEADLINE seconds after the start) stops whatever still trains (SIGTERM: run folders keep their
+# last checkpoint), so that the partial table, the timings and the logs still come back; the table then lists
+# the runs that are missing. Rerunning with the same WORK folder resumes (finished teachers and runs are reused).
+#
+# Usage: OUT=<results folder> [DEADLINE=520] [WORK=<folder>] experiments/plans/gpu-table2.sh
+# Other knobs (environment): DATA_OPTS (how commands name the data; default "--dataset citeulike"), STUDENTS,
+# METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), BENCH (1: time the hot paths with `hetcomp bench`).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:?set OUT to the folder that receives the results}"
+DEADLINE="${DEADLINE:-520}"
+DATA_OPTS="${DATA_OPTS:---dataset citeulike}"
+STUDENTS="${STUDENTS:-mf,ml,dnn}"
+METHODS="${METHODS:-none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp}"
+SEEDS="${SEEDS:-5}"
+DEVICE="${DEVICE:-cuda}"
+PYTHON="${PYTHON:-python3}"
+BENCH="${BENCH:-1}"
+WORK="${WORK:-$(mktemp -d)}"
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK/logs"
+read -r -a data <<< "$DATA_OPTS"
+dirs=(--teachers-dir "$WORK/teachers")
+start=$(date +%s)
+
+elapsed() { echo $(( $(date +%s) - start )); }
+note() { echo "- $(elapsed) s: $*" | tee -a "$OUT/timings.md"; }
+hc() { "$PYTHON" -m hetcomp "$@"; }
+
+# wait for the given processes; past the deadline, stop the ones still running (and say which)
+wait_or_stop() {
+  local pid
+  while :; do
+    local alive=()
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+    [ ${#alive[@]} -eq 0 ] && return 0
+    if [ "$(elapsed)" -ge "$DEADLINE" ]; then
+      note "deadline reached: stopping ${#alive[@]} process(es) still running"
+      kill -TERM "${alive[@]}" 2>/dev/null
+      sleep 5
+      kill -KILL "${alive[@]}" 2>/dev/null
+      return 1
+    fi
+    sleep 2
+  done
+}
+
+{
+  echo "# $DATA_OPTS Table 2 from scratch on $DEVICE"
+  echo
+  echo "- command: \`OUT=... DEADLINE=$DEADLINE experiments/plans/gpu-table2.sh\` (students $STUDENTS, methods $METHODS, seeds $SEEDS)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); started $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- machine: $(nproc) CPU cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
+  echo "- python: $("$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
+  echo
+} > "$OUT/timings.md"
+command -v nvidia-smi >/dev/null && nvidia-smi dmon -s u -d 5 > "$WORK/logs/dmon.txt" 2>&1 &
+dmon=$!
+
+pids=()
+for teacher in mf ml dnn gnn ae iae; do
+  hc train-teachers "${data[@]}" --teachers "$teacher" --device "$DEVICE" "${dirs[@]}" \
+    > "$WORK/logs/teacher-$teacher.log" 2>&1 &
+  pids+=($!)
+done
+wait_or_stop "${pids[@]}"
+note "six teachers trained (one process each, at once)"
+
+if [ "$BENCH" = 1 ] && [ "$(elapsed)" -lt "$DEADLINE" ]; then
+  timeout 90 "$PYTHON" -m hetcomp bench "${data[@]}" --device "$DEVICE" "${dirs[@]}" --append "$OUT/bench.md" \
+    > "$WORK/logs/bench.log" 2>&1
+  note "hetcomp bench (exit $?)"
+fi
+
+runs_start=$(elapsed)
+pids=()
+IFS=, read -r -a students <<< "$STUDENTS"
+IFS=, read -r -a methods <<< "$METHODS"
+for student in "${students[@]}"; do
+  for method in "${methods[@]}"; do
+    hc reproduce "${data[@]}" --table 2 --students "$student" --methods "$method" --seeds "$SEEDS" \
+      --device "$DEVICE" --jobs 1 "${dirs[@]}" --runs-dir "$WORK/runs" --results-dir "$WORK/results" \
+      > "$WORK/logs/runs-$student-$method.log" 2>&1 &
+    pids+=($!)
+  done
+done
+note "started ${#pids[@]} reproduce processes (one per student and method)"
+wait_or_stop "${pids[@]}"
+note "student runs: $(( $(elapsed) - runs_start )) s of wall time"
+
+hc reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" --no-train \
+  "${dirs[@]}" --runs-dir "$WORK/runs" --results-dir "$WORK/results" > "$WORK/logs/table.log" 2>&1
+note "table assembled from the finished runs (exit $?); $(find "$WORK/runs" -name metrics.json | wc -l) runs finished"
+kill "$dmon" 2>/dev/null
+
+table=$(dirname "$(find "$WORK/results" -name table2.csv | head -1)")
+for name in table2.csv table2.md manifest.json; do
+  [ -f "$table/$name" ] && cp "$table/$name" "$OUT/"
+done
+(cd "$WORK" && tar czf "$OUT/logs.tar.gz" logs $(find runs -name metrics.json 2>/dev/null) \
+  $(find teachers -name '*.json' 2>/dev/null))
+note "done"
