@@ -17,12 +17,19 @@ import torch
 from hetcomp.errors import HetCompError
 
 
-def git_commit() -> str:
+def git_commit(root: Path = Path(__file__).parent) -> str:
+    """HEAD's short hash for the repository holding ``root`` (the package), with ``+dirty`` when the sources
+    under ``root`` differ from it (uncommitted edits, or a copied tree whose ``.git`` is older than its files), so
+    a stamp never names a commit whose code did not run; ``unknown`` outside a repository."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+dirty" if changed else head
 
 
 def source_digest(root: Path = Path(__file__).resolve().parent) -> str:

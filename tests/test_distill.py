@@ -13,7 +13,7 @@ from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
 from hetcomp.models import build_model
-from hetcomp.provenance import source_digest
+from hetcomp.provenance import git_commit, source_digest
 from hetcomp.runs import distill
 from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
@@ -305,3 +305,30 @@ def test_source_digest_follows_the_code(tmp_path):
     assert source_digest(tmp_path) != before
     (tmp_path / "a.py").write_text("x = 1\n")
     assert source_digest(tmp_path) == before
+
+
+def test_commit_stamp_says_when_the_sources_differ_from_it(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert git_commit(tmp_path) == "unknown"
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("outside the package\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert git_commit(package) == head
+    (tmp_path / "notes.md").write_text("edited, but not code\n")
+    assert git_commit(package) == head
+    (package / "a.py").write_text("x = 2\n")
+    assert git_commit(package) == f"{head}+dirty"
+    (package / "a.py").write_text("x = 1\n")
+    (package / "b.py").write_text("y = 1\n")  # a new module runs too
+    assert git_commit(package) == f"{head}+dirty"
