@@ -246,3 +246,33 @@ def test_wo_kd_runs_without_teachers_and_its_identity_names_none(teachers, tmp_p
     assert shlex.split(spec.command())[:2] == ["hetcomp", "distill"]
     needs = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "rrd"])
     assert needs.exit_code != 0 and "train-teachers" in needs.output
+
+
+def test_dcd_at_zero_correction_is_served_by_its_finished_rrd_twin(teachers, tmp_path, monkeypatch):
+    """DCD at dcd_weight 0 trains exactly as RRD (same parameters, tested in test_baselines): its run is the RRD
+    run's numbers under DCD's identity and command, the twin named; a trained DCD gives the same numbers."""
+    from hetcomp.runs import execute
+    from hetcomp.runs.spec import twin_spec
+
+    rrd_options, dcd_options = {"weight": 0.3, "k": 12}, {"rrd_weight": 0.3, "k": 12, "dcd_weight": 0.0}
+    run = {"dim": 4, "seed": 1, "lr": 1e-2, "max_epochs": 4, "eval_every": 2}
+    dcd_spec = make_spec(SPLIT, teachers, "mf", "dcd", 4, seed=1, method_options=dcd_options, lr=1e-2,
+                         max_epochs=4, eval_every=2)
+    rrd_spec = make_spec(SPLIT, teachers, "mf", "rrd", 4, seed=1, method_options=rrd_options, lr=1e-2,
+                         max_epochs=4, eval_every=2)
+    assert twin_spec(dcd_spec) == rrd_spec and twin_spec(rrd_spec) is None
+    assert twin_spec(make_spec(SPLIT, teachers, "mf", "dcd", 4, method_options={**dcd_options, "dcd_weight": 0.1},
+                               **FAST)) is None
+
+    trained = distill(SPLIT, teachers, "mf", "dcd", method_options=dcd_options, runs_root=tmp_path / "alone", **run)
+    rrd = distill(SPLIT, teachers, "mf", "rrd", method_options=rrd_options, runs_root=tmp_path / "shared", **run)
+    monkeypatch.setattr(execute, "_train", lambda *args: pytest.fail("the twin's finished run should serve"))
+    adopted = distill(SPLIT, teachers, "mf", "dcd", method_options=dcd_options, runs_root=tmp_path / "shared", **run)
+    assert (adopted["valid"], adopted["test"], adopted["curve"]) == (trained["valid"], trained["test"],
+                                                                     trained["curve"])
+    assert adopted["test"] == rrd["test"] and adopted["identity"] == dcd_spec.identity != rrd["identity"]
+    assert adopted["trained_as"]["identity"] == rrd_spec.identity and adopted["command"] == dcd_spec.command()
+    assert adopted["wall_seconds"] == rrd["wall_seconds"] and adopted["this_call_seconds"] == 0.0
+    assert distill(SPLIT, teachers, "mf", "dcd", method_options=dcd_options, runs_root=tmp_path / "shared",
+                   **run) == adopted  # now a finished run of its own
+    assert len(_folders(tmp_path / "shared")) == 2

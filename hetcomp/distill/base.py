@@ -204,6 +204,13 @@ class DistillMethod(Objective):
         return tuple(dict.fromkeys([*asked, *([special[0]] if special else [])]))
 
     @classmethod
+    def trains_as(cls, config: dict, options: dict) -> tuple[str, dict] | None:
+        """(method, options) of another method that a run of this one trains exactly as (the same parameters after
+        every step, tested), given this run's full ``config`` and the ``options`` its command line sets; None when
+        there is none. A finished run of that twin then serves as this run (see ``hetcomp.runs.execute``)."""
+        return None
+
+    @classmethod
     def special_case(cls) -> tuple[str, Callable[[dict], dict]] | None:
         """Another method that this one trains exactly as at one of its own settings, and how that method's chosen
         settings (``{"lr": …, "weight_decay": …, <option>: …}``) read as this one's (DCD at ``dcd_weight=0`` is RRD,

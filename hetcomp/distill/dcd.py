@@ -61,6 +61,7 @@ What is ours:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,6 +207,16 @@ class DCD(DistillMethod):
         """RRD: DCD with ``dcd_weight=0`` refreshes and samples nothing and trains exactly as RRD with
         ``weight=rrd_weight`` (tested), so RRD's tuned settings are DCD's with RRD's weight as ``rrd_weight``."""
         return "rrd", _from_rrd
+
+    @classmethod
+    def trains_as(cls, config: dict, options: dict) -> tuple[str, dict] | None:
+        """RRD with ``weight=rrd_weight`` and DCD's list options, when ``dcd_weight`` is 0 (the correction
+        options then play no part)."""
+        if config.get("dcd_weight") != 0:
+            return None
+        shared = {field.name for field in dataclasses.fields(RRDConfig)}
+        return "rrd", {("weight" if name == "rrd_weight" else name): value for name, value in options.items()
+                       if ("weight" if name == "rrd_weight" else name) in shared}
 
     @property
     def checked(self) -> bool:

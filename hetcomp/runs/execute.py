@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from hetcomp.runs.spec import (
     DEFAULT_PATIENCE,
     RunSpec,
     make_spec,
+    twin_spec,
 )
 from hetcomp.runs.store import RunStore
 from hetcomp.train import Callback, Trainer, TrainerConfig
@@ -40,11 +42,32 @@ def train_run(spec: RunSpec, split: Split, trajectories: Sequence, store: RunSto
     finished = store.finished(spec)
     if finished is not None or not train:
         return finished
+    twin = twin_spec(spec)
+    twin_result = store.finished(twin) if twin is not None else None
     with store.claim(spec, say) as folder:
         finished = store.finished(spec)  # another process may have finished it while this one waited
         if finished is not None:
             return finished
+        if twin_result is not None:
+            return _adopt(spec, twin, twin_result, store, folder)
         return _train(spec, split, trajectories, store, folder, torch.device(device), callbacks)
+
+
+def _adopt(spec: RunSpec, twin: RunSpec, twin_result: dict, store: RunStore, folder: Path) -> dict:
+    """``spec``'s run from its twin's finished one (a method that trains exactly as another at these settings,
+    e.g. DCD at ``dcd_weight=0`` as RRD): the same student and metrics, under this spec's identity and command,
+    with the twin named (``trained_as``). Its times, commit and machine stay the twin's: that training made
+    these numbers; this call trained nothing."""
+    result = {**twin_result, "run": spec.folder_name, "identity": spec.identity, "method": spec.method,
+              "method_version": spec.method_version, "method_options": spec.method_options,
+              "command": spec.command(), "this_call_seconds": 0.0,
+              "trained_as": {"run": twin.folder_name, "identity": twin.identity, "command": twin.command()}}
+    student = store.folder(twin) / "student.pt"
+    if student.is_file():
+        shutil.copyfile(student, folder / "student.pt")
+    (folder / "last.pt").unlink(missing_ok=True)
+    store.write_metrics(spec, result)
+    return result
 
 
 def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore, folder: Path,

@@ -248,3 +248,16 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
         method_version=cls.version, method_config=_frozen(identity_settings(config)), options=_frozen(options),
         lr=float(lr), weight_decay=float(weight_decay), batch_users=batch_users, seed=seed, max_epochs=max_epochs,
         eval_every=eval_every, patience=patience, source=_frozen(source or {"dataset": split.meta["dataset"]}))
+
+
+def twin_spec(spec: RunSpec) -> RunSpec | None:
+    """The run of another method that ``spec`` trains exactly as (:meth:`DistillMethod.trains_as`), with every
+    other setting (data, teachers, student, recipe, seed, schedule) the same; None when its method has no twin."""
+    twin = method_class(spec.method).trains_as(dict(spec.method_config), dict(spec.options))
+    if twin is None:
+        return None
+    method, options = twin
+    cls = method_class(method)
+    config = checked_config(cls.config_class, options, f"method {method!r}")
+    return dataclasses.replace(spec, method=method, method_version=cls.version,
+                               method_config=_frozen(identity_settings(config)), options=_frozen(options))
