@@ -10,7 +10,9 @@
 #
 # Usage: OUT=<results folder> [DEADLINE=520] [WORK=<folder>] experiments/plans/gpu-table2.sh
 # Other knobs (environment): DATA_OPTS (how commands name the data; default "--dataset citeulike"), STUDENTS,
-# METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), BENCH (1: time the hot paths with `hetcomp bench`).
+# METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), BENCH (1: time the hot paths with `hetcomp bench`), MPS (1: run
+# every process under CUDA's multi-process service, a user-space daemon started here and stopped at the end, so
+# the processes' small kernels run side by side instead of time-slicing the device; the card's settings stay).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -22,6 +24,7 @@ SEEDS="${SEEDS:-5}"
 DEVICE="${DEVICE:-cuda}"
 PYTHON="${PYTHON:-python3}"
 BENCH="${BENCH:-1}"
+MPS="${MPS:-0}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK/logs"
@@ -60,6 +63,16 @@ wait_or_stop() {
   echo "- python: $("$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
   echo
 } > "$OUT/timings.md"
+if [ "$MPS" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then
+    note "CUDA MPS started"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    note "CUDA MPS did not start: the processes time-slice the device"
+  fi
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi dmon -s u -d 5 > "$WORK/logs/dmon.txt" 2>&1 &
 dmon=$!
 
