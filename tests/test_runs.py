@@ -271,7 +271,8 @@ def test_dcd_at_zero_correction_is_served_by_its_finished_rrd_twin(teachers, tmp
     assert (adopted["valid"], adopted["test"], adopted["curve"]) == (trained["valid"], trained["test"],
                                                                      trained["curve"])
     assert adopted["test"] == rrd["test"] and adopted["identity"] == dcd_spec.identity != rrd["identity"]
-    assert adopted["trained_as"]["identity"] == rrd_spec.identity and adopted["command"] == dcd_spec.command()
+    assert adopted["trained_as"]["method"] == "rrd" and adopted["trained_as"]["identity"] == rrd_spec.identity
+    assert adopted["command"] == dcd_spec.command()
     assert adopted["wall_seconds"] == rrd["wall_seconds"] and adopted["this_call_seconds"] == 0.0
     assert distill(SPLIT, teachers, "mf", "dcd", method_options=dcd_options, runs_root=tmp_path / "shared",
                    **run) == adopted  # now a finished run of its own

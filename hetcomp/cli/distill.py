@@ -127,3 +127,7 @@ def distill_command(
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
                   f"R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} R@50 {test['recall@50']:.4f} "
                   f"N@50 {test['ndcg@50']:.4f} ({result['wall_seconds']:.0f} s)")
+    if "trained_as" in result:
+        twin = result["trained_as"]
+        console.print(f"{method} at these settings trains exactly as {twin['method']}: the finished run "
+                      f"{twin['run']} serves as this one (its command: {twin['command']})")

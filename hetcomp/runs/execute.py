@@ -61,7 +61,8 @@ def _adopt(spec: RunSpec, twin: RunSpec, twin_result: dict, store: RunStore, fol
     result = {**twin_result, "run": spec.folder_name, "identity": spec.identity, "method": spec.method,
               "method_version": spec.method_version, "method_options": spec.method_options,
               "command": spec.command(), "this_call_seconds": 0.0,
-              "trained_as": {"run": twin.folder_name, "identity": twin.identity, "command": twin.command()}}
+              "trained_as": {"method": twin.method, "run": twin.folder_name, "identity": twin.identity,
+                             "command": twin.command()}}
     student = store.folder(twin) / "student.pt"
     if student.is_file():
         shutil.copyfile(student, folder / "student.pt")
