@@ -129,5 +129,5 @@ def distill_command(
                   f"N@50 {test['ndcg@50']:.4f} ({result['wall_seconds']:.0f} s)")
     if "trained_as" in result:
         twin = result["trained_as"]
-        console.print(f"{method} at these settings trains exactly as {twin['method']}: the finished run "
-                      f"{twin['run']} serves as this one (its command: {twin['command']})")
+        console.print(f"{method} at these settings trains exactly as {twin.get('method', 'another method')}: "
+                      f"the finished run {twin['run']} serves as this one (its command: {twin['command']})")
