@@ -1,5 +1,6 @@
-"""Grids on Ray (a local 2-worker cluster): the same rows as one by one, a killed worker's run retried and
-resumed to the same result, and a SIGTERM'd driver leaving no process behind."""
+"""Grids on Ray (a local 2-worker cluster) and on local processes (where Ray is not installed): the same rows as
+one by one, a killed worker's run retried and resumed to the same result (Ray) or named as failed while the
+others finish (processes), and a SIGTERM'd driver leaving no process behind."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from hetcomp.data import load_dataset
+from hetcomp.errors import HetCompError
 from hetcomp.runs import RunStore, make_spec, train_run
 from hetcomp.runs.grid import Inputs, run_grid
 from hetcomp.teachers import train_teacher
@@ -54,11 +56,13 @@ def _same(a: dict, b: dict) -> bool:
     return all(a[key] == b[key] for key in KEYS)
 
 
-def test_a_grid_on_two_workers_gives_the_rows_of_one_by_one(world, tmp_path):
+@pytest.mark.parametrize("backend", ["ray", "processes"])
+def test_a_grid_on_two_workers_gives_the_rows_of_one_by_one(world, tmp_path, backend):
     _, inputs, split, trajectories = world
     specs = _specs(world, seeds=(0, 1))
     seen = []
-    report = run_grid(specs, inputs, RunStore(tmp_path / "ray"), jobs=2, on_result=lambda s, m: seen.append(s))
+    report = run_grid(specs, inputs, RunStore(tmp_path / "grid"), jobs=2, on_result=lambda s, m: seen.append(s),
+                      backend=backend)
     assert not report.failures and sorted(s.identity for s in seen) == sorted(s.identity for s in specs)
     for spec in specs:
         alone = train_run(spec, split, trajectories, RunStore(tmp_path / "serial"))
@@ -93,22 +97,65 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_pa
     assert _same(resumed, alone)
 
 
+def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp_path):
+    _, inputs, _, _ = world
+    long = _specs(world, seeds=(0,), max_epochs=40, patience=40)[1]  # rrd for 40 epochs: time to be killed
+    short = _specs(world, seeds=(1, 2))
+    store = RunStore(tmp_path / "processes")
+    folder = store.folder(long)
+    killed = []
+
+    def kill_when_checkpointed():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            lock = folder / ".lock"
+            if (folder / "last.pt").is_file() and lock.is_file() and lock.read_text().strip():
+                pid = int(lock.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_checkpointed)
+    killer.start()
+    report = run_grid([long, *short], inputs, store, jobs=2, backend="processes")
+    killer.join()
+    assert killed
+    assert [(spec.identity, "died" in message) for spec, message in report.failures] == [(long.identity, True)]
+    assert sorted(report.results) == sorted(spec.identity for spec in short)
+
+
+def test_without_ray_a_grid_runs_on_local_processes_and_says_so(world, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    said = []
+    specs = _specs(world, seeds=(0,))[:1]
+    report = run_grid(specs, world[1], RunStore(tmp_path), jobs=2, say=said.append)
+    assert not report.failures and list(report.results) == [specs[0].identity]
+    assert said == ["Ray is not installed here: 1 run(s) on 2 local processes"]
+    with pytest.raises(HetCompError, match="unknown grid backend"):
+        run_grid(specs, world[1], RunStore(tmp_path), backend="threads")
+
+
 DRIVER = textwrap.dedent("""
     import sys, pickle
     from hetcomp.runs import RunStore
     from hetcomp.runs.grid import run_grid
     specs, inputs = pickle.load(open(sys.argv[1], "rb"))
-    run_grid(specs, inputs, RunStore(sys.argv[2]), jobs=2)
+    run_grid(specs, inputs, RunStore(sys.argv[2]), jobs=2, backend=sys.argv[3])
 """)
 
 
-def test_sigterm_of_the_driver_leaves_no_process(world, tmp_path):
+@pytest.mark.parametrize("backend", ["ray", "processes"])
+def test_sigterm_of_the_driver_leaves_no_process(world, tmp_path, backend):
     import pickle
 
     _, inputs, _, _ = world
     specs = _specs(world, seeds=(0, 1), max_epochs=5000, patience=5000)  # runs outlive the test
     (tmp_path / "grid.pkl").write_bytes(pickle.dumps((specs, inputs)))
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "grid.pkl"), str(tmp_path / "runs")])
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "grid.pkl"), str(tmp_path / "runs"),
+                               backend])
     deadline = time.time() + 300  # a loaded 2-core machine needs minutes to start Ray and a first checkpoint
     while time.time() < deadline and not list((tmp_path / "runs").rglob("last.pt")):
         time.sleep(0.1)
@@ -122,12 +169,13 @@ def test_sigterm_of_the_driver_leaves_no_process(world, tmp_path):
     assert driver.returncode != 0
 
 
-def test_a_failed_run_is_reported_by_name_while_the_others_finish(world, tmp_path):
+@pytest.mark.parametrize("backend", ["ray", "processes"])
+def test_a_failed_run_is_reported_by_name_while_the_others_finish(world, tmp_path, backend):
     import dataclasses
 
     good = _specs(world, seeds=(0,))
     bad = dataclasses.replace(good[0], split_fingerprint="not-this-split")
-    report = run_grid([bad, *good], world[1], RunStore(tmp_path), jobs=2)
+    report = run_grid([bad, *good], world[1], RunStore(tmp_path), jobs=2, backend=backend)
     assert sorted(report.results) == sorted(s.identity for s in good)
     assert [(spec.identity, "not the driver's" in message) for spec, message in report.failures] == [(bad.identity,
                                                                                                      True)]

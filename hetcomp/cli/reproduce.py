@@ -57,7 +57,8 @@ def reproduce_command(
     results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
     jobs: int = typer.Option(1, help="Table 2: train this many student runs at once, as Ray tasks on a local "
                                      "cluster of this many CPUs, each run with cores/jobs threads (e.g. 2 on a "
-                                     "2-core machine); 1 trains them one by one in this process."),
+                                     "2-core machine; local processes where Ray is not installed); 1 trains "
+                                     "them one by one in this process."),
     ray_address: str = typer.Option(None, "--ray-address", help="Send the runs to an existing Ray cluster (auto, "
                                     "ray://HOST:PORT); every node must see --runs-dir, --teachers-dir and the data."),
     top_m: int = typer.Option(None, help="Items kept per user and state in the trajectory of a teacher trained "

@@ -10,7 +10,10 @@ stops the cluster it started.
 
 from __future__ import annotations
 
+import importlib.util
+import multiprocessing
 import os
+import queue
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -79,16 +82,23 @@ def execute_spec(spec: RunSpec, inputs: Inputs, store_root: str, threads: int) -
 def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: int = 1, address: str | None = None,
              cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
              on_result: Callable[[RunSpec, dict], None] | None = None,
-             say: Callable[[str], None] = print) -> GridReport:
+             say: Callable[[str], None] = print, backend: str | None = None) -> GridReport:
     """Run every spec as a Ray task (finished ones are reused by the task itself) and report as they finish.
 
     ``jobs``: CPUs of the local cluster started when ``address`` is None (each run gets ``cpus_per_run`` of them
-    and ``cores / jobs`` torch threads). ``on_result`` is called in the driver, in completion order."""
-    import ray
-
+    and ``cores / jobs`` torch threads). ``on_result`` is called in the driver, in completion order.
+    ``backend``: ``ray``, or ``processes`` (``jobs`` spawned processes of this machine taking the runs one after
+    another: no retry of a process that dies); by default Ray, and the processes where Ray is not installed
+    (e.g. a bare GPU machine) and no ``address`` asks for a cluster."""
     report = GridReport()
     if not specs:
         return report
+    if backend is None:
+        backend = "ray" if address is not None or importlib.util.find_spec("ray") is not None else "processes"
+        if backend == "processes":
+            say(f"Ray is not installed here: {len(specs)} run(s) on {jobs} local processes")
+    if backend not in ("ray", "processes"):
+        raise HetCompError(f"unknown grid backend {backend!r}; use ray or processes")
 
     def finished(spec: RunSpec, metrics: dict | None, message: str | None) -> None:
         if message is not None:
@@ -99,11 +109,89 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
         if on_result is not None:
             on_result(spec, metrics)
 
+    threads = task_threads(jobs, address, cpus_per_run)
+    if backend == "processes":
+        previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+        try:
+            run_in_processes(specs, inputs, str(store.root), jobs, threads, finished)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return report
+    import ray
+
     with ray_cluster(jobs, address):
-        threads = task_threads(jobs, address, cpus_per_run)
         task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute_spec)
         collect({task.remote(spec, inputs, str(store.root), threads): spec for spec in specs}, finished)
     return report
+
+
+def run_in_processes(specs: Sequence[RunSpec], inputs: Inputs, store_root: str, jobs: int, threads: int,
+                     finished: Callable[[RunSpec, dict | None, str | None], None], poll: float = 1.0) -> None:
+    """The grid on ``jobs`` spawned processes of this machine, each taking the next run from one queue (the
+    runs balance themselves over the processes); ``finished`` as in :func:`collect`. A process that dies fails
+    its run (named; rerunning resumes it from its checkpoint) and another takes its place. Every process is
+    stopped when this returns or raises (Ctrl-C, SIGTERM)."""
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for index, spec in enumerate(specs):
+        tasks.put((index, spec))
+    workers: list = []
+    taken: dict[int, int] = {}  # pid -> index of the run it took
+    left = set(range(len(specs)))
+
+    def start() -> None:
+        tasks.put(None)  # one stop mark per process started
+        worker = context.Process(target=_take_runs, args=(tasks, results, inputs, store_root, threads), daemon=True)
+        worker.start()
+        workers.append(worker)
+
+    try:
+        for _ in range(min(jobs, len(specs))):
+            start()
+        while left:
+            try:
+                kind, index, value = results.get(timeout=poll)
+            except queue.Empty:
+                for worker in [w for w in workers if not w.is_alive() and w.exitcode not in (0, None)]:
+                    workers.remove(worker)
+                    index = taken.pop(worker.pid, None)
+                    if index is not None and index in left:
+                        left.discard(index)
+                        finished(specs[index], None, f"its process died (exit code {worker.exitcode}); rerun the "
+                                                     "command to resume it from its last checkpoint")
+                    if left:
+                        start()
+                if left and not any(worker.is_alive() for worker in workers):  # a run taken but never announced
+                    for index in sorted(left):
+                        finished(specs[index], None, "its process ended before reporting it; rerun the command")
+                    left.clear()
+                continue
+            if kind == "start":
+                taken[value] = index
+            elif index in left:
+                left.discard(index)
+                finished(specs[index], value if kind == "done" else None, value if kind == "failed" else None)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _take_runs(tasks, results, inputs: Inputs, store_root: str, threads: int) -> None:
+    """A process of :func:`run_in_processes`: runs from ``tasks`` until the stop mark."""
+    while (task := tasks.get()) is not None:
+        index, spec = task
+        results.put(("start", index, os.getpid()))
+        try:
+            results.put(("done", index, execute_spec(spec, inputs, store_root, threads)))
+        except Exception as error:  # the run's own error: reported by name, the others go on
+            text = str(error).strip()
+            results.put(("failed", index, text.splitlines()[-1] if text else repr(error)))
 
 
 def task_threads(jobs: int, address: str | None, cpus_per_task: float) -> int:
