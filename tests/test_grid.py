@@ -125,10 +125,9 @@ def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp
 
 
 def test_without_ray_a_grid_runs_on_local_processes_and_says_so(world, tmp_path, monkeypatch):
-    import importlib.util
+    from hetcomp.runs import grid
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setattr(grid, "_ray_importable", lambda: False)
     said = []
     specs = _specs(world, seeds=(0,))[:1]
     report = run_grid(specs, world[1], RunStore(tmp_path), jobs=2, say=said.append)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole Table 2 of a dataset from scratch on one GPU (issue 17, goal 5), measured: the six teachers trained
-# at once (one process each), the GPU benchmark, then the student runs as one process per student and method
-# (each trains its seeds one after the other), all sharing the device, then the table assembled from the
-# finished runs. Each phase's wall time goes to $OUT/timings.md, the device's load to the dmon log.
+# at once (one process each), the GPU benchmark, then the student runs on JOBS processes (16) that take them
+# from one queue (`reproduce --jobs`: Ray's local cluster, or local processes where Ray is not installed), all
+# sharing the device, then the table assembled from the finished runs. Each phase's wall time goes to
+# $OUT/timings.md, the device's load to the dmon log.
 #
 # A deadline (DEADLINE seconds after the start) stops whatever still trains (SIGTERM: run folders keep their
 # last checkpoint), so that the partial table, the timings and the logs still come back; the table then lists
@@ -10,9 +11,9 @@
 #
 # Usage: OUT=<results folder> [DEADLINE=520] [WORK=<folder>] experiments/plans/gpu-table2.sh
 # Other knobs (environment): DATA_OPTS (how commands name the data; default "--dataset citeulike"), STUDENTS,
-# METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), BENCH (1: time the hot paths with `hetcomp bench`), MPS (1: run
-# every process under CUDA's multi-process service, a user-space daemon started here and stopped at the end, so
-# the processes' small kernels run side by side instead of time-slicing the device; the card's settings stay).
+# METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), JOBS (16), BENCH (1: time the hot paths with `hetcomp bench`),
+# MPS (1: every process under CUDA's multi-process service, a user-space daemon started here and stopped at the
+# end, so the processes' small kernels run side by side instead of time-slicing the device; card settings stay).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -25,6 +26,7 @@ DEVICE="${DEVICE:-cuda}"
 PYTHON="${PYTHON:-python3}"
 BENCH="${BENCH:-1}"
 MPS="${MPS:-0}"
+JOBS="${JOBS:-16}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK/logs"
@@ -34,7 +36,7 @@ start=$(date +%s)
 
 elapsed() { echo $(( $(date +%s) - start )); }
 note() { echo "- $(elapsed) s: $*" | tee -a "$OUT/timings.md"; }
-hc() { "$PYTHON" -m hetcomp "$@"; }
+hc() { "$PYTHON" -m hetcomp "$@"; }  # foreground only: a background function is a subshell that a stop misses
 
 # wait for the given processes; past the deadline, stop the ones still running (and say which)
 wait_or_stop() {
@@ -78,7 +80,7 @@ dmon=$!
 
 pids=()
 for teacher in mf ml dnn gnn ae iae; do
-  hc train-teachers "${data[@]}" --teachers "$teacher" --device "$DEVICE" "${dirs[@]}" \
+  "$PYTHON" -m hetcomp train-teachers "${data[@]}" --teachers "$teacher" --device "$DEVICE" "${dirs[@]}" \
     > "$WORK/logs/teacher-$teacher.log" 2>&1 &
   pids+=($!)
 done
@@ -92,19 +94,11 @@ if [ "$BENCH" = 1 ] && [ "$(elapsed)" -lt "$DEADLINE" ]; then
 fi
 
 runs_start=$(elapsed)
-pids=()
-IFS=, read -r -a students <<< "$STUDENTS"
-IFS=, read -r -a methods <<< "$METHODS"
-for student in "${students[@]}"; do
-  for method in "${methods[@]}"; do
-    hc reproduce "${data[@]}" --table 2 --students "$student" --methods "$method" --seeds "$SEEDS" \
-      --device "$DEVICE" --jobs 1 "${dirs[@]}" --runs-dir "$WORK/runs" --results-dir "$WORK/results" \
-      > "$WORK/logs/runs-$student-$method.log" 2>&1 &
-    pids+=($!)
-  done
-done
-note "started ${#pids[@]} reproduce processes (one per student and method)"
-wait_or_stop "${pids[@]}"
+"$PYTHON" -m hetcomp reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" \
+  --device "$DEVICE" --jobs "$JOBS" "${dirs[@]}" --runs-dir "$WORK/runs" --results-dir "$WORK/results" \
+  > "$WORK/logs/runs.log" 2>&1 &
+note "started the runs: one reproduce, $JOBS processes taking them from one queue"
+wait_or_stop $!
 note "student runs: $(( $(elapsed) - runs_start )) s of wall time"
 
 hc reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" --no-train \

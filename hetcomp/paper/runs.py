@@ -53,7 +53,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
         return
     if rep.inputs is None:
         raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
-    where = rep.ray_address or f"a local Ray cluster of {rep.jobs} CPUs"
+    where = rep.ray_address or f"{rep.jobs} local workers (Ray, or processes where Ray is not installed)"
     rep.say(f"training {len(specs)} runs on {where}")
     bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))
     done = []

@@ -10,7 +10,6 @@ stops the cluster it started.
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
 import queue
@@ -94,7 +93,7 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     if not specs:
         return report
     if backend is None:
-        backend = "ray" if address is not None or importlib.util.find_spec("ray") is not None else "processes"
+        backend = "ray" if address is not None or _ray_importable() else "processes"
         if backend == "processes":
             say(f"Ray is not installed here: {len(specs)} run(s) on {jobs} local processes")
     if backend not in ("ray", "processes"):
@@ -250,6 +249,14 @@ def collect(pending: dict, finished: Callable[[object, object, str | None], None
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
+
+
+def _ray_importable() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _interrupt(signum, frame) -> None:
