@@ -135,6 +135,8 @@ def test_without_ray_a_grid_runs_on_local_processes_and_says_so(world, tmp_path,
     assert said == ["Ray is not installed here: 1 run(s) on 2 local processes"]
     with pytest.raises(HetCompError, match="unknown grid backend"):
         run_grid(specs, world[1], RunStore(tmp_path), backend="threads")
+    with pytest.raises(HetCompError, match="pip install ray"):
+        run_grid(specs, world[1], RunStore(tmp_path), address="auto")
 
 
 DRIVER = textwrap.dedent("""

@@ -98,6 +98,10 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
             say(f"Ray is not installed here: {len(specs)} run(s) on {jobs} local processes")
     if backend not in ("ray", "processes"):
         raise HetCompError(f"unknown grid backend {backend!r}; use ray or processes")
+    if backend == "ray" and not _ray_importable():
+        raise HetCompError("Ray cannot be imported here, and the grid asks for it (--ray-address sends runs to a "
+                           "Ray cluster): install it (`pip install ray`), or leave --ray-address out to train on "
+                           "local processes")
 
     def finished(spec: RunSpec, metrics: dict | None, message: str | None) -> None:
         if message is not None:
