@@ -277,3 +277,15 @@ def test_dcd_at_zero_correction_is_served_by_its_finished_rrd_twin(teachers, tmp
     assert distill(SPLIT, teachers, "mf", "dcd", method_options=dcd_options, runs_root=tmp_path / "shared",
                    **run) == adopted  # now a finished run of its own
     assert len(_folders(tmp_path / "shared")) == 2
+
+
+def test_a_dcd_whose_rrd_part_its_options_do_not_spell_out_has_no_twin():
+    """The twin is the RRD that the command line's options make: where this run's RRD part differs from it (a
+    value not among the options, e.g. a default of DCD's that RRD does not share), there is none."""
+    import dataclasses
+
+    from hetcomp.distill.dcd import DCD, DCDConfig
+
+    config = dataclasses.asdict(DCDConfig(dcd_weight=0.0, temperature=5.0))
+    assert DCD.trains_as(config, {"dcd_weight": 0.0}) is None
+    assert DCD.trains_as(config, {"dcd_weight": 0.0, "temperature": 5.0}) == ("rrd", {"temperature": 5.0})

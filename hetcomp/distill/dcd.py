@@ -215,8 +215,12 @@ class DCD(DistillMethod):
         if config.get("dcd_weight") != 0:
             return None
         shared = {field.name for field in dataclasses.fields(RRDConfig)}
-        return "rrd", {("weight" if name == "rrd_weight" else name): value for name, value in options.items()
-                       if ("weight" if name == "rrd_weight" else name) in shared}
+        as_rrd = {("weight" if name == "rrd_weight" else name): value for name, value in options.items()
+                  if ("weight" if name == "rrd_weight" else name) in shared}
+        twin = dataclasses.asdict(RRDConfig(**as_rrd))
+        ours = {("weight" if name == "rrd_weight" else name): value for name, value in config.items()}
+        # the RRD these options make must be this run's RRD part, defaults included
+        return ("rrd", as_rrd) if all(ours.get(name) == value for name, value in twin.items()) else None
 
     @property
     def checked(self) -> bool:
