@@ -69,24 +69,25 @@ def test_a_grid_on_two_workers_gives_the_rows_of_one_by_one(world, tmp_path, bac
         assert _same(report.results[spec.identity], alone)
 
 
+def _kill_when_checkpointed(folder, killed: list[int], wait: float = 120.0) -> None:
+    """SIGKILL the process that holds the run ``folder`` once it has written a checkpoint (its pid into ``killed``)."""
+    deadline = time.time() + wait
+    while time.time() < deadline and not killed:
+        lock = folder / ".lock"
+        if (folder / "last.pt").is_file() and lock.is_file() and lock.read_text().strip():
+            pid = int(lock.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.01)
+
+
 def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_path):
     _, inputs, split, trajectories = world
     spec = _specs(world, seeds=(0,), max_epochs=40, patience=40)[1]  # all 40 epochs: time to be killed
     store = RunStore(tmp_path / "ray")
     folder = store.folder(spec)
-    killed = []
-
-    def kill_when_checkpointed():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            lock = folder / ".lock"
-            if (folder / "last.pt").is_file() and lock.is_file() and lock.read_text().strip():
-                pid = int(lock.read_text())
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_when_checkpointed)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_when_checkpointed, args=(folder, killed))
     killer.start()
     report = run_grid([spec], inputs, store, jobs=2)
     killer.join()
@@ -103,19 +104,8 @@ def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp
     short = _specs(world, seeds=(1, 2))
     store = RunStore(tmp_path / "processes")
     folder = store.folder(long)
-    killed = []
-
-    def kill_when_checkpointed():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            lock = folder / ".lock"
-            if (folder / "last.pt").is_file() and lock.is_file() and lock.read_text().strip():
-                pid = int(lock.read_text())
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_when_checkpointed)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_when_checkpointed, args=(folder, killed))
     killer.start()
     report = run_grid([long, *short], inputs, store, jobs=2, backend="processes")
     killer.join()
