@@ -146,8 +146,9 @@ def parse_seeded_name(name: str, split_seed: int = 0) -> tuple[str, int]:
 
 
 def train_teacher(split: Split, teacher: str, root: Path, dim: int = 64, seed: int = 0,
-                  device: torch.device | str = "cpu", top_m: int = 200, callbacks: list[Callback] | None = None,
-                  command: str = "", name: str | None = None, waiting: Callable[[str], None] | None = print,
+                  device: torch.device | str = "cpu", top_m: int = DEFAULT_TOP_M,
+                  callbacks: list[Callback] | None = None, command: str = "", name: str | None = None,
+                  waiting: Callable[[str], None] | None = print,
                   **overrides) -> Trajectory:
     """Train one teacher (resuming a killed run) and return its trajectory; reuse a finished one.
 

@@ -214,13 +214,16 @@ class DCD(DistillMethod):
         options then play no part)."""
         if config.get("dcd_weight") != 0:
             return None
+
+        def rrd_names(settings: dict) -> dict:  # the inverse of _from_rrd's renaming
+            return {("weight" if name == "rrd_weight" else name): value for name, value in settings.items()}
+
         shared = {field.name for field in dataclasses.fields(RRDConfig)}
-        as_rrd = {("weight" if name == "rrd_weight" else name): value for name, value in options.items()
-                  if ("weight" if name == "rrd_weight" else name) in shared}
-        twin = dataclasses.asdict(RRDConfig(**as_rrd))
-        ours = {("weight" if name == "rrd_weight" else name): value for name, value in config.items()}
+        as_rrd = {name: value for name, value in rrd_names(options).items() if name in shared}
+        ours = rrd_names(config)
         # the RRD these options make must be this run's RRD part, defaults included
-        return ("rrd", as_rrd) if all(ours.get(name) == value for name, value in twin.items()) else None
+        made = dataclasses.asdict(RRDConfig(**as_rrd))
+        return ("rrd", as_rrd) if all(ours.get(name) == value for name, value in made.items()) else None
 
     @property
     def checked(self) -> bool:

@@ -11,6 +11,7 @@ import torch
 from hetcomp.data import Split
 from hetcomp.provenance import dataset_slug
 from hetcomp.runs.grid import Inputs
+from hetcomp.teachers import DEFAULT_TOP_M
 from hetcomp.train import Callback
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
@@ -82,7 +83,7 @@ class Reproduction:
     inputs: Inputs | None = None
     jobs: int = 1  # runs at once: > 1 (or ``ray_address``) trains the missing runs as Ray tasks
     ray_address: str | None = None
-    teacher_top_m: int = 200  # items kept per user and state in a trained teacher's trajectory
+    teacher_top_m: int = DEFAULT_TOP_M  # items kept per user and state in a trained teacher's trajectory
 
     @property
     def label(self) -> str:

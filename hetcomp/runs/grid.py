@@ -92,13 +92,14 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     report = GridReport()
     if not specs:
         return report
+    has_ray = _ray_importable()
     if backend is None:
-        backend = "ray" if address is not None or _ray_importable() else "processes"
+        backend = "ray" if address is not None or has_ray else "processes"
         if backend == "processes":
             say(f"Ray is not installed here: {len(specs)} run(s) on {jobs} local processes")
     if backend not in ("ray", "processes"):
         raise HetCompError(f"unknown grid backend {backend!r}; use ray or processes")
-    if backend == "ray" and not _ray_importable():
+    if backend == "ray" and not has_ray:
         raise HetCompError("Ray cannot be imported here, and the grid asks for it (--ray-address sends runs to a "
                            "Ray cluster): install it (`pip install ray`), or leave --ray-address out to train on "
                            "local processes")
@@ -114,12 +115,8 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
 
     threads = task_threads(jobs, address, cpus_per_run)
     if backend == "processes":
-        previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
-        try:
+        with sigterm_interrupts():
             run_in_processes(specs, inputs, str(store.root), jobs, threads, finished)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
         return report
     import ray
 
@@ -218,14 +215,24 @@ def ray_cluster(jobs: int, address: str | None) -> Iterator[None]:
         ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False, configure_logging=False)
     elif not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        with sigterm_interrupts():
+            yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM of the driver becomes a KeyboardInterrupt for the duration (main thread only), so that a grid
+    stops every task it started."""
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
         yield
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if started_here:
-            ray.shutdown()
 
 
 def collect(pending: dict, finished: Callable[[object, object, str | None], None], poll: float | None = None,
