@@ -11,13 +11,20 @@ Reports the seconds per epoch of one ordinary run (the project's Trainer) and of
 (seconds per epoch per seed), and how far replica 0 is from the ordinary run of seed 0 after the timed epochs
 (max |Δ| of the user embeddings: the batched kernels may sum in another order). Writes ``$OUT/replicas.md``.
 
+With ``--share N`` it measures instead whether stacking and sharing the device add up: N processes (under CUDA
+MPS with ``--mps``) each train R stacked seeds, their timed epochs started together, for each R of
+``--replicas``; reported as seed-epochs per second of all processes together (``$OUT/replicas-shared.md``).
+
 Usage: OUT=<folder> python experiments/plans/replica_prototype.py [--device cuda] [--epochs 3]
+       [--share 16 --mps --replicas 1,5]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -65,8 +72,12 @@ class Loss(torch.nn.Module):
         return self.model.loss(batch)
 
 
-def stacked(split, device: torch.device, replicas: int, epochs: int) -> tuple[float, torch.Tensor]:
-    """R seeds as one stacked model: seconds per epoch (all seeds) and replica 0's user embeddings."""
+def stacked(split, device: torch.device, replicas: int, epochs: int,
+            start_at: float | None = None) -> tuple[float, torch.Tensor]:
+    """R seeds as one stacked model: seconds per epoch (all seeds) and replica 0's user embeddings.
+
+    With ``start_at`` (a ``time.time()``), one untimed warm-up epoch runs first and the timed epochs wait for it.
+    """
     models = []
     for seed in range(replicas):
         torch.manual_seed(seed)
@@ -83,9 +94,13 @@ def stacked(split, device: torch.device, replicas: int, epochs: int) -> tuple[fl
     lengths = context.train_indptr[1:] - context.train_indptr[:-1]
     users = torch.repeat_interleave(torch.arange(context.n_users), lengths)
     generators = [torch.Generator().manual_seed(seed) for seed in range(replicas)]
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(epochs):
+    warm_up = 0 if start_at is None else 1
+    for epoch in range(warm_up + epochs):
+        if epoch == warm_up:
+            sync(device)
+            while start_at is not None and time.time() < start_at:
+                time.sleep(0.01)
+            started = time.perf_counter()
         orders = torch.stack([torch.randperm(len(users), generator=g) for g in generators])
         for start in range(0, len(users), BATCH):
             chosen = orders[:, start:start + BATCH]
@@ -100,12 +115,52 @@ def stacked(split, device: torch.device, replicas: int, epochs: int) -> tuple[fl
     return (time.perf_counter() - started) / epochs, params["model.user_embedding.weight"][0].detach().cpu()
 
 
+def shared_worker(device_name: str, replicas: int, epochs: int, start_at: float, queue) -> None:
+    torch.set_num_threads(1)
+    seconds, _ = stacked(load_dataset("citeulike"), torch.device(device_name), replicas, epochs, start_at)
+    queue.put(seconds * epochs)
+
+
+def share(args: argparse.Namespace) -> None:
+    """N processes of R stacked seeds each, timed together: do stacking and sharing the device add up?"""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_overhead import multi_process_service
+
+    out = Path(os.environ.get("OUT", ".")) / "replicas-shared.md"
+    with multi_process_service(args.mps) as sharing:
+        lines = [f"# Stacked seeds in processes sharing {args.device} ({sharing})", "",
+                 f"machine: {machine()}, {os.cpu_count()} CPUs; w/o KD MF dim 6, {args.epochs} timed epochs", "",
+                 "| processes | seeds stacked in each | seed-epochs/s, all together | s per epoch per process |",
+                 "|---|---|---|---|"]
+        context = multiprocessing.get_context("spawn")
+        for replicas in (int(r) for r in args.replicas.split(",")):
+            queue = context.Queue()
+            start_at = time.time() + 15 + 0.5 * args.share  # every process loads, stacks and warms up first
+            processes = [context.Process(target=shared_worker,
+                                         args=(args.device, replicas, args.epochs, start_at, queue))
+                         for _ in range(args.share)]
+            for process in processes:
+                process.start()
+            seconds = [queue.get() for _ in processes]
+            for process in processes:
+                process.join()
+            lines.append(f"| {args.share} | {replicas} | {args.share * replicas * args.epochs / max(seconds):.2f} | "
+                         f"{sum(seconds) / len(seconds) / args.epochs:.3f} |")
+            out.write_text("\n".join(lines) + "\n")
+            print(lines[-1], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--replicas", default="1,5,15")
+    parser.add_argument("--share", type=int, default=0, help="processes sharing the device (0: one process)")
+    parser.add_argument("--mps", action="store_true", help="with --share: the processes under CUDA MPS")
     args = parser.parse_args()
+    if args.share:
+        share(args)
+        return
     torch.set_num_threads(1)
     device = resolve_device(args.device)
     split = load_dataset("citeulike")
