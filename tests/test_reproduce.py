@@ -97,6 +97,24 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert "ensemble" in cost and "student mf" in cost and "teacher iae" in cost
 
 
+def test_parallel_runs_are_queued_longest_first_by_a_ledger_with_unknown_rows_first():
+    from types import SimpleNamespace
+
+    from hetcomp.paper.runs import longest_first
+
+    specs = [SimpleNamespace(student=s, method=m, seed=k) for s in ("mf", "dnn") for m in ("none", "kd", "rd")
+             for k in (0, 1)]
+    rows = [{"student": "mf", "method": "none", "wall_seconds": "50"}, {"student": "mf", "method": "kd",
+            "wall_seconds": "600"}, {"student": "mf", "method": "kd", "wall_seconds": "700"},
+            {"student": "dnn", "method": "none", "wall_seconds": "70"}, {"student": "dnn", "method": "kd",
+            "wall_seconds": "690"}, {"student": "dnn", "method": "rd", "wall_seconds": "n/a"}]
+    order = [(s.student, s.method, s.seed) for s in longest_first(specs, rows)]
+    assert order == [("mf", "rd", 0), ("mf", "rd", 1), ("dnn", "rd", 0), ("dnn", "rd", 1),  # no usable wall time
+                     ("dnn", "kd", 0), ("dnn", "kd", 1), ("mf", "kd", 0), ("mf", "kd", 1),
+                     ("dnn", "none", 0), ("dnn", "none", 1), ("mf", "none", 0), ("mf", "none", 1)]
+    assert longest_first(specs, []) == specs  # no ledger: the table's order
+
+
 def test_jobs_train_runs_as_ray_tasks_and_the_driver_merges_their_rows(workspace):
     result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
     out = workspace / "results" / "csv-toy-first300"

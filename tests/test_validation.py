@@ -111,6 +111,8 @@ def test_sep_is_one_character_and_backslash_t_means_tab(tmp_path):
     fails_cleanly(["reproduce", "--dataset", "csv", "--table", "2", "--path", str(data), "--sep", "\\t\\t"],
                   "--sep \\t\\t")
     fails_cleanly(["reproduce", "--table", "2", "--jobs", "0"], "--jobs 0")
+    fails_cleanly(["reproduce", "--table", "2", "--jobs", "2", "--durations-from", str(tmp_path / "none.csv")],
+                  "--durations-from", "no such file")
 
 
 # ---- valid edge values are accepted ---------------------------------------------------------------------

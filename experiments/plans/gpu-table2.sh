@@ -14,7 +14,9 @@
 # METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), JOBS (16), BENCH (1: time the hot paths with `hetcomp bench`),
 # MPS (1, the default: every process under CUDA's multi-process service, a user-space daemon started here and
 # stopped at the end, so the processes' small kernels run side by side instead of time-slicing the device: 5.8×
-# the epochs/s of 16 processes without it, gpu-table2-citeulike.md; card settings stay; 0: time-sliced).
+# the epochs/s of 16 processes without it, gpu-table2-citeulike.md; card settings stay; 0: time-sliced),
+# DURATIONS (a table2.csv whose wall times queue the runs longest first; default the committed CiteULike one,
+# used where the file exists; order only).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -28,6 +30,7 @@ PYTHON="${PYTHON:-python3}"
 BENCH="${BENCH:-1}"
 MPS="${MPS:-1}"
 JOBS="${JOBS:-16}"
+DURATIONS="${DURATIONS-experiments/results/tuned/citeulike/table2.csv}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK/logs"
@@ -95,9 +98,11 @@ if [ "$BENCH" = 1 ] && [ "$(elapsed)" -lt "$DEADLINE" ]; then
 fi
 
 runs_start=$(elapsed)
+order=()
+[ -f "$DURATIONS" ] && order=(--durations-from "$DURATIONS")
 "$PYTHON" -m hetcomp reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" \
-  --device "$DEVICE" --jobs "$JOBS" "${dirs[@]}" --runs-dir "$WORK/runs" --results-dir "$WORK/results" \
-  > "$WORK/logs/runs.log" 2>&1 &
+  --device "$DEVICE" --jobs "$JOBS" "${order[@]}" "${dirs[@]}" --runs-dir "$WORK/runs" \
+  --results-dir "$WORK/results" > "$WORK/logs/runs.log" 2>&1 &
 note "started the runs: one reproduce, $JOBS processes taking them from one queue"
 wait_or_stop $!
 note "student runs: $(( $(elapsed) - runs_start )) s of wall time"

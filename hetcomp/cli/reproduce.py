@@ -63,12 +63,19 @@ def reproduce_command(
                                     "ray://HOST:PORT); every node must see --runs-dir, --teachers-dir and the data."),
     top_m: int = typer.Option(None, help="Items kept per user and state in the trajectory of a teacher trained "
                                          "here (default 200, or fewer when the catalogue is too small)."),
+    durations_from: Path = typer.Option(None, "--durations-from", help="Table 2 with --jobs: queue the runs "
+                                        "longest first by the wall times in this table2.csv (e.g. a committed "
+                                        "one; default: the results folder's own ledger). Order only, never "
+                                        "results."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
 
     check_option("--jobs", jobs, 2, ge=1)
     check_option("--top-m", top_m, 200, ge=1)
+    if durations_from is not None and not durations_from.is_file():
+        raise HetCompError(f"--durations-from {durations_from}: no such file; give a table2.csv (e.g. "
+                           "experiments/results/tuned/citeulike/table2.csv) or leave it out")
     sep = _separator(sep)
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
@@ -92,7 +99,7 @@ def reproduce_command(
                                   common.Schedule.short() if quick else common.Schedule(), command, not no_train,
                                   bar, lambda text: progress.console.print(text, highlight=False),
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
-                                  ray_address=ray_address, teacher_top_m=top_m)
+                                  ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names
                        if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]

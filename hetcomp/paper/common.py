@@ -84,6 +84,8 @@ class Reproduction:
     jobs: int = 1  # runs at once: > 1 (or ``ray_address``) trains the missing runs as Ray tasks
     ray_address: str | None = None
     teacher_top_m: int = DEFAULT_TOP_M  # items kept per user and state in a trained teacher's trajectory
+    #: a table2.csv whose wall times order parallel runs longest first (None: this table's own ledger)
+    durations_from: Path | None = None
 
     @property
     def label(self) -> str:

@@ -38,12 +38,32 @@ def student_run(rep: Reproduction, trajectories: Sequence, spec: RunSpec) -> dic
             callback.close()
 
 
+def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict]) -> list[RunSpec]:
+    """``specs`` ordered by expected wall time, longest first, so that a grid's slowest runs do not start last and
+    leave the other workers idle at its end. A run is expected to take the mean ``wall_seconds`` of the ledger
+    ``rows`` of its student and method (any seed); runs with no such row go first (they may be long), and the
+    given order is kept among equals."""
+    walls: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        try:
+            walls.setdefault((row["student"], row["method"]), []).append(float(row["wall_seconds"]))
+        except (KeyError, ValueError):
+            continue
+
+    def expected(spec: RunSpec) -> float:
+        seen = walls.get((spec.student, spec.method))
+        return sum(seen) / len(seen) if seen else float("inf")
+
+    return sorted(specs, key=expected, reverse=True)
+
+
 def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[RunSpec],
                   record: Callable[[RunSpec, dict], None]) -> None:
     """Train ``specs`` (or reuse their finished folders), calling ``record`` for each result in this process.
 
-    One job: one after the other, here. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks; a failed run stops
-    the table after the others finish, naming each failure."""
+    One job: one after the other, here. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks (or local processes),
+    queued longest first (:func:`longest_first`, by ``rep.durations_from`` or this table's own ledger); a failed
+    run stops the table after the others finish, naming each failure."""
     if not specs:
         return
     if not (rep.jobs > 1 or rep.ray_address):
@@ -54,7 +74,10 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     if rep.inputs is None:
         raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
     where = rep.ray_address or f"{rep.jobs} local workers (Ray, or processes where Ray is not installed)"
-    rep.say(f"training {len(specs)} runs on {where}")
+    durations = rep.durations_from or rep.out_dir / "table2.csv"
+    specs = longest_first(specs, read_rows(durations))
+    rep.say(f"training {len(specs)} runs on {where}, longest first by the wall times in {durations}"
+            if durations.exists() else f"training {len(specs)} runs on {where}")
     bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))
     done = []
 
