@@ -297,3 +297,24 @@ def test_table2_page_checks_each_student_on_validation_at_the_best_epoch():
                               "-o 'sides=\"both\"'")
     page = table2_markdown(rep, rows, {}, ["mf"], ["none", "rrd", "dcd"], [0, 1], validation=validation)
     assert "DCD runs with dcd_weight 0 (2 of its runs here)" in page
+
+
+def test_a_row_served_by_its_twin_names_it_and_the_manifest_counts_that_training_once(tmp_path):
+    from types import SimpleNamespace
+
+    from hetcomp.paper.common import METRICS
+    from hetcomp.paper.manifest import write_manifest
+    from hetcomp.paper.runs import table2_row
+
+    rep = SimpleNamespace(label="toy", schedule=SimpleNamespace(quick=False), out_dir=tmp_path, command="hetcomp x")
+    result = {"test": dict.fromkeys(METRICS, 0.1), "best_epoch": 4, "epochs": 6, "wall_seconds": 50.0, "curve": []}
+
+    def row(method: str, **extra) -> dict:
+        spec = SimpleNamespace(student="mf", method=method, seed=0, identity=f"{method}-id", teachers_digest="t",
+                               command=lambda: f"hetcomp distill --method {method}")
+        return table2_row(rep, spec, {**result, **extra})[0]
+
+    rrd, dcd = row("rrd"), row("dcd", trained_as={"method": "rrd", "identity": "rrd-id"})
+    assert (rrd["trained_as"], dcd["trained_as"]) == ("", "rrd-id") and dcd["wall_seconds"] == 50.0
+    manifest = write_manifest(rep, "table2", [rrd, dcd, row("none")], [0], seconds=1.0)
+    assert manifest["sum_of_run_wall_seconds"] == 100.0  # rrd and none; dcd's training was rrd's

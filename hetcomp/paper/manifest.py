@@ -23,8 +23,9 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
                    teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: bool = False,
                    grid: dict | None = None) -> dict:
     """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
-    teachers' training). From scratch, the table costs the teachers' time plus the runs' time divided by the runs
-    trained side by side (``--jobs``, one per core here): that estimate is recorded beside the measured times.
+    teachers' training; a run served by its twin's training counts once). From scratch, the table costs the
+    teachers' time plus the runs' time divided by the runs trained side by side (``--jobs``, one per core here):
+    that estimate is recorded beside the measured times.
 
     A call that trained every teacher and every run itself (``from_scratch``: nothing existed to reuse) is a
     measurement of that cost: it is kept as ``from_scratch_measured`` with its command, and later calls (a
@@ -32,7 +33,8 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
     the table covers (every caller's, merged by the caller under the results lock)."""
     path = rep.out_dir / "manifest.json"
     manifest = read_manifest(path)
-    run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows)
+    # a row served by its twin (``trained_as``) repeats the twin's wall time: that training is counted once
+    run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows if not r.get("trained_as"))
     stamp = {"commit": git_commit(), "machine": machine(),
              "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     measured = manifest.get(table, {}).get("from_scratch_measured")
