@@ -46,9 +46,26 @@ CODE_DIGEST = source_digest()
 
 
 def machine() -> str:
+    """Where numbers were made. The CPU's model and the instruction set torch's kernels use are part of it: the
+    same seed on another instruction set (AVX2 against AVX-512) sums in another order, and a teacher trained there
+    can rank a few items differently (another digest)."""
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {cpu}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+    return (f"{platform.system()} {cpu}{_cpu_model()}, {torch.get_num_threads()} threads, {gpu}, "
+            f"torch {torch.__version__}")
+
+
+def _cpu_model() -> str:
+    """`` (AMD EPYC, AVX2)``: the processor's model name where Linux tells it, and torch's CPU kernel level."""
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as handle:
+            parts += [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")][:1]
+    except OSError:
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    parts += [capability] if capability else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def dataset_slug(name: str) -> str:

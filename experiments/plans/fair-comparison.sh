@@ -6,7 +6,11 @@
 # Ray kills a stopped worker) and rerun the same lane to continue. Needs $HETCOMP_DATA.
 #
 # The teachers are trained exactly as the committed studies' were (their digests and thread counts are on
-# experiments/results/teachers-<dataset>.md; `hetcomp tune` refuses trials made with other teachers).
+# experiments/results/teachers-<dataset>.md; `hetcomp tune` refuses trials made with other teachers). They
+# reproduce only on a CPU whose instruction set the earlier machines had: on 2026-12-04 a 2-core AMD EPYC with AVX2
+# gave the Foursquare ae and iae teachers other rankings (same state epochs, test R@50 equal to 4 digits; digest
+# 2cd1686186e0 instead of ca11f4a661d8) and the lane stopped at `tune`, naming the digests. The machine line of
+# every result now names the CPU model and torch's kernel level (e.g. "AMD EPYC, AVX2").
 #
 # JOBS=2 runs two studies (then two runs) at once, one thread each: for one lane alone on the machine, e.g. the
 # Foursquare lane once the CiteULike one is done (stop it with SIGTERM and start it again with JOBS=2).
