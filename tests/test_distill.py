@@ -217,6 +217,32 @@ def test_fused_listed_scores_have_the_gradient_of_a_gather(bound):
     assert torch.allclose(fused, expected, atol=1e-12) and torch.allclose(fused_grad, expected_grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [None, 1.82])
+def test_fused_tail_at_a_temperature_equals_dividing_and_gathering_bit_for_bit(temperature):
+    """KD's listwise term: the tail of f/τ and the undivided top-K scores from one node give the loss and the
+    gradient of ``tail_logsumexp(f / τ)`` beside a ``gather`` of f, to the last bit (float32, distinct items)."""
+    from hetcomp.distill.losses import soft_target_cross_entropy, tail_logsumexp, tail_logsumexp_and_listed
+
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(6, 400, generator=generator).requires_grad_()
+    observed = torch.stack([torch.randperm(400, generator=generator)[:30] for _ in range(6)])
+    observed_valid = torch.rand(6, 30, generator=generator) > 0.2
+    top = torch.stack([torch.randperm(400, generator=generator)[:20] for _ in range(6)])
+    target = torch.softmax(torch.randn(20, generator=generator), 0).expand(6, -1)
+    valid = torch.ones(6, 20, dtype=torch.bool)
+    tau = temperature or 1.0
+
+    reference = soft_target_cross_entropy(scores, None, top, target, valid, tau, log_normalizer=tail_logsumexp(
+        scores if temperature is None else scores / temperature, observed, observed_valid))
+    (reference_grad,) = torch.autograd.grad(reference, scores)
+    normalizer, listed = tail_logsumexp_and_listed(scores, observed, observed_valid, top, temperature=temperature)
+    fused = soft_target_cross_entropy(None, None, top, target, valid, tau, log_normalizer=normalizer, listed=listed)
+    (fused_grad,) = torch.autograd.grad(fused, scores)
+    assert torch.equal(fused, reference) and torch.equal(fused_grad, reference_grad)
+    with pytest.raises(ValueError, match="temperature and bound"):
+        tail_logsumexp_and_listed(scores, observed, observed_valid, top, bound=6.0, temperature=2.0)
+
+
 def test_fused_tail_logsumexp_of_an_empty_tail_is_finite():
     from hetcomp.distill.losses import tail_logsumexp
 

@@ -122,11 +122,13 @@ class DistillContext:
         """log Σ e^f over each user's unobserved items (a softmax normalizer), without a dense [B, n_items] mask."""
         return tail_logsumexp(scores, *self._excluded(users))
 
-    def tail_and_listed_scores(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
-                               listed: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log Σ e^f over the unobserved items outside ``head`` [B, H], the scores of ``listed`` [B, L]) in one
-        autograd node (:func:`~hetcomp.distill.losses.tail_logsumexp_and_listed`); both clamped by ``bound``."""
-        return tail_logsumexp_and_listed(scores, *self._excluded(users, head), listed, bound)
+    def tail_and_listed_scores(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor | None,
+                               listed: torch.Tensor, bound: float | None = None,
+                               temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log Σ e^{f/τ} over the unobserved items outside ``head`` [B, H] (None: every unobserved item), the
+        scores of ``listed`` [B, L]) in one autograd node (:func:`~hetcomp.distill.losses.tail_logsumexp_and_listed`);
+        both clamped by ``bound``; the listed scores are not divided by ``temperature``."""
+        return tail_logsumexp_and_listed(scores, *self._excluded(users, head), listed, bound, temperature)
 
     def train_mask(self, users: torch.Tensor) -> torch.Tensor:
         """Dense bool [B, n_items] of the users' training items."""

@@ -150,10 +150,14 @@ class KD(DistillMethod):
             scores, student = None, model.score_items(users, items)
 
         def listwise() -> torch.Tensor:
+            # the tail's normalizer and the top-K's scores from one node: no dense gather gradient, no dense
+            # division outside it (the same numbers and gradients as dividing and gathering, bit for bit)
             target = torch.softmax(self.top_logits / tau, dim=0).expand(len(users), -1)
-            normalizer = self.context.tail_logsumexp(scores if tau == 1 else scores / tau, users)
-            return losses.soft_target_cross_entropy(scores, None, items[:, :self.k], target, valid[:, :self.k], tau,
-                                                    log_normalizer=normalizer)
+            top = items[:, :self.k]
+            normalizer, listed = self.context.tail_and_listed_scores(scores, users, None, top,
+                                                                     temperature=None if tau == 1 else tau)
+            return losses.soft_target_cross_entropy(None, None, top, target, valid[:, :self.k], tau,
+                                                    log_normalizer=normalizer, listed=listed)
 
         total = student.new_zeros(())
         for name, weight in self.weights.items():

@@ -36,15 +36,18 @@ class _TailLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor,
-                bound: float | None, listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        peak = scores.amax(1, keepdim=True)
-        clipped = bound is not None and bool((peak > bound).any() or (scores.amin() < -bound))
+                bound: float | None, listed: torch.Tensor,
+                temperature: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        tail = scores if temperature is None else scores / temperature
+        peak = tail.amax(1, keepdim=True)
+        clipped = bound is not None and bool((peak > bound).any() or (tail.amin() < -bound))
         if bound is not None:
             peak = peak.clamp(-bound, bound)
         if clipped:  # scalar bounds first: a clamp to per-row bounds is ~6× slower
-            exponentials = scores.clamp(-bound, bound).sub_(peak).mul_(_LOG2E)
+            exponentials = tail.clamp(-bound, bound).sub_(peak).mul_(_LOG2E)
         else:
-            exponentials = torch.add(peak * -_LOG2E, scores, alpha=_LOG2E)  # (s − peak)·log2(e) in one pass
+            exponentials = torch.add(peak * -_LOG2E, tail, alpha=_LOG2E)  # (s − peak)·log2(e) in one pass
+        del tail
         exponentials.exp2_()
         rows = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1).expand_as(excluded)
         exponentials.index_put_((rows[excluded_valid], excluded[excluded_valid]),
@@ -55,6 +58,7 @@ class _TailLogSumExp(torch.autograd.Function):
         if bound is not None:
             listed_scores.clamp_(-bound, bound)
         ctx.bound = bound if clipped else None
+        ctx.temperature = temperature
         ctx.save_for_backward(scores, exponentials, total, listed)
         return torch.log(total) + peak.squeeze(1), listed_scores
 
@@ -63,12 +67,14 @@ class _TailLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_lse: torch.Tensor, grad_listed: torch.Tensor):
         scores, exponentials, total, listed = ctx.saved_tensors
         grad = exponentials.mul_((grad_lse / total).unsqueeze(1))  # the buffer is not needed again
+        if ctx.temperature is not None:  # the division's backward, in place: the same rounding as autograd's
+            grad.div_(ctx.temperature)
         if listed.numel():
             grad.scatter_add_(1, listed, grad_listed)
         if ctx.bound is not None:  # clamped scores do not move: the clamp's (hardtanh's) fused backward, one
             # pass where two comparisons, an "or" and a masked fill took ~20× longer on the CPU
             grad = torch.ops.aten.hardtanh_backward(grad, scores, -ctx.bound, ctx.bound)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def tail_logsumexp(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor,
@@ -86,13 +92,20 @@ def tail_logsumexp(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid:
 
 
 def tail_logsumexp_and_listed(scores: torch.Tensor, excluded: torch.Tensor, excluded_valid: torch.Tensor,
-                              listed: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              listed: torch.Tensor, bound: float | None = None,
+                              temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(:func:`tail_logsumexp`, the scores of ``listed`` [B, L] items clamped like :func:`listed_scores`).
 
     One autograd node for both, whose backward adds the listed items' gradients into the tail's gradient buffer
     instead of a dense gather gradient (padding −1 in ``listed`` reads column 0: give it zero weight in the loss).
+    With ``temperature`` τ the tail is log Σ e^{s/τ} (the division inside the node, its backward in place) while
+    the listed scores stay undivided: the same numbers and, for distinct listed items, the same gradients bit for
+    bit as ``tail_logsumexp(scores / τ)`` beside a ``gather`` of ``scores``, without their two dense backward
+    passes. Not with ``bound``.
     """
-    return _TailLogSumExp.apply(scores, excluded, excluded_valid, bound, listed)
+    if temperature is not None and bound is not None:
+        raise ValueError("tail_logsumexp_and_listed: temperature and bound together are not supported")
+    return _TailLogSumExp.apply(scores, excluded, excluded_valid, bound, listed, temperature)
 
 
 def listed_scores(scores: torch.Tensor, items: torch.Tensor, bound: float | None = None) -> torch.Tensor:
@@ -219,20 +232,25 @@ def lambda_mrr_loss(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     return total / pair.sum().clamp(min=1)
 
 
-def soft_target_cross_entropy(scores: torch.Tensor, unobserved: torch.Tensor | None, items: torch.Tensor,
+def soft_target_cross_entropy(scores: torch.Tensor | None, unobserved: torch.Tensor | None, items: torch.Tensor,
                               targets: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0,
-                              log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+                              log_normalizer: torch.Tensor | None = None,
+                              listed: torch.Tensor | None = None) -> torch.Tensor:
     """−Σ_l target_l · log softmax(f/τ)_{item_l}, the softmax over each user's unobserved items only.
 
     MTD's loss (targets = the teachers' mixture) and KD's ``listwise`` (targets = the teacher's top-K
     distribution). ``scores``/``unobserved`` are [B, n_items]; ``items``/``targets``/``valid`` [B, L]; an item
     listed twice counts twice (so a mixture may be passed teacher by teacher). Averaged over users. The listed
     items must be unobserved. ``log_normalizer`` [B] = log Σ_{unobserved} e^{f/τ} replaces the dense mask
-    (e.g. from :meth:`~hetcomp.distill.base.DistillContext.tail_logsumexp`, the students' fast path).
+    (e.g. from :meth:`~hetcomp.distill.base.DistillContext.tail_logsumexp`, the students' fast path); ``listed``
+    [B, L], the scores of ``items`` already taken (undivided, e.g. from
+    :meth:`~hetcomp.distill.base.DistillContext.tail_and_listed_scores`), replaces their ``gather``.
     """
     if log_normalizer is None:
         log_normalizer = masked_logsumexp(scores / temperature, unobserved)
-    log_probs = scores.gather(1, items.clamp(min=0)) / temperature - log_normalizer.unsqueeze(1)
+    if listed is None:
+        listed = scores.gather(1, items.clamp(min=0))
+    log_probs = listed / temperature - log_normalizer.unsqueeze(1)
     return _mean_over_users(-targets * log_probs, valid)
 
 
