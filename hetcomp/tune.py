@@ -46,7 +46,7 @@ from hetcomp.data import Split
 from hetcomp.distill import method_class
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine
-from hetcomp.runs import RunStore, make_spec, teachers_digest, train_run
+from hetcomp.runs import RunStore, make_spec, teacher_digests, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
 from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, flat_settings, summary_path, summary_settings
 from hetcomp.teachers import TEACHERS
@@ -132,6 +132,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
              "student": student, "dim": dim,
              "method": method, "method_version": method_class(method).version,
              "teachers": [t.name for t in trajectories], "teachers_digest": teachers_digest(trajectories),
+             "teacher_digests": teacher_digests(trajectories),
              "search_space": _jsonable(space), "fixed": _jsonable(fixed), "seed": seed, "max_epochs": max_epochs,
              "eval_every": eval_every, "patience": patience}
     study = optuna.create_study(storage=open_storage(storage), study_name=study_name, direction="maximize",
@@ -365,10 +366,14 @@ def _refuse_other_teachers(path: Path, made_for: dict, attrs: dict) -> None:
     made_with = made_for.get("teachers_digest")
     if "teachers_digest" not in identity_keys(attrs["method"]) or made_with == attrs["teachers_digest"]:
         return
+    theirs, ours = made_for.get("teacher_digests") or {}, attrs.get("teacher_digests") or {}
+    differ = [name for name in ours if name in theirs and theirs[name] != ours[name]]
+    which = (f" ({', '.join(differ)} differ: a teacher retrained with another thread count, or on a CPU with "
+             "another instruction set, ranks a few items differently)" if differ else "")
     raise HetCompError(
         f"{path} holds this study's trials made with teachers {made_with}, but the teachers "
-        f"here are {attrs['teachers_digest']}: retrain them as the study's were (each teacher's digest and thread "
-        f"count are on experiments/results/teachers-{dataset_slug(attrs['dataset'])}.md; "
+        f"here are {attrs['teachers_digest']}{which}: retrain them as the study's were (each teacher's digest, "
+        f"thread count and machine are on experiments/results/teachers-{dataset_slug(attrs['dataset'])}.md; "
         "`hetcomp train-teachers --threads N`), "
         f"or move {path.name} and its summary away to study afresh with these teachers")
 

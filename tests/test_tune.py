@@ -432,6 +432,22 @@ def test_committed_trials_made_with_other_teachers_are_an_error_not_replaced(tea
     assert json.loads(summary_file.read_text())["teachers_digest"] != teachers_digest(teachers[:1])
 
 
+def test_the_refusal_names_the_teachers_whose_rankings_differ(teachers, tmp_path):
+    """A record made with teachers of which one ranks differently (retrained on another CPU) names that one."""
+    _study(tmp_path, teachers, trials=1, storage=None)
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    record = trials_path(summary_file)
+    saved = json.loads(record.read_text())
+    names = list(saved["study"]["teacher_digests"])
+    assert len(names) == len(teachers) > 1
+    saved["study"]["teacher_digests"][names[-1]] = "0" * 12
+    saved["study"]["teachers_digest"] = "000000000000"
+    record.write_text(json.dumps(saved))
+    summary_file.with_suffix(".db").unlink()
+    with pytest.raises(HetCompError, match=rf"teachers here are \w+ \({names[-1]} differ: .*instruction set"):
+        tune(SPLIT, teachers, "mf", "rrd", 4, 1, store=RunStore(tmp_path / "runs"), root=tmp_path / "tuning", **FAST)
+
+
 def test_a_summary_made_before_trials_records_is_not_studied_again(teachers, tmp_path):
     """Older studies left only their summary (no SQLite file, no trials record): at their budget and made for
     these settings, rerunning `tune` trains nothing; made for another method version, the study runs afresh."""

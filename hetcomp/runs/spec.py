@@ -95,6 +95,11 @@ def teachers_digest(trajectories: Sequence) -> str:
     return digest.hexdigest()[:12]
 
 
+def teacher_digests(trajectories: Sequence) -> dict[str, str]:
+    """Each teacher's own digest (12 hex digits) by name: which of them differ when two ensembles' digests do."""
+    return {t.name: trajectory_digest(t)[:12] for t in trajectories}
+
+
 def _frozen(mapping: dict) -> tuple[tuple[str, object], ...]:
     return tuple(sorted((key, tuple(value) if isinstance(value, list) else value) for key, value in mapping.items()))
 
