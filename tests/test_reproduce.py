@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -318,3 +319,30 @@ def test_a_row_served_by_its_twin_names_it_and_the_manifest_counts_that_training
     assert (rrd["trained_as"], dcd["trained_as"]) == ("", "rrd-id") and dcd["wall_seconds"] == 50.0
     manifest = write_manifest(rep, "table2", [rrd, dcd, row("none")], [0], seconds=1.0)
     assert manifest["sum_of_run_wall_seconds"] == 100.0  # rrd and none; dcd's training was rrd's
+
+
+def test_rows_of_other_teachers_are_not_replaced_unless_asked(workspace, tmp_path):
+    """Teachers retrained elsewhere rank differently: training the table over rows they did not make is refused
+    (naming the rows, the digests and the fixes) until --replace-other-teachers."""
+    from hetcomp.paper.ledger import TABLE2_COLUMNS, write_rows
+
+    results = tmp_path / "results"
+    args = ("--table", "2", "--students", "mf", "--seeds", "1", "--methods", "none,rd", "--results-dir", str(results),
+            "--runs-dir", str(tmp_path / "runs"))  # the last --results-dir / --runs-dir given wins
+    invoke(workspace, *args)
+    table = results / "csv-toy-first300" / "table2.csv"
+    rows = read_rows(table)
+    for row in rows:  # as if another machine's teachers had made the RD row (its run folder is not here either)
+        if row["method"] == "rd":
+            row["teachers_digest"], row["config"] = "0123456789ab", "elsewhere"
+    write_rows(table, rows, TABLE2_COLUMNS)
+    shutil.rmtree(tmp_path / "runs")
+    refused = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+                                  "--user-col", "u", "--item-col", "i", "--quick", "--device", "cpu",
+                                  "--teachers-dir", str(workspace / "teachers"), "--cache-dir",
+                                  str(workspace / "cache"), *args])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "1 row(s) of these cells made with teachers 0123456789ab" in refused.output
+    assert "--replace-other-teachers" in refused.output and read_rows(table) == rows
+    invoke(workspace, *args, "--replace-other-teachers")
+    assert {r["method"]: r["teachers_digest"] for r in read_rows(table)}["rd"] not in ("0123456789ab", "")

@@ -67,6 +67,9 @@ def reproduce_command(
                                         "longest first by the wall times in this table2.csv (e.g. a committed "
                                         "one; default: the results folder's own ledger). Order only, never "
                                         "results."),
+    replace_other_teachers: bool = typer.Option(False, "--replace-other-teachers", help="Table 2: let runs "
+                                                "with these teachers replace ledger rows that other teachers "
+                                                "made (by default that is refused, naming the rows)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
@@ -99,7 +102,8 @@ def reproduce_command(
                                   common.Schedule.short() if quick else common.Schedule(), command, not no_train,
                                   bar, lambda text: progress.console.print(text, highlight=False),
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
-                                  ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from)
+                                  ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
+                                  replace_other_teachers=replace_other_teachers)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names
                        if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]

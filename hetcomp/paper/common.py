@@ -86,6 +86,8 @@ class Reproduction:
     teacher_top_m: int = DEFAULT_TOP_M  # items kept per user and state in a trained teacher's trajectory
     #: a table2.csv whose wall times order parallel runs longest first (None: this table's own ledger)
     durations_from: Path | None = None
+    #: Table 2 may replace ledger rows that other teachers made (else that is an error naming the fix)
+    replace_other_teachers: bool = False
 
     @property
     def label(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from hetcomp.errors import HetCompError
 from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, Reproduction
 from hetcomp.paper.ledger import locked, read_rows, row_key
 from hetcomp.paper.manifest import read_manifest, write_manifest
@@ -40,6 +41,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     recorded = {r["config"] for r in read_rows(table_file)}
     todo = [spec for spec in specs if spec.identity not in recorded]
     if rep.train:
+        _refuse_replacing_other_teachers(rep, table_file, todo, digest)
         train_missing(rep, trajectories, todo, lambda spec, result: record_table2_row(rep, spec, result))
     else:  # finished run folders still count; the rest is listed on the page
         for spec in todo:
@@ -63,6 +65,28 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         manifest = write_manifest(rep, "table2", chosen, grid["seeds"], time.perf_counter() - started,
                                   teacher_seconds, rep.jobs, from_scratch, grid={**grid, "teachers_digest": digest})
     return {"rows": chosen, "teachers": teachers, "manifest": manifest, "keys": [row_key(r) for r in chosen]}
+
+
+def _refuse_replacing_other_teachers(rep: Reproduction, table_file, todo: Sequence, digest: str) -> None:
+    """Rows that training ``todo`` would replace are an error when other teachers made them (unless
+    ``rep.replace_other_teachers``): teachers retrained on another machine or thread count rank a few items
+    differently, and hours of committed rows would be swapped for rows of other teachers one run at a time."""
+    if rep.replace_other_teachers:
+        return
+    rows = {(r["student"], r["method"], r["seed"]): r for r in read_rows(table_file)}
+    other = sorted({row["teachers_digest"] for spec in todo
+                    if (row := rows.get((spec.student, spec.method, str(spec.seed)))) is not None
+                    and spec.teachers_digest and row["teachers_digest"] not in ("", spec.teachers_digest)})
+    if not other:
+        return
+    count = sum(1 for spec in todo if (row := rows.get((spec.student, spec.method, str(spec.seed)))) is not None
+                and row["teachers_digest"] in other)
+    raise HetCompError(
+        f"{table_file} holds {count} row(s) of these cells made with teachers {', '.join(other)}, but the teachers "
+        f"under {rep.teachers_dir} are {digest}: training would replace those rows with rows of other teachers. "
+        f"Retrain the teachers as those rows' were (each teacher's digest, thread count and machine are on "
+        f"experiments/results/teachers-{rep.label}.md), give another --results-dir, or pass "
+        "--replace-other-teachers to replace them")
 
 
 def _merged_grid(rep: Reproduction, digest: str, students: Sequence[str], methods: Sequence[str],
