@@ -74,16 +74,15 @@ def _refuse_replacing_other_teachers(rep: Reproduction, table_file, todo: Sequen
     if rep.replace_other_teachers:
         return
     rows = {(r["student"], r["method"], r["seed"]): r for r in read_rows(table_file)}
-    other = sorted({row["teachers_digest"] for spec in todo
-                    if (row := rows.get((spec.student, spec.method, str(spec.seed)))) is not None
-                    and spec.teachers_digest and row["teachers_digest"] not in ("", spec.teachers_digest)})
-    if not other:
+    clashing = [row for spec in todo if (row := rows.get((spec.student, spec.method, str(spec.seed)))) is not None
+                and spec.teachers_digest and row["teachers_digest"] not in ("", spec.teachers_digest)]
+    if not clashing:
         return
-    count = sum(1 for spec in todo if (row := rows.get((spec.student, spec.method, str(spec.seed)))) is not None
-                and row["teachers_digest"] in other)
+    other = sorted({row["teachers_digest"] for row in clashing})
     raise HetCompError(
-        f"{table_file} holds {count} row(s) of these cells made with teachers {', '.join(other)}, but the teachers "
-        f"under {rep.teachers_dir} are {digest}: training would replace those rows with rows of other teachers. "
+        f"{table_file} holds {len(clashing)} row(s) of these cells made with teachers {', '.join(other)}, but the "
+        f"teachers under {rep.teachers_dir} are {digest}: training would replace those rows with rows of other "
+        "teachers. "
         f"Retrain the teachers as those rows' were (each teacher's digest, thread count and machine are on "
         f"experiments/results/teachers-{rep.label}.md), give another --results-dir, or pass "
         "--replace-other-teachers to replace them")
