@@ -346,3 +346,34 @@ def test_rows_of_other_teachers_are_not_replaced_unless_asked(workspace, tmp_pat
     assert "--replace-other-teachers" in refused.output and read_rows(table) == rows
     invoke(workspace, *args, "--replace-other-teachers")
     assert {r["method"]: r["teachers_digest"] for r in read_rows(table)}["rd"] not in ("0123456789ab", "")
+
+
+def test_a_dcd_row_at_zero_correction_comes_from_its_rrd_row_when_the_folders_are_gone(workspace, tmp_path,
+                                                                                        monkeypatch):
+    """A fresh machine keeps the committed ledger, not the run folders: DCD at dcd_weight 0 trains exactly as its
+    RRD, so the RRD row serves it (its own identity and command, trained_as naming RRD), nothing is trained."""
+    import dataclasses
+
+    from hetcomp.data import load_dataset
+    from hetcomp.paper import table2 as table2_module
+    from hetcomp.paper.common import QUICK_USERS, Reproduction, Schedule
+
+    split = load_dataset("csv", path=str(workspace / "toy.csv"), user_col="u", item_col="i", sep=",",
+                         cache_dir=workspace / "cache", max_users=QUICK_USERS)
+    quick = Schedule.short()
+    schedule = dataclasses.replace(quick, method_options={**quick.method_options, "rrd": {"weight": 0.3, "k": 12},
+                                                          "dcd": {"rrd_weight": 0.3, "k": 12, "dcd_weight": 0.0}})
+    rep = Reproduction("csv", split, workspace / "teachers", tmp_path / "runs", tmp_path / "results",
+                       schedule=schedule, command="hetcomp reproduce (test)", say=lambda text: None)
+    table2_module.table2(rep, ["mf"], [0], ["rrd"])
+    shutil.rmtree(tmp_path / "runs")
+    monkeypatch.setattr(table2_module, "train_missing",
+                        lambda rep, trajectories, todo, record: pytest.fail("nothing to train") if todo else None)
+    result = table2_module.table2(rep, ["mf"], [0], ["rrd", "dcd"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["dcd"]["trained_as"] == rows["rrd"]["config"] != rows["dcd"]["config"]
+    assert all(rows["dcd"][k] == rows["rrd"][k] for k in ("recall@50", "ndcg@50", "epochs", "wall_seconds"))
+    curves = read_rows(rep.out_dir / "curves.csv")
+    assert ([c["valid_recall@50"] for c in curves if c["method"] == "dcd"]
+            == [c["valid_recall@50"] for c in curves if c["method"] == "rrd"] != [])
+    assert result["manifest"]["sum_of_run_wall_seconds"] == float(rows["rrd"]["wall_seconds"])

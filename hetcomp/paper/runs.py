@@ -11,6 +11,7 @@ from hetcomp.paper.common import METRICS, Reproduction
 from hetcomp.paper.ledger import CURVE_COLUMNS, TABLE2_COLUMNS, locked, read_rows, write_rows
 from hetcomp.runs import RunSpec, RunStore, make_spec, train_run
 from hetcomp.runs.grid import run_grid
+from hetcomp.runs.spec import twin_spec
 
 
 def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: str, seed: int, dim: int = 6,
@@ -117,7 +118,10 @@ def table2_row(rep: Reproduction, spec: RunSpec, result: dict) -> tuple[dict, li
 def record_table2_row(rep: Reproduction, spec: RunSpec, result: dict) -> None:
     """Merge one run into table2.csv and curves.csv under the results lock; it replaces the row of the same
     student, method and seed made under another specification (older defaults, other teachers)."""
-    row, curve = table2_row(rep, spec, result)
+    _merge(rep, spec, *table2_row(rep, spec, result))
+
+
+def _merge(rep: Reproduction, spec: RunSpec, row: dict, curve: list[dict]) -> None:
     table_file, curves_file = rep.out_dir / "table2.csv", rep.out_dir / "curves.csv"
     same = (spec.student, spec.method, str(spec.seed))
     with locked(rep.out_dir):
@@ -125,3 +129,25 @@ def record_table2_row(rep: Reproduction, spec: RunSpec, result: dict) -> None:
                                 if (r["student"], r["method"], r["seed"]) != same] + [row], TABLE2_COLUMNS)
         write_rows(curves_file, [c for c in read_rows(curves_file)
                                  if (c["student"], c["method"], c["seed"]) != same] + curve, CURVE_COLUMNS)
+
+
+def rows_from_twins(rep: Reproduction, specs: Sequence[RunSpec]) -> list[RunSpec]:
+    """The ledger's side of a twin (see ``hetcomp.runs.execute``): a spec that trains exactly as another method's
+    run (DCD at ``dcd_weight=0`` as its RRD) whose row is in the ledger gets that row and its curve under its own
+    identity and command, ``trained_as`` naming the twin, although the twin's run folder is gone (a fresh
+    machine keeps the committed ledger, not the folders). Returns the specs still without a row."""
+    rows = {r["config"]: r for r in read_rows(rep.out_dir / "table2.csv")}
+    left = []
+    for spec in specs:
+        twin = twin_spec(spec)
+        row = rows.get(twin.identity) if twin is not None else None
+        if row is None:
+            left.append(spec)
+            continue
+        curve = [{**c, "method": spec.method, "config": spec.identity}
+                 for c in read_rows(rep.out_dir / "curves.csv") if c["config"] == twin.identity]
+        _merge(rep, spec, {**row, "method": spec.method, "command": rerun_command(rep, spec),
+                           "config": spec.identity, "trained_as": twin.identity}, curve)
+        rep.say(f"{spec.student}-{spec.method} seed {spec.seed}: served by the finished {twin.method} run in the "
+                f"ledger ({twin.identity}), which it trains exactly as")
+    return left
