@@ -377,3 +377,10 @@ def test_a_dcd_row_at_zero_correction_comes_from_its_rrd_row_when_the_folders_ar
     assert ([c["valid_recall@50"] for c in curves if c["method"] == "dcd"]
             == [c["valid_recall@50"] for c in curves if c["method"] == "rrd"] != [])
     assert result["manifest"]["sum_of_run_wall_seconds"] == float(rows["rrd"]["wall_seconds"])
+
+    # trained together (both missing), the DCD cell waits for its twin rather than training beside it
+    from hetcomp.paper.runs import run_spec, twins_after
+
+    specs = [run_spec(rep, [], "mf", method, 1) for method in ("dcd", "rrd", "none")]
+    first, later = twins_after(specs)
+    assert [s.method for s in first] == ["rrd", "none"] and [s.method for s in later] == ["dcd"]

@@ -131,6 +131,15 @@ def _merge(rep: Reproduction, spec: RunSpec, row: dict, curve: list[dict]) -> No
                                  if (c["student"], c["method"], c["seed"]) != same] + curve, CURVE_COLUMNS)
 
 
+def twins_after(specs: Sequence[RunSpec]) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(the specs to train first, those to train after them): a spec whose twin (:func:`twin_spec`) is among
+    ``specs`` waits for it, so that parallel workers do not train both; once the twin has finished, its run
+    folder serves the spec at once."""
+    identities = {spec.identity for spec in specs}
+    later = [spec for spec in specs if (twin := twin_spec(spec)) is not None and twin.identity in identities]
+    return [spec for spec in specs if spec not in later], later
+
+
 def rows_from_twins(rep: Reproduction, specs: Sequence[RunSpec]) -> list[RunSpec]:
     """The ledger's side of a twin (see ``hetcomp.runs.execute``): a spec that trains exactly as another method's
     run (DCD at ``dcd_weight=0`` as its RRD) whose row is in the ledger gets that row and its curve under its own

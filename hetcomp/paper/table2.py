@@ -11,7 +11,15 @@ from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, Reproduction
 from hetcomp.paper.ledger import locked, read_rows, row_key
 from hetcomp.paper.manifest import read_manifest, write_manifest
 from hetcomp.paper.pages import TABLE2_NOTES, stamp, table2_markdown, validation_at_best
-from hetcomp.paper.runs import record_table2_row, rerun_command, rows_from_twins, run_spec, student_run, train_missing
+from hetcomp.paper.runs import (
+    record_table2_row,
+    rerun_command,
+    rows_from_twins,
+    run_spec,
+    student_run,
+    train_missing,
+    twins_after,
+)
 from hetcomp.paper.teachers import ensure_teachers, teacher_rows
 from hetcomp.provenance import atomic_write_text
 from hetcomp.runs import teachers_digest
@@ -44,7 +52,8 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         _refuse_replacing_other_teachers(rep, table_file, todo, digest)
     todo = rows_from_twins(rep, todo)
     if rep.train:
-        train_missing(rep, trajectories, todo, lambda spec, result: record_table2_row(rep, spec, result))
+        for group in twins_after(todo):
+            train_missing(rep, trajectories, group, lambda spec, result: record_table2_row(rep, spec, result))
     else:  # finished run folders still count; the rest is listed on the page
         for spec in todo:
             if (result := student_run(rep, trajectories, spec)) is not None:
