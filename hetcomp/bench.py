@@ -14,6 +14,7 @@ from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
 from hetcomp.provenance import machine
+from hetcomp.stacked import StackedTrainer
 from hetcomp.teachers import load_teachers
 from hetcomp.train import OwnLoss, Trainer, TrainerConfig
 from hetcomp.trajectory import TrajectoryError
@@ -61,6 +62,10 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
     objective = OwnLoss(model, split, model.config.batch_size, model.config.n_negatives, device)
     trainer = Trainer(model, split, objective, TrainerConfig(lr=model.config.lr), device)
     record(f"teacher epoch ({teacher}, dim 64)", timed(trainer.train_epoch))
+    stacked = _stacked_none(split, student, device)
+    if stacked is not None:
+        record(f"student epoch ({student} dim 6, none), {STACKED_SEEDS} seeds stacked, per seed",
+               timed(lambda: stacked.train_epoch(stacked.trainers)) / STACKED_SEEDS)
     try:
         trajectories = load_teachers(split, teachers_dir)
     except TrajectoryError as error:
@@ -81,6 +86,22 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
             record("rebuild of the dynamic top-K (g over current states)",
                    timed(lambda m=method: context.ensemble_topk(m.config.k, m.knowledge.v)))
     return _with_peak_memory(out, device, report)
+
+
+STACKED_SEEDS = 5
+
+
+def _stacked_none(split, student: str, device: torch.device) -> StackedTrainer | None:
+    """w/o KD's seeds 0..4 as one stacked model (None for a student whose own loss cannot be stacked)."""
+    trainers = []
+    for seed in range(STACKED_SEEDS):
+        torch.manual_seed(seed)
+        model = build_model(student, split.train, dim=6)
+        if model.batch_kind != "triples":
+            return None
+        objective = build_method("none", DistillContext(split, [], device, needs_teachers=False))
+        trainers.append(Trainer(model, split, objective, TrainerConfig(seed=seed), device))
+    return StackedTrainer(trainers)
 
 
 def full_tail_floor(n_users: int, n_items: int, dim: int = 6, batch_users: int = 64,

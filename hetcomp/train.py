@@ -53,10 +53,22 @@ class TrainerConfig:
 class Objective:
     """What the trainer optimizes: a stream of batches per epoch and a loss per batch."""
 
+    #: True when :meth:`loss` is :meth:`arithmetic` of :meth:`draw`: its random draws apart from arithmetic that
+    #: ``torch.func.vmap`` can batch over seeds (:class:`hetcomp.stacked.StackedTrainer`)
+    stackable: bool = False
+
     def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Batch]:
         raise NotImplementedError
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, model: Recommender, batch: Batch) -> Batch:
+        """A stackable objective's random draws for ``batch`` (e.g. sampled negatives), added to it."""
+        return batch
+
+    def arithmetic(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        """A stackable objective's loss on a drawn batch: no draws, no data-dependent shapes."""
         raise NotImplementedError
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:

@@ -24,6 +24,7 @@ class NoKD(DistillMethod):
     config_class = NoKDConfig
     uses_own_recipe = True
     reads_teachers = False
+    stackable = True
 
     def batches(self, epoch: int, generator: torch.Generator):
         context = self.context
@@ -37,5 +38,11 @@ class NoKD(DistillMethod):
             yield {"users": users[chosen].to(self.device), "pos": context.train_indices[chosen].to(self.device)}
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return self.arithmetic(model, self.draw(model, batch))
+
+    def draw(self, model: Recommender, batch: Batch) -> Batch:
         negatives = self.context.sampler.sample(batch["users"], model.config.n_negatives, self._generator)
-        return model.loss(own_batch(model, {**batch, "neg": negatives.to(self.device)}))
+        return {**batch, "neg": negatives.to(self.device)}
+
+    def arithmetic(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return model.loss(own_batch(model, batch))

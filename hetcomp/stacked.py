@@ -1,0 +1,158 @@
+"""Several seeds of one run as one stacked model (issue 17; `experiments/plans/stacked-seeds.md`).
+
+On a GPU a student epoch is thousands of microsecond kernels; R seeds of the same run, their parameters stacked
+along a leading replica dimension and their losses evaluated under ``torch.func.vmap``, make each launch serve R
+runs (1.65× the throughput of 16 processes at R = 5, measured with a prototype under CUDA MPS). On the CPU it
+gains nothing; it exists for the GPU.
+
+Each replica stays its seed's ordinary run: an ordinary :class:`~hetcomp.train.Trainer` per seed keeps its own
+model (whose parameters become views into the stacked ones), objective, generator, evaluation, early stopping and
+callbacks; only the training step is shared. Each replica draws from its own generator in the ordinary run's
+order, and the stacked step's arithmetic is the objective's own (:meth:`~hetcomp.train.Objective.arithmetic`),
+so a replica follows its ordinary run up to the summation order of batched kernels (tested). A replica that has
+stopped keeps its best state; its parameters go on moving with the stack, unread, until every replica stops.
+
+Only objectives that split their random draws from their arithmetic (``stackable``) and students whose own loss
+reads triples can be stacked; neither checkpoints nor resuming exist here yet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from hetcomp.errors import HetCompError
+from hetcomp.train import FitState, Trainer
+
+
+class _Arithmetic(nn.Module):
+    """``functional_call`` calls ``forward``: the objective's arithmetic on a model whose parameters it is given."""
+
+    def __init__(self, model: nn.Module, objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.objective.arithmetic(self.model, batch)
+
+
+class StackedTrainer:
+    """Trains the replicas of ``trainers`` (one ordinary trainer per seed, same model, objective and settings but
+    the seed) as one stacked model; :meth:`fit` returns each replica's :class:`~hetcomp.train.FitState`."""
+
+    def __init__(self, trainers: Sequence[Trainer]) -> None:
+        self.trainers = list(trainers)
+        _check_stackable(self.trainers)
+        first = self.trainers[0]
+        self.device = first.device
+        params, buffers = stack_module_state([t.model for t in self.trainers])
+        self.params = {name: value.detach().requires_grad_() for name, value in params.items()}
+        self.buffers = buffers
+        for index, trainer in enumerate(self.trainers):  # each replica's parameters: views of the stacked ones
+            for name, module, attribute in _parameter_slots(trainer.model):
+                module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
+        base = _Arithmetic(type(first.model)(first.model.n_users, first.model.n_items, first.model.config),
+                           first.objective).to("meta")
+        self._arithmetic = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
+        config = first.config
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
+                                          fused=True)
+
+    def train_epoch(self, trainers: Sequence[Trainer]) -> list[float]:
+        """One epoch of every replica (those in ``trainers`` are counted); returns their mean batch losses."""
+        epoch = trainers[0].state.epoch + 1
+        for trainer in self.trainers:
+            trainer.model.train()
+            trainer.objective.on_epoch_start(trainer, epoch)
+        streams = [t.objective.batches(epoch, t.generator) for t in self.trainers]
+        totals = torch.zeros(len(self.trainers), device=self.device)
+        count = 0
+        try:
+            for batches in zip(*streams, strict=True):
+                drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
+                stacked = {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]}
+                self.optimizer.zero_grad(set_to_none=True)
+                losses = self._arithmetic({f"model.{k}": v for k, v in self.params.items()},
+                                          {f"model.{k}": v for k, v in self.buffers.items()}, stacked)
+                losses.sum().backward()
+                self.optimizer.step()
+                for trainer in self.trainers:
+                    trainer.model.after_step()
+                totals += losses.detach()
+                count += 1
+        except ValueError as error:
+            raise HetCompError(f"the replicas' batch streams differ in length ({error}); stacked seeds need "
+                               "objectives whose batches per epoch do not depend on the seed") from None
+        means = (totals / max(count, 1)).tolist()
+        return [means[self.trainers.index(t)] for t in trainers]
+
+    def fit(self) -> list[FitState]:
+        """Train until every replica has stopped early or reached ``max_epochs``; each ends at its best state."""
+        for trainer in self.trainers:
+            for callback in trainer.callbacks:
+                callback.on_fit_start(trainer)
+        max_epochs = self.trainers[0].config.max_epochs
+        active = list(self.trainers)
+        while active and active[0].state.epoch < max_epochs:
+            started = time.perf_counter()
+            losses = self.train_epoch(active)
+            share = (time.perf_counter() - started) / len(active)  # the stack's epoch, shared by its runs
+            for trainer, loss in zip(active, losses, strict=True):
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss of seed {trainer.config.seed} became {loss} at "
+                                             f"epoch {trainer.state.epoch + 1}; lower the learning rate")
+                trainer.state.epoch += 1
+                trainer.state.seconds += share
+                for callback in trainer.callbacks:
+                    callback.on_epoch_end(trainer, trainer.state.epoch, loss)
+                if trainer.state.epoch % trainer.config.eval_every == 0 or trainer.state.epoch == max_epochs:
+                    trainer._evaluate_and_select(loss)
+            active = [t for t in active if not t.state.stopped]
+        for trainer in self.trainers:
+            if trainer.best_state is not None:
+                trainer.model.load_state_dict(trainer.best_state)
+            for callback in trainer.callbacks:
+                callback.on_fit_end(trainer)
+        return [t.state for t in self.trainers]
+
+
+def _parameter_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(dotted name, owning module, attribute) of every parameter, as ``named_parameters`` names them."""
+    return [(f"{prefix}.{attribute}" if prefix else attribute, module, attribute)
+            for prefix, module in model.named_modules() for attribute in module._parameters
+            if module._parameters[attribute] is not None]
+
+
+def _check_stackable(trainers: Sequence[Trainer]) -> None:
+    if len(trainers) < 1:
+        raise HetCompError("stacked seeds need at least one trainer")
+    first = trainers[0]
+    objective = type(first.objective)
+    if not getattr(objective, "stackable", False):
+        raise HetCompError(f"{getattr(objective, 'name', objective.__name__)} cannot be stacked yet: its loss "
+                           "draws inside its arithmetic (an objective declares stackable once it splits them)")
+    if first.model.batch_kind != "triples":
+        raise HetCompError(f"the {first.model.name} student cannot be stacked: its own loss reads "
+                           f"{first.model.batch_kind}, whose shapes differ between seeds")
+    same = ("lr", "weight_decay", "max_epochs", "eval_every", "patience")
+    for trainer in trainers[1:]:
+        if type(trainer.model) is not type(first.model) or trainer.model.config != first.model.config:
+            raise HetCompError("stacked seeds need the same student model and settings in every replica")
+        if type(trainer.objective) is not objective:
+            raise HetCompError("stacked seeds need the same method in every replica")
+        differ = [name for name in same if getattr(trainer.config, name) != getattr(first.config, name)]
+        if differ:
+            raise HetCompError(f"stacked seeds need the same {', '.join(differ)} in every replica")
+    seeds = [t.config.seed for t in trainers]
+    if len(set(seeds)) != len(seeds):
+        raise HetCompError(f"stacked seeds must differ (got {seeds})")
+    if any(t.run_dir is not None for t in trainers) or any(t.objective.parameters() for t in trainers):
+        raise HetCompError("stacked seeds do not checkpoint yet, nor train an objective's own parameters")
+    if any(t.state.epoch for t in trainers):
+        raise HetCompError("stacked seeds start from untrained replicas")

@@ -1,0 +1,63 @@
+"""Stacked seeds (hetcomp.stacked): each replica is its seed's ordinary run, up to batched kernels' rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_split
+
+from hetcomp.distill import DistillContext, build_method
+from hetcomp.errors import HetCompError
+from hetcomp.models import build_model
+from hetcomp.stacked import StackedTrainer
+from hetcomp.train import Trainer, TrainerConfig
+
+SPLIT = make_tiny_split(n_users=80, n_items=120)
+
+
+def _trainer(student: str, seed: int, **config) -> Trainer:
+    torch.manual_seed(seed)
+    model = build_model(student, SPLIT.train, dim=4)
+    objective = build_method("none", DistillContext(SPLIT, [], "cpu", needs_teachers=False))
+    settings = {"lr": 0.01, "max_epochs": 12, "eval_every": 2, "patience": 2, "seed": seed, **config}
+    return Trainer(model, SPLIT, objective, TrainerConfig(**settings), "cpu")
+
+
+@pytest.mark.parametrize("student", ["mf", "ml", "dnn"])
+def test_each_replica_follows_the_ordinary_run_of_its_seed(student):
+    seeds = (0, 1, 2)
+    ordinary = []
+    for seed in seeds:
+        trainer = _trainer(student, seed)
+        trainer.fit()
+        ordinary.append(trainer)
+    replicas = [_trainer(student, seed) for seed in seeds]
+    states = StackedTrainer(replicas).fit()
+    for alone, replica, state in zip(ordinary, replicas, states, strict=True):
+        assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
+        assert [h["epoch"] for h in state.history] == [h["epoch"] for h in alone.state.history]
+        for mine, theirs in zip(state.history, alone.state.history, strict=True):
+            assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        for mine, theirs in zip(replica.model.parameters(), alone.model.parameters(), strict=True):
+            assert torch.allclose(mine, theirs, atol=1e-5)  # both end at their best state
+    assert len({state.best_value for state in states}) > 1  # the seeds differ
+
+
+def test_what_cannot_be_stacked_is_an_error_naming_why():
+    with pytest.raises(HetCompError, match="must differ"):
+        StackedTrainer([_trainer("mf", 0), _trainer("mf", 0)])
+    with pytest.raises(HetCompError, match="same lr"):
+        StackedTrainer([_trainer("mf", 0), _trainer("mf", 1, lr=0.02)])
+    with pytest.raises(HetCompError, match="iae student cannot be stacked"):
+        StackedTrainer([_trainer("iae", 0), _trainer("iae", 1)])
+    from hetcomp.distill.none import NoKD
+
+    class DrawsInside(NoKD):  # a method that has not split its draws from its arithmetic
+        name = "draws-inside"
+        stackable = False
+
+    unsplit = _trainer("mf", 0)
+    unsplit.objective = DrawsInside(unsplit.objective.context)
+    with pytest.raises(HetCompError, match="draws-inside cannot be stacked yet"):
+        StackedTrainer([unsplit])
