@@ -18,6 +18,7 @@ reads triples can be stacked; neither checkpoints nor resuming exist here yet.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -57,8 +58,7 @@ class StackedTrainer:
         for index, trainer in enumerate(self.trainers):  # each replica's parameters: views of the stacked ones
             for name, module, attribute in _parameter_slots(trainer.model):
                 module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
-        base = _Arithmetic(type(first.model)(first.model.n_users, first.model.n_items, first.model.config),
-                           first.objective).to("meta")
+        base = _Arithmetic(copy.deepcopy(first.model), first.objective).to("meta")  # shapes only
         self._arithmetic = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
         config = first.config
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
@@ -140,6 +140,9 @@ def _check_stackable(trainers: Sequence[Trainer]) -> None:
     if first.model.batch_kind != "triples":
         raise HetCompError(f"the {first.model.name} student cannot be stacked: its own loss reads "
                            f"{first.model.batch_kind}, whose shapes differ between seeds")
+    if any(True for _ in first.model.buffers()):
+        raise HetCompError(f"the {first.model.name} student cannot be stacked yet: its buffers (e.g. a graph) would "
+                           "be copied per seed")
     same = ("lr", "weight_decay", "max_epochs", "eval_every", "patience")
     for trainer in trainers[1:]:
         if type(trainer.model) is not type(first.model) or trainer.model.config != first.model.config:

@@ -51,6 +51,8 @@ def test_what_cannot_be_stacked_is_an_error_naming_why():
         StackedTrainer([_trainer("mf", 0), _trainer("mf", 1, lr=0.02)])
     with pytest.raises(HetCompError, match="iae student cannot be stacked"):
         StackedTrainer([_trainer("iae", 0), _trainer("iae", 1)])
+    with pytest.raises(HetCompError, match="gnn student cannot be stacked yet"):
+        StackedTrainer([_trainer("gnn", 0), _trainer("gnn", 1)])
     from hetcomp.distill.none import NoKD
 
     class DrawsInside(NoKD):  # a method that has not split its draws from its arithmetic
