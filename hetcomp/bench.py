@@ -11,6 +11,7 @@ import torch
 from hetcomp.data import load_dataset
 from hetcomp.device import keep_freed_memory, peak_memory_mb
 from hetcomp.distill import METHODS, DistillContext, build_method
+from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
 from hetcomp.provenance import machine
@@ -62,10 +63,7 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
     objective = OwnLoss(model, split, model.config.batch_size, model.config.n_negatives, device)
     trainer = Trainer(model, split, objective, TrainerConfig(lr=model.config.lr), device)
     record(f"teacher epoch ({teacher}, dim 64)", timed(trainer.train_epoch))
-    stacked = _stacked_none(split, student, device)
-    if stacked is not None:
-        record(f"student epoch ({student} dim 6, none), {STACKED_SEEDS} seeds stacked, per seed",
-               timed(lambda: stacked.train_epoch(stacked.trainers)) / STACKED_SEEDS)
+    _time_stacked(split, student, "none", DistillContext(split, [], device, needs_teachers=False), record)
     try:
         trajectories = load_teachers(split, teachers_dir)
     except TrajectoryError as error:
@@ -78,6 +76,8 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
         student_trainer = Trainer(student_model, split, method, TrainerConfig(top_m=method.evaluation_top_m),
                                   device)
         record(f"student epoch ({student} dim 6, {name})", timed(student_trainer.train_epoch))
+        if name != "none":
+            _time_stacked(split, student, name, context, record)
         if hasattr(method, "knowledge"):
             ranking = student_trainer.evaluate(top_m=method.knowledge.config.k)["ranking"].to(device)
             method.knowledge.step(ranking, 10)
@@ -91,17 +91,22 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
 STACKED_SEEDS = 5
 
 
-def _stacked_none(split, student: str, device: torch.device) -> StackedTrainer | None:
-    """w/o KD's seeds 0..4 as one stacked model (None for a student whose own loss cannot be stacked)."""
+def _time_stacked(split, student: str, method: str, context: DistillContext,
+                  record: Callable[[str, float], None]) -> None:
+    """One epoch of seeds 0..4 of ``method`` as one stacked model, per seed (nothing where it cannot stack)."""
     trainers = []
     for seed in range(STACKED_SEEDS):
         torch.manual_seed(seed)
         model = build_model(student, split.train, dim=6)
-        if model.batch_kind != "triples":
-            return None
-        objective = build_method("none", DistillContext(split, [], device, needs_teachers=False))
-        trainers.append(Trainer(model, split, objective, TrainerConfig(seed=seed), device))
-    return StackedTrainer(trainers)
+        objective = build_method(method, context)
+        trainers.append(Trainer(model, split, objective, TrainerConfig(seed=seed, top_m=objective.evaluation_top_m),
+                                context.device))
+    try:
+        stacked = StackedTrainer(trainers)
+    except HetCompError:
+        return
+    record(f"student epoch ({student} dim 6, {method}), {STACKED_SEEDS} seeds stacked, per seed",
+           timed(lambda: stacked.train_epoch(stacked.trainers)) / STACKED_SEEDS)
 
 
 def full_tail_floor(n_users: int, n_items: int, dim: int = 6, batch_users: int = 64,

@@ -12,8 +12,11 @@ order, and the stacked step's arithmetic is the objective's own (:meth:`~hetcomp
 so a replica follows its ordinary run up to the summation order of batched kernels (tested). A replica that has
 stopped keeps its best state; its parameters go on moving with the stack, unread, until every replica stops.
 
-Only objectives that split their random draws from their arithmetic (``stackable``) and students whose own loss
-reads triples can be stacked; neither checkpoints nor resuming exist here yet.
+Two kinds of objectives stack. A ``stackable`` one splits its random draws from its arithmetic (w/o KD: the
+sampled negatives, then the student's own loss, which must read triples): its whole arithmetic runs under
+``vmap``. A ``stackable_scores`` one draws nothing and reads the student through its scores of every item
+(HetComp): only the scoring runs under ``vmap``, and each replica's own objective (its DKC state, its phase)
+takes its rows of the [R, B, n_items] scores. Neither checkpoints nor resuming exist here yet.
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ class _Arithmetic(nn.Module):
         return self.objective.arithmetic(self.model, batch)
 
 
+class _Scores(nn.Module):
+    """``functional_call`` calls ``forward``: the student's scores of every item for a batch's users."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return self.model.score(users)
+
+
 class StackedTrainer:
     """Trains the replicas of ``trainers`` (one ordinary trainer per seed, same model, objective and settings but
     the seed) as one stacked model; :meth:`fit` returns each replica's :class:`~hetcomp.train.FitState`."""
@@ -58,8 +72,12 @@ class StackedTrainer:
         for index, trainer in enumerate(self.trainers):  # each replica's parameters: views of the stacked ones
             for name, module, attribute in _parameter_slots(trainer.model):
                 module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
-        base = _Arithmetic(copy.deepcopy(first.model), first.objective).to("meta")  # shapes only
-        self._arithmetic = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
+        shapes = copy.deepcopy(first.model).to("meta")
+        self.on_scores = not getattr(first.objective, "stackable", False)  # else: stackable_scores
+        base = _Scores(shapes) if self.on_scores else _Arithmetic(shapes, first.objective)
+        self._stacked = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
+        if self.on_scores:
+            self._check_scoring()
         config = first.config
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True)
@@ -75,11 +93,8 @@ class StackedTrainer:
         count = 0
         try:
             for batches in zip(*streams, strict=True):
-                drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
-                stacked = {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]}
                 self.optimizer.zero_grad(set_to_none=True)
-                losses = self._arithmetic({f"model.{k}": v for k, v in self.params.items()},
-                                          {f"model.{k}": v for k, v in self.buffers.items()}, stacked)
+                losses = self._losses(batches)
                 losses.sum().backward()
                 self.optimizer.step()
                 for trainer in self.trainers:
@@ -91,6 +106,29 @@ class StackedTrainer:
                                "objectives whose batches per epoch do not depend on the seed") from None
         means = (totals / max(count, 1)).tolist()
         return [means[self.trainers.index(t)] for t in trainers]
+
+    def _losses(self, batches: Sequence[dict]) -> torch.Tensor:
+        """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
+        params = {f"model.{k}": v for k, v in self.params.items()}
+        buffers = {f"model.{k}": v for k, v in self.buffers.items()}
+        if self.on_scores:
+            scores = self._stacked(params, buffers, torch.stack([batch["users"] for batch in batches]))
+            return torch.stack([t.objective.loss_of_scores(rows, batch)
+                                for t, rows, batch in zip(self.trainers, scores.unbind(0), batches, strict=True)])
+        drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
+        return self._stacked(params, buffers, {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
+
+    def _check_scoring(self) -> None:
+        """The student's scoring must run under vmap with gradients (an autograd Function needs a vmap rule)."""
+        users = torch.zeros(len(self.trainers), 1, dtype=torch.int64, device=self.device)
+        try:
+            self._stacked({f"model.{k}": v for k, v in self.params.items()},
+                          {f"model.{k}": v for k, v in self.buffers.items()}, users).sum().backward()
+        except RuntimeError as error:
+            raise HetCompError(f"the {self.trainers[0].model.name} student's scoring cannot be stacked yet "
+                               f"({str(error).splitlines()[0][:120]})") from None
+        for value in self.params.values():
+            value.grad = None
 
     def fit(self) -> list[FitState]:
         """Train until every replica has stopped early or reached ``max_epochs``; each ends at its best state."""
@@ -134,10 +172,10 @@ def _check_stackable(trainers: Sequence[Trainer]) -> None:
         raise HetCompError("stacked seeds need at least one trainer")
     first = trainers[0]
     objective = type(first.objective)
-    if not getattr(objective, "stackable", False):
+    if not (getattr(objective, "stackable", False) or getattr(objective, "stackable_scores", False)):
         raise HetCompError(f"{getattr(objective, 'name', objective.__name__)} cannot be stacked yet: its loss "
                            "draws inside its arithmetic (an objective declares stackable once it splits them)")
-    if first.model.batch_kind != "triples":
+    if getattr(objective, "stackable", False) and first.model.batch_kind != "triples":
         raise HetCompError(f"the {first.model.name} student cannot be stacked: its own loss reads "
                            f"{first.model.batch_kind}, whose shapes differ between seeds")
     if any(True for _ in first.model.buffers()):

@@ -56,6 +56,9 @@ class Objective:
     #: True when :meth:`loss` is :meth:`arithmetic` of :meth:`draw`: its random draws apart from arithmetic that
     #: ``torch.func.vmap`` can batch over seeds (:class:`hetcomp.stacked.StackedTrainer`)
     stackable: bool = False
+    #: True when :meth:`loss` is :meth:`loss_of_scores` of the student's scores of every item (no draws): stacked,
+    #: the replicas' scores come from one vmapped call and each replica's own objective takes its rows
+    stackable_scores: bool = False
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Batch]:
         raise NotImplementedError
@@ -69,6 +72,10 @@ class Objective:
 
     def arithmetic(self, model: Recommender, batch: Batch) -> torch.Tensor:
         """A stackable objective's loss on a drawn batch: no draws, no data-dependent shapes."""
+        raise NotImplementedError
+
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """A ``stackable_scores`` objective's loss from the student's scores [B, n_items] of the batch's users."""
         raise NotImplementedError
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:

@@ -44,7 +44,48 @@ def test_each_replica_follows_the_ordinary_run_of_its_seed(student):
     assert len({state.best_value for state in states}) > 1  # the seeds differ
 
 
-def test_what_cannot_be_stacked_is_an_error_naming_why():
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    from hetcomp.teachers import train_teacher
+
+    root = tmp_path_factory.mktemp("teachers")
+    out = []
+    for name in ("mf", "ml"):
+        torch.manual_seed(0)
+        out.append(train_teacher(SPLIT, name, root, dim=8, top_m=40, max_epochs=20, eval_every=2, lr=1e-2))
+    return out
+
+
+def _hetcomp_trainer(student: str, seed: int, teachers) -> Trainer:
+    torch.manual_seed(seed)
+    model = build_model(student, SPLIT.train, dim=4)
+    objective = build_method("hetcomp", DistillContext(SPLIT, teachers, "cpu", batch_users=16), k=20, pos_k=5,
+                             dkc_k=10, period=2)
+    config = TrainerConfig(lr=0.01, max_epochs=16, eval_every=2, patience=2, seed=seed,
+                           top_m=objective.evaluation_top_m)
+    return Trainer(model, SPLIT, objective, config, "cpu")
+
+
+@pytest.mark.parametrize("student", ["mf", "ml"])
+def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(student, teachers):
+    """HetComp draws nothing: the replicas' scores come from one vmapped call, each replica's own DKC state and
+    losses take its rows; each follows its ordinary run, DKC moves included."""
+    ordinary = []
+    for seed in (0, 1):
+        trainer = _hetcomp_trainer(student, seed, teachers)
+        trainer.fit()
+        ordinary.append(trainer)
+    replicas = [_hetcomp_trainer(student, seed, teachers) for seed in (0, 1)]
+    states = StackedTrainer(replicas).fit()
+    for alone, replica, state in zip(ordinary, replicas, states, strict=True):
+        assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
+        for mine, theirs in zip(state.history, alone.state.history, strict=True):
+            assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
+        assert replica.objective.knowledge.log == alone.objective.knowledge.log  # the same DKC decisions
+        assert torch.equal(replica.objective.knowledge.v, alone.objective.knowledge.v)
+
+
+def test_what_cannot_be_stacked_is_an_error_naming_why(teachers):
     with pytest.raises(HetCompError, match="must differ"):
         StackedTrainer([_trainer("mf", 0), _trainer("mf", 0)])
     with pytest.raises(HetCompError, match="same lr"):
@@ -53,6 +94,8 @@ def test_what_cannot_be_stacked_is_an_error_naming_why():
         StackedTrainer([_trainer("iae", 0), _trainer("iae", 1)])
     with pytest.raises(HetCompError, match="gnn student cannot be stacked yet"):
         StackedTrainer([_trainer("gnn", 0), _trainer("gnn", 1)])
+    with pytest.raises(HetCompError, match="dnn student's scoring cannot be stacked yet"):
+        StackedTrainer([_hetcomp_trainer("dnn", 0, teachers), _hetcomp_trainer("dnn", 1, teachers)])
     from hetcomp.distill.none import NoKD
 
     class DrawsInside(NoKD):  # a method that has not split its draws from its arithmetic

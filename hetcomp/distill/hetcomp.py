@@ -82,6 +82,7 @@ def _check_teachers(trajectories: list, k: int) -> None:
 
 class HetComp(DistillMethod):
     name = "hetcomp"
+    stackable_scores = True  # no draws: seeds stack on the student's scores (hetcomp.stacked)
     version = 2  # 2: fused tail log-sum-exp (exp2, float32 sum of the tail instead of a float64 difference)
     config_class = HetCompConfig
 
@@ -110,8 +111,11 @@ class HetComp(DistillMethod):
         return torch.full((self.context.n_users,), bool(final.all()), device=self.device)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        # raw scores: the losses clamp to [−clamp, clamp] inside, without a clamped copy
+        return self.loss_of_scores(model.score(batch["users"]), batch)
+
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
         users = batch["users"]
-        scores = model.score(users)  # raw: the losses clamp to [−clamp, clamp] inside, without a clamped copy
         fine = self.fine_phase_users[users]
         if bool(fine.all()):  # the global switch (the default) puts every row in one phase: no row copies
             return self.config.fine_weight * self._fine(scores, users)
