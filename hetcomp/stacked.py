@@ -46,15 +46,31 @@ class _Arithmetic(nn.Module):
         return self.objective.arithmetic(self.model, batch)
 
 
-class _Scores(nn.Module):
-    """``functional_call`` calls ``forward``: the student's scores of every item for a batch's users."""
+class _Call(nn.Module):
+    """``functional_call`` calls ``forward``: any method of the student (``score`` for the vmapped scoring)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, users: torch.Tensor) -> torch.Tensor:
-        return self.model.score(users)
+    def forward(self, method: str, *args) -> torch.Tensor:
+        return getattr(self.model, method)(*args)
+
+
+class _Replica:
+    """One replica's student for what an objective reads besides the scores (its own loss): the student's methods
+    computed with the replica's slice of the stacked parameters, so that their gradients reach the stack."""
+
+    def __init__(self, module: _Call, trainer: StackedTrainer, index: int, model: nn.Module) -> None:
+        self._module, self._trainer, self._index = module, trainer, index
+        self.config, self.batch_kind, self.name = model.config, model.batch_kind, model.name
+
+    def __getattr__(self, method: str):
+        def call(*args):
+            params, buffers = self._trainer.prefixed()
+            return functional_call(self._module, ({k: v[self._index] for k, v in params.items()},
+                                                  {k: v[self._index] for k, v in buffers.items()}), (method, *args))
+        return call
 
 
 class StackedTrainer:
@@ -74,10 +90,14 @@ class StackedTrainer:
                 module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
         shapes = copy.deepcopy(first.model).to("meta")
         self.on_scores = not getattr(first.objective, "stackable", False)  # else: stackable_scores
-        base = _Scores(shapes) if self.on_scores else _Arithmetic(shapes, first.objective)
-        self._stacked = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
         if self.on_scores:
+            call = _Call(shapes)
+            self._stacked = vmap(lambda p, b, users: functional_call(call, (p, b), ("score", users)))
+            self._replicas = [_Replica(call, self, index, t.model) for index, t in enumerate(self.trainers)]
             self._check_scoring()
+        else:
+            base = _Arithmetic(shapes, first.objective)
+            self._stacked = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
         config = first.config
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True)
@@ -107,14 +127,18 @@ class StackedTrainer:
         means = (totals / max(count, 1)).tolist()
         return [means[self.trainers.index(t)] for t in trainers]
 
+    def prefixed(self) -> tuple[dict, dict]:
+        """The stacked parameters and buffers under the names ``functional_call`` gives the wrapped student."""
+        return ({f"model.{k}": v for k, v in self.params.items()},
+                {f"model.{k}": v for k, v in self.buffers.items()})
+
     def _losses(self, batches: Sequence[dict]) -> torch.Tensor:
         """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
-        params = {f"model.{k}": v for k, v in self.params.items()}
-        buffers = {f"model.{k}": v for k, v in self.buffers.items()}
+        params, buffers = self.prefixed()
         if self.on_scores:
             scores = self._stacked(params, buffers, torch.stack([batch["users"] for batch in batches]))
-            return torch.stack([t.objective.loss_of_scores(rows, batch)
-                                for t, rows, batch in zip(self.trainers, scores.unbind(0), batches, strict=True)])
+            return torch.stack([t.objective.loss_of_scores(rows, batch, replica) for t, rows, batch, replica
+                                in zip(self.trainers, scores.unbind(0), batches, self._replicas, strict=True)])
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(params, buffers, {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
 
@@ -122,8 +146,7 @@ class StackedTrainer:
         """The student's scoring must run under vmap with gradients (an autograd Function needs a vmap rule)."""
         users = torch.zeros(len(self.trainers), 1, dtype=torch.int64, device=self.device)
         try:
-            self._stacked({f"model.{k}": v for k, v in self.params.items()},
-                          {f"model.{k}": v for k, v in self.buffers.items()}, users).sum().backward()
+            self._stacked(*self.prefixed(), users).sum().backward()
         except RuntimeError as error:
             raise HetCompError(f"the {self.trainers[0].model.name} student's scoring cannot be stacked yet "
                                f"({str(error).splitlines()[0][:120]})") from None
@@ -172,10 +195,10 @@ def _check_stackable(trainers: Sequence[Trainer]) -> None:
         raise HetCompError("stacked seeds need at least one trainer")
     first = trainers[0]
     objective = type(first.objective)
-    if not (getattr(objective, "stackable", False) or getattr(objective, "stackable_scores", False)):
+    if not (first.objective.stackable or first.objective.stackable_scores):
         raise HetCompError(f"{getattr(objective, 'name', objective.__name__)} cannot be stacked yet: its loss "
                            "draws inside its arithmetic (an objective declares stackable once it splits them)")
-    if getattr(objective, "stackable", False) and first.model.batch_kind != "triples":
+    if first.objective.stackable and first.model.batch_kind != "triples":
         raise HetCompError(f"the {first.model.name} student cannot be stacked: its own loss reads "
                            f"{first.model.batch_kind}, whose shapes differ between seeds")
     if any(True for _ in first.model.buffers()):

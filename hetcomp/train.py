@@ -56,8 +56,9 @@ class Objective:
     #: True when :meth:`loss` is :meth:`arithmetic` of :meth:`draw`: its random draws apart from arithmetic that
     #: ``torch.func.vmap`` can batch over seeds (:class:`hetcomp.stacked.StackedTrainer`)
     stackable: bool = False
-    #: True when :meth:`loss` is :meth:`loss_of_scores` of the student's scores of every item (no draws): stacked,
-    #: the replicas' scores come from one vmapped call and each replica's own objective takes its rows
+    #: True when the loss can be computed by :meth:`loss_of_scores` from the student's scores of every item: stacked,
+    #: the replicas' scores come from one vmapped call and each replica's own objective takes its rows (and draws
+    #: from its own generator in the ordinary run's order)
     stackable_scores: bool = False
 
     def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Batch]:
@@ -74,8 +75,9 @@ class Objective:
         """A stackable objective's loss on a drawn batch: no draws, no data-dependent shapes."""
         raise NotImplementedError
 
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """A ``stackable_scores`` objective's loss from the student's scores [B, n_items] of the batch's users."""
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
+        """A ``stackable_scores`` objective's loss from the student's scores [B, n_items] of the batch's users;
+        ``model`` serves anything else it reads of the student (e.g. its own loss)."""
         raise NotImplementedError
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:

@@ -85,6 +85,34 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
         assert torch.equal(replica.objective.knowledge.v, alone.objective.knowledge.v)
 
 
+@pytest.mark.parametrize("student", ["mf", "ml"])
+def test_rrd_replicas_stack_on_the_scores_with_their_own_loss_on_their_slice(student, teachers):
+    """RRD (without DE-RRD's sampling) reads the scores of every item and the student's own loss: the scores
+    come from the vmapped call, the own loss (drawn from each replica's generator) from its parameters' slice."""
+    def trainer(seed: int) -> Trainer:
+        torch.manual_seed(seed)
+        model = build_model(student, SPLIT.train, dim=4)
+        objective = build_method("rrd", DistillContext(SPLIT, teachers, "cpu", batch_users=16), k=10)
+        return Trainer(model, SPLIT, objective, TrainerConfig(lr=0.01, max_epochs=10, eval_every=2, patience=2,
+                                                              seed=seed), "cpu")
+
+    ordinary = []
+    for seed in (0, 1):
+        alone = trainer(seed)
+        alone.fit()
+        ordinary.append(alone)
+    states = StackedTrainer([trainer(seed) for seed in (0, 1)]).fit()
+    for alone, state in zip(ordinary, states, strict=True):
+        assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
+        for mine, theirs in zip(state.history, alone.state.history, strict=True):
+            assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    sampled = trainer(0)
+    sampled.objective.config.sample = True
+    with pytest.raises(HetCompError, match="rrd cannot be stacked yet"):
+        StackedTrainer([sampled])
+
+
 def test_what_cannot_be_stacked_is_an_error_naming_why(teachers):
     with pytest.raises(HetCompError, match="must differ"):
         StackedTrainer([_trainer("mf", 0), _trainer("mf", 0)])

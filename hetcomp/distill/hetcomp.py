@@ -112,9 +112,9 @@ class HetComp(DistillMethod):
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         # raw scores: the losses clamp to [−clamp, clamp] inside, without a clamped copy
-        return self.loss_of_scores(model.score(batch["users"]), batch)
+        return self.loss_of_scores(model.score(batch["users"]), batch, model)
 
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
         users = batch["users"]
         fine = self.fine_phase_users[users]
         if bool(fine.all()):  # the global switch (the default) puts every row in one phase: no row copies

@@ -95,3 +95,14 @@ class RRD(DistillMethod):
         users = batch["users"]
         return (self.own_loss(model, users)
                 + self.config.weight * self.distillation_loss(model, users, self._generator))
+
+    @property
+    def stackable_scores(self) -> bool:
+        """Without DE-RRD's sampling the term reads the scores of every item, so seeds stack on them."""
+        return not self.config.sample
+
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
+        """:meth:`loss` with the scores given (the same draws, in the same order)."""
+        users = batch["users"]
+        own = self.own_loss(model, users)
+        return own + self.config.weight * self.distillation_loss(model, users, self._generator, scores)
