@@ -58,19 +58,29 @@ class _Call(nn.Module):
 
 
 class _Replica:
-    """One replica's student for what an objective reads besides the scores (its own loss): the student's methods
-    computed with the replica's slice of the stacked parameters, so that their gradients reach the stack."""
+    """One replica's student for what an objective reads besides the scores (its own loss, a few items' scores):
+    ``loss``, ``score`` and ``score_items`` compute with the replica's slice of the stacked parameters, so that
+    their gradients reach the stack; anything else (``config``, ``eval()``...) is the replica's own model's."""
 
     def __init__(self, module: _Call, trainer: StackedTrainer, index: int, model: nn.Module) -> None:
-        self._module, self._trainer, self._index = module, trainer, index
-        self.config, self.batch_kind, self.name = model.config, model.batch_kind, model.name
+        self._module, self._trainer, self._index, self._model = module, trainer, index, model
 
-    def __getattr__(self, method: str):
-        def call(*args):
-            params, buffers = self._trainer.prefixed()
-            return functional_call(self._module, ({k: v[self._index] for k, v in params.items()},
-                                                  {k: v[self._index] for k, v in buffers.items()}), (method, *args))
-        return call
+    def _call(self, method: str, *args) -> torch.Tensor:
+        params, buffers = self._trainer.prefixed()
+        return functional_call(self._module, ({k: v[self._index] for k, v in params.items()},
+                                              {k: v[self._index] for k, v in buffers.items()}), (method, *args))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self._call("loss", batch)
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        return self._call("score", users)
+
+    def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self._call("score_items", users, items)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 class StackedTrainer:

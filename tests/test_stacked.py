@@ -85,14 +85,17 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
         assert torch.equal(replica.objective.knowledge.v, alone.objective.knowledge.v)
 
 
+@pytest.mark.parametrize(("method", "options"), [("rrd", {"k": 10}),
+                                                ("dcd", {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"})])
 @pytest.mark.parametrize("student", ["mf", "ml"])
-def test_rrd_replicas_stack_on_the_scores_with_their_own_loss_on_their_slice(student, teachers):
-    """RRD (without DE-RRD's sampling) reads the scores of every item and the student's own loss: the scores
-    come from the vmapped call, the own loss (drawn from each replica's generator) from its parameters' slice."""
+def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(student, method, options, teachers):
+    """RRD and DCD (without DE-RRD's sampling) read the scores of every item besides the student's own loss and
+    a few items' scores: the scores come from the vmapped call, the rest (drawn from each replica's generator, in
+    the ordinary order) from the replica's slice of the stacked parameters."""
     def trainer(seed: int) -> Trainer:
         torch.manual_seed(seed)
         model = build_model(student, SPLIT.train, dim=4)
-        objective = build_method("rrd", DistillContext(SPLIT, teachers, "cpu", batch_users=16), k=10)
+        objective = build_method(method, DistillContext(SPLIT, teachers, "cpu", batch_users=16), **options)
         return Trainer(model, SPLIT, objective, TrainerConfig(lr=0.01, max_epochs=10, eval_every=2, patience=2,
                                                               seed=seed), "cpu")
 
@@ -108,8 +111,8 @@ def test_rrd_replicas_stack_on_the_scores_with_their_own_loss_on_their_slice(stu
             assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
     sampled = trainer(0)
-    sampled.objective.config.sample = True
-    with pytest.raises(HetCompError, match="rrd cannot be stacked yet"):
+    (sampled.objective.rrd if method == "dcd" else sampled.objective).config.sample = True
+    with pytest.raises(HetCompError, match=f"{method} cannot be stacked yet"):
         StackedTrainer([sampled])
 
 

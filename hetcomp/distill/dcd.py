@@ -324,10 +324,22 @@ class DCD(DistillMethod):
         width = under.shape[1]
         return relaxed_ranking_loss(local, positions[:, :width], under_valid, positions[:, width:], over_valid)
 
+    @property
+    def stackable_scores(self) -> bool:
+        """Its RRD part without DE-RRD's sampling reads the scores of every item, so seeds stack on them."""
+        return not self.rrd.config.sample
+
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        own = self.own_loss(model, batch["users"])
+        return self._loss_after_own(own, model.score(batch["users"]), batch, model)
+
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
+        """:meth:`loss` with the scores given (the same draws, in the same order)."""
+        return self._loss_after_own(self.own_loss(model, batch["users"]), scores, batch, model)
+
+    def _loss_after_own(self, own: torch.Tensor, scores: torch.Tensor, batch: Batch,
+                        model: Recommender) -> torch.Tensor:
         users = batch["users"]
-        own = self.own_loss(model, users)
-        scores = model.score(users)
         loss = own + self.config.rrd_weight * self.rrd.distillation_loss(model, users, self._generator, scores)
         if not self.active:
             return loss
