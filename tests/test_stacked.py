@@ -86,12 +86,14 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
 
 
 @pytest.mark.parametrize(("method", "options"), [("rrd", {"k": 10}),
-                                                ("dcd", {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"})])
+                                                ("dcd", {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"}),
+                                                ("kd", {"k": 10, "n_neg": 10, "losses": "listwise:1.0,kl:0.5",
+                                                        "own_weight": 0.1, "temperature": 1.5})])
 @pytest.mark.parametrize("student", ["mf", "ml"])
 def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(student, method, options, teachers):
-    """RRD and DCD (without DE-RRD's sampling) read the scores of every item besides the student's own loss and
-    a few items' scores: the scores come from the vmapped call, the rest (drawn from each replica's generator, in
-    the ordinary order) from the replica's slice of the stacked parameters."""
+    """RRD and DCD (without DE-RRD's sampling) and KD with its listwise term read the scores of every item besides
+    the student's own loss and a few items' scores: the scores come from the vmapped call, the rest (drawn from each
+    replica's generator, in the ordinary order) from the replica's slice of the stacked parameters."""
     def trainer(seed: int) -> Trainer:
         torch.manual_seed(seed)
         model = build_model(student, SPLIT.train, dim=4)
@@ -110,10 +112,13 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
             assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
-    sampled = trainer(0)
-    (sampled.objective.rrd if method == "dcd" else sampled.objective).config.sample = True
+    unstackable = trainer(0)
+    if method == "kd":
+        unstackable.objective.weights = {"kl": 1.0}  # candidates only: no scores of every item to stack on
+    else:
+        (unstackable.objective.rrd if method == "dcd" else unstackable.objective).config.sample = True
     with pytest.raises(HetCompError, match=f"{method} cannot be stacked yet"):
-        StackedTrainer([sampled])
+        StackedTrainer([unstackable])
 
 
 def test_what_cannot_be_stacked_is_an_error_naming_why(teachers):

@@ -139,15 +139,25 @@ class KD(DistillMethod):
             return losses.pairwise_hinge_loss(student, teacher, valid, cfg.margin, labels)
         return listwise()
 
+    @property
+    def stackable_scores(self) -> bool:
+        """With ``listwise`` the loss reads the scores of every item, so seeds stack on them."""
+        return "listwise" in self.weights
+
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         users = batch["users"]
-        items, teacher, valid = self.candidates(users, self._generator)
+        candidates = self.candidates(users, self._generator)
+        return self._loss(model, users, candidates, model.score(users) if "listwise" in self.weights else None)
+
+    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
+        """:meth:`loss` with the scores given (the same draws, in the same order)."""
+        return self._loss(model, batch["users"], self.candidates(batch["users"], self._generator), scores)
+
+    def _loss(self, model: Recommender, users: torch.Tensor, candidates: tuple, scores: torch.Tensor | None
+              ) -> torch.Tensor:
+        items, teacher, valid = candidates
         tau = self.config.temperature
-        if "listwise" in self.weights:
-            scores = model.score(users)
-            student = scores.gather(1, items)
-        else:
-            scores, student = None, model.score_items(users, items)
+        student = scores.gather(1, items) if scores is not None else model.score_items(users, items)
 
         def listwise() -> torch.Tensor:
             # the tail's normalizer and the top-K's scores from one node: no dense gather gradient, no dense
