@@ -56,3 +56,17 @@ def random_csr(n_rows: int, n_cols: int, density: float, seed: int) -> sp.csr_ma
     matrix = sp.random(n_rows, n_cols, density=density, format="csr", random_state=seed, dtype=np.float32)
     matrix.data[:] = 1.0
     return matrix
+
+
+def train_tiny_teachers(split: Split, root: Path, names: tuple[str, ...], top_m: int, max_epochs: int) -> list:
+    """Small dim-8 teachers of ``split`` (seed 0 each) for tests that distill from real trajectories."""
+    import torch
+
+    from hetcomp.teachers import train_teacher
+
+    out = []
+    for name in names:
+        torch.manual_seed(0)
+        out.append(train_teacher(split, name, root, dim=8, top_m=top_m, max_epochs=max_epochs, eval_every=2,
+                                 lr=1e-2))
+    return out

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_split
+from conftest import make_tiny_split, train_tiny_teachers
 from torch import nn
 
 from hetcomp.data import HetCompError
@@ -28,7 +28,6 @@ from hetcomp.distill.tools import (
     transpose_lists,
 )
 from hetcomp.models import build_model
-from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
 
 SPLIT = make_tiny_split(n_users=40, n_items=60, per_user=12)  # 8 training items per user, 52 unobserved
@@ -36,12 +35,8 @@ SPLIT = make_tiny_split(n_users=40, n_items=60, per_user=12)  # 8 training items
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    out = []
-    for name in ("mf", "ae"):
-        torch.manual_seed(0)
-        out.append(train_teacher(SPLIT, name, root, dim=8, top_m=20, max_epochs=10, eval_every=2, lr=1e-2))
-    return out
+    return train_tiny_teachers(SPLIT, tmp_path_factory.mktemp("teachers"), ("mf", "ae"), top_m=20,
+                               max_epochs=10)
 
 
 @pytest.fixture

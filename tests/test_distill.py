@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_split
+from conftest import make_tiny_split, train_tiny_teachers
 
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
@@ -15,7 +15,6 @@ from hetcomp.distill.losses import fine_loss, overall_loss
 from hetcomp.models import build_model
 from hetcomp.provenance import git_commit, source_digest
 from hetcomp.runs import distill
-from hetcomp.teachers import train_teacher
 from hetcomp.train import Trainer, TrainerConfig
 
 SPLIT = make_tiny_split(n_users=100, n_items=70, per_user=14)
@@ -25,12 +24,8 @@ SMALL_OPTIONS = {"hetcomp": {"k": 20, "pos_k": 5, "dkc_k": 10, "period": 2}}
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    out = []
-    for name in ("mf", "gnn", "ae"):
-        torch.manual_seed(0)
-        out.append(train_teacher(SPLIT, name, root, dim=8, top_m=40, max_epochs=30, eval_every=2, lr=1e-2))
-    return out
+    return train_tiny_teachers(SPLIT, tmp_path_factory.mktemp("teachers"), ("mf", "gnn", "ae"), top_m=40,
+                               max_epochs=30)
 
 
 # ---- D@K and DKC on hand-built rankings -------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_split
+from conftest import make_tiny_split, train_tiny_teachers
 
 from hetcomp.distill import DistillContext, build_method
 from hetcomp.errors import HetCompError
@@ -46,14 +46,7 @@ def test_each_replica_follows_the_ordinary_run_of_its_seed(student):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    from hetcomp.teachers import train_teacher
-
-    root = tmp_path_factory.mktemp("teachers")
-    out = []
-    for name in ("mf", "ml"):
-        torch.manual_seed(0)
-        out.append(train_teacher(SPLIT, name, root, dim=8, top_m=40, max_epochs=20, eval_every=2, lr=1e-2))
-    return out
+    return train_tiny_teachers(SPLIT, tmp_path_factory.mktemp("teachers"), ("mf", "ml"), top_m=40, max_epochs=20)
 
 
 def _hetcomp_trainer(student: str, seed: int, teachers) -> Trainer:
