@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -144,19 +145,25 @@ class StackedTrainer:
 
     def _losses(self, batches: Sequence[dict]) -> torch.Tensor:
         """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
-        params, buffers = self.prefixed()
         if self.on_scores:
-            scores = self._stacked(params, buffers, torch.stack([batch["users"] for batch in batches]))
+            scores = self._scores(torch.stack([batch["users"] for batch in batches]))
             return torch.stack([t.objective.loss_of_scores(rows, batch, replica) for t, rows, batch, replica
                                 in zip(self.trainers, scores.unbind(0), batches, self._replicas, strict=True)])
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
-        return self._stacked(params, buffers, {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
+        return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
+
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        """[R, B, n_items]: every replica's scores of every item for its users [R, B], in one vmapped call."""
+        with warnings.catch_warnings():  # NeuMF's tower adds in place (addcmul_), which vmap runs replica by
+            # replica (a fallback it warns about once per process): the same values, a few more launches
+            warnings.filterwarnings("ignore", message=".*batching rule for aten::addcmul_.*")
+            return self._stacked(*self.prefixed(), users)
 
     def _check_scoring(self) -> None:
         """The student's scoring must run under vmap with gradients (an autograd Function needs a vmap rule)."""
         users = torch.zeros(len(self.trainers), 1, dtype=torch.int64, device=self.device)
         try:
-            self._stacked(*self.prefixed(), users).sum().backward()
+            self._scores(users).sum().backward()
         except RuntimeError as error:
             raise HetCompError(f"the {self.trainers[0].model.name} student's scoring cannot be stacked yet "
                                f"({str(error).splitlines()[0][:120]})") from None

@@ -159,14 +159,20 @@ class _TowerScores(torch.autograd.Function):
     tensor per chunk and reduces each unit's gradient with single passes.
     """
 
+    generate_vmap_rule = True  # the forward and backward are plain tensor code: vmap runs them per replica
+
     @staticmethod
-    def forward(ctx, base: torch.Tensor, user_hidden: torch.Tensor, item_hidden: torch.Tensor,
-                weight: torch.Tensor, bias: torch.Tensor, tower_weight: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(base: torch.Tensor, user_hidden: torch.Tensor, item_hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, tower_weight: torch.Tensor, chunk: int) -> torch.Tensor:
         out = base.clone()
         _add_tower_(out, user_hidden, item_hidden, weight, bias, tower_weight, chunk)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        _, user_hidden, item_hidden, weight, bias, tower_weight, chunk = inputs
         ctx.chunk = chunk
         ctx.save_for_backward(user_hidden, item_hidden, weight, bias, tower_weight)
-        return out
 
     @staticmethod
     @once_differentiable
