@@ -133,6 +133,8 @@ class StackedTrainer:
                 totals += losses.detach()
                 count += 1
         except ValueError as error:
+            if not str(error).startswith("zip()"):  # a loss's own error: as it is
+                raise
             raise HetCompError(f"the replicas' batch streams differ in length ({error}); stacked seeds need "
                                "objectives whose batches per epoch do not depend on the seed") from None
         means = (totals / max(count, 1)).tolist()
