@@ -75,9 +75,10 @@ class Objective:
         """A stackable objective's loss on a drawn batch: no draws, no data-dependent shapes."""
         raise NotImplementedError
 
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
-        """A ``stackable_scores`` objective's loss from the student's scores [B, n_items] of the batch's users;
-        ``model`` serves anything else it reads of the student (e.g. its own loss)."""
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        """A ``stackable_scores`` objective's loss from the student's scores [B, n_items] of the batch's users
+        (None: scored where its ordinary loss scores them, so that its draws keep their order); ``model`` serves
+        anything else it reads of the student (e.g. its own loss)."""
         raise NotImplementedError
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:

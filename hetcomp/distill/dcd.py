@@ -330,16 +330,13 @@ class DCD(DistillMethod):
         return not self.rrd.config.sample
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
-        own = self.own_loss(model, batch["users"])
-        return self._loss_after_own(own, model.score(batch["users"]), batch, model)
+        return self.loss_of_scores(None, batch, model)
 
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
-        """:meth:`loss` with the scores given (the same draws, in the same order)."""
-        return self._loss_after_own(self.own_loss(model, batch["users"]), scores, batch, model)
-
-    def _loss_after_own(self, own: torch.Tensor, scores: torch.Tensor, batch: Batch,
-                        model: Recommender) -> torch.Tensor:
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
         users = batch["users"]
+        own = self.own_loss(model, users)
+        scores = model.score(users) if scores is None else scores
         loss = own + self.config.rrd_weight * self.rrd.distillation_loss(model, users, self._generator, scores)
         if not self.active:
             return loss

@@ -111,11 +111,12 @@ class HetComp(DistillMethod):
         return torch.full((self.context.n_users,), bool(final.all()), device=self.device)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
-        # raw scores: the losses clamp to [−clamp, clamp] inside, without a clamped copy
-        return self.loss_of_scores(model.score(batch["users"]), batch, model)
+        return self.loss_of_scores(None, batch, model)
 
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         users = batch["users"]
+        if scores is None:  # raw: the losses clamp to [−clamp, clamp] inside, without a clamped copy
+            scores = model.score(users)
         fine = self.fine_phase_users[users]
         if bool(fine.all()):  # the global switch (the default) puts every row in one phase: no row copies
             return self.config.fine_weight * self._fine(scores, users)

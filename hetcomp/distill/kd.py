@@ -145,18 +145,16 @@ class KD(DistillMethod):
         return "listwise" in self.weights
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return self.loss_of_scores(None, batch, model)
+
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        """The loss; ``scores`` None: the student scores every item (for ``listwise``) after the candidates' draw,
+        or only the candidates."""
         users = batch["users"]
-        candidates = self.candidates(users, self._generator)
-        return self._loss(model, users, candidates, model.score(users) if "listwise" in self.weights else None)
-
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
-        """:meth:`loss` with the scores given (the same draws, in the same order)."""
-        return self._loss(model, batch["users"], self.candidates(batch["users"], self._generator), scores)
-
-    def _loss(self, model: Recommender, users: torch.Tensor, candidates: tuple, scores: torch.Tensor | None
-              ) -> torch.Tensor:
-        items, teacher, valid = candidates
+        items, teacher, valid = self.candidates(users, self._generator)
         tau = self.config.temperature
+        if scores is None and "listwise" in self.weights:
+            scores = model.score(users)
         student = scores.gather(1, items) if scores is not None else model.score_items(users, items)
 
         def listwise() -> torch.Tensor:

@@ -92,17 +92,15 @@ class RRD(DistillMethod):
         return relaxed_ranking_loss(local, positions[:, :self.k], valid, positions[:, self.k:], tail_valid)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
-        users = batch["users"]
-        return (self.own_loss(model, users)
-                + self.config.weight * self.distillation_loss(model, users, self._generator))
+        return self.loss_of_scores(None, batch, model)
 
     @property
     def stackable_scores(self) -> bool:
         """Without DE-RRD's sampling the term reads the scores of every item, so seeds stack on them."""
         return not self.config.sample
 
-    def loss_of_scores(self, scores: torch.Tensor, batch: Batch, model: Recommender) -> torch.Tensor:
-        """:meth:`loss` with the scores given (the same draws, in the same order)."""
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
         users = batch["users"]
         own = self.own_loss(model, users)
         return own + self.config.weight * self.distillation_loss(model, users, self._generator, scores)
