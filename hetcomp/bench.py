@@ -15,7 +15,7 @@ from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
 from hetcomp.provenance import machine
-from hetcomp.stacked import StackedTrainer
+from hetcomp.stacked import StackedTrainer, seed_trainers
 from hetcomp.teachers import load_teachers
 from hetcomp.train import OwnLoss, Trainer, TrainerConfig
 from hetcomp.trajectory import TrajectoryError
@@ -94,16 +94,12 @@ STACKED_SEEDS = 5
 def _time_stacked(split, student: str, method: str, context: DistillContext,
                   record: Callable[[str, float], None]) -> None:
     """One epoch of seeds 0..4 of ``method`` as one stacked model, per seed (nothing where it cannot stack)."""
-    trainers = []
-    for seed in range(STACKED_SEEDS):
-        torch.manual_seed(seed)
-        model = build_model(student, split.train, dim=6)
-        objective = build_method(method, context)
-        trainers.append(Trainer(model, split, objective, TrainerConfig(seed=seed, top_m=objective.evaluation_top_m),
-                                context.device))
+    first = seed_trainers(split, context, student, method, [0])
+    if not (first[0].objective.stackable or first[0].objective.stackable_scores):
+        return
     try:
-        stacked = StackedTrainer(trainers)
-    except HetCompError:
+        stacked = StackedTrainer(first + seed_trainers(split, context, student, method, range(1, STACKED_SEEDS)))
+    except HetCompError:  # a student that cannot be stacked
         return
     record(f"student epoch ({student} dim 6, {method}), {STACKED_SEEDS} seeds stacked, per seed",
            timed(lambda: stacked.train_epoch(stacked.trainers)) / STACKED_SEEDS)

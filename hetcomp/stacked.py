@@ -31,8 +31,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from hetcomp.distill import build_method
 from hetcomp.errors import HetCompError
-from hetcomp.train import FitState, Trainer
+from hetcomp.models import build_model
+from hetcomp.train import FitState, Trainer, TrainerConfig
 
 
 class _Arithmetic(nn.Module):
@@ -100,7 +102,7 @@ class StackedTrainer:
             for name, module, attribute in _parameter_slots(trainer.model):
                 module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
         shapes = copy.deepcopy(first.model).to("meta")
-        self.on_scores = not getattr(first.objective, "stackable", False)  # else: stackable_scores
+        self.on_scores = not first.objective.stackable  # else: stackable_scores
         if self.on_scores:
             call = _Call(shapes)
             self._stacked = vmap(lambda p, b, users: functional_call(call, (p, b), ("score", users)))
@@ -200,6 +202,20 @@ class StackedTrainer:
             for callback in trainer.callbacks:
                 callback.on_fit_end(trainer)
         return [t.state for t in self.trainers]
+
+
+def seed_trainers(split, context, student: str, method: str, seeds: Sequence[int], dim: int = 6,
+                  **options) -> list[Trainer]:
+    """Ordinary trainers of ``method`` for ``student`` at ``dim``, one per seed (each model initialized under its
+    seed), the method's defaults and ``options``: the replicas of a stack, or the runs it is compared with."""
+    trainers = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(student, split.train, dim=dim)
+        objective = build_method(method, context, **options)
+        trainers.append(Trainer(model, split, objective, TrainerConfig(seed=seed, top_m=objective.evaluation_top_m),
+                                context.device))
+    return trainers
 
 
 def _parameter_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

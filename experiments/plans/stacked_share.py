@@ -25,12 +25,10 @@ import torch
 
 from hetcomp.data import load_dataset
 from hetcomp.device import resolve_device
-from hetcomp.distill import DistillContext, build_method
-from hetcomp.models import build_model
+from hetcomp.distill import DistillContext
 from hetcomp.provenance import machine
-from hetcomp.stacked import StackedTrainer
+from hetcomp.stacked import StackedTrainer, seed_trainers
 from hetcomp.teachers import load_teachers
-from hetcomp.train import Trainer, TrainerConfig
 
 
 def worker(args: argparse.Namespace, method: str, replicas: int, start_at: float, queue) -> None:
@@ -38,13 +36,7 @@ def worker(args: argparse.Namespace, method: str, replicas: int, start_at: float
     device = resolve_device(args.device)
     split = load_dataset(args.dataset)
     context = DistillContext(split, load_teachers(split, args.teachers_dir), device)
-    trainers = []
-    for seed in range(replicas):
-        torch.manual_seed(seed)
-        model = build_model(args.student, split.train, dim=6)
-        objective = build_method(method, context)
-        trainers.append(Trainer(model, split, objective, TrainerConfig(seed=seed, top_m=objective.evaluation_top_m),
-                                device))
+    trainers = seed_trainers(split, context, args.student, method, range(replicas))
     if replicas == 1:
         epoch = trainers[0].train_epoch
     else:
