@@ -146,6 +146,7 @@ def rows_from_twins(rep: Reproduction, specs: Sequence[RunSpec]) -> list[RunSpec
     identity and command, ``trained_as`` naming the twin, although the twin's run folder is gone (a fresh
     machine keeps the committed ledger, not the folders). Returns the specs still without a row."""
     rows = {r["config"]: r for r in read_rows(rep.out_dir / "table2.csv")}
+    curves: list[dict] | None = None  # read once, when a twin serves
     left = []
     for spec in specs:
         twin = twin_spec(spec)
@@ -153,8 +154,8 @@ def rows_from_twins(rep: Reproduction, specs: Sequence[RunSpec]) -> list[RunSpec
         if row is None:
             left.append(spec)
             continue
-        curve = [{**c, "method": spec.method, "config": spec.identity}
-                 for c in read_rows(rep.out_dir / "curves.csv") if c["config"] == twin.identity]
+        curves = read_rows(rep.out_dir / "curves.csv") if curves is None else curves
+        curve = [{**c, "method": spec.method, "config": spec.identity} for c in curves if c["config"] == twin.identity]
         _merge(rep, spec, {**row, "method": spec.method, "command": rerun_command(rep, spec),
                            "config": spec.identity, "trained_as": twin.identity}, curve)
         rep.say(f"{spec.student}-{spec.method} seed {spec.seed}: served by the finished {twin.method} run in the "
