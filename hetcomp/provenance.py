@@ -5,6 +5,7 @@ Shared by the run layer (metrics.json) and the paper layer (tables, manifest), s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+@functools.cache  # the processor does not change within a process; machine() is called for every result
 def _cpu_model() -> str:
     """`` (AMD EPYC, AVX2)``: the processor's model name where Linux tells it, and torch's CPU kernel level."""
     parts = []
