@@ -16,7 +16,12 @@ Two kinds of objectives stack. A ``stackable`` one splits its random draws from 
 sampled negatives, then the student's own loss, which must read triples): its whole arithmetic runs under
 ``vmap``. A ``stackable_scores`` one draws nothing and reads the student through its scores of every item
 (HetComp): only the scoring runs under ``vmap``, and each replica's own objective (its DKC state, its phase)
-takes its rows of the [R, B, n_items] scores. Neither checkpoints nor resuming exist here yet.
+takes its rows of the [R, B, n_items] scores.
+
+Checkpoints are the ordinary ones: a replica with a ``run_dir`` writes its own ``last.pt`` / ``best.pt`` after each
+evaluation, its slice of the stacked Adam state exported in the ordinary optimizer's format, so that an
+interrupted stack resumes stacked (:func:`resume_groups`) or as ordinary runs, and a finished replica is handed to
+``on_finished`` as soon as it stops (its run can be written before the stack ends).
 """
 
 from __future__ import annotations
@@ -98,9 +103,6 @@ class StackedTrainer:
         params, buffers = stack_module_state([t.model for t in self.trainers])
         self.params = {name: value.detach().requires_grad_() for name, value in params.items()}
         self.buffers = buffers
-        for index, trainer in enumerate(self.trainers):  # each replica's parameters: views of the stacked ones
-            for name, module, attribute in _parameter_slots(trainer.model):
-                module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
         shapes = copy.deepcopy(first.model).to("meta")
         self.on_scores = not first.objective.stackable  # else: stackable_scores
         if self.on_scores:
@@ -114,6 +116,12 @@ class StackedTrainer:
         config = first.config
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
                                           fused=True)
+        self._import_optimizer_states()
+        # last, once nothing can refuse the stack (a refused one leaves the trainers as they were, to train alone):
+        # each replica's parameters become views of the stacked ones
+        for index, trainer in enumerate(self.trainers):
+            for name, module, attribute in _parameter_slots(trainer.model):
+                module._parameters[attribute] = nn.Parameter(self.params[name].detach()[index])
 
     def train_epoch(self, trainers: Sequence[Trainer]) -> list[float]:
         """One epoch of every replica (those in ``trainers`` are counted); returns their mean batch losses."""
@@ -174,13 +182,66 @@ class StackedTrainer:
         for value in self.params.values():
             value.grad = None
 
-    def fit(self) -> list[FitState]:
-        """Train until every replica has stopped early or reached ``max_epochs``; each ends at its best state."""
+    def _ordinary_params(self, trainer: Trainer) -> list[torch.Tensor]:
+        """The parameters of the replica's ordinary optimizer, in the stacked parameters' order (both follow
+        ``named_parameters``; the ordinary optimizer was built on the model before it was stacked)."""
+        ordinary = trainer.optimizer.param_groups[0]["params"]
+        if len(ordinary) != len(self.params):
+            raise HetCompError("a replica's optimizer holds other parameters than its model's")
+        return ordinary
+
+    def _import_optimizer_states(self) -> None:
+        """Resumed replicas (:func:`resume_groups`) bring their Adam moments in their ordinary optimizers:
+        stacked here."""
+        resumed = [bool(t.optimizer.state) for t in self.trainers]
+        if not any(resumed):
+            return
+        if not all(resumed):
+            raise HetCompError("stacked seeds resume together: every replica needs its optimizer state or none")
+        columns = zip(*[[t.optimizer.state[p] for p in self._ordinary_params(t)] for t in self.trainers], strict=True)
+        for stacked, states in zip(self.params.values(), columns, strict=True):
+            self.optimizer.state[stacked] = {
+                "step": states[0]["step"].clone(),
+                **{key: torch.stack([state[key] for state in states]).to(stacked.device)
+                   for key in ("exp_avg", "exp_avg_sq")}}
+
+    def _export_optimizer_state(self, trainer: Trainer) -> None:
+        """The replica's slice of the stacked Adam moments into its ordinary optimizer, which its checkpoint saves
+        (compact copies: a saved view would carry every replica's storage)."""
+        index = self.trainers.index(trainer)
+        for stacked, ordinary in zip(self.params.values(), self._ordinary_params(trainer), strict=True):
+            state = self.optimizer.state.get(stacked)
+            if state:
+                trainer.optimizer.state[ordinary] = {"step": state["step"].clone(),
+                                                     **{key: state[key][index].clone()
+                                                        for key in ("exp_avg", "exp_avg_sq")}}
+
+    def _finish(self, trainer: Trainer, on_finished, more: bool) -> None:
+        """A replica that stopped: at its best state for its callbacks and ``on_finished``; then, while other
+        replicas still train (``more``), its slice goes back to where the stack left it."""
+        current = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()} if more else None
+        if trainer.best_state is not None:
+            trainer.model.load_state_dict(trainer.best_state)
+        for callback in trainer.callbacks:
+            callback.on_fit_end(trainer)
+        if on_finished is not None:
+            on_finished(trainer)
+        if current is not None:
+            trainer.model.load_state_dict(current)
+
+    def fit(self, on_finished=None) -> list[FitState]:
+        """Train until every replica has stopped early or reached ``max_epochs``; each ends at its best state.
+        ``on_finished(trainer)`` is called for each replica as soon as it stops, its model at its best state."""
         for trainer in self.trainers:
             for callback in trainer.callbacks:
                 callback.on_fit_start(trainer)
         max_epochs = self.trainers[0].config.max_epochs
-        active = list(self.trainers)
+        active = []
+        for trainer in self.trainers:  # a resumed replica may have stopped before its run was written
+            if trainer.state.stopped or trainer.state.epoch >= max_epochs:
+                self._finish(trainer, on_finished, more=True)
+            else:
+                active.append(trainer)
         while active and active[0].state.epoch < max_epochs:
             started = time.perf_counter()
             losses = self.train_epoch(active)
@@ -194,14 +255,28 @@ class StackedTrainer:
                 for callback in trainer.callbacks:
                     callback.on_epoch_end(trainer, trainer.state.epoch, loss)
                 if trainer.state.epoch % trainer.config.eval_every == 0 or trainer.state.epoch == max_epochs:
+                    if trainer.run_dir is not None:
+                        self._export_optimizer_state(trainer)
                     trainer._evaluate_and_select(loss)
-            active = [t for t in active if not t.state.stopped]
+            ended = [t for t in active if t.state.stopped or t.state.epoch >= max_epochs]
+            active = [t for t in active if t not in ended]
+            for trainer in ended:
+                self._finish(trainer, on_finished, more=bool(active))
         for trainer in self.trainers:
             if trainer.best_state is not None:
                 trainer.model.load_state_dict(trainer.best_state)
-            for callback in trainer.callbacks:
-                callback.on_fit_end(trainer)
         return [t.state for t in self.trainers]
+
+
+def resume_groups(trainers: Sequence[Trainer]) -> list[list[Trainer]]:
+    """Each trainer resumed from its ``run_dir``'s ``last.pt`` (where there is one), grouped by the epoch it
+    resumes at, first seen first: the stacks to build (replicas of one stack move in step, and a process killed
+    while the replicas wrote their checkpoints leaves some one evaluation behind)."""
+    groups: dict[int, list[Trainer]] = {}
+    for trainer in trainers:
+        trainer._resume()
+        groups.setdefault(trainer.state.epoch, []).append(trainer)
+    return list(groups.values())
 
 
 def seed_trainers(split, context, student: str, method: str, seeds: Sequence[int], dim: int = 6,
@@ -251,7 +326,9 @@ def _check_stackable(trainers: Sequence[Trainer]) -> None:
     seeds = [t.config.seed for t in trainers]
     if len(set(seeds)) != len(seeds):
         raise HetCompError(f"stacked seeds must differ (got {seeds})")
-    if any(t.run_dir is not None for t in trainers) or any(t.objective.parameters() for t in trainers):
-        raise HetCompError("stacked seeds do not checkpoint yet, nor train an objective's own parameters")
-    if any(t.state.epoch for t in trainers):
-        raise HetCompError("stacked seeds start from untrained replicas")
+    if any(t.objective.parameters() for t in trainers):
+        raise HetCompError("stacked seeds do not train an objective's own parameters yet")
+    epochs = sorted({t.state.epoch for t in trainers})
+    if len(epochs) > 1:
+        raise HetCompError(f"stacked seeds move in step, but these replicas are at epochs {epochs} "
+                           "(resume_groups makes one stack per epoch)")

@@ -266,7 +266,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if improved:
             _atomic_save(self.best_state, self.run_dir / "best.pt")
-        _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # compact copies: a stacked replica's parameters are views whose storage holds every replica's
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        _atomic_save({"model": model_state, "optimizer": self.optimizer.state_dict(),
                       "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                       "state": asdict(self.state), "objective": self.objective.state_dict()},
                      self.run_dir / "last.pt")

@@ -20,7 +20,7 @@ import torch
 from hetcomp.data import load_dataset
 from hetcomp.errors import HetCompError
 from hetcomp.runs import RunStore, make_spec, train_run
-from hetcomp.runs.grid import Inputs, run_grid
+from hetcomp.runs.grid import Inputs, run_grid, stack_units
 from hetcomp.teachers import train_teacher
 
 pytest.importorskip("ray")
@@ -96,6 +96,38 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_pa
     assert resumed["resumed_from_epoch"] > 0  # the retry continued from last.pt, not restarted
     alone = train_run(spec, split, trajectories, RunStore(tmp_path / "serial"))
     assert _same(resumed, alone)
+
+
+def test_stacked_seeds_on_a_grid_give_each_seed_its_own_run(world, tmp_path):
+    """--stack-seeds: one task per run specification whose method stacks; each seed still writes its own folder
+    and metrics, which follow the ordinary run of that seed up to batched kernels' rounding. A seed finished
+    before is reused, not retrained."""
+    _, inputs, split, trajectories = world
+    specs = _specs(world, seeds=(0, 1, 2))
+    store = RunStore(tmp_path / "stacked")
+    train_run(specs[4], split, trajectories, store)  # rrd seed 1, finished before the grid
+    units = stack_units(specs, stack_seeds=True)
+    assert [[(s.method, s.seed) for s in unit] for unit in units] == [[("none", 0), ("none", 1), ("none", 2)],
+                                                                     [("rrd", 0), ("rrd", 1), ("rrd", 2)]]
+    report = run_grid(specs, inputs, store, jobs=2, backend="processes", stack_seeds=True)
+    assert not report.failures and sorted(report.results) == sorted(s.identity for s in specs)
+    for spec in specs:
+        stacked = report.results[spec.identity]
+        assert stacked == RunStore(store.root).finished(spec)
+        expected = [] if (spec.method, spec.seed) == ("rrd", 1) else ([0, 2] if spec.method == "rrd" else [0, 1, 2])
+        assert stacked.get("stacked_with", []) == expected
+        alone = train_run(spec, split, trajectories, RunStore(tmp_path / "serial"))
+        assert (stacked["epochs"], stacked["best_epoch"]) == (alone["epochs"], alone["best_epoch"])
+        for mine, theirs in zip(stacked["curve"], alone["curve"], strict=True):
+            assert mine["valid_recall@50"] == pytest.approx(theirs["valid_recall@50"], abs=1e-6)
+
+
+def test_only_methods_that_stack_at_their_settings_are_grouped(world):
+    _, _, split, trajectories = world
+    kd = [make_spec(split, trajectories, "mf", "kd", 4, seed, {"losses": losses})
+          for losses in ("kl:1.0", "listwise:1.0") for seed in (0, 1)]
+    assert [len(unit) for unit in stack_units(kd, stack_seeds=True)] == [1, 1, 2]
+    assert [len(unit) for unit in stack_units(kd, stack_seeds=False)] == [1, 1, 1, 1]
 
 
 def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp_path):

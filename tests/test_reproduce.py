@@ -384,3 +384,15 @@ def test_a_dcd_row_at_zero_correction_comes_from_its_rrd_row_when_the_folders_ar
     specs = [run_spec(rep, [], "mf", method, 1) for method in ("dcd", "rrd", "none")]
     first, later = twins_after(specs)
     assert [s.method for s in first] == ["rrd", "none"] and [s.method for s in later] == ["dcd"]
+
+
+def test_stack_seeds_trains_a_rows_seeds_as_one_model_and_records_each(workspace, tmp_path):
+    result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2,3", "--methods", "none,rrd",
+                    "--stack-seeds", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"))
+    assert result.output.count("as one stacked model") == 2
+    rows = read_rows(tmp_path / "results" / "csv-toy-first300" / "table2.csv")
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("none", "2"), ("none", "3"), ("rrd", "2"),
+                                                              ("rrd", "3")]
+    runs = [json.loads(path.read_text()) for path in (tmp_path / "runs").rglob("metrics.json")]
+    assert sorted((run["method"], run["seed"], tuple(run["stacked_with"])) for run in runs) == [
+        ("none", 2, (2, 3)), ("none", 3, (2, 3)), ("rrd", 2, (2, 3)), ("rrd", 3, (2, 3))]

@@ -289,3 +289,37 @@ def test_a_dcd_whose_rrd_part_its_options_do_not_spell_out_has_no_twin():
     config = dataclasses.asdict(DCDConfig(dcd_weight=0.0, temperature=5.0))
     assert DCD.trains_as(config, {"dcd_weight": 0.0}) is None
     assert DCD.trains_as(config, {"dcd_weight": 0.0, "temperature": 5.0}) == ("rrd", {"temperature": 5.0})
+
+
+def test_a_stack_of_seeds_writes_each_seed_and_resumes_where_it_was_interrupted(teachers, tmp_path, monkeypatch):
+    """train_stack: the seeds of one run as one stacked model (HetComp: its DKC state is each replica's own), each
+    seed's run folder written as an ordinary run's; killed after a checkpoint, the same call resumes the stack and
+    ends where the uninterrupted stack ends."""
+    from hetcomp.runs import execute
+    from hetcomp.stacked import StackedTrainer
+
+    options = {"period": 2, "deadline": 4, "dkc_k": 10, "k": 20, "pos_k": 5}
+    specs = [make_spec(SPLIT, teachers, "mf", "hetcomp", 4, seed, options, max_epochs=8, eval_every=2, patience=10)
+             for seed in (0, 1)]
+    whole = execute.train_stack(specs, SPLIT, teachers, RunStore(tmp_path / "whole"))
+    assert [r["stacked_with"] for r in whole] == [[0, 1], [0, 1]] and whole[0]["test"] != whole[1]["test"]
+    assert [r["identity"] for r in whole] == [s.identity for s in specs]
+
+    train_epoch = StackedTrainer.train_epoch
+
+    def killed_at_epoch_5(self, trainers):
+        if trainers[0].state.epoch == 4:  # after the checkpoints of epoch 4
+            raise KeyboardInterrupt
+        return train_epoch(self, trainers)
+
+    store = RunStore(tmp_path / "interrupted")
+    monkeypatch.setattr(StackedTrainer, "train_epoch", killed_at_epoch_5)
+    with pytest.raises(KeyboardInterrupt):
+        execute.train_stack(specs, SPLIT, teachers, store)
+    monkeypatch.undo()
+    assert all((store.folder(spec) / "last.pt").is_file() for spec in specs)
+    resumed = execute.train_stack(specs, SPLIT, teachers, store)
+    assert [r["resumed_from_epoch"] for r in resumed] == [4, 4]
+    for mine, theirs in zip(resumed, whole, strict=True):
+        assert (mine["curve"], mine["test"], mine["dkc_log"]) == (theirs["curve"], theirs["test"], theirs["dkc_log"])
+    assert execute.train_stack(specs, SPLIT, teachers, store) == resumed  # finished: reused

@@ -9,18 +9,18 @@ from conftest import make_tiny_split, train_tiny_teachers
 from hetcomp.distill import DistillContext, build_method
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
-from hetcomp.stacked import StackedTrainer
-from hetcomp.train import Trainer, TrainerConfig
+from hetcomp.stacked import StackedTrainer, resume_groups
+from hetcomp.train import Callback, Trainer, TrainerConfig
 
 SPLIT = make_tiny_split(n_users=80, n_items=120)
 
 
-def _trainer(student: str, seed: int, **config) -> Trainer:
+def _trainer(student: str, seed: int, run_dir=None, callbacks=None, **config) -> Trainer:
     torch.manual_seed(seed)
     model = build_model(student, SPLIT.train, dim=4)
     objective = build_method("none", DistillContext(SPLIT, [], "cpu", needs_teachers=False))
     settings = {"lr": 0.01, "max_epochs": 12, "eval_every": 2, "patience": 2, "seed": seed, **config}
-    return Trainer(model, SPLIT, objective, TrainerConfig(**settings), "cpu")
+    return Trainer(model, SPLIT, objective, TrainerConfig(**settings), "cpu", callbacks, run_dir)
 
 
 @pytest.mark.parametrize("student", ["mf", "ml", "dnn"])
@@ -87,10 +87,11 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     """RRD and DCD (without DE-RRD's sampling) and KD with its listwise term read the scores of every item besides
     the student's own loss and a few items' scores: the scores come from the vmapped call, the rest (drawn from each
     replica's generator, in the ordinary order) from the replica's slice of the stacked parameters."""
-    def trainer(seed: int) -> Trainer:
+    def trainer(seed: int, **changes) -> Trainer:
         torch.manual_seed(seed)
         model = build_model(student, SPLIT.train, dim=4)
-        objective = build_method(method, DistillContext(SPLIT, teachers, "cpu", batch_users=16), **options)
+        objective = build_method(method, DistillContext(SPLIT, teachers, "cpu", batch_users=16),
+                                 **{**options, **changes})
         return Trainer(model, SPLIT, objective, TrainerConfig(lr=0.01, max_epochs=10, eval_every=2, patience=2,
                                                               seed=seed), "cpu")
 
@@ -105,11 +106,10 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
             assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
-    unstackable = trainer(0)
-    if method == "kd":
-        unstackable.objective.weights = {"kl": 1.0}  # candidates only: no scores of every item to stack on
-    else:
-        (unstackable.objective.rrd if method == "dcd" else unstackable.objective).config.sample = True
+    # KD on candidates only, RRD and DCD with DE-RRD's sampling: no scores of every item to stack on
+    change = {"losses": "kl:1.0"} if method == "kd" else {"sample": True}
+    unstackable = trainer(0, **change)
+    assert not type(unstackable.objective).stacks_seeds(unstackable.objective.config)
     with pytest.raises(HetCompError, match=f"{method} cannot be stacked yet"):
         StackedTrainer([unstackable])
 
@@ -133,3 +133,66 @@ def test_what_cannot_be_stacked_is_an_error_naming_why():
     unsplit.objective = DrawsInside(unsplit.objective.context)
     with pytest.raises(HetCompError, match="draws-inside cannot be stacked yet"):
         StackedTrainer([unsplit])
+
+
+class _Interrupt(Callback):
+    """Stops the process's training (as a kill would) right after the evaluation of ``epoch``, before the
+    replica's checkpoint of that evaluation is written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_evaluate(self, trainer, epoch, result, improved) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _same_runs(states, references) -> None:
+    for state, reference in zip(states, references, strict=True):
+        assert (state.epoch, state.best_epoch) == (reference.epoch, reference.best_epoch)
+        for mine, theirs in zip(state.history, reference.history, strict=True):
+            assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+
+
+def test_an_interrupted_stack_resumes_from_its_replicas_checkpoints_stacked_or_alone(tmp_path):
+    """Each replica checkpoints as an ordinary run (its slice of the stacked Adam moments included). A kill while
+    the replicas write their checkpoints leaves them one evaluation apart: they resume as one stack per epoch, or
+    as ordinary runs, and end where the uninterrupted stack ends."""
+    seeds = (0, 1, 2)
+    settings = {"max_epochs": 16, "patience": 3}
+    reference = StackedTrainer([_trainer("mf", seed, **settings) for seed in seeds]).fit()
+    for resume_stacked in (True, False):
+        folders = [tmp_path / f"{resume_stacked}-{seed}" for seed in seeds]
+        interrupted = [_trainer("mf", seed, folder, [_Interrupt(6)] if seed == 1 else None, **settings)
+                       for seed, folder in zip(seeds, folders, strict=True)]
+        with pytest.raises(KeyboardInterrupt):
+            StackedTrainer(interrupted).fit()
+        assert all((folder / "last.pt").is_file() for folder in folders)
+        again = [_trainer("mf", seed, folder, **settings) for seed, folder in zip(seeds, folders, strict=True)]
+        if resume_stacked:
+            groups = resume_groups(again)
+            assert [[t.config.seed for t in group] for group in groups] == [[0], [1, 2]]  # epochs 6 and 4
+            for group in groups:
+                StackedTrainer(group).fit()
+        else:
+            for trainer in again:
+                trainer.fit()
+        assert [t.resumed_from_epoch for t in again] == [6, 4, 4]
+        _same_runs([t.state for t in again], reference)
+
+
+def test_each_replica_is_handed_over_at_its_best_state_as_soon_as_it_stops():
+    seen = []
+
+    def on_finished(trainer: Trainer) -> None:
+        best = trainer.best_state
+        seen.append((trainer.config.seed, trainer.state.epoch,
+                     all(torch.equal(v, best[k]) for k, v in trainer.model.state_dict().items())))
+
+    replicas = [_trainer("mf", seed, max_epochs=40, patience=2) for seed in (0, 1, 2)]
+    states = StackedTrainer(replicas).fit(on_finished)
+    assert sorted(seed for seed, _, _ in seen) == [0, 1, 2]
+    assert all(at_best for _, _, at_best in seen)
+    assert [epoch for _, epoch, _ in seen] == sorted(state.epoch for state in states)  # in the order they stopped
+    assert len({state.epoch for state in states}) > 1  # the seeds stop at different epochs

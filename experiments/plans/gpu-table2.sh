@@ -16,7 +16,8 @@
 # stopped at the end, so the processes' small kernels run side by side instead of time-slicing the device: 5.8×
 # the epochs/s of 16 processes without it, gpu-table2-citeulike.md; card settings stay; 0: time-sliced),
 # DURATIONS (a table2.csv whose wall times queue the runs longest first; default the committed CiteULike one,
-# used where the file exists; order only).
+# used where the file exists; order only), STACK (1, the default: `reproduce --stack-seeds`, the seeds of a run
+# whose method stacks trained as one vmapped model in one process, hetcomp/stacked.py; 0: one run per process).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -30,6 +31,7 @@ PYTHON="${PYTHON:-python3}"
 BENCH="${BENCH:-1}"
 MPS="${MPS:-1}"
 JOBS="${JOBS:-16}"
+STACK="${STACK:-1}"
 DURATIONS="${DURATIONS-experiments/results/tuned/citeulike/table2.csv}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -100,10 +102,11 @@ fi
 runs_start=$(elapsed)
 order=()
 [ -f "$DURATIONS" ] && order=(--durations-from "$DURATIONS")
+[ "$STACK" = 1 ] && order+=(--stack-seeds)
 "$PYTHON" -m hetcomp reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" \
   --device "$DEVICE" --jobs "$JOBS" "${order[@]}" "${dirs[@]}" --runs-dir "$WORK/runs" \
   --results-dir "$WORK/results" > "$WORK/logs/runs.log" 2>&1 &
-note "started the runs: one reproduce, $JOBS processes taking them from one queue"
+note "started the runs: one reproduce, $JOBS processes taking them from one queue (stacked seeds: $STACK)"
 wait_or_stop $!
 note "student runs: $(( $(elapsed) - runs_start )) s of wall time"
 

@@ -70,6 +70,11 @@ def reproduce_command(
     replace_other_teachers: bool = typer.Option(False, "--replace-other-teachers", help="Table 2: let runs "
                                                 "with these teachers replace ledger rows that other teachers "
                                                 "made (by default that is refused, naming the rows)."),
+    stack_seeds: bool = typer.Option(False, "--stack-seeds", help="Table 2: train the seeds of each run whose "
+                                     "method stacks (w/o KD, HetComp, RRD, DCD, KD with listwise) as one stacked "
+                                     "model, one task per run; for a GPU, where a stack's epoch costs little more "
+                                     "than one run's (on a CPU it gains nothing). Each seed keeps its own folder, "
+                                     "row and checkpoints."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
@@ -103,7 +108,7 @@ def reproduce_command(
                                   bar, lambda text: progress.console.print(text, highlight=False),
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
                                   ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
-                                  replace_other_teachers=replace_other_teachers)
+                                  replace_other_teachers=replace_other_teachers, stack_seeds=stack_seeds)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names
                        if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]

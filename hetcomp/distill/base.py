@@ -206,6 +206,14 @@ class DistillMethod(Objective):
         return tuple(dict.fromkeys([*asked, *([special[0]] if special else [])]))
 
     @classmethod
+    def stacks_seeds(cls, config) -> bool:
+        """Whether runs of this method at ``config`` (its config dataclass) can train their seeds as one stacked
+        model (:mod:`hetcomp.stacked`): by default when the class is ``stackable`` or ``stackable_scores`` at every
+        setting; a method that stacks at some settings only overrides this and derives its property from it, so
+        that a grid can group a row's seeds before building any objective."""
+        return cls.stackable is True or cls.stackable_scores is True
+
+    @classmethod
     def trains_as(cls, config: dict, options: dict) -> tuple[str, dict] | None:
         """(method, options) of another method that a run of this one trains exactly as (the same parameters after
         every step, tested), given this run's full ``config`` and the ``options`` its command line sets; None when

@@ -324,10 +324,14 @@ class DCD(DistillMethod):
         width = under.shape[1]
         return relaxed_ranking_loss(local, positions[:, :width], under_valid, positions[:, width:], over_valid)
 
+    @classmethod
+    def stacks_seeds(cls, config: DCDConfig) -> bool:
+        """Its RRD part without DE-RRD's sampling reads the scores of every item, so seeds stack on them."""
+        return not config.sample
+
     @property
     def stackable_scores(self) -> bool:
-        """Its RRD part without DE-RRD's sampling reads the scores of every item, so seeds stack on them."""
-        return not self.rrd.config.sample
+        return self.stacks_seeds(self.config)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)

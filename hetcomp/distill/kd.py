@@ -139,10 +139,14 @@ class KD(DistillMethod):
             return losses.pairwise_hinge_loss(student, teacher, valid, cfg.margin, labels)
         return listwise()
 
+    @classmethod
+    def stacks_seeds(cls, config: KDConfig) -> bool:
+        """With ``listwise`` the loss reads the scores of every item, so seeds stack on them."""
+        return "listwise" in parse_losses(config.losses)
+
     @property
     def stackable_scores(self) -> bool:
-        """With ``listwise`` the loss reads the scores of every item, so seeds stack on them."""
-        return "listwise" in self.weights
+        return self.stacks_seeds(self.config)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)

@@ -94,10 +94,14 @@ class RRD(DistillMethod):
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)
 
+    @classmethod
+    def stacks_seeds(cls, config: RRDConfig) -> bool:
+        """Without DE-RRD's sampling the term reads the scores of every item, so seeds stack on them."""
+        return not config.sample
+
     @property
     def stackable_scores(self) -> bool:
-        """Without DE-RRD's sampling the term reads the scores of every item, so seeds stack on them."""
-        return not self.config.sample
+        return self.stacks_seeds(self.config)
 
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""

@@ -88,6 +88,8 @@ class Reproduction:
     durations_from: Path | None = None
     #: Table 2 may replace ledger rows that other teachers made (else that is an error naming the fix)
     replace_other_teachers: bool = False
+    #: Table 2 trains the seeds of a run whose method stacks as one stacked model (``hetcomp.stacked``; a GPU)
+    stack_seeds: bool = False
 
     @property
     def label(self) -> str:

@@ -10,7 +10,8 @@ from hetcomp.errors import HetCompError
 from hetcomp.paper.common import METRICS, Reproduction
 from hetcomp.paper.ledger import CURVE_COLUMNS, TABLE2_COLUMNS, locked, read_rows, write_rows
 from hetcomp.runs import RunSpec, RunStore, make_spec, train_run
-from hetcomp.runs.grid import run_grid
+from hetcomp.runs.execute import train_stack
+from hetcomp.runs.grid import run_grid, stack_units
 from hetcomp.runs.spec import twin_spec
 
 
@@ -68,9 +69,18 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     if not specs:
         return
     if not (rep.jobs > 1 or rep.ray_address):
-        for position, spec in enumerate(specs, 1):
-            rep.say(f"[{position}/{len(specs)}] {rerun_command(rep, spec)}")
-            record(spec, student_run(rep, trajectories, spec))
+        position = 0
+        for unit in stack_units(specs, rep.stack_seeds):
+            for spec in unit:
+                position += 1
+                rep.say(f"[{position}/{len(specs)}] {rerun_command(rep, spec)}")
+            if len(unit) == 1:
+                record(unit[0], student_run(rep, trajectories, unit[0]))
+                continue
+            rep.say(f"seeds {', '.join(str(spec.seed) for spec in unit)} as one stacked model")
+            for spec, result in zip(unit, train_stack(unit, rep.split, trajectories, RunStore(rep.runs_dir),
+                                                      rep.device, rep.say), strict=True):
+                record(spec, result)
         return
     if rep.inputs is None:
         raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
@@ -91,7 +101,8 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
 
     try:
         report = run_grid(specs, rep.inputs, RunStore(rep.runs_dir), rep.jobs, rep.ray_address, on_result=finished,
-                          say=rep.say, gpus_per_run=0.25 if rep.device.type == "cuda" else 0.0)
+                          say=rep.say, gpus_per_run=0.25 if rep.device.type == "cuda" else 0.0,
+                          stack_seeds=rep.stack_seeds)
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()

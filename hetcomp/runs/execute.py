@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -71,19 +73,35 @@ def _adopt(spec: RunSpec, twin: RunSpec, twin_result: dict, store: RunStore, fol
     return result
 
 
-def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore, folder: Path,
-           device: torch.device, callbacks: list[Callback] | None) -> dict:
+def _trainer(spec: RunSpec, split: Split, context: DistillContext, device: torch.device,
+             callbacks: list[Callback] | None, folder: Path) -> Trainer:
+    """The ordinary trainer of ``spec``'s run (its student initialized under its seed)."""
     torch.manual_seed(spec.seed)
     model = build_model(spec.student, split.train, **dict(spec.student_config))
-    context = DistillContext(split, list(trajectories), device, spec.ensemble_config(), spec.batch_users,
-                             needs_teachers=method_class(spec.method).reads_teachers)
     objective = build_method(spec.method, context, **dict(spec.method_config))
     config = TrainerConfig(lr=spec.lr, weight_decay=spec.weight_decay, max_epochs=spec.max_epochs,
                            eval_every=spec.eval_every, patience=spec.patience, top_m=objective.evaluation_top_m,
                            seed=spec.seed)
-    trainer = Trainer(model, split, objective, config, device, callbacks, folder)
+    return Trainer(model, split, objective, config, device, callbacks, folder)
+
+
+def _context(spec: RunSpec, split: Split, trajectories: Sequence, device: torch.device) -> DistillContext:
+    return DistillContext(split, list(trajectories), device, spec.ensemble_config(), spec.batch_users,
+                          needs_teachers=method_class(spec.method).reads_teachers)
+
+
+def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore, folder: Path,
+           device: torch.device, callbacks: list[Callback] | None) -> dict:
+    trainer = _trainer(spec, split, _context(spec, split, trajectories, device), device, callbacks, folder)
     started = time.perf_counter()
-    state = trainer.fit()
+    trainer.fit()
+    return _write_run(spec, trainer, store, folder, started)
+
+
+def _write_run(spec: RunSpec, trainer: Trainer, store: RunStore, folder: Path, started: float,
+               stacked_with: Sequence[int] = ()) -> dict:
+    """Evaluate the trainer's model (at its best state) and write the finished run: metrics.json, student.pt."""
+    model, objective, state = trainer.model, trainer.objective, trainer.state
     final = trainer.evaluate()
     result = {
         "run": spec.folder_name, "identity": spec.identity, "dataset": spec.dataset,
@@ -97,23 +115,93 @@ def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore,
         "valid": final["valid"], "test": final["test"],
         "n_parameters": model.n_parameters(), "train_seconds": round(state.seconds, 1),
         "eval_seconds": round(state.eval_seconds, 1),
-        # training + evaluation over every resumed segment (a resumed run's own call is shorter)
+        # training + evaluation over every resumed segment (a resumed run's own call is shorter); a stacked
+        # run's training seconds are its share of the stack's epochs
         "wall_seconds": round(state.seconds + state.eval_seconds, 1),
         "this_call_seconds": round(time.perf_counter() - started, 1),
         "resumed_from_epoch": trainer.resumed_from_epoch,
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
         "peak_memory_mb": round(peak_memory_mb()),  # of this process (the whole run when it ran alone)
-        "device": str(device), "command": spec.command(), "commit": git_commit(), "code_digest": CODE_DIGEST,
+        "device": str(trainer.device), "command": spec.command(), "commit": git_commit(), "code_digest": CODE_DIGEST,
         "machine": machine(),
         "curve": [{"epoch": h["epoch"], "valid_recall@50": h["valid"]["recall@50"],
                    "test_recall@50": h["test"]["recall@50"]} for h in state.history],
     }
+    if stacked_with:
+        result["stacked_with"] = list(stacked_with)  # the seeds whose runs trained as one model with this one
     if hasattr(objective, "knowledge"):
         result["dkc_log"] = objective.knowledge.log
-    torch.save(model.state_dict(), folder / "student.pt")
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "student.pt")
     store.write_metrics(spec, result)
     (folder / "last.pt").unlink(missing_ok=True)
     return result
+
+
+def train_stack(specs: Sequence[RunSpec], split: Split, trajectories: Sequence, store: RunStore,
+                device: torch.device | str = "cpu", say: Callable[[str], None] | None = None) -> list[dict]:
+    """The metrics of each of ``specs`` (one run at several seeds, nothing else differing), the unfinished ones
+    trained as one stacked model (:mod:`hetcomp.stacked`): each replica writes its own run folder as it stops,
+    checkpoints as an ordinary run, and resumes (stacked, or alone with ``train_run``). A run that another
+    method's finished run serves (a twin) and a method or student that cannot stack train one by one
+    (:func:`train_run`); so does a single unfinished run."""
+    if len({dataclasses.replace(spec, seed=0) for spec in specs}) > 1 or len({s.seed for s in specs}) < len(specs):
+        raise HetCompError("a stack holds runs of one specification at different seeds")
+    results: dict[int, dict] = {}
+    alone = [spec for spec in specs if twin_spec(spec) is not None or store.finished(spec) is not None]
+    stack = [spec for spec in specs if spec not in alone]
+    if len(stack) < 2 or not method_class(stack[0].method).stacks_seeds(
+            method_class(stack[0].method).config_class(**dict(stack[0].method_config))):
+        alone, stack = list(specs), []
+    for spec in alone:
+        results[spec.seed] = train_run(spec, split, trajectories, store, device, say=say)
+    if stack:
+        _train_stacked(stack, split, trajectories, store, torch.device(device), say, results)
+    return [results[spec.seed] for spec in specs]
+
+
+def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequence, store: RunStore,
+                   device: torch.device, say: Callable[[str], None] | None, results: dict[int, dict]) -> None:
+    from hetcomp.stacked import StackedTrainer, resume_groups
+
+    if not method_class(specs[0].method).reads_teachers:
+        trajectories = ()
+    for spec in specs:
+        if (split.fingerprint, tuple(t.name for t in trajectories)) != (spec.split_fingerprint, spec.teachers):
+            raise HetCompError(f"the split or teachers given differ from the run specification {spec.identity}")
+    with contextlib.ExitStack() as claims:
+        # one lock order for every process, so that two stacks sharing runs cannot wait for each other
+        folders = {spec.seed: claims.enter_context(store.claim(spec, say))
+                   for spec in sorted(specs, key=lambda spec: spec.folder_name)}
+        left = []
+        for spec in specs:  # another process may have finished some while this one waited
+            finished = store.finished(spec)
+            if finished is not None:
+                results[spec.seed] = finished
+            else:
+                left.append(spec)
+        if not left:
+            return
+        context = _context(left[0], split, trajectories, device)
+        by_seed = {spec.seed: spec for spec in left}
+        trainers = [_trainer(spec, split, context, device, None, folders[spec.seed]) for spec in left]
+        started = time.perf_counter()
+        seeds = [spec.seed for spec in left]
+
+        def write(trainer: Trainer) -> None:
+            spec = by_seed[trainer.config.seed]
+            results[spec.seed] = _write_run(spec, trainer, store, folders[spec.seed], started, seeds)
+
+        for group in resume_groups(trainers):
+            try:
+                stacked = StackedTrainer(group)
+            except HetCompError as error:  # e.g. a student whose scoring has no vmap rule
+                if say is not None:
+                    say(f"{left[0].student}-{left[0].method}: seeds {seeds} train one by one ({error})")
+                for trainer in group:
+                    trainer.fit()
+                    write(trainer)
+                continue
+            stacked.fit(write)
 
 
 def distill(split: Split, trajectories: list, student: str = "mf", method: str = "hetcomp", dim: int = 6,

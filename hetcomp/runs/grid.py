@@ -10,6 +10,7 @@ stops the cluster it started.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import queue
@@ -64,31 +65,51 @@ class GridReport:
     failures: list[tuple[RunSpec, str]] = field(default_factory=list)
 
 
-def execute_spec(spec: RunSpec, inputs: Inputs, store_root: str, threads: int) -> dict:
-    """Train (or reuse) one run in this process; the body of a grid's Ray task."""
+def execute_specs(specs: tuple[RunSpec, ...], inputs: Inputs, store_root: str, threads: int) -> list[dict]:
+    """Train (or reuse) one run, or one stack of a run's seeds (:func:`stack_units`), in this process; the body
+    of a grid's task."""
     import torch
 
-    from hetcomp.runs.execute import train_run
+    from hetcomp.runs.execute import train_run, train_stack
 
     torch.set_num_threads(max(1, threads))
-    split, trajectories = inputs.load(spec.teachers)
-    if split.fingerprint != spec.split_fingerprint:
-        raise HetCompError(f"run {spec.identity}: the worker's split {split.fingerprint} is not the driver's "
-                           f"{spec.split_fingerprint}; every worker must read the same data")
-    return train_run(spec, split, trajectories, RunStore(store_root), inputs.device)
+    split, trajectories = inputs.load(specs[0].teachers)
+    if split.fingerprint != specs[0].split_fingerprint:
+        raise HetCompError(f"run {specs[0].identity}: the worker's split {split.fingerprint} is not the driver's "
+                           f"{specs[0].split_fingerprint}; every worker must read the same data")
+    if len(specs) == 1:
+        return [train_run(specs[0], split, trajectories, RunStore(store_root), inputs.device)]
+    return train_stack(specs, split, trajectories, RunStore(store_root), inputs.device)
+
+
+def stack_units(specs: Sequence[RunSpec], stack_seeds: bool) -> list[tuple[RunSpec, ...]]:
+    """The grid's tasks: one per run, or with ``stack_seeds`` one per run specification whose method stacks
+    (:meth:`~hetcomp.distill.base.DistillMethod.stacks_seeds`) holding its seeds, placed where its first seed
+    was (the queue's order is kept)."""
+    from hetcomp.distill import method_class
+
+    units: dict[object, list[RunSpec]] = {}
+    for index, spec in enumerate(specs):
+        cls = method_class(spec.method)
+        stacks = stack_seeds and cls.stacks_seeds(cls.config_class(**dict(spec.method_config)))
+        units.setdefault(dataclasses.replace(spec, seed=0) if stacks else index, []).append(spec)
+    return [tuple(unit) for unit in units.values()]
 
 
 def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: int = 1, address: str | None = None,
              cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
              on_result: Callable[[RunSpec, dict], None] | None = None,
-             say: Callable[[str], None] = print, backend: str | None = None) -> GridReport:
+             say: Callable[[str], None] = print, backend: str | None = None,
+             stack_seeds: bool = False) -> GridReport:
     """Run every spec as a Ray task (finished ones are reused by the task itself) and report as they finish.
 
     ``jobs``: CPUs of the local cluster started when ``address`` is None (each run gets ``cpus_per_run`` of them
     and ``cores / jobs`` torch threads). ``on_result`` is called in the driver, in completion order.
     ``backend``: ``ray``, or ``processes`` (``jobs`` spawned processes of this machine taking the runs one after
     another: no retry of a process that dies); by default Ray, and the processes where Ray is not installed
-    (e.g. a bare GPU machine) and no ``address`` asks for a cluster."""
+    (e.g. a bare GPU machine) and no ``address`` asks for a cluster. ``stack_seeds``: the seeds of a run whose
+    method stacks train as one stacked model in one task (:func:`stack_units`; for a GPU, where a stack's epoch
+    costs little more than one run's)."""
     report = GridReport()
     if not specs:
         return report
@@ -104,41 +125,45 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
                            "Ray cluster): install it (`pip install ray`), or leave --ray-address out to train on "
                            "local processes")
 
-    def finished(spec: RunSpec, metrics: dict | None, message: str | None) -> None:
-        if message is not None:
-            report.failures.append((spec, message))
-            say(f"FAILED {spec.folder_name}: {message}")
-            return
-        report.results[spec.identity] = metrics
-        if on_result is not None:
-            on_result(spec, metrics)
+    def finished(unit: tuple[RunSpec, ...], results: list[dict] | None, message: str | None) -> None:
+        for position, spec in enumerate(unit):
+            if message is not None:
+                report.failures.append((spec, message))
+                say(f"FAILED {spec.folder_name}: {message}")
+                continue
+            report.results[spec.identity] = results[position]
+            if on_result is not None:
+                on_result(spec, results[position])
 
+    units = stack_units(specs, stack_seeds)
     threads = task_threads(jobs, address, cpus_per_run)
     if backend == "processes":
         with sigterm_interrupts():
-            run_in_processes(specs, inputs, str(store.root), jobs, threads, finished)
+            run_in_processes(units, inputs, str(store.root), jobs, threads, finished)
         return report
     import ray
 
     with ray_cluster(jobs, address):
-        task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute_spec)
-        collect({task.remote(spec, inputs, str(store.root), threads): spec for spec in specs}, finished)
+        task = ray.remote(max_retries=RETRIES, num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute_specs)
+        collect({task.remote(unit, inputs, str(store.root), threads): unit for unit in units}, finished)
     return report
 
 
-def run_in_processes(specs: Sequence[RunSpec], inputs: Inputs, store_root: str, jobs: int, threads: int,
-                     finished: Callable[[RunSpec, dict | None, str | None], None], poll: float = 1.0) -> None:
-    """The grid on ``jobs`` spawned processes of this machine, each taking the next run from one queue (the
-    runs balance themselves over the processes); ``finished`` as in :func:`collect`. A process that dies fails
-    its run (named; rerunning resumes it from its checkpoint) and another takes its place. Every process is
-    stopped when this returns or raises (Ctrl-C, SIGTERM)."""
+def run_in_processes(units: Sequence[tuple[RunSpec, ...]], inputs: Inputs, store_root: str, jobs: int, threads: int,
+                     finished: Callable[[tuple[RunSpec, ...], list[dict] | None, str | None], None],
+                     poll: float = 1.0) -> None:
+    """The grid's tasks ``units`` (each a run or a stack of a run's seeds) on ``jobs`` spawned processes of this
+    machine, each taking the next task from one queue (they balance themselves over the processes);
+    ``finished`` as in :func:`collect`. A process that dies fails its task (named; rerunning resumes it from its
+    checkpoints) and another takes its place. Every process is stopped when this returns or raises (Ctrl-C,
+    SIGTERM)."""
     context = multiprocessing.get_context("spawn")
     tasks, results = context.Queue(), context.Queue()
-    for index, spec in enumerate(specs):
-        tasks.put((index, spec))
+    for index, unit in enumerate(units):
+        tasks.put((index, unit))
     workers: list = []
     taken: dict[int, int] = {}  # pid -> index of the run it took
-    left = set(range(len(specs)))
+    left = set(range(len(units)))
 
     def start() -> None:
         tasks.put(None)  # one stop mark per process started
@@ -147,7 +172,7 @@ def run_in_processes(specs: Sequence[RunSpec], inputs: Inputs, store_root: str, 
         workers.append(worker)
 
     try:
-        for _ in range(min(jobs, len(specs))):
+        for _ in range(min(jobs, len(units))):
             start()
         while left:
             try:
@@ -158,20 +183,20 @@ def run_in_processes(specs: Sequence[RunSpec], inputs: Inputs, store_root: str, 
                     index = taken.pop(worker.pid, None)
                     if index is not None and index in left:
                         left.discard(index)
-                        finished(specs[index], None, f"its process died (exit code {worker.exitcode}); rerun the "
-                                                     "command to resume it from its last checkpoint")
+                        finished(units[index], None, f"its process died (exit code {worker.exitcode}); rerun "
+                                                     "the command to resume it from its last checkpoint")
                     if left:
                         start()
                 if left and not any(worker.is_alive() for worker in workers):  # a run taken but never announced
                     for index in sorted(left):
-                        finished(specs[index], None, "its process ended before reporting it; rerun the command")
+                        finished(units[index], None, "its process ended before reporting it; rerun the command")
                     left.clear()
                 continue
             if kind == "start":
                 taken[value] = index
             elif index in left:
                 left.discard(index)
-                finished(specs[index], value if kind == "done" else None, value if kind == "failed" else None)
+                finished(units[index], value if kind == "done" else None, value if kind == "failed" else None)
     finally:
         for worker in workers:
             if worker.is_alive():
@@ -185,11 +210,11 @@ def run_in_processes(specs: Sequence[RunSpec], inputs: Inputs, store_root: str, 
 def _take_runs(tasks, results, inputs: Inputs, store_root: str, threads: int) -> None:
     """A process of :func:`run_in_processes`: runs from ``tasks`` until the stop mark."""
     while (task := tasks.get()) is not None:
-        index, spec = task
+        index, unit = task
         results.put(("start", index, os.getpid()))
         try:
-            results.put(("done", index, execute_spec(spec, inputs, store_root, threads)))
-        except Exception as error:  # the run's own error: reported by name, the others go on
+            results.put(("done", index, execute_specs(unit, inputs, store_root, threads)))
+        except Exception as error:  # the task's own error: reported by name, the others go on
             text = str(error).strip()
             results.put(("failed", index, text.splitlines()[-1] if text else repr(error)))
 
