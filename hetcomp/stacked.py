@@ -114,8 +114,11 @@ class StackedTrainer:
             base = _Arithmetic(shapes, first.objective)
             self._stacked = vmap(lambda p, b, batch: functional_call(base, (p, b), (batch,)))
         config = first.config
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, weight_decay=config.weight_decay,
-                                          fused=True)
+        # an objective's own parameters (MTD's logit table) stay each replica's: Adam updates every tensor
+        # elementwise, so one optimizer over the stacked and the replicas' tensors is each replica's own
+        objective_params = [p for t in self.trainers for p in t.objective.parameters()]
+        self.optimizer = torch.optim.Adam([*self.params.values(), *objective_params], lr=config.lr,
+                                          weight_decay=config.weight_decay, fused=True)
         self._import_optimizer_states()
         # last, once nothing can refuse the stack (a refused one leaves the trainers as they were, to train alone):
         # each replica's parameters become views of the stacked ones
@@ -183,16 +186,17 @@ class StackedTrainer:
             value.grad = None
 
     def _ordinary_params(self, trainer: Trainer) -> list[torch.Tensor]:
-        """The parameters of the replica's ordinary optimizer, in the stacked parameters' order (both follow
-        ``named_parameters``; the ordinary optimizer was built on the model before it was stacked)."""
+        """The model's parameters in the replica's ordinary optimizer, in the stacked parameters' order (both follow
+        ``named_parameters``; the ordinary optimizer was built on the model, then the objective's parameters,
+        before the model was stacked)."""
         ordinary = trainer.optimizer.param_groups[0]["params"]
-        if len(ordinary) != len(self.params):
-            raise HetCompError("a replica's optimizer holds other parameters than its model's")
-        return ordinary
+        if len(ordinary) != len(self.params) + len(trainer.objective.parameters()):
+            raise HetCompError("a replica's optimizer holds other parameters than its model's and objective's")
+        return ordinary[:len(self.params)]
 
     def _import_optimizer_states(self) -> None:
         """Resumed replicas (:func:`resume_groups`) bring their Adam moments in their ordinary optimizers:
-        stacked here."""
+        stacked here (an objective's own parameters keep theirs)."""
         resumed = [bool(t.optimizer.state) for t in self.trainers]
         if not any(resumed):
             return
@@ -204,10 +208,13 @@ class StackedTrainer:
                 "step": states[0]["step"].clone(),
                 **{key: torch.stack([state[key] for state in states]).to(stacked.device)
                    for key in ("exp_avg", "exp_avg_sq")}}
+        for trainer in self.trainers:
+            for parameter in trainer.objective.parameters():
+                self.optimizer.state[parameter] = trainer.optimizer.state[parameter]
 
     def _export_optimizer_state(self, trainer: Trainer) -> None:
         """The replica's slice of the stacked Adam moments into its ordinary optimizer, which its checkpoint saves
-        (compact copies: a saved view would carry every replica's storage)."""
+        (compact copies: a saved view would carry every replica's storage), and its objective's parameters' own."""
         index = self.trainers.index(trainer)
         for stacked, ordinary in zip(self.params.values(), self._ordinary_params(trainer), strict=True):
             state = self.optimizer.state.get(stacked)
@@ -215,6 +222,9 @@ class StackedTrainer:
                 trainer.optimizer.state[ordinary] = {"step": state["step"].clone(),
                                                      **{key: state[key][index].clone()
                                                         for key in ("exp_avg", "exp_avg_sq")}}
+        for parameter in trainer.objective.parameters():
+            if self.optimizer.state.get(parameter):
+                trainer.optimizer.state[parameter] = self.optimizer.state[parameter]
 
     def _finish(self, trainer: Trainer, on_finished, more: bool) -> None:
         """A replica that stopped: at its best state for its callbacks and ``on_finished``; then, while other
@@ -326,8 +336,6 @@ def _check_stackable(trainers: Sequence[Trainer]) -> None:
     seeds = [t.config.seed for t in trainers]
     if len(set(seeds)) != len(seeds):
         raise HetCompError(f"stacked seeds must differ (got {seeds})")
-    if any(t.objective.parameters() for t in trainers):
-        raise HetCompError("stacked seeds do not train an objective's own parameters yet")
     epochs = sorted({t.state.epoch for t in trainers})
     if len(epochs) > 1:
         raise HetCompError(f"stacked seeds move in step, but these replicas are at epochs {epochs} "

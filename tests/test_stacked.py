@@ -81,12 +81,14 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
 @pytest.mark.parametrize(("method", "options"), [("rrd", {"k": 10}),
                                                 ("dcd", {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"}),
                                                 ("kd", {"k": 10, "n_neg": 10, "losses": "listwise:1.0,kl:0.5",
-                                                        "own_weight": 0.1, "temperature": 1.5})])
+                                                        "own_weight": 0.1, "temperature": 1.5}),
+                                                ("mtd", {"k": 10})])
 @pytest.mark.parametrize("student", ["mf", "ml", "dnn"])
 def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(student, method, options, teachers):
-    """RRD and DCD (without DE-RRD's sampling) and KD with its listwise term read the scores of every item besides
-    the student's own loss and a few items' scores: the scores come from the vmapped call, the rest (drawn from each
-    replica's generator, in the ordinary order) from the replica's slice of the stacked parameters."""
+    """RRD and DCD (without DE-RRD's sampling), KD with its listwise term and MTD read the scores of every item
+    besides the student's own loss and a few items' scores: the scores come from the vmapped call, the rest (drawn
+    from each replica's generator, in the ordinary order) from the replica's slice of the stacked parameters.
+    MTD's logit table, a parameter of its objective, stays each replica's own."""
     def trainer(seed: int, **changes) -> Trainer:
         torch.manual_seed(seed)
         model = build_model(student, SPLIT.train, dim=4)
@@ -100,12 +102,16 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         alone = trainer(seed)
         alone.fit()
         ordinary.append(alone)
-    states = StackedTrainer([trainer(seed) for seed in (0, 1)]).fit()
+    stacked = StackedTrainer([trainer(seed) for seed in (0, 1)])
+    states = stacked.fit()
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
             assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    if method == "mtd":
+        assert not torch.equal(*(t.objective.logits for t in stacked.trainers))  # each replica learnt its own
+        return
     # KD on candidates only, RRD and DCD with DE-RRD's sampling: no scores of every item to stack on
     change = {"losses": "kl:1.0"} if method == "kd" else {"sample": True}
     unstackable = trainer(0, **change)

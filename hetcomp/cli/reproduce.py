@@ -71,7 +71,7 @@ def reproduce_command(
                                                 "with these teachers replace ledger rows that other teachers "
                                                 "made (by default that is refused, naming the rows)."),
     stack_seeds: bool = typer.Option(False, "--stack-seeds", help="Table 2: train the seeds of each run whose "
-                                     "method stacks (w/o KD, HetComp, RRD, DCD, KD with listwise) as one stacked "
+                                     "method stacks (w/o KD, HetComp, RRD, DCD, MTD, KD with listwise) as one stacked "
                                      "model, one task per run; for a GPU, where a stack's epoch costs little more "
                                      "than one run's (on a CPU it gains nothing). Each seed keeps its own folder, "
                                      "row and checkpoints."),

@@ -77,10 +77,17 @@ class MTD(DistillMethod):
         mass = (alpha.unsqueeze(2) * self.teacher_target).reshape(len(users), -1)
         return items, mass
 
+    #: the listwise term reads the scores of every item and the own loss draws last: seeds stack on the scores,
+    #: each replica with its own logit table (an objective parameter the stack's optimizer trains as it is)
+    stackable_scores = True
+
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return self.loss_of_scores(None, batch, model)
+
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         users = batch["users"]
         items, mass = self.mixture(users)
-        scores = model.score(users)
+        scores = model.score(users) if scores is None else scores
         listwise = soft_target_cross_entropy(scores, None, items, mass, torch.ones_like(items, dtype=torch.bool),
                                              log_normalizer=self.context.tail_logsumexp(scores, users))
         return self.own_loss(model, users) + self.config.weight * listwise
