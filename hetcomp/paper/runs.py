@@ -78,8 +78,16 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
                 record(unit[0], student_run(rep, trajectories, unit[0]))
                 continue
             rep.say(f"seeds {', '.join(str(spec.seed) for spec in unit)} as one stacked model")
-            for spec, result in zip(unit, train_stack(unit, rep.split, trajectories, RunStore(rep.runs_dir),
-                                                      rep.device, rep.say), strict=True):
+            bars = {spec.seed: rep.progress(f"{spec.student}-{spec.method} seed {spec.seed}", spec.max_epochs)
+                    for spec in unit}
+            try:
+                results = train_stack(unit, rep.split, trajectories, RunStore(rep.runs_dir), rep.device, rep.say,
+                                      lambda spec, bars=bars: [bars[spec.seed]] if bars[spec.seed] else None)
+            finally:
+                for bar in bars.values():
+                    if bar is not None and hasattr(bar, "close"):
+                        bar.close()
+            for spec, result in zip(unit, results, strict=True):
                 record(spec, result)
         return
     if rep.inputs is None:

@@ -138,12 +138,14 @@ def _write_run(spec: RunSpec, trainer: Trainer, store: RunStore, folder: Path, s
 
 
 def train_stack(specs: Sequence[RunSpec], split: Split, trajectories: Sequence, store: RunStore,
-                device: torch.device | str = "cpu", say: Callable[[str], None] | None = None) -> list[dict]:
+                device: torch.device | str = "cpu", say: Callable[[str], None] | None = None,
+                callbacks: Callable[[RunSpec], list[Callback] | None] | None = None) -> list[dict]:
     """The metrics of each of ``specs`` (one run at several seeds, nothing else differing), the unfinished ones
     trained as one stacked model (:mod:`hetcomp.stacked`): each replica writes its own run folder as it stops,
     checkpoints as an ordinary run, and resumes (stacked, or alone with ``train_run``). A run that another
     method's finished run serves (a twin) and a method or student that cannot stack train one by one
-    (:func:`train_run`); so does a single unfinished run."""
+    (:func:`train_run`); so does a single unfinished run. ``callbacks(spec)``: the callbacks of a seed's trainer
+    (e.g. its progress bar)."""
     if len({dataclasses.replace(spec, seed=0) for spec in specs}) > 1 or len({s.seed for s in specs}) < len(specs):
         raise HetCompError("a stack holds runs of one specification at different seeds")
     results: dict[int, dict] = {}
@@ -152,15 +154,17 @@ def train_stack(specs: Sequence[RunSpec], split: Split, trajectories: Sequence, 
     if len(stack) < 2 or not method_class(stack[0].method).stacks_seeds(
             method_class(stack[0].method).config_class(**dict(stack[0].method_config))):
         alone, stack = list(specs), []
+    callbacks = callbacks or (lambda spec: None)
     for spec in alone:
-        results[spec.seed] = train_run(spec, split, trajectories, store, device, say=say)
+        results[spec.seed] = train_run(spec, split, trajectories, store, device, callbacks(spec), say=say)
     if stack:
-        _train_stacked(stack, split, trajectories, store, torch.device(device), say, results)
+        _train_stacked(stack, split, trajectories, store, torch.device(device), say, callbacks, results)
     return [results[spec.seed] for spec in specs]
 
 
 def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequence, store: RunStore,
-                   device: torch.device, say: Callable[[str], None] | None, results: dict[int, dict]) -> None:
+                   device: torch.device, say: Callable[[str], None] | None,
+                   callbacks: Callable[[RunSpec], list[Callback] | None], results: dict[int, dict]) -> None:
     from hetcomp.stacked import StackedTrainer, resume_groups
 
     if not method_class(specs[0].method).reads_teachers:
@@ -183,7 +187,7 @@ def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequenc
             return
         context = _context(left[0], split, trajectories, device)
         by_seed = {spec.seed: spec for spec in left}
-        trainers = [_trainer(spec, split, context, device, None, folders[spec.seed]) for spec in left]
+        trainers = [_trainer(spec, split, context, device, callbacks(spec), folders[spec.seed]) for spec in left]
         started = time.perf_counter()
         seeds = [spec.seed for spec in left]
 
