@@ -14,9 +14,11 @@ stopped keeps its best state; its parameters go on moving with the stack, unread
 
 Two kinds of objectives stack. A ``stackable`` one splits its random draws from its arithmetic (w/o KD: the
 sampled negatives, then the student's own loss, which must read triples): its whole arithmetic runs under
-``vmap``. A ``stackable_scores`` one draws nothing and reads the student through its scores of every item
-(HetComp): only the scoring runs under ``vmap``, and each replica's own objective (its DKC state, its phase)
-takes its rows of the [R, B, n_items] scores.
+``vmap``. A ``stackable_scores`` one reads the student through its scores of every item (HetComp, RRD, DCD, MTD,
+KD with ``listwise``): the scoring runs under ``vmap``, and each replica's own objective (its DKC state, its
+phase, its draws) takes its rows of the [R, B, n_items] scores. The student's own loss that such an objective
+asks of its replica is deferred: a placeholder stands in while the replicas' objectives run, then every
+replica's triples, padded to the longest (a weight marks the padding), go through one vmapped call.
 
 Checkpoints are the ordinary ones: a replica with a ``run_dir`` writes its own ``last.pt`` / ``best.pt`` after each
 evaluation, its slice of the stacked Adam state exported in the ordinary optimizer's format, so that an
@@ -79,7 +81,10 @@ class _Replica:
                                               {k: v[self._index] for k, v in buffers.items()}), (method, *args))
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return self._call("loss", batch)
+        """The student's own loss on ``batch``: while the stack collects own losses (triples), a placeholder that
+        it replaces by this replica's share of one vmapped call over every replica's triples."""
+        placeholder = self._trainer._defer_own_loss(self._index, batch)
+        return self._call("loss", batch) if placeholder is None else placeholder
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         return self._call("score", users)
@@ -109,6 +114,8 @@ class StackedTrainer:
             call = _Call(shapes)
             self._stacked = vmap(lambda p, b, users: functional_call(call, (p, b), ("score", users)))
             self._replicas = [_Replica(call, self, index, t.model) for index, t in enumerate(self.trainers)]
+            self._own_loss_call = vmap(lambda p, b, batch: functional_call(call, (p, b), ("loss", batch)))
+            self._deferred: list | None = None  # own losses asked for during a step (see _defer_own_loss)
             self._check_scoring()
         else:
             base = _Arithmetic(shapes, first.objective)
@@ -162,10 +169,65 @@ class StackedTrainer:
         """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
         if self.on_scores:
             scores = self._scores(torch.stack([batch["users"] for batch in batches]))
-            return torch.stack([t.objective.loss_of_scores(rows, batch, replica) for t, rows, batch, replica
-                                in zip(self.trainers, scores.unbind(0), batches, self._replicas, strict=True)])
+            self._deferred = []
+            try:
+                totals = torch.stack([t.objective.loss_of_scores(rows, batch, replica) for t, rows, batch, replica
+                                      in zip(self.trainers, scores.unbind(0), batches, self._replicas,
+                                             strict=True)])
+                return self._with_own_losses(totals, self._deferred)
+            finally:
+                self._deferred = None
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
+
+    def _defer_own_loss(self, index: int, batch: dict) -> torch.Tensor | None:
+        """A placeholder for replica ``index``'s own loss on ``batch`` (None: compute it now, e.g. outside a step
+        or for a batch that is not triples), recorded for :meth:`_with_own_losses`."""
+        if self._deferred is None or set(batch) != {"users", "pos", "neg"}:
+            return None
+        placeholder = torch.zeros((), device=self.device, requires_grad=True)
+        self._deferred.append((index, batch, placeholder))
+        return placeholder
+
+    def _with_own_losses(self, totals: torch.Tensor, deferred: list) -> torch.Tensor:
+        """``totals`` [R] with each deferred own loss in place of its placeholder: the replicas' triples padded to
+        the longest (a weight marks the padding) and the student's loss vmapped over them, one call per own loss a
+        replica asked for. Each total is affine in its own loss (``own + weight · term`` or ``own_weight · own +
+        …`` in every method), so adding ∂total/∂placeholder · own gives the total's value and gradients exactly."""
+        if not deferred:
+            return totals
+        placeholders = [placeholder for _, _, placeholder in deferred]
+        coefficients = dict(zip(map(id, placeholders), torch.autograd.grad(
+            totals.sum(), placeholders, retain_graph=True, allow_unused=True, materialize_grads=True), strict=True))
+        calls: dict[int, list] = {}
+        for index, batch, placeholder in deferred:
+            calls.setdefault(index, []).append((batch, placeholder))
+        if sorted(calls) != list(range(len(self.trainers))) or len({len(c) for c in calls.values()}) != 1:
+            for index, batch, placeholder in deferred:  # replicas that asked differently: one call each
+                own = self._replicas[index]._call("loss", batch)
+                totals = totals.index_add(0, torch.tensor([index], device=totals.device),
+                                          (coefficients[id(placeholder)] * own).unsqueeze(0))
+            return totals
+        for slot in range(len(calls[0])):
+            pairs = [calls[index][slot] for index in range(len(self.trainers))]
+            own = self._own_losses([batch for batch, _ in pairs])
+            totals = totals + torch.stack([coefficients[id(placeholder)] for _, placeholder in pairs]) * own
+        return totals
+
+    def _own_losses(self, batches: Sequence[dict]) -> torch.Tensor:
+        """[R]: each replica's own loss on its triples, in one vmapped call over the padded batches."""
+        longest = max(len(batch["users"]) for batch in batches)
+
+        def padded(value: torch.Tensor) -> torch.Tensor:
+            pad = torch.zeros((longest - len(value), *value.shape[1:]), dtype=value.dtype, device=value.device)
+            return torch.cat([value, pad])
+
+        stacked = {key: torch.stack([padded(batch[key]) for batch in batches]) for key in ("users", "pos", "neg")}
+        stacked["weight"] = torch.stack([padded(torch.ones(len(batch["users"]), device=self.device))
+                                         for batch in batches])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batching rule for aten::addcmul_.*")
+            return self._own_loss_call(*self.prefixed(), stacked)
 
     def _scores(self, users: torch.Tensor) -> torch.Tensor:
         """[R, B, n_items]: every replica's scores of every item for its users [R, B], in one vmapped call."""

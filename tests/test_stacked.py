@@ -103,7 +103,10 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         alone.fit()
         ordinary.append(alone)
     stacked = StackedTrainer([trainer(seed) for seed in (0, 1)])
+    own_loss_call, calls = stacked._own_loss_call, []
+    stacked._own_loss_call = lambda *args: calls.append(1) or own_loss_call(*args)
     states = stacked.fit()
+    assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
@@ -202,3 +205,55 @@ def test_each_replica_is_handed_over_at_its_best_state_as_soon_as_it_stops():
     assert all(at_best for _, _, at_best in seen)
     assert [epoch for _, epoch, _ in seen] == sorted(state.epoch for state in states)  # in the order they stopped
     assert len({state.epoch for state in states}) > 1  # the seeds stop at different epochs
+
+
+@pytest.mark.parametrize("student", ["mf", "ml", "dnn"])
+def test_a_padded_triples_batch_with_a_weight_gives_the_unpadded_loss_and_gradients(student):
+    """Stacked seeds compute their own losses in one vmapped call over triples padded to the longest replica's:
+    each student's loss leaves the padding (weight 0) out."""
+    torch.manual_seed(0)
+    model = build_model(student, SPLIT.train, dim=4)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"users": torch.randint(80, (30,), generator=generator),
+             "pos": torch.randint(120, (30,), generator=generator),
+             "neg": torch.randint(120, (30, 3), generator=generator)}
+    padded = {key: torch.cat([value, torch.zeros((7, *value.shape[1:]), dtype=value.dtype)])
+              for key, value in batch.items()}
+    padded["weight"] = torch.cat([torch.ones(30), torch.zeros(7)])
+    values, gradients = [], []
+    for each in (batch, padded):
+        model.zero_grad()
+        loss = model.loss(each)
+        loss.backward()
+        values.append(loss.detach())
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    assert values[0] == pytest.approx(values[1].item(), rel=1e-6)
+    for plain, weighted in zip(*gradients, strict=True):
+        assert torch.allclose(plain, weighted, atol=1e-7)
+
+
+def test_deferred_own_losses_are_added_with_their_coefficients_in_one_call_or_one_by_one(teachers):
+    """A replica's total is affine in its own loss; the stack adds ∂total/∂placeholder · own, the replicas' own
+    losses in one vmapped call when each asked the same number of times, else one call each."""
+    def trainer(seed: int) -> Trainer:
+        torch.manual_seed(seed)
+        model = build_model("mf", SPLIT.train, dim=4)
+        objective = build_method("rrd", DistillContext(SPLIT, teachers, "cpu", batch_users=16), k=10)
+        return Trainer(model, SPLIT, objective, TrainerConfig(seed=seed), "cpu")
+
+    stack = StackedTrainer([trainer(0), trainer(1)])
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"users": torch.randint(80, (n,), generator=generator),
+                "pos": torch.randint(120, (n,), generator=generator),
+                "neg": torch.randint(120, (n, 2), generator=generator)} for n in (9, 14)]
+    alone = [stack._replicas[index]._call("loss", batch).detach() for index, batch in enumerate(batches)]
+    for both in (True, False):
+        stack._deferred = []
+        first = stack._defer_own_loss(0, batches[0])
+        totals = [0.5 * first + 1.0, torch.tensor(3.0)]
+        if both:
+            totals[1] = 2.0 * stack._defer_own_loss(1, batches[1]) + 3.0
+        combined = stack._with_own_losses(torch.stack(totals), stack._deferred)
+        stack._deferred = None
+        assert combined[0].item() == pytest.approx(1.0 + 0.5 * alone[0].item(), rel=1e-6)
+        assert combined[1].item() == pytest.approx(3.0 + (2.0 * alone[1].item() if both else 0.0), rel=1e-6)

@@ -25,7 +25,8 @@ from hetcomp.train import Trainer, TrainerConfig
 from hetcomp.trajectory import load_trajectory
 
 TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
-PARTS = ("candidates", "own_loss", "score", "tail_and_listed_scores", "tail_logsumexp")
+PARTS = ("candidates", "own_loss", "score", "tail_and_listed_scores", "tail_logsumexp", "refresh", "correction_lists",
+         "item_correction_lists", "user_correction_loss", "item_correction_loss", "sample_interactions")
 
 
 def main() -> None:

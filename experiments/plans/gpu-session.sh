@@ -5,8 +5,10 @@
 #  2. `hetcomp bench --device cuda` for w/o KD, RRD, DCD and HetComp: each method's ordinary epoch and its
 #     5 seeds stacked (hetcomp/stacked.py), per seed;
 #  3. experiments/plans/stacked_share.py: 16 processes under CUDA MPS, each one ordinary run or 5 stacked seeds
-#     of HetComp, then of RRD: seed-epochs/s of the whole device, the factor the table's projection divides by
-#     (22-36 minutes with one run per process, gpu-table2-citeulike.md, section 0).
+#     of HetComp, then of RRD, then of w/o KD: seed-epochs/s of the whole device, the factor the table's
+#     projection divides by (22-36 minutes with one run per process, gpu-table2-citeulike.md, section 0). The
+#     operators each step dispatches predict 1.15x (HetComp), ~1.0x (RRD) and 1.9x (w/o KD, as its prototype
+#     measured 1.65x): experiments/plans/step_ops.py; this checks that model of a host-bound GPU.
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`) and $OUT.
 # Usage (device tool): export HETCOMP_DATA=$PWD/datasets HETCOMP_CACHE=$PWD/datasets/cache PYTHONPATH=$PWD;
@@ -43,7 +45,7 @@ note "hetcomp bench (exit $?)"
 
 left=$(( TOTAL - $(elapsed) - 20 ))
 OUT="$OUT" timeout "$left" python3 experiments/plans/stacked_share.py --dataset citeulike \
-  --teachers-dir "$WORK/teachers" --methods hetcomp,rrd --replicas 1,5 --share 16 --mps --epochs 3 \
+  --teachers-dir "$WORK/teachers" --methods hetcomp,rrd,none --replicas 1,5 --share 16 --mps --epochs 3 \
   --deadline $(( left - 100 )) 2>&1 | grep -v USDT | tail -6
 note "stacked_share (exit ${PIPESTATUS[0]})"
 tail -20 "$WORK/bench.log"

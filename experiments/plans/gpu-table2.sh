@@ -16,8 +16,11 @@
 # stopped at the end, so the processes' small kernels run side by side instead of time-slicing the device: 5.8×
 # the epochs/s of 16 processes without it, gpu-table2-citeulike.md; card settings stay; 0: time-sliced),
 # DURATIONS (a table2.csv whose wall times queue the runs longest first; default the committed CiteULike one,
-# used where the file exists; order only), STACK (1, the default: `reproduce --stack-seeds`, the seeds of a run
-# whose method stacks trained as one vmapped model in one process, hetcomp/stacked.py; 0: one run per process).
+# used where the file exists; order only), STACK (0, the default: one run per process; 1: `reproduce
+# --stack-seeds`, the seeds of a run whose method stacks trained as one vmapped model in one process,
+# hetcomp/stacked.py. Not the default until measured: counted operators per step (experiments/plans/step_ops.py)
+# predict 1.9x for w/o KD but ~1.0x for RRD, MTD, DCD and KD, whose 5-seed tasks would then run 5x longer than
+# one run and end the table last).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -31,7 +34,7 @@ PYTHON="${PYTHON:-python3}"
 BENCH="${BENCH:-1}"
 MPS="${MPS:-1}"
 JOBS="${JOBS:-16}"
-STACK="${STACK:-1}"
+STACK="${STACK:-0}"
 DURATIONS="${DURATIONS-experiments/results/tuned/citeulike/table2.csv}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1

@@ -151,6 +151,16 @@ def all_item_scores(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     return users @ items.T.contiguous()
 
 
-def bpr_loss(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """Bayesian personalized ranking: -log sigmoid(s(u, pos) - s(u, neg)), averaged; ``negative`` is [B, n]."""
+def weighted_row_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` [L, ...] over the entries of the rows that ``weight`` [L] marks (1 for a row, 0 for
+    padding): a triples batch padded to a common length, as stacked seeds' own losses are (``hetcomp.stacked``)."""
+    rows = values.reshape(len(values), -1)
+    return (rows * weight.unsqueeze(1)).sum() / (weight.sum() * rows.shape[1])
+
+
+def bpr_loss(positive: torch.Tensor, negative: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Bayesian personalized ranking: -log sigmoid(s(u, pos) - s(u, neg)), averaged; ``negative`` is [B, n]
+    (``weight``: see :func:`weighted_row_mean`)."""
+    if weight is not None:
+        return weighted_row_mean(-torch.nn.functional.logsigmoid(positive.unsqueeze(1) - negative), weight)
     return -torch.nn.functional.logsigmoid(positive.unsqueeze(1) - negative).mean()

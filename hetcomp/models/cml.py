@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hetcomp.config import knob
-from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores
+from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores, weighted_row_mean
 
 
 @dataclass
@@ -75,6 +75,8 @@ class CML(Recommender):
         users = batch["users"]
         positive = self.distances(users, batch["pos"].unsqueeze(1))
         negative = self.distances(users, batch["neg"])
+        if batch.get("weight") is not None:  # padded triples (0) left out
+            return weighted_row_mean(torch.relu(self.config.margin + positive - negative), batch["weight"])
         return torch.relu(self.config.margin + positive - negative).mean()
 
     @torch.no_grad()

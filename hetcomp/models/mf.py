@@ -48,9 +48,16 @@ class MF(Recommender):
         return (self.user_embedding(users).unsqueeze(1) * self.item_embedding(items)).sum(-1)
 
     def loss(self, batch: Batch) -> torch.Tensor:
+        """BPR plus L2 on the rows used; a ``weight`` [B] in the batch marks padded triples (0) to leave out."""
         users = batch["users"]
         positive = self.score_items(users, batch["pos"].unsqueeze(1)).squeeze(1)
         negative = self.score_items(users, batch["neg"])
+        weight = batch.get("weight")
+        if weight is not None:
+            norms = (self.user_embedding(users).pow(2).sum(1) + self.item_embedding(batch["pos"]).pow(2).sum(1)
+                     + self.item_embedding(batch["neg"]).pow(2).sum((1, 2)))
+            reg = (weight * norms).sum() / (2 * weight.sum())
+            return bpr_loss(positive, negative, weight) + self.config.reg * reg
         reg = (self.user_embedding(users).pow(2).sum() + self.item_embedding(batch["pos"]).pow(2).sum()
                + self.item_embedding(batch["neg"]).pow(2).sum()) / (2 * len(users))
         return bpr_loss(positive, negative) + self.config.reg * reg

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional
 
 from hetcomp.config import knob
-from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores
+from hetcomp.models.base import Batch, ModelConfig, Recommender, all_item_scores, weighted_row_mean
 
 
 @dataclass
@@ -93,6 +93,9 @@ class NeuMF(Recommender):
         items = torch.cat([batch["pos"].unsqueeze(1), batch["neg"]], 1)
         labels = torch.zeros_like(items, dtype=torch.float32)
         labels[:, 0] = 1.0
+        if batch.get("weight") is not None:  # padded triples (0) left out
+            return weighted_row_mean(functional.binary_cross_entropy_with_logits(
+                self.score_items(users, items), labels, reduction="none"), batch["weight"])
         return functional.binary_cross_entropy_with_logits(self.score_items(users, items), labels)
 
 
