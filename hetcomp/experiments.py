@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 from hetcomp.data import Split
 from hetcomp.ensemble import EnsembleConfig, EnsembleScorer, teacher_weights, trajectory_state_metrics
@@ -28,6 +30,21 @@ def stamp(command: str, seed: int) -> list[str]:
             f"- seed: split {seed}; each run's training seed ends its name (<student>-<method>-<dim>-<seed>)",
             f"- commit: {git_commit()}",
             f"- machine: {machine()}", f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+
+
+#: the row of a teacher on a teachers page (:func:`teachers_report`): its name, thread count and digest
+_TEACHER_ROW = re.compile(r"^\| ([\w.-]+) \|.*\| ([\d-]+) \| ([0-9a-f]{12}) \|\s*$")
+
+
+def committed_teacher_digests(dataset: str, results_dir: Path = Path("experiments/results")
+                              ) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """The teachers page of ``dataset`` (``<results_dir>/teachers-<dataset>.md``, relative to the working
+    directory as ``experiments/runs`` is) and, per teacher on it, (digest, threads); {} where there is none."""
+    page = Path(results_dir) / f"teachers-{dataset_slug(dataset)}.md"
+    if not page.is_file():
+        return page, {}
+    rows = (_TEACHER_ROW.match(line) for line in page.read_text(errors="replace").splitlines())
+    return page, {row[1]: (row[3], row[2]) for row in rows if row}
 
 
 def teachers_report(split: Split, trajectories: list, command: str, train_command: str = "") -> str:

@@ -50,10 +50,13 @@ def machine() -> str:
     """Where numbers were made. The CPU's model and the instruction set torch's kernels use are part of it: the
     same seed on another instruction set (AVX2 against AVX-512) sums in another order, and a teacher trained there
     can rank a few items differently (another digest)."""
-    cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.system()} {cpu}{_cpu_model()}, {torch.get_num_threads()} threads, {gpu}, "
-            f"torch {torch.__version__}")
+    return f"{platform.system()} {cpu()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def cpu() -> str:
+    """The processor, its model and torch's CPU kernel level, e.g. ``x86_64 (AMD EPYC, AVX2)``."""
+    return f"{platform.processor() or platform.machine()}{_cpu_model()}"
 
 
 @functools.cache  # the processor does not change within a process; machine() is called for every result

@@ -118,3 +118,35 @@ def test_train_teachers_keeps_what_a_small_catalogue_allows(tmp_path):
     split = load_dataset("csv", path=data, cache_dir=tmp_path / "cache")
     (teacher,) = load_teachers(split, tmp_path / "teachers", ["mf"])
     assert teacher.top_m == split.fewest_unobserved
+
+
+def test_train_teachers_names_each_digest_and_warns_where_the_committed_page_lists_another(tmp_path, monkeypatch):
+    """A teacher retrained on another CPU or thread count can rank a few items differently; train-teachers says so
+    at once, against the committed teachers page, instead of leaving it to `tune` refusing the studies later."""
+    import numpy as np
+
+    from hetcomp.data import load_dataset
+    from hetcomp.provenance import dataset_slug
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    rows = [f"{u},{item}" for u in range(40) for item in rng.choice(70, size=14, replace=False)]
+    (tmp_path / "toy.csv").write_text("u,i\n" + "\n".join(rows))
+    source = ["--dataset", "csv", "--path", "toy.csv", "--user-col", "u", "--item-col", "i", "--cache-dir", "cache",
+              "--teachers-dir", "teachers", "--teachers", "mf", "--dim", "4", "--top-m", "50", "--eval-every", "1",
+              "--device", "cpu"]
+    split = load_dataset("csv", path=tmp_path / "toy.csv", user_col="u", item_col="i", cache_dir="cache")
+    label = split.meta["dataset"]
+    page = tmp_path / "experiments" / "results" / f"teachers-{dataset_slug(label)}.md"
+    page.parent.mkdir(parents=True)
+    page.write_text("| teacher | params | ... | threads | digest |\n|---|---|---|---|---|\n"
+                    "| mf | 1,000 | [1, 2, 3, 4] | 1 | 0123456789ab |\n")
+    trained = runner.invoke(app, ["train-teachers", *source])
+    assert trained.exit_code == 0, trained.output
+    text = " ".join(trained.output.split())
+    digest = text.split("digest ")[1][:12]
+    assert "differ from the committed teacher's" in text and "0123456789ab" in text and "--threads" in text
+    page.write_text(page.read_text().replace("0123456789ab", digest))
+    skipped = runner.invoke(app, ["train-teachers", *source])
+    assert "skipped" in skipped.output and f"digest {digest}" in skipped.output
+    assert "differ from the committed" not in " ".join(skipped.output.split())

@@ -28,7 +28,10 @@ from hetcomp.cli.common import (
 from hetcomp.config import check_option
 from hetcomp.device import resolve_device, seed_everything
 from hetcomp.errors import HetCompError
+from hetcomp.experiments import committed_teacher_digests
 from hetcomp.models import model_config
+from hetcomp.provenance import cpu
+from hetcomp.runs.spec import trajectory_digest
 from hetcomp.teachers import (
     TEACHERS,
     check_teacher_name,
@@ -80,13 +83,14 @@ def train_teachers(
     target = resolve_device(device)
     command = "hetcomp " + " ".join(sys.argv[1:])
     train_seed = seed if train_seed is None else train_seed
+    page, committed = committed_teacher_digests(split.meta["dataset"])
     with make_progress() as progress:
         for model in names:
             name = seeded_name(model, train_seed, seed)
             path = trajectory_file(teachers_dir, split.meta["dataset"], name)
             if path.is_file():
-                load_trajectory(path, split)
-                progress.console.print(f"{name}: already complete at {path}, skipped (delete it to retrain)")
+                _say_digest(progress.console, load_trajectory(path, split), committed.get(name), page,
+                            f"{name}: already complete at {path}, skipped (delete it to retrain)")
                 continue
             seed_everything(train_seed)
             config = model_config(model, dim=dim)
@@ -96,14 +100,29 @@ def train_teachers(
                                        **dataset_teacher_settings(dataset, eval_every))
             test = trajectory.meta["metrics"][-1]["test"]
             epochs = trajectory.meta["state_epochs"]
-            progress.console.print(f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
-                                   f"{epochs}, test R@50 {test['recall@50']:.4f}, "
-                                   f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
+            _say_digest(progress.console, trajectory, committed.get(name), page,
+                        f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at {epochs}, "
+                        f"test R@50 {test['recall@50']:.4f}, {trajectory.meta['train_seconds']:.0f} s -> {path}")
             if shares_state_epochs(trajectory):
                 progress.console.print(f"[yellow]warning[/]: {name}'s states share epochs {epochs}: it converged "
                                        "within a few evaluations; retrain it with a smaller --eval-every so that "
                                        "E1..E4 differ")
 
+
+
+def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, line: str) -> None:
+    """``line`` with the teacher's digest, and a warning where the committed teachers page lists another one for
+    it: runs, studies and ledger rows made with the committed teacher are then not reused with this one."""
+    digest = trajectory_digest(trajectory)[:12]
+    out.print(f"{line}; digest {digest}", highlight=False)
+    if committed is None or committed[0] == digest:
+        return
+    threads = trajectory.meta.get("threads", "-")
+    out.print(f"[yellow]warning[/]: {trajectory.name}'s rankings differ from the committed teacher's ({page} lists "
+              f"digest {committed[0]}, trained with {committed[1]} thread(s); this one {digest}, {threads}): "
+              "runs, tuning studies and ledger rows made with the committed teachers will not be reused with it. "
+              "A teacher's rankings depend on the thread count (--threads) and on the CPU's vector kernels (this "
+              f"machine's: {cpu()})")
 
 
 @app.command("import-teacher")
