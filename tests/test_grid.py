@@ -98,7 +98,8 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_pa
     assert _same(resumed, alone)
 
 
-def test_stacked_seeds_on_a_grid_give_each_seed_its_own_run(world, tmp_path):
+@pytest.mark.parametrize("backend", ["ray", "processes"])
+def test_stacked_seeds_on_a_grid_give_each_seed_its_own_run(world, tmp_path, backend):
     """--stack-seeds: one task per run specification whose method stacks; each seed still writes its own folder
     and metrics, which follow the ordinary run of that seed up to batched kernels' rounding. A seed finished
     before is reused, not retrained."""
@@ -109,7 +110,7 @@ def test_stacked_seeds_on_a_grid_give_each_seed_its_own_run(world, tmp_path):
     units = stack_units(specs, stack_seeds=True)
     assert [[(s.method, s.seed) for s in unit] for unit in units] == [[("none", 0), ("none", 1), ("none", 2)],
                                                                      [("rrd", 0), ("rrd", 1), ("rrd", 2)]]
-    report = run_grid(specs, inputs, store, jobs=2, backend="processes", stack_seeds=True)
+    report = run_grid(specs, inputs, store, jobs=2, backend=backend, stack_seeds=True)
     assert not report.failures and sorted(report.results) == sorted(s.identity for s in specs)
     for spec in specs:
         stacked = report.results[spec.identity]
