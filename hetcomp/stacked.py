@@ -86,6 +86,12 @@ class _Replica:
         placeholder = self._trainer._defer_own_loss(self._index, batch)
         return self._call("loss", batch) if placeholder is None else placeholder
 
+    def defer_own_draws(self, context, users: torch.Tensor, generator: torch.Generator,
+                        n_negatives: int) -> torch.Tensor | None:
+        """A placeholder for the own loss on ``users``' triples, drawn later with every replica's at once (an
+        objective asks this only where no draw follows in its step); None: draw and compute now."""
+        return self._trainer._defer_own_draws(self._index, (context, users, generator, n_negatives))
+
     def score(self, users: torch.Tensor) -> torch.Tensor:
         return self._call("score", users)
 
@@ -189,6 +195,36 @@ class StackedTrainer:
         self._deferred.append((index, batch, placeholder))
         return placeholder
 
+    def _defer_own_draws(self, index: int, draw: tuple) -> torch.Tensor | None:
+        """As :meth:`_defer_own_loss`, for triples not drawn yet: ``draw`` is (context, users, generator,
+        n_negatives) of ``DistillContext.sample_interactions``."""
+        if self._deferred is None or self.trainers[index].model.batch_kind != "triples":
+            return None
+        placeholder = torch.zeros((), device=self.device, requires_grad=True)
+        self._deferred.append((index, draw, placeholder))
+        return placeholder
+
+    def _draw_deferred(self, deferred: list) -> list:
+        """``deferred`` with its pending draws made: every replica's at once where each replica has one and they
+        share their context and negatives (``sample_interactions_lockstep``: each gets what it would alone),
+        else one by one. Each replica's are its last draws of the step, so drawing them now keeps its order."""
+        draws = [(position, entry) for position, entry in enumerate(deferred) if isinstance(entry[1], tuple)]
+        if not draws:
+            return deferred
+        done = list(deferred)
+        indices = [index for _, (index, _, _) in draws]
+        contexts = {id(draw[0]) for _, (_, draw, _) in draws}
+        negatives = {draw[3] for _, (_, draw, _) in draws}
+        if sorted(indices) == list(range(len(self.trainers))) and len(contexts) == 1 and len(negatives) == 1:
+            context = draws[0][1][1][0]
+            batches = context.sample_interactions_lockstep([draw[1] for _, (_, draw, _) in draws],
+                                                           [draw[2] for _, (_, draw, _) in draws], negatives.pop())
+        else:
+            batches = [draw[0].sample_interactions(draw[1], draw[2], draw[3]) for _, (_, draw, _) in draws]
+        for (position, (index, _, placeholder)), batch in zip(draws, batches, strict=True):
+            done[position] = (index, batch, placeholder)
+        return done
+
     def _with_own_losses(self, totals: torch.Tensor, deferred: list) -> torch.Tensor:
         """``totals`` [R] with each deferred own loss in place of its placeholder: the replicas' triples padded to
         the longest (a weight marks the padding) and the student's loss vmapped over them, one call per own loss a
@@ -196,6 +232,7 @@ class StackedTrainer:
         …`` in every method), so adding ∂total/∂placeholder · own gives the total's value and gradients exactly."""
         if not deferred:
             return totals
+        deferred = self._draw_deferred(deferred)
         placeholders = [placeholder for _, _, placeholder in deferred]
         coefficients = dict(zip(map(id, placeholders), torch.autograd.grad(
             totals.sum(), placeholders, retain_graph=True, allow_unused=True, materialize_grads=True), strict=True))

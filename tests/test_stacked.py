@@ -89,11 +89,11 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     besides the student's own loss and a few items' scores: the scores come from the vmapped call, the rest (drawn
     from each replica's generator, in the ordinary order) from the replica's slice of the stacked parameters.
     MTD's logit table, a parameter of its objective, stays each replica's own."""
-    def trainer(seed: int, **changes) -> Trainer:
+    def trainer(seed: int, context: DistillContext | None = None, **changes) -> Trainer:
         torch.manual_seed(seed)
         model = build_model(student, SPLIT.train, dim=4)
-        objective = build_method(method, DistillContext(SPLIT, teachers, "cpu", batch_users=16),
-                                 **{**options, **changes})
+        context = context or DistillContext(SPLIT, teachers, "cpu", batch_users=16)
+        objective = build_method(method, context, **{**options, **changes})
         return Trainer(model, SPLIT, objective, TrainerConfig(lr=0.01, max_epochs=10, eval_every=2, patience=2,
                                                               seed=seed), "cpu")
 
@@ -102,11 +102,16 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         alone = trainer(seed)
         alone.fit()
         ordinary.append(alone)
-    stacked = StackedTrainer([trainer(seed) for seed in (0, 1)])
+    shared = DistillContext(SPLIT, teachers, "cpu", batch_users=16)  # as train_stack's: RRD's and MTD's own
+    # triples then come from one lockstep draw of every replica's
+    stacked = StackedTrainer([trainer(seed, shared) for seed in (0, 1)])
     own_loss_call, calls = stacked._own_loss_call, []
     stacked._own_loss_call = lambda *args: calls.append(1) or own_loss_call(*args)
+    lockstep, drawn_together = shared.sample_interactions_lockstep, []
+    shared.sample_interactions_lockstep = lambda *args: drawn_together.append(1) or lockstep(*args)
     states = stacked.fit()
     assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
+    assert bool(drawn_together) == (method in ("rrd", "mtd"))  # DCD and KD draw their lists after the own loss
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
@@ -257,3 +262,22 @@ def test_deferred_own_losses_are_added_with_their_coefficients_in_one_call_or_on
         stack._deferred = None
         assert combined[0].item() == pytest.approx(1.0 + 0.5 * alone[0].item(), rel=1e-6)
         assert combined[1].item() == pytest.approx(3.0 + (2.0 * alone[1].item() if both else 0.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("n_negatives", [1, 3])
+def test_lockstep_draws_give_each_replica_exactly_its_own_draws(n_negatives):
+    """Own-loss triples of several replicas drawn at once: each replica's generator makes the same calls as when
+    it draws alone (its collisions redrawn round by round), so each gets the same triples, bit for bit, and its
+    generator ends in the same state. The tiny split is dense (many collisions, several rounds)."""
+    context = DistillContext(SPLIT, [], "cpu", needs_teachers=False)
+    users = [torch.randperm(80, generator=torch.Generator().manual_seed(seed))[:size]
+             for seed, size in ((0, 16), (1, 16), (2, 5))]
+    alone_generators = [torch.Generator().manual_seed(10 + seed) for seed in range(3)]
+    alone = [context.sample_interactions(part, generator, n_negatives)
+             for part, generator in zip(users, alone_generators, strict=True)]
+    generators = [torch.Generator().manual_seed(10 + seed) for seed in range(3)]
+    together = context.sample_interactions_lockstep(users, generators, n_negatives)
+    for mine, theirs in zip(together, alone, strict=True):
+        assert all(torch.equal(mine[key], theirs[key]) for key in ("users", "pos", "neg"))
+    for mine, theirs in zip(generators, alone_generators, strict=True):
+        assert torch.equal(mine.get_state(), theirs.get_state())

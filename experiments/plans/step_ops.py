@@ -38,13 +38,18 @@ PARTS = {"sample_interactions": "own draws", "loss": "student loss", "score": "s
          "tail_and_listed_scores": "tail node", "tail_logsumexp": "tail node"}
 
 
-def _trainer(split, teachers, student: str, method: str, seed: int, batch_users: int = 16) -> Trainer:
+def _context(split, teachers, method: str, batch_users: int) -> DistillContext:
+    return DistillContext(split, teachers if method != "none" else [], "cpu", batch_users=batch_users,
+                          needs_teachers=method != "none")
+
+
+def _trainer(context: DistillContext, student: str, method: str, seed: int) -> Trainer:
+    """A seed's trainer; a stack's share one context, as ``hetcomp.runs.execute.train_stack``'s do."""
     torch.manual_seed(seed)
-    model = build_model(student, split.train, dim=4)
-    context = DistillContext(split, teachers if method != "none" else [], "cpu", batch_users=batch_users,
-                             needs_teachers=method != "none")
+    model = build_model(student, context.split.train, dim=4)
     objective = build_method(method, context, **OPTIONS[method])
-    return Trainer(model, split, objective, TrainerConfig(lr=0.01, seed=seed, top_m=objective.evaluation_top_m), "cpu")
+    return Trainer(model, context.split, objective, TrainerConfig(lr=0.01, seed=seed,
+                                                                  top_m=objective.evaluation_top_m), "cpu")
 
 
 def _marked(owner, name: str, label: str):
@@ -112,7 +117,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(order) + "---|")
     for student in args.students.split(","):
         for method in args.methods.split(","):
-            ordinary = _trainer(split, teachers, student, method, 0, batch_users)
+            ordinary = _trainer(_context(split, teachers, method, batch_users), student, method, 0)
             steps = sum(1 for _ in ordinary.objective.batches(1, torch.Generator().manual_seed(0)))
             context, model_class = ordinary.objective.context, type(ordinary.model)
             undo = [_marked(owner, name, PARTS[name])
@@ -121,8 +126,8 @@ def main() -> None:
             counts = _count(ordinary.train_epoch)
             for step in reversed(undo):
                 step()
-            stack = StackedTrainer([_trainer(split, teachers, student, method, seed, batch_users)
-                                    for seed in range(args.replicas)])
+            shared = _context(split, teachers, method, batch_users)
+            stack = StackedTrainer([_trainer(shared, student, method, seed) for seed in range(args.replicas)])
             epoch = lambda stack=stack: stack.train_epoch(stack.trainers)  # noqa: E731
             stacked = sum(_count(epoch).values()) / steps / args.replicas
             total = sum(counts.values()) / steps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -101,3 +103,33 @@ class NegativeSampler:
         else:
             raise RuntimeError("negative sampling did not converge; a user has almost every item")
         return negatives.view(len(users), n_negatives)
+
+    def sample_lockstep(self, users: Sequence[torch.Tensor], n_negatives: int,
+                        generators: Sequence[torch.Generator], max_rounds: int = 100) -> list[torch.Tensor]:
+        """:meth:`sample` for several requests at once, each with its own generator (stacked seeds' replicas):
+        every request draws exactly what :meth:`sample` would draw for it alone (the same calls on its generator,
+        in the same order: one for all its items, then one per rejection round for its collisions), while the
+        look-ups and assignments of all requests run as one call per round."""
+        expanded = [part.to(self.device) for part in users]
+        if n_negatives > 1:
+            expanded = [part.repeat_interleave(n_negatives) for part in expanded]
+        sizes = [len(part) for part in expanded]
+        ends = torch.tensor(sizes, device=self.device).cumsum(0)
+        every = torch.cat(expanded)
+        negatives = torch.cat([torch.randint(self.n_items, (size,), generator=generator)
+                               for size, generator in zip(sizes, generators, strict=True)]).to(self.device)
+        pending = self.is_observed(every, negatives).nonzero().squeeze(1)
+        for _ in range(max_rounds):
+            if pending.numel() == 0:
+                break
+            counts = torch.bincount(torch.bucketize(pending, ends, right=True), minlength=len(sizes)).tolist()
+            redraw = torch.cat([torch.randint(self.n_items, (count,), generator=generator)
+                                for count, generator in zip(counts, generators, strict=True) if count]
+                               ).to(self.device)
+            negatives[pending] = redraw
+            still = self.is_observed(every[pending], redraw)
+            pending = pending[still]
+        else:
+            raise RuntimeError("negative sampling did not converge; a user has almost every item")
+        return [part.view(len(request), n_negatives)
+                for part, request in zip(negatives.split(sizes), users, strict=True)]

@@ -137,14 +137,32 @@ class DistillContext:
     def sample_interactions(self, users: torch.Tensor, generator: torch.Generator, n_negatives: int = 1) -> Batch:
         """Every training interaction of ``users`` (a user once per epoch, so one pass over the data per epoch)
         with ``n_negatives`` sampled negatives each (for a student's own loss)."""
+        repeated, positives, _ = self._interactions(users)
+        negatives = self.sampler.sample(repeated, n_negatives, generator)
+        return {"users": repeated.to(self.device), "pos": positives.to(self.device), "neg": negatives.to(self.device)}
+
+    def sample_interactions_lockstep(self, users: list[torch.Tensor], generators: list[torch.Generator],
+                                     n_negatives: int = 1) -> list[Batch]:
+        """:meth:`sample_interactions` for several user batches, each with its own generator (stacked seeds'
+        replicas): each batch gets what it would alone, the negatives drawn in lockstep
+        (:meth:`~hetcomp.data.sampling.NegativeSampler.sample_lockstep`)."""
+        repeated, positives, length = self._interactions(torch.cat(users))
+        ends = length.cumsum(0)[torch.tensor([len(part) for part in users]).cumsum(0) - 1]
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # each batch's number of interactions
+        parts = list(zip(repeated.split(sizes), positives.split(sizes), strict=True))
+        negatives = self.sampler.sample_lockstep([user for user, _ in parts], n_negatives, generators)
+        return [{"users": user.to(self.device), "pos": positive.to(self.device), "neg": negative.to(self.device)}
+                for (user, positive), negative in zip(parts, negatives, strict=True)]
+
+    def _interactions(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each training interaction's user, its item, each user's number of them) for ``users``, in their
+        order (CPU tensors)."""
         users_cpu = users.cpu()
         start = self.train_indptr[users_cpu]
         length = self.train_indptr[users_cpu + 1] - start
         first = torch.repeat_interleave(start - (torch.cumsum(length, 0) - length), length)
         positives = self.train_indices[first + torch.arange(int(length.sum()))]
-        repeated = torch.repeat_interleave(users_cpu, length)
-        negatives = self.sampler.sample(repeated, n_negatives, generator)
-        return {"users": repeated.to(self.device), "pos": positives.to(self.device), "neg": negatives.to(self.device)}
+        return torch.repeat_interleave(users_cpu, length), positives, length
 
 
 def own_batch(model: Recommender, triples: Batch) -> Batch:
@@ -178,6 +196,10 @@ class DistillMethod(Objective):
 
     #: top-M unobserved items each evaluation should also return (HetComp's DKC reads the student's ranking)
     evaluation_top_m: int | None = None
+
+    #: True when no draw follows the own loss's in a step (its loss draws nothing else after it): stacked seeds
+    #: may then draw every replica's own-loss triples at once, at the end of the step (``hetcomp.stacked``)
+    own_draws_last: bool = False
 
     #: True when the loss is the student's own loss plus a distillation term (``L_own + weight · L_KD``): at a
     #: small weight such a method is w/o KD, whose tuned recipe its study therefore also tries
@@ -257,6 +279,10 @@ class DistillMethod(Objective):
         the distillation term. (Until version bumps of 2026-12 it saw one sampled interaction per user per epoch,
         ~1/15 of CiteULike's: it starved the own loss and kept RD and CL-DRD at or below w/o KD.)"""
         n_negatives = getattr(model.config, "n_negatives", 1)
+        if self.own_draws_last and hasattr(model, "defer_own_draws"):  # a stacked replica (hetcomp.stacked)
+            deferred = model.defer_own_draws(self.context, users, self._generator, n_negatives)
+            if deferred is not None:
+                return deferred
         return model.loss(own_batch(model, self.context.sample_interactions(users, self._generator, n_negatives)))
 
     def describe(self) -> str:

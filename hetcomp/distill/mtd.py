@@ -80,6 +80,7 @@ class MTD(DistillMethod):
     #: the listwise term reads the scores of every item and the own loss draws last: seeds stack on the scores,
     #: each replica with its own logit table (an objective parameter the stack's optimizer trains as it is)
     stackable_scores = True
+    own_draws_last = True  # the own loss is its only draw
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)

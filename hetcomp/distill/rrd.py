@@ -103,6 +103,11 @@ class RRD(DistillMethod):
     def stackable_scores(self) -> bool:
         return self.stacks_seeds(self.config)
 
+    @property
+    def own_draws_last(self) -> bool:
+        """Without DE-RRD's sampling the own loss's are the loss's only draws."""
+        return not self.config.sample
+
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
         users = batch["users"]
