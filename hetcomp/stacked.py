@@ -177,14 +177,50 @@ class StackedTrainer:
             scores = self._scores(torch.stack([batch["users"] for batch in batches]))
             self._deferred = []
             try:
-                totals = torch.stack([t.objective.loss_of_scores(rows, batch, replica) for t, rows, batch, replica
-                                      in zip(self.trainers, scores.unbind(0), batches, self._replicas,
-                                             strict=True)])
+                totals = torch.stack(self._losses_of_scores(scores, batches))
                 return self._with_own_losses(totals, self._deferred)
             finally:
                 self._deferred = None
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
+
+    def _losses_of_scores(self, scores: torch.Tensor, batches: Sequence[dict]) -> list[torch.Tensor]:
+        """Each replica's loss from its rows of ``scores`` [R, B, n_items]. Replicas whose objective gives its
+        loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`) run them in lockstep: the requests of one
+        round that have the same widths go to the fused tail node as one call over those replicas' rows (a view
+        of the stacked scores when every replica asks), each replica then continuing with its rows' answer."""
+        losses: list[torch.Tensor | None] = [None] * len(self.trainers)
+        pending: dict[int, tuple] = {}
+        for index, (trainer, batch) in enumerate(zip(self.trainers, batches, strict=True)):
+            steps = trainer.objective.tail_steps(batch)
+            if steps is None:
+                losses[index] = trainer.objective.loss_of_scores(scores[index], batch, self._replicas[index])
+                continue
+            try:
+                pending[index] = (steps, next(steps))
+            except StopIteration as done:
+                losses[index] = done.value
+        while pending:
+            rounds: dict[tuple, list[int]] = {}
+            for index, (_, (head, listed)) in pending.items():
+                rounds.setdefault((head.shape[1], listed.shape[1]), []).append(index)
+            for members in rounds.values():
+                every = members == list(range(len(self.trainers)))
+                rows = scores.flatten(0, 1) if every else torch.cat([scores[index] for index in members])
+                answer = self.trainers[members[0]].objective.answer_tail(
+                    rows, torch.cat([batches[index]["users"] for index in members]),
+                    torch.cat([pending[index][1][0] for index in members]),
+                    torch.cat([pending[index][1][1] for index in members]))
+                size = len(batches[members[0]]["users"])
+                for position, index in enumerate(members):
+                    steps = pending[index][0]
+                    part = tuple(value[position * size:(position + 1) * size] for value in answer)
+                    try:
+                        pending[index] = (steps, steps.send(part))
+                    except StopIteration as done:
+                        losses[index] = done.value
+                        del pending[index]
+        return losses
 
     def _defer_own_loss(self, index: int, batch: dict) -> torch.Tensor | None:
         """A placeholder for replica ``index``'s own loss on ``batch`` (None: compute it now, e.g. outside a step

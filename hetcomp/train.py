@@ -81,6 +81,18 @@ class Objective:
         anything else it reads of the student (e.g. its own loss)."""
         raise NotImplementedError
 
+    def tail_steps(self, batch: Batch):
+        """The loss of a ``stackable_scores`` objective as a generator of steps, or None: it yields each request
+        for the fused tail node, ``(head, listed)`` for the batch's users' score rows, receives ``(tail_lse,
+        listed_scores)`` and returns the loss. Stacked seeds then answer every replica's request with one call over
+        all replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores` as usual."""
+        return None
+
+    def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
+                    listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused tail node's answer to a :meth:`tail_steps` request for ``users``' rows of ``scores``."""
+        raise NotImplementedError
+
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Per-epoch hook (e.g. a curriculum step)."""
 

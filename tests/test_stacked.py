@@ -49,26 +49,32 @@ def teachers(tmp_path_factory):
     return train_tiny_teachers(SPLIT, tmp_path_factory.mktemp("teachers"), ("mf", "ml"), top_m=40, max_epochs=20)
 
 
-def _hetcomp_trainer(student: str, seed: int, teachers) -> Trainer:
+def _hetcomp_trainer(student: str, seed: int, teachers, **options) -> Trainer:
     torch.manual_seed(seed)
     model = build_model(student, SPLIT.train, dim=4)
     objective = build_method("hetcomp", DistillContext(SPLIT, teachers, "cpu", batch_users=16), k=20, pos_k=5,
-                             dkc_k=10, period=2)
+                             dkc_k=10, period=2, **options)
     config = TrainerConfig(lr=0.01, max_epochs=16, eval_every=2, patience=2, seed=seed,
                            top_m=objective.evaluation_top_m)
     return Trainer(model, SPLIT, objective, config, "cpu")
 
 
+@pytest.mark.parametrize("options", [{}, {"deadline": 4, "fine_form": "code"}, {"deadline": 6, "switch": "user"}])
 @pytest.mark.parametrize("student", ["mf", "ml", "dnn"])
-def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(student, teachers):
+def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(student, teachers, options):
     """HetComp draws nothing: the replicas' scores come from one vmapped call, each replica's own DKC state and
-    losses take its rows; each follows its ordinary run, DKC moves included."""
+    lists give its tail requests, answered for every replica at once (L_O, then L_F with the release's two
+    prefix terms; per-user phases mixing inside a batch take the per-replica path); each follows its ordinary
+    run, DKC moves included."""
     ordinary = []
     for seed in (0, 1):
-        trainer = _hetcomp_trainer(student, seed, teachers)
+        trainer = _hetcomp_trainer(student, seed, teachers, **options)
         trainer.fit()
         ordinary.append(trainer)
-    replicas = [_hetcomp_trainer(student, seed, teachers) for seed in (0, 1)]
+    replicas = [_hetcomp_trainer(student, seed, teachers, **options) for seed in (0, 1)]
+    answer_tail, rows_asked = replicas[0].objective.answer_tail, []
+    replicas[0].objective.answer_tail = lambda scores, *rest: rows_asked.append(len(scores)) or answer_tail(scores,
+                                                                                                           *rest)
     states = StackedTrainer(replicas).fit()
     for alone, replica, state in zip(ordinary, replicas, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
@@ -76,6 +82,8 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
             assert mine["valid"]["recall@50"] == pytest.approx(theirs["valid"]["recall@50"], abs=1e-6)
         assert replica.objective.knowledge.log == alone.objective.knowledge.log  # the same DKC decisions
         assert torch.equal(replica.objective.knowledge.v, alone.objective.knowledge.v)
+        assert ("L_F" in replica.objective.describe()) == ("deadline" in options)  # the fine phase reached
+    assert max(rows_asked) == 2 * 16  # both replicas' rows of a batch in one call of the tail node
 
 
 @pytest.mark.parametrize(("method", "options"), [("rrd", {"k": 10}),

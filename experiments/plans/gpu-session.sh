@@ -7,7 +7,7 @@
 #  3. experiments/plans/stacked_share.py: 16 processes under CUDA MPS, each one ordinary run or 5 stacked seeds
 #     of HetComp, then of RRD, then of w/o KD: seed-epochs/s of the whole device, the factor the table's
 #     projection divides by (22-36 minutes with one run per process, gpu-table2-citeulike.md, section 0). The
-#     operators each step dispatches per seed predict 1.14x (HetComp MF), 1.6x (RRD MF) and 1.6-1.9x (w/o KD,
+#     operators each step dispatches per seed predict 1.6x (HetComp MF), 1.6x (RRD MF) and 1.6-1.9x (w/o KD,
 #     whose prototype measured 1.65x): experiments/plans/step_ops.py; this checks that model of a host-bound GPU.
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`) and $OUT.

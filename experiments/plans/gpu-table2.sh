@@ -19,8 +19,8 @@
 # used where the file exists; order only), STACK (0, the default: one run per process; 1: `reproduce
 # --stack-seeds`, the seeds of a run whose method stacks trained as one vmapped model in one process,
 # hetcomp/stacked.py. Not the default until measured: counted operators per step (experiments/plans/step_ops.py)
-# predict 1.6-2.1x per seed for w/o KD, RRD and MTD but 1.03-1.4x for DCD and KD and 1.14x for HetComp on MF,
-# whose 5-seed tasks would then run nearly 5x longer than one run and could end the table last).
+# predict 1.6-2.5x per seed for w/o KD, HetComp, RRD and MTD but 1.03-1.4x for DCD and KD, whose 5-seed tasks
+# would then run nearly 5x longer than one run and could end the table last).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"

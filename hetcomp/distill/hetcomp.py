@@ -117,16 +117,40 @@ class HetComp(DistillMethod):
         users = batch["users"]
         if scores is None:  # raw: the losses clamp to [−clamp, clamp] inside, without a clamped copy
             scores = model.score(users)
+        steps = self.tail_steps(batch)
+        if steps is not None:
+            return self._drive(steps, scores, users)
         fine = self.fine_phase_users[users]
-        if bool(fine.all()):  # the global switch (the default) puts every row in one phase: no row copies
-            return self.config.fine_weight * self._fine(scores, users)
-        if not bool(fine.any()):
-            return self.config.overall_weight * self._overall(scores, users)
         rows = ~fine
-        return (self.config.overall_weight * self._overall(scores[rows], users[rows]) * rows.float().mean()
-                + self.config.fine_weight * self._fine(scores[fine], users[fine]) * fine.float().mean())
+        return (self.config.overall_weight * self._drive(self._overall_steps(users[rows]), scores[rows], users[rows])
+                * rows.float().mean()
+                + self.config.fine_weight * self._drive(self._fine_steps(users[fine]), scores[fine], users[fine])
+                * fine.float().mean())
 
-    def _overall(self, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    def tail_steps(self, batch: Batch):
+        """The loss as steps (see :meth:`~hetcomp.train.Objective.tail_steps`) where the batch's users are all in
+        one phase (the global switch, the default: no row copies); None where the per-user switch mixes them."""
+        fine = self.fine_phase_users[batch["users"]]
+        if bool(fine.all()):
+            return _weighted(self.config.fine_weight, self._fine_steps(batch["users"]))
+        if not bool(fine.any()):
+            return _weighted(self.config.overall_weight, self._overall_steps(batch["users"]))
+        return None
+
+    def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
+                    listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.context.tail_and_listed_scores(scores, users, head, listed, self.bound)
+
+    def _drive(self, steps, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """Run ``steps`` on the users' score rows: each tail request answered by the fused tail node."""
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self.answer_tail(scores, users, *request))
+        except StopIteration as done:
+            return done.value
+
+    def _overall_steps(self, users: torch.Tensor):
         """L_O(P⁺, N) + L_O(P⁻, N) of the users' rows.
 
         L_O is a sum of independent terms per listed item, so L_O(P⁺, N) + L_O(P⁻, N) = L_O(P⁺ ∪ P⁻, N): one
@@ -135,14 +159,14 @@ class HetComp(DistillMethod):
         negatives = self.dynamic_topk[users]
         listed = torch.cat([self.positive_items[users], negatives], 1)
         valid = torch.cat([self.positive_valid[users], torch.ones_like(negatives, dtype=torch.bool)], 1)
-        tail_lse, listed_scores = self.context.tail_and_listed_scores(scores, users, negatives, listed, self.bound)
+        tail_lse, listed_scores = yield negatives, listed
         return overall_loss_of(listed_scores, valid, tail_lse)
 
     @property
     def bound(self) -> float | None:
         return self.config.clamp or None
 
-    def _fine(self, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    def _fine_steps(self, users: torch.Tensor):
         """L_F(P⁺, N) + L_F(P⁻, N) of the users' rows (the ``code`` form: the release's prefix terms)."""
         positives, positive_valid = self.positive_items[users], self.positive_valid[users]
         negatives = self.dynamic_topk[users]
@@ -150,15 +174,12 @@ class HetComp(DistillMethod):
         n_positive = positives.shape[1]
         if self.fine_form == "code":
             half, tenth = self.config.k // 2, max(self.config.k // 10, 1)
-            half_lse, half_scores = self.context.tail_and_listed_scores(
-                scores, users, negatives[:, :half], torch.cat([positives, negatives[:, :half]], 1), self.bound)
-            tenth_lse, tenth_scores = self.context.tail_and_listed_scores(
-                scores, users, negatives[:, :tenth], negatives[:, :tenth], self.bound)
+            half_lse, half_scores = yield negatives[:, :half], torch.cat([positives, negatives[:, :half]], 1)
+            tenth_lse, tenth_scores = yield negatives[:, :tenth], negatives[:, :tenth]
             return (fine_loss_of(half_scores[:, :n_positive], positive_valid, half_lse)
                     + 0.5 * (fine_loss_of(half_scores[:, n_positive:], all_valid[:, :half], half_lse)
                              + fine_loss_of(tenth_scores, all_valid[:, :tenth], tenth_lse)))
-        tail_lse, listed_scores = self.context.tail_and_listed_scores(
-            scores, users, negatives, torch.cat([positives, negatives], 1), self.bound)
+        tail_lse, listed_scores = yield negatives, torch.cat([positives, negatives], 1)
         return (fine_loss_of(listed_scores[:, :n_positive], positive_valid, tail_lse)
                 + fine_loss_of(listed_scores[:, n_positive:], all_valid, tail_lse))
 
@@ -196,3 +217,9 @@ class HetComp(DistillMethod):
         if state.get("knowledge"):
             self.knowledge.load_state_dict(state["knowledge"])
             self.dynamic_topk = self.context.ensemble_topk(self.config.k, self.knowledge.v)
+
+
+def _weighted(weight: float, steps):
+    """``steps``' loss times ``weight``, as steps."""
+    loss = yield from steps
+    return weight * loss
