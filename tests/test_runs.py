@@ -327,3 +327,13 @@ def test_a_stack_of_seeds_writes_each_seed_and_resumes_where_it_was_interrupted(
         assert (mine["curve"], mine["test"], mine.get("dkc_log")) == (theirs["curve"], theirs["test"],
                                                                        theirs.get("dkc_log"))
     assert execute.train_stack(specs, SPLIT, teachers, store) == resumed  # finished: reused
+
+
+def test_a_stack_its_student_refuses_trains_its_seeds_one_by_one_and_says_so(tmp_path):
+    from hetcomp.runs import execute
+
+    specs = [make_spec(SPLIT, [], "gnn", "none", 4, seed, **FAST) for seed in (0, 1)]
+    said: list[str] = []
+    results = execute.train_stack(specs, SPLIT, [], RunStore(tmp_path), say=said.append)
+    assert [r["seed"] for r in results] == [0, 1] and not any("stacked_with" in r for r in results)
+    assert any("train one by one" in line and "gnn student cannot be stacked" in line for line in said)

@@ -189,13 +189,13 @@ def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequenc
         by_seed = {spec.seed: spec for spec in left}
         trainers = [_trainer(spec, split, context, device, callbacks(spec), folders[spec.seed]) for spec in left]
         started = time.perf_counter()
-        seeds = [spec.seed for spec in left]
 
-        def write(trainer: Trainer) -> None:
+        def write(trainer: Trainer, stacked_with: Sequence[int]) -> None:
             spec = by_seed[trainer.config.seed]
-            results[spec.seed] = _write_run(spec, trainer, store, folders[spec.seed], started, seeds)
+            results[spec.seed] = _write_run(spec, trainer, store, folders[spec.seed], started, stacked_with)
 
         for group in resume_groups(trainers):
+            seeds = [trainer.config.seed for trainer in group]
             try:
                 stacked = StackedTrainer(group)
             except HetCompError as error:  # e.g. a student whose scoring has no vmap rule
@@ -203,9 +203,9 @@ def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequenc
                     say(f"{left[0].student}-{left[0].method}: seeds {seeds} train one by one ({error})")
                 for trainer in group:
                     trainer.fit()
-                    write(trainer)
+                    write(trainer, ())
                 continue
-            stacked.fit(write)
+            stacked.fit(lambda trainer, seeds=seeds: write(trainer, seeds))
 
 
 def distill(split: Split, trajectories: list, student: str = "mf", method: str = "hetcomp", dim: int = 6,
