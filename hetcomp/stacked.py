@@ -192,7 +192,7 @@ class StackedTrainer:
         losses: list[torch.Tensor | None] = [None] * len(self.trainers)
         pending: dict[int, tuple] = {}
         for index, (trainer, batch) in enumerate(zip(self.trainers, batches, strict=True)):
-            steps = trainer.objective.tail_steps(batch)
+            steps = trainer.objective.tail_steps(batch, self._replicas[index])
             if steps is None:
                 losses[index] = trainer.objective.loss_of_scores(scores[index], batch, self._replicas[index])
                 continue

@@ -13,7 +13,7 @@ import math
 import pickle
 import time
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,12 +81,25 @@ class Objective:
         anything else it reads of the student (e.g. its own loss)."""
         raise NotImplementedError
 
-    def tail_steps(self, batch: Batch):
+    def tail_steps(self, batch: Batch, model: Recommender):
         """The loss of a ``stackable_scores`` objective as a generator of steps, or None: it yields each request
         for the fused tail node, ``(head, listed)`` for the batch's users' score rows, receives ``(tail_lse,
-        listed_scores)`` and returns the loss. Stacked seeds then answer every replica's request with one call over
-        all replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores` as usual."""
+        listed_scores)`` and returns the loss (``model`` serves what else it reads of the student, as in
+        :meth:`loss_of_scores`). Stacked seeds then answer every replica's request with one call over all
+        replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores` as usual."""
         return None
+
+    def drive_steps(self, steps, scores: torch.Tensor | Callable[[], torch.Tensor], users: torch.Tensor
+                    ) -> torch.Tensor:
+        """The loss that ``steps`` (:meth:`tail_steps`) return, each request answered for ``users``' rows of
+        ``scores`` (a callable: computed after the steps' first part, e.g. after an own loss's draws)."""
+        try:
+            request = next(steps)
+            scores = scores() if callable(scores) else scores
+            while True:
+                request = steps.send(self.answer_tail(scores, users, *request))
+        except StopIteration as done:
+            return done.value
 
     def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
                     listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,17 +117,17 @@ class HetComp(DistillMethod):
         users = batch["users"]
         if scores is None:  # raw: the losses clamp to [−clamp, clamp] inside, without a clamped copy
             scores = model.score(users)
-        steps = self.tail_steps(batch)
+        steps = self.tail_steps(batch, model)
         if steps is not None:
-            return self._drive(steps, scores, users)
+            return self.drive_steps(steps, scores, users)
         fine = self.fine_phase_users[users]
         rows = ~fine
-        return (self.config.overall_weight * self._drive(self._overall_steps(users[rows]), scores[rows], users[rows])
-                * rows.float().mean()
-                + self.config.fine_weight * self._drive(self._fine_steps(users[fine]), scores[fine], users[fine])
+        overall = self.drive_steps(self._overall_steps(users[rows]), scores[rows], users[rows])
+        return (self.config.overall_weight * overall * rows.float().mean()
+                + self.config.fine_weight * self.drive_steps(self._fine_steps(users[fine]), scores[fine], users[fine])
                 * fine.float().mean())
 
-    def tail_steps(self, batch: Batch):
+    def tail_steps(self, batch: Batch, model: Recommender | None = None):
         """The loss as steps (see :meth:`~hetcomp.train.Objective.tail_steps`) where the batch's users are all in
         one phase (the global switch, the default: no row copies); None where the per-user switch mixes them."""
         fine = self.fine_phase_users[batch["users"]]
@@ -140,15 +140,6 @@ class HetComp(DistillMethod):
     def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
                     listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.context.tail_and_listed_scores(scores, users, head, listed, self.bound)
-
-    def _drive(self, steps, scores: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-        """Run ``steps`` on the users' score rows: each tail request answered by the fused tail node."""
-        try:
-            request = next(steps)
-            while True:
-                request = steps.send(self.answer_tail(scores, users, *request))
-        except StopIteration as done:
-            return done.value
 
     def _overall_steps(self, users: torch.Tensor):
         """L_O(P⁺, N) + L_O(P⁻, N) of the users' rows.

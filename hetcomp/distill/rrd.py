@@ -79,10 +79,7 @@ class RRD(DistillMethod):
         """mean_u L_RRD for ``users``; ``scores`` [B, n_items] may be passed when the caller has them already."""
         if not self.config.sample:
             scores = model.score(users) if scores is None else scores
-            items = self.ranking[users, :self.k]
-            valid = torch.ones_like(items, dtype=torch.bool)
-            tail_lse, listed = self.context.tail_and_listed_scores(scores, users, items, items)
-            return fine_loss_of(listed, valid, tail_lse)
+            return self.drive_steps(self._term_steps(users), scores, users)
         items, tail, tail_valid = self.sampled_lists(users, generator)
         valid = torch.ones_like(items, dtype=torch.bool)
         if scores is not None:
@@ -90,6 +87,28 @@ class RRD(DistillMethod):
         local = model.score_items(users, torch.cat([items, tail], dim=1))  # only the K + |N| sampled items
         positions = torch.arange(local.shape[1], device=local.device).expand(len(users), -1)
         return relaxed_ranking_loss(local, positions[:, :self.k], valid, positions[:, self.k:], tail_valid)
+
+    def _term_steps(self, users: torch.Tensor):
+        """L_RRD of the users without sampling, as steps (:meth:`~hetcomp.train.Objective.tail_steps`): P = the
+        ensemble's top-K, N = every other unobserved item."""
+        items = self.ranking[users, :self.k]
+        valid = torch.ones_like(items, dtype=torch.bool)
+        tail_lse, listed = yield items, items
+        return fine_loss_of(listed, valid, tail_lse)
+
+    def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
+                    listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.context.tail_and_listed_scores(scores, users, head, listed)
+
+    def tail_steps(self, batch: Batch, model: Recommender):
+        """Without DE-RRD's sampling: the own loss (first, its draws in the ordinary order), then the term's one
+        tail request."""
+        return None if self.config.sample else self._loss_steps(batch["users"], model)
+
+    def _loss_steps(self, users: torch.Tensor, model: Recommender):
+        own = self.own_loss(model, users)
+        term = yield from self._term_steps(users)
+        return own + self.config.weight * term
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)
@@ -111,5 +130,8 @@ class RRD(DistillMethod):
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
         users = batch["users"]
+        if not self.config.sample:
+            return self.drive_steps(self._loss_steps(users, model),
+                                    (lambda: model.score(users)) if scores is None else scores, users)
         own = self.own_loss(model, users)
         return own + self.config.weight * self.distillation_loss(model, users, self._generator, scores)
