@@ -230,10 +230,16 @@ class DistillMethod(Objective):
     @classmethod
     def stacks_seeds(cls, config) -> bool:
         """Whether runs of this method at ``config`` (its config dataclass) can train their seeds as one stacked
-        model (:mod:`hetcomp.stacked`): by default when the class is ``stackable`` or ``stackable_scores`` at every
-        setting; a method that stacks at some settings only overrides this and derives its property from it, so
-        that a grid can group a row's seeds before building any objective."""
+        model (:mod:`hetcomp.stacked`), known before any objective is built (a grid groups a row's seeds by it):
+        by default when the class sets ``stackable`` or ``stackable_scores`` to True; a method that stacks on the
+        scores at some settings only overrides this, and its ``stackable_scores`` follows."""
         return cls.stackable is True or cls.stackable_scores is True
+
+    @property
+    def stackable_scores(self) -> bool:
+        """:meth:`stacks_seeds` at this objective's settings, for a method that stacks on the scores (a class that
+        stacks at every setting sets the attribute instead)."""
+        return not self.stackable and type(self).stacks_seeds(self.config)
 
     @classmethod
     def trains_as(cls, config: dict, options: dict) -> tuple[str, dict] | None:

@@ -329,9 +329,6 @@ class DCD(DistillMethod):
         """Its RRD part without DE-RRD's sampling reads the scores of every item, so seeds stack on them."""
         return not config.sample
 
-    @property
-    def stackable_scores(self) -> bool:
-        return self.stacks_seeds(self.config)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)

@@ -144,9 +144,6 @@ class KD(DistillMethod):
         """With ``listwise`` the loss reads the scores of every item, so seeds stack on them."""
         return "listwise" in parse_losses(config.losses)
 
-    @property
-    def stackable_scores(self) -> bool:
-        return self.stacks_seeds(self.config)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)

@@ -118,9 +118,6 @@ class RRD(DistillMethod):
         """Without DE-RRD's sampling the term reads the scores of every item, so seeds stack on them."""
         return not config.sample
 
-    @property
-    def stackable_scores(self) -> bool:
-        return self.stacks_seeds(self.config)
 
     @property
     def own_draws_last(self) -> bool:
