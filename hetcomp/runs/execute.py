@@ -37,10 +37,7 @@ def train_run(spec: RunSpec, split: Split, trajectories: Sequence, store: RunSto
     """The metrics of ``spec``'s run: reused when finished, else trained (resuming its ``last.pt``); None when
     it is not finished and ``train`` is off. ``split`` and ``trajectories`` must be the spec's own (a method that
     reads no teachers ignores any given)."""
-    if not method_class(spec.method).reads_teachers:
-        trajectories = ()
-    if (split.fingerprint, tuple(t.name for t in trajectories)) != (spec.split_fingerprint, spec.teachers):
-        raise HetCompError(f"the split or teachers given differ from the run specification {spec.identity}")
+    trajectories = _own_inputs(spec, split, trajectories)
     finished = store.finished(spec)
     if finished is not None or not train:
         return finished
@@ -53,6 +50,16 @@ def train_run(spec: RunSpec, split: Split, trajectories: Sequence, store: RunSto
         if twin_result is not None:
             return _adopt(spec, twin, twin_result, store, folder)
         return _train(spec, split, trajectories, store, folder, torch.device(device), callbacks)
+
+
+def _own_inputs(spec: RunSpec, split: Split, trajectories: Sequence) -> Sequence:
+    """The trajectories ``spec``'s run reads (none for a method that reads no teachers), checked with the split
+    against the specification."""
+    if not method_class(spec.method).reads_teachers:
+        trajectories = ()
+    if (split.fingerprint, tuple(t.name for t in trajectories)) != (spec.split_fingerprint, spec.teachers):
+        raise HetCompError(f"the split or teachers given differ from the run specification {spec.identity}")
+    return trajectories
 
 
 def _adopt(spec: RunSpec, twin: RunSpec, twin_result: dict, store: RunStore, folder: Path) -> dict:
@@ -151,8 +158,7 @@ def train_stack(specs: Sequence[RunSpec], split: Split, trajectories: Sequence, 
     results: dict[int, dict] = {}
     alone = [spec for spec in specs if twin_spec(spec) is not None or store.finished(spec) is not None]
     stack = [spec for spec in specs if spec not in alone]
-    if len(stack) < 2 or not method_class(stack[0].method).stacks_seeds(
-            method_class(stack[0].method).config_class(**dict(stack[0].method_config))):
+    if len(stack) < 2 or not stack[0].stacks_seeds:
         alone, stack = list(specs), []
     callbacks = callbacks or (lambda spec: None)
     for spec in alone:
@@ -167,11 +173,8 @@ def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequenc
                    callbacks: Callable[[RunSpec], list[Callback] | None], results: dict[int, dict]) -> None:
     from hetcomp.stacked import StackedTrainer, resume_groups
 
-    if not method_class(specs[0].method).reads_teachers:
-        trajectories = ()
     for spec in specs:
-        if (split.fingerprint, tuple(t.name for t in trajectories)) != (spec.split_fingerprint, spec.teachers):
-            raise HetCompError(f"the split or teachers given differ from the run specification {spec.identity}")
+        trajectories = _own_inputs(spec, split, trajectories)
     with contextlib.ExitStack() as claims:
         # one lock order for every process, so that two stacks sharing runs cannot wait for each other
         folders = {spec.seed: claims.enter_context(store.claim(spec, say))

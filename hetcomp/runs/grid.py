@@ -86,12 +86,9 @@ def stack_units(specs: Sequence[RunSpec], stack_seeds: bool) -> list[tuple[RunSp
     """The grid's tasks: one per run, or with ``stack_seeds`` one per run specification whose method stacks
     (:meth:`~hetcomp.distill.base.DistillMethod.stacks_seeds`) holding its seeds, placed where its first seed
     was (the queue's order is kept)."""
-    from hetcomp.distill import method_class
-
     units: dict[object, list[RunSpec]] = {}
     for index, spec in enumerate(specs):
-        cls = method_class(spec.method)
-        stacks = stack_seeds and cls.stacks_seeds(cls.config_class(**dict(spec.method_config)))
+        stacks = stack_seeds and spec.stacks_seeds
         units.setdefault(dataclasses.replace(spec, seed=0) if stacks else index, []).append(spec)
     return [tuple(unit) for unit in units.values()]
 

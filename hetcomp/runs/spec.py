@@ -210,6 +210,12 @@ class RunSpec:
     def ensemble_config(self) -> EnsembleConfig:
         return EnsembleConfig(**dict(self.ensemble))
 
+    @property
+    def stacks_seeds(self) -> bool:
+        """Whether this run's method stacks seeds at its settings (``DistillMethod.stacks_seeds``)."""
+        cls = method_class(self.method)
+        return cls.stacks_seeds(cls.config_class(**dict(self.method_config)))
+
 
 def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method: str = "hetcomp", dim: int = 6,
               seed: int = 0, method_options: dict | None = None, ensemble: EnsembleConfig | None = None,
