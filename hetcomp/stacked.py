@@ -227,17 +227,20 @@ class StackedTrainer:
         or for a batch that is not triples), recorded for :meth:`_with_own_losses`."""
         if self._deferred is None or set(batch) != {"users", "pos", "neg"}:
             return None
-        placeholder = torch.zeros((), device=self.device, requires_grad=True)
-        self._deferred.append((index, batch, placeholder))
-        return placeholder
+        return self._placeholder(index, batch)
 
     def _defer_own_draws(self, index: int, draw: tuple) -> torch.Tensor | None:
         """As :meth:`_defer_own_loss`, for triples not drawn yet: ``draw`` is (context, users, generator,
         n_negatives) of ``DistillContext.sample_interactions``."""
         if self._deferred is None or self.trainers[index].model.batch_kind != "triples":
             return None
+        return self._placeholder(index, draw)
+
+    def _placeholder(self, index: int, payload) -> torch.Tensor:
+        """A leaf standing in for replica ``index``'s own loss on ``payload`` (triples, or their draw) until
+        :meth:`_with_own_losses`."""
         placeholder = torch.zeros((), device=self.device, requires_grad=True)
-        self._deferred.append((index, draw, placeholder))
+        self._deferred.append((index, payload, placeholder))
         return placeholder
 
     def _draw_deferred(self, deferred: list) -> list:

@@ -127,7 +127,7 @@ class HetComp(DistillMethod):
                 + self.config.fine_weight * self.drive_steps(self._fine_steps(users[fine]), scores[fine], users[fine])
                 * fine.float().mean())
 
-    def tail_steps(self, batch: Batch, model: Recommender | None = None):
+    def tail_steps(self, batch: Batch, model: Recommender):
         """The loss as steps (see :meth:`~hetcomp.train.Objective.tail_steps`) where the batch's users are all in
         one phase (the global switch, the default: no row copies); None where the per-user switch mixes them."""
         fine = self.fine_phase_users[batch["users"]]
