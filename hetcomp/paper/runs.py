@@ -3,7 +3,8 @@ trained in this process or as Ray tasks, and recorded in the ledger by this (dri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from hetcomp.ensemble import EnsembleConfig
 from hetcomp.errors import HetCompError
@@ -29,15 +30,25 @@ def rerun_command(rep: Reproduction, spec: RunSpec) -> str:
     return rep.command if rep.schedule.quick else spec.command()
 
 
+@contextmanager
+def progress_bars(rep: Reproduction, specs: Sequence[RunSpec]) -> Iterator[Callable[[RunSpec], list | None]]:
+    """Each run's progress bar while training (none when ``rep.train`` is off), as the callbacks of its trainer;
+    removed afterwards (a reproduce shows one per run: finished ones must not pile up)."""
+    bars = {spec.seed: rep.progress(f"{spec.student}-{spec.method} seed {spec.seed}", spec.max_epochs)
+            if rep.train else None for spec in specs}
+    try:
+        yield lambda spec: [bars[spec.seed]] if bars[spec.seed] else None
+    finally:
+        for bar in bars.values():
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
+
+
 def student_run(rep: Reproduction, trajectories: Sequence, spec: RunSpec) -> dict | None:
     """Train (or reuse) one run in this process; None when it is not finished and ``rep.train`` is off."""
-    callback = rep.progress(f"{spec.student}-{spec.method} seed {spec.seed}", spec.max_epochs) if rep.train else None
-    try:
-        return train_run(spec, rep.split, trajectories, RunStore(rep.runs_dir), rep.device,
-                         [callback] if callback else None, rep.train, rep.say)
-    finally:
-        if callback is not None and hasattr(callback, "close"):
-            callback.close()
+    with progress_bars(rep, [spec]) as callbacks:
+        return train_run(spec, rep.split, trajectories, RunStore(rep.runs_dir), rep.device, callbacks(spec),
+                         rep.train, rep.say)
 
 
 def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict]) -> list[RunSpec]:
@@ -78,15 +89,9 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
                 record(unit[0], student_run(rep, trajectories, unit[0]))
                 continue
             rep.say(f"seeds {', '.join(str(spec.seed) for spec in unit)} as one stacked model")
-            bars = {spec.seed: rep.progress(f"{spec.student}-{spec.method} seed {spec.seed}", spec.max_epochs)
-                    for spec in unit}
-            try:
+            with progress_bars(rep, unit) as callbacks:
                 results = train_stack(unit, rep.split, trajectories, RunStore(rep.runs_dir), rep.device, rep.say,
-                                      lambda spec, bars=bars: [bars[spec.seed]] if bars[spec.seed] else None)
-            finally:
-                for bar in bars.values():
-                    if bar is not None and hasattr(bar, "close"):
-                        bar.close()
+                                      callbacks)
             for spec, result in zip(unit, results, strict=True):
                 record(spec, result)
         return
