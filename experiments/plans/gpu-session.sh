@@ -9,8 +9,15 @@
 #     projection divides by (22-36 minutes with one run per process, gpu-table2-citeulike.md, section 0). The
 #     operators each step dispatches per seed predict 1.6x (HetComp MF), 1.6x (RRD MF) and 1.6-1.9x (w/o KD,
 #     whose prototype measured 1.65x): experiments/plans/step_ops.py; this checks that model of a host-bound GPU.
+#  4. (FS_CPU=1) on the machine's CPU, beside 1-3: the Foursquare user and item autoencoders with one thread each,
+#     as the committed Foursquare teachers were made (teachers-foursquare.md: 4e96f83fbebc, 54e779961613), which a
+#     2-core AVX2 machine does not reproduce (teachers-foursquare-notes.md): their digests, and their trajectories
+#     back as $OUT/fs-<teacher>.tgz where they match, for issue 19's Foursquare lane; and the user autoencoder once
+#     more with torch's and MKL's kernels held at AVX2 (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA), whose
+#     digest, against the AVX2 machine's bf66b4a4de31, says whether pinning the kernel level makes teachers portable.
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
-# Needs the shared CiteULike file under ./datasets (carry it: `datasets`) and $OUT.
+# Needs the shared CiteULike file under ./datasets (carry it: `datasets`; for 4, Foursquare's files under
+# datasets/foursquare_fgcrec) and $OUT.
 # Usage (device tool): export HETCOMP_DATA=$PWD/datasets HETCOMP_CACHE=$PWD/datasets/cache PYTHONPATH=$PWD;
 #   OUT=$OUT TOTAL=540 experiments/plans/gpu-session.sh
 set -uo pipefail
@@ -27,8 +34,24 @@ note() { echo "- $(elapsed) s: $*" | tee -a "$OUT/timings.md"; }
   echo
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); started $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $(nproc --all) CPU cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
+  echo "- CPU: $(python3 -c 'from hetcomp.provenance import machine; print(machine())' 2>&1 | tail -1);" \
+    "AVX-512 flags: $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
   echo
 } > "$OUT/timings.md"
+
+FS_CPU="${FS_CPU:-0}"
+cpu_pids=()
+if [ "$FS_CPU" = 1 ]; then  # part 4, beside the GPU's parts: one CPU thread each
+  for teacher in ae iae; do
+    timeout $(( TOTAL - 40 )) python3 -m hetcomp train-teachers --dataset foursquare --teachers "$teacher" \
+      --threads 1 --device cpu --teachers-dir "$WORK/fs" > "$WORK/fs-$teacher.log" 2>&1 &
+    cpu_pids+=($!)
+  done
+  ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 timeout $(( TOTAL - 40 )) python3 -m hetcomp \
+    train-teachers --dataset foursquare --teachers ae --threads 1 --device cpu --teachers-dir "$WORK/fs-avx2" \
+    > "$WORK/fs-ae-avx2.log" 2>&1 &
+  cpu_pids+=($!)
+fi
 
 pids=()
 for teacher in mf ml dnn gnn ae iae; do
@@ -43,9 +66,33 @@ timeout 150 python3 -m hetcomp bench --dataset citeulike --device cuda --teacher
   --methods none,rrd,dcd,hetcomp --append "$OUT/bench.md" > "$WORK/bench.log" 2>&1
 note "hetcomp bench (exit $?)"
 
-left=$(( TOTAL - $(elapsed) - 20 ))
+cpu_busy() { local pid; for pid in "${cpu_pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
+while [ "$(elapsed)" -lt 260 ] && cpu_busy; do
+  sleep 2  # the CPU teachers first where they end soon: 16 processes follow, one per core
+done
+cpu_busy && note "the Foursquare CPU teachers still train beside what follows"
+left=$(( TOTAL - $(elapsed) - 30 ))
 OUT="$OUT" timeout "$left" python3 experiments/plans/stacked_share.py --dataset citeulike \
   --teachers-dir "$WORK/teachers" --methods hetcomp,rrd,none --replicas 1,5 --share 16 --mps --epochs 3 \
   --deadline $(( left - 100 )) 2>&1 | grep -v USDT | tail -6
 note "stacked_share (exit ${PIPESTATUS[0]})"
 tail -20 "$WORK/bench.log"
+if [ "$FS_CPU" = 1 ]; then
+  wait "${cpu_pids[@]}"
+  for folder in "$WORK"/fs/foursquare/{ae,iae} "$WORK"/fs-avx2/foursquare/ae; do
+    note "$folder: $(python3 -c '
+import sys
+from hetcomp.runs.spec import trajectory_digest
+from hetcomp.trajectory import load_trajectory
+t = load_trajectory(sys.argv[1] + "/trajectory.npz")
+t.meta["name"] = t.meta["teacher"]
+print("digest", trajectory_digest(t)[:12], "state epochs", t.meta["state_epochs"], "train s", t.meta["train_seconds"])
+' "$folder" 2>&1 | tail -1)"
+  done
+  for teacher in ae iae; do
+    folder="$WORK/fs/foursquare/$teacher"
+    [ -f "$folder/trajectory.npz" ] && tar czf "$OUT/fs-$teacher.tgz" -C "$WORK/fs" \
+      "foursquare/$teacher/trajectory.npz" "foursquare/$teacher/config.json" "foursquare/$teacher/history.json"
+  done
+  note "Foursquare autoencoders packed: $(ls "$OUT"/fs-*.tgz 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
+fi
