@@ -202,14 +202,14 @@ class StackedTrainer:
                 losses[index] = done.value
         while pending:
             rounds: dict[tuple, list[int]] = {}
-            for index, (_, (head, listed)) in pending.items():
-                rounds.setdefault((head.shape[1], listed.shape[1]), []).append(index)
-            for members in rounds.values():
+            for index, (_, (head, listed)) in pending.items():  # a head None: every unobserved item's tail
+                rounds.setdefault((None if head is None else head.shape[1], listed.shape[1]), []).append(index)
+            for (width, _), members in rounds.items():
                 every = members == list(range(len(self.trainers)))
                 rows = scores.flatten(0, 1) if every else torch.cat([scores[index] for index in members])
                 answer = self.trainers[members[0]].objective.answer_tail(
                     rows, torch.cat([batches[index]["users"] for index in members]),
-                    torch.cat([pending[index][1][0] for index in members]),
+                    None if width is None else torch.cat([pending[index][1][0] for index in members]),
                     torch.cat([pending[index][1][1] for index in members]))
                 size = len(batches[members[0]]["users"])
                 for position, index in enumerate(members):

@@ -83,10 +83,11 @@ class Objective:
 
     def tail_steps(self, batch: Batch, model: Recommender):
         """The loss of a ``stackable_scores`` objective as a generator of steps, or None: it yields each request
-        for the fused tail node, ``(head, listed)`` for the batch's users' score rows, receives ``(tail_lse,
-        listed_scores)`` and returns the loss (``model`` serves what else it reads of the student, as in
-        :meth:`loss_of_scores`). Stacked seeds then answer every replica's request with one call over all
-        replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores` as usual."""
+        for the fused tail node, ``(head, listed)`` for the batch's users' score rows (``head`` None: the tail
+        of every unobserved item), receives ``(tail_lse, listed_scores)`` and returns the loss (``model`` serves
+        what else it reads of the student, as in :meth:`loss_of_scores`). Stacked seeds then answer every
+        replica's request with one call over all replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores`
+        as usual."""
         return None
 
     def drive_steps(self, steps, scores: torch.Tensor | Callable[[], torch.Tensor], users: torch.Tensor

@@ -119,12 +119,13 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     shared.sample_interactions_lockstep = lambda *args: drawn_together.append(1) or lockstep(*args)
     first = stacked.trainers[0].objective
     answer_tail, rows_asked = getattr(first, "answer_tail", None), []
-    if method == "rrd":
+    if answer_tail is not None:
         first.answer_tail = lambda scores, *rest: rows_asked.append(len(scores)) or answer_tail(scores, *rest)
     states = stacked.fit()
     assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
-    assert bool(drawn_together) == (method in ("rrd", "mtd"))  # DCD and KD draw their lists after the own loss
-    assert (max(rows_asked, default=0) == 2 * 16) == (method == "rrd")  # RRD's tail: both replicas' rows at once
+    assert bool(drawn_together) == (method != "dcd")  # DCD draws its correction lists after the own loss
+    # RRD's, DCD's and KD's tail (MTD's normalizer is no such request): both replicas' rows at once
+    assert (max(rows_asked, default=0) == 2 * 16) == (method != "mtd")
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):

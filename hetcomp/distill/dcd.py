@@ -300,14 +300,15 @@ class DCD(DistillMethod):
         users, under, over, _ = self.item_lists(items)
         return draw_corrections(under, over, users, self.config.n_under, self.config.n_over, generator)
 
-    def user_correction_loss(self, model: Recommender, users: torch.Tensor, scores: torch.Tensor,
-                             generator: torch.Generator | None) -> torch.Tensor:
+    def user_correction_loss(self, model: Recommender, users: torch.Tensor,
+                             scores: Callable[[], torch.Tensor] | None, generator: torch.Generator | None
+                             ) -> torch.Tensor:
         """Mean over ``users`` of the relaxed ranking loss on the sampled items. A model with its own
         ``score_items`` scores just those ~20 items per user, so the gradient skips a dense [B, n_items] pass;
-        others read them from the batch's full ``scores``."""
+        others read them from the batch's full ``scores()``."""
         under, under_valid, over, over_valid = self.correction_lists(users, generator)
         if type(model).score_items is Recommender.score_items:
-            return relaxed_ranking_loss(scores, under, under_valid, over, over_valid)
+            return relaxed_ranking_loss(scores(), under, under_valid, over, over_valid)
         local = model.score_items(users, torch.cat([under, over], 1).clamp(min=0))
         positions = torch.arange(local.shape[1], device=local.device).expand_as(local)
         width = under.shape[1]
@@ -336,15 +337,41 @@ class DCD(DistillMethod):
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
         users = batch["users"]
+        computed: list[torch.Tensor] = []
+
+        def scored() -> torch.Tensor:  # the users' scores, computed once, where the ordinary order first needs them
+            if not computed:
+                computed.append(model.score(users) if scores is None else scores)
+            return computed[0]
+
+        return self.drive_steps(self._loss_steps(batch, model, scored), scored, users)
+
+    def tail_steps(self, batch: Batch, model: Recommender):
+        """Without DE-RRD's sampling: the own loss (its draws first), the RRD term's one tail request, then the
+        corrections (their draws, the replica scoring its sampled items itself)."""
+        return None if self.config.sample else self._loss_steps(batch, model, None)
+
+    def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
+                    listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rrd.answer_tail(scores, users, head, listed)
+
+    def _loss_steps(self, batch: Batch, model: Recommender, scored: Callable[[], torch.Tensor] | None):
+        """The loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`); ``scored`` gives the users' scores
+        of every item to what reads them besides the tail request (DE-RRD's sampled lists, the user side of a
+        student without its own ``score_items``); None in a stack, whose replicas score items themselves."""
+        users = batch["users"]
         own = self.own_loss(model, users)
-        scores = model.score(users) if scores is None else scores
-        loss = own + self.config.rrd_weight * self.rrd.distillation_loss(model, users, self._generator, scores)
+        if self.config.sample:
+            term = self.rrd.distillation_loss(model, users, self._generator, scored())
+        else:
+            term = yield from self.rrd._term_steps(users)
+        loss = own + self.config.rrd_weight * term
         if not self.active:
             return loss
         if not self.checked:
             self.refresh(model)
         if self.user_side:
-            loss = loss + self.config.dcd_weight * self.user_correction_loss(model, users, scores, self._generator)
+            loss = loss + self.config.dcd_weight * self.user_correction_loss(model, users, scored, self._generator)
         items = batch.get("items")
         if self.item_side and items is not None and len(items):
             loss = loss + self.config.dcd_weight * self.item_correction_loss(model, items, self._generator)

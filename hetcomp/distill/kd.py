@@ -122,9 +122,10 @@ class KD(DistillMethod):
                              torch.full(negatives.shape, self.negative_logit, device=self.device)], dim=1)
         return items, teacher, torch.cat([valid_top, valid_negative], dim=1)
 
-    def term(self, name: str, student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor,
+    def term(self, name: str, student: torch.Tensor | None, teacher: torch.Tensor, valid: torch.Tensor,
              listwise: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """One loss of the menu on the candidates (``listwise`` is computed lazily: it needs every score)."""
+        """One loss of the menu on the candidates' scores ``student`` (None for a menu of ``listwise`` alone, which
+        reads the tail request's answer instead)."""
         cfg, tau = self.config, self.config.temperature
         if name == "ce":
             return losses.candidate_cross_entropy(student, teacher, valid, tau)
@@ -145,6 +146,11 @@ class KD(DistillMethod):
         return "listwise" in parse_losses(config.losses)
 
 
+    @property
+    def own_draws_last(self) -> bool:
+        """The own loss (``own_weight``) is the step's last draw, after the candidates'."""
+        return True
+
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)
 
@@ -152,23 +158,52 @@ class KD(DistillMethod):
         """The loss; ``scores`` None: the student scores every item (for ``listwise``) after the candidates' draw,
         or only the candidates."""
         users = batch["users"]
+        if "listwise" not in self.weights:
+            return self.drive_steps(self._loss_steps(batch, model, lambda: scores), scores, users)
+        computed: list[torch.Tensor] = []
+
+        def scored() -> torch.Tensor:  # computed once, after the candidates' draw
+            if not computed:
+                computed.append(model.score(users) if scores is None else scores)
+            return computed[0]
+
+        return self.drive_steps(self._loss_steps(batch, model, scored), scored, users)
+
+    def tail_steps(self, batch: Batch, model: Recommender):
+        """With ``listwise``: the candidates' draw, the listwise term's one tail request, then the other terms on
+        the candidates' scores (the replica scores them itself) and the own loss."""
+        return self._loss_steps(batch, model, None) if "listwise" in self.weights else None
+
+    def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor | None,
+                    listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The listwise normalizer over every unobserved item at τ, and the listed top-K's scores."""
+        tau = self.config.temperature
+        return self.context.tail_and_listed_scores(scores, users, head, listed,
+                                                   temperature=None if tau == 1 else tau)
+
+    def _loss_steps(self, batch: Batch, model: Recommender, scored: Callable[[], torch.Tensor | None] | None):
+        """The loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`): with ``listwise`` one tail request,
+        the tail's normalizer and the top-K's scores from one node (no dense gather gradient, no dense division
+        outside it: the same numbers and gradients as dividing and gathering, bit for bit). ``scored`` gives the
+        users' scores of every item where the candidates' are read from them (None: the student scores the
+        candidates, as a stack's replica does)."""
+        users = batch["users"]
         items, teacher, valid = self.candidates(users, self._generator)
         tau = self.config.temperature
-        if scores is None and "listwise" in self.weights:
-            scores = model.score(users)
-        student = scores.gather(1, items) if scores is not None else model.score_items(users, items)
+        top = items[:, :self.k]
+        if "listwise" in self.weights:
+            normalizer, listed = yield None, top
+        student = None
+        if set(self.weights) != {"listwise"}:  # the other terms read the candidates' scores
+            rows = scored() if scored is not None else None
+            student = rows.gather(1, items) if rows is not None else model.score_items(users, items)
 
         def listwise() -> torch.Tensor:
-            # the tail's normalizer and the top-K's scores from one node: no dense gather gradient, no dense
-            # division outside it (the same numbers and gradients as dividing and gathering, bit for bit)
             target = torch.softmax(self.top_logits / tau, dim=0).expand(len(users), -1)
-            top = items[:, :self.k]
-            normalizer, listed = self.context.tail_and_listed_scores(scores, users, None, top,
-                                                                     temperature=None if tau == 1 else tau)
             return losses.soft_target_cross_entropy(None, None, top, target, valid[:, :self.k], tau,
                                                     log_normalizer=normalizer, listed=listed)
 
-        total = student.new_zeros(())
+        total = torch.zeros((), device=self.device)
         for name, weight in self.weights.items():
             total = total + weight * self.term(name, student, teacher, valid, listwise)
         if self.config.own_weight:
