@@ -18,12 +18,23 @@
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`; for 4, Foursquare's files under
 # datasets/foursquare_fgcrec) and $OUT.
+# Knobs (environment): BENCH_METHODS (2; default none,rrd,dcd,kd,hetcomp; empty: skip 2), SHARE_METHODS (3; default
+# hetcomp,rrd,none; empty: skip 3), SHARE_REPLICAS (1,5), SHARE_OPTIONS (3's `--option METHOD.NAME=VALUE`s,
+# space-separated, e.g. "kd.losses=listwise:1.0 kd.own_weight=0.1": KD stacks with its listwise term), TEACHERS_XZ (a folder of <dataset>/<teacher>/
+# trajectory.npz.xz made here, carried: the teachers unpacked instead of trained in 1, which saves ~70-130 s of
+# device time; their digests need not be the studies'), DEVICE (cuda; cpu to try the script out).
 # Usage (device tool): export HETCOMP_DATA=$PWD/datasets HETCOMP_CACHE=$PWD/datasets/cache PYTHONPATH=$PWD;
 #   OUT=$OUT TOTAL=540 experiments/plans/gpu-session.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT}"
 TOTAL="${TOTAL:-540}"
+BENCH_METHODS="${BENCH_METHODS-none,rrd,dcd,kd,hetcomp}"
+SHARE_METHODS="${SHARE_METHODS-hetcomp,rrd,none}"
+SHARE_REPLICAS="${SHARE_REPLICAS:-1,5}"
+read -r -a share_options <<< "${SHARE_OPTIONS:-}"
+TEACHERS_XZ="${TEACHERS_XZ:-}"
+DEVICE="${DEVICE:-cuda}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 WORK="$(mktemp -d)"
 start=$(date +%s)
@@ -54,17 +65,28 @@ if [ "$FS_CPU" = 1 ]; then  # part 4, beside the GPU's parts: one CPU thread eac
 fi
 
 pids=()
-for teacher in mf ml dnn gnn ae iae; do
-  timeout 200 python3 -m hetcomp train-teachers --dataset citeulike --teachers "$teacher" --device cuda \
-    --teachers-dir "$WORK/teachers" > "$WORK/teacher-$teacher.log" 2>&1 &
-  pids+=($!)
-done
-wait "${pids[@]}"
-note "six teachers trained at once"
+if [ -n "$TEACHERS_XZ" ]; then
+  (cd "$TEACHERS_XZ" && find . -name trajectory.npz.xz) | while read -r packed; do
+    mkdir -p "$WORK/teachers/$(dirname "$packed")"
+    xz -dc "$TEACHERS_XZ/$packed" > "$WORK/teachers/${packed%.xz}" &
+  done
+  wait
+  note "teachers unpacked from $TEACHERS_XZ: $(find "$WORK/teachers" -name trajectory.npz | wc -l) trajectories"
+else
+  for teacher in mf ml dnn gnn ae iae; do
+    timeout 200 python3 -m hetcomp train-teachers --dataset citeulike --teachers "$teacher" --device "$DEVICE" \
+      --teachers-dir "$WORK/teachers" > "$WORK/teacher-$teacher.log" 2>&1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  note "six teachers trained at once"
+fi
 
-timeout 150 python3 -m hetcomp bench --dataset citeulike --device cuda --teachers-dir "$WORK/teachers" \
-  --methods none,rrd,dcd,hetcomp --append "$OUT/bench.md" > "$WORK/bench.log" 2>&1
-note "hetcomp bench (exit $?)"
+if [ -n "$BENCH_METHODS" ]; then
+  timeout 150 python3 -m hetcomp bench --dataset citeulike --device "$DEVICE" --teachers-dir "$WORK/teachers" \
+    --methods "$BENCH_METHODS" --append "$OUT/bench.md" > "$WORK/bench.log" 2>&1
+  note "hetcomp bench (exit $?)"
+fi
 
 cpu_busy() { local pid; for pid in "${cpu_pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
 while [ "$(elapsed)" -lt 260 ] && cpu_busy; do
@@ -72,11 +94,13 @@ while [ "$(elapsed)" -lt 260 ] && cpu_busy; do
 done
 cpu_busy && note "the Foursquare CPU teachers still train beside what follows"
 left=$(( TOTAL - $(elapsed) - 30 ))
-OUT="$OUT" timeout "$left" python3 experiments/plans/stacked_share.py --dataset citeulike \
-  --teachers-dir "$WORK/teachers" --methods hetcomp,rrd,none --replicas 1,5 --share 16 --mps --epochs 3 \
-  --deadline $(( left - 100 )) 2>&1 | grep -v USDT | tail -6
-note "stacked_share (exit ${PIPESTATUS[0]})"
-tail -20 "$WORK/bench.log"
+if [ -n "$SHARE_METHODS" ]; then
+  OUT="$OUT" timeout "$left" python3 experiments/plans/stacked_share.py --dataset citeulike --device "$DEVICE" \
+    --teachers-dir "$WORK/teachers" --methods "$SHARE_METHODS" --replicas "$SHARE_REPLICAS" --share 16 --mps \
+    --epochs 3 --deadline $(( left - 50 )) "${share_options[@]/#/--option=}" 2>&1 | grep -v USDT | tail -6
+  note "stacked_share (exit ${PIPESTATUS[0]})"
+fi
+[ -f "$WORK/bench.log" ] && tail -20 "$WORK/bench.log"
 if [ "$FS_CPU" = 1 ]; then
   wait "${cpu_pids[@]}"
   for folder in "$WORK"/fs/foursquare/{ae,iae} "$WORK"/fs-avx2/foursquare/ae; do

@@ -8,12 +8,15 @@ Writes ``$OUT/stacked-share.md`` as it goes.
 
 Usage: OUT=<folder> python experiments/plans/stacked_share.py --dataset citeulike --teachers-dir <folder>
            [--methods hetcomp,rrd] [--student mf] [--replicas 1,5] [--share 16] [--mps] [--epochs 3]
-           [--device cuda] [--deadline 300]
+           [--device cuda] [--deadline 300] [--option kd.losses=listwise:1.0 ...]
+(``--option METHOD.NAME=VALUE``: a method's setting other than its default, a JSON value or else a string; e.g.
+KD stacks only with its listwise term.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -36,7 +39,7 @@ def worker(args: argparse.Namespace, method: str, replicas: int, start_at: float
     device = resolve_device(args.device)
     split = load_dataset(args.dataset)
     context = DistillContext(split, load_teachers(split, args.teachers_dir), device)
-    trainers = seed_trainers(split, context, args.student, method, range(replicas))
+    trainers = seed_trainers(split, context, args.student, method, range(replicas), **method_options(args, method))
     if replicas == 1:
         epoch = trainers[0].train_epoch
     else:
@@ -57,6 +60,20 @@ def worker(args: argparse.Namespace, method: str, replicas: int, start_at: float
     queue.put(time.perf_counter() - started)
 
 
+def method_options(args: argparse.Namespace, method: str) -> dict:
+    """``--option METHOD.NAME=VALUE`` settings of ``method`` (VALUE as JSON where it parses, else a string)."""
+    options = {}
+    for text in args.option:
+        key, _, value = text.partition("=")
+        owner, _, name = key.partition(".")
+        if owner == method:
+            try:
+                options[name] = json.loads(value)
+            except json.JSONDecodeError:
+                options[name] = value
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="citeulike")
@@ -69,6 +86,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds; later rows are skipped")
+    parser.add_argument("--option", action="append", default=[], help="METHOD.NAME=VALUE, e.g. kd.own_weight=0.1")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_overhead import multi_process_service
@@ -78,7 +96,8 @@ def main() -> None:
     with multi_process_service(args.mps) as sharing:
         lines = [f"# Stacked seeds of real methods in {args.share} processes sharing {args.device} ({sharing})", "",
                  f"machine: {machine()}, {os.cpu_count()} CPUs; {args.dataset}, {args.student} dim 6, "
-                 f"{args.epochs} timed epochs after one warm-up; seeds 0..R-1; command: `{' '.join(sys.argv)}`",
+                 f"{args.epochs} timed epochs after one warm-up; seeds 0..R-1; each method's defaults but the "
+                 f"options; command: `{' '.join(sys.argv)}`",
                  "", "| method | seeds per process | seed-epochs/s, all together | s per epoch per process |",
                  "|---|---|---|---|"]
         out.write_text("\n".join(lines) + "\n")
