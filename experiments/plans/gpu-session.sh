@@ -97,7 +97,7 @@ left=$(( TOTAL - $(elapsed) - 30 ))
 if [ -n "$SHARE_METHODS" ]; then
   OUT="$OUT" timeout "$left" python3 experiments/plans/stacked_share.py --dataset citeulike --device "$DEVICE" \
     --teachers-dir "$WORK/teachers" --methods "$SHARE_METHODS" --replicas "$SHARE_REPLICAS" --share 16 --mps \
-    --epochs 3 --deadline $(( left - 50 )) "${share_options[@]/#/--option=}" 2>&1 | grep -v USDT | tail -6
+    --epochs 3 --deadline $(( left - 70 )) "${share_options[@]/#/--option=}" 2>&1 | grep -v USDT | tail -6
   note "stacked_share (exit ${PIPESTATUS[0]})"
 fi
 [ -f "$WORK/bench.log" ] && tail -20 "$WORK/bench.log"

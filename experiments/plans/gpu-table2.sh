@@ -18,9 +18,9 @@
 # DURATIONS (a table2.csv whose wall times queue the runs longest first; default the committed CiteULike one,
 # used where the file exists; order only), STACK (0, the default: one run per process; 1: `reproduce
 # --stack-seeds`, the seeds of a run whose method stacks trained as one vmapped model in one process,
-# hetcomp/stacked.py. Not the default until measured: counted operators per step (experiments/plans/step_ops.py)
-# predict 1.6-2.5x per seed for w/o KD, HetComp, RRD and MTD but 1.03-1.4x for DCD and KD, whose 5-seed tasks
-# would then run nearly 5x longer than one run and could end the table last).
+# hetcomp/stacked.py. Not the default: with 16 processes under MPS it raised the device's seed-epochs/s by 1.82x
+# for HetComp and 1.53x for RRD but 1.13x for DCD (gpu-table2-citeulike.md, section 0a), whose 5-seed tasks then
+# run ~4.4x one run and could end the table last; the projected table gains ~11 %).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
