@@ -14,6 +14,7 @@ from hetcomp.data import HetCompError
 from hetcomp.distill import method_class
 from hetcomp.runs import RunStore, distill, make_spec
 from hetcomp.runs import spec as spec_module
+from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import train_teacher
 
 SPLIT = make_tiny_split(n_users=80, n_items=60, per_user=12)
@@ -246,6 +247,14 @@ def test_wo_kd_runs_without_teachers_and_its_identity_names_none(teachers, tmp_p
     assert shlex.split(spec.command())[:2] == ["hetcomp", "distill"]
     needs = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "rrd"])
     assert needs.exit_code != 0 and "train-teachers" in needs.output
+    tuning = tmp_path / "studies"  # settings `hetcomp tune --tuning-dir` wrote elsewhere: read with the same option
+    chosen = summary_path(split.meta["dataset"], "mf", "none", 6, tuning)
+    chosen.parent.mkdir(parents=True)
+    chosen.write_text(json.dumps({"settings": {"lr": 0.003, "weight_decay": 0.0, "options": {}}}))
+    tuned = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "none", "--tuning-dir", str(tuning)])
+    assert tuned.exit_code == 0, tuned.output
+    commands = [json.loads(p.read_text())["command"] for p in (tmp_path / "cli-runs").rglob("metrics.json")]
+    assert len(commands) == 2 and sum("--lr 0.003" in command for command in commands) == 1
 
 
 def test_dcd_at_zero_correction_is_served_by_its_finished_rrd_twin(teachers, tmp_path, monkeypatch):

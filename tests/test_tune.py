@@ -166,6 +166,10 @@ def test_the_chosen_settings_are_make_specs_defaults_and_explicit_arguments_win(
     assert explicit.lr == 0.5 and dict(explicit.method_config)["k"] == 7
     assert dict(explicit.method_config)["weight"] == chosen["weight"]
     assert make_spec(SPLIT, teachers, "mf", "rrd", 4, tuned=False) == before
+    monkeypatch.setattr(tuned_module, "TUNING_ROOT", tmp / "elsewhere")  # another folder: named, or not read
+    assert make_spec(SPLIT, teachers, "mf", "rrd", 4, tuning_dir=tmp / "tuning") == spec
+    assert make_spec(SPLIT, teachers, "mf", "rrd", 4) == before
+    monkeypatch.setattr(tuned_module, "TUNING_ROOT", tmp / "tuning")
     assert make_spec(SPLIT, teachers, "mf", "mtd", 4) == make_spec(SPLIT, teachers, "mf", "mtd", 4, tuned=False)
     path = summary_path("tiny", "mf", "rrd", 4)
     path.write_text(json.dumps({"settings": {"options": {"k": 0}}}))

@@ -58,6 +58,7 @@ def fails_cleanly(args: list[str], *named: str) -> str:
     (["-m", "n_negatives"], ["-m n_negatives: a student model setting must look like NAME=VALUE"]),
     (["-m", "n_negatives=0"], ["-m n_negatives=0", "≥ 1"]),
     (["-m", "lr=0.1"], ["-m lr", "--lr"]),
+    (["--tuning-dir", "nowhere"], ["--tuning-dir nowhere: no such folder", "hetcomp tune"]),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_distill_rejects_the_issues_inputs(tmp_path, args, named):
     fails_cleanly(["distill", *folders(tmp_path), "--runs-dir", str(tmp_path / "runs"), *args], *named)
@@ -72,6 +73,11 @@ def test_distill_rejects_the_issues_inputs(tmp_path, args, named):
 ])
 def test_evaluate_rejects_a_bad_ensemble(tmp_path, args, named):
     fails_cleanly(["evaluate", *folders(tmp_path), *args], *named)
+
+
+def test_reproduce_rejects_a_tuning_dir_that_does_not_exist(tmp_path):
+    fails_cleanly(["reproduce", *folders(tmp_path), "--table", "2", "--tuning-dir", str(tmp_path / "nowhere")],
+                  f"--tuning-dir {tmp_path / 'nowhere'}: no such folder")
 
 
 @pytest.mark.parametrize("args,named", [

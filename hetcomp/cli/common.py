@@ -23,6 +23,7 @@ from hetcomp.distill import EnsembleConfig
 from hetcomp.ensemble import DECAYS, WEIGHTINGS
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import dataset_slug
+from hetcomp.runs.tuned import TUNING_ROOT
 from hetcomp.teachers import TEACHERS, TRAJECTORY_FILE
 from hetcomp.train import Callback
 
@@ -37,6 +38,9 @@ DataDirOption = typer.Option(None, "--data-dir",
 CacheDirOption = typer.Option(None, "--cache-dir",
                               help="Folder for cached splits (default: $HETCOMP_CACHE or ./datasets/cache).")
 TeachersDirOption = typer.Option(Path("teachers"), "--teachers-dir", help="Where teacher trajectories live.")
+TuningDirOption = typer.Option(TUNING_ROOT, "--tuning-dir",
+                               help="Where `hetcomp tune` wrote its chosen settings, the runs' defaults (e.g. the "
+                                    "studies of another teacher set).")
 DatasetHelp = "Registered dataset name, or csv / recbole with --path."
 PathOption = typer.Option(None, "--path", help="The file, for the csv and recbole formats.")
 UserColOption = typer.Option("user_id", "--user-col", help="csv: the user column.")
@@ -209,3 +213,15 @@ def _parse_names(text: str, known: Collection[str], kind: str) -> list[str]:
     if unknown or not names:
         raise HetCompError(f"unknown {kind} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     return names
+
+
+def check_tuning_dir(tuning_dir: Path) -> Path | None:
+    """``--tuning-dir`` as the runs read it (None: the default folder); another folder must exist, so that a typo
+    is an error rather than runs silently at the built-in defaults."""
+    if tuning_dir == TUNING_ROOT:
+        return None
+    if not tuning_dir.is_dir():
+        raise HetCompError(f"--tuning-dir {tuning_dir}: no such folder; give the --tuning-dir that `hetcomp tune` "
+                           f"wrote to (it holds <dataset>/<student>-<method>-<dim>.json), or leave it out for "
+                           f"{TUNING_ROOT}")
+    return tuning_dir

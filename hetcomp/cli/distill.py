@@ -18,6 +18,7 @@ from hetcomp.cli.common import (
     SepOption,
     TeachersDirOption,
     TemperatureOption,
+    TuningDirOption,
     UserColOption,
     WeightingOption,
     WeightPowerOption,
@@ -27,6 +28,7 @@ from hetcomp.cli.common import (
     _parse_options,
     _source,
     app,
+    check_tuning_dir,
     console,
     friendly_errors,
     load_split,
@@ -88,6 +90,7 @@ def distill_command(
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
     runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
+    tuning_dir: Path = TuningDirOption,
 ) -> None:
     """Train a small student from the teachers' trajectories with HetComp or a baseline."""
     config_class = method_class(method).config_class
@@ -108,6 +111,7 @@ def distill_command(
     check_option("--batch-users", batch_users, DEFAULT_BATCH_USERS, ge=1)
     check_option("--lr", lr, KD_LR, gt=0)
     check_option("--weight-decay", weight_decay, f"{KD_WEIGHT_DECAY:g}", ge=0)
+    tuned_from = check_tuning_dir(tuning_dir)
     ensemble = _ensemble(decay, temperature, weighting, weight_power, beta)
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
@@ -122,7 +126,7 @@ def distill_command(
                          eval_every=eval_every, patience=patience, callbacks=[bar],
                          source=_source(dataset, path, user_col, item_col, sep),
                          say=lambda text: progress.console.print(text, highlight=False),
-                         model_options=model_options)
+                         model_options=model_options, tuning_dir=tuned_from)
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
                   f"R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} R@50 {test['recall@50']:.4f} "

@@ -15,12 +15,14 @@ from hetcomp.cli.common import (
     ProgressCallback,
     SepOption,
     TeachersDirOption,
+    TuningDirOption,
     UserColOption,
     _grid_inputs,
     _parse_names,
     _parse_seeds,
     _separator,
     app,
+    check_tuning_dir,
     console,
     friendly_errors,
     make_progress,
@@ -55,6 +57,7 @@ def reproduce_command(
     teachers_dir: Path = TeachersDirOption,
     runs_dir: Path = typer.Option(Path("experiments/runs"), help="Where run folders are written."),
     results_dir: Path = typer.Option(Path("experiments/results"), help="Tables go to <results-dir>/<dataset>/."),
+    tuning_dir: Path = TuningDirOption,
     jobs: int = typer.Option(1, help="Table 2: train this many student runs at once, as Ray tasks on a local "
                                      "cluster of this many CPUs, each run with cores/jobs threads (e.g. 2 on a "
                                      "2-core machine; local processes where Ray is not installed); 1 trains "
@@ -85,6 +88,7 @@ def reproduce_command(
         raise HetCompError(f"--durations-from {durations_from}: no such file; give a table2.csv (e.g. "
                            "experiments/results/tuned/citeulike/table2.csv) or leave it out")
     sep = _separator(sep)
+    tuned_from = check_tuning_dir(tuning_dir)
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
@@ -108,7 +112,8 @@ def reproduce_command(
                                   bar, lambda text: progress.console.print(text, highlight=False),
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
                                   ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
-                                  replace_other_teachers=replace_other_teachers, stack_seeds=stack_seeds)
+                                  replace_other_teachers=replace_other_teachers, stack_seeds=stack_seeds,
+                                  tuning_dir=tuned_from)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names
                        if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]

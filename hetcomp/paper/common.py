@@ -90,6 +90,8 @@ class Reproduction:
     replace_other_teachers: bool = False
     #: Table 2 trains the seeds of a run whose method stacks as one stacked model (``hetcomp.stacked``; a GPU)
     stack_seeds: bool = False
+    #: where the settings of ``hetcomp tune`` are read from (None: ``experiments/tuning``)
+    tuning_dir: Path | None = None
 
     @property
     def label(self) -> str:

@@ -22,7 +22,7 @@ def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: st
     options = dict(rep.schedule.options(method), **(options or {}))
     return make_spec(rep.split, trajectories, student, method, dim, seed, options, ensemble,
                      max_epochs=rep.schedule.max_epochs, eval_every=rep.schedule.eval_every,
-                     source=rep.source or {"dataset": rep.dataset})
+                     source=rep.source or {"dataset": rep.dataset}, tuning_dir=rep.tuning_dir)
 
 
 def rerun_command(rep: Reproduction, spec: RunSpec) -> str:

@@ -218,7 +218,8 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
             max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY,
             patience: int = DEFAULT_PATIENCE,
             callbacks: list[Callback] | None = None, train: bool = True, source: dict | None = None,
-            say: Callable[[str], None] | None = None, model_options: dict | None = None) -> dict | None:
+            say: Callable[[str], None] | None = None, model_options: dict | None = None,
+            tuning_dir: Path | None = None) -> dict | None:
     """Train a student with ``method`` (or reuse its finished run); returns its metrics (None: not finished and
     ``train`` is off). The arguments become a :class:`RunSpec`; see :func:`~hetcomp.runs.spec.make_spec`.
 
@@ -233,5 +234,6 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     weight decay, as a teacher): for the MF student that gave valid R@50 0.1307 at lr 1e-3 against 0.1085 at 1e-2.
     """
     spec = make_spec(split, trajectories, student, method, dim, seed, method_options, ensemble, batch_users, lr,
-                     weight_decay, max_epochs, eval_every, patience, source, model_options=model_options)
+                     weight_decay, max_epochs, eval_every, patience, source, model_options=model_options,
+                     tuning_dir=tuning_dir)
     return train_run(spec, split, trajectories, RunStore(runs_root), device, callbacks, train, say)

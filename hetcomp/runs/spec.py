@@ -17,6 +17,7 @@ import math
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -222,12 +223,13 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
               batch_users: int = DEFAULT_BATCH_USERS, lr: float | None = None, weight_decay: float | None = None,
               max_epochs: int = DEFAULT_MAX_EPOCHS, eval_every: int = DEFAULT_EVAL_EVERY,
               patience: int = DEFAULT_PATIENCE, source: dict | None = None, tuned: bool = True,
-              model_options: dict | None = None) -> RunSpec:
+              model_options: dict | None = None, tuning_dir: Path | None = None) -> RunSpec:
     """Resolve every default of one run into its :class:`RunSpec` (unknown method options are an error).
 
     With ``tuned`` (the default), the settings a study chose for this dataset, student, method and dim
-    (:func:`~hetcomp.runs.tuned.tuned_defaults`, a committed ``experiments/tuning`` file) fill the method
-    options, lr and weight decay that the caller did not give; explicit arguments win. Tuned options join the
+    (:func:`~hetcomp.runs.tuned.tuned_defaults`, a committed ``experiments/tuning`` file, or one under
+    ``tuning_dir``) fill the method options, lr and weight decay that the caller did not give; explicit arguments
+    win. Tuned options join the
     spec's ``options``, so its command line spells them out and reruns the same run without the file.
     ``model_options``: settings of the student model (:func:`student_options`), the model's defaults otherwise."""
     cls = method_class(method)
@@ -237,7 +239,7 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
         made_for = {"split_fingerprint": split.fingerprint, "method_version": cls.version}
         if method != "none":  # w/o KD reads no teacher: its settings hold for any
             made_for["teachers_digest"] = teachers_digest(trajectories)
-        chosen = tuned_defaults(split.meta["dataset"], student, method, dim, made_for=made_for)
+        chosen = tuned_defaults(split.meta["dataset"], student, method, dim, tuning_dir, made_for=made_for)
         options = {**{k: v for k, v in chosen.items() if k not in RECIPE}, **options}
         lr = chosen.get("lr") if lr is None else lr
         weight_decay = chosen.get("weight_decay") if weight_decay is None else weight_decay
