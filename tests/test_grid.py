@@ -129,6 +129,10 @@ def test_only_methods_that_stack_at_their_settings_are_grouped(world):
           for losses in ("kl:1.0", "listwise:1.0") for seed in (0, 1)]
     assert [len(unit) for unit in stack_units(kd, stack_seeds=True)] == [1, 1, 2]
     assert [len(unit) for unit in stack_units(kd, stack_seeds=False)] == [1, 1, 1, 1]
+    rrd = [make_spec(split, trajectories, "mf", "rrd", 4, seed) for seed in (0, 1)]
+    both = kd + rrd  # --stack-methods: only the named methods' seeds stack
+    assert [len(unit) for unit in stack_units(both, stack_seeds=frozenset({"rrd"}))] == [1, 1, 1, 1, 2]
+    assert [len(unit) for unit in stack_units(both, stack_seeds=frozenset({"kd", "rrd"}))] == [1, 1, 2, 2]
 
 
 def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp_path):

@@ -81,6 +81,14 @@ def test_reproduce_rejects_a_tuning_dir_that_does_not_exist(tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
+    (["--stack-methods", "rrd"], ["--stack-methods", "add --stack-seeds"]),
+    (["--stack-seeds", "--stack-methods", "rrd,magic"], ["unknown method in --stack-methods magic", "hetcomp"]),
+])
+def test_reproduce_rejects_stack_methods_it_cannot_apply(tmp_path, args, named):
+    fails_cleanly(["reproduce", *folders(tmp_path), "--table", "2", *args], *named)
+
+
+@pytest.mark.parametrize("args,named", [
     (["--dim", "-3"], ["--dim -3"]),
     (["--dim", "0"], ["--dim 0"]),
     (["--top-m", "0"], ["--top-m 0", "≥ 1"]),

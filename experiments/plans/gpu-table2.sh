@@ -20,7 +20,9 @@
 # --stack-seeds`, the seeds of a run whose method stacks trained as one vmapped model in one process,
 # hetcomp/stacked.py. Not the default: with 16 processes under MPS it raised the device's seed-epochs/s by 1.82x
 # for HetComp and 1.53x for RRD but 1.13x for DCD (gpu-table2-citeulike.md, section 0a), whose 5-seed tasks then
-# run ~4.4x one run and could end the table last; the projected table gains ~11 %).
+# run ~4.4x one run and could end the table last; the projected table gains ~11 %), STACK_METHODS (with STACK=1,
+# the methods whose seeds stack: `reproduce --stack-methods`; default none,rrd,hetcomp, the three that gained
+# 1.5-1.8x there; empty: every method that stacks).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -35,6 +37,7 @@ BENCH="${BENCH:-1}"
 MPS="${MPS:-1}"
 JOBS="${JOBS:-16}"
 STACK="${STACK:-0}"
+STACK_METHODS="${STACK_METHODS-none,rrd,hetcomp}"
 DURATIONS="${DURATIONS-experiments/results/tuned/citeulike/table2.csv}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -106,10 +109,11 @@ runs_start=$(elapsed)
 order=()
 [ -f "$DURATIONS" ] && order=(--durations-from "$DURATIONS")
 [ "$STACK" = 1 ] && order+=(--stack-seeds)
+[ "$STACK" = 1 ] && [ -n "$STACK_METHODS" ] && order+=(--stack-methods "$STACK_METHODS")
 "$PYTHON" -m hetcomp reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" \
   --device "$DEVICE" --jobs "$JOBS" "${order[@]}" "${dirs[@]}" --runs-dir "$WORK/runs" \
   --results-dir "$WORK/results" > "$WORK/logs/runs.log" 2>&1 &
-note "started the runs: one reproduce, $JOBS processes taking them from one queue (stacked seeds: $STACK)"
+note "started the runs: one reproduce, $JOBS processes taking them from one queue (stacked seeds: $STACK, methods: ${STACK_METHODS:-all that stack})"
 wait_or_stop $!
 note "student runs: $(( $(elapsed) - runs_start )) s of wall time"
 

@@ -78,6 +78,9 @@ def reproduce_command(
                                      "model, one task per run; for a GPU, where a stack's epoch costs little more "
                                      "than one run's (on a CPU it gains nothing). Each seed keeps its own folder, "
                                      "row and checkpoints."),
+    stack_methods: str = typer.Option(None, "--stack-methods", help="With --stack-seeds: stack only these "
+                                      "methods' seeds (comma-separated, e.g. hetcomp,rrd,none, which gained most "
+                                      "on an H200; default: every method that stacks)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
@@ -89,6 +92,11 @@ def reproduce_command(
                            "experiments/results/tuned/citeulike/table2.csv) or leave it out")
     sep = _separator(sep)
     tuned_from = check_tuning_dir(tuning_dir)
+    stacked: bool | frozenset[str] = stack_seeds
+    if stack_methods is not None:
+        if not stack_seeds:
+            raise HetCompError("--stack-methods chooses among the runs --stack-seeds stacks: add --stack-seeds")
+        stacked = frozenset(_parse_names(stack_methods, list(METHODS), "method in --stack-methods"))
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
@@ -112,7 +120,7 @@ def reproduce_command(
                                   bar, lambda text: progress.console.print(text, highlight=False),
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
                                   ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
-                                  replace_other_teachers=replace_other_teachers, stack_seeds=stack_seeds,
+                                  replace_other_teachers=replace_other_teachers, stack_seeds=stacked,
                                   tuning_dir=tuned_from)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names

@@ -330,7 +330,6 @@ class DCD(DistillMethod):
         """Its RRD part without DE-RRD's sampling reads the scores of every item, so seeds stack on them."""
         return not config.sample
 
-
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)
 

@@ -145,7 +145,6 @@ class KD(DistillMethod):
         """With ``listwise`` the loss reads the scores of every item, so seeds stack on them."""
         return "listwise" in parse_losses(config.losses)
 
-
     @property
     def own_draws_last(self) -> bool:
         """The own loss (``own_weight``) is the step's last draw, after the candidates'."""

@@ -118,7 +118,6 @@ class RRD(DistillMethod):
         """Without DE-RRD's sampling the term reads the scores of every item, so seeds stack on them."""
         return not config.sample
 
-
     @property
     def own_draws_last(self) -> bool:
         """Without DE-RRD's sampling the own loss's are the loss's only draws."""

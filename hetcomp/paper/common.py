@@ -88,8 +88,9 @@ class Reproduction:
     durations_from: Path | None = None
     #: Table 2 may replace ledger rows that other teachers made (else that is an error naming the fix)
     replace_other_teachers: bool = False
-    #: Table 2 trains the seeds of a run whose method stacks as one stacked model (``hetcomp.stacked``; a GPU)
-    stack_seeds: bool = False
+    #: Table 2 trains the seeds of a run whose method stacks as one stacked model (``hetcomp.stacked``; a GPU):
+    #: True for every method that stacks, or the names of the methods to stack
+    stack_seeds: bool | frozenset[str] = False
     #: where the settings of ``hetcomp tune`` are read from (None: ``experiments/tuning``)
     tuning_dir: Path | None = None
 

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import queue
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +82,15 @@ def execute_specs(specs: tuple[RunSpec, ...], inputs: Inputs, store_root: str, t
     return train_stack(specs, split, trajectories, RunStore(store_root), inputs.device)
 
 
-def stack_units(specs: Sequence[RunSpec], stack_seeds: bool) -> list[tuple[RunSpec, ...]]:
+def stack_units(specs: Sequence[RunSpec], stack_seeds: bool | Collection[str]) -> list[tuple[RunSpec, ...]]:
     """The grid's tasks: one per run, or with ``stack_seeds`` one per run specification whose method stacks
     (:meth:`~hetcomp.distill.base.DistillMethod.stacks_seeds`) holding its seeds, placed where its first seed
-    was (the queue's order is kept)."""
+    was (the queue's order is kept). ``stack_seeds`` True: every method that stacks; a collection of method
+    names: those of them (a GPU gains from stacking some methods more than others)."""
     units: dict[object, list[RunSpec]] = {}
     for index, spec in enumerate(specs):
-        stacks = stack_seeds and spec.stacks_seeds
+        chosen = stack_seeds is True or (not isinstance(stack_seeds, bool) and spec.method in stack_seeds)
+        stacks = chosen and spec.stacks_seeds
         units.setdefault(dataclasses.replace(spec, seed=0) if stacks else index, []).append(spec)
     return [tuple(unit) for unit in units.values()]
 
@@ -97,7 +99,7 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
              cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
              on_result: Callable[[RunSpec, dict], None] | None = None,
              say: Callable[[str], None] = print, backend: str | None = None,
-             stack_seeds: bool = False) -> GridReport:
+             stack_seeds: bool | Collection[str] = False) -> GridReport:
     """Run every spec as a Ray task (finished ones are reused by the task itself) and report as they finish.
 
     ``jobs``: CPUs of the local cluster started when ``address`` is None (each run gets ``cpus_per_run`` of them
@@ -105,8 +107,8 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     ``backend``: ``ray``, or ``processes`` (``jobs`` spawned processes of this machine taking the runs one after
     another: no retry of a process that dies); by default Ray, and the processes where Ray is not installed
     (e.g. a bare GPU machine) and no ``address`` asks for a cluster. ``stack_seeds``: the seeds of a run whose
-    method stacks train as one stacked model in one task (:func:`stack_units`; for a GPU, where a stack's epoch
-    costs little more than one run's)."""
+    method stacks (or, a collection of names, of those methods) train as one stacked model in one task
+    (:func:`stack_units`; for a GPU, where a stack's epoch costs little more than one run's)."""
     report = GridReport()
     if not specs:
         return report

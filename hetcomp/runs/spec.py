@@ -229,8 +229,8 @@ def make_spec(split: Split, trajectories: Sequence, student: str = "mf", method:
     With ``tuned`` (the default), the settings a study chose for this dataset, student, method and dim
     (:func:`~hetcomp.runs.tuned.tuned_defaults`, a committed ``experiments/tuning`` file, or one under
     ``tuning_dir``) fill the method options, lr and weight decay that the caller did not give; explicit arguments
-    win. Tuned options join the
-    spec's ``options``, so its command line spells them out and reruns the same run without the file.
+    win. Tuned options join the spec's ``options``, so its command line spells them out and reruns the same run
+    without the file.
     ``model_options``: settings of the student model (:func:`student_options`), the model's defaults otherwise."""
     cls = method_class(method)
     trajectories = trajectories if cls.reads_teachers else ()  # w/o KD's identity names no teachers
