@@ -2,8 +2,9 @@
 
 N processes (under CUDA MPS with ``--mps``) each train the same student run, either as one ordinary run
 (``--replicas 1``: the project's Trainer) or as R seeds stacked (:class:`hetcomp.stacked.StackedTrainer`), their
-timed epochs started together after one warm-up epoch; reported as seed-epochs per second of all processes
-together, the figure that divides the table's epochs. Needs the dataset and its trained teachers.
+timed epochs started together (a barrier, once every process has loaded and trained one warm-up epoch);
+reported as seed-epochs per second of all processes together, the figure that divides the table's epochs. Needs
+the dataset and its trained teachers.
 Writes ``$OUT/stacked-share.md`` as it goes.
 
 Usage: OUT=<folder> python experiments/plans/stacked_share.py --dataset citeulike --teachers-dir <folder>
@@ -20,6 +21,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from queue import Empty
@@ -34,7 +36,7 @@ from hetcomp.stacked import StackedTrainer, seed_trainers
 from hetcomp.teachers import load_teachers
 
 
-def worker(args: argparse.Namespace, method: str, replicas: int, start_at: float, queue) -> None:
+def worker(args: argparse.Namespace, method: str, replicas: int, ready, queue) -> None:
     torch.set_num_threads(1)
     device = resolve_device(args.device)
     split = load_dataset(args.dataset)
@@ -50,8 +52,10 @@ def worker(args: argparse.Namespace, method: str, replicas: int, start_at: float
     epoch()  # warm-up: allocations, kernels' first launch
     if device.type == "cuda":
         torch.cuda.synchronize()
-    while time.time() < start_at:
-        time.sleep(0.01)
+    try:
+        ready.wait(timeout=180)  # every process loaded, built and warmed up: the timed epochs start together
+    except threading.BrokenBarrierError:
+        return  # another process died: this row reports the missing ones
     started = time.perf_counter()
     for _ in range(args.epochs):
         epoch()
@@ -93,6 +97,7 @@ def main() -> None:
 
     began = time.perf_counter()
     out = Path(os.environ.get("OUT", ".")) / "stacked-share.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with multi_process_service(args.mps) as sharing:
         lines = [f"# Stacked seeds of real methods in {args.share} processes sharing {args.device} ({sharing})", "",
                  f"machine: {machine()}, {os.cpu_count()} CPUs; {args.dataset}, {args.student} dim 6, "
@@ -108,16 +113,17 @@ def main() -> None:
                     lines.append(f"| {method} | {replicas} | skipped: past the {args.deadline:.0f} s deadline | |")
                     continue
                 queue = context.Queue()
-                start_at = time.time() + 30 + 1.0 * args.share  # every process loads, builds and warms up first
-                processes = [context.Process(target=worker, args=(args, method, replicas, start_at, queue))
+                ready = context.Barrier(args.share)
+                processes = [context.Process(target=worker, args=(args, method, replicas, ready, queue))
                              for _ in range(args.share)]
                 for process in processes:
                     process.start()
                 seconds = []
                 for _ in processes:  # a process that dies reports nothing: the row says so instead of hanging
                     try:
-                        seconds.append(queue.get(timeout=120 + 60 * args.epochs))
+                        seconds.append(queue.get(timeout=180 + 60 * args.epochs))
                     except Empty:
+                        ready.abort()  # frees the processes still waiting for the one that died
                         break
                 for process in processes:
                     process.join(10)
