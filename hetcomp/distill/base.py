@@ -165,6 +165,20 @@ class DistillContext:
         return torch.repeat_interleave(users_cpu, length), positives, length
 
 
+def scores_once(model: Recommender, users: torch.Tensor, scores: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """The users' scores of every item (``scores``, or the student's when None), computed at the first call and
+    then reused: a loss given as steps scores where its ordinary order first needs them (after its first draws),
+    and what else reads them gets the same tensor."""
+    computed: list[torch.Tensor] = []
+
+    def scored() -> torch.Tensor:
+        if not computed:
+            computed.append(model.score(users) if scores is None else scores)
+        return computed[0]
+
+    return scored
+
+
 def own_batch(model: Recommender, triples: Batch) -> Batch:
     """A batch of training triples in the form the student's own loss reads (its ``batch_kind``): triples and
     user batches as they are (a user model reads ``users``), an item model (the item autoencoder) the distinct

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from hetcomp.config import knob, validate
-from hetcomp.distill.base import DistillContext, DistillMethod
+from hetcomp.distill.base import DistillContext, DistillMethod, scores_once
 from hetcomp.distill.losses import relaxed_ranking_loss
 from hetcomp.distill.rrd import RRD, RRDConfig
 from hetcomp.distill.tools import (
@@ -335,15 +335,8 @@ class DCD(DistillMethod):
 
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
-        users = batch["users"]
-        computed: list[torch.Tensor] = []
-
-        def scored() -> torch.Tensor:  # the users' scores, computed once, where the ordinary order first needs them
-            if not computed:
-                computed.append(model.score(users) if scores is None else scores)
-            return computed[0]
-
-        return self.drive_steps(self._loss_steps(batch, model, scored), scored, users)
+        scored = scores_once(model, batch["users"], scores)
+        return self.drive_steps(self._loss_steps(batch, model, scored), scored, batch["users"])
 
     def tail_steps(self, batch: Batch, model: Recommender):
         """Without DE-RRD's sampling: the own loss (its draws first), the RRD term's one tail request, then the

@@ -31,7 +31,7 @@ import torch
 
 from hetcomp.config import knob, validate
 from hetcomp.distill import losses
-from hetcomp.distill.base import DistillContext, DistillMethod
+from hetcomp.distill.base import DistillContext, DistillMethod, scores_once
 from hetcomp.distill.tools import sample_unobserved
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
@@ -157,15 +157,9 @@ class KD(DistillMethod):
         """The loss; ``scores`` None: the student scores every item (for ``listwise``) after the candidates' draw,
         or only the candidates."""
         users = batch["users"]
-        if "listwise" not in self.weights:
+        if "listwise" not in self.weights:  # the candidates' scores alone: from ``scores`` where given
             return self.drive_steps(self._loss_steps(batch, model, lambda: scores), scores, users)
-        computed: list[torch.Tensor] = []
-
-        def scored() -> torch.Tensor:  # computed once, after the candidates' draw
-            if not computed:
-                computed.append(model.score(users) if scores is None else scores)
-            return computed[0]
-
+        scored = scores_once(model, users, scores)  # after the candidates' draw
         return self.drive_steps(self._loss_steps(batch, model, scored), scored, users)
 
     def tail_steps(self, batch: Batch, model: Recommender):
