@@ -117,10 +117,10 @@ class HetComp(DistillMethod):
         users = batch["users"]
         if scores is None:  # raw: the losses clamp to [−clamp, clamp] inside, without a clamped copy
             scores = model.score(users)
-        steps = self.tail_steps(batch, model)
+        fine = self.fine_phase_users[users]
+        steps = self._one_phase_steps(users, fine)
         if steps is not None:
             return self.drive_steps(steps, scores, users)
-        fine = self.fine_phase_users[users]
         rows = ~fine
         overall = self.drive_steps(self._overall_steps(users[rows]), scores[rows], users[rows])
         return (self.config.overall_weight * overall * rows.float().mean()
@@ -130,11 +130,14 @@ class HetComp(DistillMethod):
     def tail_steps(self, batch: Batch, model: Recommender):
         """The loss as steps (see :meth:`~hetcomp.train.Objective.tail_steps`) where the batch's users are all in
         one phase (the global switch, the default: no row copies); None where the per-user switch mixes them."""
-        fine = self.fine_phase_users[batch["users"]]
+        return self._one_phase_steps(batch["users"], self.fine_phase_users[batch["users"]])
+
+    def _one_phase_steps(self, users: torch.Tensor, fine: torch.Tensor):
+        """The users' loss as steps when ``fine`` (their phases) is all L_F or all L_O, else None."""
         if bool(fine.all()):
-            return _weighted(self.config.fine_weight, self._fine_steps(batch["users"]))
+            return _weighted(self.config.fine_weight, self._fine_steps(users))
         if not bool(fine.any()):
-            return _weighted(self.config.overall_weight, self._overall_steps(batch["users"]))
+            return _weighted(self.config.overall_weight, self._overall_steps(users))
         return None
 
     def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
