@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -32,8 +31,10 @@ def stamp(command: str, seed: int) -> list[str]:
             f"- machine: {machine()}", f"- written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
 
 
-#: the row of a teacher on a teachers page (:func:`teachers_report`): its name, thread count and digest
-_TEACHER_ROW = re.compile(r"^\| ([\w.-]+) \|.*\| ([\d-]+) \| ([0-9a-f]{12}) \|\s*$")
+#: the columns of a teachers page's table of converged teachers (:func:`teachers_report` writes them,
+#: :func:`committed_teacher_digests` finds the teacher, threads and digest cells by these names)
+TEACHER_COLUMNS = ("teacher", "params", "state epochs E1–E4", "train s", "eval s", "test R@10", "N@10", "R@50",
+                   "N@50", "test R@50 at E1 / E2 / E3 / E4", "threads", "digest")
 
 
 def committed_teacher_digests(dataset: str, results_dir: Path = Path("experiments/results")
@@ -43,8 +44,19 @@ def committed_teacher_digests(dataset: str, results_dir: Path = Path("experiment
     page = Path(results_dir) / f"teachers-{dataset_slug(dataset)}.md"
     if not page.is_file():
         return page, {}
-    rows = (_TEACHER_ROW.match(line) for line in page.read_text(errors="replace").splitlines())
-    return page, {row[1]: (row[3], row[2]) for row in rows if row}
+    found: dict[str, tuple[str, str]] = {}
+    columns: list[str] | None = None  # the header of the table being read, where it names what is needed
+    for line in page.read_text(errors="replace").splitlines():
+        if not line.startswith("|"):
+            columns = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if {"teacher", "threads", "digest"} <= set(cells):
+            columns = cells
+        elif columns and len(cells) == len(columns) and set(cells[0]) - set("-: "):
+            row = dict(zip(columns, cells, strict=True))
+            found[row["teacher"]] = (row["digest"], row["threads"])
+    return page, found
 
 
 def teachers_report(split: Split, trajectories: list, command: str, train_command: str = "") -> str:
@@ -54,9 +66,7 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
     if train_command:
         lines.append(f"- teachers trained by: `{train_command}`")
     lines += ["", "## Converged teachers (E4) and their trajectories", "",
-              "| teacher | params | state epochs E1–E4 | train s | eval s | test R@10 | N@10 | R@50 | N@50 | "
-              "test R@50 at E1 / E2 / E3 / E4 | threads | digest |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| " + " | ".join(TEACHER_COLUMNS) + " |", "|" + "---|" * len(TEACHER_COLUMNS)]
     state_metrics = {}
     for trajectory in trajectories:
         metrics = [trajectory_state_metrics(split, trajectory, s) for s in range(trajectory.n_states)]

@@ -50,6 +50,10 @@ def test_every_command_reads_a_csv_file(tmp_path):
     import numpy as np
 
     from hetcomp.data import load_dataset
+    from hetcomp.experiments import committed_teacher_digests
+    from hetcomp.provenance import dataset_slug
+    from hetcomp.runs.spec import trajectory_digest
+    from hetcomp.teachers import load_teachers
     from hetcomp.trajectory import required_top_m
 
     rng = np.random.default_rng(0)
@@ -91,6 +95,11 @@ def test_every_command_reads_a_csv_file(tmp_path):
     text = (tmp_path / "teachers.md").read_text()
     assert text.count("Measured by hand: a rerun gave the same digests.") == 1
     assert "written by hand in `teachers-notes.md`, kept when this page is regenerated" in text
+    label = split.meta["dataset"]  # the page, read back as train-teachers reads the committed one
+    (tmp_path / f"teachers-{dataset_slug(label)}.md").write_text(text)
+    mf = load_teachers(split, tmp_path / "teachers", ["mf"])[0]
+    assert committed_teacher_digests(label, tmp_path)[1] == {"mf": (trajectory_digest(mf)[:12],
+                                                                    str(mf.meta.get("threads", "-")))}
     page = tmp_path / "page.md"
     summarized = runner.invoke(app, ["summarize", *source, *runs, "--write", str(page)])
     assert summarized.exit_code == 0 and page.is_file(), summarized.output
