@@ -1,11 +1,13 @@
-"""Several studies at once: each (student, method) study of ``hetcomp tune`` is one Ray task.
+"""Several studies at once: each (student, method) study of ``hetcomp tune`` is one Ray task (or one local
+process where Ray is not installed, e.g. on a bare GPU machine).
 
 The whole tuning plan of a table (every method for every student, the same budget each) is one command: on a
 local cluster of ``jobs`` CPUs by default, or on an existing Ray cluster (``address``) whose workers see the same
-data, teachers, tuning and runs folders. Each task runs :func:`~hetcomp.tune.tune` with the default storage (the
-SQLite file and the trials record beside the summary), so a rerun resumes every study where it stopped, and a
-task whose worker dies is retried: its running trial is recovered like any killed process's. A study whose
-first trials read other studies' choices (:func:`prerequisites`: w/o KD's recipe, DCD's RRD, an ML or DNN
+data, teachers, tuning and runs folders; without Ray, on ``jobs`` spawned processes of this machine. Each task
+runs :func:`~hetcomp.tune.tune` with the default storage (the SQLite file and the trials record beside the
+summary), so a rerun resumes every study where it stopped, and a Ray task whose worker dies is retried (a local
+process that dies fails its study, named): its running trial is recovered like any killed process's. A study
+whose first trials read other studies' choices (:func:`prerequisites`: w/o KD's recipe, DCD's RRD, an ML or DNN
 study's MF one) starts once those have ended, so a plan gives the studies of running them one by one in that
 order. Only the driver reports: a study's summary as it finishes, and the finished trials of all studies while
 they run (read from their trials records).
@@ -14,11 +16,22 @@ they run (read from their trials records).
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetcomp.runs.grid import RETRIES, Inputs, collect, ray_cluster, task_threads
+from hetcomp.errors import HetCompError
+from hetcomp.runs.grid import (
+    RETRIES,
+    Inputs,
+    _ray_importable,
+    collect,
+    ray_cluster,
+    sigterm_interrupts,
+    task_threads,
+)
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
 from hetcomp.runs.tuned import summary_path
 
@@ -101,12 +114,27 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
                 jobs: int = 1, address: str | None = None, cpus_per_study: float = 1.0,
                 gpus_per_study: float = 0.0, threads: int | None = None, source: dict | None = None,
                 on_done: Callable[[StudyPlan, dict | None, str | None], None] | None = None,
-                on_progress: Callable[[dict[str, int]], None] | None = None, poll: float = 30.0) -> dict[str, dict]:
+                on_progress: Callable[[dict[str, int]], None] | None = None, poll: float = 30.0,
+                backend: str | None = None) -> dict[str, dict]:
     """Every study of ``plans`` as a Ray task, each once its :func:`prerequisites` have ended (a failed one
     too) and, on the local cluster, a worker is free (see :func:`next_studies`); ``on_done(plan, summary,
     None)`` or ``(plan, None, message)`` as each ends, ``on_progress({label: finished trials})`` every ``poll``
     seconds. ``threads``: torch threads of each study (default: the local
-    cores shared by ``jobs``, or ``cpus_per_study`` on a cluster). Returns the summaries by :attr:`StudyPlan.label`."""
+    cores shared by ``jobs``, or ``cpus_per_study`` on a cluster). ``backend``: ``ray``, or ``processes`` (each
+    study a spawned process of this machine, ``jobs`` at a time); by default Ray, and the processes where Ray is
+    not installed and no ``address`` asks for a cluster. Returns the summaries by :attr:`StudyPlan.label`."""
+    has_ray = _ray_importable()
+    backend = backend or ("ray" if address is not None or has_ray else "processes")
+    if backend not in ("ray", "processes"):
+        raise HetCompError(f"unknown plan backend {backend!r}; use ray or processes")
+    if backend == "ray" and not has_ray:
+        raise HetCompError("Ray cannot be imported here, and the plan asks for it (--ray-address sends studies to "
+                           "a Ray cluster): install it (`pip install ray`), or leave --ray-address out to tune on "
+                           "local processes")
+    if backend == "processes":
+        return _run_in_processes(plans, inputs, dataset, runs_dir, root, jobs,
+                                 threads or task_threads(jobs, None, cpus_per_study), source, on_done, on_progress,
+                                 poll)
     import ray
 
     summaries: dict[str, dict] = {}
@@ -138,3 +166,66 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
         submit_ready()
         collect(pending, finished, poll, waiting)
     return summaries
+
+
+def _run_in_processes(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_dir: Path, root: Path,
+                      jobs: int, threads: int, source: dict | None,
+                      on_done: Callable[[StudyPlan, dict | None, str | None], None] | None,
+                      on_progress: Callable[[dict[str, int]], None] | None, poll: float) -> dict[str, dict]:
+    """:func:`run_studies` on spawned processes of this machine: one per study, at most ``jobs`` at once, each
+    started once its prerequisites have ended. A process that dies fails its study (named; a rerun resumes it
+    from its trials record); every process is stopped when this returns or raises (Ctrl-C, SIGTERM)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    summaries: dict[str, dict] = {}
+    ended: set[str] = set()
+    waiting = list(plans)
+    running: dict[str, tuple[StudyPlan, multiprocessing.process.BaseProcess]] = {}
+
+    def start_ready() -> None:
+        for plan in next_studies(waiting, plans, ended, jobs - len(running)):
+            waiting.remove(plan)
+            process = context.Process(target=_study_process, daemon=True, args=(
+                plan, inputs, str(runs_dir), str(root), threads, source, results))
+            process.start()
+            running[plan.label] = (plan, process)
+
+    def end(label: str, summary: dict | None, message: str | None) -> None:
+        plan, process = running.pop(label)
+        process.join(10)
+        ended.add(label)
+        if summary is not None:
+            summaries[label] = summary
+        if on_done is not None:
+            on_done(plan, summary, message)
+
+    with sigterm_interrupts():
+        try:
+            start_ready()
+            while running:
+                try:
+                    end(*results.get(timeout=poll))
+                except queue.Empty:
+                    if on_progress is not None:
+                        on_progress({plan.label: finished_trials(dataset, plan, root) for plan in plans})
+                    for label, (_, process) in list(running.items()):
+                        if process.exitcode not in (0, None):  # exit 0: its result is in the queue already
+                            end(label, None, f"its process died (exit code {process.exitcode}); rerun the "
+                                             "command to resume the study from its trials record")
+                start_ready()
+        finally:
+            for _, process in running.values():
+                if process.is_alive():
+                    process.terminate()
+                process.join(10)
+    return summaries
+
+
+def _study_process(plan: StudyPlan, inputs: Inputs, runs_dir: str, root: str, threads: int, source: dict | None,
+                   results) -> None:
+    """A process of :func:`_run_in_processes`: one study; its summary, or its error's last line, to ``results``."""
+    try:
+        results.put((plan.label, run_study(plan, inputs, runs_dir, root, threads, source), None))
+    except Exception as error:  # the study's own error: reported by name, the others go on
+        text = str(error).strip()
+        results.put((plan.label, None, text.splitlines()[-1] if text else repr(error)))

@@ -209,7 +209,9 @@ def test_a_failed_run_is_reported_by_name_while_the_others_finish(world, tmp_pat
                                                                                                      True)]
 
 
-def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world, tmp_path):
+@pytest.mark.parametrize("backend", ["ray", "processes"])
+def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world, tmp_path, backend):
+    """Ray tasks, or local processes where Ray is not installed (a bare GPU machine): the same studies."""
     from hetcomp.tune import tune
     from hetcomp.tune_plan import StudyPlan, run_studies
 
@@ -219,7 +221,7 @@ def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world,
     ended, counts = [], []
     summaries = run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning", jobs=2,
                             on_done=lambda plan, summary, message: ended.append((plan.label, message)),
-                            on_progress=counts.append, poll=0.5)
+                            on_progress=counts.append, poll=0.5, backend=backend)
     assert sorted(ended) == [("mf-none-4", None), ("mf-rrd-4", None)]
     assert all(set(count) == {"mf-none-4", "mf-rrd-4"} and all(0 <= n <= 2 for n in count.values())
                for count in counts)
@@ -228,6 +230,44 @@ def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world,
                      root=tmp_path / "serial-tuning", max_epochs=4, eval_every=2, patience=2)
         assert [(t["params"], t["value"]) for t in summaries[plan.label]["history"]] == [
             (t["params"], t["value"]) for t in alone["history"]]
+
+
+def test_without_ray_a_plan_runs_on_processes_and_a_killed_study_fails_by_name(world, tmp_path, monkeypatch):
+    """Where Ray is not installed, each study is a local process; one that dies fails its study, named, and the
+    plan's other studies end as usual (a rerun resumes the killed one from its trials record)."""
+    from hetcomp import tune_plan
+    from hetcomp.tune_plan import StudyPlan, run_studies
+
+    monkeypatch.setattr(tune_plan, "_ray_importable", lambda: False)
+    _, inputs, split, _ = world
+    plans = [StudyPlan("mf", "none", 4, 1, (), max_epochs=4, eval_every=2, patience=2),
+             StudyPlan("mf", "rrd", 4, 1, ("mf", "ae"), max_epochs=60, eval_every=2, patience=60)]
+    killed: list[int] = []
+
+    def kill_rrd() -> None:  # the RRD trial's process, once its run has checkpointed
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for last in (tmp_path / "runs").rglob("last.pt"):
+                lock = last.parent / ".lock"
+                if "rrd" in last.parent.name and lock.is_file() and lock.read_text().strip():
+                    os.kill(int(lock.read_text()), signal.SIGKILL)
+                    killed.append(1)
+                    break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_rrd)
+    killer.start()
+    ended = []
+    summaries = run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning", jobs=2,
+                            on_done=lambda plan, summary, message: ended.append((plan.label, message)), poll=0.2)
+    killer.join()
+    assert killed and list(summaries) == ["mf-none-4"]
+    assert [(label, message is not None and "its process died" in message) for label, message in ended] == [
+        ("mf-none-4", False), ("mf-rrd-4", True)]
+    with pytest.raises(HetCompError, match="unknown plan backend"):
+        run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning", backend="threads")
+    with pytest.raises(HetCompError, match="pip install ray"):
+        run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning", address="auto")
 
 
 def test_a_study_waits_for_the_studies_whose_choices_its_first_trials_read():

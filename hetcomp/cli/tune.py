@@ -75,8 +75,9 @@ def tune_command(
     runs_dir: Path = typer.Option(Path("experiments/tuning-runs"), help="Where the trials' run folders go."),
     tuning_dir: Path = typer.Option(TUNING_ROOT, help="Where the summary (the chosen settings) is written."),
     jobs: int = typer.Option(1, help="Run this many studies at once, as Ray tasks on a local cluster of this many "
-                                     "CPUs (each with cores/jobs threads)."),
-    threads: int = typer.Option(None, help="Torch threads of each study run as a Ray task (default: the machine's "
+                                     "CPUs (each with cores/jobs threads; local processes where Ray is not "
+                                     "installed)."),
+    threads: int = typer.Option(None, help="Torch threads of each study run as a task (default: the machine's "
                                            "cores / --jobs); lower it when other work shares the machine."),
     ray_address: str = typer.Option(None, "--ray-address", help="Send the studies to an existing Ray cluster "
                                     "(auto, ray://HOST:PORT); every node must see the data, --teachers-dir, "
@@ -150,7 +151,8 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
                max_epochs: int, seed: int, split_seed: int, device: str, path: Path | None, user_col: str,
                item_col: str, sep: str, data_dir: Path | None, cache_dir: Path | None, teachers_dir: Path,
                runs_dir: Path, tuning_dir: Path, jobs: int, ray_address: str | None, threads: int | None) -> None:
-    """Every (student, method) study as a Ray task (:mod:`hetcomp.tune_plan`); each resumes where it stopped."""
+    """Every (student, method) study as a Ray task or a local process (:mod:`hetcomp.tune_plan`); each resumes
+    where it stopped."""
     from hetcomp.tune import search_space
     from hetcomp.tune_plan import StudyPlan, run_studies
 
