@@ -26,9 +26,9 @@ from hetcomp.errors import HetCompError
 from hetcomp.runs.grid import (
     RETRIES,
     Inputs,
-    _ray_importable,
     collect,
     ray_cluster,
+    ray_importable,
     sigterm_interrupts,
     task_threads,
 )
@@ -123,7 +123,7 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
     cores shared by ``jobs``, or ``cpus_per_study`` on a cluster). ``backend``: ``ray``, or ``processes`` (each
     study a spawned process of this machine, ``jobs`` at a time); by default Ray, and the processes where Ray is
     not installed and no ``address`` asks for a cluster. Returns the summaries by :attr:`StudyPlan.label`."""
-    has_ray = _ray_importable()
+    has_ray = ray_importable()
     backend = backend or ("ray" if address is not None or has_ray else "processes")
     if backend not in ("ray", "processes"):
         raise HetCompError(f"unknown plan backend {backend!r}; use ray or processes")
@@ -191,6 +191,8 @@ def _run_in_processes(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, 
             running[plan.label] = (plan, process)
 
     def end(label: str, summary: dict | None, message: str | None) -> None:
+        if label not in running:  # its result came after it was counted dead (killed just after sending it)
+            return
         plan, process = running.pop(label)
         process.join(10)
         ended.add(label)

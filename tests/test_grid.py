@@ -154,7 +154,7 @@ def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp
 def test_without_ray_a_grid_runs_on_local_processes_and_says_so(world, tmp_path, monkeypatch):
     from hetcomp.runs import grid
 
-    monkeypatch.setattr(grid, "_ray_importable", lambda: False)
+    monkeypatch.setattr(grid, "ray_importable", lambda: False)
     said = []
     specs = _specs(world, seeds=(0,))[:1]
     report = run_grid(specs, world[1], RunStore(tmp_path), jobs=2, say=said.append)
@@ -238,7 +238,7 @@ def test_without_ray_a_plan_runs_on_processes_and_a_killed_study_fails_by_name(w
     from hetcomp import tune_plan
     from hetcomp.tune_plan import StudyPlan, run_studies
 
-    monkeypatch.setattr(tune_plan, "_ray_importable", lambda: False)
+    monkeypatch.setattr(tune_plan, "ray_importable", lambda: False)
     _, inputs, split, _ = world
     plans = [StudyPlan("mf", "none", 4, 1, (), max_epochs=4, eval_every=2, patience=2),
              StudyPlan("mf", "rrd", 4, 1, ("mf", "ae"), max_epochs=60, eval_every=2, patience=60)]

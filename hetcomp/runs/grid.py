@@ -112,7 +112,7 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     report = GridReport()
     if not specs:
         return report
-    has_ray = _ray_importable()
+    has_ray = ray_importable()
     if backend is None:
         backend = "ray" if address is not None or has_ray else "processes"
         if backend == "processes":
@@ -286,7 +286,8 @@ def collect(pending: dict, finished: Callable[[object, object, str | None], None
             ray.cancel(ref, force=True)
 
 
-def _ray_importable() -> bool:
+def ray_importable() -> bool:
+    """Whether Ray is installed here (else grids and tuning plans run on local processes)."""
     try:
         import ray  # noqa: F401
     except ImportError:
