@@ -22,13 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetcomp.errors import HetCompError
 from hetcomp.runs.grid import (
     RETRIES,
     Inputs,
+    choose_backend,
     collect,
     ray_cluster,
-    ray_importable,
     sigterm_interrupts,
     task_threads,
 )
@@ -123,15 +122,7 @@ def run_studies(plans: Sequence[StudyPlan], inputs: Inputs, dataset: str, runs_d
     cores shared by ``jobs``, or ``cpus_per_study`` on a cluster). ``backend``: ``ray``, or ``processes`` (each
     study a spawned process of this machine, ``jobs`` at a time); by default Ray, and the processes where Ray is
     not installed and no ``address`` asks for a cluster. Returns the summaries by :attr:`StudyPlan.label`."""
-    has_ray = ray_importable()
-    backend = backend or ("ray" if address is not None or has_ray else "processes")
-    if backend not in ("ray", "processes"):
-        raise HetCompError(f"unknown plan backend {backend!r}; use ray or processes")
-    if backend == "ray" and not has_ray:
-        raise HetCompError("Ray cannot be imported here, and the plan asks for it (--ray-address sends studies to "
-                           "a Ray cluster): install it (`pip install ray`), or leave --ray-address out to tune on "
-                           "local processes")
-    if backend == "processes":
+    if choose_backend(backend, address, "plan", "studies", "tune") == "processes":
         return _run_in_processes(plans, inputs, dataset, runs_dir, root, jobs,
                                  threads or task_threads(jobs, None, cpus_per_study), source, on_done, on_progress,
                                  poll)

@@ -235,10 +235,10 @@ def test_a_plan_of_studies_on_two_workers_gives_the_studies_of_one_by_one(world,
 def test_without_ray_a_plan_runs_on_processes_and_a_killed_study_fails_by_name(world, tmp_path, monkeypatch):
     """Where Ray is not installed, each study is a local process; one that dies fails its study, named, and the
     plan's other studies end as usual (a rerun resumes the killed one from its trials record)."""
-    from hetcomp import tune_plan
+    from hetcomp.runs import grid
     from hetcomp.tune_plan import StudyPlan, run_studies
 
-    monkeypatch.setattr(tune_plan, "ray_importable", lambda: False)
+    monkeypatch.setattr(grid, "ray_importable", lambda: False)
     _, inputs, split, _ = world
     plans = [StudyPlan("mf", "none", 4, 1, (), max_epochs=4, eval_every=2, patience=2),
              StudyPlan("mf", "rrd", 4, 1, ("mf", "ae"), max_epochs=60, eval_every=2, patience=60)]

@@ -112,17 +112,9 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     report = GridReport()
     if not specs:
         return report
-    has_ray = ray_importable()
-    if backend is None:
-        backend = "ray" if address is not None or has_ray else "processes"
-        if backend == "processes":
-            say(f"Ray is not installed here: {len(specs)} run(s) on {jobs} local processes")
-    if backend not in ("ray", "processes"):
-        raise HetCompError(f"unknown grid backend {backend!r}; use ray or processes")
-    if backend == "ray" and not has_ray:
-        raise HetCompError("Ray cannot be imported here, and the grid asks for it (--ray-address sends runs to a "
-                           "Ray cluster): install it (`pip install ray`), or leave --ray-address out to train on "
-                           "local processes")
+    asked, backend = backend, choose_backend(backend, address, "grid", "runs", "train")
+    if asked is None and backend == "processes":
+        say(f"Ray is not installed here: {len(specs)} run(s) on {jobs} local processes")
 
     def finished(unit: tuple[RunSpec, ...], results: list[dict] | None, message: str | None) -> None:
         for position, spec in enumerate(unit):
@@ -284,6 +276,21 @@ def collect(pending: dict, finished: Callable[[object, object, str | None], None
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
+
+
+def choose_backend(backend: str | None, address: str | None, kind: str, items: str, doing: str) -> str:
+    """``ray`` or ``processes``: ``backend`` where given, else Ray where it is installed or ``address`` names a
+    cluster, else this machine's processes. ``kind``, ``items`` and ``doing`` word the errors (e.g. "grid",
+    "runs", "train")."""
+    has_ray = ray_importable()
+    chosen = backend or ("ray" if address is not None or has_ray else "processes")
+    if chosen not in ("ray", "processes"):
+        raise HetCompError(f"unknown {kind} backend {chosen!r}; use ray or processes")
+    if chosen == "ray" and not has_ray:
+        raise HetCompError(f"Ray cannot be imported here, and the {kind} asks for it (--ray-address sends {items} "
+                           f"to a Ray cluster): install it (`pip install ray`), or leave --ray-address out to "
+                           f"{doing} on local processes")
+    return chosen
 
 
 def ray_importable() -> bool:
