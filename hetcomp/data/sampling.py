@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -92,16 +92,9 @@ class NegativeSampler:
         users = users.to(self.device)
         expanded = users.repeat_interleave(n_negatives) if n_negatives > 1 else users
         negatives = torch.randint(self.n_items, expanded.shape, generator=generator).to(self.device)
-        pending = self.is_observed(expanded, negatives).nonzero().squeeze(1)
-        for _ in range(max_rounds):
-            if pending.numel() == 0:
-                break
-            redraw = torch.randint(self.n_items, pending.shape, generator=generator).to(self.device)
-            negatives[pending] = redraw
-            still = self.is_observed(expanded[pending], redraw)
-            pending = pending[still]
-        else:
-            raise RuntimeError("negative sampling did not converge; a user has almost every item")
+        self._redraw_observed(expanded, negatives,
+                              lambda pending: torch.randint(self.n_items, pending.shape, generator=generator),
+                              max_rounds)
         return negatives.view(len(users), n_negatives)
 
     def sample_lockstep(self, users: Sequence[torch.Tensor], n_negatives: int,
@@ -115,21 +108,27 @@ class NegativeSampler:
             expanded = [part.repeat_interleave(n_negatives) for part in expanded]
         sizes = [len(part) for part in expanded]
         ends = torch.tensor(sizes, device=self.device).cumsum(0)
-        every = torch.cat(expanded)
         negatives = torch.cat([torch.randint(self.n_items, (size,), generator=generator)
                                for size, generator in zip(sizes, generators, strict=True)]).to(self.device)
-        pending = self.is_observed(every, negatives).nonzero().squeeze(1)
-        for _ in range(max_rounds):
-            if pending.numel() == 0:
-                break
+
+        def redraw(pending: torch.Tensor) -> torch.Tensor:  # each request's collisions from its own generator
             counts = torch.bincount(torch.bucketize(pending, ends, right=True), minlength=len(sizes)).tolist()
-            redraw = torch.cat([torch.randint(self.n_items, (count,), generator=generator)
-                                for count, generator in zip(counts, generators, strict=True) if count]
-                               ).to(self.device)
-            negatives[pending] = redraw
-            still = self.is_observed(every[pending], redraw)
-            pending = pending[still]
-        else:
-            raise RuntimeError("negative sampling did not converge; a user has almost every item")
+            return torch.cat([torch.randint(self.n_items, (count,), generator=generator)
+                              for count, generator in zip(counts, generators, strict=True) if count])
+
+        self._redraw_observed(torch.cat(expanded), negatives, redraw, max_rounds)
         return [part.view(len(request), n_negatives)
                 for part, request in zip(negatives.split(sizes), users, strict=True)]
+
+    def _redraw_observed(self, users: torch.Tensor, negatives: torch.Tensor,
+                         redraw: Callable[[torch.Tensor], torch.Tensor], max_rounds: int) -> None:
+        """Rejection rounds, in place: the ``negatives`` [L] that their ``users`` [L] observed in training get
+        ``redraw(positions)`` (CPU draws, moved to the device) until none is observed."""
+        pending = self.is_observed(users, negatives).nonzero().squeeze(1)
+        for _ in range(max_rounds):
+            if pending.numel() == 0:
+                return
+            items = redraw(pending).to(self.device)
+            negatives[pending] = items
+            pending = pending[self.is_observed(users[pending], items)]
+        raise RuntimeError("negative sampling did not converge; a user has almost every item")
