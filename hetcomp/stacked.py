@@ -32,7 +32,8 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -42,6 +43,15 @@ from hetcomp.distill import build_method
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.train import FitState, Trainer, TrainerConfig
+
+
+@contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """NeuMF's tower adds in place (``addcmul_``), which ``vmap`` runs replica by replica (a fallback it warns
+    about once per process): the same values, a few more launches, so the warning is left out."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule for aten::addcmul_.*")
+        yield
 
 
 class _Arithmetic(nn.Module):
@@ -301,15 +311,12 @@ class StackedTrainer:
         stacked = {key: torch.stack([padded(batch[key]) for batch in batches]) for key in ("users", "pos", "neg")}
         stacked["weight"] = torch.stack([padded(torch.ones(len(batch["users"]), device=self.device))
                                          for batch in batches])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*batching rule for aten::addcmul_.*")
+        with _quiet_vmap_fallback():
             return self._own_loss_call(*self.prefixed(), stacked)
 
     def _scores(self, users: torch.Tensor) -> torch.Tensor:
         """[R, B, n_items]: every replica's scores of every item for its users [R, B], in one vmapped call."""
-        with warnings.catch_warnings():  # NeuMF's tower adds in place (addcmul_), which vmap runs replica by
-            # replica (a fallback it warns about once per process): the same values, a few more launches
-            warnings.filterwarnings("ignore", message=".*batching rule for aten::addcmul_.*")
+        with _quiet_vmap_fallback():
             return self._stacked(*self.prefixed(), users)
 
     def _check_scoring(self) -> None:
