@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hetcomp.config import knob, validate
-from hetcomp.distill.base import DistillContext, DistillMethod
+from hetcomp.distill.base import DistillContext, DistillMethod, scores_once
 from hetcomp.distill.losses import fine_loss_of, relaxed_ranking_loss
 from hetcomp.distill.tools import sample_unobserved, sample_without_replacement
 from hetcomp.models.base import Batch, Recommender
@@ -127,7 +127,6 @@ class RRD(DistillMethod):
         """The loss; ``scores`` None: the student scores the users after its own loss has drawn."""
         users = batch["users"]
         if not self.config.sample:
-            return self.drive_steps(self._loss_steps(users, model),
-                                    (lambda: model.score(users)) if scores is None else scores, users)
+            return self.drive_steps(self._loss_steps(users, model), scores_once(model, users, scores), users)
         own = self.own_loss(model, users)
         return own + self.config.weight * self.distillation_loss(model, users, self._generator, scores)
