@@ -43,7 +43,7 @@ note() { echo "- $(elapsed) s: $*" | tee -a "$OUT/timings.md"; }
 {
   echo "# GPU session: stacked seeds on the device"
   echo
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); started $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; started $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $(nproc --all) CPU cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
   echo "- CPU: $(python3 -c 'from hetcomp.provenance import machine; print(machine())' 2>&1 | tail -1);" \
     "AVX-512 flags: $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"

@@ -72,7 +72,7 @@ wait_or_stop() {
   echo "# $DATA_OPTS Table 2 from scratch on $DEVICE"
   echo
   echo "- command: \`OUT=... DEADLINE=$DEADLINE experiments/plans/gpu-table2.sh\` (students $STUDENTS, methods $METHODS, seeds $SEEDS)"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); started $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- commit: ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; started $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $(nproc --all) CPU cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU')"
   echo "- python: $("$PYTHON" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
   echo
