@@ -22,7 +22,8 @@
 # hetcomp,rrd,none; empty: skip 3), SHARE_REPLICAS (1,5), SHARE_OPTIONS (3's `--option METHOD.NAME=VALUE`s,
 # space-separated, e.g. "kd.losses=listwise:1.0 kd.own_weight=0.1": KD stacks with its listwise term), TEACHERS_XZ (a folder of <dataset>/<teacher>/
 # trajectory.npz.xz made here, carried: the teachers unpacked instead of trained in 1, which saves ~70-130 s of
-# device time; their digests need not be the studies'), DEVICE (cuda; cpu to try the script out).
+# device time; their digests need not be the studies'), DEVICE (cuda; cpu to try the script out), COMMIT (the
+# commit timings.md names: the device copy's git HEAD can be stale, so pass this checkout's short sha).
 # Usage (device tool): export HETCOMP_DATA=$PWD/datasets HETCOMP_CACHE=$PWD/datasets/cache PYTHONPATH=$PWD;
 #   OUT=$OUT TOTAL=540 experiments/plans/gpu-session.sh
 set -uo pipefail

@@ -10,7 +10,7 @@
 # the runs that are missing. Rerunning with the same WORK folder resumes (finished teachers and runs are reused).
 #
 # Usage: OUT=<results folder> [DEADLINE=520] [WORK=<folder>] experiments/plans/gpu-table2.sh
-# Other knobs (environment): DATA_OPTS (how commands name the data; default "--dataset citeulike"), STUDENTS,
+# Other knobs (environment): COMMIT (the commit timings.md names; the device copy's git HEAD can be stale), DATA_OPTS (how commands name the data; default "--dataset citeulike"), STUDENTS,
 # METHODS, SEEDS, DEVICE (cuda), PYTHON (python3), JOBS (16), BENCH (1: time the hot paths with `hetcomp bench`),
 # MPS (1, the default: every process under CUDA's multi-process service, a user-space daemon started here and
 # stopped at the end, so the processes' small kernels run side by side instead of time-slicing the device: 5.8×
