@@ -42,7 +42,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from hetcomp.distill import build_method
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
-from hetcomp.train import FitState, Trainer, TrainerConfig
+from hetcomp.train import FitState, StepRequest, Trainer, TrainerConfig
 
 
 @contextmanager
@@ -102,6 +102,11 @@ class _Replica:
         objective asks this only where no draw follows in its step); None: draw and compute now."""
         return self._trainer._defer_own_draws(self._index, (context, users, generator, n_negatives))
 
+    def drawn_own_triples(self, users: torch.Tensor) -> dict | None:
+        """This replica's own-loss triples for ``users`` where the stack drew every replica's at once before the
+        step (an objective with ``own_draws_first``); None: draw them now."""
+        return self._trainer._take_drawn_first(self._index, users)
+
     def score(self, users: torch.Tensor) -> torch.Tensor:
         return self._call("score", users)
 
@@ -127,11 +132,12 @@ class StackedTrainer:
         shapes = copy.deepcopy(first.model).to("meta")
         self.on_scores = not first.objective.stackable  # else: stackable_scores
         if self.on_scores:
-            call = _Call(shapes)
+            call = self._student_call = _Call(shapes)
             self._stacked = vmap(lambda p, b, users: functional_call(call, (p, b), ("score", users)))
             self._replicas = [_Replica(call, self, index, t.model) for index, t in enumerate(self.trainers)]
             self._own_loss_call = vmap(lambda p, b, batch: functional_call(call, (p, b), ("loss", batch)))
             self._deferred: list | None = None  # own losses asked for during a step (see _defer_own_loss)
+            self._drawn_first: dict | None = None  # own triples drawn before a step (see _draw_own_first)
             self._check_scoring()
         else:
             base = _Arithmetic(shapes, first.objective)
@@ -186,11 +192,12 @@ class StackedTrainer:
         if self.on_scores:
             scores = self._scores(torch.stack([batch["users"] for batch in batches]))
             self._deferred = []
+            self._drawn_first = self._draw_own_first(batches)
             try:
                 totals = torch.stack(self._losses_of_scores(scores, batches))
                 return self._with_own_losses(totals, self._deferred)
             finally:
-                self._deferred = None
+                self._deferred = self._drawn_first = None
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
 
@@ -198,7 +205,8 @@ class StackedTrainer:
         """Each replica's loss from its rows of ``scores`` [R, B, n_items]. Replicas whose objective gives its
         loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`) run them in lockstep: the requests of one
         round that have the same widths go to the fused tail node as one call over those replicas' rows (a view
-        of the stacked scores when every replica asks), each replica then continuing with its rows' answer."""
+        of the stacked scores when every replica asks), those of one :class:`~hetcomp.train.StepRequest` key to one
+        vmapped call when every replica asks, each replica then continuing with its answer."""
         losses: list[torch.Tensor | None] = [None] * len(self.trainers)
         pending: dict[int, tuple] = {}
         for index, (trainer, batch) in enumerate(zip(self.trainers, batches, strict=True)):
@@ -212,25 +220,75 @@ class StackedTrainer:
                 losses[index] = done.value
         while pending:
             rounds: dict[tuple, list[int]] = {}
-            for index, (_, (head, listed)) in pending.items():  # a head None: every unobserved item's tail
-                rounds.setdefault((None if head is None else head.shape[1], listed.shape[1]), []).append(index)
-            for (width, _), members in rounds.items():
-                every = members == list(range(len(self.trainers)))
-                rows = scores.flatten(0, 1) if every else torch.cat([scores[index] for index in members])
-                answer = self.trainers[members[0]].objective.answer_tail(
-                    rows, torch.cat([batches[index]["users"] for index in members]),
-                    None if width is None else torch.cat([pending[index][1][0] for index in members]),
-                    torch.cat([pending[index][1][1] for index in members]))
-                size = len(batches[members[0]]["users"])
-                for position, index in enumerate(members):
+            for index, (_, request) in pending.items():
+                if isinstance(request, StepRequest):
+                    key = request.key
+                else:  # a tail request; a head None: every unobserved item's tail
+                    head, listed = request
+                    key = ("tail", None if head is None else head.shape[1], listed.shape[1])
+                rounds.setdefault(key, []).append(index)
+            for key, members in rounds.items():
+                requests = [pending[index][1] for index in members]
+                if isinstance(requests[0], StepRequest):
+                    answers = self._answer_step_requests(members, requests)
+                else:
+                    answers = self._answer_tails(scores, batches, members, requests, key[1] is None)
+                for index, answer in zip(members, answers, strict=True):
                     steps = pending[index][0]
-                    part = tuple(value[position * size:(position + 1) * size] for value in answer)
                     try:
-                        pending[index] = (steps, steps.send(part))
+                        pending[index] = (steps, steps.send(answer))
                     except StopIteration as done:
                         losses[index] = done.value
                         del pending[index]
         return losses
+
+    def _answer_tails(self, scores: torch.Tensor, batches: Sequence[dict], members: list[int], requests: list,
+                      every_item: bool) -> list[tuple]:
+        """The tail requests of ``members`` (one width) as one call of the fused tail node over their rows (a view
+        of the stacked scores when every replica asks); each member's part of the answer."""
+        every = members == list(range(len(self.trainers)))
+        rows = scores.flatten(0, 1) if every else torch.cat([scores[index] for index in members])
+        answer = self.trainers[members[0]].objective.answer_tail(
+            rows, torch.cat([batches[index]["users"] for index in members]),
+            None if every_item else torch.cat([head for head, _ in requests]),
+            torch.cat([listed for _, listed in requests]))
+        size = len(batches[members[0]]["users"])
+        return [tuple(value[position * size:(position + 1) * size] for value in answer)
+                for position in range(len(members))]
+
+    def _answer_step_requests(self, members: list[int], requests: list[StepRequest]) -> list[torch.Tensor]:
+        """Requests of one key: when every replica asks, one vmapped call over the stacked parameters and the
+        requests' padded inputs (:meth:`~hetcomp.train.StepRequest.stacked`); else each with its replica's slice."""
+        if members != list(range(len(self.trainers))) or len(members) < 2:
+            return [request.answer() for request in requests]
+        inputs, term = type(requests[0]).stacked(requests)
+        call = self._student_call
+
+        def one(params: dict, buffers: dict, replica: dict) -> torch.Tensor:
+            return term(lambda *args: functional_call(call, (params, buffers), ("score_items", *args)), replica)
+
+        with _quiet_vmap_fallback():
+            return list(vmap(one)(*self.prefixed(), inputs).unbind(0))
+
+    def _draw_own_first(self, batches: Sequence[dict]) -> dict[int, tuple] | None:
+        """Every replica's own-loss triples for its batch, drawn at once (``sample_interactions_lockstep``: each
+        gets what it would alone) where each objective's step draws them first (``own_draws_first``) from one
+        shared context; None otherwise. Drawn before the steps run, they keep each replica's order of draws."""
+        objectives = [trainer.objective for trainer in self.trainers]
+        first = self.trainers[0].model
+        if (not all(getattr(objective, "own_draws_first", False) for objective in objectives)
+                or len({id(objective.context) for objective in objectives}) != 1 or first.batch_kind != "triples"):
+            return None
+        users = [batch["users"] for batch in batches]
+        drawn = objectives[0].context.sample_interactions_lockstep(
+            users, [objective._generator for objective in objectives], getattr(first.config, "n_negatives", 1))
+        return {index: (users[index], triples) for index, triples in enumerate(drawn)}
+
+    def _take_drawn_first(self, index: int, users: torch.Tensor) -> dict | None:
+        """Replica ``index``'s triples of :meth:`_draw_own_first` for ``users`` (once); None when none were drawn."""
+        if not self._drawn_first or index not in self._drawn_first or self._drawn_first[index][0] is not users:
+            return None
+        return self._drawn_first.pop(index)[1]
 
     def _defer_own_loss(self, index: int, batch: dict) -> torch.Tensor | None:
         """A placeholder for replica ``index``'s own loss on ``batch`` (None: compute it now, e.g. outside a step

@@ -50,6 +50,28 @@ class TrainerConfig:
         validate(self)
 
 
+class StepRequest:
+    """A term of a loss given as steps (:meth:`Objective.tail_steps`) that reads a few of the student's scores
+    besides the tail node's, e.g. DCD's corrections: the ordinary run answers it alone (:meth:`answer`, with the
+    model it holds), stacked seeds answer the requests of one :attr:`key` from every replica at once
+    (:meth:`stacked`, under ``vmap`` over the replicas' parameters; ``hetcomp.stacked``)."""
+
+    #: requests with equal keys can be answered together (the same kind of term, padded to common shapes)
+    key: tuple = ()
+
+    def answer(self) -> torch.Tensor:
+        """The term, computed with the request's own model (the ordinary run's arithmetic)."""
+        raise NotImplementedError
+
+    @classmethod
+    def stacked(cls, requests: list[StepRequest]
+                ) -> tuple[dict[str, torch.Tensor], Callable[[Callable, dict[str, torch.Tensor]], torch.Tensor]]:
+        """For one request per replica (in replica order): their inputs stacked along a leading replica dimension
+        (padded to common shapes) and ``term(score_items, inputs)``, one replica's term from its slice of the
+        inputs and its student's ``score_items`` (what ``vmap`` maps over the replicas)."""
+        raise NotImplementedError
+
+
 class Objective:
     """What the trainer optimizes: a stream of batches per epoch and a loss per batch."""
 
@@ -85,9 +107,10 @@ class Objective:
         """The loss of a ``stackable_scores`` objective as a generator of steps, or None: it yields each request
         for the fused tail node, ``(head, listed)`` for the batch's users' score rows (``head`` None: the tail
         of every unobserved item), receives ``(tail_lse, listed_scores)`` and returns the loss (``model`` serves
-        what else it reads of the student, as in :meth:`loss_of_scores`). Stacked seeds then answer every
-        replica's request with one call over all replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores`
-        as usual."""
+        what else it reads of the student, as in :meth:`loss_of_scores`). It may also yield a :class:`StepRequest`
+        (a term on a few scores of its own), receiving that term. Stacked seeds then answer every replica's
+        request with one call over all replicas' rows (``hetcomp.stacked``); None: :meth:`loss_of_scores` as
+        usual."""
         return None
 
     def drive_steps(self, steps, scores: torch.Tensor | Callable[[], torch.Tensor], users: torch.Tensor
@@ -98,7 +121,9 @@ class Objective:
             request = next(steps)
             scores = scores() if callable(scores) else scores
             while True:
-                request = steps.send(self.answer_tail(scores, users, *request))
+                answer = request.answer() if isinstance(request, StepRequest) else self.answer_tail(scores, users,
+                                                                                                      *request)
+                request = steps.send(answer)
         except StopIteration as done:
             return done.value
 

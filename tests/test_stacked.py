@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_split, train_tiny_teachers
 
 from hetcomp.distill import DistillContext, build_method
+from hetcomp.distill.dcd import CorrectionRequest
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.stacked import StackedTrainer, resume_groups
@@ -92,10 +93,12 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
                                                         "own_weight": 0.1, "temperature": 1.5}),
                                                 ("mtd", {"k": 10})])
 @pytest.mark.parametrize("student", ["mf", "ml", "dnn"])
-def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(student, method, options, teachers):
+def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(student, method, options, teachers,
+                                                                              monkeypatch):
     """RRD and DCD (without DE-RRD's sampling), KD with its listwise term and MTD read the scores of every item
     besides the student's own loss and a few items' scores: the scores come from the vmapped call, the rest (drawn
-    from each replica's generator, in the ordinary order) from the replica's slice of the stacked parameters.
+    from each replica's generator, in the ordinary order) from the replica's slice of the stacked parameters, or,
+    for DCD's corrections, from one vmapped call over every replica's sampled entries of a side.
     MTD's logit table, a parameter of its objective, stays each replica's own."""
     def trainer(seed: int, context: DistillContext | None = None, **changes) -> Trainer:
         torch.manual_seed(seed)
@@ -121,9 +124,17 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     answer_tail, rows_asked = getattr(first, "answer_tail", None), []
     if answer_tail is not None:
         first.answer_tail = lambda scores, *rest: rows_asked.append(len(scores)) or answer_tail(scores, *rest)
+    stacked_sides, stack_requests = [], CorrectionRequest.stacked.__func__
+    monkeypatch.setattr(CorrectionRequest, "stacked", classmethod(
+        lambda cls, requests: stacked_sides.append((len(requests), requests[0].side)) or stack_requests(cls,
+                                                                                                   requests)))
     states = stacked.fit()
     assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
-    assert bool(drawn_together) == (method != "dcd")  # DCD draws its correction lists after the own loss
+    # DCD's corrections: both replicas' sampled entries of a side scored and ranked in one call
+    assert set(stacked_sides) == ({(2, "user"), (2, "item")} if method == "dcd" else set())
+    # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
+    # DCD's before (its correction lists draw after its own loss)
+    assert drawn_together
     # RRD's, DCD's and KD's tail (MTD's normalizer is no such request): both replicas' rows at once
     assert (max(rows_asked, default=0) == 2 * 16) == (method != "mtd")
     for alone, state in zip(ordinary, states, strict=True):

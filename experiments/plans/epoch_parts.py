@@ -19,6 +19,7 @@ from hetcomp.cli.common import _parse_options
 from hetcomp.config import parse_options
 from hetcomp.data import load_dataset
 from hetcomp.distill import DistillContext, build_method, method_class
+from hetcomp.distill.dcd import DCD, CorrectionRequest
 from hetcomp.models import build_model
 from hetcomp.provenance import machine
 from hetcomp.train import Trainer, TrainerConfig
@@ -26,7 +27,7 @@ from hetcomp.trajectory import load_trajectory
 
 TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
 PARTS = ("candidates", "own_loss", "score", "tail_and_listed_scores", "tail_logsumexp", "refresh", "correction_lists",
-         "item_correction_lists", "user_correction_loss", "item_correction_loss", "sample_interactions")
+         "item_correction_lists", "sample_interactions")
 
 
 def main() -> None:
@@ -79,6 +80,9 @@ def main() -> None:
             if hasattr(owner, name) and name not in parts:
                 parts[name] = 0.0
                 setattr(owner, name, _timed(getattr(owner, name), name, parts))
+    if isinstance(method, DCD):  # the corrections' scoring and loss, answered after their draws
+        parts["correction_answers"] = 0.0
+        CorrectionRequest.answer = _timed(CorrectionRequest.answer, "correction_answers", parts)
     for batch in method.batches(3, trainer.generator):
         trainer.optimizer.zero_grad(set_to_none=True)
         method.loss(model, batch)

@@ -214,6 +214,9 @@ class DistillMethod(Objective):
     #: True when no draw follows the own loss's in a step (its loss draws nothing else after it): stacked seeds
     #: may then draw every replica's own-loss triples at once, at the end of the step (``hetcomp.stacked``)
     own_draws_last: bool = False
+    #: True when a step always draws the own loss's triples before anything else it draws: stacked seeds may then
+    #: draw every replica's at once, before the step (``hetcomp.stacked``)
+    own_draws_first: bool = False
 
     #: True when the loss is the student's own loss plus a distillation term (``L_own + weight · L_KD``): at a
     #: small weight such a method is w/o KD, whose tuned recipe its study therefore also tries
@@ -299,10 +302,15 @@ class DistillMethod(Objective):
         the distillation term. (Until version bumps of 2026-12 it saw one sampled interaction per user per epoch,
         ~1/15 of CiteULike's: it starved the own loss and kept RD and CL-DRD at or below w/o KD.)"""
         n_negatives = getattr(model.config, "n_negatives", 1)
-        if self.own_draws_last and hasattr(model, "defer_own_draws"):  # a stacked replica (hetcomp.stacked)
-            deferred = model.defer_own_draws(self.context, users, self._generator, n_negatives)
-            if deferred is not None:
-                return deferred
+        if hasattr(model, "defer_own_draws"):  # a stacked replica (hetcomp.stacked)
+            if self.own_draws_last:
+                deferred = model.defer_own_draws(self.context, users, self._generator, n_negatives)
+                if deferred is not None:
+                    return deferred
+            elif self.own_draws_first:
+                drawn = model.drawn_own_triples(users)
+                if drawn is not None:
+                    return model.loss(own_batch(model, drawn))
         return model.loss(own_batch(model, self.context.sample_interactions(users, self._generator, n_negatives)))
 
     def describe(self) -> str:

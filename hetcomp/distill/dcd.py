@@ -70,7 +70,7 @@ import torch
 
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod, scores_once
-from hetcomp.distill.losses import relaxed_ranking_loss
+from hetcomp.distill.losses import relaxed_ranking_loss, relaxed_ranking_rows
 from hetcomp.distill.rrd import RRD, RRDConfig
 from hetcomp.distill.tools import (
     csr_rows_padded,
@@ -81,7 +81,7 @@ from hetcomp.distill.tools import (
     transpose_lists,
 )
 from hetcomp.models.base import Batch, Recommender
-from hetcomp.train import Trainer
+from hetcomp.train import StepRequest, Trainer
 
 
 @dataclass
@@ -142,6 +142,70 @@ def _from_rrd(settings: dict) -> dict:
         "dcd_weight": 0.0}
 
 
+def correction_loss(score_items: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], side: str,
+                    rows: torch.Tensor, under: torch.Tensor, under_valid: torch.Tensor, over: torch.Tensor,
+                    over_valid: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """One side's relaxed ranking loss on its sampled entries: ``rows`` [B] are users (user side: ``under`` and
+    ``over`` [B, ≤n] are items) or items (item side: they are users), scored by the student's ``score_items``;
+    the under-ranked entries in list order above the over-ranked ones. The mean over the rows, or the rows' sum
+    divided by ``count`` (stacked seeds' padded rows count for nothing)."""
+    listed = torch.cat([under, over], 1)
+    if side == "user":
+        local = score_items(rows, listed.clamp(min=0))
+    else:  # each (user, item) pair scored on its own: one item per row, its users as the batch
+        local = score_items(listed.clamp(min=0).reshape(-1),
+                            rows.repeat_interleave(listed.shape[1]).unsqueeze(1)).view(listed.shape)
+    positions = torch.arange(local.shape[1], device=local.device).expand_as(local)
+    width = under.shape[1]
+    parts = (local, positions[:, :width], under_valid, positions[:, width:], over_valid)
+    return relaxed_ranking_loss(*parts) if count is None else relaxed_ranking_rows(*parts).sum() / count
+
+
+@dataclasses.dataclass
+class CorrectionRequest(StepRequest):
+    """One side's correction term of a step, its entries drawn (:func:`correction_loss`): answered with the
+    ordinary run's ``model``, or for every replica of a stack at once, padded to common shapes (padding rows and
+    entries are invalid, so they add nothing)."""
+
+    model: Recommender
+    side: str
+    rows: torch.Tensor
+    under: torch.Tensor
+    under_valid: torch.Tensor
+    over: torch.Tensor
+    over_valid: torch.Tensor
+
+    @property
+    def key(self) -> tuple:
+        return ("dcd-correction", self.side)
+
+    def answer(self) -> torch.Tensor:
+        return correction_loss(self.model.score_items, self.side, self.rows, self.under, self.under_valid,
+                               self.over, self.over_valid)
+
+    @classmethod
+    def stacked(cls, requests: list[CorrectionRequest]) -> tuple[dict[str, torch.Tensor], Callable]:
+        def padded(name: str) -> torch.Tensor:
+            values = [getattr(request, name) for request in requests]
+            shape = [max(value.shape[dim] for value in values) for dim in range(values[0].dim())]
+            if all(list(value.shape) == shape for value in values):
+                return torch.stack(values)
+            out = values[0].new_zeros((len(values), *shape))
+            for index, value in enumerate(values):
+                out[(index, *(slice(0, size) for size in value.shape))] = value
+            return out
+
+        inputs = {name: padded(name) for name in ("rows", "under", "under_valid", "over", "over_valid")}
+        inputs["count"] = torch.tensor([len(request.rows) for request in requests], dtype=torch.float32,
+                                       device=requests[0].rows.device)
+        side = requests[0].side
+
+        def term(score_items: Callable, replica: dict[str, torch.Tensor]) -> torch.Tensor:
+            return correction_loss(score_items, side, **replica)
+
+        return inputs, term
+
+
 def _errors(student_ranks: torch.Tensor, teacher_ranks: torch.Tensor, epsilon: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(under-ranked, over-ranked) errors tanh(max(±ε(r_S − r_T), 0))."""
@@ -162,6 +226,7 @@ class DCD(DistillMethod):
     version = 5
     config_class = DCDConfig
     adds_own_loss = True
+    own_draws_first = True  # its corrections draw after the own loss, in the same step
 
     def __init__(self, context: DistillContext, config: DCDConfig | None = None) -> None:
         super().__init__(context, config)
@@ -300,30 +365,32 @@ class DCD(DistillMethod):
         users, under, over, _ = self.item_lists(items)
         return draw_corrections(under, over, users, self.config.n_under, self.config.n_over, generator)
 
-    def user_correction_loss(self, model: Recommender, users: torch.Tensor,
-                             scores: Callable[[], torch.Tensor] | None, generator: torch.Generator | None
-                             ) -> torch.Tensor:
-        """Mean over ``users`` of the relaxed ranking loss on the sampled items. A model with its own
-        ``score_items`` scores just those ~20 items per user, so the gradient skips a dense [B, n_items] pass;
-        others read them from the batch's full ``scores()``."""
+    def user_correction(self, model: Recommender, users: torch.Tensor, scores: Callable[[], torch.Tensor] | None,
+                        generator: torch.Generator | None) -> torch.Tensor | CorrectionRequest:
+        """The user side's term on the sampled items: for a model with its own ``score_items``, the request that
+        scores just those ~20 items per user (the gradient skips a dense [B, n_items] pass); for others, the loss
+        from the batch's full ``scores()``."""
         under, under_valid, over, over_valid = self.correction_lists(users, generator)
         if type(model).score_items is Recommender.score_items:
             return relaxed_ranking_loss(scores(), under, under_valid, over, over_valid)
-        local = model.score_items(users, torch.cat([under, over], 1).clamp(min=0))
-        positions = torch.arange(local.shape[1], device=local.device).expand_as(local)
-        width = under.shape[1]
-        return relaxed_ranking_loss(local, positions[:, :width], under_valid, positions[:, width:], over_valid)
+        return CorrectionRequest(model, "user", users, under, under_valid, over, over_valid)
+
+    def user_correction_loss(self, model: Recommender, users: torch.Tensor,
+                             scores: Callable[[], torch.Tensor] | None, generator: torch.Generator | None
+                             ) -> torch.Tensor:
+        """Mean over ``users`` of the relaxed ranking loss on the sampled items (:meth:`user_correction`)."""
+        term = self.user_correction(model, users, scores, generator)
+        return term.answer() if isinstance(term, CorrectionRequest) else term
+
+    def item_correction(self, model: Recommender, items: torch.Tensor,
+                        generator: torch.Generator | None) -> CorrectionRequest:
+        """The item side's term: the request for the sampled users' scores of each item."""
+        return CorrectionRequest(model, "item", items, *self.item_correction_lists(items, generator))
 
     def item_correction_loss(self, model: Recommender, items: torch.Tensor,
                              generator: torch.Generator | None) -> torch.Tensor:
         """Mean over ``items`` of the relaxed ranking loss on the sampled users' scores of the item."""
-        under, under_valid, over, over_valid = self.item_correction_lists(items, generator)
-        users = torch.cat([under, over], 1)
-        local = model.score_items(users.clamp(min=0).reshape(-1),
-                                  items.repeat_interleave(users.shape[1]).unsqueeze(1)).view(users.shape)
-        positions = torch.arange(users.shape[1], device=local.device).expand_as(users)
-        width = under.shape[1]
-        return relaxed_ranking_loss(local, positions[:, :width], under_valid, positions[:, width:], over_valid)
+        return self.item_correction(model, items, generator).answer()
 
     @classmethod
     def stacks_seeds(cls, config: DCDConfig) -> bool:
@@ -339,8 +406,8 @@ class DCD(DistillMethod):
         return self.drive_steps(self._loss_steps(batch, model, scored), scored, batch["users"])
 
     def tail_steps(self, batch: Batch, model: Recommender):
-        """Without DE-RRD's sampling: the own loss (its draws first), the RRD term's one tail request, then the
-        corrections (their draws, the replica scoring its sampled items itself)."""
+        """Without DE-RRD's sampling: the own loss (its draws first), the RRD term's one tail request, then each
+        side's correction (its draws, then a :class:`CorrectionRequest` for the sampled entries' scores)."""
         return None if self.config.sample else self._loss_steps(batch, model, None)
 
     def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor,
@@ -363,10 +430,13 @@ class DCD(DistillMethod):
         if not self.checked:
             self.refresh(model)
         if self.user_side:
-            loss = loss + self.config.dcd_weight * self.user_correction_loss(model, users, scored, self._generator)
+            term = self.user_correction(model, users, scored, self._generator)
+            if isinstance(term, CorrectionRequest):
+                term = yield term
+            loss = loss + self.config.dcd_weight * term
         items = batch.get("items")
         if self.item_side and items is not None and len(items):
-            loss = loss + self.config.dcd_weight * self.item_correction_loss(model, items, self._generator)
+            loss = loss + self.config.dcd_weight * (yield self.item_correction(model, items, self._generator))
         return loss
 
     def state_dict(self) -> dict:

@@ -161,11 +161,18 @@ def relaxed_ranking_loss(scores: torch.Tensor, items: torch.Tensor, valid: torch
 
     Same form as :func:`fine_loss` with the tail given as item ids [B, L'] (sampled or all the rest).
     """
+    return relaxed_ranking_rows(scores, items, valid, tail_items, tail_valid).mean()
+
+
+def relaxed_ranking_rows(scores: torch.Tensor, items: torch.Tensor, valid: torch.Tensor,
+                         tail_items: torch.Tensor, tail_valid: torch.Tensor) -> torch.Tensor:
+    """:func:`relaxed_ranking_loss` of each row [B], before the mean (a row with nothing valid gives 0)."""
     tail_scores = scores.gather(1, tail_items.clamp(min=0)).masked_fill(~tail_valid, NEG_INF)
     tail_lse = torch.logsumexp(tail_scores, dim=1)
     listed = scores.gather(1, items.clamp(min=0)).masked_fill(~valid, NEG_INF)
     suffix = torch.logcumsumexp(listed.flip(1), dim=1).flip(1)
-    return _mean_over_users(torch.logaddexp(suffix, tail_lse.unsqueeze(1)) - listed, valid)
+    per_position = torch.logaddexp(suffix, tail_lse.unsqueeze(1)) - listed
+    return torch.where(valid, per_position, torch.zeros((), device=per_position.device)).sum(1)
 
 
 def items_mask(items: torch.Tensor, valid: torch.Tensor | None, n_items: int,
