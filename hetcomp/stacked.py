@@ -102,9 +102,9 @@ class _Replica:
         objective asks this only where no draw follows in its step); None: draw and compute now."""
         return self._trainer._defer_own_draws(self._index, (context, users, generator, n_negatives))
 
-    def drawn_own_triples(self, users: torch.Tensor) -> dict | None:
-        """This replica's own-loss triples for ``users`` where the stack drew every replica's at once before the
-        step (an objective with ``own_draws_first``); None: draw them now."""
+    def drawn_first(self, users: torch.Tensor):
+        """This replica's first draws of the step for ``users`` where the stack made every replica's at once
+        before it (``DistillMethod.first_draws_lockstep``); None: draw them now."""
         return self._trainer._take_drawn_first(self._index, users)
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ class StackedTrainer:
             self._replicas = [_Replica(call, self, index, t.model) for index, t in enumerate(self.trainers)]
             self._own_loss_call = vmap(lambda p, b, batch: functional_call(call, (p, b), ("loss", batch)))
             self._deferred: list | None = None  # own losses asked for during a step (see _defer_own_loss)
-            self._drawn_first: dict | None = None  # own triples drawn before a step (see _draw_own_first)
+            self._drawn_first: dict | None = None  # draws made before a step (see _draw_first)
             self._check_scoring()
         else:
             base = _Arithmetic(shapes, first.objective)
@@ -192,7 +192,7 @@ class StackedTrainer:
         if self.on_scores:
             scores = self._scores(torch.stack([batch["users"] for batch in batches]))
             self._deferred = []
-            self._drawn_first = self._draw_own_first(batches)
+            self._drawn_first = self._draw_first(batches)
             try:
                 totals = torch.stack(self._losses_of_scores(scores, batches))
                 return self._with_own_losses(totals, self._deferred)
@@ -270,22 +270,18 @@ class StackedTrainer:
         with _quiet_vmap_fallback():
             return list(vmap(one)(*self.prefixed(), inputs).unbind(0))
 
-    def _draw_own_first(self, batches: Sequence[dict]) -> dict[int, tuple] | None:
-        """Every replica's own-loss triples for its batch, drawn at once (``sample_interactions_lockstep``: each
-        gets what it would alone) where each objective's step draws them first (``own_draws_first``) from one
-        shared context; None otherwise. Drawn before the steps run, they keep each replica's order of draws."""
+    def _draw_first(self, batches: Sequence[dict]) -> dict[int, tuple] | None:
+        """Every replica's first draws of the step, made at once where its method can
+        (``first_draws_lockstep``: each replica gets what it would draw alone), keyed by replica; None otherwise.
+        Made before the steps run, they keep each replica's order of draws."""
         objectives = [trainer.objective for trainer in self.trainers]
-        first = self.trainers[0].model
-        if (not all(getattr(objective, "own_draws_first", False) for objective in objectives)
-                or len({id(objective.context) for objective in objectives}) != 1 or first.batch_kind != "triples"):
-            return None
+        lockstep = getattr(type(objectives[0]), "first_draws_lockstep", None)
         users = [batch["users"] for batch in batches]
-        drawn = objectives[0].context.sample_interactions_lockstep(
-            users, [objective._generator for objective in objectives], getattr(first.config, "n_negatives", 1))
-        return {index: (users[index], triples) for index, triples in enumerate(drawn)}
+        drawn = lockstep(objectives, users, self.trainers[0].model) if lockstep is not None else None
+        return None if drawn is None else {index: (users[index], value) for index, value in enumerate(drawn)}
 
-    def _take_drawn_first(self, index: int, users: torch.Tensor) -> dict | None:
-        """Replica ``index``'s triples of :meth:`_draw_own_first` for ``users`` (once); None when none were drawn."""
+    def _take_drawn_first(self, index: int, users: torch.Tensor):
+        """Replica ``index``'s draws of :meth:`_draw_first` for ``users`` (once); None when none were made."""
         if not self._drawn_first or index not in self._drawn_first or self._drawn_first[index][0] is not users:
             return None
         return self._drawn_first.pop(index)[1]

@@ -164,6 +164,38 @@ def test_sample_unobserved_falls_back_to_the_dense_path_on_tiny_catalogues():
     _check_draws(items, valid, users, observed, excluded, [4, 8, 5, 5])
 
 
+def _counted(patch, owner, name: str) -> list:
+    """The arguments of every call of ``owner.name`` while ``patch`` (a monkeypatch context) holds."""
+    calls, function = [], getattr(owner, name)
+    patch.setattr(owner, name, lambda *args, **kwargs: calls.append(args) or function(*args, **kwargs))
+    return calls
+
+
+def test_sample_unobserved_lockstep_gives_each_request_what_it_would_draw_alone(monkeypatch):
+    """Stacked seeds draw their replicas' unobserved items in lockstep: each request (its users, excluded items and
+    generator) gets exactly its draws alone, with requests of other sizes, excluded widths (or none), rejection
+    rounds of other widths, an empty request and one that takes the dense path; the look-ups run once a round."""
+    observed, _, sampler, head = _random_catalogue(3, 40, 200, 60, 30)
+    crowded = [list(range(150)), *observed[1:]]  # user 0 allows few items: more rounds and wider draws
+    _, sampler = _sampler(crowded, 200)
+    requests = [(torch.tensor([0, 5, 9, 0]), head[[0, 5, 9, 0]], 11),
+                (torch.tensor([7, 3]), None, 12),
+                (torch.tensor([12, 0, 1, 2, 3, 30]), head[[12, 0, 1, 2, 3, 30], :10], 13),
+                (torch.tensor([], dtype=torch.int64), head[:0], 14)]
+    for n in (20, 45):  # 45: user 0 allows 50 - 30 excluded items < 2n, so the first and third take the dense path
+        alone = [sample_unobserved(sampler, users, n, excluded, torch.Generator().manual_seed(seed))
+                 for users, excluded, seed in requests]
+        with monkeypatch.context() as patch:
+            draws, rounds = _counted(patch, torch, "randint"), _counted(patch, tools, "_first_occurrences")
+            together = tools.sample_unobserved_lockstep(
+                sampler, [users for users, _, _ in requests], n, [excluded for _, excluded, _ in requests],
+                [torch.Generator().manual_seed(seed) for _, _, seed in requests])
+        for (items, valid), (items_alone, valid_alone) in zip(together, alone, strict=True):
+            assert torch.equal(items, items_alone) and torch.equal(valid, valid_alone)
+        if n == 20:  # three requests' rounds of different widths, padded together: one look-up per round
+            assert len({args[1][1] for args in draws}) > 1 and len(rounds) < len(draws)
+
+
 def test_observed_rows_from_the_sampler_keys_match_the_training_matrix():
     _, train, sampler, _ = _random_catalogue(2, 15, 40, 7, 3)
     users = torch.tensor([14, 0, 3, 3])

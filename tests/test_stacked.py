@@ -128,12 +128,18 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     monkeypatch.setattr(CorrectionRequest, "stacked", classmethod(
         lambda cls, requests: stacked_sides.append((len(requests), requests[0].side)) or stack_requests(cls,
                                                                                                    requests)))
+    first_draws, method_class = [], type(stacked.trainers[0].objective)
+    draw_first = method_class.first_draws_lockstep.__func__
+    monkeypatch.setattr(method_class, "first_draws_lockstep", classmethod(
+        lambda cls, *args: (lambda drawn: first_draws.append(drawn is not None) or drawn)(draw_first(cls, *args))))
     states = stacked.fit()
     assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
+    # a step's first draws for every replica at once: DCD's own triples, KD's candidates' negatives
+    assert all(first_draws) == (method in ("dcd", "kd")) and first_draws
     # DCD's corrections: both replicas' sampled entries of a side scored and ranked in one call
     assert set(stacked_sides) == ({(2, "user"), (2, "item")} if method == "dcd" else set())
     # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
-    # DCD's before (its correction lists draw after its own loss)
+    # DCD's before the step (its correction lists draw after its own loss)
     assert drawn_together
     # RRD's, DCD's and KD's tail (MTD's normalizer is no such request): both replicas' rows at once
     assert (max(rows_asked, default=0) == 2 * 16) == (method != "mtd")

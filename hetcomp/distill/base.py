@@ -7,7 +7,7 @@ Adding a method = one file with a subclass of :class:`DistillMethod` and one lin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -223,6 +223,20 @@ class DistillMethod(Objective):
     adds_own_loss: bool = False
 
     @classmethod
+    def first_draws_lockstep(cls, objectives: Sequence[DistillMethod], users: Sequence[torch.Tensor],
+                             model: Recommender) -> list | None:
+        """Stacked seeds: every replica's first draws of a step (``objectives``, one per replica, drawing for
+        ``users``, its batch), made at once before the steps run, each replica's what it would draw alone; the
+        replica's step then takes its part (``model.drawn_first(users)``) instead of drawing. By default the own
+        loss's triples, for a method whose step draws them first (``own_draws_first``); None: nothing ahead."""
+        first = objectives[0]
+        if (not first.own_draws_first or model.batch_kind != "triples"
+                or len({id(objective.context) for objective in objectives}) != 1):
+            return None
+        return first.context.sample_interactions_lockstep(list(users), [o._generator for o in objectives],
+                                                          getattr(model.config, "n_negatives", 1))
+
+    @classmethod
     def tuning_start(cls, tuned: Callable[[str], dict]) -> dict:
         """Settings a new tuning study tries first besides the defaults, e.g. read from another method's tuned
         settings with ``tuned(method)`` ({} when that method has none)."""
@@ -308,7 +322,7 @@ class DistillMethod(Objective):
                 if deferred is not None:
                     return deferred
             elif self.own_draws_first:
-                drawn = model.drawn_own_triples(users)
+                drawn = model.drawn_first(users)
                 if drawn is not None:
                     return model.loss(own_batch(model, drawn))
         return model.loss(own_batch(model, self.context.sample_interactions(users, self._generator, n_negatives)))

@@ -24,7 +24,7 @@ all average over users. Defaults: K = 100, n_neg = 100, T_rank = 10, τ = 1, mar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ import torch
 from hetcomp.config import knob, validate
 from hetcomp.distill import losses
 from hetcomp.distill.base import DistillContext, DistillMethod, scores_once
-from hetcomp.distill.tools import sample_unobserved
+from hetcomp.distill.tools import sample_unobserved, sample_unobserved_lockstep
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
 
@@ -111,12 +111,15 @@ class KD(DistillMethod):
         self.top_logits = -ranks / cfg.rank_temperature
         self.negative_logit = -2.0 * self.k / cfg.rank_temperature
 
-    def candidates(self, users: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(items [B, K + n_neg], teacher logits, valid): the top-K, then the sampled negatives."""
+    def candidates(self, users: torch.Tensor, generator: torch.Generator | None,
+                   drawn: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(items [B, K + n_neg], teacher logits, valid): the top-K, then the sampled negatives (``drawn``: drawn
+        already, by :meth:`first_draws_lockstep`)."""
         top = self.ranking[users, :self.k]
         valid_top = torch.ones_like(top, dtype=torch.bool)
-        negatives, valid_negative = sample_unobserved(self.context.sampler, users, self.config.n_neg, top, generator)
+        negatives, valid_negative = drawn or sample_unobserved(self.context.sampler, users, self.config.n_neg, top,
+                                                               generator)
         items = torch.cat([top, negatives], dim=1)
         teacher = torch.cat([self.top_logits.expand(len(users), -1),
                              torch.full(negatives.shape, self.negative_logit, device=self.device)], dim=1)
@@ -144,6 +147,16 @@ class KD(DistillMethod):
     def stacks_seeds(cls, config: KDConfig) -> bool:
         """With ``listwise`` the loss reads the scores of every item, so seeds stack on them."""
         return "listwise" in parse_losses(config.losses)
+
+    @classmethod
+    def first_draws_lockstep(cls, objectives: Sequence[KD], users: Sequence[torch.Tensor],
+                             model: Recommender) -> list | None:
+        """The candidates' negatives, a step's first draw, for every replica at once (each its own)."""
+        if len({id(objective.context) for objective in objectives}) != 1:
+            return None
+        return sample_unobserved_lockstep(objectives[0].context.sampler, users, objectives[0].config.n_neg,
+                                          [o.ranking[part, :o.k] for o, part in zip(objectives, users, strict=True)],
+                                          [o._generator for o in objectives])
 
     @property
     def own_draws_last(self) -> bool:
@@ -181,7 +194,8 @@ class KD(DistillMethod):
         users' scores of every item where the candidates' are read from them (None: the student scores the
         candidates, as a stack's replica does)."""
         users = batch["users"]
-        items, teacher, valid = self.candidates(users, self._generator)
+        items, teacher, valid = self.candidates(users, self._generator,
+                                                model.drawn_first(users) if hasattr(model, "drawn_first") else None)
         tau = self.config.temperature
         top = items[:, :self.k]
         if "listwise" in self.weights:

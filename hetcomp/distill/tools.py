@@ -6,10 +6,12 @@ moved to the tensors' device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.nn import functional
 
 from hetcomp.data.sampling import contains_keys
 
@@ -230,36 +232,91 @@ def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, exc
     integer functions of the data, so a seed gives the same items on every device. A batch with a row allowing
     fewer than 2n items (tiny catalogues) takes the dense path, whose valid mask marks missing draws.
     """
+    return sample_unobserved_lockstep(sampler, [users], n, [excluded], [generator], max_rounds)[0]
+
+
+def sample_unobserved_lockstep(sampler: NegativeSampler, users: Sequence[torch.Tensor], n: int,
+                               excluded: Sequence[torch.Tensor | None], generators: Sequence[torch.Generator | None],
+                               max_rounds: int = 100) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sample_unobserved` for several requests at once, each with its own excluded items and generator
+    (stacked seeds' replicas): each request draws exactly what it would alone (the same calls on its generator,
+    in the same order: one per rejection round in which it still has rows to fill, as wide as its own rows need),
+    while the look-ups, rejections and first-occurrence checks of all requests run as one call per round (a
+    request's draws padded to the round's widest with entries that are never taken)."""
     device, n_items = sampler.device, sampler.n_items
-    users = users.to(device=device, dtype=torch.int64)
-    batch = len(users)
-    if n <= 0 or batch == 0:
-        return (torch.zeros(batch, max(n, 0), dtype=torch.int64, device=device),
-                torch.zeros(batch, max(n, 0), dtype=torch.bool, device=device))
-    if excluded is None:
-        excluded = torch.empty(batch, 0, dtype=torch.int64, device=device)
-    excluded = excluded.to(device=device, dtype=torch.int64)
-    rows = torch.arange(batch, device=device)
-    excluded_keys = sorted_rows((rows.unsqueeze(1) * n_items + excluded).view(1, -1)).view(-1)
+    users = [part.to(device=device, dtype=torch.int64) for part in users]
+    sizes = [len(part) for part in users]
+
+    def apart(alone: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The requests ``alone`` drawn one by one (no rows, or the dense path), the others in lockstep."""
+        together = [index for index in range(len(users)) if index not in alone]
+        drawn = iter(sample_unobserved_lockstep(sampler, [users[i] for i in together], n,
+                                                [excluded[i] for i in together], [generators[i] for i in together],
+                                                max_rounds) if together else ())
+        return [sample_unobserved(sampler, users[index], n, excluded[index], generators[index], max_rounds)
+                if index in alone else next(drawn) for index in range(len(users))]
+
+    if len(users) > 1 and (n <= 0 or 0 in sizes):
+        return apart([index for index, size in enumerate(sizes) if n <= 0 or size == 0])
+    if n <= 0 or sizes[0] == 0:
+        return [(torch.zeros(sizes[0], max(n, 0), dtype=torch.int64, device=device),
+                 torch.zeros(sizes[0], max(n, 0), dtype=torch.bool, device=device))]
+    excluded = [torch.empty(size, 0, dtype=torch.int64, device=device) if rows_out is None
+                else rows_out.to(device=device, dtype=torch.int64)
+                for size, rows_out in zip(sizes, excluded, strict=True)]
+    every_user = users[0] if len(users) == 1 else torch.cat(users)
+    total = len(every_user)
+    rows = torch.arange(total, device=device)
+    if len(users) == 1:
+        flat_keys = (rows.unsqueeze(1) * n_items + excluded[0]).view(1, -1)
+    else:
+        starts = [0, *np.cumsum(sizes)[:-1].tolist()]
+        flat_keys = torch.cat([((rows[start:start + size].unsqueeze(1) * n_items + rows_out).view(-1))
+                               for start, size, rows_out in zip(starts, sizes, excluded, strict=True)]).view(1, -1)
+    excluded_keys = sorted_rows(flat_keys).view(-1)
     excluded_rows = excluded_keys // n_items
-    fresh = ~sampler.is_observed(users[excluded_rows], excluded_keys % n_items)
+    fresh = ~sampler.is_observed(every_user[excluded_rows], excluded_keys % n_items)
     fresh[1:] &= excluded_keys[1:] != excluded_keys[:-1]
-    n_observed = (torch.searchsorted(sampler.observed_keys, (users + 1) * n_items)
-                  - torch.searchsorted(sampler.observed_keys, users * n_items))
-    allowed = n_items - n_observed - torch.bincount(excluded_rows[fresh], minlength=batch)
-    if int(allowed.min()) < 2 * n:
-        mask = ~_observed_dense(sampler, users)
-        mask[rows.unsqueeze(1).expand_as(excluded), excluded] = False
-        return sample_uniform_from_mask(mask, n, generator)
-    kept = torch.zeros(batch, n, dtype=torch.int64, device=device)
-    count = torch.zeros(batch, dtype=torch.int64, device=device)
+    n_observed = (torch.searchsorted(sampler.observed_keys, (every_user + 1) * n_items)
+                  - torch.searchsorted(sampler.observed_keys, every_user * n_items))
+    allowed = n_items - n_observed - torch.bincount(excluded_rows[fresh], minlength=total)
+    if len(sizes) > 1:
+        request_of = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                             torch.tensor(sizes, device=device))
+        fewest = allowed.new_full((len(sizes),), n_items).scatter_reduce_(0, request_of, allowed, "amin").tolist()
+    else:
+        fewest = [int(allowed.min())]
+    if min(fewest) < 2 * n:
+        if len(sizes) > 1:
+            return apart([index for index, value in enumerate(fewest) if value < 2 * n])
+        mask = ~_observed_dense(sampler, every_user)
+        mask[rows.unsqueeze(1).expand_as(excluded[0]), excluded[0]] = False
+        return [sample_uniform_from_mask(mask, n, generators[0])]
+    kept = torch.zeros(total, n, dtype=torch.int64, device=device)
+    count = torch.zeros(total, dtype=torch.int64, device=device)
     pending = rows
     for _ in range(max_rounds):
         need = n - count[pending]
         # expected draws for the missing items are at most need · n_items / (allowed − n); a quarter more + 8
-        expected = int(((need * n_items + allowed[pending] - n - 1) // (allowed[pending] - n)).max())
-        draws = torch.randint(n_items, (len(pending), expected + expected // 4 + 8), generator=generator).to(device)
-        fresh = ~sampler.is_observed(users[pending].unsqueeze(1).expand_as(draws), draws)
+        expected_rows = (need * n_items + allowed[pending] - n - 1) // (allowed[pending] - n)
+        if len(sizes) == 1:
+            counts, expected = [len(pending)], [int(expected_rows.max())]
+        else:
+            request = request_of[pending]
+            counts = torch.bincount(request, minlength=len(sizes)).tolist()
+            expected = torch.zeros(len(sizes), dtype=torch.int64, device=device).scatter_reduce_(
+                0, request, expected_rows, "amax").tolist()
+        widths = [value + value // 4 + 8 for value in expected]
+        parts = [(count_rows, width, torch.randint(n_items, (count_rows, width), generator=generator))
+                 for count_rows, width, generator in zip(counts, widths, generators, strict=True) if count_rows]
+        widest = max(width for _, width, _ in parts)
+        draws = (parts[0][2] if len(parts) == 1 else
+                 torch.cat([functional.pad(part, (0, widest - width)) for _, width, part in parts])).to(device)
+        fresh = ~sampler.is_observed(every_user[pending].unsqueeze(1).expand_as(draws), draws)
+        if any(width < widest for _, width, _ in parts):  # the padding is never taken
+            row_width = torch.tensor([width for _, width, _ in parts], device=device).repeat_interleave(
+                torch.tensor([count_rows for count_rows, _, _ in parts], device=device))
+            fresh &= torch.arange(widest, device=device) < row_width.unsqueeze(1)
         if excluded_keys.numel():
             fresh &= ~contains_keys(excluded_keys, pending.unsqueeze(1) * n_items + draws)
         candidates = torch.cat([kept[pending], draws], dim=1)  # the kept items first: they stay first occurrences
@@ -276,5 +333,5 @@ def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, exc
         count[pending] = rank[:, -1].clamp(max=n)
         pending = pending[count[pending] < n]
         if pending.numel() == 0:
-            return kept, torch.ones_like(kept, dtype=torch.bool)
+            return [(part, torch.ones_like(part, dtype=torch.bool)) for part in kept.split(sizes)]
     raise RuntimeError("sampling unobserved items did not converge; a user allows almost no item")
