@@ -33,7 +33,8 @@ from hetcomp.train import Trainer, TrainerConfig  # noqa: E402
 
 OPTIONS = {"none": {}, "hetcomp": {"k": 20, "pos_k": 5, "dkc_k": 10, "period": 2}, "rrd": {"k": 10},
            "mtd": {"k": 10}, "dcd": {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"},
-           "kd": {"k": 10, "n_neg": 10, "losses": "listwise:1.0", "own_weight": 0.1}}
+           "kd": {"k": 10, "n_neg": 10, "losses": "listwise:1.0", "own_weight": 0.1},
+           "rd": {"k": 10, "dynamic": True, "dynamic_start": 0}}
 PARTS = {"sample_interactions": "own draws", "loss": "student loss", "score": "scoring",
          "tail_and_listed_scores": "tail node", "tail_logsumexp": "tail node"}
 

@@ -105,6 +105,10 @@ class RD(DistillMethod):
     # [batch, n_items] products a step; the same values up to float rounding)
     version = 3
     adds_own_loss = True
+    #: dynamic weighting's ranks read the scores of every item (without gradient) and the own loss draws last (its
+    #: only draw): seeds stack on the scores
+    stackable_scores = True
+    own_draws_last = True
 
     def __init__(self, context: DistillContext, config: RDConfig | None = None) -> None:
         super().__init__(context, config)
@@ -128,12 +132,20 @@ class RD(DistillMethod):
         return pointwise_log_loss(model.score_items(triples["users"], items))
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return self.loss_of_scores(None, batch, model)
+
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        """The loss; ``scores`` (a stack's, read only for the ranks) or, when None and dynamic weighting is on, the
+        student's scores of every item computed without gradient."""
         users = batch["users"]
         items = self.teacher_items[users]
         listed = model.score_items(users, items)
         if self.dynamic_active:
-            with torch.no_grad():  # the ranks only weigh the term: the whole score matrix needs no gradient
-                scores = model.score(users)
+            if scores is None:
+                with torch.no_grad():  # the ranks only weigh the term: the whole score matrix needs no gradient
+                    scores = model.score(users)
+            else:
+                scores = scores.detach()
             student_ranks = ranks_outside(scores, items, *self.context.observed_order_of(users),
                                           cap=saturating_rank(self.k, self.config.mu))
             teacher_ranks = torch.arange(self.k, device=self.device)
