@@ -89,6 +89,10 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
 
 @pytest.mark.parametrize(("method", "options"), [("rrd", {"k": 10}),
                                                 ("rd", {"k": 5, "dynamic": True, "dynamic_start": 2}),
+                                                ("cl-drd", {"stages": "3,5", "stage_epochs": 3, "list_size": 12,
+                                                            "top_n": 20}),
+                                                ("cl-drd", {"stages": "3,5", "stage_epochs": 3, "top_n": 20,
+                                                            "sampling": False}),
                                                 ("dcd", {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"}),
                                                 ("kd", {"k": 10, "n_neg": 10, "losses": "listwise:1.0,kl:0.5",
                                                         "own_weight": 0.1, "temperature": 1.5}),
@@ -97,7 +101,8 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
 def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(student, method, options, teachers,
                                                                               monkeypatch):
     """RRD and DCD (without DE-RRD's sampling), KD with its listwise term, MTD and RD (its ranks) read the scores
-    of every item besides the student's own loss and a few items' scores: the scores come from the vmapped call,
+    of every item besides the student's own loss and a few items' scores, CL-DRD its sampled lists' scores: the
+    scores come from the vmapped call,
     the rest (drawn from each replica's generator, in the ordinary order) from the replica's slice of the stacked
     parameters, or, for DCD's corrections, from one vmapped call over every replica's sampled entries of a side.
     MTD's logit table, a parameter of its objective, stays each replica's own."""
@@ -135,16 +140,17 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         lambda cls, *args: (lambda drawn: first_draws.append(drawn is not None) or drawn)(draw_first(cls, *args))))
     states = stacked.fit()
     assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
-    # a step's first draws for every replica at once: DCD's own triples, KD's candidates' negatives
-    assert all(first_draws) == (method in ("dcd", "kd")) and first_draws
+    # a step's first draws for every replica at once: DCD's own triples, KD's candidates' negatives, CL-DRD's lists
+    drawn_first = method in ("dcd", "kd") or method == "cl-drd" and options.get("sampling", True)
+    assert all(first_draws) == drawn_first and first_draws
     # DCD's corrections: both replicas' sampled entries of a side scored and ranked in one call
     assert set(stacked_sides) == ({(2, "user"), (2, "item")} if method == "dcd" else set())
     # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
     # DCD's before the step (its correction lists draw after its own loss)
     assert drawn_together
-    # RRD's, DCD's and KD's tail (MTD's normalizer is no such request, RD reads the scores for its ranks only):
-    # both replicas' rows at once
-    assert (max(rows_asked, default=0) == 2 * 16) == (method not in ("mtd", "rd"))
+    # RRD's, DCD's and KD's tail (MTD's normalizer is no such request, RD reads the scores for its ranks only,
+    # CL-DRD's sampled lists not at all): both replicas' rows at once
+    assert (max(rows_asked, default=0) == 2 * 16) == (method not in ("mtd", "rd", "cl-drd"))
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
@@ -152,7 +158,7 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
     if method == "mtd":
         assert not torch.equal(*(t.objective.logits for t in stacked.trainers))  # each replica learnt its own
-    if method in ("mtd", "rd"):
+    if method in ("mtd", "rd", "cl-drd"):
         return
     # KD on candidates only, RRD and DCD with DE-RRD's sampling: no scores of every item to stack on
     change = {"losses": "kl:1.0"} if method == "kd" else {"sample": True}

@@ -7,7 +7,8 @@ split, per step of an epoch after a warm-up epoch, split into the parts of the s
 student's loss, its scoring, the tail node, the backward pass, the optimizer; ``other`` is the method's own
 arithmetic), then the same for R seeds stacked (``hetcomp.stacked``), per replica.
 
-Usage: python experiments/plans/step_ops.py [--methods none,hetcomp,rrd,mtd,dcd,kd] [--students mf,dnn] [--replicas 5]
+Usage: python experiments/plans/step_ops.py [--methods none,hetcomp,rrd,mtd,dcd,kd,rd,cl-drd] [--students mf,dnn]
+           [--replicas 5]
            [--dataset foursquare --teachers-dir teachers]   (64-user batches of the real data: fewer sampler rounds)
 """
 
@@ -34,7 +35,8 @@ from hetcomp.train import Trainer, TrainerConfig  # noqa: E402
 OPTIONS = {"none": {}, "hetcomp": {"k": 20, "pos_k": 5, "dkc_k": 10, "period": 2}, "rrd": {"k": 10},
            "mtd": {"k": 10}, "dcd": {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"},
            "kd": {"k": 10, "n_neg": 10, "losses": "listwise:1.0", "own_weight": 0.1},
-           "rd": {"k": 10, "dynamic": True, "dynamic_start": 0}}
+           "rd": {"k": 10, "dynamic": True, "dynamic_start": 0},
+           "cl-drd": {"stages": "3,5", "list_size": 12, "top_n": 20}}
 PARTS = {"sample_interactions": "own draws", "loss": "student loss", "score": "scoring",
          "tail_and_listed_scores": "tail node", "tail_logsumexp": "tail node"}
 
@@ -94,7 +96,7 @@ def _count(epoch) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", default="none,hetcomp,rrd,mtd,dcd,kd")
+    parser.add_argument("--methods", default="none,hetcomp,rrd,mtd,dcd,kd,rd,cl-drd")
     parser.add_argument("--students", default="mf,dnn")
     parser.add_argument("--replicas", type=int, default=5)
     parser.add_argument("--dataset", default=None, help="a registered dataset (with --teachers-dir); default: a "

@@ -45,6 +45,7 @@ declares the ranges to tune on validation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,7 +54,7 @@ import torch
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import lambda_mrr_loss, lambda_mrr_rest_loss
-from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved
+from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved, sample_unobserved_lockstep
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import Trainer
@@ -108,6 +109,10 @@ class CLDRD(DistillMethod):
     version = 3
     config_class = CLDRDConfig
     adds_own_loss = True
+    #: the lists' draws come first (made for every replica at once, :meth:`first_draws_lockstep`) and the own loss
+    #: draws last: seeds stack (on the scores of every item, without sampling)
+    stackable_scores = True
+    own_draws_last = True
 
     def __init__(self, context: DistillContext, config: CLDRDConfig | None = None) -> None:
         super().__init__(context, config)
@@ -134,6 +139,13 @@ class CLDRD(DistillMethod):
     def candidates(self, users: torch.Tensor,
                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The current stage's list per user: (items [B, size], labels [B, size], valid [B, size])."""
+        groups, head, n_negative = self._head_and_hard(users, generator)
+        return self._with_negatives(groups, *sample_unobserved(self.context.sampler, users, n_negative, head,
+                                                                 generator))
+
+    def _head_and_hard(self, users: torch.Tensor, generator: torch.Generator | None) -> tuple[list, torch.Tensor, int]:
+        """The list's first draws: (its head's and sampled hard items' groups of (items, labels, valid), the
+        ensemble's top-N that the negatives avoid, how many negatives to draw)."""
         n, top_n, batch = self.list_length, self.top_n, len(users)
         n_hard = (self.config.list_size - n) // 2
         n_negative = self.config.list_size - n - n_hard
@@ -145,9 +157,28 @@ class CLDRD(DistillMethod):
             picks, valid = sample_uniform_from_mask(every[:, n:], n_hard, generator)
             groups.append((head[:, n:].gather(1, picks), torch.full(picks.shape, HARD_LABEL, device=self.device),
                            valid))
-        items, valid = sample_unobserved(self.context.sampler, users, n_negative, head, generator)
-        groups.append((items, torch.full(items.shape, NEGATIVE_LABEL, device=self.device), valid))
+        return groups, head, n_negative
+
+    def _with_negatives(self, groups: list, items: torch.Tensor,
+                        valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        groups = [*groups, (items, torch.full(items.shape, NEGATIVE_LABEL, device=self.device), valid)]
         return tuple(torch.cat(parts, dim=1) for parts in zip(*groups, strict=True))
+
+    @classmethod
+    def first_draws_lockstep(cls, objectives: Sequence[CLDRD], users: Sequence[torch.Tensor],
+                             model: Recommender) -> list | None:
+        """With sampling, every replica's list: each replica's hard items (its own noise), then every replica's
+        negatives at once (``sample_unobserved_lockstep``), each what it would draw alone."""
+        if not objectives[0].config.sampling or len({id(objective.context) for objective in objectives}) != 1:
+            return None
+        firsts = [objective._head_and_hard(part, objective._generator)
+                  for objective, part in zip(objectives, users, strict=True)]
+        if len({n_negative for _, _, n_negative in firsts}) != 1:
+            return None
+        negatives = sample_unobserved_lockstep(objectives[0].context.sampler, users, firsts[0][2],
+                                               [head for _, head, _ in firsts], [o._generator for o in objectives])
+        return [objective._with_negatives(groups, *drawn)
+                for objective, (groups, _, _), drawn in zip(objectives, firsts, negatives, strict=True)]
 
     def listed(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Without sampling, the current stage's listed items per user: (the ensemble's top-N [B, N], labels: 1/rank
@@ -158,13 +189,19 @@ class CLDRD(DistillMethod):
         return head, labels, torch.ones_like(head, dtype=torch.bool)
 
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
+        return self.loss_of_scores(None, batch, model)
+
+    def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        """The loss; ``scores`` (a stack's) serve the form without sampling, the sampled form scores its lists."""
         users = batch["users"]
         if self.config.sampling:
-            items, labels, valid = self.candidates(users, self._generator)
+            drawn = model.drawn_first(users) if hasattr(model, "drawn_first") else None
+            items, labels, valid = drawn or self.candidates(users, self._generator)
             pairwise = lambda_mrr_loss(model.score_items(users, items), labels, valid)
             return self.own_loss(model, users) + self.weight * pairwise
         items, labels, valid = self.listed(users)
-        per_user = lambda_mrr_rest_loss(model.score(users), ~self.context.train_mask(users), items, labels, valid)
+        scores = model.score(users) if scores is None else scores
+        per_user = lambda_mrr_rest_loss(scores, ~self.context.train_mask(users), items, labels, valid)
         return self.own_loss(model, users) + self.weight * per_user.mean()
 
     def describe(self) -> str:
