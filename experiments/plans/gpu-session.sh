@@ -2,13 +2,13 @@
 # One call for a lent GPU (15 minutes of device time per session, a start included): what issue 17's goal 5
 # needs measured next, every part bounded so that the files still come back.
 #  1. the six CiteULike teachers at once on the GPU (~70 s under no MPS; needed by 2 and 3);
-#  2. `hetcomp bench --device cuda` for w/o KD, RRD, DCD and HetComp: each method's ordinary epoch and its
-#     5 seeds stacked (hetcomp/stacked.py), per seed;
+#  2. `hetcomp bench --device cuda` (BENCH_METHODS): each method's ordinary epoch and its 5 seeds stacked
+#     (hetcomp/stacked.py), per seed;
 #  3. experiments/plans/stacked_share.py: 16 processes under CUDA MPS, each one ordinary run or 5 stacked seeds
-#     of HetComp, then of RRD, then of w/o KD: seed-epochs/s of the whole device, the factor the table's
-#     projection divides by (22-36 minutes with one run per process, gpu-table2-citeulike.md, section 0). The
-#     operators each step dispatches per seed predict 1.6x (HetComp MF), 1.6x (RRD MF) and 1.6-1.9x (w/o KD,
-#     whose prototype measured 1.65x): experiments/plans/step_ops.py; this checks that model of a host-bound GPU.
+#     of each of SHARE_METHODS: seed-epochs/s of the whole device, the factor the table's projection divides by
+#     (gpu-table2-citeulike.md, sections 0 and 0a). HetComp, RRD and w/o KD were measured (1.82x, 1.53x, 1.65x);
+#     the defaults are the methods not measured since their lists were batched over the seeds, whose operators per
+#     seed predict (CiteULike MF, experiments/plans/step_ops.py) DCD 1.9x, KD, RD, CL-DRD and MTD 1.5-2.2x.
 #  4. (FS_CPU=1) on the machine's CPU, beside 1-3: the Foursquare user and item autoencoders with one thread each,
 #     as the committed Foursquare teachers were made (teachers-foursquare.md: 4e96f83fbebc, 54e779961613), which a
 #     2-core AVX2 machine does not reproduce (teachers-foursquare-notes.md): their digests, and their trajectories
@@ -18,9 +18,10 @@
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`; for 4, Foursquare's files under
 # datasets/foursquare_fgcrec) and $OUT.
-# Knobs (environment): BENCH_METHODS (2; default none,rrd,dcd,kd,hetcomp; empty: skip 2), SHARE_METHODS (3; default
-# hetcomp,rrd,none; empty: skip 3), SHARE_REPLICAS (1,5), SHARE_OPTIONS (3's `--option METHOD.NAME=VALUE`s,
-# space-separated, e.g. "kd.losses=listwise:1.0 kd.own_weight=0.1": KD stacks with its listwise term), TEACHERS_XZ (a folder of <dataset>/<teacher>/
+# Knobs (environment): BENCH_METHODS (2; default dcd,kd,rd,cl-drd; empty: skip 2), SHARE_METHODS (3; default
+# dcd,kd,rd,cl-drd,mtd; empty: skip 3), SHARE_REPLICAS (1,5), SHARE_OPTIONS (3's `--option METHOD.NAME=VALUE`s,
+# space-separated; default the CiteULike studies' choices that shape a step: KD's listwise menu (with it KD
+# stacks), its list and own weight, RD's dynamic weighting), TEACHERS_XZ (a folder of <dataset>/<teacher>/
 # trajectory.npz.xz made here, carried: the teachers unpacked instead of trained in 1, which saves ~70-130 s of
 # device time; their digests need not be the studies'), DEVICE (cuda; cpu to try the script out), COMMIT (the
 # commit timings.md names: the device copy's git HEAD can be stale, so pass this checkout's short sha).
@@ -30,10 +31,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT}"
 TOTAL="${TOTAL:-540}"
-BENCH_METHODS="${BENCH_METHODS-none,rrd,dcd,kd,hetcomp}"
-SHARE_METHODS="${SHARE_METHODS-hetcomp,rrd,none}"
+BENCH_METHODS="${BENCH_METHODS-dcd,kd,rd,cl-drd}"
+SHARE_METHODS="${SHARE_METHODS-dcd,kd,rd,cl-drd,mtd}"
 SHARE_REPLICAS="${SHARE_REPLICAS:-1,5}"
-read -r -a share_options <<< "${SHARE_OPTIONS:-}"
+read -r -a share_options <<< "${SHARE_OPTIONS-kd.losses=listwise:1.0 kd.own_weight=0.1 kd.k=68 rd.dynamic=true}"
 TEACHERS_XZ="${TEACHERS_XZ:-}"
 DEVICE="${DEVICE:-cuda}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1

@@ -18,11 +18,12 @@
 # DURATIONS (a table2.csv whose wall times queue the runs longest first; default the committed CiteULike one,
 # used where the file exists; order only), STACK (0, the default: one run per process; 1: `reproduce
 # --stack-seeds`, the seeds of a run whose method stacks trained as one vmapped model in one process,
-# hetcomp/stacked.py. Not the default: with 16 processes under MPS it raised the device's seed-epochs/s by 1.82x
-# for HetComp and 1.53x for RRD but 1.13x for DCD (gpu-table2-citeulike.md, section 0a), whose 5-seed tasks then
-# run ~4.4x one run and could end the table last; the projected table gains ~11 %), STACK_METHODS (with STACK=1,
-# the methods whose seeds stack: `reproduce --stack-methods`; default none,rrd,hetcomp, the three that gained
-# 1.5-1.8x there; empty: every method that stacks).
+# hetcomp/stacked.py. Not the default yet: with 16 processes under MPS it raised the device's seed-epochs/s by
+# 1.82x for HetComp and 1.53x for RRD but 1.13x for DCD (gpu-table2-citeulike.md, section 0a); since then every
+# method stacks and DCD's and KD's lists are batched over the seeds, which the operator counts put at 1.5-1.9x
+# per seed for every method (stacked-seeds.md), unmeasured on a device; a 5-seed task also runs longer than one
+# run and could end the table last), STACK_METHODS (with STACK=1, the methods whose seeds stack: `reproduce
+# --stack-methods`; default empty: every method that stacks; e.g. none,rrd,hetcomp for the three measured).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -37,7 +38,7 @@ BENCH="${BENCH:-1}"
 MPS="${MPS:-1}"
 JOBS="${JOBS:-16}"
 STACK="${STACK:-0}"
-STACK_METHODS="${STACK_METHODS-none,rrd,hetcomp}"
+STACK_METHODS="${STACK_METHODS-}"
 DURATIONS="${DURATIONS-experiments/results/tuned/citeulike/table2.csv}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
