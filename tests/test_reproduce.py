@@ -387,12 +387,14 @@ def test_a_dcd_row_at_zero_correction_comes_from_its_rrd_row_when_the_folders_ar
 
 
 def test_stack_seeds_trains_a_rows_seeds_as_one_model_and_records_each(workspace, tmp_path):
-    result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2,3", "--methods", "none,rrd",
+    """Every method's row through the CLI: each method that stacks at its settings (all but KD's default menu,
+    which has no listwise term) trains its seeds as one model; each seed writes its own row and run."""
+    methods = ("cl-drd", "dcd", "hetcomp", "kd", "mtd", "none", "rd", "rrd")
+    result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2,3", "--methods", ",".join(methods),
                     "--stack-seeds", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"))
-    assert result.output.count("as one stacked model") == 2
+    assert result.output.count("as one stacked model") == len(methods) - 1
     rows = read_rows(tmp_path / "results" / "csv-toy-first300" / "table2.csv")
-    assert sorted((r["method"], r["seed"]) for r in rows) == [("none", "2"), ("none", "3"), ("rrd", "2"),
-                                                              ("rrd", "3")]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [(m, s) for m in methods for s in ("2", "3")]
     runs = [json.loads(path.read_text()) for path in (tmp_path / "runs").rglob("metrics.json")]
-    assert sorted((run["method"], run["seed"], tuple(run["stacked_with"])) for run in runs) == [
-        ("none", 2, (2, 3)), ("none", 3, (2, 3)), ("rrd", 2, (2, 3)), ("rrd", 3, (2, 3))]
+    assert sorted((run["method"], run["seed"], tuple(run.get("stacked_with", ()))) for run in runs) == [
+        (m, seed, () if m == "kd" else (2, 3)) for m in methods for seed in (2, 3)]

@@ -152,7 +152,7 @@ class KD(DistillMethod):
     def first_draws_lockstep(cls, objectives: Sequence[KD], users: Sequence[torch.Tensor],
                              model: Recommender) -> list | None:
         """The candidates' negatives, a step's first draw, for every replica at once (each its own)."""
-        if len({id(objective.context) for objective in objectives}) != 1:
+        if len({(id(objective.context), objective.config.n_neg) for objective in objectives}) != 1:
             return None
         return sample_unobserved_lockstep(objectives[0].context.sampler, users, objectives[0].config.n_neg,
                                           [o.ranking[part, :o.k] for o, part in zip(objectives, users, strict=True)],
