@@ -135,6 +135,22 @@ def test_only_methods_that_stack_at_their_settings_are_grouped(world):
     assert [len(unit) for unit in stack_units(both, stack_seeds=frozenset({"kd", "rrd"}))] == [1, 1, 2, 2]
 
 
+def test_stack_size_splits_a_rows_seeds_into_even_stacks(world):
+    """--stack-size: no stack holds more seeds than asked, a row's seeds split as evenly as can be, larger first,
+    in seed order; methods that do not stack stay one run a task."""
+    specs = _specs(world, seeds=(0, 1, 2, 3, 4))  # w/o KD's five seeds, then RRD's
+
+    def seeds(size: int | None) -> list[list[int]]:
+        return [[spec.seed for spec in unit] for unit in stack_units(specs, stack_seeds=True, stack_size=size)]
+
+    assert seeds(None) == seeds(5) == [[0, 1, 2, 3, 4]] * 2
+    assert seeds(3) == [[0, 1, 2], [3, 4]] * 2
+    assert seeds(2) == [[0, 1], [2, 3], [4]] * 2
+    assert seeds(1) == [[seed] for seed in range(5)] * 2
+    only_rrd = stack_units(specs, stack_seeds=frozenset({"rrd"}), stack_size=3)
+    assert [[spec.seed for spec in unit] for unit in only_rrd] == [[0], [1], [2], [3], [4], [0, 1, 2], [3, 4]]
+
+
 def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp_path):
     _, inputs, _, _ = world
     long = _specs(world, seeds=(0,), max_epochs=40, patience=40)[1]  # rrd for 40 epochs: time to be killed

@@ -82,6 +82,8 @@ def test_reproduce_rejects_a_tuning_dir_that_does_not_exist(tmp_path):
 
 @pytest.mark.parametrize("args,named", [
     (["--stack-methods", "rrd"], ["--stack-methods", "add --stack-seeds"]),
+    (["--stack-size", "3"], ["--stack-size", "add --stack-seeds"]),
+    (["--stack-seeds", "--stack-size", "0"], ["--stack-size"]),
     (["--stack-seeds", "--stack-methods", "rrd,magic"], ["unknown method in --stack-methods magic", "hetcomp"]),
 ])
 def test_reproduce_rejects_stack_methods_it_cannot_apply(tmp_path, args, named):

@@ -23,7 +23,10 @@
 # method stacks and DCD's and KD's lists are batched over the seeds, which the operator counts put at 1.5-1.9x
 # per seed for every method (stacked-seeds.md), unmeasured on a device; a 5-seed task also runs longer than one
 # run and could end the table last), STACK_METHODS (with STACK=1, the methods whose seeds stack: `reproduce
-# --stack-methods`; default empty: every method that stacks; e.g. none,rrd,hetcomp for the three measured).
+# --stack-methods`; default empty: every method that stacks; e.g. none,rrd,hetcomp for the three measured),
+# STACK_SIZE (with STACK=1, at most this many seeds a stack: `reproduce --stack-size`; default empty, a row's 5
+# seeds in one. A process on a shared device is host-bound: it hardly speeds up when others finish (w/o KD 4.1
+# epochs/s alone, 3.6 each of 16 under MPS), so the longest task bounds the table; a 5-seed DNN DCD stack is projected at ~2.3x one such run, which 3 + 2 halves).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT to the folder that receives the results}"
@@ -39,6 +42,7 @@ MPS="${MPS:-1}"
 JOBS="${JOBS:-16}"
 STACK="${STACK:-0}"
 STACK_METHODS="${STACK_METHODS-}"
+STACK_SIZE="${STACK_SIZE:-}"
 DURATIONS="${DURATIONS-experiments/results/tuned/citeulike/table2.csv}"
 WORK="${WORK:-$(mktemp -d)}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -111,10 +115,11 @@ order=()
 [ -f "$DURATIONS" ] && order=(--durations-from "$DURATIONS")
 [ "$STACK" = 1 ] && order+=(--stack-seeds)
 [ "$STACK" = 1 ] && [ -n "$STACK_METHODS" ] && order+=(--stack-methods "$STACK_METHODS")
+[ "$STACK" = 1 ] && [ -n "$STACK_SIZE" ] && order+=(--stack-size "$STACK_SIZE")
 "$PYTHON" -m hetcomp reproduce "${data[@]}" --table 2 --students "$STUDENTS" --methods "$METHODS" --seeds "$SEEDS" \
   --device "$DEVICE" --jobs "$JOBS" "${order[@]}" "${dirs[@]}" --runs-dir "$WORK/runs" \
   --results-dir "$WORK/results" > "$WORK/logs/runs.log" 2>&1 &
-note "started the runs: one reproduce, $JOBS processes taking them from one queue (stacked seeds: $STACK, methods: ${STACK_METHODS:-all that stack})"
+note "started the runs: one reproduce, $JOBS processes taking them from one queue (stacked seeds: $STACK, methods: ${STACK_METHODS:-all that stack}, size: ${STACK_SIZE:-a row})"
 wait_or_stop $!
 note "student runs: $(( $(elapsed) - runs_start )) s of wall time"
 

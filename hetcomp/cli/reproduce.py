@@ -74,13 +74,16 @@ def reproduce_command(
                                                 "with these teachers replace ledger rows that other teachers "
                                                 "made (by default that is refused, naming the rows)."),
     stack_seeds: bool = typer.Option(False, "--stack-seeds", help="Table 2: train the seeds of each run whose "
-                                     "method stacks (w/o KD, HetComp, RRD, DCD, MTD, KD with listwise) as one stacked "
+                                     "method stacks (every method; KD with listwise) as one stacked "
                                      "model, one task per run; for a GPU, where a stack's epoch costs little more "
                                      "than one run's (on a CPU it gains nothing). Each seed keeps its own folder, "
                                      "row and checkpoints."),
     stack_methods: str = typer.Option(None, "--stack-methods", help="With --stack-seeds: stack only these "
                                       "methods' seeds (comma-separated, e.g. hetcomp,rrd,none, which gained most "
                                       "on an H200; default: every method that stacks)."),
+    stack_size: int = typer.Option(None, "--stack-size", help="With --stack-seeds: at most this many seeds a "
+                                   "stack, a row's seeds split as evenly as can be (5 at 3: 3 + 2), so that no "
+                                   "task runs much longer than the rest (default: a row's seeds in one)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
@@ -97,6 +100,10 @@ def reproduce_command(
         if not stack_seeds:
             raise HetCompError("--stack-methods chooses among the runs --stack-seeds stacks: add --stack-seeds")
         stacked = frozenset(_parse_names(stack_methods, list(METHODS), "method in --stack-methods"))
+    if stack_size is not None:
+        if not stack_seeds:
+            raise HetCompError("--stack-size sizes the stacks of --stack-seeds: add --stack-seeds")
+        check_option("--stack-size", stack_size, 2, ge=1)
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
@@ -121,6 +128,7 @@ def reproduce_command(
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
                                   ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
                                   replace_other_teachers=replace_other_teachers, stack_seeds=stacked,
+                                  stack_size=stack_size,
                                   tuning_dir=tuned_from)
         if figure == "curves":
             written = [curves.curves_figure(rep, s) for s in student_names

@@ -91,6 +91,8 @@ class Reproduction:
     #: Table 2 trains the seeds of a run whose method stacks as one stacked model (``hetcomp.stacked``; a GPU):
     #: True for every method that stacks, or the names of the methods to stack
     stack_seeds: bool | frozenset[str] = False
+    #: at most this many seeds a stack (None: a row's seeds in one)
+    stack_size: int | None = None
     #: where the settings of ``hetcomp tune`` are read from (None: ``experiments/tuning``)
     tuning_dir: Path | None = None
 

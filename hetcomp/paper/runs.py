@@ -81,7 +81,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
         return
     if not (rep.jobs > 1 or rep.ray_address):
         position = 0
-        for unit in stack_units(specs, rep.stack_seeds):
+        for unit in stack_units(specs, rep.stack_seeds, rep.stack_size):
             for spec in unit:
                 position += 1
                 rep.say(f"[{position}/{len(specs)}] {rerun_command(rep, spec)}")
@@ -115,7 +115,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     try:
         report = run_grid(specs, rep.inputs, RunStore(rep.runs_dir), rep.jobs, rep.ray_address, on_result=finished,
                           say=rep.say, gpus_per_run=0.25 if rep.device.type == "cuda" else 0.0,
-                          stack_seeds=rep.stack_seeds)
+                          stack_seeds=rep.stack_seeds, stack_size=rep.stack_size)
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()

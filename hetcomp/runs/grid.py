@@ -11,6 +11,8 @@ stops the cluster it started.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import multiprocessing
 import os
 import queue
@@ -82,24 +84,32 @@ def execute_specs(specs: tuple[RunSpec, ...], inputs: Inputs, store_root: str, t
     return train_stack(specs, split, trajectories, RunStore(store_root), inputs.device)
 
 
-def stack_units(specs: Sequence[RunSpec], stack_seeds: bool | Collection[str]) -> list[tuple[RunSpec, ...]]:
+def stack_units(specs: Sequence[RunSpec], stack_seeds: bool | Collection[str],
+                stack_size: int | None = None) -> list[tuple[RunSpec, ...]]:
     """The grid's tasks: one per run, or with ``stack_seeds`` one per run specification whose method stacks
     (:meth:`~hetcomp.distill.base.DistillMethod.stacks_seeds`) holding its seeds, placed where its first seed
     was (the queue's order is kept). ``stack_seeds`` True: every method that stacks; a collection of method
-    names: those of them (a GPU gains from stacking some methods more than others)."""
+    names: those of them (a GPU gains from stacking some methods more than others). ``stack_size``: at most this
+    many seeds a stack, a row's seeds split into stacks as even as can be (5 at 3: 3 + 2), so that no task runs
+    much longer than the rest (a stack of R seeds takes several times one run)."""
     units: dict[object, list[RunSpec]] = {}
     for index, spec in enumerate(specs):
         chosen = stack_seeds is True or (not isinstance(stack_seeds, bool) and spec.method in stack_seeds)
         stacks = chosen and spec.stacks_seeds
         units.setdefault(dataclasses.replace(spec, seed=0) if stacks else index, []).append(spec)
-    return [tuple(unit) for unit in units.values()]
+    out = []
+    for unit in units.values():
+        parts = math.ceil(len(unit) / stack_size) if stack_size else 1
+        bounds = [-(-len(unit) * part // parts) for part in range(parts + 1)]  # the larger stacks first
+        out.extend(tuple(unit[start:end]) for start, end in itertools.pairwise(bounds))
+    return out
 
 
 def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: int = 1, address: str | None = None,
              cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
              on_result: Callable[[RunSpec, dict], None] | None = None,
              say: Callable[[str], None] = print, backend: str | None = None,
-             stack_seeds: bool | Collection[str] = False) -> GridReport:
+             stack_seeds: bool | Collection[str] = False, stack_size: int | None = None) -> GridReport:
     """Run every spec as a Ray task (finished ones are reused by the task itself) and report as they finish.
 
     ``jobs``: CPUs of the local cluster started when ``address`` is None (each run gets ``cpus_per_run`` of them
@@ -108,7 +118,8 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
     another: no retry of a process that dies); by default Ray, and the processes where Ray is not installed
     (e.g. a bare GPU machine) and no ``address`` asks for a cluster. ``stack_seeds``: the seeds of a run whose
     method stacks (or, a collection of names, of those methods) train as one stacked model in one task
-    (:func:`stack_units`; for a GPU, where a stack's epoch costs little more than one run's)."""
+    (:func:`stack_units`, at most ``stack_size`` seeds a stack; for a GPU, where a stack's epoch costs little more
+    than one run's)."""
     report = GridReport()
     if not specs:
         return report
@@ -126,7 +137,7 @@ def run_grid(specs: Sequence[RunSpec], inputs: Inputs, store: RunStore, jobs: in
             if on_result is not None:
                 on_result(spec, results[position])
 
-    units = stack_units(specs, stack_seeds)
+    units = stack_units(specs, stack_seeds, stack_size)
     threads = task_threads(jobs, address, cpus_per_run)
     if backend == "processes":
         with sigterm_interrupts():
