@@ -14,11 +14,15 @@ stopped keeps its best state; its parameters go on moving with the stack, unread
 
 Two kinds of objectives stack. A ``stackable`` one splits its random draws from its arithmetic (w/o KD: the
 sampled negatives, then the student's own loss, which must read triples): its whole arithmetic runs under
-``vmap``. A ``stackable_scores`` one reads the student through its scores of every item (HetComp, RRD, DCD, MTD,
-KD with ``listwise``): the scoring runs under ``vmap``, and each replica's own objective (its DKC state, its
-phase, its draws) takes its rows of the [R, B, n_items] scores. The student's own loss that such an objective
-asks of its replica is deferred: a placeholder stands in while the replicas' objectives run, then every
-replica's triples, padded to the longest (a weight marks the padding), go through one vmapped call.
+``vmap``. A ``stackable_scores`` one reads the student through its scores of every item or a few items' scores
+(every other method: HetComp, RRD, DCD, MTD, KD with ``listwise``, RD, CL-DRD): the scoring runs under ``vmap``,
+and each replica's own objective (its DKC state, its phase, its draws) takes its rows of the [R, B, n_items]
+scores. The student's own loss that such an objective asks of its replica is deferred: a placeholder stands in
+while the replicas' objectives run, then every replica's triples, padded to the longest (a weight marks the
+padding), go through one vmapped call. What the replicas' steps ask alike is answered for all at once: their
+tail-node requests (one call over all rows), their :class:`~hetcomp.train.StepRequest` terms (DCD's corrections:
+one vmapped call), and a step's first draws (``first_draws_lockstep``: own triples, KD's candidates, CL-DRD's
+lists, each replica's exactly as alone) or its last (the own triples of ``own_draws_last`` methods).
 
 Checkpoints are the ordinary ones: a replica with a ``run_dir`` writes its own ``last.pt`` / ``best.pt`` after each
 evaluation, its slice of the stacked Adam state exported in the ordinary optimizer's format, so that an
