@@ -18,8 +18,9 @@
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`; for 4, Foursquare's files under
 # datasets/foursquare_fgcrec) and $OUT.
-# Knobs (environment): BENCH_METHODS (2; default dcd,kd,rd,cl-drd; empty: skip 2), SHARE_METHODS (3; default
-# dcd,kd,rd,cl-drd,mtd; empty: skip 3), SHARE_REPLICAS (1,5), SHARE_OPTIONS (3's `--option METHOD.NAME=VALUE`s,
+# Knobs (environment): BENCH_METHODS (2; default dcd,kd; empty: skip 2), SHARE_METHODS (3; default
+# dcd,kd,cl-drd,rd,mtd, the largest shares of the projected table first: rows past the deadline are skipped; empty:
+# skip 3), SHARE_REPLICAS (1,5), SHARE_OPTIONS (3's `--option METHOD.NAME=VALUE`s,
 # space-separated; default the CiteULike studies' choices that shape a step: KD's listwise menu (with it KD
 # stacks), its list and own weight, RD's dynamic weighting), TEACHERS_XZ (a folder of <dataset>/<teacher>/
 # trajectory.npz.xz made here, carried: the teachers unpacked instead of trained in 1, which saves ~70-130 s of
@@ -31,8 +32,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:?set OUT}"
 TOTAL="${TOTAL:-540}"
-BENCH_METHODS="${BENCH_METHODS-dcd,kd,rd,cl-drd}"
-SHARE_METHODS="${SHARE_METHODS-dcd,kd,rd,cl-drd,mtd}"
+BENCH_METHODS="${BENCH_METHODS-dcd,kd}"
+SHARE_METHODS="${SHARE_METHODS-dcd,kd,cl-drd,rd,mtd}"
 SHARE_REPLICAS="${SHARE_REPLICAS:-1,5}"
 read -r -a share_options <<< "${SHARE_OPTIONS-kd.losses=listwise:1.0 kd.own_weight=0.1 kd.k=68 rd.dynamic=true}"
 TEACHERS_XZ="${TEACHERS_XZ:-}"
