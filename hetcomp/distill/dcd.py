@@ -74,6 +74,7 @@ from hetcomp.distill.losses import relaxed_ranking_loss, relaxed_ranking_rows
 from hetcomp.distill.rrd import RRD, RRDConfig
 from hetcomp.distill.tools import (
     csr_rows_padded,
+    exponential_noise,
     ranks_outside,
     ranks_within_groups,
     ranks_within_rows,
@@ -123,17 +124,17 @@ class DCDConfig:
 
 
 def draw_corrections(under: torch.Tensor, over: torch.Tensor, lists: torch.Tensor, n_under: int, n_over: int,
-                     generator: torch.Generator | None
+                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, entries of ``lists`` [B, W] drawn ∝ the errors [B, W] without replacement: (under-ranked ids in
-    list order, valid, over-ranked ids, valid), each [B, ≤n]. Entries of zero error are never drawn. An entry is
-    under- or over-ranked, never both, so both draws share one noise draw."""
-    width = lists.shape[1]
+    """Per row, entries of ``lists`` [..., W] drawn ∝ the errors [..., W] without replacement: (under-ranked ids
+    in list order, valid, over-ranked ids, valid), each [..., ≤n]. Entries of zero error are never drawn. An entry
+    is under- or over-ranked, never both, so both draws share one noise draw (``noise``: drawn already)."""
+    width = lists.shape[-1]
     (picks, valid), (over_picks, over_valid) = sample_disjoint_without_replacement(under, over, n_under, n_over,
-                                                                                   generator)
-    order = torch.where(valid, picks, picks + width).sort(dim=1).indices  # list order, invalid draws last
-    picks, valid = picks.gather(1, order), valid.gather(1, order)
-    return lists.gather(1, picks), valid, lists.gather(1, over_picks), over_valid
+                                                                                   generator, noise)
+    order = torch.where(valid, picks, picks + width).sort(dim=-1).indices  # list order, invalid draws last
+    picks, valid = picks.gather(-1, order), valid.gather(-1, order)
+    return lists.gather(-1, picks), valid, lists.gather(-1, over_picks), over_valid
 
 
 def _from_rrd(settings: dict) -> dict:
@@ -163,42 +164,50 @@ def correction_loss(score_items: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 @dataclasses.dataclass
 class CorrectionRequest(StepRequest):
-    """One side's correction term of a step, its entries drawn (:func:`correction_loss`): answered with the
-    ordinary run's ``model``, or for every replica of a stack at once, padded to common shapes (padding rows and
-    entries are invalid, so they add nothing)."""
+    """One side's correction term of a step, its noise drawn, its entries not yet (:func:`draw_corrections`, then
+    :func:`correction_loss`): ``rows`` [B] with their ``lists`` [B, W] (the other kind's ids) and errors. Answered
+    with the ordinary run's ``model``, or for every replica of a stack at once: the draws over the replicas' rows
+    in one go, padded to common shapes (padding has no error, so it is never drawn), then the loss vmapped."""
 
     model: Recommender
     side: str
     rows: torch.Tensor
-    under: torch.Tensor
-    under_valid: torch.Tensor
-    over: torch.Tensor
-    over_valid: torch.Tensor
+    under_error: torch.Tensor
+    over_error: torch.Tensor
+    lists: torch.Tensor
+    noise: torch.Tensor
+    n_under: int
+    n_over: int
 
     @property
     def key(self) -> tuple:
-        return ("dcd-correction", self.side)
+        return ("dcd-correction", self.side, self.n_under, self.n_over)
 
     def answer(self) -> torch.Tensor:
-        return correction_loss(self.model.score_items, self.side, self.rows, self.under, self.under_valid,
-                               self.over, self.over_valid)
+        drawn = draw_corrections(self.under_error, self.over_error, self.lists, self.n_under, self.n_over,
+                                 noise=self.noise)
+        return correction_loss(self.model.score_items, self.side, self.rows, *drawn)
 
     @classmethod
     def stacked(cls, requests: list[CorrectionRequest]) -> tuple[dict[str, torch.Tensor], Callable]:
-        def padded(name: str) -> torch.Tensor:
+        def padded(name: str, fill: float) -> torch.Tensor:
             values = [getattr(request, name) for request in requests]
             shape = [max(value.shape[dim] for value in values) for dim in range(values[0].dim())]
             if all(list(value.shape) == shape for value in values):
                 return torch.stack(values)
-            out = values[0].new_zeros((len(values), *shape))
+            out = values[0].new_full((len(values), *shape), fill)
             for index, value in enumerate(values):
                 out[(index, *(slice(0, size) for size in value.shape))] = value
             return out
 
-        inputs = {name: padded(name) for name in ("rows", "under", "under_valid", "over", "over_valid")}
+        first = requests[0]
+        drawn = draw_corrections(padded("under_error", 0.0), padded("over_error", 0.0), padded("lists", 0),
+                                 first.n_under, first.n_over, noise=padded("noise", 1.0))
+        inputs = dict(zip(("under", "under_valid", "over", "over_valid"), drawn, strict=True))
+        inputs["rows"] = padded("rows", 0)
         inputs["count"] = torch.tensor([len(request.rows) for request in requests], dtype=torch.float32,
-                                       device=requests[0].rows.device)
-        side = requests[0].side
+                                       device=first.rows.device)
+        side = first.side
 
         def term(score_items: Callable, replica: dict[str, torch.Tensor]) -> torch.Tensor:
             return correction_loss(score_items, side, **replica)
@@ -347,6 +356,13 @@ class DCD(DistillMethod):
         return draw_corrections(self.under_error[users], self.over_error[users], self.ranking[users],
                                 self.config.n_under, self.config.n_over, generator)
 
+    def _request(self, model: Recommender, side: str, rows: torch.Tensor, under: torch.Tensor, over: torch.Tensor,
+                 lists: torch.Tensor, generator: torch.Generator | None) -> CorrectionRequest:
+        """A side's request, its noise drawn now (where the draw would be), its entries when answered."""
+        return CorrectionRequest(model, side, rows, under, over, lists,
+                                 exponential_noise(under.shape, generator, under.device), self.config.n_under,
+                                 self.config.n_over)
+
     def item_lists(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(top users [B, L] in list order, under-ranked errors, over-ranked errors, valid) of ``items``, padded
         (padding has zero error, so it is never drawn)."""
@@ -370,10 +386,10 @@ class DCD(DistillMethod):
         """The user side's term on the sampled items: for a model with its own ``score_items``, the request that
         scores just those ~20 items per user (the gradient skips a dense [B, n_items] pass); for others, the loss
         from the batch's full ``scores()``."""
-        under, under_valid, over, over_valid = self.correction_lists(users, generator)
         if type(model).score_items is Recommender.score_items:
-            return relaxed_ranking_loss(scores(), under, under_valid, over, over_valid)
-        return CorrectionRequest(model, "user", users, under, under_valid, over, over_valid)
+            return relaxed_ranking_loss(scores(), *self.correction_lists(users, generator))
+        return self._request(model, "user", users, self.under_error[users], self.over_error[users],
+                             self.ranking[users], generator)
 
     def user_correction_loss(self, model: Recommender, users: torch.Tensor,
                              scores: Callable[[], torch.Tensor] | None, generator: torch.Generator | None
@@ -385,7 +401,8 @@ class DCD(DistillMethod):
     def item_correction(self, model: Recommender, items: torch.Tensor,
                         generator: torch.Generator | None) -> CorrectionRequest:
         """The item side's term: the request for the sampled users' scores of each item."""
-        return CorrectionRequest(model, "item", items, *self.item_correction_lists(items, generator))
+        users, under, over, _ = self.item_lists(items)
+        return self._request(model, "item", items, under, over, users, generator)
 
     def item_correction_loss(self, model: Recommender, items: torch.Tensor,
                              generator: torch.Generator | None) -> torch.Tensor:

@@ -45,24 +45,33 @@ Draw = tuple[torch.Tensor, torch.Tensor]
 
 
 def sample_disjoint_without_replacement(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int,
-                                        generator: torch.Generator | None = None) -> tuple[Draw, Draw]:
-    """Two :func:`sample_without_replacement` draws from weights [B, C] whose supports are disjoint (an entry
+                                        generator: torch.Generator | None = None,
+                                        noise: torch.Tensor | None = None) -> tuple[Draw, Draw]:
+    """Two :func:`sample_without_replacement` draws from weights [..., C] whose supports are disjoint (an entry
     has weight in at most one), from one noise draw with one logarithm per entry.
 
     Exponential keys: the n largest w / E with E = −log U ~ Exp(1) are a draw without replacement ∝ w (they are
     exp(log w + Gumbel), the same order as Gumbel-top-k). Disjoint supports read disjoint noise, so the two
     draws are independent; sharing it saves a uniform draw and five of six logarithms against two Gumbel-top-k
-    draws. Returns ((columns, valid), (columns, valid)), each [B, min(n, C)]; invalid draws have weight 0.
-    Overlapping supports are not checked (a per-batch device sync): they would make the draws dependent.
+    draws. ``noise``: E drawn already (:func:`exponential_noise`, e.g. for several replicas' rows at once, padded
+    with any positive value where the weights are 0). Returns ((columns, valid), (columns, valid)), each
+    [..., min(n, C)]; invalid draws have weight 0. Overlapping supports are not checked (a per-batch device sync):
+    they would make the draws dependent.
     """
-    noise = torch.log(_uniform(first.shape, generator, first.device)).neg_()  # E ∈ (0, 46]: finite keys
+    if noise is None:
+        noise = exponential_noise(first.shape, generator, first.device)
 
     def draw(weights: torch.Tensor, n: int) -> Draw:
         weights = weights.clamp(min=0)
-        columns = torch.topk(weights / noise, min(n, weights.shape[1]), dim=1).indices
-        return columns, weights.gather(1, columns) > 0
+        columns = torch.topk(weights / noise, min(n, weights.shape[-1]), dim=-1).indices
+        return columns, weights.gather(-1, columns) > 0
 
     return draw(first, n_first), draw(second, n_second)
+
+
+def exponential_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """E = −log U ~ Exp(1) of ``shape``, U from ``generator`` (E ∈ (0, 46]: finite keys w / E)."""
+    return torch.log(_uniform(shape, generator, device)).neg_()
 
 
 def sample_uniform_from_mask(mask: torch.Tensor, n: int,
