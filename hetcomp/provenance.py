@@ -46,6 +46,19 @@ def source_digest(root: Path = Path(__file__).resolve().parent) -> str:
 CODE_DIGEST = source_digest()
 
 
+def check_sources_unchanged() -> None:
+    """Refuse to train once the package's sources on disk differ from those this process started with
+    (:data:`CODE_DIGEST`): modules it imports from then on (lazily, or in a long-lived Ray worker) would be the new
+    code beside the old, a run made by code no commit holds (seen: a plan of studies whose workers outlived a
+    checkout's update failed to import a new name)."""
+    now = source_digest()
+    if now != CODE_DIGEST:
+        raise HetCompError(f"hetcomp's sources changed on disk since this process started (code {CODE_DIGEST} -> "
+                           f"{now}): a run now would mix two versions of the code. Rerun the command: finished "
+                           "runs and trials are kept and it resumes with the new code (or run long jobs from a "
+                           "checkout you do not edit, e.g. a git worktree)")
+
+
 def machine() -> str:
     """Where numbers were made. The CPU's model and the instruction set torch's kernels use are part of it: the
     same seed on another instruction set (AVX2 against AVX-512) sums in another order, and a teacher trained there

@@ -20,7 +20,7 @@ from hetcomp.ensemble import trajectory_state_metrics as trajectory_state_metric
 from hetcomp.errors import HetCompError
 from hetcomp.locks import exclusive_lock
 from hetcomp.models import build_model
-from hetcomp.provenance import dataset_slug
+from hetcomp.provenance import check_sources_unchanged, dataset_slug
 from hetcomp.train import Callback, Trainer, train_model
 from hetcomp.trajectory import (
     Trajectory,
@@ -175,6 +175,7 @@ def _finished_teacher(done: Path, split: Split, dim: int, seed: int) -> Trajecto
 
 def _train_teacher(split: Split, teacher: str, run_dir: Path, dim: int, seed: int, device: torch.device | str,
                    top_m: int, callbacks: list[Callback] | None, command: str, overrides: dict) -> Trajectory:
+    check_sources_unchanged()
     torch.manual_seed(seed)
     model = build_model(teacher, split.train, dim=dim, **overrides)
     config = {k: v for k, v in vars(model.config).items()}

@@ -12,6 +12,7 @@ from conftest import make_tiny_split, train_tiny_teachers
 from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge, discrepancy
 from hetcomp.distill.losses import fine_loss, overall_loss
+from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.provenance import git_commit, source_digest
 from hetcomp.runs import distill
@@ -326,6 +327,18 @@ def test_source_digest_follows_the_code(tmp_path):
     assert source_digest(tmp_path) != before
     (tmp_path / "a.py").write_text("x = 1\n")
     assert source_digest(tmp_path) == before
+
+
+def test_a_run_refuses_to_train_once_the_sources_changed_on_disk(tmp_path, monkeypatch):
+    """A long plan whose checkout is edited under it must not train with a mix of old and new modules: training
+    stops with an error naming the fix; a finished run is still read back."""
+    from hetcomp import provenance
+
+    finished = distill(SPLIT, [], "mf", "none", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=1)
+    monkeypatch.setattr(provenance, "source_digest", lambda *args: "0123456789ab")
+    assert distill(SPLIT, [], "mf", "none", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=1) == finished
+    with pytest.raises(HetCompError, match="sources changed on disk since this process started.*Rerun the command"):
+        distill(SPLIT, [], "mf", "none", dim=4, runs_root=tmp_path, max_epochs=3, eval_every=1)
 
 
 def test_commit_stamp_says_when_the_sources_differ_from_it(tmp_path):

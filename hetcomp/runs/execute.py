@@ -17,7 +17,7 @@ from hetcomp.device import peak_memory_mb
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
-from hetcomp.provenance import CODE_DIGEST, git_commit, machine
+from hetcomp.provenance import CODE_DIGEST, check_sources_unchanged, git_commit, machine
 from hetcomp.runs.spec import (
     DEFAULT_BATCH_USERS,
     DEFAULT_EVAL_EVERY,
@@ -99,6 +99,7 @@ def _context(spec: RunSpec, split: Split, trajectories: Sequence, device: torch.
 
 def _train(spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore, folder: Path,
            device: torch.device, callbacks: list[Callback] | None) -> dict:
+    check_sources_unchanged()
     trainer = _trainer(spec, split, _context(spec, split, trajectories, device), device, callbacks, folder)
     started = time.perf_counter()
     trainer.fit()
@@ -188,6 +189,7 @@ def _train_stacked(specs: Sequence[RunSpec], split: Split, trajectories: Sequenc
                 left.append(spec)
         if not left:
             return
+        check_sources_unchanged()
         context = _context(left[0], split, trajectories, device)
         by_seed = {spec.seed: spec for spec in left}
         trainers = [_trainer(spec, split, context, device, callbacks(spec), folders[spec.seed]) for spec in left]
