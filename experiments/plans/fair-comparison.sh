@@ -23,10 +23,10 @@
 # JOBS=2 runs two studies (then two runs) at once, one thread each: for one lane alone on the machine, e.g. the
 # Foursquare lane once the CiteULike one is done (stop it with SIGTERM and start it again with JOBS=2).
 #
-# A lane runs for hours: start it from a checkout nobody edits meanwhile (e.g. `git worktree add --detach
-# ../lane HEAD`, then `cd ../lane` and pass the teachers, tuning and results folders of the working checkout as
-# absolute paths). Training refuses to start once the sources under it changed (Ray's workers import modules
-# lazily, so an edited checkout would otherwise mix two versions of the code); rerunning resumes.
+# A lane runs for hours: start it from a checkout nobody edits meanwhile (a second clone or a `git worktree`,
+# whose records are then committed from there). Training refuses to start once the sources under it changed
+# (Ray's workers import modules lazily, so an edited checkout would otherwise mix two versions of the code);
+# rerunning the lane resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
