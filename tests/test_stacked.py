@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_split, train_tiny_teachers
 
 from hetcomp.distill import DistillContext, build_method
+from hetcomp.distill.cl_drd import ListRequest
 from hetcomp.distill.dcd import CorrectionRequest
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
@@ -130,10 +131,11 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     answer_tail, rows_asked = getattr(first, "answer_tail", None), []
     if answer_tail is not None:
         first.answer_tail = lambda scores, *rest: rows_asked.append(len(scores)) or answer_tail(scores, *rest)
-    stacked_sides, stack_requests = [], CorrectionRequest.stacked.__func__
-    monkeypatch.setattr(CorrectionRequest, "stacked", classmethod(
-        lambda cls, requests: stacked_sides.append((len(requests), requests[0].side)) or stack_requests(cls,
-                                                                                                   requests)))
+    stacked_keys = []
+    for request_class in (CorrectionRequest, ListRequest):
+        monkeypatch.setattr(request_class, "stacked", classmethod(
+            lambda cls, requests, stack=request_class.stacked.__func__: stacked_keys.append(
+                (len(requests), requests[0].key[:2])) or stack(cls, requests)))
     first_draws, method_class = [], type(stacked.trainers[0].objective)
     draw_first = method_class.first_draws_lockstep.__func__
     monkeypatch.setattr(method_class, "first_draws_lockstep", classmethod(
@@ -143,8 +145,10 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     # a step's first draws for every replica at once: DCD's own triples, KD's candidates' negatives, CL-DRD's lists
     drawn_first = method in ("dcd", "kd") or method == "cl-drd" and options.get("sampling", True)
     assert all(first_draws) == drawn_first and first_draws
-    # DCD's corrections: both replicas' sampled entries of a side scored and ranked in one call
-    assert set(stacked_sides) == ({(2, "user"), (2, "item")} if method == "dcd" else set())
+    # DCD's corrections and CL-DRD's lists: both replicas' sampled entries (of a side) scored and lost in one call
+    expected = ({(2, ("dcd-correction", "user")), (2, ("dcd-correction", "item"))} if method == "dcd" else
+                {(2, ("cl-drd-lists",))} if method == "cl-drd" and options.get("sampling", True) else set())
+    assert set(stacked_keys) == expected
     # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
     # DCD's before the step (its correction lists draw after its own loss)
     assert drawn_together

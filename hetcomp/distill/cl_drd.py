@@ -45,7 +45,8 @@ declares the ranges to tune on validation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,7 +58,7 @@ from hetcomp.distill.losses import lambda_mrr_loss, lambda_mrr_rest_loss
 from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved, sample_unobserved_lockstep
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
-from hetcomp.train import Trainer
+from hetcomp.train import StepRequest, Trainer
 
 
 @dataclass
@@ -86,6 +87,32 @@ class CLDRDConfig:
 
 
 HARD_LABEL, NEGATIVE_LABEL = -0.25, -0.5  # the authors' labels; below every 1/rank, and only their order matters
+
+
+@dataclasses.dataclass
+class ListRequest(StepRequest):
+    """The LambdaMRR term of a step's sampled lists (``items``, ``labels``, ``valid`` [B, L] for ``users``):
+    answered with the ordinary run's ``model``, or for every replica of a stack in one vmapped call (a replica's
+    lists padded with invalid entries where shapes differ, which pair with nothing)."""
+
+    model: Recommender
+    users: torch.Tensor
+    items: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    key = ("cl-drd-lists",)
+
+    def answer(self) -> torch.Tensor:
+        return lambda_mrr_loss(self.model.score_items(self.users, self.items), self.labels, self.valid)
+
+    @classmethod
+    def stacked(cls, requests: list[ListRequest]) -> tuple[dict[str, torch.Tensor], Callable]:
+        def term(score_items: Callable, replica: dict[str, torch.Tensor]) -> torch.Tensor:
+            return lambda_mrr_loss(score_items(replica["users"], replica["items"]), replica["labels"],
+                                   replica["valid"])
+
+        return {name: cls.padded_stack([getattr(request, name) for request in requests])
+                for name in ("users", "items", "labels", "valid")}, term
 
 
 def parse_stages(text: str | int) -> list[int]:
@@ -191,14 +218,22 @@ class CLDRD(DistillMethod):
     def loss(self, model: Recommender, batch: Batch) -> torch.Tensor:
         return self.loss_of_scores(None, batch, model)
 
+    def tail_steps(self, batch: Batch, model: Recommender):
+        """With sampling: the lists' draws, a :class:`ListRequest` for their LambdaMRR term, then the own loss."""
+        return self._sampled_steps(batch, model) if self.config.sampling else None
+
+    def _sampled_steps(self, batch: Batch, model: Recommender):
+        users = batch["users"]
+        drawn = model.drawn_first(users) if hasattr(model, "drawn_first") else None
+        items, labels, valid = drawn or self.candidates(users, self._generator)
+        pairwise = yield ListRequest(model, users, items, labels, valid)
+        return self.own_loss(model, users) + self.weight * pairwise
+
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
         """The loss; ``scores`` (a stack's) serve the form without sampling, the sampled form scores its lists."""
         users = batch["users"]
         if self.config.sampling:
-            drawn = model.drawn_first(users) if hasattr(model, "drawn_first") else None
-            items, labels, valid = drawn or self.candidates(users, self._generator)
-            pairwise = lambda_mrr_loss(model.score_items(users, items), labels, valid)
-            return self.own_loss(model, users) + self.weight * pairwise
+            return self.drive_steps(self._sampled_steps(batch, model), None, users)
         items, labels, valid = self.listed(users)
         scores = model.score(users) if scores is None else scores
         per_user = lambda_mrr_rest_loss(scores, ~self.context.train_mask(users), items, labels, valid)

@@ -191,14 +191,7 @@ class CorrectionRequest(StepRequest):
     @classmethod
     def stacked(cls, requests: list[CorrectionRequest]) -> tuple[dict[str, torch.Tensor], Callable]:
         def padded(name: str, fill: float) -> torch.Tensor:
-            values = [getattr(request, name) for request in requests]
-            shape = [max(value.shape[dim] for value in values) for dim in range(values[0].dim())]
-            if all(list(value.shape) == shape for value in values):
-                return torch.stack(values)
-            out = values[0].new_full((len(values), *shape), fill)
-            for index, value in enumerate(values):
-                out[(index, *(slice(0, size) for size in value.shape))] = value
-            return out
+            return cls.padded_stack([getattr(request, name) for request in requests], fill)
 
         first = requests[0]
         drawn = draw_corrections(padded("under_error", 0.0), padded("over_error", 0.0), padded("lists", 0),

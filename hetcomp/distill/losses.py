@@ -345,8 +345,9 @@ def _student_positions(scores: torch.Tensor, unobserved: torch.Tensor) -> tuple[
     """(order [B, n]: columns by descending score, unobserved first, ties in column order; positions [B, n]: each
     column's 1-based place in ``order``): the student's positions of LambdaMRR's weights."""
     order = scores.detach().masked_fill(~unobserved, NEG_INF).argsort(dim=1, descending=True, stable=True)
-    positions = torch.empty_like(order)
-    positions.scatter_(1, order, torch.arange(1, scores.shape[1] + 1, device=scores.device).expand_as(order))
+    # out of place: vmap (stacked seeds) has a batching rule for scatter, not for scatter_
+    positions = torch.empty_like(order).scatter(1, order, torch.arange(1, scores.shape[1] + 1,
+                                                                       device=scores.device).expand_as(order))
     return order, positions
 
 
