@@ -112,7 +112,10 @@ class _Replica:
         return self._trainer._take_drawn_first(self._index, users)
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
-        return self._call("score", users)
+        """The replica's scores of every item: during a step, for its batch's users, its rows of the stack's
+        vmapped scores (no second scoring); else computed with its slice of the parameters."""
+        rows = self._trainer._step_rows(self._index, users)
+        return self._call("score", users) if rows is None else rows
 
     def score_items(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self._call("score_items", users, items)
@@ -142,6 +145,7 @@ class StackedTrainer:
             self._own_loss_call = vmap(lambda p, b, batch: functional_call(call, (p, b), ("loss", batch)))
             self._deferred: list | None = None  # own losses asked for during a step (see _defer_own_loss)
             self._drawn_first: dict | None = None  # draws made before a step (see _draw_first)
+            self._step: tuple | None = None  # the step's stacked scores and each replica's users (see _step_rows)
             self._check_scoring()
         else:
             base = _Arithmetic(shapes, first.objective)
@@ -197,11 +201,12 @@ class StackedTrainer:
             scores = self._scores(torch.stack([batch["users"] for batch in batches]))
             self._deferred = []
             self._drawn_first = self._draw_first(batches)
+            self._step = (scores, [batch["users"] for batch in batches])
             try:
                 totals = torch.stack(self._losses_of_scores(scores, batches))
                 return self._with_own_losses(totals, self._deferred)
             finally:
-                self._deferred = self._drawn_first = None
+                self._deferred = self._drawn_first = self._step = None
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
 
@@ -283,6 +288,12 @@ class StackedTrainer:
         users = [batch["users"] for batch in batches]
         drawn = lockstep(objectives, users, self.trainers[0].model) if lockstep is not None else None
         return None if drawn is None else {index: (users[index], value) for index, value in enumerate(drawn)}
+
+    def _step_rows(self, index: int, users: torch.Tensor) -> torch.Tensor | None:
+        """Replica ``index``'s rows of the step's stacked scores when ``users`` are its batch's; else None."""
+        if self._step is None or self._step[1][index] is not users:
+            return None
+        return self._step[0][index]
 
     def _take_drawn_first(self, index: int, users: torch.Tensor):
         """Replica ``index``'s draws of :meth:`_draw_first` for ``users`` (once); None when none were made."""

@@ -152,9 +152,9 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
     # DCD's before the step (its correction lists draw after its own loss)
     assert drawn_together
-    # RRD's, DCD's and KD's tail (MTD's normalizer is no such request, RD reads the scores for its ranks only,
-    # CL-DRD's sampled lists not at all): both replicas' rows at once
-    assert (max(rows_asked, default=0) == 2 * 16) == (method not in ("mtd", "rd", "cl-drd"))
+    # RRD's, DCD's, KD's and MTD's tail (RD reads the scores for its ranks only, CL-DRD's sampled lists not at
+    # all): both replicas' rows at once
+    assert (max(rows_asked, default=0) == 2 * 16) == (method not in ("rd", "cl-drd"))
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):

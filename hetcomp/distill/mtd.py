@@ -17,13 +17,14 @@ Defaults: K = 50 (clamped to the teachers' saved top-M), T = 10, weight 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hetcomp.config import knob, validate
-from hetcomp.distill.base import DistillContext, DistillMethod
+from hetcomp.distill.base import DistillContext, DistillMethod, scores_once
 from hetcomp.distill.losses import soft_target_cross_entropy
 from hetcomp.models.base import Batch, Recommender
 
@@ -86,11 +87,27 @@ class MTD(DistillMethod):
         return self.loss_of_scores(None, batch, model)
 
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
+        scored = scores_once(model, batch["users"], scores)
+        return self.drive_steps(self._loss_steps(batch, model, scored), scored, batch["users"])
+
+    def tail_steps(self, batch: Batch, model: Recommender):
+        """The mixture, the normalizer as a tail request over every unobserved item (stacked seeds answer all
+        replicas' rows in one call), then the listwise term on the student's scores and the own loss."""
+        return self._loss_steps(batch, model, scores_once(model, batch["users"], None))
+
+    def answer_tail(self, scores: torch.Tensor, users: torch.Tensor, head: torch.Tensor | None,
+                    listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.context.tail_and_listed_scores(scores, users, head, listed)
+
+    def _loss_steps(self, batch: Batch, model: Recommender, scored: Callable[[], torch.Tensor]):
+        """The loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`): its one request lists nothing, so the
+        normalizer is :meth:`~hetcomp.distill.base.DistillContext.tail_logsumexp`'s node, bit for bit; the mixture's
+        items (which repeat across teachers) are read off ``scored()``, the student's scores of every item."""
         users = batch["users"]
         items, mass = self.mixture(users)
-        scores = model.score(users) if scores is None else scores
-        listwise = soft_target_cross_entropy(scores, None, items, mass, torch.ones_like(items, dtype=torch.bool),
-                                             log_normalizer=self.context.tail_logsumexp(scores, users))
+        normalizer, _ = yield None, users.new_zeros((len(users), 0))
+        listwise = soft_target_cross_entropy(scored(), None, items, mass, torch.ones_like(items, dtype=torch.bool),
+                                             log_normalizer=normalizer)
         return self.own_loss(model, users) + self.config.weight * listwise
 
     def describe(self) -> str:
