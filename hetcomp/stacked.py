@@ -266,10 +266,14 @@ class StackedTrainer:
                 for position in range(len(members))]
 
     def _answer_step_requests(self, members: list[int], requests: list[StepRequest]) -> list[torch.Tensor]:
-        """Requests of one key: when every replica asks, one vmapped call over the stacked parameters and the
-        requests' padded inputs (:meth:`~hetcomp.train.StepRequest.stacked`); else each with its replica's slice."""
+        """Requests of one key: when every replica asks, all at once (:meth:`~hetcomp.train.StepRequest.answer_all`)
+        or in one vmapped call over the stacked parameters and the requests' padded inputs
+        (:meth:`~hetcomp.train.StepRequest.stacked`); else each with its replica's slice."""
         if members != list(range(len(self.trainers))) or len(members) < 2:
             return [request.answer() for request in requests]
+        answers = type(requests[0]).answer_all(requests)
+        if answers is not None:
+            return answers
         inputs, term = type(requests[0]).stacked(requests)
         call = self._student_call
 

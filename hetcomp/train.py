@@ -71,6 +71,12 @@ class StepRequest:
         inputs and its student's ``score_items`` (what ``vmap`` maps over the replicas)."""
         raise NotImplementedError
 
+    @classmethod
+    def answer_all(cls, requests: list[StepRequest]) -> list[torch.Tensor] | None:
+        """For one request per replica: every answer at once without the student (e.g. ranks read off scores the
+        stack already has), or None to answer through :meth:`stacked`."""
+        return None
+
     @staticmethod
     def padded_stack(values: list[torch.Tensor], fill: float = 0) -> torch.Tensor:
         """``values`` stacked along a new first dimension, each padded with ``fill`` to the largest of every

@@ -9,6 +9,7 @@ from conftest import make_tiny_split, train_tiny_teachers
 from hetcomp.distill import DistillContext, build_method
 from hetcomp.distill.cl_drd import ListRequest
 from hetcomp.distill.dcd import CorrectionRequest
+from hetcomp.distill.rd import RanksRequest
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.stacked import StackedTrainer, resume_groups
@@ -136,6 +137,9 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
         monkeypatch.setattr(request_class, "stacked", classmethod(
             lambda cls, requests, stack=request_class.stacked.__func__: stacked_keys.append(
                 (len(requests), requests[0].key[:2])) or stack(cls, requests)))
+    ranks_asked, answer_all = [], RanksRequest.answer_all.__func__
+    monkeypatch.setattr(RanksRequest, "answer_all", classmethod(
+        lambda cls, requests: ranks_asked.append(len(requests)) or answer_all(cls, requests)))
     first_draws, method_class = [], type(stacked.trainers[0].objective)
     draw_first = method_class.first_draws_lockstep.__func__
     monkeypatch.setattr(method_class, "first_draws_lockstep", classmethod(
@@ -149,6 +153,7 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     expected = ({(2, ("dcd-correction", "user")), (2, ("dcd-correction", "item"))} if method == "dcd" else
                 {(2, ("cl-drd-lists",))} if method == "cl-drd" and options.get("sampling", True) else set())
     assert set(stacked_keys) == expected
+    assert (set(ranks_asked) == {2}) == (method == "rd")  # RD's dynamic ranks: both replicas' rows in one call
     # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
     # DCD's before the step (its correction lists draw after its own loss)
     assert drawn_together

@@ -27,6 +27,7 @@ on CiteULike reached valid R@50 0.1381 with it against 0.1171 with the distillat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import pointwise_log_loss, weighted_pointwise_loss
 from hetcomp.distill.tools import ranks_outside
 from hetcomp.models.base import Batch, Recommender
-from hetcomp.train import Trainer
+from hetcomp.train import StepRequest, Trainer
 
 
 @dataclass
@@ -92,6 +93,41 @@ def dynamic_weights(position: torch.Tensor, student_ranks: torch.Tensor, teacher
     return combined / combined.sum(1, keepdim=True).clamp(min=torch.finfo(combined.dtype).tiny)
 
 
+@dataclasses.dataclass
+class RanksRequest(StepRequest):
+    """Dynamic weighting's student ranks of the listed ``items`` [B, K] among the unobserved items
+    (:func:`~hetcomp.distill.tools.ranks_outside`, from the detached ``scores`` [B, n_items]; ``excluded`` the
+    users' padded training items): answered alone, or for every replica of a stack in one call over all their rows
+    (each row's ranks its own; the training items padded to the widest, the padding left out)."""
+
+    scores: torch.Tensor
+    items: torch.Tensor
+    excluded: torch.Tensor
+    excluded_valid: torch.Tensor
+    cap: int
+
+    @property
+    def key(self) -> tuple:
+        return ("rd-ranks", self.cap)
+
+    def answer(self) -> torch.Tensor:
+        return ranks_outside(self.scores, self.items, self.excluded, self.excluded_valid, cap=self.cap)
+
+    @classmethod
+    def answer_all(cls, requests: list[RanksRequest]) -> list[torch.Tensor]:
+        width = max(request.excluded.shape[1] for request in requests)
+
+        def widened(value: torch.Tensor, fill: int | bool) -> torch.Tensor:
+            return torch.cat([value, value.new_full((len(value), width - value.shape[1]), fill)], 1)
+
+        ranks = ranks_outside(torch.cat([request.scores for request in requests]),
+                              torch.cat([request.items for request in requests]),
+                              torch.cat([widened(request.excluded, 0) for request in requests]),
+                              torch.cat([widened(request.excluded_valid, False) for request in requests]),
+                              cap=requests[0].cap)
+        return list(ranks.split([len(request.items) for request in requests]))
+
+
 class RD(DistillMethod):
     """The student's own loss plus rank-weighted point-wise positives from the ensemble's top-K."""
 
@@ -135,8 +171,16 @@ class RD(DistillMethod):
         return self.loss_of_scores(None, batch, model)
 
     def loss_of_scores(self, scores: torch.Tensor | None, batch: Batch, model: Recommender) -> torch.Tensor:
-        """The loss; ``scores`` (a stack's, read only for the ranks) or, when None and dynamic weighting is on, the
-        student's scores of every item computed without gradient."""
+        """The loss; ``scores`` (read only for the ranks) or, when None and dynamic weighting is on, the student's
+        scores of every item computed without gradient."""
+        return self.drive_steps(self._loss_steps(batch, model, scores), None, batch["users"])
+
+    def tail_steps(self, batch: Batch, model: Recommender):
+        """With dynamic weighting, the ranks as a :class:`RanksRequest` (stacked seeds: one call over every
+        replica's rows of the stack's scores, which a replica's ``score`` returns); else no request at all."""
+        return self._loss_steps(batch, model, None)
+
+    def _loss_steps(self, batch: Batch, model: Recommender, scores: torch.Tensor | None):
         users = batch["users"]
         items = self.teacher_items[users]
         listed = model.score_items(users, items)
@@ -144,10 +188,8 @@ class RD(DistillMethod):
             if scores is None:
                 with torch.no_grad():  # the ranks only weigh the term: the whole score matrix needs no gradient
                     scores = model.score(users)
-            else:
-                scores = scores.detach()
-            student_ranks = ranks_outside(scores, items, *self.context.observed_order_of(users),
-                                          cap=saturating_rank(self.k, self.config.mu))
+            student_ranks = yield RanksRequest(scores.detach(), items, *self.context.observed_order_of(users),
+                                               saturating_rank(self.k, self.config.mu))
             teacher_ranks = torch.arange(self.k, device=self.device)
             weights = dynamic_weights(self.position, student_ranks, teacher_ranks, self.config.mu)
         else:
