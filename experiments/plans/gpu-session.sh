@@ -8,8 +8,8 @@
 #     of each of SHARE_METHODS: seed-epochs/s of the whole device, the factor the table's projection divides by
 #     (gpu-table2-citeulike.md, sections 0 and 0a). HetComp, RRD and w/o KD were measured (1.82x, 1.53x, 1.65x);
 #     the defaults are the methods not measured since their lists were batched over the seeds, whose operators per
-#     seed predict (CiteULike MF, experiments/plans/step_ops.py) DCD 2.0x, KD 2.2x, CL-DRD 2.5x, MTD 1.5x,
-#     RD 1.5x.
+#     seed predict (CiteULike MF, experiments/plans/step_ops.py) DCD 2.0x, KD 2.2x, CL-DRD 2.5x, MTD 1.7x,
+#     RD 1.6x.
 #  4. (FS_CPU=1) on the machine's CPU, beside 1-3: the Foursquare user and item autoencoders with one thread each,
 #     as the committed Foursquare teachers were made (teachers-foursquare.md: 4e96f83fbebc, 54e779961613), which a
 #     2-core AVX2 machine does not reproduce (teachers-foursquare-notes.md): their digests, and their trajectories
