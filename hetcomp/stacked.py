@@ -36,7 +36,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -198,7 +198,7 @@ class StackedTrainer:
     def _losses(self, batches: Sequence[dict]) -> torch.Tensor:
         """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
         if self.on_scores:
-            scores = self._scores(torch.stack([batch["users"] for batch in batches]))
+            scores = self._scores_once(torch.stack([batch["users"] for batch in batches]))
             self._deferred = []
             self._drawn_first = self._draw_first(batches)
             self._step = (scores, [batch["users"] for batch in batches])
@@ -210,18 +210,20 @@ class StackedTrainer:
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
 
-    def _losses_of_scores(self, scores: torch.Tensor, batches: Sequence[dict]) -> list[torch.Tensor]:
-        """Each replica's loss from its rows of ``scores`` [R, B, n_items]. Replicas whose objective gives its
-        loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`) run them in lockstep: the requests of one
-        round that have the same widths go to the fused tail node as one call over those replicas' rows (a view
-        of the stacked scores when every replica asks), those of one :class:`~hetcomp.train.StepRequest` key to one
-        vmapped call when every replica asks, each replica then continuing with its answer."""
+    def _losses_of_scores(self, scores: Callable[[], torch.Tensor], batches: Sequence[dict]) -> list[torch.Tensor]:
+        """Each replica's loss from its rows of ``scores()`` [R, B, n_items] (scored at the first call: a step that
+        reads none, e.g. CL-DRD's sampled lists or RD without dynamic weighting, scores nothing). Replicas whose
+        objective gives its loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`) run them in lockstep: the
+        requests of one round that have the same widths go to the fused tail node as one call over those
+        replicas' rows (a view of the stacked scores when every replica asks), those of one
+        :class:`~hetcomp.train.StepRequest` key to one call when every replica asks, each replica then continuing
+        with its answer."""
         losses: list[torch.Tensor | None] = [None] * len(self.trainers)
         pending: dict[int, tuple] = {}
         for index, (trainer, batch) in enumerate(zip(self.trainers, batches, strict=True)):
             steps = trainer.objective.tail_steps(batch, self._replicas[index])
             if steps is None:
-                losses[index] = trainer.objective.loss_of_scores(scores[index], batch, self._replicas[index])
+                losses[index] = trainer.objective.loss_of_scores(scores()[index], batch, self._replicas[index])
                 continue
             try:
                 pending[index] = (steps, next(steps))
@@ -241,7 +243,7 @@ class StackedTrainer:
                 if isinstance(requests[0], StepRequest):
                     answers = self._answer_step_requests(members, requests)
                 else:
-                    answers = self._answer_tails(scores, batches, members, requests, key[1] is None)
+                    answers = self._answer_tails(scores(), batches, members, requests, key[1] is None)
                 for index, answer in zip(members, answers, strict=True):
                     steps = pending[index][0]
                     try:
@@ -297,7 +299,20 @@ class StackedTrainer:
         """Replica ``index``'s rows of the step's stacked scores when ``users`` are its batch's; else None."""
         if self._step is None or self._step[1][index] is not users:
             return None
-        return self._step[0][index]
+        return self._step[0]()[index]
+
+    def _scores_once(self, users: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """:meth:`_scores` of ``users`` [R, B], computed at the first call (with gradients, even if that call comes
+        from an objective's ``no_grad`` block, e.g. RD's ranks) and then reused."""
+        computed: list[torch.Tensor] = []
+
+        def scores() -> torch.Tensor:
+            if not computed:
+                with torch.enable_grad():
+                    computed.append(self._scores(users))
+            return computed[0]
+
+        return scores
 
     def _take_drawn_first(self, index: int, users: torch.Tensor):
         """Replica ``index``'s draws of :meth:`_draw_first` for ``users`` (once); None when none were made."""
