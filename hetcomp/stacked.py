@@ -124,6 +124,29 @@ class _Replica:
         return getattr(self._model, name)
 
 
+class _StepScores:
+    """A step's stacked scores of every item, [R, B, n_items]: computed at the first use (with gradients, even when
+    that use is inside an objective's ``no_grad`` block, e.g. RD's ranks) and then reused. A replica's rows come
+    from one ``unbind``, whose backward stacks the replicas' gradients once (indexing would build a gradient of
+    the whole [R, B, n_items] per replica)."""
+
+    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor], users: torch.Tensor) -> None:
+        self._score, self._users = score, users
+        self._all: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, ...] | None = None
+
+    def all(self) -> torch.Tensor:
+        if self._all is None:
+            with torch.enable_grad():
+                self._all = self._score(self._users)
+        return self._all
+
+    def rows(self, index: int) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = self.all().unbind(0)
+        return self._rows[index]
+
+
 class StackedTrainer:
     """Trains the replicas of ``trainers`` (one ordinary trainer per seed, same model, objective and settings but
     the seed) as one stacked model; :meth:`fit` returns each replica's :class:`~hetcomp.train.FitState`."""
@@ -198,7 +221,7 @@ class StackedTrainer:
     def _losses(self, batches: Sequence[dict]) -> torch.Tensor:
         """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
         if self.on_scores:
-            scores = self._scores_once(torch.stack([batch["users"] for batch in batches]))
+            scores = _StepScores(self._scores, torch.stack([batch["users"] for batch in batches]))
             self._deferred = []
             self._drawn_first = self._draw_first(batches)
             self._step = (scores, [batch["users"] for batch in batches])
@@ -210,8 +233,8 @@ class StackedTrainer:
         drawn = [t.objective.draw(t.model, batch) for t, batch in zip(self.trainers, batches, strict=True)]
         return self._stacked(*self.prefixed(), {key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
 
-    def _losses_of_scores(self, scores: Callable[[], torch.Tensor], batches: Sequence[dict]) -> list[torch.Tensor]:
-        """Each replica's loss from its rows of ``scores()`` [R, B, n_items] (scored at the first call: a step that
+    def _losses_of_scores(self, scores: _StepScores, batches: Sequence[dict]) -> list[torch.Tensor]:
+        """Each replica's loss from its rows of ``scores`` [R, B, n_items] (scored at the first use: a step that
         reads none, e.g. CL-DRD's sampled lists or RD without dynamic weighting, scores nothing). Replicas whose
         objective gives its loss as steps (:meth:`~hetcomp.train.Objective.tail_steps`) run them in lockstep: the
         requests of one round that have the same widths go to the fused tail node as one call over those
@@ -223,7 +246,7 @@ class StackedTrainer:
         for index, (trainer, batch) in enumerate(zip(self.trainers, batches, strict=True)):
             steps = trainer.objective.tail_steps(batch, self._replicas[index])
             if steps is None:
-                losses[index] = trainer.objective.loss_of_scores(scores()[index], batch, self._replicas[index])
+                losses[index] = trainer.objective.loss_of_scores(scores.rows(index), batch, self._replicas[index])
                 continue
             try:
                 pending[index] = (steps, next(steps))
@@ -243,7 +266,7 @@ class StackedTrainer:
                 if isinstance(requests[0], StepRequest):
                     answers = self._answer_step_requests(members, requests)
                 else:
-                    answers = self._answer_tails(scores(), batches, members, requests, key[1] is None)
+                    answers = self._answer_tails(scores, batches, members, requests, key[1] is None)
                 for index, answer in zip(members, answers, strict=True):
                     steps = pending[index][0]
                     try:
@@ -253,12 +276,12 @@ class StackedTrainer:
                         del pending[index]
         return losses
 
-    def _answer_tails(self, scores: torch.Tensor, batches: Sequence[dict], members: list[int], requests: list,
+    def _answer_tails(self, scores: _StepScores, batches: Sequence[dict], members: list[int], requests: list,
                       every_item: bool) -> list[tuple]:
         """The tail requests of ``members`` (one width) as one call of the fused tail node over their rows (a view
         of the stacked scores when every replica asks); each member's part of the answer."""
         every = members == list(range(len(self.trainers)))
-        rows = scores.flatten(0, 1) if every else torch.cat([scores[index] for index in members])
+        rows = scores.all().flatten(0, 1) if every else torch.cat([scores.rows(index) for index in members])
         answer = self.trainers[members[0]].objective.answer_tail(
             rows, torch.cat([batches[index]["users"] for index in members]),
             None if every_item else torch.cat([head for head, _ in requests]),
@@ -299,20 +322,7 @@ class StackedTrainer:
         """Replica ``index``'s rows of the step's stacked scores when ``users`` are its batch's; else None."""
         if self._step is None or self._step[1][index] is not users:
             return None
-        return self._step[0]()[index]
-
-    def _scores_once(self, users: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """:meth:`_scores` of ``users`` [R, B], computed at the first call (with gradients, even if that call comes
-        from an objective's ``no_grad`` block, e.g. RD's ranks) and then reused."""
-        computed: list[torch.Tensor] = []
-
-        def scores() -> torch.Tensor:
-            if not computed:
-                with torch.enable_grad():
-                    computed.append(self._scores(users))
-            return computed[0]
-
-        return scores
+        return self._step[0].rows(index)
 
     def _take_drawn_first(self, index: int, users: torch.Tensor):
         """Replica ``index``'s draws of :meth:`_draw_first` for ``users`` (once); None when none were made."""
