@@ -44,6 +44,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from hetcomp.distill import build_method
+from hetcomp.distill.tools import padded_stack
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
 from hetcomp.train import FitState, StepRequest, Trainer, TrainerConfig
@@ -221,10 +222,11 @@ class StackedTrainer:
     def _losses(self, batches: Sequence[dict]) -> torch.Tensor:
         """[R]: every replica's loss on its batch, the stacked parameters under one vmapped call."""
         if self.on_scores:
-            scores = _StepScores(self._scores, torch.stack([batch["users"] for batch in batches]))
+            users = [batch["users"] for batch in batches]
+            scores = _StepScores(self._scores, torch.stack(users))
             self._deferred = []
-            self._drawn_first = self._draw_first(batches)
-            self._step = (scores, [batch["users"] for batch in batches])
+            self._drawn_first = self._draw_first(users)
+            self._step = (scores, users)
             try:
                 totals = torch.stack(self._losses_of_scores(scores, batches))
                 return self._with_own_losses(totals, self._deferred)
@@ -308,13 +310,12 @@ class StackedTrainer:
         with _quiet_vmap_fallback():
             return list(vmap(one)(*self.prefixed(), inputs).unbind(0))
 
-    def _draw_first(self, batches: Sequence[dict]) -> dict[int, tuple] | None:
-        """Every replica's first draws of the step, made at once where its method can
+    def _draw_first(self, users: list[torch.Tensor]) -> dict[int, tuple] | None:
+        """Every replica's first draws of the step for its batch's ``users``, made at once where its method can
         (``first_draws_lockstep``: each replica gets what it would draw alone), keyed by replica; None otherwise.
         Made before the steps run, they keep each replica's order of draws."""
         objectives = [trainer.objective for trainer in self.trainers]
         lockstep = getattr(type(objectives[0]), "first_draws_lockstep", None)
-        users = [batch["users"] for batch in batches]
         drawn = lockstep(objectives, users, self.trainers[0].model) if lockstep is not None else None
         return None if drawn is None else {index: (users[index], value) for index, value in enumerate(drawn)}
 
@@ -400,15 +401,8 @@ class StackedTrainer:
 
     def _own_losses(self, batches: Sequence[dict]) -> torch.Tensor:
         """[R]: each replica's own loss on its triples, in one vmapped call over the padded batches."""
-        longest = max(len(batch["users"]) for batch in batches)
-
-        def padded(value: torch.Tensor) -> torch.Tensor:
-            pad = torch.zeros((longest - len(value), *value.shape[1:]), dtype=value.dtype, device=value.device)
-            return torch.cat([value, pad])
-
-        stacked = {key: torch.stack([padded(batch[key]) for batch in batches]) for key in ("users", "pos", "neg")}
-        stacked["weight"] = torch.stack([padded(torch.ones(len(batch["users"]), device=self.device))
-                                         for batch in batches])
+        stacked = {key: padded_stack([batch[key] for batch in batches]) for key in ("users", "pos", "neg")}
+        stacked["weight"] = padded_stack([torch.ones(len(batch["users"]), device=self.device) for batch in batches])
         with _quiet_vmap_fallback():
             return self._own_loss_call(*self.prefixed(), stacked)
 

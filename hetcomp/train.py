@@ -77,18 +77,6 @@ class StepRequest:
         stack already has), or None to answer through :meth:`stacked`."""
         return None
 
-    @staticmethod
-    def padded_stack(values: list[torch.Tensor], fill: float = 0) -> torch.Tensor:
-        """``values`` stacked along a new first dimension, each padded with ``fill`` to the largest of every
-        dimension (just stacked when their shapes agree)."""
-        shape = [max(value.shape[dim] for value in values) for dim in range(values[0].dim())]
-        if all(list(value.shape) == shape for value in values):
-            return torch.stack(values)
-        out = values[0].new_full((len(values), *shape), fill)
-        for index, value in enumerate(values):
-            out[(index, *(slice(0, size) for size in value.shape))] = value
-        return out
-
 
 class Objective:
     """What the trainer optimizes: a stream of batches per epoch and a loss per batch."""

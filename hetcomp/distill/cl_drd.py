@@ -55,7 +55,12 @@ import torch
 from hetcomp.config import knob, validate
 from hetcomp.distill.base import DistillContext, DistillMethod
 from hetcomp.distill.losses import lambda_mrr_loss, lambda_mrr_rest_loss
-from hetcomp.distill.tools import sample_uniform_from_mask, sample_unobserved, sample_unobserved_lockstep
+from hetcomp.distill.tools import (
+    padded_stack,
+    sample_uniform_from_mask,
+    sample_unobserved,
+    sample_unobserved_lockstep,
+)
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
 from hetcomp.train import StepRequest, Trainer
@@ -111,7 +116,7 @@ class ListRequest(StepRequest):
             return lambda_mrr_loss(score_items(replica["users"], replica["items"]), replica["labels"],
                                    replica["valid"])
 
-        return {name: cls.padded_stack([getattr(request, name) for request in requests])
+        return {name: padded_stack([getattr(request, name) for request in requests])
                 for name in ("users", "items", "labels", "valid")}, term
 
 

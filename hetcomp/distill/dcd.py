@@ -75,6 +75,7 @@ from hetcomp.distill.rrd import RRD, RRDConfig
 from hetcomp.distill.tools import (
     csr_rows_padded,
     exponential_noise,
+    padded_stack,
     ranks_outside,
     ranks_within_groups,
     ranks_within_rows,
@@ -191,7 +192,7 @@ class CorrectionRequest(StepRequest):
     @classmethod
     def stacked(cls, requests: list[CorrectionRequest]) -> tuple[dict[str, torch.Tensor], Callable]:
         def padded(name: str, fill: float) -> torch.Tensor:
-            return cls.padded_stack([getattr(request, name) for request in requests], fill)
+            return padded_stack([getattr(request, name) for request in requests], fill)
 
         first = requests[0]
         drawn = draw_corrections(padded("under_error", 0.0), padded("over_error", 0.0), padded("lists", 0),

@@ -25,6 +25,18 @@ def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch
     return torch.rand(shape, generator=generator).clamp_(min=1e-20).to(device)
 
 
+def padded_stack(values: Sequence[torch.Tensor], fill: float = 0) -> torch.Tensor:
+    """``values`` stacked along a new first dimension, each padded with ``fill`` to the largest of every dimension
+    (just stacked when their shapes agree): stacked seeds' per-replica inputs of different lengths."""
+    shape = [max(value.shape[dim] for value in values) for dim in range(values[0].dim())]
+    if all(list(value.shape) == shape for value in values):
+        return torch.stack(list(values))
+    out = values[0].new_full((len(values), *shape), fill)
+    for index, value in enumerate(values):
+        out[(index, *(slice(0, size) for size in value.shape))] = value
+    return out
+
+
 def sample_without_replacement(weights: torch.Tensor, n: int,
                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw up to ``n`` distinct columns per row with probability ∝ ``weights`` [B, C] (≥ 0), batched.
@@ -279,9 +291,8 @@ def sample_unobserved_lockstep(sampler: NegativeSampler, users: Sequence[torch.T
     if len(users) == 1:
         flat_keys = (rows.unsqueeze(1) * n_items + excluded[0]).view(1, -1)
     else:
-        starts = [0, *np.cumsum(sizes)[:-1].tolist()]
-        flat_keys = torch.cat([((rows[start:start + size].unsqueeze(1) * n_items + rows_out).view(-1))
-                               for start, size, rows_out in zip(starts, sizes, excluded, strict=True)]).view(1, -1)
+        flat_keys = torch.cat([(part.unsqueeze(1) * n_items + rows_out).view(-1)
+                               for part, rows_out in zip(rows.split(sizes), excluded, strict=True)]).view(1, -1)
     excluded_keys = sorted_rows(flat_keys).view(-1)
     excluded_rows = excluded_keys // n_items
     fresh = ~sampler.is_observed(every_user[excluded_rows], excluded_keys % n_items)
