@@ -148,3 +148,39 @@ def test_narrow_dnn_tower_serves_the_trained_scores(signs):
         served = model.score(users)
     assert torch.allclose(served, exact, atol=1e-6, rtol=1e-5)
     assert torch.equal(served.argsort(1, descending=True)[:, :5], exact.argsort(1, descending=True)[:, :5])
+
+
+@pytest.mark.parametrize("n_users", [1, 7, 30])
+def test_narrow_dnn_tower_trains_as_the_general_tower(n_users):
+    """A d < 8 NeuMF keeps its one-unit tower's passes for the backward (``_NarrowTowerScores``) instead of
+    recomputing them per chunk (``_TowerScores``): the same scores and the same gradients, bit for bit, over
+    several chunks of users and where the units' ReLUs cut."""
+    from hetcomp.models.base import all_item_scores
+    from hetcomp.models.neumf import NeuMF, _TowerScores
+
+    split = make_tiny_split(n_users=30, n_items=50)
+    torch.manual_seed(0)
+    model = build_model("dnn", split.train, dim=6, score_chunk=4)
+    assert isinstance(model, NeuMF) and model.first_user.out_features == model.second.out_features == 1
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.7)
+    users = torch.randperm(30)[:n_users]
+    upstream = torch.randn(n_users, 50)
+
+    def general() -> torch.Tensor:
+        gmf_users = model.user_gmf(users) * model.predict.weight[0, :6]
+        tower = (model.first_user(model.user_mlp(users)), model.first_item(model.item_mlp.weight),
+                 model.second.weight, model.second.bias, model.predict.weight[0, 6:])
+        base = all_item_scores(gmf_users, model.item_gmf.weight) + model.predict.bias[0]
+        return _TowerScores.apply(base, *tower, model.config.score_chunk)
+
+    results = []
+    for score in (general, lambda: model.score(users)):
+        model.zero_grad()
+        scores = score()
+        scores.backward(upstream)
+        results.append((scores.detach(), [p.grad.clone() for p in model.parameters()]))
+    (general_scores, general_grads), (narrow_scores, narrow_grads) = results
+    assert torch.equal(narrow_scores, general_scores)
+    assert all(torch.equal(a, b) for a, b in zip(narrow_grads, general_grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in narrow_grads)
