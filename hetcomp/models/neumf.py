@@ -74,7 +74,7 @@ class NeuMF(Recommender):
         A ``Linear`` over a [chunk, n_items, width] tensor is slow when the width is tiny (a dim-6 student's
         tower is 1 → 1); walking the second layer's units as [chunk, n_items] passes is ~10× faster there and
         still faster at d = 64, with the same values up to float rounding. Under autograd the tower's backward
-        is hand-written (:class:`_TowerScores`, or :class:`_NarrowTowerScores` for a one-unit first layer); the
+        is hand-written (:class:`_TowerScores`, or :class:`_NarrowTowerScores` for a tower of one unit per layer); the
         values are the same bits either way.
         """
         gmf_users = self.user_gmf(users) * self.predict.weight[0, :self.config.dim]
@@ -246,11 +246,9 @@ class _NarrowTowerScores(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor, *_):
         user_hidden, item_hidden, weight, bias, tower_weight, hidden_all, active_all = ctx.saved_tensors
-        grads = [torch.zeros_like(x) for x in (user_hidden, item_hidden, weight, bias, tower_weight)]
-        grad_user, grad_item, grad_weight, grad_bias, grad_tower = grads
-        if grad is None:
-            return None, None, *grads, None
-        grad = grad.contiguous()
+        grad_user, grad_item, grad_weight, grad_bias, grad_tower = (
+            torch.zeros_like(x) for x in (user_hidden, item_hidden, weight, bias, tower_weight))
+        grad = grad.contiguous()  # only the scores are differentiable: their gradient is always given
         for start in range(0, len(user_hidden), ctx.chunk):
             stop = start + ctx.chunk
             upstream = grad[start:stop]
