@@ -142,6 +142,20 @@ def test_sample_unobserved_returns_n_distinct_allowed_items():
     assert empty.shape == empty_valid.shape == (5, 0)
 
 
+def test_sample_unobserved_draws_the_same_with_the_dense_or_the_searched_exclusion(monkeypatch):
+    """The excluded items' dense membership table (small key ranges) and the binary search among their sorted keys
+    (wide ranges) answer alike, so a seed draws the same items whichever one a batch gets."""
+    observed, _, sampler, head = _random_catalogue(4, 30, 300, 25, 40)
+    users = torch.tensor([3, 0, 29, 3, 17, 8])
+    repeated = torch.cat([head[users], head[users][:, :9]], 1)
+    dense = sample_unobserved(sampler, users, 50, repeated, torch.Generator().manual_seed(3))
+    lookups = _counted(monkeypatch, tools, "contains_keys")
+    monkeypatch.setattr(tools, "DENSE_MEMBERSHIP_LIMIT", 0)
+    searched = sample_unobserved(sampler, users, 50, repeated, torch.Generator().manual_seed(3))
+    assert lookups and torch.equal(dense[0], searched[0]) and torch.equal(dense[1], searched[1])
+    _check_draws(*searched, users, observed, repeated, [50] * 6)
+
+
 def test_sample_unobserved_is_deterministic_for_a_seed():
     _, _, sampler, head = _random_catalogue(1, 20, 500, 30, 50)
     users = torch.arange(20)

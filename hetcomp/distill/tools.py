@@ -6,7 +6,7 @@ moved to the tensors' device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -226,18 +226,39 @@ def _observed_dense(sampler: NegativeSampler, users: torch.Tensor) -> torch.Tens
 def _first_occurrences(values: torch.Tensor, bound: int) -> torch.Tensor:
     """Bool [R, C]: whether each entry of ``values`` (in [0, bound)) is the leftmost of its value in its row.
 
-    One flat sort of (row, value, column) keys: on the CPU numpy's, about 10× faster than torch's row sort.
+    One row sort of (value, column) keys packed as ``value << bits | column``: on the CPU numpy's, about 10×
+    faster than torch's row sort, and shifts and masks instead of int64 divisions (~3× faster than one flat sort
+    of (row, value, column) keys split by division).
     """
     n_rows, width = values.shape
-    rows = torch.arange(n_rows, device=values.device).unsqueeze(1)
-    keys = ((rows * bound + values) * width + torch.arange(width, device=values.device)).view(1, -1)
-    keys = sorted_rows(keys).view(-1)
-    group = keys // width
+    bits = max(width - 1, 1).bit_length()
+    if (bound << bits) >= 1 << 63:
+        raise ValueError(f"values below {bound} with {width} columns do not fit one int64 key")
+    keys = sorted_rows((values << bits) | torch.arange(width, device=values.device))
+    group = keys >> bits
     first = torch.ones_like(keys, dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    out = torch.empty_like(first)
-    out[group // bound * width + keys % width] = first
-    return out.view(n_rows, width)
+    first[:, 1:] = group[:, 1:] != group[:, :-1]
+    return torch.empty_like(first).scatter_(1, keys & ((1 << bits) - 1), first)
+
+
+#: the most keys (bytes) of the dense table :func:`_key_membership` builds; sparser sets keep ``searchsorted``
+DENSE_MEMBERSHIP_LIMIT = 1 << 25
+
+
+def _key_membership(sorted_keys: torch.Tensor, n_keys: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A lookup ``queries -> bool`` of membership in ``sorted_keys`` (all in [0, n_keys)), the same answers as
+    :func:`contains_keys`: a dense byte table where it fits :data:`DENSE_MEMBERSHIP_LIMIT` (on the CPU numpy's,
+    whose zeroed allocation and fancy indexing cost ~5× less than a binary search of a user batch's draws among
+    its ~6k excluded keys), else the binary search."""
+    if n_keys > DENSE_MEMBERSHIP_LIMIT:
+        return lambda queries: contains_keys(sorted_keys, queries)
+    if sorted_keys.device.type == "cpu":
+        table = np.zeros(n_keys, dtype=bool)
+        table[sorted_keys.numpy()] = True
+        return lambda queries: torch.from_numpy(table[queries.numpy()])
+    dense = torch.zeros(n_keys, dtype=torch.bool, device=sorted_keys.device)
+    dense[sorted_keys] = True
+    return lambda queries: dense[queries]
 
 
 def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, excluded: torch.Tensor | None = None,
@@ -288,15 +309,14 @@ def sample_unobserved_lockstep(sampler: NegativeSampler, users: Sequence[torch.T
     every_user = users[0] if len(users) == 1 else torch.cat(users)
     total = len(every_user)
     rows = torch.arange(total, device=device)
-    if len(users) == 1:
-        flat_keys = (rows.unsqueeze(1) * n_items + excluded[0]).view(1, -1)
-    else:
-        flat_keys = torch.cat([(part.unsqueeze(1) * n_items + rows_out).view(-1)
-                               for part, rows_out in zip(rows.split(sizes), excluded, strict=True)]).view(1, -1)
-    excluded_keys = sorted_rows(flat_keys).view(-1)
-    excluded_rows = excluded_keys // n_items
-    fresh = ~sampler.is_observed(every_user[excluded_rows], excluded_keys % n_items)
+    # each row's excluded items sorted: the rows ascend, so their (row, item) keys are sorted as a whole
+    excluded_items = torch.cat([sorted_rows(rows_out).view(-1) for rows_out in excluded])
+    excluded_rows = torch.cat([part.repeat_interleave(rows_out.shape[1])
+                               for part, rows_out in zip(rows.split(sizes), excluded, strict=True)])
+    excluded_keys = excluded_rows * n_items + excluded_items
+    fresh = ~sampler.is_observed(every_user[excluded_rows], excluded_items)
     fresh[1:] &= excluded_keys[1:] != excluded_keys[:-1]
+    is_excluded = _key_membership(excluded_keys, total * n_items) if excluded_keys.numel() else None
     n_observed = (torch.searchsorted(sampler.observed_keys, (every_user + 1) * n_items)
                   - torch.searchsorted(sampler.observed_keys, every_user * n_items))
     allowed = n_items - n_observed - torch.bincount(excluded_rows[fresh], minlength=total)
@@ -312,17 +332,21 @@ def sample_unobserved_lockstep(sampler: NegativeSampler, users: Sequence[torch.T
         mask = ~_observed_dense(sampler, every_user)
         mask[rows.unsqueeze(1).expand_as(excluded[0]), excluded[0]] = False
         return [sample_uniform_from_mask(mask, n, generators[0])]
-    kept = torch.zeros(total, n, dtype=torch.int64, device=device)
-    count = torch.zeros(total, dtype=torch.int64, device=device)
-    pending = rows
+    # the first round takes every row with nothing kept yet, so it skips the row selections and the kept columns
+    kept, count, pending = None, None, None
+
+    def at(values: torch.Tensor) -> torch.Tensor:
+        return values if pending is None else values[pending]
+
     for _ in range(max_rounds):
-        need = n - count[pending]
+        pending_rows = at(rows)
+        need = n if count is None else n - count[pending]
         # expected draws for the missing items are at most need · n_items / (allowed − n); a quarter more + 8
-        expected_rows = (need * n_items + allowed[pending] - n - 1) // (allowed[pending] - n)
+        expected_rows = (need * n_items + at(allowed) - n - 1) // (at(allowed) - n)
         if len(sizes) == 1:
-            counts, expected = [len(pending)], [int(expected_rows.max())]
+            counts, expected = [len(pending_rows)], [int(expected_rows.max())]
         else:
-            request = request_of[pending]
+            request = at(request_of)
             counts = torch.bincount(request, minlength=len(sizes)).tolist()
             expected = torch.zeros(len(sizes), dtype=torch.int64, device=device).scatter_reduce_(
                 0, request, expected_rows, "amax").tolist()
@@ -332,26 +356,32 @@ def sample_unobserved_lockstep(sampler: NegativeSampler, users: Sequence[torch.T
         widest = max(width for _, width, _ in parts)
         draws = (parts[0][2] if len(parts) == 1 else
                  torch.cat([functional.pad(part, (0, widest - width)) for _, width, part in parts])).to(device)
-        fresh = ~sampler.is_observed(every_user[pending].unsqueeze(1).expand_as(draws), draws)
+        fresh = ~sampler.is_observed(at(every_user).unsqueeze(1).expand_as(draws), draws)
         if any(width < widest for _, width, _ in parts):  # the padding is never taken
             row_width = torch.tensor([width for _, width, _ in parts], device=device).repeat_interleave(
                 torch.tensor([count_rows for count_rows, _, _ in parts], device=device))
             fresh &= torch.arange(widest, device=device) < row_width.unsqueeze(1)
-        if excluded_keys.numel():
-            fresh &= ~contains_keys(excluded_keys, pending.unsqueeze(1) * n_items + draws)
-        candidates = torch.cat([kept[pending], draws], dim=1)  # the kept items first: they stay first occurrences
-        ok = torch.cat([torch.arange(n, device=device) < count[pending].unsqueeze(1), fresh], dim=1)
+        if is_excluded is not None:
+            fresh &= ~is_excluded(pending_rows.unsqueeze(1) * n_items + draws)
+        if kept is None:
+            candidates, ok = draws, fresh
+        else:  # the kept items first: they stay first occurrences
+            candidates = torch.cat([kept[pending], draws], dim=1)
+            ok = torch.cat([torch.arange(n, device=device) < count[pending].unsqueeze(1), fresh], dim=1)
         width = candidates.shape[1]
         ok &= _first_occurrences(torch.where(ok, candidates, n_items + torch.arange(width, device=device)),
                                  n_items + width)
         rank = ok.cumsum(1)
-        take = ok & (rank <= n)
-        chosen = torch.zeros(len(pending), n, dtype=torch.int64, device=device)
-        where = take.nonzero(as_tuple=True)
-        chosen[where[0], rank[where] - 1] = candidates[where]
-        kept[pending] = chosen
-        count[pending] = rank[:, -1].clamp(max=n)
-        pending = pending[count[pending] < n]
+        # each taken entry to its slot rank − 1; the others to a spare column n, dropped
+        slot = torch.where(ok & (rank <= n), rank - 1, n)
+        chosen = torch.zeros(len(pending_rows), n + 1, dtype=torch.int64, device=device).scatter_(
+            1, slot, candidates)[:, :n]
+        if kept is None:
+            kept, count = chosen, rank[:, -1].clamp(max=n)
+        else:
+            kept[pending] = chosen
+            count[pending] = rank[:, -1].clamp(max=n)
+        pending = rows[count < n]
         if pending.numel() == 0:
             return [(part, torch.ones_like(part, dtype=torch.bool)) for part in kept.split(sizes)]
     raise RuntimeError("sampling unobserved items did not converge; a user allows almost no item")
