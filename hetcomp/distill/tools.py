@@ -377,7 +377,7 @@ def sample_unobserved_lockstep(sampler: NegativeSampler, users: Sequence[torch.T
         chosen = torch.zeros(len(pending_rows), n + 1, dtype=torch.int64, device=device).scatter_(
             1, slot, candidates)[:, :n]
         if kept is None:
-            kept, count = chosen, rank[:, -1].clamp(max=n)
+            kept, count = chosen.contiguous(), rank[:, -1].clamp(max=n)
         else:
             kept[pending] = chosen
             count[pending] = rank[:, -1].clamp(max=n)
