@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetcomp.config import check_option
+from hetcomp.errors import HetCompError
 from hetcomp.runs.grid import (
     RETRIES,
     Inputs,
@@ -84,6 +86,41 @@ def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
         return done if current else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+def parse_budgets(text: str, students: Sequence[str]) -> dict[str, int]:
+    """``--trials``: one budget for every study (``16``), or one per student (``mf=16,ml=8,dnn=8``, the fair
+    comparison's protocol) naming each of ``students`` once and no other; a one-line HetCompError otherwise."""
+    text = str(text).strip()
+    example = f"--trials 16 or --trials {','.join(f'{s}={16 if i == 0 else 8}' for i, s in enumerate(students))}"
+    if "=" not in text:
+        try:
+            budget = int(text)
+        except ValueError:
+            raise HetCompError(f"--trials {text!r}: give a number of trials or per-student budgets, e.g. "
+                               f"{example}") from None
+        check_option("--trials", budget, 16, ge=1)
+        return dict.fromkeys(students, budget)
+    budgets: dict[str, int] = {}
+    for part in (piece.strip() for piece in text.split(",") if piece.strip()):
+        name, _, value = (side.strip() for side in part.partition("="))
+        if name not in students:
+            raise HetCompError(f"--trials {text!r}: {name!r} is not among --student {','.join(students)}; "
+                               f"give a budget to each of them, e.g. {example}")
+        if name in budgets:
+            raise HetCompError(f"--trials {text!r}: {name} has two budgets; give one, e.g. {example}")
+        try:
+            budgets[name] = int(value)
+        except ValueError:
+            raise HetCompError(f"--trials {text!r}: {name}'s budget {value!r} is not a number of trials, e.g. "
+                               f"{example}") from None
+        if budgets[name] < 1:
+            raise HetCompError(f"--trials {text!r}: {name}'s budget must be at least 1 trial, e.g. {example}")
+    missing = [name for name in students if name not in budgets]
+    if missing:
+        raise HetCompError(f"--trials {text!r} gives no budget to {', '.join(missing)}; add "
+                           f"{','.join(f'{name}=N' for name in missing)}, e.g. {example}")
+    return budgets
 
 
 def prerequisites(plan: StudyPlan, plans: Sequence[StudyPlan]) -> set[str]:

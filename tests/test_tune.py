@@ -7,6 +7,7 @@ import dataclasses
 import json
 import warnings
 
+import numpy as np
 import optuna
 import pytest
 import scipy.sparse as sp
@@ -559,6 +560,43 @@ def test_the_command_names_bad_input_in_one_line(tmp_path):
                           (["--method", "rrd", "--storage", "nosuchdb://x"], "cannot open this study storage"),
                           (["--method", "rrd,dcd", "-o", "k=5"], "set one study"),
                           (["--student", "mf,xx", "--method", "all"], "unknown student xx"),
-                          (["--method", "all", "--jobs", "0"], "--jobs 0: must be an integer ≥ 1")):
+                          (["--method", "all", "--jobs", "0"], "--jobs 0: must be an integer ≥ 1"),
+                          (["--student", "mf,ml", "--trials", "mf=16"], "gives no budget to ml; add ml=N"),
+                          (["--trials", "0"], "--trials 0: must be an integer ≥ 1"),
+                          (["--trials", "many"], "give a number of trials or per-student budgets")):
         result = runner.invoke(app, ["tune", *args, "--data-dir", str(tmp_path)])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_trials_take_one_budget_or_one_per_student():
+    from hetcomp.tune_plan import parse_budgets
+
+    assert parse_budgets("8", ["mf", "ml"]) == {"mf": 8, "ml": 8}
+    assert parse_budgets(" mf=16, ml=8 ,dnn=8", ["mf", "ml", "dnn"]) == {"mf": 16, "ml": 8, "dnn": 8}
+    for text, message in (("mf=16", "gives no budget to ml; add ml=N, e.g. --trials 16 or --trials mf=16,ml=8"),
+                          ("mf=16,ml=8,dnn=8", "'dnn' is not among --student mf,ml"),
+                          ("mf=16,mf=4,ml=8", "mf has two budgets"),
+                          ("mf=16,ml=x", "ml's budget 'x' is not a number"),
+                          ("mf=16,ml=0", "ml's budget must be at least 1 trial"),
+                          ("-2", "--trials -2: must be an integer ≥ 1"),
+                          ("16.5", "give a number of trials or per-student budgets")):
+        with pytest.raises(HetCompError, match=message):
+            parse_budgets(text, ["mf", "ml"])
+
+
+def test_a_plan_gives_each_student_its_own_budget(tmp_path, monkeypatch):
+    """``--trials mf=2,ml=1``: each study's plan carries its student's budget (the plan's runner is replaced here:
+    the studies themselves are the plan tests' business)."""
+    import hetcomp.tune_plan as tune_plan
+
+    planned = []
+    monkeypatch.setattr(tune_plan, "run_studies", lambda plans, *args, **kwargs: planned.extend(plans) or {})
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(30, size=8, replace=False)]
+    (tmp_path / "toy.csv").write_text("\n".join(lines))
+    result = CliRunner().invoke(app, [
+        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
+        "--cache-dir", str(tmp_path / "cache"), "--student", "mf,ml", "--method", "none", "--trials", "mf=2,ml=1",
+        "--jobs", "2", "--tuning-dir", str(tmp_path / "tuning")])
+    assert result.exit_code == 0, result.output
+    assert {plan.label: plan.trials for plan in planned} == {"mf-none-6": 2, "ml-none-6": 1}

@@ -36,6 +36,7 @@ from hetcomp.runs import RunStore
 from hetcomp.runs.spec import DEFAULT_MAX_EPOCHS
 from hetcomp.runs.tuned import TUNING_ROOT, summary_path
 from hetcomp.teachers import TEACHERS, load_teachers
+from hetcomp.tune_plan import parse_budgets
 
 
 class _EpochBar(ProgressCallback):
@@ -55,8 +56,9 @@ def tune_command(
     method: str = typer.Option("hetcomp", help=f"Distillation method: {', '.join(METHODS)}; several "
                                                 "comma-separated, or all (one study each)."),
     dim: int = typer.Option(6, help="Student embedding size."),
-    trials: int = typer.Option(16, help="The study's budget: trials in all (complete or pruned); rerunning the "
-                                        "command resumes an interrupted study up to it."),
+    trials: str = typer.Option("16", help="Each study's budget: trials in all (complete or pruned), one number "
+                                          "for every study or one per student, e.g. mf=16,ml=8,dnn=8; rerunning "
+                                          "the command resumes an interrupted study up to it."),
     storage: str = typer.Option(None, help="Optuna RDB URL of the study, e.g. postgresql://user@host/db to share "
                                            "it between machines (default: an SQLite file beside the summary)."),
     study_name: str = typer.Option(None, help="Study name (default: <dataset>-<student>-<method>-<dim>)."),
@@ -91,6 +93,7 @@ def tune_command(
 
     students = _parse_names(student, list(MODELS), "student")
     methods = list(METHODS) if method.strip() == "all" else _parse_names(method, list(METHODS), "method")
+    budgets = parse_budgets(trials, students)
     check_option("--jobs", jobs, 2, ge=1)
     if threads is not None:
         check_option("--threads", threads, 1, ge=1)
@@ -98,18 +101,19 @@ def tune_command(
         if storage is not None or study_name is not None or knobs is not None or option:
             raise HetCompError("--storage, --study-name, --knobs and -o set one study: give one --student and "
                                "one --method (and no --jobs / --ray-address) with them")
-        _tune_plan(students, methods, dataset, dim, trials, teachers, max_epochs, seed, split_seed, device, path,
+        _tune_plan(students, methods, dataset, dim, budgets, teachers, max_epochs, seed, split_seed, device, path,
                    user_col, item_col, sep, data_dir, cache_dir, teachers_dir, runs_dir, tuning_dir, jobs,
                    ray_address, threads)
         return
     student, method = students[0], methods[0]
+    trials = budgets[student]
     fixed = parse_options(method_class(method).config_class, _parse_options(option))
     knob_names = [k.strip() for k in knobs.split(",") if k.strip()] if knobs is not None else None
     search_space(method, knob_names, fixed)  # an unknown knob or an empty space fails before any data is read
     if storage is not None:
         open_storage(storage)
-    for name, value, example in (("--dim", dim, 6), ("--trials", trials, 16), ("--max-epochs", max_epochs, 300),
-                                 ("--seed", seed, 0), ("--split-seed", split_seed, 0)):
+    for name, value, example in (("--dim", dim, 6), ("--max-epochs", max_epochs, 300), ("--seed", seed, 0),
+                                 ("--split-seed", split_seed, 0)):
         check_option(name, value, example, ge=0 if "seed" in name else 1)
     split = load_split(dataset, split_seed, path, user_col, item_col, sep, data_dir, cache_dir)
     known = TEACHERS + _imported(teachers_dir, split)
@@ -147,7 +151,7 @@ def _outcome(summary: dict) -> str:
     return f"{line} with {summary['settings']}"
 
 
-def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, trials: int, teachers: str,
+def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, budgets: dict[str, int], teachers: str,
                max_epochs: int, seed: int, split_seed: int, device: str, path: Path | None, user_col: str,
                item_col: str, sep: str, data_dir: Path | None, cache_dir: Path | None, teachers_dir: Path,
                runs_dir: Path, tuning_dir: Path, jobs: int, ray_address: str | None, threads: int | None) -> None:
@@ -156,8 +160,8 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
     from hetcomp.tune import search_space
     from hetcomp.tune_plan import StudyPlan, run_studies
 
-    for name, value, example in (("--dim", dim, 6), ("--trials", trials, 16), ("--max-epochs", max_epochs, 300),
-                                 ("--seed", seed, 0), ("--split-seed", split_seed, 0)):
+    for name, value, example in (("--dim", dim, 6), ("--max-epochs", max_epochs, 300), ("--seed", seed, 0),
+                                 ("--split-seed", split_seed, 0)):
         check_option(name, value, example, ge=0 if "seed" in name else 1)
     for method in methods:
         search_space(method)
@@ -168,11 +172,12 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
         load_teachers(split, teachers_dir, names)  # missing or stale teachers fail here, not in every task
     inputs = _grid_inputs(dataset, path, user_col, item_col, sep, data_dir, cache_dir, teachers_dir, device,
                           split_seed)
-    plans = [StudyPlan(s, m, dim, trials, tuple(names) if reading[m] else (), seed, max_epochs)
+    plans = [StudyPlan(s, m, dim, budgets[s], tuple(names) if reading[m] else (), seed, max_epochs)
              for s in students for m in methods]
+    budget_of = {plan.label: plan.trials for plan in plans}
     failed = []
     with make_progress() as progress:
-        bar = progress.add_task(f"{len(plans)} studies, trials", total=trials * len(plans))
+        bar = progress.add_task(f"{len(plans)} studies, trials", total=sum(budget_of.values()))
 
         def done(plan: StudyPlan, summary: dict | None, message: str | None) -> None:
             if summary is None:
@@ -186,7 +191,8 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
         def advanced(counts: dict[str, int]) -> None:  # a line per new trial: logs of background runs show them
             for label, count in counts.items():
                 if count > shown.get(label, 0):
-                    progress.console.print(f"{label}: {count}/{trials} trials finished", highlight=False)
+                    progress.console.print(f"{label}: {count}/{budget_of[label]} trials finished",
+                                           highlight=False)
                     shown[label] = count
             progress.update(bar, completed=sum(counts.values()))
 
