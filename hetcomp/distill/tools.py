@@ -270,9 +270,9 @@ def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, exc
     The law of :func:`sample_uniform_from_mask` on the allowed items, without a float [B, n_items] mask or a key
     per item: the distinct allowed items of an i.i.d. uniform stream, in order of first appearance, are a uniform
     draw without replacement. So draw a little more than n per row, reject training items (the sampler's bitmap or
-    sorted keys), excluded items (a zeroed byte table of the batch's (row, item) pairs, of which only the touched
-    pages are ever materialized; their sorted keys beyond :data:`DENSE_MEMBERSHIP_LIMIT`) and repeats, keep the
-    first n, and let only deficient rows draw on. Draw widths are
+    sorted keys), excluded items (a byte table of the batch's (row, item) pairs, or their sorted keys where the
+    table would pass :data:`DENSE_MEMBERSHIP_LIMIT`) and repeats, keep the first n, and let only deficient rows
+    draw on. Draw widths are
     integer functions of the data, so a seed gives the same items on every device. A batch with a row allowing
     fewer than 2n items (tiny catalogues) takes the dense path, whose valid mask marks missing draws.
     """
