@@ -272,9 +272,9 @@ def sample_unobserved(sampler: NegativeSampler, users: torch.Tensor, n: int, exc
     draw without replacement. So draw a little more than n per row, reject training items (the sampler's bitmap or
     sorted keys), excluded items (a byte table of the batch's (row, item) pairs, or their sorted keys where the
     table would pass :data:`DENSE_MEMBERSHIP_LIMIT`) and repeats, keep the first n, and let only deficient rows
-    draw on. Draw widths are
-    integer functions of the data, so a seed gives the same items on every device. A batch with a row allowing
-    fewer than 2n items (tiny catalogues) takes the dense path, whose valid mask marks missing draws.
+    draw on. Draw widths are integer functions of the data, so a seed gives the same items on every device. A
+    batch with a row allowing fewer than 2n items (tiny catalogues) takes the dense path, whose valid mask marks
+    missing draws.
     """
     return sample_unobserved_lockstep(sampler, [users], n, [excluded], [generator], max_rounds)[0]
 
