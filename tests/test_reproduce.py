@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import numpy as np
@@ -181,6 +182,10 @@ def test_reproduce_needs_a_table_or_figure():
 def test_paired_p_value():
     assert paired_p_value([0.3, 0.31, 0.32], [0.2, 0.2, 0.21]) < 0.01
     assert paired_p_value([0.3], [0.2]) != paired_p_value([0.3], [0.2])  # nan with one pair
+    assert math.isnan(paired_p_value([0.3, 0.31, 0.32], [0.3, 0.31, 0.32]))  # a row adopted from another's runs
+    # the same difference on every seed up to rounding: scipy would give p ≈ 1e-32 (and warn); there is no spread
+    assert math.isnan(paired_p_value([0.1 + 0.2, 0.3, 0.4], [0.1, 0.1, 0.2]))
+    assert paired_p_value([0.3, 0.3, 0.4], [0.1, 0.1, 0.2 + 1e-6]) < 1e-3  # a real, tiny spread is still tested
 
 
 def test_seeds_are_a_count_or_a_list():

@@ -36,8 +36,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def paired_p_value(a: list[float], b: list[float]) -> float:
-    """Two-sided paired t-test over seeds (nan with fewer than two pairs or identical differences)."""
+    """Two-sided paired t-test over seeds (nan with fewer than two pairs or identical differences).
+
+    Differences equal up to rounding (e.g. a row adopted from another method's runs, or metrics that differ by the
+    same amount on every seed) have no spread to test against: the t statistic is 0/0 or a rounding error's
+    quotient (a p of 1e-32 from differences of 0.2 ± 1e-17), so they give nan, not a number.
+    """
     if len(a) < 2:
+        return math.nan
+    differences = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if np.ptp(differences) <= 1e-9 * max(float(np.abs(differences).max()), 1e-12):
         return math.nan
     from scipy import stats
 
