@@ -1,16 +1,16 @@
-"""Several studies at once: each (student, method) study of ``hetcomp tune`` is one Ray task (or one local
-process where Ray is not installed, e.g. on a bare GPU machine).
+"""Several studies at once: each (student, method) study of ``hetcomp tune`` is one Ray task (or one local process
+where Ray is not installed, e.g. on a bare GPU machine).
 
-The whole tuning plan of a table (every method for every student, the same budget each) is one command: on a
-local cluster of ``jobs`` CPUs by default, or on an existing Ray cluster (``address``) whose workers see the same
-data, teachers, tuning and runs folders; without Ray, on ``jobs`` spawned processes of this machine. Each task
-runs :func:`~hetcomp.tune.tune` with the default storage (the SQLite file and the trials record beside the
-summary), so a rerun resumes every study where it stopped, and a Ray task whose worker dies is retried (a local
-process that dies fails its study, named): its running trial is recovered like any killed process's. A study
-whose first trials read other studies' choices (:func:`prerequisites`: w/o KD's recipe, DCD's RRD, an ML or DNN
-study's MF one) starts once those have ended, so a plan gives the studies of running them one by one in that
-order. Only the driver reports: a study's summary as it finishes, and the finished trials of all studies while
-they run (read from their trials records).
+The whole tuning plan of a table (every method for every student, the same budget each) is one command: on a local
+cluster of ``jobs`` CPUs by default, or on an existing Ray cluster (``address``) whose workers see the same data,
+teachers, tuning and runs folders; without Ray, on ``jobs`` spawned processes of this machine. Each task runs
+:func:`~hetcomp.tune.tune` with the default storage (the SQLite file and the trials record beside the summary), so a
+rerun resumes every study where it stopped, and a Ray task whose worker dies is retried (a local process that dies
+fails its study, named): its running trial is recovered like any killed process's. A study whose first trials read
+other studies' choices (:func:`prerequisites`: w/o KD's recipe, DCD's RRD, an ML or DNN study's MF one) starts once
+those have ended, so a plan gives the studies of running them one by one in that order; among the ready ones, those
+that head the longest chains of waiting studies start first. Only the driver reports: a study's summary as it
+finishes, and the finished trials of all studies while they run (read from their trials records).
 """
 
 from __future__ import annotations
@@ -137,12 +137,33 @@ def prerequisites(plan: StudyPlan, plans: Sequence[StudyPlan]) -> set[str]:
             and other.method == plan.method))}
 
 
+def chain_lengths(plans: Sequence[StudyPlan]) -> dict[str, int]:
+    """For each study, how many studies the longest chain of waiting starts with it: 1 plus the longest of the
+    studies whose :func:`prerequisites` include it (1 when none do)."""
+    needs = {plan.label: prerequisites(plan, plans) for plan in plans}
+    lengths: dict[str, int] = {}
+
+    def length(label: str) -> int:
+        if label not in lengths:
+            lengths[label] = 1 + max((length(other) for other, reads in needs.items() if label in reads), default=0)
+        return lengths[label]
+
+    for plan in plans:
+        length(plan.label)
+    return lengths
+
+
 def next_studies(waiting: Sequence[StudyPlan], plans: Sequence[StudyPlan], ended: set[str],
                  room: int | None) -> list[StudyPlan]:
-    """The studies of ``waiting`` to start now, in plan order: those whose :func:`prerequisites` have ended, at
-    most ``room`` of them (None: all; a remote cluster decides its own capacity). Starting only as many as there
-    are workers keeps the listed order: Ray runs the tasks it holds in an order of its own."""
-    ready = [plan for plan in waiting if prerequisites(plan, plans) <= ended]
+    """The studies of ``waiting`` to start now: those whose :func:`prerequisites` have ended, at most ``room`` of
+    them (None: all; a remote cluster decides its own capacity), those that head the longest chains of waiting
+    studies first (:func:`chain_lengths`), then in plan order. So a plan's long chains (w/o KD → RRD → DCD for every
+    student, each student's study after the reference one) do not wait behind studies nothing waits for; each study's
+    trials depend only on its prerequisites' choices, never on this order. Starting only as many as there are
+    workers keeps the order: Ray runs the tasks it holds in an order of its own."""
+    lengths = chain_lengths(plans)
+    ready = sorted((plan for plan in waiting if prerequisites(plan, plans) <= ended),
+                   key=lambda plan: -lengths[plan.label])  # stable: plan order among equal chains
     return ready if room is None else ready[:max(0, room)]
 
 

@@ -311,6 +311,23 @@ def test_a_plan_starts_its_ready_studies_in_the_listed_order_as_workers_free():
                                                                             "ml-none-6"]
 
 
+def test_a_plan_starts_the_studies_that_head_the_longest_chains_first():
+    from hetcomp.tune_plan import StudyPlan, chain_lengths, next_studies
+
+    methods = ("none", "hetcomp", "rrd", "dcd")
+    plans = [StudyPlan(student, method, 6, 8, ("mf",)) for student in ("mf", "ml", "dnn") for method in methods]
+    lengths = chain_lengths(plans)
+    assert lengths["mf-none-6"] == 4 and lengths["ml-none-6"] == 3 and lengths["mf-hetcomp-6"] == 2
+    assert lengths["dnn-dcd-6"] == lengths["ml-hetcomp-6"] == 1
+    labels = lambda chosen: [plan.label for plan in chosen]  # noqa: E731
+    waiting = plans[len(methods):]
+    mf_ended = {plan.label for plan in plans[:len(methods)]}
+    # in plan order ML's w/o KD and HetComp would come first and DNN's w/o KD → RRD → DCD chain would wait
+    assert labels(next_studies(waiting, plans, mf_ended, 2)) == ["ml-none-6", "dnn-none-6"]
+    assert labels(next_studies(waiting, plans, mf_ended, None)) == ["ml-none-6", "dnn-none-6", "ml-hetcomp-6",
+                                                                     "dnn-hetcomp-6"]
+
+
 def test_the_tune_command_runs_a_plan_and_a_rerun_resumes_it(world, tmp_path):
     from typer.testing import CliRunner
 
