@@ -60,6 +60,9 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     manifest = json.loads((out / "manifest.json").read_text())["table2"]
     assert manifest["seeds"] == [0, 1] and len(manifest["runs"]) == 6 and manifest["wall_seconds_this_call"] > 0
     assert "[1/6]" in first.output
+    # after each run the log says what is left and how long it should take by the finished rows
+    assert "5 runs left" in first.output and "4 not yet estimated" in first.output
+    assert first.output.count("nothing left") == 1
     # nothing existed to reuse: this call's wall time is a from-scratch measurement, kept with its command
     measured = manifest["from_scratch_measured"]
     assert measured["wall_seconds"] == manifest["wall_seconds_this_call"] and measured["runs"] == 6
@@ -117,10 +120,28 @@ def test_parallel_runs_are_queued_longest_first_by_a_ledger_with_unknown_rows_fi
     assert longest_first(specs, []) == specs  # no ledger: the table's order
 
 
+def test_the_time_left_of_a_table_comes_from_its_finished_rows_and_names_what_it_cannot_estimate():
+    from types import SimpleNamespace
+
+    from hetcomp.paper.runs import time_left
+
+    rows = [{"student": "mf", "method": "kd", "wall_seconds": "3000"}, {"student": "mf", "method": "kd",
+            "wall_seconds": "4200"}, {"student": "mf", "method": "none", "wall_seconds": "60"}]
+    kd, none, rd = (SimpleNamespace(student="mf", method=method, seed=0) for method in ("kd", "none", "rd"))
+    assert time_left([kd, kd, none], rows) == ("3 runs left, ~2.0 h by the ledger's mean wall time of their "
+                                               "student and method")
+    assert time_left([kd, none, none], rows, jobs=2).startswith("3 runs left, ~1.0 h on 2 workers")  # the longest
+    assert time_left([kd, kd, kd, none], rows, jobs=2).startswith("4 runs left, ~1.5 h on 2 workers")
+    assert time_left([kd, rd], rows) == ("2 runs left, ~1.0 h for 1 of them, by the ledger's mean wall time of "
+                                         "their student and method; 1 not yet estimated")
+    assert "no finished run" in time_left([rd], rows) and time_left([], rows) == "nothing left"
+
+
 def test_jobs_train_runs_as_ray_tasks_and_the_driver_merges_their_rows(workspace):
     result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
     out = workspace / "results" / "csv-toy-first300"
     assert "training 2 runs on 2 local workers" in result.output and "[2/2]" in result.output
+    assert "nothing left" in result.output
     rows = [r for r in read_rows(out / "table2.csv") if r["method"] == "rd"]
     assert sorted(r["seed"] for r in rows) == ["0", "1"]
     assert "| RD |" in (out / "table2.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from math import inf
 
 from hetcomp.ensemble import EnsembleConfig
 from hetcomp.errors import HetCompError
@@ -51,11 +52,9 @@ def student_run(rep: Reproduction, trajectories: Sequence, spec: RunSpec) -> dic
                          rep.train, rep.say)
 
 
-def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict]) -> list[RunSpec]:
-    """``specs`` ordered by expected wall time, longest first, so that a grid's slowest runs do not start last and
-    leave the other workers idle at its end. A run is expected to take the mean ``wall_seconds`` of the ledger
-    ``rows`` of its student and method (any seed); runs with no such row go first (they may be long), and the
-    given order is kept among equals."""
+def expected_walls(rows: Sequence[dict]) -> Callable[[RunSpec], float | None]:
+    """A run's expected wall seconds: the mean ``wall_seconds`` of the ledger ``rows`` of its student and method
+    (any seed); None where there is no such row."""
     walls: dict[tuple[str, str], list[float]] = {}
     for row in rows:
         try:
@@ -63,11 +62,38 @@ def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict]) -> list[RunSpe
         except (KeyError, ValueError):
             continue
 
-    def expected(spec: RunSpec) -> float:
+    def expected(spec: RunSpec) -> float | None:
         seen = walls.get((spec.student, spec.method))
-        return sum(seen) / len(seen) if seen else float("inf")
+        return sum(seen) / len(seen) if seen else None
 
-    return sorted(specs, key=expected, reverse=True)
+    return expected
+
+
+def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict]) -> list[RunSpec]:
+    """``specs`` ordered by expected wall time (:func:`expected_walls`), longest first, so that a grid's slowest
+    runs do not start last and leave the other workers idle at its end. Runs with no such row go first (they may
+    be long), and the given order is kept among equals."""
+    expected = expected_walls(rows)
+    return sorted(specs, key=lambda spec: inf if (seconds := expected(spec)) is None else seconds, reverse=True)
+
+
+def time_left(specs: Sequence[RunSpec], rows: Sequence[dict], jobs: int = 1) -> str:
+    """What is left of a table, for its log: the runs, and the hours they should take by the ledger ``rows``
+    (:func:`expected_walls`, shared among ``jobs`` workers, and no fewer than the longest of them), naming how many
+    runs have no estimate yet."""
+    if not specs:
+        return "nothing left"
+    expected = expected_walls(rows)
+    known = [seconds for spec in specs if (seconds := expected(spec)) is not None]
+    unknown = len(specs) - len(known)
+    if not known:
+        return f"{len(specs)} runs left (no finished run of their student and method to estimate from yet)"
+    hours = max(sum(known) / max(1, jobs), max(known)) / 3600  # no fewer than the longest run takes
+    estimate = f"~{hours:.1f} h" if hours >= 1 else f"~{hours * 60:.0f} min"
+    workers = f" on {jobs} workers" if jobs > 1 else ""
+    guess = (f" for {len(known)} of them, by the ledger's mean wall time of their student and method; {unknown} "
+             "not yet estimated" if unknown else " by the ledger's mean wall time of their student and method")
+    return f"{len(specs)} runs left, {estimate}{workers}{guess}"
 
 
 def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[RunSpec],
@@ -80,20 +106,26 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     if not specs:
         return
     if not (rep.jobs > 1 or rep.ray_address):
-        position = 0
+        durations = rep.durations_from or rep.out_dir / "table2.csv"
+        position, finished = 0, set()
         for unit in stack_units(specs, rep.stack_seeds, rep.stack_size):
             for spec in unit:
                 position += 1
                 rep.say(f"[{position}/{len(specs)}] {rerun_command(rep, spec)}")
             if len(unit) == 1:
-                record(unit[0], student_run(rep, trajectories, unit[0]))
-                continue
-            rep.say(f"seeds {', '.join(str(spec.seed) for spec in unit)} as one stacked model")
-            with progress_bars(rep, unit) as callbacks:
-                results = train_stack(unit, rep.split, trajectories, RunStore(rep.runs_dir), rep.device, rep.say,
-                                      callbacks)
+                results = [student_run(rep, trajectories, unit[0])]
+            else:
+                rep.say(f"seeds {', '.join(str(spec.seed) for spec in unit)} as one stacked model")
+                with progress_bars(rep, unit) as callbacks:
+                    results = train_stack(unit, rep.split, trajectories, RunStore(rep.runs_dir), rep.device,
+                                          rep.say, callbacks)
             for spec, result in zip(unit, results, strict=True):
                 record(spec, result)
+                finished.add(spec.identity)
+            if rep.train and all(result is not None for result in results):
+                walls = ", ".join(f"{result['wall_seconds']:.0f} s" for result in results)
+                left = [spec for spec in specs if spec.identity not in finished]
+                rep.say(f"  done ({walls}); {time_left(left, read_rows(durations))}")
         return
     if rep.inputs is None:
         raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
@@ -107,8 +139,10 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
 
     def finished(spec: RunSpec, metrics: dict) -> None:
         done.append(spec)
-        rep.say(f"[{len(done)}/{len(specs)}] {spec.folder_name} done ({metrics['wall_seconds']:.0f} s)")
         record(spec, metrics)
+        left = [other for other in specs if other.identity not in {run.identity for run in done}]
+        rep.say(f"[{len(done)}/{len(specs)}] {spec.folder_name} done ({metrics['wall_seconds']:.0f} s); "
+                f"{time_left(left, read_rows(durations), rep.jobs)}")
         if bar is not None:
             bar.on_epoch_end(None, len(done), 0.0)
 
