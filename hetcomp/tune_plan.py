@@ -138,8 +138,8 @@ def prerequisites(plan: StudyPlan, plans: Sequence[StudyPlan]) -> set[str]:
 
 
 def chain_lengths(plans: Sequence[StudyPlan]) -> dict[str, int]:
-    """For each study, how many studies the longest chain of waiting starts with it: 1 plus the longest of the
-    studies whose :func:`prerequisites` include it (1 when none do)."""
+    """For each study, the number of studies on the longest chain that waits on it, itself included: 1 plus the
+    longest of the studies whose :func:`prerequisites` include it (1 when none do)."""
     needs = {plan.label: prerequisites(plan, plans) for plan in plans}
     lengths: dict[str, int] = {}
 
