@@ -71,9 +71,10 @@ def run_study(plan: StudyPlan, inputs: Inputs, runs_dir: str, root: str, threads
                 device=inputs.device, source=source, root=Path(root))
 
 
-def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
-    """Finished trials of a study so far, from its trials record (0 before its first, and while the record is
-    an earlier study's, made for another version of the method, which this one will replace)."""
+def _finished_records(dataset: str, plan: StudyPlan, root: Path) -> list[dict]:
+    """The finished trials (complete or pruned, not the killed ones) of a study's trials record, in the record's
+    order; none before its first, and while the record is an earlier study's, made for another version of the
+    method, which this one will replace."""
     from hetcomp.distill import method_class
     from hetcomp.tune import trials_path
     from hetcomp.tune_space import FINISHED_STATES
@@ -81,11 +82,35 @@ def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
     path = trials_path(summary_path(dataset, plan.student, plan.method, plan.dim, root))
     try:
         record = json.loads(path.read_text())
-        current = record["study"]["method_version"] == method_class(plan.method).version
-        done = sum(trial["state"] in FINISHED_STATES for trial in record["trials"])  # not the killed ones
-        return done if current else 0
+        if record["study"]["method_version"] != method_class(plan.method).version:
+            return []
+        return [trial for trial in record["trials"] if trial["state"] in FINISHED_STATES]
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return []
+
+
+def finished_trials(dataset: str, plan: StudyPlan, root: Path) -> int:
+    """Finished trials of a study so far, from its trials record (see :func:`_finished_records`)."""
+    return len(_finished_records(dataset, plan, root))
+
+
+def latest_trial(dataset: str, plan: StudyPlan, root: Path) -> str:
+    """A log line's account of a study's newest finished trial and its best so far (validation R@50), e.g.
+    "trial 8 pruned at 0.1812 after 404 s; best 0.2223 (trial 3)"; empty before its first."""
+    trials = _finished_records(dataset, plan, root)
+    if not trials:
+        return ""
+    last = max(trials, key=lambda trial: trial.get("number", -1))
+    value = last.get("value")
+    seconds = (last.get("user_attrs") or {}).get("seconds")
+    text = (f"trial {last.get('number')} {'pruned at' if last['state'] == 'pruned' else 'ended at'} "
+            + ("no value" if value is None else f"{value:.4f}")
+            + ("" if seconds is None else f" after {seconds:.0f} s"))
+    complete = [trial for trial in trials if trial["state"] == "complete" and trial.get("value") is not None]
+    if complete:
+        best = max(complete, key=lambda trial: trial["value"])
+        text += f"; best {best['value']:.4f} (trial {best.get('number')})"
+    return text
 
 
 def parse_budgets(text: str, students: Sequence[str]) -> dict[str, int]:

@@ -4,6 +4,7 @@ others finish (processes), and a SIGTERM'd driver leaving no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -346,6 +347,58 @@ def test_the_tune_command_runs_a_plan_and_a_rerun_resumes_it(world, tmp_path):
     runs = len(list((tmp_path / "runs").rglob("metrics.json")))
     again = CliRunner().invoke(app, args)  # both studies at their budget: nothing trains again
     assert again.exit_code == 0 and len(list((tmp_path / "runs").rglob("metrics.json"))) == runs
+
+
+def test_a_plans_log_names_each_studys_newest_trial_and_its_best_so_far(tmp_path):
+    from hetcomp.distill import method_class
+    from hetcomp.runs.tuned import summary_path
+    from hetcomp.tune import trials_path
+    from hetcomp.tune_plan import StudyPlan, finished_trials, latest_trial
+
+    plan = StudyPlan("mf", "rrd", 6, 8, ("mf",))
+    assert latest_trial("toy", plan, tmp_path) == "" and finished_trials("toy", plan, tmp_path) == 0
+    path = trials_path(summary_path("toy", "mf", "rrd", 6, tmp_path))
+    path.parent.mkdir(parents=True)
+    trials = [{"number": 0, "state": "complete", "value": 0.21, "user_attrs": {"seconds": 300.2}},
+              {"number": 1, "state": "fail", "value": None, "user_attrs": {}},  # killed: not counted
+              {"number": 2, "state": "complete", "value": 0.25, "user_attrs": {"seconds": 410.0}},
+              {"number": 3, "state": "pruned", "value": 0.1234, "user_attrs": {"seconds": 12.4}}]
+    record = {"study": {"method_version": method_class("rrd").version}, "trials": trials}
+    path.write_text(json.dumps(record))
+    assert finished_trials("toy", plan, tmp_path) == 3
+    assert latest_trial("toy", plan, tmp_path) == "trial 3 pruned at 0.1234 after 12 s; best 0.2500 (trial 2)"
+    record["study"]["method_version"] -= 1  # an earlier version's record, which this study will replace
+    path.write_text(json.dumps(record))
+    assert latest_trial("toy", plan, tmp_path) == "" and finished_trials("toy", plan, tmp_path) == 0
+
+
+def test_the_tune_commands_progress_lines_name_the_newest_trial(world, tmp_path, monkeypatch):
+    """A plan's log (a background run's only view) gets a line per new trial with its value and the best so far."""
+    from typer.testing import CliRunner
+
+    import hetcomp.tune_plan as tune_plan
+    from hetcomp.cli import app
+    from hetcomp.distill import method_class
+    from hetcomp.runs.tuned import summary_path
+    from hetcomp.tune import trials_path
+
+    def one_trial_then_stop(plans, inputs, dataset, runs_dir, root, *args, on_progress=None, **kwargs):
+        path = trials_path(summary_path(dataset, "mf", "none", 4, root))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"study": {"method_version": method_class("none").version}, "trials": [
+            {"number": 0, "state": "complete", "value": 0.125, "user_attrs": {"seconds": 3.0}}]}))
+        on_progress({plan.label: tune_plan.finished_trials(dataset, plan, root) for plan in plans})
+        return {}
+
+    monkeypatch.setattr(tune_plan, "run_studies", one_trial_then_stop)
+    root, inputs, _, _ = world
+    result = CliRunner().invoke(app, [
+        "tune", "--dataset", "csv", "--path", str(root / "toy.csv"), "--user-col", "u", "--item-col", "i",
+        "--cache-dir", inputs.cache_dir, "--student", "mf,ml", "--method", "none", "--dim", "4", "--trials", "2",
+        "--runs-dir", str(tmp_path / "runs"), "--tuning-dir", str(tmp_path / "tuning")])
+    assert result.exit_code == 0, result.output
+    logged = " ".join(result.output.split())  # the console wraps long lines
+    assert "mf-none-4: 1/2 trials finished; trial 0 ended at 0.1250 after 3 s; best 0.1250 (trial 0)" in logged
 
 
 def test_a_task_never_takes_more_threads_than_the_caller_allows(monkeypatch):

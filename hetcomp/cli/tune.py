@@ -158,7 +158,7 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
     """Every (student, method) study as a Ray task or a local process (:mod:`hetcomp.tune_plan`); each resumes
     where it stopped."""
     from hetcomp.tune import search_space
-    from hetcomp.tune_plan import StudyPlan, run_studies
+    from hetcomp.tune_plan import StudyPlan, latest_trial, run_studies
 
     for name, value, example in (("--dim", dim, 6), ("--max-epochs", max_epochs, 300), ("--seed", seed, 0),
                                  ("--split-seed", split_seed, 0)):
@@ -175,6 +175,7 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
     plans = [StudyPlan(s, m, dim, budgets[s], tuple(names) if reading[m] else (), seed, max_epochs)
              for s in students for m in methods]
     budget_of = {plan.label: plan.trials for plan in plans}
+    plan_of = {plan.label: plan for plan in plans}
     failed = []
     with make_progress() as progress:
         bar = progress.add_task(f"{len(plans)} studies, trials", total=sum(budget_of.values()))
@@ -191,8 +192,9 @@ def _tune_plan(students: list[str], methods: list[str], dataset: str, dim: int, 
         def advanced(counts: dict[str, int]) -> None:  # a line per new trial: logs of background runs show them
             for label, count in counts.items():
                 if count > shown.get(label, 0):
-                    progress.console.print(f"{label}: {count}/{budget_of[label]} trials finished",
-                                           highlight=False)
+                    latest = latest_trial(split.meta["dataset"], plan_of[label], tuning_dir)
+                    progress.console.print(f"{label}: {count}/{budget_of[label]} trials finished"
+                                           + (f"; {latest}" if latest else ""), highlight=False)
                     shown[label] = count
             progress.update(bar, completed=sum(counts.values()))
 
