@@ -16,6 +16,10 @@
 #     back as $OUT/fs-<teacher>.tgz where they match, for issue 19's Foursquare lane; and the user autoencoder once
 #     more with torch's and MKL's kernels held at AVX2 (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA), whose
 #     digest, against the AVX2 machine's bf66b4a4de31, says whether pinning the kernel level makes teachers portable.
+#  5. (CLDRD_UNSAMPLED=1, the default) CL-DRD as the HetComp paper ran it (`-o sampling=false`: LambdaMRR of the
+#     ensemble's list against every unobserved item) on the MF student, 4 epochs: its seconds an epoch on the
+#     device, which say whether its studies (issue 19: the sampled form's rows trail w/o KD on Foursquare's MF
+#     student and sit -34 % from the paper on CiteULike) fit GPU sessions; ~70 s an epoch on one CPU thread.
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`; for 4, Foursquare's files under
 # datasets/foursquare_fgcrec) and $OUT.
@@ -90,6 +94,21 @@ if [ -n "$BENCH_METHODS" ]; then
   timeout 150 python3 -m hetcomp bench --dataset citeulike --device "$DEVICE" --teachers-dir "$WORK/teachers" \
     --methods "$BENCH_METHODS" --append "$OUT/bench.md" > "$WORK/bench.log" 2>&1
   note "hetcomp bench (exit $?)"
+fi
+
+if [ "${CLDRD_UNSAMPLED:-1}" = 1 ]; then  # part 5: epochs 3-4 less epochs 1-2 (one evaluation each) over two
+  timeout 150 python3 -m hetcomp distill --dataset citeulike --student mf --dim 6 --method cl-drd \
+    -o sampling=false --max-epochs 4 --eval-every 2 --device "$DEVICE" --teachers-dir "$WORK/teachers" \
+    --runs-dir "$WORK/cl-drd-runs" > "$WORK/cl-drd.log" 2>&1
+  status=$?
+  note "CL-DRD without sampling, MF, CiteULike (exit $status): $(python3 -c '
+import json, pathlib, sys
+history = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).rglob("history.json")]
+points = {point["epoch"]: point["seconds"] for point in history[0]} if history else {}
+print(f"{(points[4] - points[2]) / 2:.2f} s an epoch (epochs 3-4, with one evaluation)" if {2, 4} <= set(points)
+      else f"no timing: evaluations at {sorted(points)}")
+' "$WORK/cl-drd-runs" 2>&1 | tail -1)"
+  [ "$status" = 0 ] || tail -5 "$WORK/cl-drd.log"
 fi
 
 cpu_busy() { local pid; for pid in "${cpu_pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
