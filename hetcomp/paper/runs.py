@@ -135,12 +135,12 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     rep.say(f"training {len(specs)} runs on {where}, longest first by the wall times in {durations}"
             if durations.exists() else f"training {len(specs)} runs on {where}")
     bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))
-    done = []
+    done: set[str] = set()  # the finished runs' identities
 
     def finished(spec: RunSpec, metrics: dict) -> None:
-        done.append(spec)
+        done.add(spec.identity)
         record(spec, metrics)
-        left = [other for other in specs if other.identity not in {run.identity for run in done}]
+        left = [other for other in specs if other.identity not in done]
         rep.say(f"[{len(done)}/{len(specs)}] {spec.folder_name} done ({metrics['wall_seconds']:.0f} s); "
                 f"{time_left(left, read_rows(durations), rep.jobs)}")
         if bar is not None:
