@@ -61,7 +61,8 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     assert manifest["seeds"] == [0, 1] and len(manifest["runs"]) == 6 and manifest["wall_seconds_this_call"] > 0
     assert "[1/6]" in first.output
     # after each run the log says what is left and how long it should take by the finished rows
-    assert "5 runs left" in first.output and "4 not yet estimated" in first.output
+    log = " ".join(first.output.split())  # the console wraps long lines
+    assert "5 runs left" in log and "4 not yet estimated" in log
     assert first.output.count("nothing left") == 1
     # nothing existed to reuse: this call's wall time is a from-scratch measurement, kept with its command
     measured = manifest["from_scratch_measured"]
@@ -135,6 +136,49 @@ def test_the_time_left_of_a_table_comes_from_its_finished_rows_and_names_what_it
     assert time_left([kd, rd], rows) == ("2 runs left, ~1.0 h for 1 of them, by the ledger's mean wall time of "
                                          "their student and method; 1 not yet estimated")
     assert "no finished run" in time_left([rd], rows) and time_left([], rows) == "nothing left"
+
+
+def test_runs_not_yet_in_the_ledger_are_priced_by_their_studys_trial_at_the_same_settings(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from hetcomp.paper.runs import study_walls, time_left
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+
+    def summary(name: str, settings: dict, history: list, **more) -> None:
+        (folder / f"{name}.json").write_text(json.dumps({"settings": settings, "history": history, **more}))
+
+    kd_settings = {"lr": 0.002, "weight_decay": 0.0, "options": {"k": 68}}
+    summary("mf-kd-6", kd_settings, [{"number": 0, "state": "complete", "seconds": 900.0, "params": {"lr": 0.01}},
+                                     {"number": 1, "state": "complete", "seconds": 1800.0, "params": {"lr": 0.002}}],
+            best_trial=1)
+    summary("mf-rrd-6", {"lr": 0.004, "options": {"k": 49}},
+            [{"number": 0, "state": "fail", "seconds": None, "params": {"lr": 0.004}},
+             {"number": 1, "state": "complete", "seconds": 200.0, "params": {"lr": 0.004}},  # resumed trial 0's run
+             {"number": 2, "state": "complete", "seconds": 700.0, "params": {"lr": 0.005}}], best_trial=1)
+    summary("mf-dcd-6", {"lr": 0.005, "options": {"k": 49, "dcd_weight": 0.0}},
+            [{"number": 0, "state": "complete", "seconds": 50.0, "params": {}}], best_trial=0,
+            chosen_from={"method": "rrd", "trial": 2})
+
+    def spec(method: str, lr: float, **config) -> SimpleNamespace:
+        return SimpleNamespace(dataset="toy", student="mf", method=method, dim=6, lr=lr, weight_decay=0.0,
+                               method_config=tuple(config.items()))
+
+    priced = study_walls(tmp_path)
+    kd = spec("kd", 0.002, k=68, temperature=1.0)
+    assert priced(kd) == 1800.0  # the chosen trial's cost
+    assert priced(spec("kd", 0.003, k=68)) is None and priced(spec("kd", 0.002, k=69)) is None  # other settings
+    assert priced(spec("rrd", 0.004, k=49)) is None  # it timed only its part of a resumed run
+    assert priced(spec("dcd", 0.005, k=49, dcd_weight=0.0)) == 700.0  # the trial of the study it was chosen from
+    assert priced(spec("none", 0.01)) is None  # no summary
+    rows = [{"student": "mf", "method": "kd", "wall_seconds": "3600"}]
+    assert priced(kd) == 1800.0 and time_left([kd], rows, fallback=priced).startswith("1 runs left, ~1.0 h")
+    dcd = spec("dcd", 0.005, k=49, dcd_weight=0.0)
+    assert time_left([dcd, spec("rrd", 0.004, k=49)], [], fallback=priced) == (
+        "2 runs left, ~12 min for 1 of them, by the ledger's mean wall time of their student and method, or their "
+        "study's trial at the same settings; 1 not yet estimated")
 
 
 def test_jobs_train_runs_as_ray_tasks_and_the_driver_merges_their_rows(workspace):

@@ -3,9 +3,11 @@ trained in this process or as Ray tasks, and recorded in the ledger by this (dri
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from math import inf
+from pathlib import Path
 
 from hetcomp.ensemble import EnsembleConfig
 from hetcomp.errors import HetCompError
@@ -15,6 +17,7 @@ from hetcomp.runs import RunSpec, RunStore, make_spec, train_run
 from hetcomp.runs.execute import train_stack
 from hetcomp.runs.grid import run_grid, stack_units
 from hetcomp.runs.spec import twin_spec
+from hetcomp.runs.tuned import RECIPE, flat_settings, summary_path
 
 
 def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: str, seed: int, dim: int = 6,
@@ -52,9 +55,60 @@ def student_run(rep: Reproduction, trajectories: Sequence, spec: RunSpec) -> dic
                          rep.train, rep.say)
 
 
-def expected_walls(rows: Sequence[dict]) -> Callable[[RunSpec], float | None]:
+def study_walls(root: Path | None = None) -> Callable[[RunSpec], float | None]:
+    """A run's wall seconds as its tuning study measured them: the ``seconds`` of the trial whose settings the run
+    uses (the study summary's chosen trial, or the other study's trial a ``chosen_from`` names), read from the
+    summaries under ``root`` (None: ``experiments/tuning``); None where the run's lr, weight decay or options are
+    not those settings, or there is no such summary or figure (or the trial resumed a killed one's run, so timed
+    only its part). A trial ran on the study's seed with the table's epoch limits, so it prices a run before any
+    run of its student and method has finished."""
+    summaries: dict[Path, dict | None] = {}
+
+    def summary(path: Path) -> dict | None:
+        if path not in summaries:
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError):
+                loaded = None
+            summaries[path] = loaded if isinstance(loaded, dict) else None
+        return summaries[path]
+
+    def trial_seconds(path: Path, number: object) -> float | None:
+        history = [trial for trial in (summary(path) or {}).get("history") or [] if isinstance(trial, dict)]
+        chosen = next((trial for trial in history if trial.get("number") == number), None)
+        seconds = None if chosen is None else chosen.get("seconds")
+        if not isinstance(seconds, int | float) or seconds <= 0:
+            return None
+        if any(trial.get("state") == "fail" and trial.get("params") == chosen.get("params") for trial in history):
+            return None  # it resumed a killed trial's run, and timed only its own part
+        return float(seconds)
+
+    def expected(spec: RunSpec) -> float | None:
+        try:
+            path = summary_path(spec.dataset, spec.student, spec.method, spec.dim, root)
+            chosen = summary(path)
+            settings = flat_settings((chosen or {}).get("settings") or {})
+            config = dict(spec.method_config)
+            uses = (bool(settings) and settings.get("lr") == spec.lr
+                    and settings.get("weight_decay", spec.weight_decay) == spec.weight_decay
+                    and all(config.get(name) == value for name, value in settings.items() if name not in RECIPE))
+        except (AttributeError, TypeError):
+            return None
+        if not uses:
+            return None
+        source = chosen.get("chosen_from")
+        if isinstance(source, dict) and isinstance(source.get("method"), str):
+            other = summary_path(spec.dataset, spec.student, source["method"], spec.dim, root)
+            return trial_seconds(other, source.get("trial"))
+        return trial_seconds(path, chosen.get("best_trial"))
+
+    return expected
+
+
+def expected_walls(rows: Sequence[dict], fallback: Callable[[RunSpec], float | None] | None = None
+                   ) -> Callable[[RunSpec], float | None]:
     """A run's expected wall seconds: the mean ``wall_seconds`` of the ledger ``rows`` of its student and method
-    (any seed); None where there is no such row."""
+    (any seed); else ``fallback``'s figure (e.g. :func:`study_walls`); None where neither has one."""
     walls: dict[tuple[str, str], list[float]] = {}
     for row in rows:
         try:
@@ -64,26 +118,30 @@ def expected_walls(rows: Sequence[dict]) -> Callable[[RunSpec], float | None]:
 
     def expected(spec: RunSpec) -> float | None:
         seen = walls.get((spec.student, spec.method))
-        return sum(seen) / len(seen) if seen else None
+        if seen:
+            return sum(seen) / len(seen)
+        return fallback(spec) if fallback is not None else None
 
     return expected
 
 
-def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict]) -> list[RunSpec]:
+def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict],
+                  fallback: Callable[[RunSpec], float | None] | None = None) -> list[RunSpec]:
     """``specs`` ordered by expected wall time (:func:`expected_walls`), longest first, so that a grid's slowest
-    runs do not start last and leave the other workers idle at its end. Runs with no such row go first (they may
+    runs do not start last and leave the other workers idle at its end. Runs with no estimate go first (they may
     be long), and the given order is kept among equals."""
-    expected = expected_walls(rows)
+    expected = expected_walls(rows, fallback)
     return sorted(specs, key=lambda spec: inf if (seconds := expected(spec)) is None else seconds, reverse=True)
 
 
-def time_left(specs: Sequence[RunSpec], rows: Sequence[dict], jobs: int = 1) -> str:
+def time_left(specs: Sequence[RunSpec], rows: Sequence[dict], jobs: int = 1,
+              fallback: Callable[[RunSpec], float | None] | None = None) -> str:
     """What is left of a table, for its log: the runs, and the hours they should take by the ledger ``rows``
-    (:func:`expected_walls`, shared among ``jobs`` workers, and no fewer than the longest of them), naming how many
-    runs have no estimate yet."""
+    (:func:`expected_walls`, else ``fallback``, e.g. the studies' trials; shared among ``jobs`` workers, and no
+    fewer than the longest of them), naming how many runs have no estimate yet."""
     if not specs:
         return "nothing left"
-    expected = expected_walls(rows)
+    expected = expected_walls(rows, fallback)
     known = [seconds for spec in specs if (seconds := expected(spec)) is not None]
     unknown = len(specs) - len(known)
     if not known:
@@ -91,8 +149,10 @@ def time_left(specs: Sequence[RunSpec], rows: Sequence[dict], jobs: int = 1) -> 
     hours = max(sum(known) / max(1, jobs), max(known)) / 3600  # no fewer than the longest run takes
     estimate = f"~{hours:.1f} h" if hours >= 1 else f"~{hours * 60:.0f} min"
     workers = f" on {jobs} workers" if jobs > 1 else ""
-    guess = (f" for {len(known)} of them, by the ledger's mean wall time of their student and method; {unknown} "
-             "not yet estimated" if unknown else " by the ledger's mean wall time of their student and method")
+    source = "the ledger's mean wall time of their student and method" + (
+        ", or their study's trial at the same settings" if fallback is not None else "")
+    guess = (f" for {len(known)} of them, by {source}; {unknown} not yet estimated" if unknown
+             else f" by {source}")
     return f"{len(specs)} runs left, {estimate}{workers}{guess}"
 
 
@@ -107,6 +167,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
         return
     if not (rep.jobs > 1 or rep.ray_address):
         durations = rep.durations_from or rep.out_dir / "table2.csv"
+        priced = study_walls(rep.tuning_dir)
         position, finished = 0, set()
         for unit in stack_units(specs, rep.stack_seeds, rep.stack_size):
             for spec in unit:
@@ -125,13 +186,14 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
             if rep.train and all(result is not None for result in results):
                 walls = ", ".join(f"{result['wall_seconds']:.0f} s" for result in results)
                 left = [spec for spec in specs if spec.identity not in finished]
-                rep.say(f"  done ({walls}); {time_left(left, read_rows(durations))}")
+                rep.say(f"  done ({walls}); {time_left(left, read_rows(durations), fallback=priced)}")
         return
     if rep.inputs is None:
         raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
     where = rep.ray_address or f"{rep.jobs} local workers (Ray, or processes where Ray is not installed)"
     durations = rep.durations_from or rep.out_dir / "table2.csv"
-    specs = longest_first(specs, read_rows(durations))
+    priced = study_walls(rep.tuning_dir)
+    specs = longest_first(specs, read_rows(durations), priced)
     rep.say(f"training {len(specs)} runs on {where}, longest first by the wall times in {durations}"
             if durations.exists() else f"training {len(specs)} runs on {where}")
     bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))
@@ -142,7 +204,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
         record(spec, metrics)
         left = [other for other in specs if other.identity not in done]
         rep.say(f"[{len(done)}/{len(specs)}] {spec.folder_name} done ({metrics['wall_seconds']:.0f} s); "
-                f"{time_left(left, read_rows(durations), rep.jobs)}")
+                f"{time_left(left, read_rows(durations), rep.jobs, priced)}")
         if bar is not None:
             bar.on_epoch_end(None, len(done), 0.0)
 
