@@ -461,6 +461,48 @@ def test_lambda_mrr_rest_loss_matches_naive_values_and_gradients(scale):
     assert grad_fast[~unobserved].abs().max() == 0  # training items take no part
 
 
+@pytest.mark.parametrize("scale", [1e-3, 0.3, 3.0, 40.0])
+def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_rows(scale):
+    """Rows long enough for many score buckets, segments cut by listed items and thousands of rest items each:
+    the expansion against the direct [B, N, n] pairwise sum (rest pairs) plus the listed pairs, in float64."""
+    rng = np.random.default_rng(17)
+    n_users, n_items, n_listed = 3, 2000, 50
+    scores = torch.from_numpy(rng.normal(size=(n_users, n_items)) * scale)
+    unobserved = torch.from_numpy(rng.random((n_users, n_items)) < 0.9)
+    listed = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), n_listed, replace=False))
+                          for row in unobserved])
+    listed[2] = torch.from_numpy(np.flatnonzero(unobserved[2].numpy()))[scores[2][unobserved[2]].argsort(
+        descending=True)[:n_listed].numpy()]  # the student's own top: segments cut at every place near the top
+    labels = torch.where(torch.arange(n_listed) < 10, 1.0 / (torch.arange(n_listed) + 1.0),
+                         torch.tensor(-0.25)).to(torch.float64).expand(n_users, -1)
+    valid = torch.ones(n_users, n_listed, dtype=torch.bool)
+    valid[1, 30:] = False
+    direct_scores = scores.clone().requires_grad_()
+    _, positions = L._student_positions(direct_scores, unobserved)
+    rows = torch.arange(n_users).unsqueeze(1).expand_as(listed)
+    is_listed = torch.zeros_like(unobserved)
+    is_listed[rows[valid], listed[valid]] = True
+    p, p_listed = positions.to(torch.float64), positions.gather(1, listed).to(torch.float64)
+    f_listed = direct_scores.gather(1, listed)
+    rest = ((1 / p_listed.unsqueeze(2) - 1 / p.unsqueeze(1)).abs()
+            * torch.nn.functional.softplus(direct_scores.unsqueeze(1) - f_listed.unsqueeze(2)))
+    rest = torch.where((unobserved & ~is_listed).unsqueeze(1) & valid.unsqueeze(2), rest, 0.0).sum((1, 2))
+    pair = (labels.unsqueeze(2) > labels.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    inside = torch.where(pair, (1 / p_listed.unsqueeze(2) - 1 / p_listed.unsqueeze(1)).abs()
+                         * torch.nn.functional.softplus(f_listed.unsqueeze(1) - f_listed.unsqueeze(2)), 0.0)
+    direct = rest + inside.sum((1, 2))
+    row_weights = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)  # a gradient that differs per row
+    grad_direct, = torch.autograd.grad((direct * row_weights).sum(), direct_scores)
+    fast_scores = scores.clone().requires_grad_()
+    fast = L.lambda_mrr_rest_loss(fast_scores, unobserved, listed, labels, valid, chunk_elements=2 * n_items)
+    grad_fast, = torch.autograd.grad((fast * row_weights).sum(), fast_scores)
+    assert fast.tolist() == pytest.approx(direct.tolist(), rel=1e-7)
+    assert torch.allclose(grad_fast, grad_direct, rtol=1e-6, atol=1e-7 * grad_direct.abs().max().item())
+    assert grad_fast[~unobserved].abs().max() == 0  # training items take no part
+    assert L.lambda_mrr_rest_loss(scores, unobserved, listed, labels, valid).tolist() == pytest.approx(
+        fast.tolist(), rel=1e-12)  # without a gradient: the same sums
+
+
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):
     method = build_method("cl-drd", context, stages="2,4", stage_epochs=2, top_n=5, sampling=False)
     users = torch.tensor([1, 4, 7])

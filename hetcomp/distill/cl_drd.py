@@ -14,8 +14,8 @@ The loss is the authors' LambdaMRR: a logistic loss on every pair the labels ord
 with p the student's current positions, so the label values only fix the order and the pairs the student has
 near its top weigh most.
 
-**``sampling=False``: as the HetComp paper ran it** (not yet the default: its exact loss costs ~113 s per MF
-epoch on CiteULike, against ~2 s for RRD, see below). The HetComp authors report (README of
+**``sampling=False``: as the HetComp paper ran it** (not yet the default: its exact loss costs ~1 s per batch of
+64 users on one CPU thread, 1–2 min an epoch, against ~2 s for RRD, see below). The HetComp authors report (README of
 github.com/SeongKu-Kang/HetComp_WWW23) that the sampling of top-ranked unobserved items was unnecessary and
 that removing it considerably improved the ranking-matching baselines (RRD, MTD, CL-DRD, DCD), so they ran all
 of them without it; their released code contains no CL-DRD, and how the groups look without sampling is not
@@ -78,8 +78,8 @@ class CLDRDConfig:
 
     #: what ``hetcomp tune`` may search, on validation: name → ("float_log" | "float" | "int", low, high) or
     #: ("choice", [values]); ``weight`` spans both normalizations (per-user sums without sampling, pair means with).
-    #: ``sampling`` is not searched: without it an epoch takes ~113 s on one CiteULike CPU thread (~13 h a run),
-    #: beyond any tuning budget; a study of that form is ``hetcomp tune ... -o sampling=false`` (e.g. on a GPU)
+    #: ``sampling`` is not searched: without it an epoch takes 1–2 min on one CPU thread (hours a run), beyond any
+    #: CPU tuning budget; a study of that form is ``hetcomp tune ... -o sampling=false`` (e.g. on a GPU)
     search_space: ClassVar[dict] = {
         "stage_epochs": ("int", 5, 60),
         "weight": ("float_log", 1e-4, 10.0),

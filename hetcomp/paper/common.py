@@ -30,9 +30,9 @@ CONSTRUCTED = {"mtd": ("†", "MTD is this project's construction (hetcomp/disti
                "kd": ("‡", "KD (loss menu) is this project's own baseline, not a row of the paper."),
                "cl-drd": ("§", "CL-DRD runs the form its settings name, by default its authors' sampled label groups "
                                "(hetcomp/distill/cl_drd.py); the HetComp paper ran it without the sampling step, "
-                               "a form that exists here (-o sampling=false) but costs 70-113 s an epoch on one "
-                               "CiteULike CPU thread (against ~1 s for the sampled form), so it was not tuned: its "
-                               "studies are GPU work.")}
+                               "a form that exists here (-o sampling=false) but costs 1-2 min an epoch on one CPU "
+                               "thread (against ~1 s for the sampled form), so it was not tuned: its studies are "
+                               "GPU work.")}
 CURVE_METHODS = ("none", "dcd", "hetcomp")
 #: the users ``--quick`` keeps (the first ones of the file)
 QUICK_USERS = 300
