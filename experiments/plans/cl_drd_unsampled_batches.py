@@ -14,15 +14,12 @@ import time
 from pathlib import Path
 
 import torch
+from epoch_parts import one_thread_inputs  # this folder's script: run as a script, not a module
 
 import hetcomp
-from hetcomp.data import load_dataset
 from hetcomp.distill import DistillContext, build_method
 from hetcomp.models import build_model
 from hetcomp.provenance import machine
-from hetcomp.trajectory import load_trajectory
-
-TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
 
 
 def main() -> None:
@@ -34,10 +31,7 @@ def main() -> None:
     parser.add_argument("--teachers-dir", type=Path, default=Path("teachers"))
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    split = load_dataset(args.dataset)
-    folder = args.teachers_dir / split.meta["dataset"]
-    trajectories = [load_trajectory(folder / name / "trajectory.npz") for name in TEACHERS]
+    split, trajectories = one_thread_inputs(args.dataset, args.teachers_dir)
     method = build_method("cl-drd", DistillContext(split, trajectories, "cpu"), sampling=False, top_n=100,
                           stages="5,10,20")
     method.on_epoch_start(None, 1)

@@ -40,10 +40,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    split = load_dataset(args.dataset)
-    folder = args.teachers_dir / split.meta["dataset"]
-    trajectories = [load_trajectory(folder / name / "trajectory.npz") for name in TEACHERS]
+    split, trajectories = one_thread_inputs(args.dataset, args.teachers_dir)
     options = parse_options(method_class(args.method).config_class, _parse_options(args.options), args.method)
     method = build_method(args.method, DistillContext(split, trajectories, "cpu"), **options)
     torch.manual_seed(args.seed)
@@ -89,6 +86,14 @@ def main() -> None:
     print(f"{args.method} {args.student} on {args.dataset}, {machine()}")
     print(f"epoch {epoch:.3f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in spent.items()))
     print("forward parts: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items() if v))
+
+
+def one_thread_inputs(dataset: str, teachers_dir: Path) -> tuple:
+    """(the split, the six teachers' trajectories from ``teachers_dir/<dataset>``), torch held to one thread."""
+    torch.set_num_threads(1)
+    split = load_dataset(dataset)
+    folder = teachers_dir / split.meta["dataset"]
+    return split, [load_trajectory(folder / name / "trajectory.npz") for name in TEACHERS]
 
 
 def _timed(function, name: str, parts: dict[str, float]):
