@@ -466,7 +466,7 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
     """Rows long enough for many score buckets, segments cut by listed items and thousands of rest items each:
     the expansion against the direct [B, N, n] pairwise sum (rest pairs) plus the listed pairs, in float64."""
     rng = np.random.default_rng(17)
-    n_users, n_items, n_listed = 3, 2000, 50
+    n_users, n_items, n_listed = 4, 2000, 50
     scores = torch.from_numpy(rng.normal(size=(n_users, n_items)) * scale)
     unobserved = torch.from_numpy(rng.random((n_users, n_items)) < 0.9)
     listed = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), n_listed, replace=False))
@@ -477,6 +477,7 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
                          torch.tensor(-0.25)).to(torch.float64).expand(n_users, -1)
     valid = torch.ones(n_users, n_listed, dtype=torch.bool)
     valid[1, 30:] = False
+    valid[3] = False  # no list: every unobserved item is a rest item, no pair
     direct_scores = scores.clone().requires_grad_()
     _, positions = L._student_positions(direct_scores, unobserved)
     rows = torch.arange(n_users).unsqueeze(1).expand_as(listed)
@@ -491,12 +492,12 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
     inside = torch.where(pair, (1 / p_listed.unsqueeze(2) - 1 / p_listed.unsqueeze(1)).abs()
                          * torch.nn.functional.softplus(f_listed.unsqueeze(1) - f_listed.unsqueeze(2)), 0.0)
     direct = rest + inside.sum((1, 2))
-    row_weights = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)  # a gradient that differs per row
+    row_weights = torch.tensor([1.0, 2.0, -0.5, 3.0], dtype=torch.float64)  # a gradient that differs per row
     grad_direct, = torch.autograd.grad((direct * row_weights).sum(), direct_scores)
     fast_scores = scores.clone().requires_grad_()
     fast = L.lambda_mrr_rest_loss(fast_scores, unobserved, listed, labels, valid, chunk_elements=2 * n_items)
     grad_fast, = torch.autograd.grad((fast * row_weights).sum(), fast_scores)
-    assert fast.tolist() == pytest.approx(direct.tolist(), rel=1e-7)
+    assert fast.tolist() == pytest.approx(direct.tolist(), rel=1e-7) and fast[3] == 0
     assert torch.allclose(grad_fast, grad_direct, rtol=1e-6, atol=1e-7 * grad_direct.abs().max().item())
     assert grad_fast[~unobserved].abs().max() == 0  # training items take no part
     assert L.lambda_mrr_rest_loss(scores, unobserved, listed, labels, valid).tolist() == pytest.approx(
