@@ -398,7 +398,8 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     rest = (unobserved & ~is_listed).gather(1, order)  # [B, n], the student's order from here on
     f_sorted = f.gather(1, order)
     bottom = f_sorted.gather(1, (unobserved.sum(1, keepdim=True) - 1).clamp(min=0))
-    warped = _warped_scores(torch.where(unobserved.gather(1, order), f_sorted, bottom), f.gather(1, listed), valid)
+    f_listed = f.gather(1, listed)
+    warped = _warped_scores(torch.where(unobserved.gather(1, order), f_sorted, bottom), f_listed, valid)
     # segments: runs of the sorted row with one warped bucket and the same listed items above them, so that
     # every listed item is wholly above or wholly below each segment (the trained items, last, share one)
     bucket = ((warped[:, :1] - warped) / _BUCKET).floor()
@@ -430,7 +431,7 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     below = segment_above.unsqueeze(1) >= listed_above.gather(1, at).unsqueeze(2)  # [B, N, S]: segment below i
     sign = torch.where(below, 1.0, -1.0).to(f64) * valid.unsqueeze(2)
     # Σ_{j in segment} w_ij softplus(f_j − f_i) = sign · Σ_m D_m(c − f_i) (Σ δ^m / p_i − Σ δ^m / p_j)
-    taylor = _softplus_taylor(segment_centre.unsqueeze(1) - f.gather(1, listed).unsqueeze(2), order_m + 1)
+    taylor = _softplus_taylor(segment_centre.unsqueeze(1) - f_listed.unsqueeze(2), order_m + 1)
     taylor = taylor * sign.unsqueeze(3)  # [B, N, S, order + 2]
     head = taylor[..., :order_m + 1].reshape(rows, -1, n_segments * (order_m + 1)) @ moments  # [B, N, 2]
     value = (head[..., 0] * inv_listed - head[..., 1]).sum(1)
