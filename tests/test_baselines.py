@@ -409,7 +409,13 @@ def test_cl_drd_candidate_list_grows_with_the_stage(context):
         build_method("cl-drd", context, stages="5,x")
     with pytest.raises(HetCompError, match="list_size"):
         build_method("cl-drd", context, stages="5,10", list_size=10, sampling=True)
-    assert build_method("cl-drd", context, stages="5,10", list_size=10, sampling=False).weight == 0.01  # no list
+    with pytest.raises(HetCompError, match="--method cl-drd-full"):  # the unsampled form is a method of its own
+        build_method("cl-drd", context, sampling=False)
+    assert build_method("cl-drd-full", context, stages="5,10").weight == 0.01  # no list, so no list_size to fit
+    with pytest.raises(HetCompError, match="list_size"):  # a sampled form's setting, not the unsampled one's
+        build_method("cl-drd-full", context, list_size=40)
+    with pytest.raises(HetCompError, match="sampling"):  # fixed by the method's name
+        build_method("cl-drd-full", context, sampling=True)
     assert build_method("cl-drd", context, stages=7).stage_sizes == [7]  # the CLI parses "-o stages=7" as a number
 
 
@@ -505,7 +511,7 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
 
 
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):
-    method = build_method("cl-drd", context, stages="2,4", stage_epochs=2, top_n=5, sampling=False)
+    method = build_method("cl-drd-full", context, stages="2,4", stage_epochs=2, top_n=5)
     users = torch.tensor([1, 4, 7])
     model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(15)))
     method.own_loss = lambda model, users: torch.zeros(())
@@ -525,7 +531,7 @@ def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(contex
 def test_cl_drd_without_sampling_learns_the_ensembles_order(context):
     """Gradient steps on the distillation term alone move the student's ranking towards the ensemble's (more of
     its top-5 in the student's top-5, and more at the same place) and lower the term."""
-    method = build_method("cl-drd", context, stages="5", top_n=10, weight=1.0, sampling=False)
+    method = build_method("cl-drd-full", context, stages="5", top_n=10, weight=1.0)
     method.own_loss = lambda model, users: torch.zeros(())
     users = context.active_users[:16]
     model = FixedScores(torch.randn(SPLIT.n_users, SPLIT.n_items, generator=_generator(16)) * 0.1)
@@ -600,19 +606,24 @@ def test_methods_that_add_the_own_loss_also_try_the_tuned_wo_kd_recipe():
     assert method_class("rrd").tuning_alternatives(lambda m: {}) == []  # no w/o KD study yet: nothing more
     low = DCDConfig.search_space["dcd_weight"][1]
     assert method_class("dcd").tuning_alternatives(lambda m: {}) == [{"dcd_weight": low}]
-    assert {m for m in METHODS if method_class(m).adds_own_loss} == {"rd", "rrd", "mtd", "cl-drd", "dcd", "kd"}
+    assert {m for m in METHODS if method_class(m).adds_own_loss} == {"rd", "rrd", "mtd", "cl-drd", "cl-drd-full", "dcd",
+                                                                        "kd"}
 
 
-def test_cl_drd_declares_its_search_space():
-    from hetcomp.distill.cl_drd import CLDRDConfig
-    space = CLDRDConfig.search_space
-    assert {"stage_epochs", "weight"} <= set(space) and "sampling" not in space  # ~13 h a run without it
-    fields = {f.name for f in __import__("dataclasses").fields(CLDRDConfig)}
+@pytest.mark.parametrize("config_module", ["cl_drd:CLDRDConfig", "cl_drd_full:CLDRDFullConfig"])
+def test_cl_drd_declares_its_search_space(config_module):
+    import dataclasses
+    import importlib
+    module, name = config_module.split(":")
+    config_class = getattr(importlib.import_module(f"hetcomp.distill.{module}"), name)
+    space = config_class.search_space
+    assert {"stage_epochs", "weight"} <= set(space) and "sampling" not in space  # a form is a method, not a knob
+    fields = {f.name for f in dataclasses.fields(config_class)}
     for name, (kind, *bounds) in space.items():
         assert name in fields and kind in ("float_log", "float", "int", "choice")
         values = bounds[0] if kind == "choice" else bounds
         for value in values:
-            CLDRDConfig(**{name: value})  # every declared value is accepted
+            config_class(**{name: value})  # every declared value is accepted
 
 
 # ---- DCD --------------------------------------------------------------------------------------------------
@@ -908,7 +919,7 @@ def test_kd_candidates_and_listwise_term_match_naive(context):
     ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "list_size": 8, "sampling": True}, 2, 3e-2),
     # without sampling: LambdaMRR's value grows with the weight of pairs the student already puts near its top, so
     # it is not checked to fall here (test_cl_drd_without_sampling_learns_the_ensembles_order)
-    ("cl-drd", {"stages": "2,4", "stage_epochs": 2, "top_n": 10, "sampling": False}, None, 1e-2),
+    ("cl-drd-full", {"stages": "2,4", "stage_epochs": 2, "top_n": 10}, None, 1e-2),
     ("kd", {"k": 10, "n_neg": 8, "own_weight": 1.0, "on": "probs", "label_margin": True,
             "losses": "ce:1,bce:1,l2:1,kl:1,pairwise_hinge:0.5,listwise:0.5"}, 0, 1e-2),
 ])

@@ -331,6 +331,27 @@ def test_table2_page_flags_rows_whose_share_of_the_ensemble_is_far_from_the_pape
     assert "share of the ensemble" not in table2_markdown(quick, rows, ours, ["mf"], ["rrd", "dcd"], [0, 1])
 
 
+def test_table2_page_shows_unsampled_cl_drd_as_its_own_row_beside_the_papers_cl_drd():
+    """CL-DRD (unsampled), the HetComp paper's form, is printed beside the paper's CL-DRD row, marked, and the
+    sampled row keeps its own label: both next to each other, neither taken for the other."""
+    from types import SimpleNamespace
+
+    from hetcomp.paper.pages import paper_values, table2_markdown
+
+    paper = paper_values("citeulike")["mf", "CL-DRD"]
+    rep = SimpleNamespace(schedule=SimpleNamespace(quick=False), dataset="citeulike", label="citeulike",
+                          command="hetcomp reproduce", split=SimpleNamespace(meta={"seed": 0, "dataset": "citeulike"}))
+    rows = [{"student": "mf", "method": method, "seed": 0, "recall@10": 0.1, "ndcg@10": 0.1, "recall@50": recall,
+             "ndcg@50": 0.1, "epochs": 10, "wall_seconds": 1, "teachers_digest": "d"}
+            for method, recall in (("cl-drd", 0.2), ("cl-drd-full", 0.3), ("hetcomp", 0.31))]
+    page = table2_markdown(rep, rows, {}, ["mf"], ["cl-drd", "cl-drd-full", "hetcomp"], [0])
+    unsampled = next(line for line in page.splitlines() if line.startswith("| CL-DRD (unsampled)§ |"))
+    assert f"0.3000 ({paper['recall@50']:.4f})" in unsampled
+    assert any(line.startswith("| CL-DRD§ | ") and "0.2000" in line for line in page.splitlines())
+    assert "+3.3% vs CL-DRD (unsampled)" in page  # the strongest baseline, whichever form it is
+    assert "CL-DRD (unsampled) is the HetComp paper's form" in page
+
+
 def test_table2_page_checks_each_student_on_validation_at_the_best_epoch():
     """Under each student's table: every KD baseline's and DCD's validation R@50 at each run's best epoch (read
     from curves.csv), mean over seeds, against w/o KD and against RRD, with a paired t-test over seeds."""

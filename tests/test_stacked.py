@@ -93,8 +93,8 @@ def test_hetcomp_replicas_stack_on_the_scores_and_follow_their_ordinary_runs(stu
                                                 ("rd", {"k": 5, "dynamic": True, "dynamic_start": 2}),
                                                 ("cl-drd", {"stages": "3,5", "stage_epochs": 3, "list_size": 12,
                                                             "top_n": 20}),
-                                                ("cl-drd", {"stages": "3,5", "stage_epochs": 3, "top_n": 20,
-                                                            "sampling": False}),
+                                                ("cl-drd-full", {"stages": "3,5", "stage_epochs": 3,
+                                                                 "top_n": 20}),
                                                 ("dcd", {"k": 10, "n_under": 3, "n_over": 3, "sides": "both"}),
                                                 ("kd", {"k": 10, "n_neg": 10, "losses": "listwise:1.0,kl:0.5",
                                                         "own_weight": 0.1, "temperature": 1.5}),
@@ -147,11 +147,11 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     states = stacked.fit()
     assert calls  # the replicas' own losses ran as one vmapped call per step, not once per replica
     # a step's first draws for every replica at once: DCD's own triples, KD's candidates' negatives, CL-DRD's lists
-    drawn_first = method in ("dcd", "kd") or method == "cl-drd" and options.get("sampling", True)
+    drawn_first = method in ("dcd", "kd") or method == "cl-drd"
     assert all(first_draws) == drawn_first and first_draws
     # DCD's corrections and CL-DRD's lists: both replicas' sampled entries (of a side) scored and lost in one call
     expected = ({(2, ("dcd-correction", "user")), (2, ("dcd-correction", "item"))} if method == "dcd" else
-                {(2, ("cl-drd-lists",))} if method == "cl-drd" and options.get("sampling", True) else set())
+                {(2, ("cl-drd-lists",))} if method == "cl-drd" else set())
     assert set(stacked_keys) == expected
     assert (set(ranks_asked) == {2}) == (method == "rd")  # RD's dynamic ranks: both replicas' rows in one call
     # every replica's own triples of a step in one lockstep draw: RRD's, MTD's and KD's after their other draws,
@@ -159,7 +159,7 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
     assert drawn_together
     # RRD's, DCD's, KD's and MTD's tail (RD reads the scores for its ranks only, CL-DRD's sampled lists not at
     # all): both replicas' rows at once
-    assert (max(rows_asked, default=0) == 2 * 16) == (method not in ("rd", "cl-drd"))
+    assert (max(rows_asked, default=0) == 2 * 16) == (method not in ("rd", "cl-drd", "cl-drd-full"))
     for alone, state in zip(ordinary, states, strict=True):
         assert (state.epoch, state.best_epoch) == (alone.state.epoch, alone.state.best_epoch)
         for mine, theirs in zip(state.history, alone.state.history, strict=True):
@@ -167,7 +167,7 @@ def test_methods_with_an_own_loss_stack_on_the_scores_and_their_replicas_slices(
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
     if method == "mtd":
         assert not torch.equal(*(t.objective.logits for t in stacked.trainers))  # each replica learnt its own
-    if method in ("mtd", "rd", "cl-drd"):
+    if method in ("mtd", "rd", "cl-drd", "cl-drd-full"):
         return
     # KD on candidates only, RRD and DCD with DE-RRD's sampling: no scores of every item to stack on
     change = {"losses": "kl:1.0"} if method == "kd" else {"sample": True}

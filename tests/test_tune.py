@@ -600,3 +600,13 @@ def test_a_plan_gives_each_student_its_own_budget(tmp_path, monkeypatch):
         "--jobs", "2", "--tuning-dir", str(tmp_path / "tuning")])
     assert result.exit_code == 0, result.output
     assert {plan.label: plan.trials for plan in planned} == {"mf-none-6": 2, "ml-none-6": 1}
+
+
+def test_all_means_every_method_but_the_opt_in_ones():
+    """``--method all`` (tune) and bench's default leave out a method too costly to run unasked on a CPU
+    (CL-DRD without sampling); naming it still works."""
+    from hetcomp.distill import default_methods
+
+    assert "cl-drd-full" in METHODS and "cl-drd-full" not in default_methods()
+    assert [m for m in METHODS if m != "cl-drd-full"] == default_methods()
+    assert method_class("cl-drd-full").opt_in and not method_class("cl-drd").opt_in

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
     split, trajectories = one_thread_inputs(args.dataset, args.teachers_dir)
-    method = build_method("cl-drd", DistillContext(split, trajectories, "cpu"), sampling=False, top_n=100,
+    method = build_method("cl-drd-full", DistillContext(split, trajectories, "cpu"), top_n=100,
                           stages="5,10,20")
     method.on_epoch_start(None, 1)
     model = build_model(args.student, split.train, dim=args.dim)

@@ -16,7 +16,7 @@
 #     back as $OUT/fs-<teacher>.tgz where they match, for issue 19's Foursquare lane; and the user autoencoder once
 #     more with torch's and MKL's kernels held at AVX2 (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA), whose
 #     digest, against the AVX2 machine's bf66b4a4de31, says whether pinning the kernel level makes teachers portable.
-#  5. (CLDRD_UNSAMPLED=1, the default) CL-DRD as the HetComp paper ran it (`-o sampling=false`: LambdaMRR of the
+#  5. (CLDRD_UNSAMPLED=1, the default) CL-DRD as the HetComp paper ran it (`--method cl-drd-full`: LambdaMRR of the
 #     ensemble's list against every unobserved item) on the MF student, 4 epochs: its seconds an epoch on the
 #     device, which say whether its studies (issue 19: the sampled form's rows trail w/o KD on Foursquare's MF
 #     student and sit -34 % from the paper on CiteULike) fit GPU sessions; 1-2 min an epoch on one CPU thread.
@@ -97,8 +97,8 @@ if [ -n "$BENCH_METHODS" ]; then
 fi
 
 if [ "${CLDRD_UNSAMPLED:-1}" = 1 ]; then  # part 5: epochs 3-4 less epochs 1-2 (one evaluation each) over two
-  timeout 150 python3 -m hetcomp distill --dataset citeulike --student mf --dim 6 --method cl-drd \
-    -o sampling=false --max-epochs 4 --eval-every 2 --device "$DEVICE" --teachers-dir "$WORK/teachers" \
+  timeout 150 python3 -m hetcomp distill --dataset citeulike --student mf --dim 6 --method cl-drd-full \
+    --max-epochs 4 --eval-every 2 --device "$DEVICE" --teachers-dir "$WORK/teachers" \
     --runs-dir "$WORK/cl-drd-runs" > "$WORK/cl-drd.log" 2>&1
   status=$?
   note "CL-DRD without sampling, MF, CiteULike (exit $status): $(python3 -c '

@@ -18,7 +18,7 @@ from hetcomp.cli.common import (
     friendly_errors,
 )
 from hetcomp.device import resolve_device
-from hetcomp.distill import METHODS
+from hetcomp.distill import METHODS, default_methods
 
 
 @app.command("bench")
@@ -26,7 +26,8 @@ from hetcomp.distill import METHODS
 def bench_command(
     dataset: str = typer.Option("citeulike", help="Registered dataset name."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    methods: str = typer.Option(",".join(METHODS), help="Methods whose student epoch is timed."),
+    methods: str = typer.Option(",".join(default_methods()), help="Methods whose student epoch is timed (any of "
+                                f"{', '.join(METHODS)})."),
     append: Path = typer.Option(None, help="Append the figures to a Markdown file, e.g. experiments/results/bench.md."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,

@@ -14,28 +14,20 @@ The loss is the authors' LambdaMRR: a logistic loss on every pair the labels ord
 with p the student's current positions, so the label values only fix the order and the pairs the student has
 near its top weigh most.
 
-**``sampling=False``: as the HetComp paper ran it** (not yet the default: its exact loss costs ~1 s per batch of
-64 users on one CPU thread, 1–2 min an epoch, against ~2 s for RRD, see below). The HetComp authors report (README of
-github.com/SeongKu-Kang/HetComp_WWW23) that the sampling of top-ranked unobserved items was unnecessary and
-that removing it considerably improved the ranking-matching baselines (RRD, MTD, CL-DRD, DCD), so they ran all
-of them without it; their released code contains no CL-DRD, and how the groups look without sampling is not
-published. Our reading (an adaptation, like RRD's ``sample=False``): every member of each group is used instead
-of a sample, i.e. the head and *all* N − n_s hard items as listed, and *every* other unobserved item of the user
-as a negative; p is the student's rank among all the user's unobserved items:
+**The authors' sampled groups** (version 2 of this method, unchanged): each user's list has ``list_size`` items:
+the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble ranks (n_s, N] and the rest drawn uniformly
+from the unobserved items outside the top-N; with the defaults 5 + 12 + 13, then 10 + 10 + 10, then 20 + 5 + 5,
+the authors' three steps; LambdaMRR with p the positions inside the list, mean over the batch's pairs; default
+weight 1.
 
-    L_u = Σ_{(i,j): label_i > label_j} |1/p_i − 1/p_j| · softplus(f_j − f_i),
-    L = L_own + weight · mean_u L_u
-
-(:func:`hetcomp.distill.losses.lambda_mrr_rest_loss`: linear in n_items per user, no [B, N, n_items] pairs).
-Summing per user (instead of the authors' mean over a batch's pairs, which would divide by ~N·n_items here) is
-our choice, the same normalization as our RRD and HetComp losses; its scale is absorbed by ``weight``, whose
-default 0.01 (HetComp's L_O weight, also a list against all unobserved items) is a starting point, not tuned.
-
-**``sampling=True``, the default for now: the authors' sampled groups** (version 2 of this method, unchanged):
-each user's list has ``list_size`` items: the head, ⌊(size − n_s)/2⌋ hard items drawn uniformly from ensemble
-ranks (n_s, N] and the rest drawn uniformly from the unobserved items outside the top-N; with the defaults
-5 + 12 + 13, then 10 + 10 + 10, then 20 + 5 + 5, the authors' three steps; LambdaMRR with p the positions inside
-the list, mean over the batch's pairs; default weight 1.
+**As the HetComp paper ran it, without the sampling step: ``--method cl-drd-full``** (:mod:`hetcomp.distill.
+cl_drd_full`: every member of each group used, every other unobserved item a negative, a per-user sum). The HetComp
+authors report (README of github.com/SeongKu-Kang/HetComp_WWW23) that the sampling of top-ranked unobserved items
+was unnecessary and that removing it considerably improved the ranking-matching baselines (RRD, MTD, CL-DRD, DCD),
+so they ran all of them without it; their released code contains no CL-DRD, and how the groups look without
+sampling is not published. That form is a method of its own, with its own study and row, because it costs ~1 s
+per batch of 64 users on one CPU thread (1–2 min an epoch, against ~1 s for this one) and its weight lives on
+another scale; this class computes both (``sampling``), and ``cl-drd`` itself keeps ``sampling`` true.
 
 Each stage lasts ``stage_epochs`` epochs, the last one until training ends. Defaults: stages 5, 10, 20 (the
 authors' code), N = 100, 30 epochs a stage (our choice; the paper trains one pass a step). Lengths are clamped
@@ -73,13 +65,13 @@ class CLDRDConfig:
     stage_epochs: int = knob(30, ge=1)
     list_size: int = knob(30, ge=2)
     top_n: int = knob(100, ge=1)
-    weight: float | None = knob(None, ge=0)  # None: 0.01 without sampling, 1 with it (see the module docstring)
-    sampling: bool = True  # False: every unobserved item a negative, as the HetComp paper ran it (slow, see above)
+    weight: float | None = knob(None, ge=0)  # None: 1 (the unsampled form, cl-drd-full, has its own default)
+    #: always true here (a field so that the rows' identities stand): the unsampled form is ``--method cl-drd-full``
+    sampling: bool = True
 
     #: what ``hetcomp tune`` may search, on validation: name → ("float_log" | "float" | "int", low, high) or
-    #: ("choice", [values]); ``weight`` spans both normalizations (per-user sums without sampling, pair means with).
-    #: ``sampling`` is not searched: without it an epoch takes 1–2 min on one CPU thread (hours a run), beyond any
-    #: CPU tuning budget; a study of that form is ``hetcomp tune ... -o sampling=false`` (e.g. on a GPU)
+    #: ("choice", [values]) (the weight's range, made when one study served both forms, is kept so that the
+    #: committed studies stand)
     search_space: ClassVar[dict] = {
         "stage_epochs": ("int", 5, 60),
         "weight": ("float_log", 1e-4, 10.0),
@@ -89,6 +81,9 @@ class CLDRDConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if not self.sampling:
+            raise HetCompError("cl-drd without its sampling step is a method of its own, with its own study and "
+                               "row: use --method cl-drd-full (and leave out sampling)")
 
 
 HARD_LABEL, NEGATIVE_LABEL = -0.25, -0.5  # the authors' labels; below every 1/rank, and only their order matters
@@ -135,8 +130,7 @@ class CLDRD(DistillMethod):
     """The student's own loss plus LambdaMRR on a list whose finely ordered head grows stage by stage."""
 
     name = "cl-drd"
-    # 2: negatives by rejection sampling (sample_unobserved), another random stream. The default (sampling) is
-    # version 2's method value for value; the no-sampling form has its own run identity through the config.
+    # 2: negatives by rejection sampling (sample_unobserved), another random stream
     # 3: the own loss over every training interaction of the batch users (was one sampled per user)
     version = 3
     config_class = CLDRDConfig

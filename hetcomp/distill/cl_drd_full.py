@@ -1,0 +1,61 @@
+"""CL-DRD as the HetComp paper ran it: no sampling step (a registered method of its own, ``cl-drd-full``).
+
+The same curriculum and LambdaMRR loss as :mod:`hetcomp.distill.cl_drd` (read its docstring for the label
+groups), with every member of each group used instead of a sample: the ensemble's top-n_s unobserved items as
+the finely ordered head, *all* its ranks (n_s, N] as hard items, and *every* other unobserved item of the user as
+a negative; p is the student's rank among all the user's unobserved items:
+
+    L_u = Σ_{(i,j): label_i > label_j} |1/p_i − 1/p_j| · softplus(f_j − f_i),
+    L = L_own + weight · mean_u L_u
+
+(:func:`hetcomp.distill.losses.lambda_mrr_rest_loss`, linear in n_items per user). It is the same loss as
+``--method cl-drd -o sampling=false``, registered apart so that it has its own tuning study (its weight is on a
+per-user sum, four or more decades from the sampled form's pair mean, so one study cannot serve both), its own
+rows and its own label ("CL-DRD (unsampled)") beside the sampled row.
+
+Why it is not in the default table: an epoch costs 1–2 min on one CPU thread (~40–70× an RRD epoch; the sort for
+the positions p is a sixth of it), so a study of 16 trials is many core-hours: GPU work. It is therefore *opt-in*:
+``hetcomp tune --method all`` and ``hetcomp bench`` leave it out unless it is named, and
+``hetcomp reproduce --methods ...,cl-drd-full`` adds its row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from hetcomp.config import knob, validate
+from hetcomp.distill.cl_drd import CLDRD, parse_stages
+
+
+@dataclass
+class CLDRDFullConfig:
+    owner = "cl-drd-full"
+    stages: str = knob("5,10,20", check=lambda text: parse_stages(text))  # head lengths n_s, one per stage
+    stage_epochs: int = knob(30, ge=1)
+    top_n: int = knob(100, ge=1)
+    #: on the per-user sum (HetComp's L_O weight, also a list against every unobserved item): a start, tuned below
+    weight: float = knob(0.01, ge=0)
+    #: the form, fixed: the sampled one is ``--method cl-drd``
+    sampling: ClassVar[bool] = False
+
+    #: what ``hetcomp tune`` searches on validation (the sampled study's curriculum choices; the weight's five
+    #: decades centred on the default, for a sum over every unobserved item)
+    search_space: ClassVar[dict] = {
+        "stage_epochs": ("int", 5, 60),
+        "weight": ("float_log", 1e-5, 1.0),
+        "stages": ("choice", ["3,5,10", "5,10,20", "10,15,25"]),
+        "top_n": ("choice", [50, 100, 200]),
+    }
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+class CLDRDFull(CLDRD):
+    """CL-DRD without its sampling step: LambdaMRR of the ensemble's top-N against every unobserved item."""
+
+    name = "cl-drd-full"
+    config_class = CLDRDFullConfig
+    #: not part of ``--method all`` (tune) nor of bench's default methods: hours a study on a CPU
+    opt_in = True
