@@ -169,11 +169,10 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         trial.set_user_attr("best_epoch", result["best_epoch"])
         return result["valid"]["recall@50"]
 
-    if not study.trials:  # a new study: its first trial is the defaults (never worse than them on validation)
-        for point in start_points(method, student, dim, dataset, space, fixed, root):
-            study.enqueue_trial(point)
     _rerun_stale(study, legacy=default_storage)
     remaining = trials - sum(t.state in DONE for t in study.trials)
+    if remaining > 0:  # a new study's first trial is the defaults (never worse than them on validation)
+        _enqueue_start_points(study, start_points(method, student, dim, dataset, space, fixed, root))
     ran = remaining > 0
     if remaining > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
@@ -409,6 +408,28 @@ def _alive(worker: str) -> bool:
     return True
 
 
+def _enqueue_start_points(study: optuna.Study, points: list[dict]) -> None:
+    """Queue each start point the study has not tried or queued yet: all of them for a new study; for one that
+    goes on (resumed, or given a larger budget), those that moved since it began, because a study they read has
+    chosen again (e.g. w/o KD's recipe, which every method with an own loss tries, after w/o KD's study went
+    from 8 trials to 16): a study kept on the older guess would not start where the other methods now start.
+    Each spends one trial of the same budget."""
+    new = not study.trials
+    seen = [trial.params or trial.system_attrs.get("fixed_params") or {}
+            for trial in study.get_trials(deepcopy=False)]
+    for point in points:
+        if not any(_same_point(point, params) for params in seen):
+            study.enqueue_trial(point, user_attrs={} if new else {"start_point": "moved"})
+            seen.append(point)
+
+
+def _same_point(point: dict, params: dict) -> bool:
+    """Whether trial ``params`` hold ``point``'s values (a point may leave a setting to the sampler)."""
+    return all(name in params and (value == params[name] or (
+        isinstance(value, float) and isinstance(params[name], float)
+        and math.isclose(value, params[name], rel_tol=1e-12))) for name, value in point.items())
+
+
 def _rerun_stale(study: optuna.Study, legacy: bool) -> None:
     """A trial left "running" by a killed process (this machine's, by pid) is marked failed and its parameters
     queued again: the same run specification, so the trial resumes from its run's last checkpoint. With the
@@ -468,7 +489,8 @@ def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None,
         "history": [{"number": t.number, "state": t.state.name.lower(),
                      "value": t.value if t.value is None or math.isfinite(t.value) else None,
                      "last_epoch": t.last_step, "seconds": _trial_seconds(t), "params": t.params,
-                     **({"diverged": t.user_attrs["diverged"]} if "diverged" in t.user_attrs else {})}
+                     **({"diverged": t.user_attrs["diverged"]} if "diverged" in t.user_attrs else {}),
+                     **({"start_point": t.user_attrs["start_point"]} if "start_point" in t.user_attrs else {})}
                     for t in study.trials],
         "command": _command(attrs, trials, storage, study.study_name, source, knobs),
         "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(),

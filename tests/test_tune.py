@@ -610,3 +610,27 @@ def test_all_means_every_method_but_the_opt_in_ones():
     assert "cl-drd-full" in METHODS and "cl-drd-full" not in default_methods()
     assert [m for m in METHODS if m != "cl-drd-full"] == default_methods()
     assert method_class("cl-drd-full").opt_in and not method_class("cl-drd").opt_in
+
+
+def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(teachers, tmp_path):
+    """RRD tries w/o KD's tuned recipe right after its defaults; when w/o KD's study chooses again before RRD's
+    is extended, the extension's next trial is the new recipe (once: a further extension does not repeat it)."""
+    root, store = tmp_path / "tuning", RunStore(tmp_path / "runs")
+
+    def run(method: str, trials: int) -> dict:
+        return tune(SPLIT, teachers, "mf", method, 4, trials, store=store, root=root, **FAST)
+
+    recipe = run("none", 2)["settings"]
+    first = run("rrd", 2)["history"]
+    assert (first[1]["params"]["lr"], first[1]["params"]["weight_decay"]) == (recipe["lr"],
+                                                                             recipe["weight_decay"])
+    path = summary_path("tiny", "mf", "none", 4, root)
+    summary = json.loads(path.read_text())
+    summary["settings"] = {**summary["settings"], "lr": 0.0031, "weight_decay": 1e-6}  # w/o KD chose again
+    path.write_text(json.dumps(summary))
+    assert [t["params"] for t in run("rrd", 2)["history"]] == [t["params"] for t in first]  # finished: as it was
+    extended = run("rrd", 3)["history"]
+    assert extended[2]["params"] == {**first[1]["params"], "lr": 0.0031, "weight_decay": 1e-6}
+    assert extended[2]["start_point"] == "moved" and "start_point" not in extended[1]  # the summary says why
+    again = run("rrd", 4)["history"]
+    assert again[3]["params"] != extended[2]["params"]  # tried already: the sampler's own proposal
