@@ -1,0 +1,52 @@
+"""Which finished studies' start points have moved since they began (validation-free: reads summaries only).
+
+A study's first trials are informed guesses read from other studies (w/o KD's recipe for the methods with an own
+loss, RRD's choice for DCD, the MF study's options for the ML and DNN students). When one of those studies chose
+again after this one began, `hetcomp tune` tries the moved point once the study goes on (a larger `--trials`);
+this lists, per summary in a tuning folder, the start points it would try, without training anything:
+
+    python experiments/plans/moved_start_points.py experiments/tuning-2cd1686186e0/foursquare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from hetcomp.tune import _same_point, start_points
+
+
+def moved_points(folder: Path) -> dict[str, list[dict]]:
+    """Summary file name → the start points none of its trials tried (only summaries with some)."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(".trials.json"):
+            continue
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or "history" not in summary:
+            continue
+        space = {name: tuple(entry) for name, entry in summary["search_space"].items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a stale choice is left out of the points, as a new study does
+            points = start_points(summary["method"], summary["student"], summary["dim"], summary["dataset"], space,
+                                  summary.get("fixed", {}), folder.parent)
+        tried = [trial["params"] for trial in summary["history"]]
+        moved = [point for point in points if not any(_same_point(point, params) for params in tried)]
+        if moved:
+            out[path.name] = moved
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a tuning folder of one dataset, e.g. experiments/tuning/citeulike")
+    for name, points in moved_points(parser.parse_args().folder).items():
+        for point in points:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+            print(f"{name}: {shown}")
+
+
+if __name__ == "__main__":
+    main()
