@@ -60,6 +60,8 @@ from hetcomp.tune_space import (  # noqa: F401 (re-exported: the public names of
     STUDY_KEYS,
     check_space,
     identity_keys,
+    moved_start_points,
+    same_point,
     search_space,
     start_point,
     start_points,
@@ -418,16 +420,9 @@ def _enqueue_start_points(study: optuna.Study, points: list[dict]) -> None:
     seen = [trial.params or trial.system_attrs.get("fixed_params") or {}
             for trial in study.get_trials(deepcopy=False)]
     for point in points:
-        if not any(_same_point(point, params) for params in seen):
+        if not any(same_point(point, params) for params in seen):
             study.enqueue_trial(point, user_attrs={} if new else {"start_point": "moved"})
             seen.append(point)
-
-
-def _same_point(point: dict, params: dict) -> bool:
-    """Whether trial ``params`` hold ``point``'s values (a point may leave a setting to the sampler)."""
-    return all(name in params and (value == params[name] or (
-        isinstance(value, float) and isinstance(params[name], float)
-        and math.isclose(value, params[name], rel_tol=1e-12))) for name, value in point.items())
 
 
 def _rerun_stale(study: optuna.Study, legacy: bool) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from hetcomp.distill import METHODS, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import atomic_write_text
-from hetcomp.tune_space import FINISHED_STATES, identity_keys
+from hetcomp.tune_space import FINISHED_STATES, identity_keys, moved_start_points
 
 STUDIES_PAGE = "STUDIES.md"
 
@@ -48,6 +48,13 @@ def _status(method: str, version: int) -> str:
     if version != current:
         return f"stale: made for version {version}, the method is now {current}"
     return "current"
+
+
+def _moved(summary: dict, folder: Path) -> str:
+    """A note when start points moved since the study began (:func:`~hetcomp.tune_space.moved_start_points`)."""
+    moved = len(moved_start_points(summary, Path(folder).parent))
+    return (f"; {moved} start point{'s' if moved > 1 else ''} moved since it began (a larger --trials tries "
+            f"{'them' if moved > 1 else 'it'} first)") if moved else ""
 
 
 def _cost(summary: dict) -> str:
@@ -84,7 +91,9 @@ def studies_page(folder: Path) -> str:
              "wall time of the finished (complete or pruned) trials, as recorded (one thread each, on a machine that "
              "may have been shared); \"≥\": some attempt was killed by a stop, whose time is not known (the trial "
              "resuming it counts its own). \"X's choice\": no trial of the study beat method X's chosen settings, "
-             "at which this method trains exactly as X (DCD at dcd_weight 0 is RRD), so it takes them.", "",
+             "at which this method trains exactly as X (DCD at dcd_weight 0 is RRD), so it takes them. \"Start "
+             "point moved\": a study its first trials read (e.g. w/o KD's, for its recipe) chose again after this "
+             "one began, so this study never tried today's informed guess.", "",
              "| student | dim | method | version | teachers | trials: complete + pruned / budget | best valid R@50 "
              "(trial) | trial hours | chosen settings | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -94,7 +103,7 @@ def studies_page(folder: Path) -> str:
         counts = s["trials"]
         lines.append(f"| {s['student']} | {s['dim']} | {s['method']} | {s['method_version']} | {teachers} | "
                      f"{counts['complete']} + {counts['pruned']} / {s.get('budget', '?')} | {best} | {_cost(s)} | "
-                     f"{_settings(s)} | {_status(s['method'], s['method_version'])} |")
+                     f"{_settings(s)} | {_status(s['method'], s['method_version'])}{_moved(s, folder)} |")
     return "\n".join(lines + _in_progress(folder, summaries)) + "\n"
 
 

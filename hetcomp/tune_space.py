@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +101,29 @@ def start_points(method: str, student: str, dim: int, dataset: str, space: dict,
         if point not in points:
             points.append(point)
     return points
+
+
+def same_point(point: dict, params: dict) -> bool:
+    """Whether trial ``params`` hold ``point``'s values (a point may leave a setting to the sampler)."""
+    return all(name in params and (value == params[name] or (
+        isinstance(value, float) and isinstance(params[name], float)
+        and math.isclose(value, params[name], rel_tol=1e-12))) for name, value in point.items())
+
+
+def moved_start_points(summary: dict, root: Path | None = None) -> list[dict]:
+    """The start points a study (its ``summary``, under the tuning ``root``) would try today that none of its
+    trials tried: they moved because a study they read chose again after this one began. Reads summaries only;
+    a choice that no longer fits its method is left out, as for a new study (without the warning)."""
+    try:
+        space = {name: tuple(entry) for name, entry in summary["search_space"].items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            points = start_points(summary["method"], summary["student"], summary["dim"], summary["dataset"], space,
+                                  summary.get("fixed") or {}, root)
+        tried = [trial["params"] for trial in summary["history"] if isinstance(trial, dict)]
+    except (KeyError, TypeError, AttributeError, HetCompError):  # not a summary this version can read
+        return []
+    return [point for point in points if not any(same_point(point, params) for params in tried)]
 
 
 def _tuned_settings(dataset: str, student: str, dim: int, root: Path | None, method: str) -> dict:

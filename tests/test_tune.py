@@ -27,6 +27,7 @@ from hetcomp.teachers import train_teacher
 from hetcomp.tune import (
     COMMON_SPACE,
     check_space,
+    moved_start_points,
     search_space,
     special_case_choice,
     start_point,
@@ -614,7 +615,8 @@ def test_all_means_every_method_but_the_opt_in_ones():
 
 def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(teachers, tmp_path):
     """RRD tries w/o KD's tuned recipe right after its defaults; when w/o KD's study chooses again before RRD's
-    is extended, the extension's next trial is the new recipe (once: a further extension does not repeat it)."""
+    is extended, the extension's next trial is the new recipe (once: a further extension does not repeat it); the
+    studies page says when a finished study's start point has moved."""
     root, store = tmp_path / "tuning", RunStore(tmp_path / "runs")
 
     def run(method: str, trials: int) -> dict:
@@ -632,5 +634,15 @@ def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(t
     extended = run("rrd", 3)["history"]
     assert extended[2]["params"] == {**first[1]["params"], "lr": 0.0031, "weight_decay": 1e-6}
     assert extended[2]["start_point"] == "moved" and "start_point" not in extended[1]  # the summary says why
-    again = run("rrd", 4)["history"]
-    assert again[3]["params"] != extended[2]["params"]  # tried already: the sampler's own proposal
+    assert moved_start_points(json.loads(path.read_text()), root) == []  # w/o KD's own start did not move
+    rrd_path = summary_path("tiny", "mf", "rrd", 4, root)
+    assert moved_start_points(json.loads(rrd_path.read_text()), root) == []  # tried now
+    summary["settings"] = {**summary["settings"], "lr": 0.0042}  # w/o KD chose again, after RRD's study ended
+    path.write_text(json.dumps(summary))
+    moved = moved_start_points(json.loads(rrd_path.read_text()), root)
+    assert [point["lr"] for point in moved] == [0.0042]
+    row = next(line for line in studies_page(root / "tiny").splitlines() if line.startswith("| mf | 4 | rrd |"))
+    assert row.endswith("| current; 1 start point moved since it began (a larger --trials tries it first) |")
+    again = run("rrd", 4)["history"]  # the point at lr 0.0031 is not tried twice; the new one is tried next
+    assert again[3]["params"] == {**first[1]["params"], "lr": 0.0042, "weight_decay": 1e-6}
+    assert moved_start_points(json.loads(rrd_path.read_text()), root) == []

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
-from hetcomp.tune import _same_point, start_points
+from hetcomp.tune import moved_start_points
 
 
 def moved_points(folder: Path) -> dict[str, list[dict]]:
@@ -25,15 +24,7 @@ def moved_points(folder: Path) -> dict[str, list[dict]]:
         if path.name.endswith(".trials.json"):
             continue
         summary = json.loads(path.read_text())
-        if not isinstance(summary, dict) or "history" not in summary:
-            continue
-        space = {name: tuple(entry) for name, entry in summary["search_space"].items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a stale choice is left out of the points, as a new study does
-            points = start_points(summary["method"], summary["student"], summary["dim"], summary["dataset"], space,
-                                  summary.get("fixed", {}), folder.parent)
-        tried = [trial["params"] for trial in summary["history"]]
-        moved = [point for point in points if not any(_same_point(point, params) for params in tried)]
+        moved = moved_start_points(summary, folder.parent) if isinstance(summary, dict) else []
         if moved:
             out[path.name] = moved
     return out
