@@ -99,14 +99,18 @@ def _shown(url: str) -> str:
 
 class _Report(Callback):
     """Reports each evaluation's validation R@50 to the trial; stops the run when the pruner says so (before
-    its checkpoint and metrics are written: a pruned run is never a finished one)."""
+    its checkpoint and metrics are written: a pruned run is never a finished one), unless the trial is a start
+    point (``start_point`` among its user attributes): an informed guess runs to its end, or the study could
+    not promise to be at least as good on validation as its guesses (a slower learning rate, for one, trails
+    the median at the first evaluations and would be cut there)."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
+        self.prunable = "start_point" not in trial.user_attrs
 
     def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
         self.trial.report(result["valid"]["recall@50"], epoch)
-        if self.trial.should_prune():
+        if self.prunable and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
 
@@ -415,13 +419,13 @@ def _enqueue_start_points(study: optuna.Study, points: list[dict]) -> None:
     goes on (resumed, or given a larger budget), those that moved since it began, because a study they read has
     chosen again (e.g. w/o KD's recipe, which every method with an own loss tries, after w/o KD's study went
     from 8 trials to 16): a study kept on the older guess would not start where the other methods now start.
-    Each spends one trial of the same budget."""
+    Each spends one trial of the same budget, and none is pruned (:class:`_Report`)."""
     new = not study.trials
     seen = [trial.params or trial.system_attrs.get("fixed_params") or {}
             for trial in study.get_trials(deepcopy=False)]
     for point in points:
         if not any(same_point(point, params) for params in seen):
-            study.enqueue_trial(point, user_attrs={} if new else {"start_point": "moved"})
+            study.enqueue_trial(point, user_attrs={"start_point": "first" if new else "moved"})
             seen.append(point)
 
 
@@ -437,7 +441,8 @@ def _rerun_stale(study: optuna.Study, legacy: bool) -> None:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         except (RuntimeError, ValueError):  # another process recovered it first
             continue
-        study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number})
+        kept = {name: trial.user_attrs[name] for name in ("start_point",) if name in trial.user_attrs}
+        study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number, **kept})
 
 
 def _suggest(trial: optuna.Trial, name: str, entry: tuple):

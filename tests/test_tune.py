@@ -522,11 +522,12 @@ def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp
 
 
 def test_pruned_trials_leave_no_finished_run(teachers, tmp_path):
-    summary = _study(tmp_path, teachers, trials=2, pruner=optuna.pruners.ThresholdPruner(lower=1.0))
-    assert summary["trials"]["pruned"] == 2 and summary["best_value"] is None and summary["settings"] is None
-    assert all(t["last_epoch"] == 2 for t in summary["history"])
-    assert list((tmp_path / "runs").rglob("spec.json")) and not list((tmp_path / "runs").rglob("metrics.json"))
-    assert tuned_defaults("tiny", "mf", "rrd", 4, tmp_path / "tuning") == {}
+    summary = _study(tmp_path, teachers, trials=3, pruner=optuna.pruners.ThresholdPruner(lower=1.0))
+    start, *pruned = summary["history"]  # the start point (the defaults) is never pruned; the sampler's trials are
+    assert summary["trials"]["pruned"] == 2 and start["state"] == "complete" and summary["best_trial"] == 0
+    assert all(t["state"] == "pruned" and t["last_epoch"] == 2 for t in pruned)
+    assert len(list((tmp_path / "runs").rglob("spec.json"))) == 3
+    assert len(list((tmp_path / "runs").rglob("metrics.json"))) == 1  # the start point's run alone finished
 
 
 def test_bad_input_is_a_clear_error(study, teachers, tmp_path, monkeypatch):
@@ -619,13 +620,16 @@ def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(t
     studies page says when a finished study's start point has moved."""
     root, store = tmp_path / "tuning", RunStore(tmp_path / "runs")
 
-    def run(method: str, trials: int) -> dict:
-        return tune(SPLIT, teachers, "mf", method, 4, trials, store=store, root=root, **FAST)
+    def run(method: str, trials: int) -> dict:  # a pruner that would cut every trial at its first evaluation
+        return tune(SPLIT, teachers, "mf", method, 4, trials, store=store, root=root,
+                    pruner=optuna.pruners.ThresholdPruner(lower=1.0), **FAST)
 
     recipe = run("none", 2)["settings"]
     first = run("rrd", 2)["history"]
     assert (first[1]["params"]["lr"], first[1]["params"]["weight_decay"]) == (recipe["lr"],
                                                                              recipe["weight_decay"])
+    # start points run to their end: an informed guess is not judged on its first epochs
+    assert [(t["state"], t["start_point"]) for t in first] == [("complete", "first")] * 2
     path = summary_path("tiny", "mf", "none", 4, root)
     summary = json.loads(path.read_text())
     summary["settings"] = {**summary["settings"], "lr": 0.0031, "weight_decay": 1e-6}  # w/o KD chose again
@@ -633,7 +637,7 @@ def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(t
     assert [t["params"] for t in run("rrd", 2)["history"]] == [t["params"] for t in first]  # finished: as it was
     extended = run("rrd", 3)["history"]
     assert extended[2]["params"] == {**first[1]["params"], "lr": 0.0031, "weight_decay": 1e-6}
-    assert extended[2]["start_point"] == "moved" and "start_point" not in extended[1]  # the summary says why
+    assert (extended[2]["start_point"], extended[2]["state"]) == ("moved", "complete")  # the summary says why
     assert moved_start_points(json.loads(path.read_text()), root) == []  # w/o KD's own start did not move
     rrd_path = summary_path("tiny", "mf", "rrd", 4, root)
     assert moved_start_points(json.loads(rrd_path.read_text()), root) == []  # tried now
@@ -646,3 +650,5 @@ def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(t
     again = run("rrd", 4)["history"]  # the point at lr 0.0031 is not tried twice; the new one is tried next
     assert again[3]["params"] == {**first[1]["params"], "lr": 0.0042, "weight_decay": 1e-6}
     assert moved_start_points(json.loads(rrd_path.read_text()), root) == []
+    sampled = run("rrd", 5)["history"][4]  # nothing moved: the sampler's proposal, which the pruner may cut
+    assert sampled["state"] == "pruned" and "start_point" not in sampled
