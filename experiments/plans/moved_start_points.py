@@ -5,7 +5,7 @@ loss, RRD's choice for DCD, the MF study's options for the ML and DNN students).
 again after this one began, `hetcomp tune` tries the moved point once the study goes on (a larger `--trials`);
 this lists, per summary in a tuning folder, the start points it would try, without training anything:
 
-    python experiments/plans/moved_start_points.py experiments/tuning-2cd1686186e0/foursquare
+    python experiments/plans/moved_start_points.py experiments/tuning/foursquare
 """
 
 from __future__ import annotations
