@@ -159,3 +159,24 @@ def test_train_teachers_names_each_digest_and_warns_where_the_committed_page_lis
     skipped = runner.invoke(app, ["train-teachers", *source])
     assert "skipped" in skipped.output and f"digest {digest}" in skipped.output
     assert "differ from the committed" not in " ".join(skipped.output.split())
+
+
+def test_the_training_progress_shows_validation_only():
+    """While a run trains, each evaluation's line names its validation R@50 and never the test split's: test
+    numbers are reported once, at the end, where nothing is chosen from them."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hetcomp.cli.common import ProgressCallback
+
+    console = Console(record=True, width=200)
+    with Progress(console=console) as progress:
+        callback = ProgressCallback(progress, "mf-rrd", 10)
+        trainer = SimpleNamespace(config=SimpleNamespace(monitor="recall@50"),
+                                  objective=SimpleNamespace(describe=lambda: "phase L_O"))
+        callback.on_evaluate(trainer, 10, {"valid": {"recall@50": 0.1234}, "test": {"recall@50": 0.9876}}, True)
+    text = console.export_text()
+    assert "valid R@50 0.1234*" in text and "phase L_O" in text
+    assert "0.9876" not in text and "test" not in text

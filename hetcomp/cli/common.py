@@ -129,8 +129,9 @@ class ProgressCallback(Callback):
         if not self.verbose:
             return
         extra = getattr(trainer.objective, "describe", lambda: "")()
-        self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{mark}  "
-                                    f"test R@50 {result['test']['recall@50']:.4f}  {extra}", highlight=False)
+        # validation only while training: test numbers are reported once, at the end, never beside a choice
+        self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{mark}  {extra}",
+                                    highlight=False)
 
     def close(self) -> None:
         """Remove the bar (a reproduce shows one per run: finished or reused runs must not pile up)."""
