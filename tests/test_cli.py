@@ -180,3 +180,16 @@ def test_the_training_progress_shows_validation_only():
     text = console.export_text()
     assert "valid R@50 0.1234*" in text and "phase L_O" in text
     assert "0.9876" not in text and "test" not in text
+
+
+def test_the_cli_starts_without_importing_every_method():
+    """Building the commands (what every `hetcomp ...` call does first) imports no distillation method: an
+    option's default that needs the method classes is resolved when its command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hetcomp.cli; from hetcomp.distill import METHODS; "
+            "print(sorted(m for m in sys.modules if m.startswith('hetcomp.distill.') and m.rsplit('.', 1)[1] in "
+            "{v.split(':')[0].rsplit('.', 1)[1] for v in METHODS.values()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -18,7 +18,7 @@ from hetcomp.cli.common import (
     friendly_errors,
 )
 from hetcomp.device import resolve_device
-from hetcomp.distill import METHODS, default_methods
+from hetcomp.distill import METHODS
 
 
 @app.command("bench")
@@ -26,8 +26,8 @@ from hetcomp.distill import METHODS, default_methods
 def bench_command(
     dataset: str = typer.Option("citeulike", help="Registered dataset name."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    methods: str = typer.Option(",".join(default_methods()), help="Methods whose student epoch is timed (any of "
-                                f"{', '.join(METHODS)})."),
+    methods: str = typer.Option(None, help="Methods whose student epoch is timed, comma-separated (any of "
+                                f"{', '.join(METHODS)}; default: all but the opt-in ones, e.g. cl-drd-full)."),
     append: Path = typer.Option(None, help="Append the figures to a Markdown file, e.g. experiments/results/bench.md."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
@@ -45,7 +45,7 @@ def bench_command(
         console.print(f"{name:<60} {seconds:10.3f}{unit}" if seconds == seconds else name, highlight=False)
 
     result = run_bench(dataset, data_dir, cache_dir, teachers_dir, target,
-                       methods=_parse_names(methods, list(METHODS), "method"), report=report)
+                       methods=_parse_names(methods, list(METHODS), "method") if methods else None, report=report)
     console.print(f"machine: {result.get('machine', '')}")
     if append is not None:
         lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — `hetcomp {' '.join(sys.argv[1:])}`",
