@@ -59,12 +59,18 @@ from hetcomp.train import StepRequest, Trainer
 
 
 @dataclass
-class CLDRDConfig:
-    owner = "cl-drd"
-    stages: str = knob("5,10,20", check=lambda text: parse_stages(text))  # list lengths, one per stage
+class CurriculumConfig:
+    """The curriculum both forms of CL-DRD share (this one and ``cl-drd-full``)."""
+
+    stages: str = knob("5,10,20", check=lambda text: parse_stages(text))  # head lengths n_s, one per stage
     stage_epochs: int = knob(30, ge=1)
-    list_size: int = knob(30, ge=2)
     top_n: int = knob(100, ge=1)
+
+
+@dataclass
+class CLDRDConfig(CurriculumConfig):
+    owner = "cl-drd"
+    list_size: int = knob(30, ge=2)
     weight: float | None = knob(None, ge=0)  # None: 1 (the unsampled form, cl-drd-full, has its own default)
     #: always true here (a field so that the rows' identities stand): the unsampled form is ``--method cl-drd-full``
     sampling: bool = True

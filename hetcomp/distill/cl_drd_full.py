@@ -25,28 +25,20 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hetcomp.config import knob, validate
-from hetcomp.distill.cl_drd import CLDRD, parse_stages
+from hetcomp.distill.cl_drd import CLDRD, CLDRDConfig, CurriculumConfig
 
 
 @dataclass
-class CLDRDFullConfig:
+class CLDRDFullConfig(CurriculumConfig):
     owner = "cl-drd-full"
-    stages: str = knob("5,10,20", check=lambda text: parse_stages(text))  # head lengths n_s, one per stage
-    stage_epochs: int = knob(30, ge=1)
-    top_n: int = knob(100, ge=1)
     #: on the per-user sum (HetComp's L_O weight, also a list against every unobserved item): a start, tuned below
     weight: float = knob(0.01, ge=0)
     #: the form, fixed: the sampled one is ``--method cl-drd``
     sampling: ClassVar[bool] = False
 
-    #: what ``hetcomp tune`` searches on validation (the sampled study's curriculum choices; the weight's five
-    #: decades centred on the default, for a sum over every unobserved item)
-    search_space: ClassVar[dict] = {
-        "stage_epochs": ("int", 5, 60),
-        "weight": ("float_log", 1e-5, 1.0),
-        "stages": ("choice", ["3,5,10", "5,10,20", "10,15,25"]),
-        "top_n": ("choice", [50, 100, 200]),
-    }
+    #: what ``hetcomp tune`` searches on validation: the sampled study's curriculum choices, and the weight's five
+    #: decades centred on the default, for a sum over every unobserved item
+    search_space: ClassVar[dict] = {**CLDRDConfig.search_space, "weight": ("float_log", 1e-5, 1.0)}
 
     def __post_init__(self) -> None:
         validate(self)
