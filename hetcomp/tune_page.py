@@ -68,8 +68,8 @@ def _cost(summary: dict) -> str:
     return f"{'≥ ' if killed else ''}{sum(h['seconds'] for h in finished) / 3600:.2f}"
 
 
-def studies_page(folder: Path) -> str:
-    """The page for the summaries in ``folder`` (one dataset), grouped by student in the methods' order."""
+def study_summaries(folder: Path) -> list[tuple[str, dict]]:
+    """(file name, summary) of every study summary in ``folder`` (one dataset), by name; other files skipped."""
     summaries = []
     for file in sorted(Path(folder).glob("*.json")):
         if file.name.endswith(".trials.json"):
@@ -81,6 +81,12 @@ def studies_page(folder: Path) -> str:
         if not isinstance(summary, dict) or "best_value" not in summary or "trials" not in summary:
             continue  # not a study summary
         summaries.append((file.name, summary))
+    return summaries
+
+
+def studies_page(folder: Path) -> str:
+    """The page for the summaries in ``folder`` (one dataset), grouped by student in the methods' order."""
+    summaries = study_summaries(folder)
     order = {name: position for position, name in enumerate(METHODS)}
     summaries.sort(key=lambda item: (item[1]["student"], item[1]["dim"], order.get(item[1]["method"], 99)))
     lines = [f"# Tuning studies — {summaries[0][1]['dataset'] if summaries else Path(folder).name}", "",

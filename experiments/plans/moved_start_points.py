@@ -11,23 +11,16 @@ this lists, per summary in a tuning folder, the start points it would try, witho
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from hetcomp.tune import moved_start_points
+from hetcomp.tune_page import study_summaries
 
 
 def moved_points(folder: Path) -> dict[str, list[dict]]:
     """Summary file name → the start points none of its trials tried (only summaries with some)."""
-    out = {}
-    for path in sorted(folder.glob("*.json")):
-        if path.name.endswith(".trials.json"):
-            continue
-        summary = json.loads(path.read_text())
-        moved = moved_start_points(summary, folder.parent) if isinstance(summary, dict) else []
-        if moved:
-            out[path.name] = moved
-    return out
+    moved = {name: moved_start_points(summary, folder.parent) for name, summary in study_summaries(folder)}
+    return {name: points for name, points in moved.items() if points}
 
 
 def main() -> None:
