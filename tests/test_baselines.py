@@ -467,13 +467,14 @@ def test_lambda_mrr_rest_loss_matches_naive_values_and_gradients(scale):
     assert grad_fast[~unobserved].abs().max() == 0  # training items take no part
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the CPU's sort by keys, as in training
 @pytest.mark.parametrize("scale", [1e-3, 0.3, 3.0, 40.0])
-def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_rows(scale):
+def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_rows(scale, dtype):
     """Rows long enough for many score buckets, segments cut by listed items and thousands of rest items each:
     the expansion against the direct [B, N, n] pairwise sum (rest pairs) plus the listed pairs, in float64."""
     rng = np.random.default_rng(17)
     n_users, n_items, n_listed = 4, 2000, 50
-    scores = torch.from_numpy(rng.normal(size=(n_users, n_items)) * scale)
+    scores = torch.from_numpy(rng.normal(size=(n_users, n_items)) * scale).to(dtype).to(torch.float64)
     unobserved = torch.from_numpy(rng.random((n_users, n_items)) < 0.9)
     listed = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), n_listed, replace=False))
                           for row in unobserved])
@@ -500,14 +501,43 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
     direct = rest + inside.sum((1, 2))
     row_weights = torch.tensor([1.0, 2.0, -0.5, 3.0], dtype=torch.float64)  # a gradient that differs per row
     grad_direct, = torch.autograd.grad((direct * row_weights).sum(), direct_scores)
-    fast_scores = scores.clone().requires_grad_()
+    fast_scores = scores.to(dtype).requires_grad_()  # exact: the float32 values were made float32 first
     fast = L.lambda_mrr_rest_loss(fast_scores, unobserved, listed, labels, valid, chunk_elements=2 * n_items)
-    grad_fast, = torch.autograd.grad((fast * row_weights).sum(), fast_scores)
-    assert fast.tolist() == pytest.approx(direct.tolist(), rel=1e-7) and fast[3] == 0
-    assert torch.allclose(grad_fast, grad_direct, rtol=1e-6, atol=1e-7 * grad_direct.abs().max().item())
+    grad_fast, = torch.autograd.grad((fast * row_weights.to(dtype)).sum(), fast_scores)
+    close = 1e-7 if dtype == torch.float64 else 1e-6  # float32: the results' own rounding
+    assert fast.tolist() == pytest.approx(direct.tolist(), rel=close) and fast[3] == 0
+    assert torch.allclose(grad_fast.double(), grad_direct, rtol=10 * close,
+                          atol=close * grad_direct.abs().max().item())
     assert grad_fast[~unobserved].abs().max() == 0  # training items take no part
-    assert L.lambda_mrr_rest_loss(scores, unobserved, listed, labels, valid).tolist() == pytest.approx(
+    assert L.lambda_mrr_rest_loss(scores.to(dtype), unobserved, listed, labels, valid).tolist() == pytest.approx(
         fast.tolist(), rel=1e-12)  # without a gradient: the same sums
+
+
+def test_student_positions_by_sorted_keys_match_the_stable_argsort():
+    """The CPU's float32 order (one sort of unique int64 keys) is torch's stable descending argsort: ties in
+    column order, −0.0 tied with 0.0, +inf first, training items last."""
+    rng = np.random.default_rng(23)
+    scores = torch.from_numpy(rng.normal(size=(6, 500)).round(1)).float()  # rounded: many ties
+    scores[0, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    scores[1, :3] = math.inf
+    unobserved = torch.from_numpy(rng.random((6, 500)) < 0.8)
+    expected = scores.masked_fill(~unobserved, -math.inf).argsort(dim=1, descending=True, stable=True)
+    expected_positions = torch.empty_like(expected).scatter(1, expected, torch.arange(1, 501).expand(6, -1))
+    order, positions = L._student_positions(scores, unobserved, by_keys=True)
+    assert torch.equal(order, expected)
+    assert torch.equal(positions, expected_positions)
+
+
+def test_segment_sums_over_runs_match_the_scatter_adds():
+    rng = np.random.default_rng(29)
+    rows, n_items, n_segments = 5, 300, 40
+    segment = torch.from_numpy(np.sort(rng.integers(0, n_segments, size=(rows, n_items)), axis=1))
+    segment[2] = torch.arange(n_items) // 10  # another row's count of segments
+    segment[3] = 0  # one segment
+    values = torch.from_numpy(rng.normal(size=(3, rows, n_items)))
+    runs = L._segment_sums(values, segment, n_segments)
+    assert runs.shape == (rows, n_segments, 3)
+    assert torch.allclose(runs, L._segment_sums_by_scatter(values, segment, n_segments), rtol=1e-12, atol=1e-12)
 
 
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):
