@@ -155,6 +155,7 @@ def test_train_teachers_names_each_digest_and_warns_where_the_committed_page_lis
     text = " ".join(trained.output.split())
     digest = text.split("digest ")[1][:12]
     assert "differ from the committed teacher's" in text and "0123456789ab" in text and "--threads" in text
+    assert "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" in text  # the way to another CPU's rankings
     page.write_text(page.read_text().replace("0123456789ab", digest))
     skipped = runner.invoke(app, ["train-teachers", *source])
     assert "skipped" in skipped.output and f"digest {digest}" in skipped.output

@@ -122,7 +122,8 @@ def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, 
               f"digest {committed[0]}, trained with {committed[1]} thread(s); this one {digest}, {threads}): "
               "runs, tuning studies and ledger rows made with the committed teachers will not be reused with it. "
               "A teacher's rankings depend on the thread count (--threads) and on the CPU's vector kernels (this "
-              f"machine's: {cpu()})")
+              f"machine's: {cpu()}); on an AVX-512 CPU, ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 set "
+              "before the command give an AVX2 machine's rankings")
 
 
 @app.command("import-teacher")
