@@ -13,8 +13,9 @@ a negative; p is the student's rank among all the user's unobserved items:
 per-user sum, four or more decades from the sampled form's pair mean, so one study cannot serve both), its own
 rows and its own label ("CL-DRD (unsampled)") beside the sampled row.
 
-Why it is not in the default table: an epoch costs 1–2 min on one CPU thread (~40–70× an RRD epoch; the sort for
-the positions p is a sixth of it), so a study of 16 trials is many core-hours: GPU work. It is therefore *opt-in*:
+Why it is not in the default table: an epoch costs ~23 s on one CPU thread for Foursquare's MF student (48 s
+before the rest term's rework of 2026-12-05; `experiments/results/bench.md`), ~20× a sampled CL-DRD or RRD epoch, so
+a study of 16 trials is a day of one core: a long CPU lane or GPU work. It is therefore *opt-in*:
 ``hetcomp tune --method all`` and ``hetcomp bench`` leave it out unless it is named, and
 ``hetcomp reproduce --methods ...,cl-drd-full`` adds its row.
 """
