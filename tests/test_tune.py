@@ -604,6 +604,25 @@ def test_a_plan_gives_each_student_its_own_budget(tmp_path, monkeypatch):
     assert {plan.label: plan.trials for plan in planned} == {"mf-none-6": 2, "ml-none-6": 1}
 
 
+def test_threads_hold_for_one_study_run_in_this_process(tmp_path, monkeypatch):
+    """``--threads`` without ``--jobs``: the study's runs train with that many torch threads (it once applied only
+    to studies run as tasks, so two one-study workers on two cores each ran two threads and spun)."""
+    import hetcomp.tune as tune_module
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(tune_module, "tune", lambda *args, **kwargs: {
+        "trials": {"complete": 0, "pruned": 0, "failed": 0}, "study_name": "x", "best_value": None})
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(30, size=8, replace=False)]
+    (tmp_path / "toy.csv").write_text("\n".join(lines))
+    result = CliRunner().invoke(app, [
+        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
+        "--cache-dir", str(tmp_path / "cache"), "--student", "mf", "--method", "none", "--trials", "1",
+        "--threads", "1", "--tuning-dir", str(tmp_path / "tuning")])
+    assert threads == [1], result.output
+
+
 def test_all_means_every_method_but_the_opt_in_ones():
     """``--method all`` (tune) and bench's default leave out a method too costly to run unasked on a CPU
     (CL-DRD without sampling); naming it still works."""

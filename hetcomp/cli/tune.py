@@ -80,8 +80,9 @@ def tune_command(
     jobs: int = typer.Option(1, help="Run this many studies at once, as Ray tasks on a local cluster of this many "
                                      "CPUs (each with cores/jobs threads; local processes where Ray is not "
                                      "installed)."),
-    threads: int = typer.Option(None, help="Torch threads of each study run as a task (default: the machine's "
-                                           "cores / --jobs); lower it when other work shares the machine."),
+    threads: int = typer.Option(None, help="Torch threads of each study's runs (default: torch's, one per core; "
+                                           "as tasks, the machine's cores / --jobs); lower it when other work "
+                                           "or another worker of the study shares the machine."),
     ray_address: str = typer.Option(None, "--ray-address", help="Send the studies to an existing Ray cluster "
                                     "(auto, ray://HOST:PORT); every node must see the data, --teachers-dir, "
                                     "--runs-dir and --tuning-dir."),
@@ -108,6 +109,10 @@ def tune_command(
         return
     student, method = students[0], methods[0]
     trials = budgets[student]
+    if threads is not None:  # one study in this process: its runs train with this many threads
+        import torch
+
+        torch.set_num_threads(threads)
     fixed = parse_options(method_class(method).config_class, _parse_options(option))
     knob_names = [k.strip() for k in knobs.split(",") if k.strip()] if knobs is not None else None
     search_space(method, knob_names, fixed)  # an unknown knob or an empty space fails before any data is read
