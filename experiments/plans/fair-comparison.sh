@@ -53,10 +53,11 @@ foursquare)
   ;;
 foursquare-cl-drd-full)
   # CL-DRD as the HetComp paper ran it (--method cl-drd-full) on Foursquare's MF student, the one row where the
-  # sampled form trails w/o KD: ~16 s an epoch per one-thread worker (bench.md, 2026-12-05), so a trial is 30 min
-  # to 1.5 h and the study about a day of one core. Start this case, and once its `tune` has begun (the teachers
-  # trained) start it a second time: one worker per core, both on the one SQLite study, resumable. On an AVX-512 CPU the kernels are held at AVX2, which gives the table's
-  # teachers (2cd1686186e0, teachers-foursquare-notes.md) and trains as the AVX2 machines did.
+  # sampled form trails w/o KD: ~25 s an epoch per one-thread worker (bench.md, 2026-12-05), so a trial is 40 min
+  # to 2 h and the study about a day of one core. Start this case, and once its `tune` has begun (the teachers
+  # trained) start it a second time: one worker per core, both on the one SQLite study, resumable. On an AVX-512
+  # CPU the kernels are held at AVX2, which gives the table's teachers (2cd1686186e0,
+  # teachers-foursquare-notes.md) and trains as the AVX2 machines did.
   if [ "$(python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" = AVX512 ]; then
     export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
   fi
