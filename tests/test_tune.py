@@ -623,6 +623,21 @@ def test_threads_hold_for_one_study_run_in_this_process(tmp_path, monkeypatch):
     assert threads == [1], result.output
 
 
+def test_a_study_in_a_log_shows_each_evaluation_of_its_trials(tmp_path):
+    """Run in the background (output not a terminal), a study prints a line per evaluation: a log shows how far a
+    long trial has come, not only the trials that finished."""
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(80, size=8, replace=False)]
+    (tmp_path / "toy.csv").write_text("\n".join(lines))
+    result = CliRunner().invoke(app, [
+        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
+        "--cache-dir", str(tmp_path / "cache"), "--student", "mf", "--method", "none", "--trials", "1",
+        "--max-epochs", "2", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+        "--tuning-dir", str(tmp_path / "tuning")])
+    assert result.exit_code == 0, result.output
+    assert "trial epoch    2  valid R@50" in result.output and "trial 0: valid R@50" in result.output
+
+
 def test_all_means_every_method_but_the_opt_in_ones():
     """``--method all`` (tune) and bench's default leave out a method too costly to run unasked on a CPU
     (CL-DRD without sampling); naming it still works."""

@@ -40,12 +40,20 @@ from hetcomp.tune_plan import parse_budgets
 
 
 class _EpochBar(ProgressCallback):
-    """The epochs of the current trial: one bar, added again for each trial once the last one removed it."""
+    """The epochs of the current trial: one bar, added again for each trial once the last one removed it. Where the
+    output is not a terminal (a log of a study run in the background), each evaluation is a line instead."""
 
     def on_fit_start(self, trainer) -> None:
         if self.task not in self.progress.task_ids:
             self.task = self.progress.add_task(self.label, total=trainer.config.max_epochs)
         super().on_fit_start(trainer)
+
+    def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
+        super().on_evaluate(trainer, epoch, result, improved)
+        if not self.progress.console.is_terminal:
+            valid = result["valid"][trainer.config.monitor]
+            self.progress.console.print(f"{self.label.strip()} epoch {epoch:4d}  valid R@50 {valid:.4f}"
+                                        + ("*" if improved else ""), highlight=False)
 
 
 @app.command("tune")
