@@ -515,11 +515,12 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
 
 def test_student_positions_by_sorted_keys_match_the_stable_argsort():
     """The CPU's float32 order (one sort of unique int64 keys) is torch's stable descending argsort: ties in
-    column order, −0.0 tied with 0.0, +inf first, training items last."""
+    column order, −0.0 tied with 0.0, +inf first, −inf with the training items, last."""
     rng = np.random.default_rng(23)
     scores = torch.from_numpy(rng.normal(size=(6, 500)).round(1)).float()  # rounded: many ties
     scores[0, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
     scores[1, :3] = math.inf
+    scores[2, :3] = -math.inf
     unobserved = torch.from_numpy(rng.random((6, 500)) < 0.8)
     expected = scores.masked_fill(~unobserved, -math.inf).argsort(dim=1, descending=True, stable=True)
     expected_positions = torch.empty_like(expected).scatter(1, expected, torch.arange(1, 501).expand(6, -1))

@@ -373,14 +373,14 @@ def _student_positions(scores: torch.Tensor, unobserved: torch.Tensor,
 
 def _descending_order_by_keys(scores: torch.Tensor, unobserved: torch.Tensor) -> torch.Tensor:
     """The order of :func:`_student_positions` for float32 scores on the CPU, by one sort of unique int64 keys
-    (numpy's vectorized sort: ~20× torch's stable argsort of a 28k-item row). Key = (descending rank of the score's
-    bits, then the column): unique, so any sort gives the stable order; observed items sort last."""
-    bits = (scores + 0.0).numpy().view(np.int32).astype(np.int64)  # + 0.0: −0.0 ties with 0.0, as in a float sort
-    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int order = float order (NaN aside)
-    descending = np.where(unobserved.numpy(), -ordered, 1 << 31)
-    keys = descending * (1 << 31) + np.arange(scores.shape[1], dtype=np.int64)
-    keys.sort(axis=1)
-    return torch.from_numpy(keys & ((1 << 31) - 1))
+    (numpy's vectorized sort; with the keys made, ~7× torch's stable argsort of 28k-item rows). Key = (the negated
+    score's bits mapped to an int of the same order, then the column): unique, so any sort gives the stable
+    order; a training item's score is −inf first, as for the argsort."""
+    negated = (-(scores + 0.0)).masked_fill(~unobserved, math.inf)  # + 0.0: −0.0 and 0.0 tie, as floats do
+    bits = negated.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # int order = float order (NaN aside)
+    keys = (ordered << 31) | torch.arange(scores.shape[1], dtype=torch.int64)
+    return torch.from_numpy(np.sort(keys.numpy(), axis=1)) & ((1 << 31) - 1)
 
 
 def _warped_scores(scores: torch.Tensor, listed_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
