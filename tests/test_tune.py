@@ -586,6 +586,16 @@ def test_trials_take_one_budget_or_one_per_student():
             parse_budgets(text, ["mf", "ml"])
 
 
+def _tune_toy(tmp_path, n_items: int, *args: str):
+    """``hetcomp tune`` on a toy csv (40 users, 8 of ``n_items`` items each) with ``args``; its result."""
+    rng = np.random.default_rng(0)
+    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(n_items, size=8, replace=False)]
+    (tmp_path / "toy.csv").write_text("\n".join(lines))
+    return CliRunner().invoke(app, [
+        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
+        "--cache-dir", str(tmp_path / "cache"), "--tuning-dir", str(tmp_path / "tuning"), *args])
+
+
 def test_a_plan_gives_each_student_its_own_budget(tmp_path, monkeypatch):
     """``--trials mf=2,ml=1``: each study's plan carries its student's budget (the plan's runner is replaced here:
     the studies themselves are the plan tests' business)."""
@@ -593,13 +603,7 @@ def test_a_plan_gives_each_student_its_own_budget(tmp_path, monkeypatch):
 
     planned = []
     monkeypatch.setattr(tune_plan, "run_studies", lambda plans, *args, **kwargs: planned.extend(plans) or {})
-    rng = np.random.default_rng(0)
-    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(30, size=8, replace=False)]
-    (tmp_path / "toy.csv").write_text("\n".join(lines))
-    result = CliRunner().invoke(app, [
-        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
-        "--cache-dir", str(tmp_path / "cache"), "--student", "mf,ml", "--method", "none", "--trials", "mf=2,ml=1",
-        "--jobs", "2", "--tuning-dir", str(tmp_path / "tuning")])
+    result = _tune_toy(tmp_path, 30, "--student", "mf,ml", "--method", "none", "--trials", "mf=2,ml=1", "--jobs", "2")
     assert result.exit_code == 0, result.output
     assert {plan.label: plan.trials for plan in planned} == {"mf-none-6": 2, "ml-none-6": 1}
 
@@ -613,27 +617,15 @@ def test_threads_hold_for_one_study_run_in_this_process(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     monkeypatch.setattr(tune_module, "tune", lambda *args, **kwargs: {
         "trials": {"complete": 0, "pruned": 0, "failed": 0}, "study_name": "x", "best_value": None})
-    rng = np.random.default_rng(0)
-    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(30, size=8, replace=False)]
-    (tmp_path / "toy.csv").write_text("\n".join(lines))
-    result = CliRunner().invoke(app, [
-        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
-        "--cache-dir", str(tmp_path / "cache"), "--student", "mf", "--method", "none", "--trials", "1",
-        "--threads", "1", "--tuning-dir", str(tmp_path / "tuning")])
+    result = _tune_toy(tmp_path, 30, "--student", "mf", "--method", "none", "--trials", "1", "--threads", "1")
     assert threads == [1], result.output
 
 
 def test_a_study_in_a_log_shows_each_evaluation_of_its_trials(tmp_path):
     """Run in the background (output not a terminal), a study prints a line per evaluation: a log shows how far a
     long trial has come, not only the trials that finished."""
-    rng = np.random.default_rng(0)
-    lines = ["u,i"] + [f"{u},{i}" for u in range(40) for i in rng.choice(80, size=8, replace=False)]
-    (tmp_path / "toy.csv").write_text("\n".join(lines))
-    result = CliRunner().invoke(app, [
-        "tune", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col", "u", "--item-col", "i",
-        "--cache-dir", str(tmp_path / "cache"), "--student", "mf", "--method", "none", "--trials", "1",
-        "--max-epochs", "2", "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
-        "--tuning-dir", str(tmp_path / "tuning")])
+    result = _tune_toy(tmp_path, 80, "--student", "mf", "--method", "none", "--trials", "1", "--max-epochs", "2",
+                       "--device", "cpu", "--runs-dir", str(tmp_path / "runs"))
     assert result.exit_code == 0, result.output
     assert "trial epoch    2  valid R@50" in result.output and "trial 0: valid R@50" in result.output
 
