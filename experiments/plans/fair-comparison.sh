@@ -63,8 +63,9 @@ foursquare-cl-drd-full)
   fi
   hetcomp train-teachers --dataset foursquare --threads 1
   hetcomp tune --dataset foursquare --student mf --method cl-drd-full --trials 16 --threads 1
-  hetcomp reproduce --dataset foursquare --table 2 --students mf --seeds 3 --methods cl-drd-full \
-    --results-dir experiments/results/tuned
+  # Its rows come with the ML and DNN students' studies of the same form (8 trials each: `--student ml` / `dnn`):
+  # a page's grid is every student × every method, so `reproduce ... --methods ...,cl-drd-full` trains the form for
+  # all three students, and a student without a study would train at the built-in settings.
   ;;
 *)
   echo "usage: $0 citeulike|foursquare|foursquare-cl-drd-full   (one lane per core; see the comment at the top)" >&2
