@@ -14,7 +14,7 @@ per-user sum, four or more decades from the sampled form's pair mean, so one stu
 rows and its own label ("CL-DRD (unsampled)") beside the sampled row.
 
 Why it is not in the default table: an epoch costs ~23 s on one CPU thread for Foursquare's MF student (48 s
-before the rest term's rework of 2026-12-05; `experiments/results/bench.md`), ~20× a sampled CL-DRD or RRD epoch, so
+before the rest term's rework of 2026-12-05; `experiments/results/bench.md`), ~20× a sampled CL-DRD epoch, so
 a study of 16 trials is a day of one core: a long CPU lane or GPU work. It is therefore *opt-in*:
 ``hetcomp tune --method all`` and ``hetcomp bench`` leave it out unless it is named, and
 ``hetcomp reproduce --methods ...,cl-drd-full`` adds its row.
