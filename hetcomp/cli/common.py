@@ -126,12 +126,15 @@ class ProgressCallback(Callback):
         valid = result["valid"][trainer.config.monitor]
         mark = "*" if improved else " "
         self.progress.update(self.task, description=f"{self.label} ep {epoch} valid R@50 {valid:.4f}{mark}")
-        if not self.verbose:
-            return
+        if self.verbose:
+            self.print_evaluation(trainer, epoch, valid, improved)
+
+    def print_evaluation(self, trainer, epoch: int, valid: float, improved: bool) -> None:
+        """One line for an evaluation: validation only while training (test numbers are reported once, at the
+        end, never beside a choice)."""
         extra = getattr(trainer.objective, "describe", lambda: "")()
-        # validation only while training: test numbers are reported once, at the end, never beside a choice
-        self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{mark}  {extra}",
-                                    highlight=False)
+        self.progress.console.print(f"{self.label} epoch {epoch:4d}  valid R@50 {valid:.4f}{'*' if improved else ' '}"
+                                    f"  {extra}", highlight=False)
 
     def close(self) -> None:
         """Remove the bar (a reproduce shows one per run: finished or reused runs must not pile up)."""

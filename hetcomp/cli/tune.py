@@ -51,9 +51,7 @@ class _EpochBar(ProgressCallback):
     def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
         super().on_evaluate(trainer, epoch, result, improved)
         if not self.progress.console.is_terminal:
-            valid = result["valid"][trainer.config.monitor]
-            self.progress.console.print(f"{self.label.strip()} epoch {epoch:4d}  valid R@50 {valid:.4f}"
-                                        + ("*" if improved else ""), highlight=False)
+            self.print_evaluation(trainer, epoch, result["valid"][trainer.config.monitor], improved)
 
 
 @app.command("tune")
