@@ -489,3 +489,27 @@ def test_stack_seeds_trains_a_rows_seeds_as_one_model_and_records_each(workspace
     runs = [json.loads(path.read_text()) for path in (tmp_path / "runs").rglob("metrics.json")]
     assert sorted((run["method"], run["seed"], tuple(run.get("stacked_with", ()))) for run in runs) == [
         (m, seed, () if m == "kd" else (2, 3)) for m in methods for seed in (2, 3)]
+
+
+def test_table2_refuses_cells_without_a_study_beside_studied_ones_unless_allowed(workspace, tmp_path):
+    """A tuned table must not get a row at the built-in settings silently: refused, naming the study to run;
+    with --allow-untuned it trains and the page marks the row."""
+    tuning = tmp_path / "tuning"
+    (tuning / "csv-toy-first300").mkdir(parents=True)
+    (tuning / "csv-toy-first300" / "mf-none-6.json").write_text(json.dumps({"settings": {"lr": 0.01,
+                                                                                          "weight_decay": 0.0}}))
+    args = ("--table", "2", "--students", "mf", "--seeds", "1", "--methods", "none,rrd", "--results-dir",
+            str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), "--tuning-dir", str(tuning))
+    refused = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+                                  "--user-col", "u", "--item-col", "i", "--quick", "--device", "cpu",
+                                  "--teachers-dir", str(workspace / "teachers"), "--cache-dir",
+                                  str(workspace / "cache"), *args])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "Traceback" not in said, said
+    assert "1 cell(s) of this table have no tuning study (mf rrd)" in said
+    assert "hetcomp tune --dataset" in said and "--method rrd --tuning-dir" in said and "--allow-untuned" in said
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
+    invoke(workspace, *args, "--allow-untuned")
+    page = (tmp_path / "results" / "csv-toy-first300" / "table2.md").read_text()
+    assert "| RRD † |" in page and "† built-in settings" in page
+    assert sum(line.count("†") for line in page.splitlines() if line.startswith("| ")) == 1  # w/o KD is tuned

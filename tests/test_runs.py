@@ -238,6 +238,7 @@ def test_wo_kd_runs_without_teachers_and_its_identity_names_none(teachers, tmp_p
                "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--max-epochs", "2", "--eval-every", "2"]
     done = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "none"])
     assert done.exit_code == 0, done.output
+    assert "settings: built-in, no study at" in " ".join(done.output.split())
     split = load_dataset("csv", cache_dir=tmp_path / "cache", path=str(tmp_path / "toy.csv"), user_col="u",
                          item_col="i", sep=",")
     spec = make_spec(split, [], "mf", "none", 6, max_epochs=2, eval_every=2, tuned=False,
@@ -253,6 +254,7 @@ def test_wo_kd_runs_without_teachers_and_its_identity_names_none(teachers, tmp_p
     chosen.write_text(json.dumps({"settings": {"lr": 0.003, "weight_decay": 0.0, "options": {}}}))
     tuned = CliRunner().invoke(app, ["distill", *source, *folders, "--method", "none", "--tuning-dir", str(tuning)])
     assert tuned.exit_code == 0, tuned.output
+    assert "settings: the choice of the study in" in " ".join(tuned.output.split())
     commands = [json.loads(p.read_text())["command"] for p in (tmp_path / "cli-runs").rglob("metrics.json")]
     assert len(commands) == 2 and sum("--lr 0.003" in command for command in commands) == 1
 

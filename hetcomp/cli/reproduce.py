@@ -73,6 +73,10 @@ def reproduce_command(
     replace_other_teachers: bool = typer.Option(False, "--replace-other-teachers", help="Table 2: let runs "
                                                 "with these teachers replace ledger rows that other teachers "
                                                 "made (by default that is refused, naming the rows)."),
+    allow_untuned: bool = typer.Option(False, "--allow-untuned", help="Table 2: train cells that no `hetcomp "
+                                       "tune` study chose settings for beside cells that one did, at the "
+                                       "built-in settings (marked † on the page; by default that is refused, "
+                                       "naming the studies to run)."),
     stack_seeds: bool = typer.Option(False, "--stack-seeds", help="Table 2: train the seeds of each run whose "
                                      "method stacks (every method; KD with listwise) as one stacked "
                                      "model, one task per run; for a GPU, where a stack's epoch costs little more "
@@ -128,6 +132,7 @@ def reproduce_command(
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
                                   ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
                                   replace_other_teachers=replace_other_teachers, stack_seeds=stacked,
+                                  allow_untuned=allow_untuned,
                                   stack_size=stack_size,
                                   tuning_dir=tuned_from)
         if figure == "curves":

@@ -99,6 +99,8 @@ class Reproduction:
     stack_size: int | None = None
     #: where the settings of ``hetcomp tune`` are read from (None: ``experiments/tuning``)
     tuning_dir: Path | None = None
+    #: Table 2 may train cells that have no study while others of its grid have one (else that is an error)
+    allow_untuned: bool = False
 
     @property
     def label(self) -> str:

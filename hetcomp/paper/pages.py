@@ -6,7 +6,7 @@ import json
 import math
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +69,12 @@ def validation_at_best(rows: list[dict], curves: list[dict]) -> dict[str, float]
 def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, students: Sequence[str],
                     methods: Sequence[str], seeds: Sequence[int], missing: Sequence[str] = (),
                     written: dict | None = None, notes: str | None = None,
-                    validation: dict[str, float] | None = None) -> str:
+                    validation: dict[str, float] | None = None,
+                    untuned: Collection[tuple[str, str]] = ()) -> str:
     """Table 2's page from the ledger's rows: a pure function of its arguments (``written``: :func:`stamp`'s
     commit, machine and time; ``notes``: the hand-written reading kept below the table; ``validation``:
-    :func:`validation_at_best` of the rows, for the validation checks under each student's table)."""
+    :func:`validation_at_best` of the rows, for the validation checks under each student's table; ``untuned``:
+    the (student, method) rows at the built-in settings beside studied ones, marked †)."""
     written = written or {"commit": "-", "machine": "-", "written": "-"}
     paper = {} if rep.schedule.quick else paper_values(rep.dataset)
     digests = sorted({r["teachers_digest"] for r in rows} - {""})  # w/o KD's runs name no teachers
@@ -85,6 +87,9 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
              "Cells: ours, mean ± std over seeds (the paper's value in brackets where it reports one). "
              "Imp.: HetComp over the best baseline on each metric (by mean); p: paired t-test over seeds between "
              "HetComp and that baseline.", ""]
+    if untuned:
+        lines += ["† built-in settings: no `hetcomp tune` study of that student and method, while the other rows' "
+                  "settings were chosen on validation (trained with `--allow-untuned`).", ""]
     if len(digests) > 1:
         lines += [f"Note: rows came from {len(digests)} trainings of the same teacher configuration "
                   f"(digests {', '.join(digests)}); retrained teachers differ only by floating-point order.", ""]
@@ -113,8 +118,9 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
                 cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, _paper_row(method))), m))
             epochs = np.mean([float(r["epochs"]) for r in runs])
             seconds = np.mean([float(r["wall_seconds"]) for r in runs])
-            lines.append(f"| {_row_label(method)} | " + " | ".join(cells) + f" | {len(runs)} | {epochs:.0f} | "
-                         f"{seconds:.0f} |")
+            mark = " †" if (student, method) in untuned else ""
+            lines.append(f"| {_row_label(method)}{mark} | " + " | ".join(cells) + f" | {len(runs)} | "
+                         f"{epochs:.0f} | {seconds:.0f} |")
         baselines = [m for m in BASELINES if m in per_method]
         if "hetcomp" in per_method and baselines:
             imp, pvals = [], []

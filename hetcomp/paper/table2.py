@@ -23,6 +23,7 @@ from hetcomp.paper.runs import (
 from hetcomp.paper.teachers import ensure_teachers, teacher_rows
 from hetcomp.provenance import atomic_write_text
 from hetcomp.runs import teachers_digest
+from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import TEACHERS, trajectory_file
 
 
@@ -52,6 +53,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         _refuse_replacing_other_teachers(rep, table_file, todo, digest)
     todo = rows_from_twins(rep, todo)
     if rep.train:
+        _refuse_untuned(rep, todo, cells_without_study(rep, students, methods, dim))
         for group in twins_after(todo):
             train_missing(rep, trajectories, group, lambda spec, result: record_table2_row(rep, spec, result))
     else:  # finished run folders still count; the rest is listed on the page
@@ -71,11 +73,41 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         notes = rep.out_dir / TABLE2_NOTES
         validation = validation_at_best(chosen, read_rows(rep.out_dir / "curves.csv"))
         page = table2_markdown(rep, chosen, teachers, grid["students"], grid["methods"], grid["seeds"], missing,
-                               stamp(), notes.read_text() if notes.is_file() else None, validation)
+                               stamp(), notes.read_text() if notes.is_file() else None, validation,
+                               cells_without_study(rep, grid["students"], grid["methods"], dim))
         atomic_write_text(rep.out_dir / "table2.md", page)
         manifest = write_manifest(rep, "table2", chosen, grid["seeds"], time.perf_counter() - started,
                                   teacher_seconds, rep.jobs, from_scratch, grid={**grid, "teachers_digest": digest})
     return {"rows": chosen, "teachers": teachers, "manifest": manifest, "keys": [row_key(r) for r in chosen]}
+
+
+def cells_without_study(rep: Reproduction, students: Sequence[str], methods: Sequence[str],
+                        dim: int = 6) -> list[tuple[str, str]]:
+    """The (student, method) cells that no ``hetcomp tune`` study chose settings for, when some other cell of the
+    grid has one: such a cell trains at the built-in settings beside rows chosen on validation, an unequal budget.
+    [] when every cell, or none, has a study (a table of built-in settings is consistent)."""
+    dataset = rep.split.meta["dataset"]
+    cells = [(student, method) for student in students for method in methods]
+    studied = {cell: summary_path(dataset, *cell, dim, rep.tuning_dir).is_file() for cell in cells}
+    return [cell for cell in cells if not studied[cell]] if any(studied.values()) else []
+
+
+def _refuse_untuned(rep: Reproduction, todo: Sequence, untuned: Sequence[tuple[str, str]]) -> None:
+    """Training cells without a study beside studied ones is an error (unless ``rep.allow_untuned``), naming the
+    studies to run: a silently untuned row would look like a tuned one on the page."""
+    cells = [cell for cell in untuned if any((spec.student, spec.method) == cell for spec in todo)]
+    if rep.allow_untuned or not cells:
+        return
+    dataset = rep.split.meta["dataset"]
+    folder = "" if rep.tuning_dir is None else f" --tuning-dir {rep.tuning_dir}"
+    commands = "; ".join(f"hetcomp tune --dataset {dataset} --student {student} --method {method}{folder}"
+                         for student, method in cells)
+    listed = ", ".join(f"{student} {method}" for student, method in cells)
+    raise HetCompError(
+        f"{len(cells)} cell(s) of this table have no tuning study ({listed}) while other cells do: they would "
+        f"train at the built-in settings beside rows whose settings were chosen on validation. Tune them first "
+        f"({commands}), leave them out of --students / --methods, or pass --allow-untuned to train them at the "
+        "built-in settings (the page marks them)")
 
 
 def _refuse_replacing_other_teachers(rep: Reproduction, table_file, todo: Sequence, digest: str) -> None:

@@ -28,6 +28,7 @@ from hetcomp.runs.spec import (
     twin_spec,
 )
 from hetcomp.runs.store import RunStore
+from hetcomp.runs.tuned import summary_path
 from hetcomp.train import Callback, Trainer, TrainerConfig
 
 
@@ -238,4 +239,16 @@ def distill(split: Split, trajectories: list, student: str = "mf", method: str =
     spec = make_spec(split, trajectories, student, method, dim, seed, method_options, ensemble, batch_users, lr,
                      weight_decay, max_epochs, eval_every, patience, source, model_options=model_options,
                      tuning_dir=tuning_dir)
+    if say is not None:
+        say(settings_origin(spec, tuning_dir))
     return train_run(spec, split, trajectories, RunStore(runs_root), device, callbacks, train, say)
+
+
+def settings_origin(spec: RunSpec, tuning_dir: Path | None = None) -> str:
+    """Where a run's lr, weight decay and method options come from, for its log: a study's choice (those not
+    given on the command line), or the built-in settings where no study exists, with the command that makes one."""
+    path = summary_path(spec.dataset, spec.student, spec.method, spec.dim, tuning_dir)
+    if path.is_file():
+        return f"settings: the choice of the study in {path}, where not given on the command line"
+    return (f"settings: built-in, no study at {path} (`hetcomp tune --dataset {spec.dataset} --student "
+            f"{spec.student} --method {spec.method} --dim {spec.dim}` chooses them on validation)")
