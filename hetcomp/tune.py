@@ -184,7 +184,11 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
         study.optimize(objective, n_trials=remaining,
                        callbacks=[stop, *([lambda _, trial: _record(study, record, attrs)] if record else []),
-                                  *([lambda _, trial: on_trial(trial)] if on_trial else [])])
+                                  *([lambda _, trial: on_trial(trial)] if on_trial else []),
+                                  # another worker of this machine may have died meanwhile: its trial resumes
+                                  # now, not at the next start (only trials naming a dead worker: a trial
+                                  # another live worker is just creating names none yet)
+                                  lambda _, trial: _rerun_stale(study, legacy=False)])
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
         summary = special_case_choice(summary, root)

@@ -521,6 +521,33 @@ def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp
     assert again[0]["params"]["lr"] == killed.params["lr"] and first["trials"]["complete"] == 1
 
 
+def test_a_trial_of_a_worker_that_died_meanwhile_resumes_before_the_next_new_one(teachers, tmp_path):
+    """Between two of its trials a live worker takes up the trial of a worker of this machine that died while it
+    ran (not only a tune process that starts does)."""
+    import subprocess
+    import sys
+
+    from hetcomp import tune as tune_module
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    killed = []
+
+    def a_worker_dies(trial):
+        if not killed:
+            study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
+            orphan = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+            orphan.set_user_attr("worker", f"{tune_module.socket.gethostname()}:{int(dead.stdout)}")
+            killed.append(study.trials[orphan.number])
+
+    summary = _study(tmp_path, teachers, trials=3, on_trial=a_worker_dies)
+    history = {t["number"]: t for t in summary["history"]}
+    orphan = killed[0]
+    assert history[orphan.number]["state"] == "fail"
+    taken_up = history[orphan.number + 1]  # the very next trial, before any new proposal
+    assert taken_up["state"] == "complete" and taken_up["params"]["lr"] == orphan.params["lr"]
+    assert summary["trials"]["complete"] == 3
+
+
 def test_pruned_trials_leave_no_finished_run(teachers, tmp_path):
     summary = _study(tmp_path, teachers, trials=3, pruner=optuna.pruners.ThresholdPruner(lower=1.0))
     start, *pruned = summary["history"]  # the start point (the defaults) is never pruned; the sampler's trials are
