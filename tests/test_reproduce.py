@@ -511,5 +511,5 @@ def test_table2_refuses_cells_without_a_study_beside_studied_ones_unless_allowed
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
     invoke(workspace, *args, "--allow-untuned")
     page = (tmp_path / "results" / "csv-toy-first300" / "table2.md").read_text()
-    assert "| RRD † |" in page and "† built-in settings" in page
-    assert sum(line.count("†") for line in page.splitlines() if line.startswith("| ")) == 1  # w/o KD is tuned
+    assert "| RRD (built-in settings) |" in page and "Rows marked (built-in settings)" in page
+    assert page.count("(built-in settings) |") == 1  # w/o KD's row was tuned

@@ -75,7 +75,7 @@ def reproduce_command(
                                                 "made (by default that is refused, naming the rows)."),
     allow_untuned: bool = typer.Option(False, "--allow-untuned", help="Table 2: train cells that no `hetcomp "
                                        "tune` study chose settings for beside cells that one did, at the "
-                                       "built-in settings (marked † on the page; by default that is refused, "
+                                       "built-in settings (marked on the page; by default that is refused, "
                                        "naming the studies to run)."),
     stack_seeds: bool = typer.Option(False, "--stack-seeds", help="Table 2: train the seeds of each run whose "
                                      "method stacks (every method; KD with listwise) as one stacked "

@@ -74,7 +74,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
     """Table 2's page from the ledger's rows: a pure function of its arguments (``written``: :func:`stamp`'s
     commit, machine and time; ``notes``: the hand-written reading kept below the table; ``validation``:
     :func:`validation_at_best` of the rows, for the validation checks under each student's table; ``untuned``:
-    the (student, method) rows at the built-in settings beside studied ones, marked †)."""
+    the (student, method) rows at the built-in settings beside studied ones, so marked)."""
     written = written or {"commit": "-", "machine": "-", "written": "-"}
     paper = {} if rep.schedule.quick else paper_values(rep.dataset)
     digests = sorted({r["teachers_digest"] for r in rows} - {""})  # w/o KD's runs name no teachers
@@ -88,8 +88,8 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
              "Imp.: HetComp over the best baseline on each metric (by mean); p: paired t-test over seeds between "
              "HetComp and that baseline.", ""]
     if untuned:
-        lines += ["† built-in settings: no `hetcomp tune` study of that student and method, while the other rows' "
-                  "settings were chosen on validation (trained with `--allow-untuned`).", ""]
+        lines += ["Rows marked (built-in settings): no `hetcomp tune` study of that student and method, while the "
+                  "other rows' settings were chosen on validation (trained with `--allow-untuned`).", ""]
     if len(digests) > 1:
         lines += [f"Note: rows came from {len(digests)} trainings of the same teacher configuration "
                   f"(digests {', '.join(digests)}); retrained teachers differ only by floating-point order.", ""]
@@ -118,7 +118,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
                 cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, _paper_row(method))), m))
             epochs = np.mean([float(r["epochs"]) for r in runs])
             seconds = np.mean([float(r["wall_seconds"]) for r in runs])
-            mark = " †" if (student, method) in untuned else ""
+            mark = " (built-in settings)" if (student, method) in untuned else ""
             lines.append(f"| {_row_label(method)}{mark} | " + " | ".join(cells) + f" | {len(runs)} | "
                          f"{epochs:.0f} | {seconds:.0f} |")
         baselines = [m for m in BASELINES if m in per_method]
