@@ -87,6 +87,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
              "Cells: ours, mean ± std over seeds (the paper's value in brackets where it reports one). "
              "Imp.: HetComp over the best baseline on each metric (by mean); p: paired t-test over seeds between "
              "HetComp and that baseline.", ""]
+    untuned = {(r["student"], r["method"]) for r in rows} & set(untuned)  # only the rows shown here
     if untuned:
         lines += ["Rows marked (built-in settings): no `hetcomp tune` study of that student and method, while the "
                   "other rows' settings were chosen on validation (trained with `--allow-untuned`).", ""]
