@@ -52,20 +52,23 @@ foursquare)
     --results-dir experiments/results/tuned --jobs "$JOBS"
   ;;
 foursquare-cl-drd-full)
-  # CL-DRD as the HetComp paper ran it (--method cl-drd-full) on Foursquare's MF student, the one row where the
-  # sampled form trails w/o KD: ~25 s an epoch per one-thread worker (bench.md, 2026-12-05), so a trial is 40 min
-  # to 2 h and the study about a day of one core. Start this case, and once its `tune` has begun (the teachers
-  # trained) start it a second time: one worker per core, both on the one SQLite study, resumable. On an AVX-512
-  # CPU the kernels are held at AVX2, which gives the table's teachers (2cd1686186e0,
-  # teachers-foursquare-notes.md) and trains as the AVX2 machines did.
+  # CL-DRD as the HetComp paper ran it (--method cl-drd-full), Foursquare's three students, then their rows: the
+  # CL-DRD baseline of the table (the sampled form's MF row trails w/o KD). ~20 s an epoch per one-thread worker
+  # (bench.md, 2026-12-05), so a trial is 40 min to 2 h and the MF study about a day of one core. Start this case
+  # twice (once the first has begun to tune, the teachers trained): one worker per core, both on each study's one
+  # SQLite file in turn (MF, then ML, then DNN, whose first trials read MF's choice), then both on the rows
+  # (side-by-side reproduce calls share the ledger). Every step resumes. On an AVX-512 CPU the kernels are held
+  # at AVX2, which gives the table's teachers (2cd1686186e0, teachers-foursquare-notes.md) and trains as the AVX2
+  # machines did.
   if [ "$(python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" = AVX512 ]; then
     export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
   fi
   hetcomp train-teachers --dataset foursquare --threads 1
   hetcomp tune --dataset foursquare --student mf --method cl-drd-full --trials 16 --threads 1
-  # Its rows come with the ML and DNN students' studies of the same form (8 trials each: `--student ml` / `dnn`):
-  # a page's grid is every student × every method, so `reproduce ... --methods ...,cl-drd-full` trains the form for
-  # all three students, and a student without a study would train at the built-in settings.
+  hetcomp tune --dataset foursquare --student ml --method cl-drd-full --trials 8 --threads 1
+  hetcomp tune --dataset foursquare --student dnn --method cl-drd-full --trials 8 --threads 1
+  hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS,cl-drd-full" \
+    --results-dir experiments/results/tuned
   ;;
 *)
   echo "usage: $0 citeulike|foursquare|foursquare-cl-drd-full   (one lane per core; see the comment at the top)" >&2
