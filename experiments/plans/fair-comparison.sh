@@ -70,8 +70,21 @@ foursquare-cl-drd-full)
   hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS,cl-drd-full" \
     --results-dir experiments/results/tuned
   ;;
+citeulike-cl-drd-full)
+  # The same for CiteULike (its sampled CL-DRD rows are above w/o KD; this gives the table the form the HetComp
+  # paper ran): ~13 s an epoch per one-thread worker (bench.md, 2026-12-05 sixth session), 16 + 8 + 8 trials and
+  # 15 rows, about two days of one core. Two lanes as above; the CiteULike teachers as the `citeulike` case trains
+  # them (their digest 4fef07d28b12 reproduced natively on AVX-512).
+  hetcomp train-teachers --dataset citeulike --teachers mf,ml,dnn,gnn,ae --threads 1
+  OMP_NUM_THREADS=2 hetcomp train-teachers --dataset citeulike --teachers iae --threads 2
+  hetcomp tune --dataset citeulike --student mf --method cl-drd-full --trials 16 --threads 1
+  hetcomp tune --dataset citeulike --student ml --method cl-drd-full --trials 8 --threads 1
+  hetcomp tune --dataset citeulike --student dnn --method cl-drd-full --trials 8 --threads 1
+  hetcomp reproduce --dataset citeulike --table 2 --students mf,ml,dnn --seeds 5 --methods "$METHODS,cl-drd-full" \
+    --results-dir experiments/results/tuned
+  ;;
 *)
-  echo "usage: $0 citeulike|foursquare|foursquare-cl-drd-full   (one lane per core; see the comment at the top)" >&2
+  echo "usage: $0 citeulike|foursquare|foursquare-cl-drd-full|citeulike-cl-drd-full   (one lane per core; see the comment at the top)" >&2
   exit 2
   ;;
 esac
