@@ -492,24 +492,32 @@ def test_stack_seeds_trains_a_rows_seeds_as_one_model_and_records_each(workspace
 
 
 def test_table2_refuses_cells_without_a_study_beside_studied_ones_unless_allowed(workspace, tmp_path):
-    """A tuned table must not get a row at the built-in settings silently: refused, naming the study to run;
-    with --allow-untuned it trains and the page marks the row."""
+    """A tuned table must not get a row at the built-in settings silently, whether the studied cells are in the
+    same call or on the page already: refused, naming the study to run; with --allow-untuned it trains and the
+    page marks the row."""
     tuning = tmp_path / "tuning"
     (tuning / "csv-toy-first300").mkdir(parents=True)
     (tuning / "csv-toy-first300" / "mf-none-6.json").write_text(json.dumps({"settings": {"lr": 0.01,
                                                                                           "weight_decay": 0.0}}))
-    args = ("--table", "2", "--students", "mf", "--seeds", "1", "--methods", "none,rrd", "--results-dir",
-            str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), "--tuning-dir", str(tuning))
-    refused = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
-                                  "--user-col", "u", "--item-col", "i", "--quick", "--device", "cpu",
-                                  "--teachers-dir", str(workspace / "teachers"), "--cache-dir",
-                                  str(workspace / "cache"), *args])
-    said = " ".join(refused.output.split())
-    assert refused.exit_code == 1 and "Traceback" not in said, said
+    common = ("--table", "2", "--students", "mf", "--seeds", "1", "--results-dir", str(tmp_path / "results"),
+              "--runs-dir", str(tmp_path / "runs"), "--tuning-dir", str(tuning))
+
+    def refused(methods: str) -> str:
+        result = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+                                     "--user-col", "u", "--item-col", "i", "--quick", "--device", "cpu",
+                                     "--teachers-dir", str(workspace / "teachers"), "--cache-dir",
+                                     str(workspace / "cache"), *common, "--methods", methods])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and "Traceback" not in said, said
+        return said
+
+    said = refused("none,rrd")
     assert "1 cell(s) of this table have no tuning study (mf rrd)" in said
     assert "hetcomp tune --dataset" in said and "--method rrd --tuning-dir" in said and "--allow-untuned" in said
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
-    invoke(workspace, *args, "--allow-untuned")
+    invoke(workspace, *common, "--methods", "none")  # studied: trains
+    assert "(mf rrd)" in refused("rrd")  # alone in its call, but beside the page's studied w/o KD row
+    invoke(workspace, *common, "--methods", "rrd", "--allow-untuned")
     page = (tmp_path / "results" / "csv-toy-first300" / "table2.md").read_text()
     assert "| RRD (built-in settings) |" in page and "Rows marked (built-in settings)" in page
     assert page.count("(built-in settings) |") == 1  # w/o KD's row was tuned

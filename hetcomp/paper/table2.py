@@ -53,7 +53,8 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         _refuse_replacing_other_teachers(rep, table_file, todo, digest)
     todo = rows_from_twins(rep, todo)
     if rep.train:
-        _refuse_untuned(rep, todo, cells_without_study(rep, students, methods, dim))
+        planned = _merged_grid(rep, digest, students, methods, seeds)  # the page's cells, earlier calls' too
+        _refuse_untuned(rep, todo, cells_without_study(rep, planned["students"], planned["methods"], dim))
         for group in twins_after(todo):
             train_missing(rep, trajectories, group, lambda spec, result: record_table2_row(rep, spec, result))
     else:  # finished run folders still count; the rest is listed on the page
