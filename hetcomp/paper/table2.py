@@ -96,7 +96,8 @@ def cells_without_study(rep: Reproduction, students: Sequence[str], methods: Seq
 def _refuse_untuned(rep: Reproduction, todo: Sequence, untuned: Sequence[tuple[str, str]]) -> None:
     """Training cells without a study beside studied ones is an error (unless ``rep.allow_untuned``), naming the
     studies to run: a silently untuned row would look like a tuned one on the page."""
-    cells = [cell for cell in untuned if any((spec.student, spec.method) == cell for spec in todo)]
+    training = {(spec.student, spec.method) for spec in todo}
+    cells = [cell for cell in untuned if cell in training]
     if rep.allow_untuned or not cells:
         return
     dataset = rep.split.meta["dataset"]
