@@ -541,6 +541,46 @@ def test_segment_sums_over_runs_match_the_scatter_adds():
     assert torch.allclose(runs, L._segment_sums_by_scatter(values, segment, n_segments), rtol=1e-12, atol=1e-12)
 
 
+def _rest_case(seed: int, scale: float, n_items: int, n_listed: int, dtype: torch.dtype):
+    """A chunk for the rest term: ties (rounded scores), training items, one row listing the student's own top,
+    one with padding, one with no list."""
+    rng = np.random.default_rng(seed)
+    n_users = 5
+    scores = torch.from_numpy((rng.standard_cauchy((n_users, n_items)) if seed % 2 else
+                               rng.normal(size=(n_users, n_items))) * scale).to(dtype)
+    scores[1] = (scores[1] * 4).round() / 4  # many ties
+    unobserved = torch.from_numpy(rng.random((n_users, n_items)) < 0.8)
+    listed = torch.stack([torch.from_numpy(rng.choice(np.flatnonzero(row.numpy()), n_listed, replace=False))
+                          for row in unobserved])
+    own = scores[2].masked_fill(~unobserved[2], -math.inf).argsort(descending=True, stable=True)[:n_listed]
+    listed[2] = own
+    labels = (1.0 / torch.arange(1, n_listed + 1, dtype=torch.float64)).expand(n_users, -1)
+    valid = torch.ones(n_users, n_listed, dtype=torch.bool)
+    valid[3, n_listed // 2:] = False
+    valid[4] = False
+    return scores, unobserved, listed, labels, valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("seed", "scale", "n_items", "n_listed"), [
+    (1, 1e-3, 300, 1), (2, 0.3, 2000, 50), (3, 3.0, 2000, 50), (4, 40.0, 3000, 100), (5, 1.0, 64, 8),
+    (6, 5.0, 5000, 20)])
+def test_rest_kernels_give_the_torch_passes_sums_bit_for_bit(monkeypatch, dtype, seed, scale, n_items, n_listed):
+    """The CPU kernels (:mod:`hetcomp.distill.rest_kernel`) make the same segments and sum in the same order as
+    torch's passes (which serve CUDA): values and gradients equal to the bit, so runs do not change with them."""
+    scores, unobserved, listed, labels, valid = _rest_case(seed, scale, n_items, n_listed, dtype)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(L, "_FUSED_REST", fused)
+        trained = scores.clone().requires_grad_()
+        value = L.lambda_mrr_rest_loss(trained, unobserved, listed, labels, valid, chunk_elements=2 * n_items)
+        gradient, = torch.autograd.grad((value * torch.arange(1.0, 6.0, dtype=dtype)).sum(), trained)
+        results[fused] = value.detach(), gradient
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+    assert results[True][1][~unobserved].abs().max() == 0 and results[True][0][4] == 0
+
+
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):
     method = build_method("cl-drd-full", context, stages="2,4", stage_epochs=2, top_n=5)
     users = torch.tensor([1, 4, 7])

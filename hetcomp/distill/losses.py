@@ -8,6 +8,7 @@ Every loss sums over the list positions and averages over the users of the batch
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -326,6 +327,9 @@ def pairwise_hinge_loss(student: torch.Tensor, teacher: torch.Tensor, valid: tor
 #: gradients.
 _TAYLOR_ORDER = 6
 _BUCKET = 0.5
+#: the row passes of the rest term by the CPU kernels (:mod:`hetcomp.distill.rest_kernel`); the tests switch it off
+#: to check them against torch's passes
+_FUSED_REST = True
 
 
 def _sigmoid_derivative_factors(order: int) -> list[np.ndarray]:
@@ -361,14 +365,18 @@ def _student_positions(scores: torch.Tensor, unobserved: torch.Tensor,
     """(order [B, n]: columns by descending score, unobserved first, ties in column order; positions [B, n]: each
     column's 1-based place in ``order``): the student's positions of LambdaMRR's weights. ``by_keys``: float32
     rows on the CPU sorted by :func:`_descending_order_by_keys` (numpy: not for tensors under ``vmap``)."""
-    if by_keys and scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.shape[1] < 1 << 31:
-        order = _descending_order_by_keys(scores.detach(), unobserved)
-    else:
-        order = scores.detach().masked_fill(~unobserved, NEG_INF).argsort(dim=1, descending=True, stable=True)
+    order = _student_order(scores, unobserved, by_keys)
     # out of place: vmap (stacked seeds) has a batching rule for scatter, not for scatter_
     positions = torch.empty_like(order).scatter(1, order, torch.arange(1, scores.shape[1] + 1,
                                                                        device=scores.device).expand_as(order))
     return order, positions
+
+
+def _student_order(scores: torch.Tensor, unobserved: torch.Tensor, by_keys: bool = False) -> torch.Tensor:
+    """The order of :func:`_student_positions` alone."""
+    if by_keys and scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.shape[1] < 1 << 31:
+        return _descending_order_by_keys(scores.detach(), unobserved)
+    return scores.detach().masked_fill(~unobserved, NEG_INF).argsort(dim=1, descending=True, stable=True)
 
 
 def _descending_order_by_keys(scores: torch.Tensor, unobserved: torch.Tensor) -> torch.Tensor:
@@ -388,32 +396,135 @@ def _warped_scores(scores: torch.Tensor, listed_scores: torch.Tensor, valid: tor
     listed item's score and widen as √(1 + d²/π²) at a distance d from the nearest one: du/df = 1/√(1 + d²/π²),
     i.e. u moves by π·asinh(d/π) from the nearest listed score. Buckets of equal width in u then hold the
     expansion's |δ|/radius constant, since softplus(x + δ) around x = c − f_i converges within √(x² + π²)."""
+    anchors, at_anchor, midpoints = _warp_anchors(listed_scores, valid)
+    # the nearest anchor: the first whose midpoint with the next is at or above the score (the lower one on a tie)
+    nearest = torch.searchsorted(midpoints, scores.contiguous())
+    return at_anchor.gather(1, nearest) + math.pi * torch.asinh((scores - anchors.gather(1, nearest)) / math.pi)
+
+
+def _warp_anchors(listed_scores: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_warped_scores`' anchors: the valid listed scores sorted (a padded place takes the row's highest, or 0)
+    [B, N], u at each of them [B, N], and the midpoints between neighbours [B, N − 1] (all float64)."""
     fallback = torch.where(valid, listed_scores, NEG_INF).amax(1, keepdim=True)
-    anchors = torch.where(valid, listed_scores, torch.nan_to_num(fallback, neginf=0.0)).sort(1).values  # [B, N]
+    anchors = torch.where(valid, listed_scores, torch.nan_to_num(fallback, neginf=0.0)).sort(1).values
     gaps = anchors[:, 1:] - anchors[:, :-1]
     at_anchor = torch.cat((torch.zeros_like(anchors[:, :1]),
                            torch.cumsum(2 * math.pi * torch.asinh(gaps / (2 * math.pi)), 1)), 1)
-    # the nearest anchor: the first whose midpoint with the next is at or above the score (the lower one on a tie)
-    nearest = torch.searchsorted((anchors[:, :-1] + gaps / 2).contiguous(), scores.contiguous())
-    return at_anchor.gather(1, nearest) + math.pi * torch.asinh((scores - anchors.gather(1, nearest)) / math.pi)
+    return anchors, at_anchor, (anchors[:, :-1] + gaps / 2).contiguous()
+
+
+class _Segments(NamedTuple):
+    """The rest items' segments of a chunk of rows (see :func:`_rest_pairs`)."""
+
+    centre: torch.Tensor  # [B, S] float64: the middle of each segment's rest scores (0 without any)
+    moments: torch.Tensor  # [B, S, order + 1, 2] float64: Σ δ^m and Σ δ^m / p_j over each segment's rest items
+    above: torch.Tensor  # [B, S]: the listed items at or above each segment
+    listed_above: torch.Tensor  # [B, N]: the listed items at or above each listed item's place
+    at: torch.Tensor  # [B, N]: each listed item's 0-based place in the student's order
+    order: torch.Tensor  # [B, n]: the columns in the student's order (:func:`_student_positions`)
+    segment: torch.Tensor  # [B, n]: each sorted place's segment
+    delta: torch.Tensor  # [B, n] float64: f_j − c at each sorted place (0 off the rest)
+    rest: torch.Tensor  # [B, n]: bool, a rest item at each sorted place (torch), or the kernel's kind (int8)
 
 
 def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
                 with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The pairs of :func:`lambda_mrr_rest_loss` between each listed item and every other unobserved item: the
     per-row sums [B] (float64), the listed items' positions p_i [B, N], and, when asked, the sums' gradient with
-    respect to ``scores`` [B, n] (float64)."""
+    respect to ``scores`` [B, n] (float64 by torch, ``scores``' dtype by the CPU kernels)."""
     rows, n_items = scores.shape
     order_m, device, f64 = _TAYLOR_ORDER, scores.device, torch.float64
-    f = scores.detach().to(f64)
+    f_listed = scores.detach().to(f64).gather(1, listed)
+    fused = _fused_rows(scores)
+    if fused:  # the kernels find the listed items' places themselves
+        pieces = _segments_by_kernel(scores, unobserved, listed, valid, _student_order(scores, unobserved, True),
+                                     f_listed)
+    else:
+        pieces = _segments_by_torch(scores, unobserved, listed, valid, f_listed)
+    order = pieces.order
+    n_segments = pieces.centre.shape[1]
+    at = pieces.at
+    inv_listed = 1.0 / (at + 1).to(f64)
+    below = pieces.above.unsqueeze(1) >= pieces.listed_above.unsqueeze(2)  # [B, N, S]: segment below i
+    sign = torch.where(below, 1.0, -1.0).to(f64) * valid.unsqueeze(2)
+    # Σ_{j in segment} w_ij softplus(f_j − f_i) = sign · Σ_m D_m(c − f_i) (Σ δ^m / p_i − Σ δ^m / p_j)
+    taylor = _softplus_taylor(pieces.centre.unsqueeze(1) - f_listed.unsqueeze(2), order_m + 1, sign)
+    taylor = taylor.view(rows, -1, n_segments * (order_m + 2))  # [B, N, S·(order + 2)], D_0 .. D_{order + 1}
+    # the value reads D_0..D_order; the gradient D_1..D_{order+1}, since d/dx of D_m is (m + 1) D_{m+1}: one
+    # product with both, the moments shifted by one order (and scaled) for the second
+    orders = torch.arange(1, order_m + 2, dtype=f64, device=device)
+    moments = pieces.moments
+    zero = moments.new_zeros(rows, n_segments, 1, 2)
+    both = torch.cat((torch.cat((moments, zero), 2), torch.cat((zero, moments * orders.view(1, 1, -1, 1)), 2)), 3)
+    pulled = taylor @ both.view(rows, n_segments * (order_m + 2), 4)  # [B, N, 4]
+    value = (pulled[..., 0] * inv_listed - pulled[..., 1]).sum(1)
+    if not with_gradient:
+        return value, at + 1, None
+    gradient_listed = pulled[..., 3] - pulled[..., 2] * inv_listed
+    # each rest item j of a segment: Σ_m δ_j^m (a_m − b_m / p_j), a and b summed over the listed items
+    weights = torch.stack((inv_listed, torch.ones_like(inv_listed)), 1)
+    a_and_b = (weights @ taylor).view(rows, 2, n_segments, order_m + 2)[..., 1:] * orders  # [B, 2, S, order + 1]
+    if fused:
+        from hetcomp.distill import rest_kernel
+
+        gradient = torch.empty(rows, n_items, dtype=scores.dtype)
+        rest_kernel.rest_gradient(order.numpy(), pieces.segment.numpy(), pieces.rest.numpy(), pieces.delta.numpy(),
+                                  a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),
+                                  gradient.numpy())
+        return value, at + 1, gradient.scatter_add_(1, listed, torch.where(valid, gradient_listed, 0.0).to(
+            scores.dtype))
+    tables = a_and_b.permute(1, 3, 0, 2).contiguous()  # [2, order + 1, B, S]: a_m and b_m per segment
+    inv_p = 1.0 / torch.arange(1, n_items + 1, dtype=f64, device=device)
+    gradient_sorted = torch.zeros(rows, n_items, dtype=f64, device=device)
+    for m in range(order_m, -1, -1):  # Horner over m, from the top order
+        gradient_sorted.mul_(pieces.delta).add_(tables[0, m].gather(1, pieces.segment)).sub_(
+            tables[1, m].gather(1, pieces.segment) * inv_p)
+    gradient_sorted.mul_(pieces.rest)
+    gradient = torch.zeros(rows, n_items, dtype=f64, device=device).scatter_(1, order, gradient_sorted)
+    gradient.scatter_add_(1, listed, torch.where(valid, gradient_listed, 0.0))
+    return value, at + 1, gradient
+
+
+def _fused_rows(scores: torch.Tensor) -> bool:
+    """Whether :func:`_rest_pairs` runs its row passes by the CPU kernels of :mod:`hetcomp.distill.rest_kernel`
+    (CPU tensors, float32 or float64); torch's passes elsewhere (CUDA)."""
+    return _FUSED_REST and scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64)
+
+
+def _segments_by_kernel(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
+                        order: torch.Tensor, f_listed: torch.Tensor) -> _Segments:
+    """:class:`_Segments` by the CPU kernels: two passes a row."""
+    from hetcomp.distill import rest_kernel  # numba: compiled (or read from its cache) at the first call
+
+    anchors, at_anchor, midpoints = _warp_anchors(f_listed, valid)
+    values = scores.detach().contiguous().numpy()
+    order_np = order.numpy()
+    segment, kind, n_segments, at = rest_kernel.segment_rows(
+        values, order_np, unobserved.contiguous().numpy(), listed.contiguous().numpy(), valid.contiguous().numpy(),
+        anchors.numpy(), at_anchor.numpy(), midpoints.numpy(), _BUCKET)
+    centre, above, moments, delta = rest_kernel.segment_moments(values, order_np, segment, kind, n_segments,
+                                                                _TAYLOR_ORDER)
+    above = torch.from_numpy(above)
+    segment = torch.from_numpy(segment)
+    at = torch.from_numpy(at)
+    return _Segments(torch.from_numpy(centre), torch.from_numpy(moments), above,
+                     above.gather(1, segment.gather(1, at).long()), at, order, segment, torch.from_numpy(delta),
+                     torch.from_numpy(kind))
+
+
+def _segments_by_torch(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
+                       f_listed: torch.Tensor) -> _Segments:
+    """:class:`_Segments` by torch passes over [B, n] (any device)."""
+    rows, n_items = scores.shape
     order, positions = _student_positions(scores, unobserved, by_keys=True)
+    order_m, device, f64 = _TAYLOR_ORDER, scores.device, torch.float64
+    f = scores.detach().to(f64)
     row_of = torch.arange(rows, device=device).unsqueeze(1).expand_as(listed)
     is_listed = torch.zeros(rows, n_items, dtype=torch.bool, device=device)
     is_listed[row_of[valid], listed[valid]] = True
     rest = (unobserved & ~is_listed).gather(1, order)  # [B, n], the student's order from here on
     f_sorted = f.gather(1, order)
     bottom = f_sorted.gather(1, (unobserved.sum(1, keepdim=True) - 1).clamp(min=0))
-    f_listed = f.gather(1, listed)
     warped = _warped_scores(torch.where(unobserved.gather(1, order), f_sorted, bottom), f_listed, valid)
     # segments: runs of the sorted row with one warped bucket and the same listed items above them, so that
     # every listed item is wholly above or wholly below each segment (the trained items, last, share one)
@@ -423,6 +534,7 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     segment = torch.zeros(rows, n_items, dtype=torch.long, device=device)
     segment[:, 1:] = torch.cumsum(key[:, 1:] != key[:, :-1], 1)
     n_segments = int(segment[:, -1].max()) + 1
+
     # each segment's centre c: the middle of its rest items' scores, so |δ| = |f_j − c| is at most half its width
     def extreme(fill: float, reduce: str) -> torch.Tensor:
         return torch.full((rows, n_segments), fill, dtype=f64, device=device).scatter_reduce(
@@ -443,33 +555,8 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
         torch.mul(powers[m], inv_p, out=summed[2 * m + 1])
     moments = _segment_sums(summed, segment, n_segments).view(rows, n_segments, order_m + 1, 2)
     at = positions.gather(1, listed) - 1  # each listed item's sorted index
-    inv_listed = 1.0 / (at + 1).to(f64)
-    below = segment_above.unsqueeze(1) >= listed_above.gather(1, at).unsqueeze(2)  # [B, N, S]: segment below i
-    sign = torch.where(below, 1.0, -1.0).to(f64) * valid.unsqueeze(2)
-    # Σ_{j in segment} w_ij softplus(f_j − f_i) = sign · Σ_m D_m(c − f_i) (Σ δ^m / p_i − Σ δ^m / p_j)
-    taylor = _softplus_taylor(segment_centre.unsqueeze(1) - f_listed.unsqueeze(2), order_m + 1, sign)
-    taylor = taylor.view(rows, -1, n_segments * (order_m + 2))  # [B, N, S·(order + 2)], D_0 .. D_{order + 1}
-    # the value reads D_0..D_order; the gradient D_1..D_{order+1}, since d/dx of D_m is (m + 1) D_{m+1}: one
-    # product with both, the moments shifted by one order (and scaled) for the second
-    orders = torch.arange(1, order_m + 2, dtype=f64, device=device)
-    zero = moments.new_zeros(rows, n_segments, 1, 2)
-    both = torch.cat((torch.cat((moments, zero), 2), torch.cat((zero, moments * orders.view(1, 1, -1, 1)), 2)), 3)
-    pulled = taylor @ both.view(rows, n_segments * (order_m + 2), 4)  # [B, N, 4]
-    value = (pulled[..., 0] * inv_listed - pulled[..., 1]).sum(1)
-    if not with_gradient:
-        return value, at + 1, None
-    gradient_listed = pulled[..., 3] - pulled[..., 2] * inv_listed
-    # each rest item j of a segment: Σ_m δ_j^m (a_m − b_m / p_j), a and b summed over the listed items
-    weights = torch.stack((inv_listed, torch.ones_like(inv_listed)), 1)
-    a_and_b = (weights @ taylor).view(rows, 2, n_segments, order_m + 2)[..., 1:] * orders  # [B, 2, S, order + 1]
-    tables = a_and_b.permute(1, 3, 0, 2).contiguous()  # [2, order + 1, B, S]: a_m and b_m per segment
-    gradient_sorted = torch.zeros(rows, n_items, dtype=f64, device=device)
-    for m in range(order_m, -1, -1):  # Horner over m, from the top order
-        gradient_sorted.mul_(delta).add_(tables[0, m].gather(1, segment)).sub_(tables[1, m].gather(1, segment) * inv_p)
-    gradient_sorted.mul_(rest)
-    gradient = torch.zeros(rows, n_items, dtype=f64, device=device).scatter_(1, order, gradient_sorted)
-    gradient.scatter_add_(1, listed, torch.where(valid, gradient_listed, 0.0))
-    return value, at + 1, gradient
+    return _Segments(segment_centre, moments, segment_above, listed_above.gather(1, at), at, order, segment, delta,
+                     rest)
 
 
 def _segment_sums(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:

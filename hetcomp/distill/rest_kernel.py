@@ -1,0 +1,275 @@
+"""Fused CPU passes over the rows of the unsampled LambdaMRR rest term (numba).
+
+:func:`hetcomp.distill.losses.lambda_mrr_rest_loss` cuts each user's row, in the student's order, into segments
+and sums every segment's moments; in eager torch that is some twenty memory passes over [rows, n_items] float64
+tensors, three quarters of an unsampled CL-DRD epoch (``experiments/results/bench.md``, 2026-12-05). These three
+kernels make the same quantities in one or two passes a row:
+
+- :func:`segment_rows`: the segments (bucket of warped score, listed items above) and each place's kind;
+- :func:`segment_moments`: each segment's centre, listed count above it and moments Σ δ^m, Σ δ^m / p_j;
+- :func:`rest_gradient`: each rest item's slope Σ_m δ^m (a_m − b_m / p_j), written in column order.
+
+The [rows, N, segments] Taylor products between the second and the third stay in torch (vectorized there). The
+maths is :func:`hetcomp.distill.losses._rest_pairs`'s; only the order of the float64 sums differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+#: a place of the sorted row: a rest item (unobserved, not listed), a listed item, a training item
+REST, LISTED, OBSERVED = 0, 1, 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _place_score(scores, order, row, k, n_unobserved, bottom):
+    """The score the warp reads at sorted place k: the student's score, or the lowest unobserved one for a
+    training item (they share the last segment)."""
+    return float(scores[row, order[row, k]]) if k < n_unobserved else bottom
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bucket_of(score, anchors, at_anchor, midpoints, top, bucket):
+    """(the nearest anchor, the warped bucket) of a score, exactly as torch's passes compute them: the anchor is the
+    first whose midpoint with the next is at or above the score, u = u(anchor) + π·asinh((f − anchor)/π)."""
+    nearest = np.searchsorted(midpoints, score)
+    warped = at_anchor[nearest] + math.pi * math.asinh((score - anchors[nearest]) / math.pi)
+    return nearest, math.floor((top - warped) / bucket)
+
+
+@njit(cache=True, nogil=True)
+def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, midpoints, bucket):  # noqa: PLR0913
+    """Per row: ``segment`` [B, n] int32 (ids from 0 along the sorted row), ``kind`` [B, n] int8, the segment
+    count [B], and each listed item's 0-based sorted place [B, N]. A place's warped score u (π·asinh from the
+    nearest anchor, as :func:`hetcomp.distill.losses._warped_scores`) gives its bucket floor((u_0 − u)/bucket);
+    a segment is a run of one bucket and one count of listed items at or above it.
+
+    The (anchor, bucket) pair only moves one way along the sorted row (the scores fall, every step of its
+    arithmetic is monotone), so a run of places with one pair is found by a galloping search from its first
+    place: O(log run) evaluations of asinh a run instead of one a place, and the same buckets."""
+    rows, n_items = scores.shape
+    n_listed = listed.shape[1]
+    segment = np.empty((rows, n_items), dtype=np.int32)
+    kind = np.empty((rows, n_items), dtype=np.int8)
+    n_segments = np.empty(rows, dtype=np.int64)
+    listed_place = np.empty((rows, n_listed), dtype=np.int64)
+    place_of = np.empty(n_items, dtype=np.int64)
+    marked = np.zeros(n_items, dtype=np.bool_)
+    for row in range(rows):
+        for k in range(n_items):
+            place_of[order[row, k]] = k
+        for i in range(n_listed):
+            listed_place[row, i] = place_of[listed[row, i]]
+            if valid[row, i]:
+                marked[listed[row, i]] = True
+        n_unobserved = 0
+        for k in range(n_items):
+            n_unobserved += unobserved[row, k]
+        bottom = float(scores[row, order[row, max(n_unobserved - 1, 0)]])
+        anchors_row, at_anchor_row, midpoints_row = anchors[row], at_anchor[row], midpoints[row]
+        first = _place_score(scores, order, row, 0, n_unobserved, bottom)
+        nearest = np.searchsorted(midpoints_row, first)
+        top = at_anchor_row[nearest] + math.pi * math.asinh((first - anchors_row[nearest]) / math.pi)
+        previous_key = -1
+        current = -1
+        above = 0
+        k = 0
+        while k < n_items:
+            score = _place_score(scores, order, row, k, n_unobserved, bottom)
+            pair = _bucket_of(score, anchors_row, at_anchor_row, midpoints_row, top, bucket)
+            last, beyond, step = k, n_items, 1  # [k, last] share the pair; beyond: the first known not to
+            while last + step < beyond:
+                probe = last + step
+                if _bucket_of(_place_score(scores, order, row, probe, n_unobserved, bottom), anchors_row,
+                              at_anchor_row, midpoints_row, top, bucket) == pair:
+                    last = probe
+                    step *= 2
+                else:
+                    beyond = probe
+            while beyond - last > 1:
+                probe = (last + beyond) // 2
+                if _bucket_of(_place_score(scores, order, row, probe, n_unobserved, bottom), anchors_row,
+                              at_anchor_row, midpoints_row, top, bucket) == pair:
+                    last = probe
+                else:
+                    beyond = probe
+            base = int(pair[1]) * (n_listed + 1)
+            for j in range(k, last + 1):
+                if j < n_unobserved:
+                    if marked[order[row, j]]:
+                        kind[row, j] = LISTED
+                        above += 1
+                    else:
+                        kind[row, j] = REST
+                else:
+                    kind[row, j] = OBSERVED
+                key = base + above
+                if key != previous_key:
+                    current += 1
+                    previous_key = key
+                segment[row, j] = current
+            k = last + 1
+        n_segments[row] = current + 1
+        for i in range(n_listed):
+            marked[listed[row, i]] = False
+    return segment, kind, n_segments, listed_place
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_sum(values, channel, start, count):
+    """numpy's pairwise sum of at most 128 values: sequential below 8 (from −0.0), else eight accumulators."""
+    if count < 8:
+        total = -0.0
+        for i in range(count):
+            total += values[channel, start + i]
+        return total
+    r0, r1, r2, r3 = values[channel, start], values[channel, start + 1], values[channel, start + 2], \
+        values[channel, start + 3]
+    r4, r5, r6, r7 = values[channel, start + 4], values[channel, start + 5], values[channel, start + 6], \
+        values[channel, start + 7]
+    i = 8
+    stop = count - count % 8
+    while i < stop:
+        at = start + i
+        r0 += values[channel, at]
+        r1 += values[channel, at + 1]
+        r2 += values[channel, at + 2]
+        r3 += values[channel, at + 3]
+        r4 += values[channel, at + 4]
+        r5 += values[channel, at + 5]
+        r6 += values[channel, at + 6]
+        r7 += values[channel, at + 7]
+        i += 8
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < count:
+        total += values[channel, start + i]
+        i += 1
+    return total
+
+
+@njit(cache=True, nogil=True)
+def pairwise_sum(values, channel, start, count):
+    """Σ ``values[channel, start:start + count]`` in the order of numpy's pairwise summation (blocks of at most
+    128 values, each by :func:`_block_sum`; above that the two halves, the first a multiple of 8, summed apart
+    and added), which ``np.add.reduceat`` uses after a run's first value: the same bits as torch's passes
+    (:func:`hetcomp.distill.losses._segment_sums`). The halving is walked with a small stack (numba caches no
+    recursive function)."""
+    if count <= 128:
+        return _block_sum(values, channel, start, count)
+    depth = 64
+    node_start = np.empty(depth, dtype=np.int64)
+    node_count = np.empty(depth, dtype=np.int64)
+    node_state = np.zeros(depth, dtype=np.int64)  # 0: nothing summed, 1: its first half summed
+    node_first = np.empty(depth)
+    node_start[0], node_count[0], node_state[0] = start, count, 0
+    top = 0
+    result = 0.0
+    while top >= 0:
+        n = node_count[top]
+        half = n // 2
+        half -= half % 8
+        if n <= 128 or node_state[top] == 2:
+            value = _block_sum(values, channel, node_start[top], n) if n <= 128 else node_first[top] + result
+            top -= 1
+            if top < 0:
+                return value
+            if node_state[top] == 0:
+                node_first[top] = value
+                node_state[top] = 1
+            else:
+                result = value
+                node_state[top] = 2
+            continue
+        top += 1
+        node_state[top] = 0
+        if node_state[top - 1] == 0:
+            node_start[top], node_count[top] = node_start[top - 1], half
+        else:
+            node_start[top], node_count[top] = node_start[top - 1] + half, n - half
+    return result
+
+
+@njit(cache=True, nogil=True)
+def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
+    """Per row and segment: the centre c (the middle of its rest items' scores, 0 if it has none), the listed
+    items at or above it, and the moments Σ δ^m, Σ δ^m / p_j (m = 0..order, δ = f_j − c, p_j the 1-based place)
+    [B, S, order + 1, 2]; and δ per place [B, n] (0 off the rest). Each sum runs over all of its segment's places
+    (0 off the rest), in ``np.add.reduceat``'s order: the first place, plus the pairwise sum of the others."""
+    rows, n_items = scores.shape
+    width = max(1, int(n_segments.max()))
+    channels = 2 * (taylor_order + 1)
+    centre = np.zeros((rows, width))
+    listed_above = np.zeros((rows, width), dtype=np.int64)
+    moments = np.zeros((rows, width, taylor_order + 1, 2))
+    delta = np.zeros((rows, n_items))
+    low = np.empty(width)
+    high = np.empty(width)
+    first = np.empty(width + 1, dtype=np.int64)
+    terms = np.empty((channels, n_items))  # a segment's δ^m and δ^m / p_j, place by place
+    for row in range(rows):
+        low[:] = math.inf
+        high[:] = -math.inf
+        above = 0
+        for k in range(n_items):
+            s = segment[row, k]
+            if k == 0 or s != segment[row, k - 1]:
+                first[s] = k
+            if kind[row, k] == LISTED:
+                above += 1
+            listed_above[row, s] = above
+            if kind[row, k] == REST:
+                score = float(scores[row, order[row, k]])
+                low[s] = min(low[s], score)
+                high[s] = max(high[s], score)
+        first[n_segments[row]] = n_items
+        for s in range(n_segments[row]):
+            if not high[s] >= low[s]:
+                continue  # no rest item: every term is +0.0, and so is every sum
+            c = (low[s] + high[s]) / 2
+            centre[row, s] = c
+            start, stop = first[s], first[s + 1]
+            for k in range(start, stop):
+                if kind[row, k] == REST:
+                    d = float(scores[row, order[row, k]]) - c
+                    delta[row, k] = d
+                    inverse_place = 1.0 / (k + 1)
+                    power = 1.0
+                    for m in range(taylor_order + 1):
+                        if m:
+                            power *= d
+                        terms[2 * m, k - start] = power
+                        terms[2 * m + 1, k - start] = power * inverse_place
+                else:
+                    for channel in range(channels):
+                        terms[channel, k - start] = 0.0
+            for channel in range(channels):
+                total = terms[channel, 0]
+                if stop - start > 1:
+                    total += pairwise_sum(terms, channel, 1, stop - start - 1)
+                moments[row, s, channel // 2, channel % 2] = total
+    return centre, listed_above, moments, delta
+
+
+@njit(cache=True, nogil=True)
+def rest_gradient(order, segment, kind, delta, a, b, out):
+    """Each rest item's slope Σ_m δ^m (a_m − b_m / p_j) (Horner from the top order), ``a``, ``b`` [B, S, order + 1]
+    per segment, written into ``out`` [B, n] at its column; every other column 0."""
+    rows, n_items = order.shape
+    top = a.shape[2] - 1
+    for row in range(rows):
+        for k in range(n_items):
+            column = order[row, k]
+            if kind[row, k] != REST:
+                out[row, column] = 0.0
+                continue
+            s = segment[row, k]
+            d = delta[row, k]
+            inverse_place = 1.0 / (k + 1)
+            value = 0.0
+            for m in range(top, -1, -1):
+                value = value * d + a[row, s, m] - b[row, s, m] * inverse_place
+            out[row, column] = value
+    return out
