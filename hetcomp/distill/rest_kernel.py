@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, uintp
 
 #: a place of the sorted row: a rest item (unobserved, not listed), a listed item, a training item
 REST, LISTED, OBSERVED = 0, 1, 2
@@ -120,50 +120,47 @@ def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, m
 
 @njit(cache=True, nogil=True, inline="always")
 def _block_sum(values, channel, start, count):
-    """numpy's pairwise sum of at most 128 values: sequential below 8 (from −0.0), else eight accumulators."""
+    """numpy's pairwise sum of at most 128 values: sequential below 8 (from −0.0), else eight accumulators. The
+    indices are unsigned, which spares numba's negative-index checks and lets LLVM load the eight lanes at once."""
+    row = values[channel]
+    first = uintp(start)
     if count < 8:
         total = -0.0
         for i in range(count):
-            total += values[channel, start + i]
+            total += row[first + uintp(i)]
         return total
-    r0, r1, r2, r3 = values[channel, start], values[channel, start + 1], values[channel, start + 2], \
-        values[channel, start + 3]
-    r4, r5, r6, r7 = values[channel, start + 4], values[channel, start + 5], values[channel, start + 6], \
-        values[channel, start + 7]
-    i = 8
-    stop = count - count % 8
-    while i < stop:
-        at = start + i
-        r0 += values[channel, at]
-        r1 += values[channel, at + 1]
-        r2 += values[channel, at + 2]
-        r3 += values[channel, at + 3]
-        r4 += values[channel, at + 4]
-        r5 += values[channel, at + 5]
-        r6 += values[channel, at + 6]
-        r7 += values[channel, at + 7]
-        i += 8
+    r0, r1, r2, r3 = row[first], row[first + uintp(1)], row[first + uintp(2)], row[first + uintp(3)]
+    r4, r5, r6, r7 = row[first + uintp(4)], row[first + uintp(5)], row[first + uintp(6)], row[first + uintp(7)]
+    at = first + uintp(8)
+    stop = first + uintp(count - count % 8)
+    while at < stop:
+        r0 += row[at]
+        r1 += row[at + uintp(1)]
+        r2 += row[at + uintp(2)]
+        r3 += row[at + uintp(3)]
+        r4 += row[at + uintp(4)]
+        r5 += row[at + uintp(5)]
+        r6 += row[at + uintp(6)]
+        r7 += row[at + uintp(7)]
+        at += uintp(8)
     total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < count:
-        total += values[channel, start + i]
-        i += 1
+    end = first + uintp(count)
+    while at < end:
+        total += row[at]
+        at += uintp(1)
     return total
 
 
 @njit(cache=True, nogil=True)
-def pairwise_sum(values, channel, start, count):
+def pairwise_sum(values, channel, start, count, nodes, firsts):
     """Σ ``values[channel, start:start + count]`` in the order of numpy's pairwise summation (blocks of at most
     128 values, each by :func:`_block_sum`; above that the two halves, the first a multiple of 8, summed apart
     and added), which ``np.add.reduceat`` uses after a run's first value: the same bits as torch's passes
-    (:func:`hetcomp.distill.losses._segment_sums`). The halving is walked with a small stack (numba caches no
-    recursive function)."""
+    (:func:`hetcomp.distill.losses._segment_sums`). The halving is walked with a stack (numba caches no recursive
+    function) kept by the caller: ``nodes`` [3, 64] int64 (a node's start, count, state), ``firsts`` [64]."""
     if count <= 128:
         return _block_sum(values, channel, start, count)
-    depth = 64
-    node_start = np.empty(depth, dtype=np.int64)
-    node_count = np.empty(depth, dtype=np.int64)
-    node_state = np.zeros(depth, dtype=np.int64)  # 0: nothing summed, 1: its first half summed
-    node_first = np.empty(depth)
+    node_start, node_count, node_state, node_first = nodes[0], nodes[1], nodes[2], firsts
     node_start[0], node_count[0], node_state[0] = start, count, 0
     top = 0
     result = 0.0
@@ -209,6 +206,9 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
     high = np.empty(width)
     first = np.empty(width + 1, dtype=np.int64)
     terms = np.empty((channels, n_items))  # a segment's δ^m and δ^m / p_j, place by place
+    sorted_scores = np.empty(n_items)
+    nodes = np.empty((3, 64), dtype=np.int64)
+    firsts = np.empty(64)
     for row in range(rows):
         low[:] = math.inf
         high[:] = -math.inf
@@ -221,7 +221,8 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
                 above += 1
             listed_above[row, s] = above
             if kind[row, k] == REST:
-                score = float(scores[row, order[row, k]])
+                score = float(scores[row, uintp(order[row, k])])
+                sorted_scores[k] = score
                 low[s] = min(low[s], score)
                 high[s] = max(high[s], score)
         first[n_segments[row]] = n_items
@@ -233,7 +234,7 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
             start, stop = first[s], first[s + 1]
             for k in range(start, stop):
                 if kind[row, k] == REST:
-                    d = float(scores[row, order[row, k]]) - c
+                    d = sorted_scores[k] - c
                     delta[row, k] = d
                     inverse_place = 1.0 / (k + 1)
                     power = 1.0
@@ -248,7 +249,7 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
             for channel in range(channels):
                 total = terms[channel, 0]
                 if stop - start > 1:
-                    total += pairwise_sum(terms, channel, 1, stop - start - 1)
+                    total += pairwise_sum(terms, channel, 1, stop - start - 1, nodes, firsts)
                 moments[row, s, channel // 2, channel % 2] = total
     return centre, listed_above, moments, delta
 
@@ -261,7 +262,7 @@ def rest_gradient(order, segment, kind, delta, a, b, out):
     top = a.shape[2] - 1
     for row in range(rows):
         for k in range(n_items):
-            column = order[row, k]
+            column = uintp(order[row, k])
             if kind[row, k] != REST:
                 out[row, column] = 0.0
                 continue
