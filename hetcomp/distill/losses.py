@@ -7,6 +7,7 @@ Every loss sums over the list positions and averages over the users of the batch
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import NamedTuple
 
@@ -327,9 +328,9 @@ def pairwise_hinge_loss(student: torch.Tensor, teacher: torch.Tensor, valid: tor
 #: gradients.
 _TAYLOR_ORDER = 6
 _BUCKET = 0.5
-#: the row passes of the rest term by the CPU kernels (:mod:`hetcomp.distill.rest_kernel`); the tests switch it off
-#: to check them against torch's passes
-_FUSED_REST = True
+#: the row passes of the rest term by the CPU kernels (:mod:`hetcomp.distill.rest_kernel`) where numba is installed
+#: (a dependency; without it torch's passes give the same bits, slower); the tests switch it off to compare them
+_FUSED_REST = importlib.util.find_spec("numba") is not None
 
 
 def _sigmoid_derivative_factors(order: int) -> list[np.ndarray]:
