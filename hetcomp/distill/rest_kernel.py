@@ -10,7 +10,8 @@ kernels make the same quantities in one or two passes a row:
 - :func:`rest_gradient`: each rest item's slope Σ_m δ^m (a_m − b_m / p_j), written in column order.
 
 The [rows, N, segments] Taylor products between the second and the third stay in torch (vectorized there). The
-maths is :func:`hetcomp.distill.losses._rest_pairs`'s; only the order of the float64 sums differs.
+maths is that of torch's passes (:func:`hetcomp.distill.losses._segments_by_torch`) and so is the order of every
+float64 operation, so the results are the same bits (tested), as long as libm's ``asinh`` is monotone, as glibc's is.
 """
 
 from __future__ import annotations
@@ -257,20 +258,17 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
 @njit(cache=True, nogil=True)
 def rest_gradient(order, segment, kind, delta, a, b, out):
     """Each rest item's slope Σ_m δ^m (a_m − b_m / p_j) (Horner from the top order), ``a``, ``b`` [B, S, order + 1]
-    per segment, written into ``out`` [B, n] at its column; every other column 0."""
+    per segment, written into ``out`` [B, n] at its column; every other place's slope times 0.0, as torch's passes
+    mask it (a signed zero)."""
     rows, n_items = order.shape
     top = a.shape[2] - 1
     for row in range(rows):
         for k in range(n_items):
-            column = uintp(order[row, k])
-            if kind[row, k] != REST:
-                out[row, column] = 0.0
-                continue
             s = segment[row, k]
             d = delta[row, k]
             inverse_place = 1.0 / (k + 1)
             value = 0.0
             for m in range(top, -1, -1):
                 value = value * d + a[row, s, m] - b[row, s, m] * inverse_place
-            out[row, column] = value
+            out[row, uintp(order[row, k])] = value * (1.0 if kind[row, k] == REST else 0.0)
     return out
