@@ -570,16 +570,22 @@ def test_rest_kernels_give_the_torch_passes_sums_bit_for_bit(monkeypatch, dtype,
     torch's passes (which serve CUDA): values and gradients equal to the bit, so runs do not change with them."""
     scores, unobserved, listed, labels, valid = _rest_case(seed, scale, n_items, n_listed, dtype)
     results = {}
-    for fused in (True, False):
-        monkeypatch.setattr(L, "_FUSED_REST", fused)
-        trained = scores.clone().requires_grad_()
-        value = L.lambda_mrr_rest_loss(trained, unobserved, listed, labels, valid, chunk_elements=2 * n_items)
-        gradient, = torch.autograd.grad((value * torch.arange(1.0, 6.0, dtype=dtype)).sum(), trained)
-        results[fused] = value.detach(), gradient
+    threads = torch.get_num_threads()
+    try:
+        for fused, n_threads in ((False, 1), (True, 1), (True, 3)):  # 3: the kernels' rows split 1 + 2 + 2
+            monkeypatch.setattr(L, "_FUSED_REST", fused)
+            torch.set_num_threads(n_threads)
+            trained = scores.clone().requires_grad_()
+            value = L.lambda_mrr_rest_loss(trained, unobserved, listed, labels, valid, chunk_elements=5 * n_items)
+            gradient, = torch.autograd.grad((value * torch.arange(1.0, 6.0, dtype=dtype)).sum(), trained)
+            results[fused, n_threads] = value.detach(), gradient
+    finally:
+        torch.set_num_threads(threads)
     bits = torch.int64 if dtype == torch.float64 else torch.int32  # signed zeros too
-    assert torch.equal(results[True][0].view(bits), results[False][0].view(bits))
-    assert torch.equal(results[True][1].view(bits), results[False][1].view(bits))
-    assert results[True][1][~unobserved].abs().max() == 0 and results[True][0][4] == 0
+    for fused_run in ((True, 1), (True, 3)):
+        assert torch.equal(results[fused_run][0].view(bits), results[False, 1][0].view(bits))
+        assert torch.equal(results[fused_run][1].view(bits), results[False, 1][1].view(bits))
+    assert results[True, 1][1][~unobserved].abs().max() == 0 and results[True, 1][0][4] == 0
 
 
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):

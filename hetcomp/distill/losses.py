@@ -469,9 +469,9 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
         from hetcomp.distill import rest_kernel
 
         gradient = torch.empty(rows, n_items, dtype=scores.dtype)
-        rest_kernel.rest_gradient(order.numpy(), pieces.segment.numpy(), pieces.rest.numpy(), pieces.delta.numpy(),
-                                  a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),
-                                  gradient.numpy())
+        rest_kernel.gradient(order.numpy(), pieces.segment.numpy(), pieces.rest.numpy(), pieces.delta.numpy(),
+                             a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),
+                             gradient.numpy(), torch.get_num_threads())
         return value, at + 1, gradient.scatter_add_(1, listed, torch.where(valid, gradient_listed, 0.0).to(
             scores.dtype))
     tables = a_and_b.permute(1, 3, 0, 2).contiguous()  # [2, order + 1, B, S]: a_m and b_m per segment
@@ -494,17 +494,15 @@ def _fused_rows(scores: torch.Tensor) -> bool:
 
 def _segments_by_kernel(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
                         order: torch.Tensor, f_listed: torch.Tensor) -> _Segments:
-    """:class:`_Segments` by the CPU kernels: two passes a row."""
+    """:class:`_Segments` by the CPU kernels: two passes a row, the rows split over torch's threads."""
     from hetcomp.distill import rest_kernel  # numba: compiled (or read from its cache) at the first call
 
     anchors, at_anchor, midpoints = _warp_anchors(f_listed, valid)
     values = scores.detach().contiguous().numpy()
     order_np = order.numpy()
-    segment, kind, n_segments, at = rest_kernel.segment_rows(
+    segment, kind, at, centre, above, moments, delta = rest_kernel.segments(
         values, order_np, unobserved.contiguous().numpy(), listed.contiguous().numpy(), valid.contiguous().numpy(),
-        anchors.numpy(), at_anchor.numpy(), midpoints.numpy(), _BUCKET)
-    centre, above, moments, delta = rest_kernel.segment_moments(values, order_np, segment, kind, n_segments,
-                                                                _TAYLOR_ORDER)
+        anchors.numpy(), at_anchor.numpy(), midpoints.numpy(), _BUCKET, _TAYLOR_ORDER, torch.get_num_threads())
     above = torch.from_numpy(above)
     segment = torch.from_numpy(segment)
     at = torch.from_numpy(at)

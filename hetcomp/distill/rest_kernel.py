@@ -17,6 +17,9 @@ float64 operation, so the results are the same bits (tested), as long as libm's 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit, uintp
@@ -191,13 +194,13 @@ def pairwise_sum(values, channel, start, count, nodes, firsts):
 
 
 @njit(cache=True, nogil=True)
-def segment_moments(scores, order, segment, kind, n_segments, taylor_order):
+def segment_moments(scores, order, segment, kind, n_segments, taylor_order, width):
     """Per row and segment: the centre c (the middle of its rest items' scores, 0 if it has none), the listed
     items at or above it, and the moments Σ δ^m, Σ δ^m / p_j (m = 0..order, δ = f_j − c, p_j the 1-based place)
-    [B, S, order + 1, 2]; and δ per place [B, n] (0 off the rest). Each sum runs over all of its segment's places
-    (0 off the rest), in ``np.add.reduceat``'s order: the first place, plus the pairwise sum of the others."""
+    [B, S, order + 1, 2], S = ``width`` (at least every row's count); and δ per place [B, n] (0 off the rest).
+    Each sum runs over all of its segment's places (0 off the rest), in ``np.add.reduceat``'s order: the first
+    place, plus the pairwise sum of the others."""
     rows, n_items = scores.shape
-    width = max(1, int(n_segments.max()))
     channels = 2 * (taylor_order + 1)
     centre = np.zeros((rows, width))
     listed_above = np.zeros((rows, width), dtype=np.int64)
@@ -272,3 +275,47 @@ def rest_gradient(order, segment, kind, delta, a, b, out):
                 value = value * d + a[row, s, m] - b[row, s, m] * inverse_place
             out[row, uintp(order[row, k])] = value * (1.0 if kind[row, k] == REST else 0.0)
     return out
+
+
+# ---- the rows of a chunk in threads (the kernels release the GIL; rows are independent, so the bits stay) ----
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _map_rows(function: Callable[[slice], object], rows: int, threads: int) -> list:
+    """``function(part)`` for each of up to ``threads`` row slices, in a thread pool where there are several (one
+    per process id: a forked child does not inherit the parent's threads)."""
+    count = max(1, min(threads, rows))
+    bounds = [rows * i // count for i in range(count + 1)]
+    parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    if count == 1:
+        return [function(parts[0])]
+    key = (os.getpid(), count)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(count, thread_name_prefix="hetcomp-rest")
+    return list(_POOLS[key].map(function, parts))
+
+
+def segments(scores: np.ndarray, order: np.ndarray, unobserved: np.ndarray, listed: np.ndarray, valid: np.ndarray,
+             anchors: np.ndarray, at_anchor: np.ndarray, midpoints: np.ndarray, bucket: float, taylor_order: int,
+             threads: int) -> tuple[np.ndarray, ...]:
+    """:func:`segment_rows` then :func:`segment_moments` over a chunk's rows, split over ``threads``: (segment,
+    kind, listed places, centre, listed above, moments, δ), the segment axes as wide as the chunk's widest row."""
+    first = _map_rows(lambda part: segment_rows(scores[part], order[part], unobserved[part], listed[part],
+                                                valid[part], anchors[part], at_anchor[part], midpoints[part], bucket),
+                      len(scores), threads)
+    segment, kind, n_segments, places = (np.concatenate(pieces) if len(first) > 1 else pieces[0]
+                                         for pieces in zip(*first, strict=True))
+    width = max(1, int(n_segments.max()))
+    second = _map_rows(lambda part: segment_moments(scores[part], order[part], segment[part], kind[part],
+                                                    n_segments[part], taylor_order, width), len(scores), threads)
+    centre, above, moments, delta = (np.concatenate(pieces) if len(second) > 1 else pieces[0]
+                                     for pieces in zip(*second, strict=True))
+    return segment, kind, places, centre, above, moments, delta
+
+
+def gradient(order: np.ndarray, segment: np.ndarray, kind: np.ndarray, delta: np.ndarray, a: np.ndarray,
+             b: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """:func:`rest_gradient` into ``out``, its rows split over ``threads``."""
+    _map_rows(lambda part: rest_gradient(order[part], segment[part], kind[part], delta[part], a[part], b[part],
+                                         out[part]), len(order), threads)
