@@ -513,9 +513,11 @@ def test_lambda_mrr_rest_loss_binned_expansion_matches_the_direct_pairs_on_long_
         fast.tolist(), rel=1e-12)  # without a gradient: the same sums
 
 
-def test_student_positions_by_sorted_keys_match_the_stable_argsort():
+@pytest.mark.parametrize("kernel", [True, False])  # the keys made by the numba kernel or by torch's passes
+def test_student_positions_by_sorted_keys_match_the_stable_argsort(monkeypatch, kernel):
     """The CPU's float32 order (one sort of unique int64 keys) is torch's stable descending argsort: ties in
     column order, −0.0 tied with 0.0, +inf first, −inf with the training items, last."""
+    monkeypatch.setattr(L, "_FUSED_REST", kernel)
     rng = np.random.default_rng(23)
     scores = torch.from_numpy(rng.normal(size=(6, 500)).round(1)).float()  # rounded: many ties
     scores[0, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])

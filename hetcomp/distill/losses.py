@@ -385,6 +385,13 @@ def _descending_order_by_keys(scores: torch.Tensor, unobserved: torch.Tensor) ->
     (numpy's vectorized sort; with the keys made, ~7× torch's stable argsort of 28k-item rows). Key = (the negated
     score's bits mapped to an int of the same order, then the column): unique, so any sort gives the stable
     order; a training item's score is −inf first, as for the argsort."""
+    if _FUSED_REST:  # the same keys in one pass
+        from hetcomp.distill import rest_kernel
+
+        keys = rest_kernel.order_keys(scores.contiguous().numpy(), unobserved.contiguous().numpy())
+        keys.sort(axis=1)
+        keys &= (1 << 31) - 1
+        return torch.from_numpy(keys)
     negated = (-(scores + 0.0)).masked_fill(~unobserved, math.inf)  # + 0.0: −0.0 and 0.0 tie, as floats do
     bits = negated.view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # int order = float order (NaN aside)
@@ -446,10 +453,20 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     n_segments = pieces.centre.shape[1]
     at = pieces.at
     inv_listed = 1.0 / (at + 1).to(f64)
-    below = pieces.above.unsqueeze(1) >= pieces.listed_above.unsqueeze(2)  # [B, N, S]: segment below i
-    sign = torch.where(below, 1.0, -1.0).to(f64) * valid.unsqueeze(2)
-    # Σ_{j in segment} w_ij softplus(f_j − f_i) = sign · Σ_m D_m(c − f_i) (Σ δ^m / p_i − Σ δ^m / p_j)
-    taylor = _softplus_taylor(pieces.centre.unsqueeze(1) - f_listed.unsqueeze(2), order_m + 1, sign)
+    # Σ_{j in segment} w_ij softplus(f_j − f_i) = sign · Σ_m D_m(c − f_i) (Σ δ^m / p_i − Σ δ^m / p_j), sign = +1
+    # where the segment is below i
+    x = pieces.centre.unsqueeze(1) - f_listed.unsqueeze(2)
+    if fused:  # torch's σ and softplus, then the kernel's terms (the same bits as _softplus_taylor's passes)
+        from hetcomp.distill import rest_kernel
+
+        taylor = torch.empty(rows, listed.shape[1], n_segments, order_m + 2, dtype=f64)
+        rest_kernel.taylor(torch.sigmoid(x).numpy(), torch.sigmoid(-x).numpy(), functional.softplus(x).numpy(),
+                           pieces.above.numpy(), pieces.listed_above.numpy(), valid.contiguous().numpy(),
+                           _SIGMOID_FACTORS, taylor.numpy(), torch.get_num_threads())
+    else:
+        below = pieces.above.unsqueeze(1) >= pieces.listed_above.unsqueeze(2)  # [B, N, S]: segment below i
+        sign = torch.where(below, 1.0, -1.0).to(f64) * valid.unsqueeze(2)
+        taylor = _softplus_taylor(x, order_m + 1, sign)
     taylor = taylor.view(rows, -1, n_segments * (order_m + 2))  # [B, N, S·(order + 2)], D_0 .. D_{order + 1}
     # the value reads D_0..D_order; the gradient D_1..D_{order+1}, since d/dx of D_m is (m + 1) D_{m+1}: one
     # product with both, the moments shifted by one order (and scaled) for the second
@@ -466,8 +483,6 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     weights = torch.stack((inv_listed, torch.ones_like(inv_listed)), 1)
     a_and_b = (weights @ taylor).view(rows, 2, n_segments, order_m + 2)[..., 1:] * orders  # [B, 2, S, order + 1]
     if fused:
-        from hetcomp.distill import rest_kernel
-
         gradient = torch.empty(rows, n_items, dtype=scores.dtype)
         rest_kernel.gradient(order.numpy(), pieces.segment.numpy(), pieces.rest.numpy(), pieces.delta.numpy(),
                              a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),

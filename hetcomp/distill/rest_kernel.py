@@ -277,6 +277,60 @@ def rest_gradient(order, segment, kind, delta, a, b, out):
     return out
 
 
+@njit(cache=True, nogil=True)
+def taylor_terms(sigmoid, sigmoid_negated, softplus, above, listed_above, valid, coefficients, lengths, factorials,
+                 out):
+    """The expansion's terms sign·softplus^{(m)}(x)/m!, m = 0..order, into ``out`` [B, N, S, order + 1], from
+    σ(x), σ(−x), softplus(x) [B, N, S] (torch's) with x = c_s − f_i; sign = +1 where segment s lies below listed
+    item i (``above[s] >= listed_above[i]``), −1 above, times 0 for padding. For m ≥ 2, softplus^{(m)} =
+    σ(x)σ(−x)·Q_{m−2}(σ) (``coefficients`` [order − 1, width], power basis, ``lengths`` used), by Horner from the
+    top: :func:`hetcomp.distill.losses._softplus_taylor`'s operations in its order, so the same bits."""
+    rows, n_listed, width = sigmoid.shape
+    top = out.shape[3] - 1
+    both = np.empty(width)
+    value = np.empty(width)
+    for row in range(rows):
+        for i in range(n_listed):
+            valid_factor = 1.0 if valid[row, i] else 0.0
+            sig = sigmoid[row, i]
+            for s in range(width):  # loops over s alone, which LLVM vectorizes
+                sign = (1.0 if above[row, s] >= listed_above[row, i] else -1.0) * valid_factor
+                both[s] = sig[s] * sigmoid_negated[row, i, s] * sign
+                out[row, i, s, 0] = softplus[row, i, s] * sign
+                out[row, i, s, 1] = sig[s] * sign
+            for m in range(2, top + 1):
+                length = lengths[m - 2]
+                leading = coefficients[m - 2, length - 1]
+                for s in range(width):
+                    value[s] = leading
+                for c in range(length - 2, -1, -1):
+                    coefficient = coefficients[m - 2, c]
+                    for s in range(width):
+                        value[s] = value[s] * sig[s] + coefficient
+                factorial = factorials[m]
+                for s in range(width):
+                    out[row, i, s, m] = both[s] * value[s] / factorial
+    return out
+
+
+@njit(cache=True, nogil=True)
+def order_keys(scores, unobserved):
+    """The sort keys of :func:`hetcomp.distill.losses._descending_order_by_keys` in one pass (float32 ``scores``):
+    (the negated score's bits as an int of the same order) << 31 | column, a training item's score +inf."""
+    rows, n_items = scores.shape
+    negated = np.empty((rows, n_items), dtype=np.float32)
+    for row in range(rows):
+        for k in range(n_items):
+            negated[row, k] = -(scores[row, k] + np.float32(0.0)) if unobserved[row, k] else np.float32(np.inf)
+    bits = negated.view(np.int32)
+    keys = np.empty((rows, n_items), dtype=np.int64)
+    for row in range(rows):
+        for k in range(n_items):
+            word = bits[row, k]
+            keys[row, k] = (np.int64(word ^ 0x7FFFFFFF if word < 0 else word) << 31) | k
+    return keys
+
+
 # ---- the rows of a chunk in threads (the kernels release the GIL; rows are independent, so the bits stay) ----
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
@@ -319,3 +373,19 @@ def gradient(order: np.ndarray, segment: np.ndarray, kind: np.ndarray, delta: np
     """:func:`rest_gradient` into ``out``, its rows split over ``threads``."""
     _map_rows(lambda part: rest_gradient(order[part], segment[part], kind[part], delta[part], a[part], b[part],
                                          out[part]), len(order), threads)
+
+
+def taylor(sigmoid: np.ndarray, sigmoid_negated: np.ndarray, softplus: np.ndarray, above: np.ndarray,
+           listed_above: np.ndarray, valid: np.ndarray, factors: list[np.ndarray], out: np.ndarray,
+           threads: int) -> None:
+    """:func:`taylor_terms` into ``out``, its rows split over ``threads``; ``factors``: the Q_k of
+    :data:`hetcomp.distill.losses._SIGMOID_FACTORS`."""
+    needed = out.shape[3] - 2
+    lengths = np.array([len(factor) for factor in factors[:needed]] or [1], dtype=np.int64)
+    coefficients = np.zeros((max(needed, 1), int(lengths.max())))
+    for k, factor in enumerate(factors[:needed]):
+        coefficients[k, :len(factor)] = factor
+    factorials = np.array([float(math.factorial(m)) for m in range(out.shape[3])])
+    _map_rows(lambda part: taylor_terms(sigmoid[part], sigmoid_negated[part], softplus[part], above[part],
+                                        listed_above[part], valid[part], coefficients, lengths, factorials,
+                                        out[part]), len(out), threads)
