@@ -19,7 +19,7 @@
 #  5. (CLDRD_UNSAMPLED=1, the default) CL-DRD as the HetComp paper ran it (`--method cl-drd-full`: LambdaMRR of the
 #     ensemble's list against every unobserved item) on the MF student, 4 epochs: its seconds an epoch on the
 #     device, which say whether its studies (issue 19: the sampled form's rows trail w/o KD on Foursquare's MF
-#     student and sit -34 % from the paper on CiteULike) fit GPU sessions; ~15 s an epoch on one CPU thread.
+#     student and sit -34 % from the paper on CiteULike) fit GPU sessions; ~12 s an epoch on one CPU thread.
 # The whole table (gpu-table2.sh) is not run: it cannot finish in one call, and its pace is measured.
 # Needs the shared CiteULike file under ./datasets (carry it: `datasets`; for 4, Foursquare's files under
 # datasets/foursquare_fgcrec) and $OUT.

@@ -26,7 +26,7 @@ authors report (README of github.com/SeongKu-Kang/HetComp_WWW23) that the sampli
 was unnecessary and that removing it considerably improved the ranking-matching baselines (RRD, MTD, CL-DRD, DCD),
 so they ran all of them without it; their released code contains no CL-DRD, and how the groups look without
 sampling is not published. That form is a method of its own, with its own study and row, because it costs ~0.2 s
-per batch of 64 users on one CPU thread (~15 s an epoch for Foursquare's MF student, against ~1 s for this one)
+per batch of 64 users on one CPU thread (~12 s an epoch for Foursquare's MF student, against ~1 s for this one)
 and its weight lives on another scale; this class computes both (``sampling``), and ``cl-drd`` itself keeps
 ``sampling`` true.
 

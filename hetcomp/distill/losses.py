@@ -646,7 +646,7 @@ def lambda_mrr_rest_loss(scores: torch.Tensor, unobserved: torch.Tensor, listed:
     [B, N, segments] products. The gradient is the same expansion one order up (σ for softplus), made in the
     forward pass. Rows are processed in chunks of about ``chunk_elements`` scores. On the CPU the passes over the
     rows (segments, moments, the rest items' slopes) are numba kernels (:mod:`hetcomp.distill.rest_kernel`) that
-    sum in torch's order: the same bits either way, ~2× faster.
+    keep torch's order of operations: the same bits either way, ~2× faster.
     """
     listed = listed.clamp(min=0)
     rows = max(1, chunk_elements // max(scores.shape[1], 1))
