@@ -53,8 +53,8 @@ foursquare)
   ;;
 foursquare-cl-drd-full)
   # CL-DRD as the HetComp paper ran it (--method cl-drd-full), Foursquare's three students, then their rows: the
-  # CL-DRD baseline of the table (the sampled form's MF row trails w/o KD). ~20 s an epoch per one-thread worker
-  # (bench.md, 2026-12-05), so a trial is 40 min to 2 h and the MF study about a day of one core. Start this case
+  # CL-DRD baseline of the table (the sampled form's MF row trails w/o KD). ~12 s an epoch per one-thread worker
+  # (bench.md, 2026-12-05 seventh session), so a trial is 20 min to 1.5 h and the MF study most of a day of one core. Start this case
   # twice (once the first has begun to tune, the teachers trained): one worker per core, both on each study's one
   # SQLite file in turn (MF, then ML, then DNN, whose first trials read MF's choice), then both on the rows
   # (side-by-side reproduce calls share the ledger). Every step resumes. On an AVX-512 CPU the kernels are held

@@ -32,7 +32,7 @@ CONSTRUCTED = {"mtd": ("†", "MTD is this project's construction (hetcomp/disti
                "kd": ("‡", "KD (loss menu) is this project's own baseline, not a row of the paper."),
                "cl-drd": ("§", "CL-DRD runs its authors' sampled label groups (hetcomp/distill/cl_drd.py); the HetComp "
                                "paper ran it without the sampling step, the row CL-DRD (unsampled) where it was run "
-                               "(--methods ...,cl-drd-full: ~23 s an epoch on one CPU thread against ~1 s for the "
+                               "(--methods ...,cl-drd-full: ~12 s an epoch on one CPU thread against ~1 s for the "
                                "sampled form, so its studies take days of CPU)."),
                "cl-drd-full": ("§", "CL-DRD (unsampled) is the HetComp paper's form: every unobserved item a negative, "
                                     "our reading of its groups (hetcomp/distill/cl_drd_full.py).")}
