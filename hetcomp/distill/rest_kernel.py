@@ -1,17 +1,20 @@
 """Fused CPU passes over the rows of the unsampled LambdaMRR rest term (numba).
 
-:func:`hetcomp.distill.losses.lambda_mrr_rest_loss` cuts each user's row, in the student's order, into segments
-and sums every segment's moments; in eager torch that is some twenty memory passes over [rows, n_items] float64
-tensors, three quarters of an unsampled CL-DRD epoch (``experiments/results/bench.md``, 2026-12-05). These three
+:func:`hetcomp.distill.losses.lambda_mrr_rest_loss` sorts each user's row in the student's order, cuts it into
+segments and sums every segment's moments; in eager torch that was some twenty memory passes over [rows, n_items]
+float64 tensors, three quarters of an unsampled CL-DRD epoch (``experiments/results/bench.md``, 2026-12-05). These
 kernels make the same quantities in one or two passes a row:
 
+- :func:`order_keys`: the sort keys of the student's order (numpy sorts them);
 - :func:`segment_rows`: the segments (bucket of warped score, listed items above) and each place's kind;
 - :func:`segment_moments`: each segment's centre, listed count above it and moments Σ δ^m, Σ δ^m / p_j;
+- :func:`taylor_terms`: the expansion's terms per listed item and segment, from torch's σ and softplus;
 - :func:`rest_gradient`: each rest item's slope Σ_m δ^m (a_m − b_m / p_j), written in column order.
 
-The [rows, N, segments] Taylor products between the second and the third stay in torch (vectorized there). The
-maths is that of torch's passes (:func:`hetcomp.distill.losses._segments_by_torch`) and so is the order of every
-float64 operation, so the results are the same bits (tested), as long as libm's ``asinh`` is monotone, as glibc's is.
+The products of the terms with the moments (batched matmuls) stay in torch. The maths is that of torch's passes
+(:func:`hetcomp.distill.losses._segments_by_torch`, :func:`hetcomp.distill.losses._softplus_taylor`) and so is the
+order of every float64 operation, so the results are the same bits (tested), as long as libm's ``asinh`` is
+monotone, as glibc's is. :func:`segments`, :func:`taylor` and :func:`gradient` split a chunk's rows over threads.
 """
 
 from __future__ import annotations
