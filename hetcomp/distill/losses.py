@@ -442,7 +442,7 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     respect to ``scores`` [B, n] (float64 by torch, ``scores``' dtype by the CPU kernels)."""
     rows, n_items = scores.shape
     order_m, device, f64 = _TAYLOR_ORDER, scores.device, torch.float64
-    f_listed = scores.detach().to(f64).gather(1, listed)
+    f_listed = scores.detach().gather(1, listed).to(f64)  # the listed scores alone, not the row, made float64
     fused = _fused_rows(scores)
     if fused:  # the kernels find the listed items' places themselves
         pieces = _segments_by_kernel(scores, unobserved, listed, valid, _student_order(scores, unobserved, True),

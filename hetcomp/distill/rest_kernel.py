@@ -39,11 +39,17 @@ def _place_score(scores, order, row, k, n_unobserved, bottom):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _bucket_of(score, anchors, at_anchor, midpoints, top, bucket):
-    """(the nearest anchor, the warped bucket) of a score, exactly as torch's passes compute them: the anchor is the
-    first whose midpoint with the next is at or above the score, u = u(anchor) + π·asinh((f − anchor)/π)."""
+def _warped(score, anchors, at_anchor, midpoints):
+    """(the nearest anchor, the warped score u), exactly as torch's passes compute them: the anchor is the first
+    whose midpoint with the next is at or above the score, u = u(anchor) + π·asinh((f − anchor)/π)."""
     nearest = np.searchsorted(midpoints, score)
-    warped = at_anchor[nearest] + math.pi * math.asinh((score - anchors[nearest]) / math.pi)
+    return nearest, at_anchor[nearest] + math.pi * math.asinh((score - anchors[nearest]) / math.pi)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bucket_of(score, anchors, at_anchor, midpoints, top, bucket):
+    """(the nearest anchor, the bucket floor((u_top − u)/bucket)) of a score."""
+    nearest, warped = _warped(score, anchors, at_anchor, midpoints)
     return nearest, math.floor((top - warped) / bucket)
 
 
@@ -77,9 +83,8 @@ def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, m
             n_unobserved += unobserved[row, k]
         bottom = float(scores[row, order[row, max(n_unobserved - 1, 0)]])
         anchors_row, at_anchor_row, midpoints_row = anchors[row], at_anchor[row], midpoints[row]
-        first = _place_score(scores, order, row, 0, n_unobserved, bottom)
-        nearest = np.searchsorted(midpoints_row, first)
-        top = at_anchor_row[nearest] + math.pi * math.asinh((first - anchors_row[nearest]) / math.pi)
+        top = _warped(_place_score(scores, order, row, 0, n_unobserved, bottom), anchors_row, at_anchor_row,
+                      midpoints_row)[1]
         previous_key = -1
         current = -1
         above = 0
