@@ -7,8 +7,10 @@ Every loss sums over the list positions and averages over the users of the batch
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+import types
 from typing import NamedTuple
 
 import numpy as np
@@ -344,6 +346,27 @@ def _sigmoid_derivative_factors(order: int) -> list[np.ndarray]:
 _SIGMOID_FACTORS = _sigmoid_derivative_factors(_TAYLOR_ORDER + 1)
 
 
+def _rest_kernels() -> types.ModuleType:
+    """:mod:`hetcomp.distill.rest_kernel`, imported at its first use: numba's import (and the kernels' compilation
+    or cache load) stays off ``hetcomp``'s start-up and off every method but the unsampled CL-DRD."""
+    from hetcomp.distill import rest_kernel
+
+    return rest_kernel
+
+
+@functools.cache
+def _sigmoid_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:data:`_SIGMOID_FACTORS` as :func:`hetcomp.distill.rest_kernel.taylor_terms` reads them, made once: the
+    Q_k padded into rows [order − 1, width], their lengths, and m! for m = 0..order + 1."""
+    needed = _TAYLOR_ORDER  # Q_0 .. Q_{order − 1}: the terms' orders 2 .. order + 1
+    lengths = np.array([len(factor) for factor in _SIGMOID_FACTORS[:needed]], dtype=np.int64)
+    coefficients = np.zeros((needed, int(lengths.max())))
+    for k, factor in enumerate(_SIGMOID_FACTORS[:needed]):
+        coefficients[k, :len(factor)] = factor
+    factorials = np.array([float(math.factorial(m)) for m in range(_TAYLOR_ORDER + 2)])
+    return coefficients, lengths, factorials
+
+
 def _softplus_taylor(x: torch.Tensor, order: int, sign: torch.Tensor | None = None) -> torch.Tensor:
     """softplus^{(m)}(x)/m! for m = 0..order, on a new last axis (times ``sign`` where given). σ(1 − σ) is taken
     as σ(x)·σ(−x), which keeps its relative precision in both tails (1 − σ(x) would cancel for large x)."""
@@ -386,9 +409,7 @@ def _descending_order_by_keys(scores: torch.Tensor, unobserved: torch.Tensor) ->
     score's bits mapped to an int of the same order, then the column): unique, so any sort gives the stable
     order; a training item's score is −inf first, as for the argsort."""
     if _FUSED_REST:  # the same keys in one pass
-        from hetcomp.distill import rest_kernel
-
-        keys = rest_kernel.order_keys(scores.contiguous().numpy(), unobserved.contiguous().numpy())
+        keys = _rest_kernels().order_keys(scores.contiguous().numpy(), unobserved.contiguous().numpy())
         keys.sort(axis=1)
         keys &= (1 << 31) - 1
         return torch.from_numpy(keys)
@@ -432,7 +453,8 @@ class _Segments(NamedTuple):
     order: torch.Tensor  # [B, n]: the columns in the student's order (:func:`_student_positions`)
     segment: torch.Tensor  # [B, n]: each sorted place's segment
     delta: torch.Tensor  # [B, n] float64: f_j − c at each sorted place (0 off the rest)
-    rest: torch.Tensor  # [B, n]: bool, a rest item at each sorted place (torch), or the kernel's kind (int8)
+    rest: torch.Tensor | None = None  # [B, n] bool: a rest item at each sorted place (torch's passes)
+    kind: torch.Tensor | None = None  # [B, n] int8: each sorted place's kind (the kernels: rest_kernel.REST, …)
 
 
 def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
@@ -457,12 +479,10 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     # where the segment is below i
     x = pieces.centre.unsqueeze(1) - f_listed.unsqueeze(2)
     if fused:  # torch's σ and softplus, then the kernel's terms (the same bits as _softplus_taylor's passes)
-        from hetcomp.distill import rest_kernel
-
         taylor = torch.empty(rows, listed.shape[1], n_segments, order_m + 2, dtype=f64)
-        rest_kernel.taylor(torch.sigmoid(x).numpy(), torch.sigmoid(-x).numpy(), functional.softplus(x).numpy(),
-                           pieces.above.numpy(), pieces.listed_above.numpy(), valid.contiguous().numpy(),
-                           _SIGMOID_FACTORS, taylor.numpy(), torch.get_num_threads())
+        _rest_kernels().taylor(torch.sigmoid(x).numpy(), torch.sigmoid(-x).numpy(), functional.softplus(x).numpy(),
+                               pieces.above.numpy(), pieces.listed_above.numpy(), valid.contiguous().numpy(),
+                               *_sigmoid_table(), taylor.numpy(), torch.get_num_threads())
     else:
         below = pieces.above.unsqueeze(1) >= pieces.listed_above.unsqueeze(2)  # [B, N, S]: segment below i
         sign = torch.where(below, 1.0, -1.0).to(f64) * valid.unsqueeze(2)
@@ -484,7 +504,7 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     a_and_b = (weights @ taylor).view(rows, 2, n_segments, order_m + 2)[..., 1:] * orders  # [B, 2, S, order + 1]
     if fused:
         gradient = torch.empty(rows, n_items, dtype=scores.dtype)
-        rest_kernel.gradient(order.numpy(), pieces.segment.numpy(), pieces.rest.numpy(), pieces.delta.numpy(),
+        _rest_kernels().gradient(order.numpy(), pieces.segment.numpy(), pieces.kind.numpy(), pieces.delta.numpy(),
                              a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),
                              gradient.numpy(), torch.get_num_threads())
         return value, at + 1, gradient.scatter_add_(1, listed, torch.where(valid, gradient_listed, 0.0).to(
@@ -510,12 +530,10 @@ def _fused_rows(scores: torch.Tensor) -> bool:
 def _segments_by_kernel(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
                         order: torch.Tensor, f_listed: torch.Tensor) -> _Segments:
     """:class:`_Segments` by the CPU kernels: two passes a row, the rows split over torch's threads."""
-    from hetcomp.distill import rest_kernel  # numba: compiled (or read from its cache) at the first call
-
     anchors, at_anchor, midpoints = _warp_anchors(f_listed, valid)
     values = scores.detach().contiguous().numpy()
     order_np = order.numpy()
-    segment, kind, at, centre, above, moments, delta = rest_kernel.segments(
+    segment, kind, at, centre, above, moments, delta = _rest_kernels().segments(
         values, order_np, unobserved.contiguous().numpy(), listed.contiguous().numpy(), valid.contiguous().numpy(),
         anchors.numpy(), at_anchor.numpy(), midpoints.numpy(), _BUCKET, _TAYLOR_ORDER, torch.get_num_threads())
     above = torch.from_numpy(above)
@@ -523,7 +541,7 @@ def _segments_by_kernel(scores: torch.Tensor, unobserved: torch.Tensor, listed: 
     at = torch.from_numpy(at)
     return _Segments(torch.from_numpy(centre), torch.from_numpy(moments), above,
                      above.gather(1, segment.gather(1, at).long()), at, order, segment, torch.from_numpy(delta),
-                     torch.from_numpy(kind))
+                     kind=torch.from_numpy(kind))
 
 
 def _segments_by_torch(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
@@ -570,7 +588,7 @@ def _segments_by_torch(scores: torch.Tensor, unobserved: torch.Tensor, listed: t
     moments = _segment_sums(summed, segment, n_segments).view(rows, n_segments, order_m + 1, 2)
     at = positions.gather(1, listed) - 1  # each listed item's sorted index
     return _Segments(segment_centre, moments, segment_above, listed_above.gather(1, at), at, order, segment, delta,
-                     rest)
+                     rest=rest)
 
 
 def _segment_sums(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:

@@ -384,16 +384,10 @@ def gradient(order: np.ndarray, segment: np.ndarray, kind: np.ndarray, delta: np
 
 
 def taylor(sigmoid: np.ndarray, sigmoid_negated: np.ndarray, softplus: np.ndarray, above: np.ndarray,
-           listed_above: np.ndarray, valid: np.ndarray, factors: list[np.ndarray], out: np.ndarray,
-           threads: int) -> None:
-    """:func:`taylor_terms` into ``out``, its rows split over ``threads``; ``factors``: the Q_k of
-    :data:`hetcomp.distill.losses._SIGMOID_FACTORS`."""
-    needed = out.shape[3] - 2
-    lengths = np.array([len(factor) for factor in factors[:needed]] or [1], dtype=np.int64)
-    coefficients = np.zeros((max(needed, 1), int(lengths.max())))
-    for k, factor in enumerate(factors[:needed]):
-        coefficients[k, :len(factor)] = factor
-    factorials = np.array([float(math.factorial(m)) for m in range(out.shape[3])])
+           listed_above: np.ndarray, valid: np.ndarray, coefficients: np.ndarray, lengths: np.ndarray,
+           factorials: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """:func:`taylor_terms` into ``out``, its rows split over ``threads``; ``coefficients``, ``lengths`` and
+    ``factorials`` as :func:`hetcomp.distill.losses._sigmoid_table` makes them (once)."""
     _map_rows(lambda part: taylor_terms(sigmoid[part], sigmoid_negated[part], softplus[part], above[part],
                                         listed_above[part], valid[part], coefficients, lengths, factorials,
                                         out[part]), len(out), threads)
