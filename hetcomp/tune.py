@@ -16,7 +16,8 @@ the method's MF study chose), so a tuned method is not worse on validation than 
 
 A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
 records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
-completes it, and a trial its killed process left "running" is run again from its run's last checkpoint.
+completes it, and a trial its killed process left "running" is run again from its run's last checkpoint
+(the new trial first reports the run's curve so far, so that finished trials hold whole curves for the pruner).
 With the default storage every finished trial is also written to a small text file beside the summary
 (:func:`trials_path`: parameters, value, validation curve), which is committed with the results: a study whose
 SQLite file is gone (a fresh checkout, another machine) is rebuilt from it and goes on where it stopped.
@@ -107,6 +108,14 @@ class _Report(Callback):
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
         self.prunable = "start_point" not in trial.user_attrs
+
+    def on_fit_start(self, trainer) -> None:
+        """A trial that resumes a run (its earlier attempt's process was killed: :func:`_rerun_stale`) reports the
+        run's curve so far first, so the trial holds the whole curve: the median pruner compares a new trial with
+        the finished trials' values at the same epoch, and a finished trial holding only the epochs after its
+        last restart would leave the early epochs with nothing to compare with (no trial pruned there)."""
+        for entry in trainer.state.history:
+            self.trial.report(entry["valid"]["recall@50"], entry["epoch"])
 
     def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
         self.trial.report(result["valid"]["recall@50"], epoch)

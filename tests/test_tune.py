@@ -705,3 +705,34 @@ def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(t
     assert moved_start_points(json.loads(rrd_path.read_text()), root) == []
     sampled = run("rrd", 5)["history"][4]  # nothing moved: the sampler's proposal, which the pruner may cut
     assert sampled["state"] == "pruned" and "start_point" not in sampled
+
+
+def test_a_trial_that_resumes_a_run_reports_its_whole_curve(teachers, tmp_path):
+    """A killed trial's run goes on from its checkpoint under a new trial: that trial holds the epochs before the
+    restart too, so that, once finished, it serves the pruner's comparisons at every epoch."""
+    from hetcomp.train import Callback
+    from hetcomp.tune import _Report
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterFirstCheckpoint(Callback):
+        seen: dict = {}
+
+        def on_evaluate(self, trainer, epoch, result, improved):
+            self.seen[epoch] = result["valid"]["recall@50"]
+
+        def on_epoch_end(self, trainer, epoch, loss):
+            if epoch == 3:  # epoch 2's evaluation and checkpoint are written
+                raise Killed
+
+    blind = validation_only(SPLIT)
+    spec = make_spec(blind, teachers, "mf", "rrd", 4, tuned=False, **FAST)
+    store = RunStore(tmp_path / "runs")
+    with pytest.raises(Killed):
+        train_run(spec, blind, teachers, store, "cpu", [KillAfterFirstCheckpoint()])
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    train_run(spec, blind, teachers, store, "cpu", [_Report(trial)])
+    curve = study.trials[trial.number].intermediate_values
+    assert sorted(curve) == [2, 4] and curve[2] == KillAfterFirstCheckpoint.seen[2]  # the first attempt's value
