@@ -505,8 +505,8 @@ def _rest_pairs(scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Te
     if fused:
         gradient = torch.empty(rows, n_items, dtype=scores.dtype)
         _rest_kernels().gradient(order.numpy(), pieces.segment.numpy(), pieces.kind.numpy(), pieces.delta.numpy(),
-                             a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),
-                             gradient.numpy(), torch.get_num_threads())
+                                 a_and_b[:, 0].contiguous().numpy(), a_and_b[:, 1].contiguous().numpy(),
+                                 gradient.numpy(), torch.get_num_threads())
         return value, at + 1, gradient.scatter_add_(1, listed, torch.where(valid, gradient_listed, 0.0).to(
             scores.dtype))
     tables = a_and_b.permute(1, 3, 0, 2).contiguous()  # [2, order + 1, B, S]: a_m and b_m per segment
