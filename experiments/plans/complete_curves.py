@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import sys
 from pathlib import Path
 
 import optuna
@@ -50,17 +51,18 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="list what would be added, write nothing")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{args.database.resolve()}"
-    for summary in optuna.get_all_study_summaries(storage):
-        trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from study_progress import studies_trials
+
+    for name, trials in studies_trials(f"sqlite:///{args.database.resolve()}").items():
         numbers = {trial._trial_id: trial.number for trial in trials}
         added = missing_points(trials)
         for trial_id, points in added.items():
             steps = sorted(points)
-            print(f"{summary.study_name}: trial {numbers[trial_id]} gets epochs {steps[0]}..{steps[-1]} "
+            print(f"{name}: trial {numbers[trial_id]} gets epochs {steps[0]}..{steps[-1]} "
                   f"({len(steps)} values) of its run's earlier attempts")
         if not added:
-            print(f"{summary.study_name}: every finished trial already holds its run's whole curve")
+            print(f"{name}: every finished trial already holds its run's whole curve")
         if added and not args.dry_run:
             with sqlite3.connect(args.database, timeout=60) as connection:
                 connection.executemany(
