@@ -17,7 +17,8 @@ the method's MF study chose), so a tuned method is not worse on validation than 
 A study is stored in an RDB (SQLite by default, any Optuna URL so that several machines share one study) and
 records what it was made for; ``trials`` is the study's total budget, so rerunning an interrupted command
 completes it, and a trial its killed process left "running" is run again from its run's last checkpoint
-(the new trial first reports the run's curve so far, so that finished trials hold whole curves for the pruner).
+(the new trial first reports the run's curve so far, or the whole curve of a run that had finished, so that
+finished trials hold whole curves for the pruner).
 With the default storage every finished trial is also written to a small text file beside the summary
 (:func:`trials_path`: parameters, value, validation curve), which is committed with the results: a study whose
 SQLite file is gone (a fresh checkout, another machine) is rebuilt from it and goes on where it stopped.
@@ -47,7 +48,7 @@ from hetcomp.data import Split
 from hetcomp.distill import method_class
 from hetcomp.errors import HetCompError
 from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine
-from hetcomp.runs import RunStore, make_spec, teacher_digests, teachers_digest, train_run
+from hetcomp.runs import RunSpec, RunStore, make_spec, teacher_digests, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
 from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, flat_settings, summary_path, summary_settings
 from hetcomp.teachers import TEACHERS
@@ -108,12 +109,14 @@ class _Report(Callback):
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
         self.prunable = "start_point" not in trial.user_attrs
+        self.fitted = False
 
     def on_fit_start(self, trainer) -> None:
         """A trial that resumes a run (its earlier attempt's process was killed: :func:`_rerun_stale`) reports the
         run's curve so far first, so the trial holds the whole curve: the median pruner compares a new trial with
         the finished trials' values at the same epoch, and a finished trial holding only the epochs after its
         last restart would leave the early epochs with nothing to compare with (no trial pruned there)."""
+        self.fitted = True
         for entry in trainer.state.history:
             self.trial.report(entry["valid"]["recall@50"], entry["epoch"])
 
@@ -121,6 +124,20 @@ class _Report(Callback):
         self.trial.report(result["valid"]["recall@50"], epoch)
         if self.prunable and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+
+def _train_reporting(trial: optuna.Trial, spec: RunSpec, split: Split, trajectories: Sequence, store: RunStore,
+                     device: torch.device | str, callbacks: Sequence[Callback]) -> dict:
+    """``spec``'s run for ``trial`` (:func:`~hetcomp.runs.train_run`), the trial holding the run's whole
+    validation curve: reported as it trains, or, where no training ran (the run was finished already: its
+    earlier trial's process died after writing it, or a twin's finished run was adopted), from the finished
+    run's curve, so that the trial serves the pruner's comparisons like any other."""
+    report = _Report(trial)
+    result = train_run(spec, split, trajectories, store, device, [report, *callbacks])
+    if not report.fitted:
+        for point in result.get("curve", ()):
+            trial.report(point["valid_recall@50"], point["epoch"])
+    return result
 
 
 def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str = "hetcomp", dim: int = 6,
@@ -175,7 +192,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         trial.set_user_attr("run", spec.folder_name)
         started = time.perf_counter()
         try:
-            result = train_run(spec, blind, trajectories, store, device, [_Report(trial), *callbacks])
+            result = _train_reporting(trial, spec, blind, trajectories, store, device, callbacks)
         except FloatingPointError as error:  # a diverging run is a bad setting, stopped: a pruned trial
             trial.set_user_attr("diverged", str(error))
             raise optuna.TrialPruned(str(error)) from None

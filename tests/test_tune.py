@@ -736,3 +736,20 @@ def test_a_trial_that_resumes_a_run_reports_its_whole_curve(teachers, tmp_path):
     train_run(spec, blind, teachers, store, "cpu", [_Report(trial)])
     curve = study.trials[trial.number].intermediate_values
     assert sorted(curve) == [2, 4] and curve[2] == KillAfterFirstCheckpoint.seen[2]  # the first attempt's value
+
+
+def test_a_trial_whose_run_was_already_finished_reports_the_runs_curve(teachers, tmp_path):
+    """A trial that finds its run finished (an earlier attempt's process died after writing it) trains nothing;
+    it still holds the run's whole validation curve, read from the finished run."""
+    from hetcomp.tune import _train_reporting
+
+    blind = validation_only(SPLIT)
+    spec = make_spec(blind, teachers, "mf", "rrd", 4, tuned=False, **FAST)
+    store = RunStore(tmp_path / "runs")
+    finished = train_run(spec, blind, teachers, store, "cpu")
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    result = _train_reporting(trial, spec, blind, teachers, store, "cpu", ())
+    assert result["this_call_seconds"] == finished["this_call_seconds"]  # reused, not trained again
+    curve = study.trials[trial.number].intermediate_values
+    assert curve == {point["epoch"]: point["valid_recall@50"] for point in finished["curve"]} and len(curve) >= 2
