@@ -4,7 +4,8 @@ run (the trials of one parameter set: a worker that stops marks its trial failed
 one run can span several trial numbers, each resuming the run's last checkpoint), then every trial. Reads the
 storage only; trains nothing.
 
-Usage: python experiments/plans/study_progress.py experiments/tuning/foursquare/mf-cl-drd-full-6.db
+Usage: python experiments/plans/study_progress.py experiments/tuning/foursquare/mf-cl-drd-full-6.db [more .db files]
+(several studies' files: one pair of tables over all of them, in the order given)
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def _short(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("database", type=Path, help="the study's SQLite file (or give --storage)")
+    parser.add_argument("databases", type=Path, nargs="+", help="the studies' SQLite files")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    studies = studies_trials(f"sqlite:///{args.database.resolve()}")
+    studies = {}
+    for database in args.databases:
+        if not database.is_file():
+            parser.error(f"no such study file: {database} (a study's SQLite file lies beside its summary, "
+                         "experiments/tuning/<dataset>/<student>-<method>-<dim>.db)")
+        studies.update(studies_trials(f"sqlite:///{database.resolve()}"))
     print("\n".join(run_lines(studies)) + "\n\n" + "\n".join(progress_lines(studies)))
 
 
