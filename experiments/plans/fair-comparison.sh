@@ -24,6 +24,9 @@
 # JOBS=2 runs two studies (then two runs) at once, one thread each: for one lane alone on the machine, e.g. the
 # Foursquare lane once the CiteULike one is done (stop it with SIGTERM and start it again with JOBS=2).
 #
+# For the two cl-drd-full cases, `python experiments/plans/lanes.py` (once per core) runs the same steps of both
+# datasets in the order their prerequisites allow, each worker taking the next useful one.
+#
 # A lane runs for hours: start it from a checkout nobody edits meanwhile (a second clone or a `git worktree`,
 # whose records are then committed from there). Training refuses to start once the sources under it changed
 # (Ray's workers import modules lazily, so an edited checkout would otherwise mix two versions of the code);

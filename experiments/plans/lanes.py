@@ -1,0 +1,154 @@
+"""The unsampled CL-DRD's work (`fair-comparison.sh` cases `foursquare-cl-drd-full` and `citeulike-cl-drd-full`)
+as one worker per core that always takes the next useful step, so both cores stay busy across the two datasets.
+
+Start it once per core, from the repository root of a checkout nobody edits meanwhile (a worktree), ~10 s apart:
+
+    HETCOMP_DATA=../shared/data/raw nohup python experiments/plans/lanes.py > lane-a.log 2>&1 &
+    HETCOMP_DATA=../shared/data/raw nohup python experiments/plans/lanes.py > lane-b.log 2>&1 &
+
+Each pass takes the first step below that is not done, not already run to its end by this worker, and whose
+prerequisites have ended: a teachers step that another worker runs is skipped (the other takes the next one); a
+study or a table's rows are shared (two workers on one SQLite study, two `reproduce` calls on one ledger). A study
+of ML or DNN starts only when MF's summary exists and no worker still runs an MF trial, so its start point is
+MF's final choice; rows start when all three studies of their dataset are summarised. With nothing to take, the
+worker waits a minute; it exits when every step is done. `python experiments/plans/lanes.py --plan` lists the
+steps, their state and their commands.
+
+Every step resumes where it stopped (finished teachers are skipped, studies go on from their committed trials
+records, finished runs are reused), so after a machine is lost the same two commands go on: they first retrain
+the teachers exactly as the committed studies' were (digests in `experiments/results/teachers-<dataset>.md`;
+`hetcomp tune` refuses trials made with other teachers). On an AVX-512 CPU, Foursquare's steps hold torch's
+kernels at AVX2, which gives the table's Foursquare teachers (2cd1686186e0); CiteULike's run natively.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+METHODS = "none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp,cl-drd-full"
+TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
+SEEDS = {"foursquare": 3, "citeulike": 5}
+BUDGET = {"mf": 16, "ml": 8, "dnn": 8}
+
+
+@dataclass
+class Step:
+    name: str
+    dataset: str
+    commands: list[list[str]]
+    #: whether a step another worker runs is left to it (teachers) or joined (studies, rows)
+    exclusive: bool = False
+    #: steps that must be done, and run by no worker, before this one starts
+    after: list[str] = field(default_factory=list)
+    threads: int = 1
+
+
+def summary_file(dataset: str, student: str) -> Path:
+    return Path("experiments/tuning") / dataset / f"{student}-cl-drd-full-6.json"
+
+
+def teachers_trained(dataset: str) -> bool:
+    return all((Path("teachers") / dataset / name / "trajectory.npz").exists() for name in TEACHERS)
+
+
+def steps() -> list[Step]:
+    plan = [Step("teachers foursquare", "foursquare",
+                 [["hetcomp", "train-teachers", "--dataset", "foursquare", "--threads", "1"]], exclusive=True),
+            Step("teachers citeulike", "citeulike",
+                 [["hetcomp", "train-teachers", "--dataset", "citeulike", "--teachers", "mf,ml,dnn,gnn,ae",
+                   "--threads", "1"],
+                  ["hetcomp", "train-teachers", "--dataset", "citeulike", "--teachers", "iae", "--threads", "2"]],
+                 exclusive=True)]
+    for dataset in ("foursquare", "citeulike"):
+        for student in ("mf", "ml", "dnn"):
+            plan.append(Step(f"study {dataset} {student}", dataset,
+                             [["hetcomp", "tune", "--dataset", dataset, "--student", student, "--method",
+                               "cl-drd-full", "--trials", str(BUDGET[student]), "--threads", "1"]],
+                             after=[f"teachers {dataset}"] + ([] if student == "mf" else [f"study {dataset} mf"])))
+        plan.append(Step(f"rows {dataset}", dataset,
+                         [["hetcomp", "reproduce", "--dataset", dataset, "--table", "2", "--students", "mf,ml,dnn",
+                           "--seeds", str(SEEDS[dataset]), "--methods", METHODS, "--results-dir",
+                           "experiments/results/tuned"]],
+                         after=[f"teachers {dataset}"] + [f"study {dataset} {student}" for student in BUDGET]))
+    return plan
+
+
+def done(step: Step) -> bool:
+    """Teachers and studies say so on disk; rows do not (a finished table's `reproduce` returns at once)."""
+    kind, dataset, *student = step.name.split()
+    if kind == "teachers":
+        return teachers_trained(dataset)
+    if kind == "study":
+        return summary_file(dataset, student[0]).exists()
+    return False
+
+
+def running(step: Step) -> bool:
+    """Whether some process runs one of the step's commands (this worker's own are finished when asked)."""
+    for command in step.commands:
+        cut = next((at for at, word in enumerate(command) if word in ("--trials", "--threads", "--teachers")),
+                   len(command))
+        pattern = " ".join(command[1:cut])
+        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+            return True
+    return False
+
+
+def environment(step: Step, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if step.dataset == "foursquare" and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    return env
+
+
+def next_step(plan: list[Step], finished: set[str]) -> Step | None:
+    by_name = {step.name: step for step in plan}
+    for step in plan:
+        if step.name in finished or done(step):
+            continue
+        if any(not done(by_name[name]) or running(by_name[name]) for name in step.after):
+            continue
+        if step.exclusive and running(step):
+            continue
+        return step
+    return None
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--plan"]:
+        for step in steps():
+            state = "done" if done(step) else "running" if running(step) else "to do"
+            print(f"{step.name:24} {state:8} {' && '.join(' '.join(command) for command in step.commands)}")
+        return 0
+    if not os.environ.get("HETCOMP_DATA"):
+        print("lanes.py: set HETCOMP_DATA to the data directory (e.g. ../shared/data/raw)", file=sys.stderr)
+        return 2
+    plan = steps()
+    finished: set[str] = set()
+    while True:
+        step = next_step(plan, finished)
+        if step is None:
+            if all(step.name in finished or done(step) for step in plan):
+                print("lanes.py: every step is done", flush=True)
+                return 0
+            time.sleep(60)
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {step.name}", flush=True)
+        for command in step.commands:
+            threads = int(command[command.index("--threads") + 1]) if "--threads" in command else 1
+            code = subprocess.run(command, env=environment(step, threads)).returncode
+            if code != 0:
+                print(f"lanes.py: `{' '.join(command)}` exited {code}; stopping this worker", file=sys.stderr)
+                return code
+        finished.add(step.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
