@@ -206,15 +206,16 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     if remaining > 0:  # a new study's first trial is the defaults (never worse than them on validation)
         _enqueue_start_points(study, start_points(method, student, dim, dataset, space, fixed, root))
     ran = remaining > 0
-    if remaining > 0:
-        stop = optuna.study.MaxTrialsCallback(trials, states=DONE)  # other machines' trials count too
-        study.optimize(objective, n_trials=remaining,
-                       callbacks=[stop, *([lambda _, trial: _record(study, record, attrs)] if record else []),
-                                  *([lambda _, trial: on_trial(trial)] if on_trial else []),
-                                  # another worker of this machine may have died meanwhile: its trial resumes
-                                  # now, not at the next start (only trials naming a dead worker: a trial
-                                  # another live worker is just creating names none yet)
-                                  lambda _, trial: _rerun_stale(study, legacy=False)])
+    after_trial = [*([lambda _, trial: _record(study, record, attrs)] if record else []),
+                 *([lambda _, trial: on_trial(trial)] if on_trial else []),
+                 # another worker of this machine may have died meanwhile: its trial resumes now, not at the
+                 # next start (only trials naming a dead worker: a trial another live worker is just creating
+                 # names none yet)
+                 lambda _, trial: _rerun_stale(study, legacy=False)]
+    for _ in range(max(remaining, 0)):  # at most as many attempts as the budget lacked at the start
+        if _still_needed(study, trials) <= 0:
+            break
+        study.optimize(objective, n_trials=1, callbacks=after_trial)
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:
         summary = special_case_choice(summary, root)
@@ -442,6 +443,19 @@ def _alive(worker: str) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
+
+
+def _still_needed(study: optuna.Study, trials: int) -> int:
+    """Trials the budget still lacks beyond the finished ones and those other live workers of this machine are
+    running: a worker starts no trial that another's running one will fill, so two workers on the last trial of a
+    budget do not make one too many (they did: 17 of 16). Another machine's running trials do not count: whether
+    its process still lives cannot be told from here, and a dead one's trial would hold the budget forever."""
+    current = study.get_trials(deepcopy=False, states=(*DONE, optuna.trial.TrialState.RUNNING))
+    finished = sum(trial.state in DONE for trial in current)
+    here = f"{socket.gethostname()}:"
+    elsewhere = sum(trial.state == optuna.trial.TrialState.RUNNING and worker != WORKER and worker.startswith(here)
+                    and _alive(worker) for trial in current for worker in [trial.user_attrs.get("worker", "")])
+    return trials - finished - elsewhere
 
 
 def _enqueue_start_points(study: optuna.Study, points: list[dict]) -> None:

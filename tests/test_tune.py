@@ -753,3 +753,22 @@ def test_a_trial_whose_run_was_already_finished_reports_the_runs_curve(teachers,
     assert result["this_call_seconds"] == finished["this_call_seconds"]  # reused, not trained again
     curve = study.trials[trial.number].intermediate_values
     assert curve == {point["epoch"]: point["valid_recall@50"] for point in finished["curve"]} and len(curve) >= 2
+
+
+def test_a_worker_starts_no_trial_that_another_live_workers_running_one_fills(teachers, tmp_path):
+    """Two workers on one study: the budget counts the other's running trial, so they do not make one too many."""
+    import os
+
+    from hetcomp import tune as tune_module
+    _study(tmp_path, teachers, trials=1)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
+    other = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    other.set_user_attr("worker", f"{tune_module.socket.gethostname()}:{os.getppid()}")  # alive, not this one
+    waiting = _study(tmp_path, teachers, trials=2)
+    assert waiting["trials"]["complete"] == 1  # nothing ran: the other worker's trial is the budget's second
+    more = _study(tmp_path, teachers, trials=3)
+    assert more["trials"]["complete"] == 2  # one more: the third is the other worker's
+    remote = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    remote.set_user_attr("worker", "another-host:1")  # whether it lives cannot be told: it holds no budget
+    assert _study(tmp_path, teachers, trials=4)["trials"]["complete"] == 3
