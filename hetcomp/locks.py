@@ -34,3 +34,21 @@ def exclusive_lock(path: Path, waiting: Callable[[str], None] | None = None) -> 
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         os.close(handle)
+
+
+def held_elsewhere(path: Path) -> bool:
+    """Whether another open file (another process's :func:`exclusive_lock`) holds ``path``'s lock now: a peek,
+    the lock taken and given back at once; a missing file is held by nobody."""
+    try:
+        handle = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(handle)

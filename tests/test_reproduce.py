@@ -521,3 +521,46 @@ def test_table2_refuses_cells_without_a_study_beside_studied_ones_unless_allowed
     page = (tmp_path / "results" / "csv-toy-first300" / "table2.md").read_text()
     assert "| RRD (built-in settings) |" in page and "Rows marked (built-in settings)" in page
     assert page.count("(built-in settings) |") == 1  # w/o KD's row was tuned
+
+
+def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspace, tmp_path):
+    """Two reproduce calls side by side share a table's runs: a run whose folder another process holds is taken
+    last (then reused or trained), instead of both calls taking turns on the same run."""
+    import subprocess
+    import sys
+
+    from hetcomp.data import load_dataset
+    from hetcomp.paper import table2 as table2_module
+    from hetcomp.paper.common import QUICK_USERS, Reproduction, Schedule
+    from hetcomp.paper.runs import run_spec
+    from hetcomp.runs import RunStore
+
+    split = load_dataset("csv", path=str(workspace / "toy.csv"), user_col="u", item_col="i", sep=",",
+                         cache_dir=workspace / "cache", max_users=QUICK_USERS)
+    said, release = [], tmp_path / "release"
+
+    def say(line: str) -> None:  # the holder lets go once this call has finished a run
+        said.append(line)
+        if "done (" in line:
+            release.touch()
+
+    rep = Reproduction("csv", split, workspace / "teachers", tmp_path / "runs", tmp_path / "results",
+                       schedule=Schedule.short(), command="hetcomp reproduce (test)", say=say)
+    first = RunStore(rep.runs_dir).folder(run_spec(rep, [], "mf", "none", 0))
+    first.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from hetcomp.locks import exclusive_lock\n"
+         f"with exclusive_lock(Path({str(first / '.lock')!r})):\n print('held', flush=True)\n"
+         f" end = time.time() + 20\n while not Path({str(release)!r}).exists() and time.time() < end:"
+         " time.sleep(0.05)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert RunStore(rep.runs_dir).busy(run_spec(rep, [], "mf", "none", 0))
+    result = table2_module.table2(rep, ["mf"], [0, 1], ["none"])
+    holder.wait(timeout=60)
+    assert any(first.name in line and "another process" in line for line in said), "\n".join(said)
+    assert sorted(int(r["seed"]) for r in result["rows"]) == [0, 1]
+    metrics = {seed: RunStore(rep.runs_dir).folder(run_spec(rep, [], "mf", "none", seed)) / "metrics.json"
+               for seed in (0, 1)}
+    assert metrics[1].stat().st_mtime < metrics[0].stat().st_mtime  # the free run first
+    assert not RunStore(rep.runs_dir).busy(run_spec(rep, [], "mf", "none", 0))

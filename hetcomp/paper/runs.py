@@ -160,7 +160,8 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
                   record: Callable[[RunSpec, dict], None]) -> None:
     """Train ``specs`` (or reuse their finished folders), calling ``record`` for each result in this process.
 
-    One job: one after the other, here. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks (or local processes),
+    One job: one after the other, here, runs that another process trains now (a reproduce beside this one)
+    last. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks (or local processes),
     queued longest first (:func:`longest_first`, by ``rep.durations_from`` or this table's own ledger); a failed
     run stops the table after the others finish, naming each failure."""
     if not specs:
@@ -168,8 +169,17 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     if not (rep.jobs > 1 or rep.ray_address):
         durations = rep.durations_from or rep.out_dir / "table2.csv"
         priced = study_walls(rep.tuning_dir)
-        position, finished = 0, set()
-        for unit in stack_units(specs, rep.stack_seeds, rep.stack_size):
+        position, finished, store = 0, set(), RunStore(rep.runs_dir)
+        units, deferred = stack_units(specs, rep.stack_seeds, rep.stack_size), []
+        while units:
+            # a run another process trains now (a reproduce beside this one) waits until the free ones are done:
+            # two calls side by side then share the table's runs instead of taking turns on each one
+            unit = next((unit for unit in units if not any(store.busy(spec) for spec in unit)), units[0])
+            if unit is not units[0] and units[0] not in deferred:
+                deferred.append(units[0])
+                rep.say(f"{units[0][0].folder_name} is being trained by another process: it waits until the "
+                        "free runs are done")
+            units.remove(unit)
             for spec in unit:
                 position += 1
                 rep.say(f"[{position}/{len(specs)}] {rerun_command(rep, spec)}")

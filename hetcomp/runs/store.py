@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hetcomp.errors import HetCompError
-from hetcomp.locks import exclusive_lock
+from hetcomp.locks import exclusive_lock, held_elsewhere
 from hetcomp.provenance import atomic_write_text, dataset_slug, read_json
 from hetcomp.runs.spec import RunSpec
 
@@ -59,6 +59,10 @@ class RunStore:
         if not {"valid", "test"} <= set(metrics):
             raise HetCompError(f"{metrics_file} has no valid/test metrics; {fix}")
         return metrics
+
+    def busy(self, spec: RunSpec) -> bool:
+        """Whether another process trains ``spec``'s run now (holds its folder's lock)."""
+        return held_elsewhere(self.folder(spec) / LOCK_FILE)
 
     @contextmanager
     def claim(self, spec: RunSpec, say: Callable[[str], None] | None = None) -> Iterator[Path]:
