@@ -8,9 +8,11 @@ Start it once per core, from the repository root of a checkout nobody edits mean
 
 Each pass takes the first step below that is not done, not already run to its end by this worker, and whose
 prerequisites have ended: a teachers step that another worker runs is skipped (the other takes the next one); a
-study or a table's rows are shared (two workers on one SQLite study, two `reproduce` calls on one ledger). A study
-of ML or DNN starts only when MF's summary exists and no worker still runs an MF trial, so its start point is
-MF's final choice; rows start when all three studies of their dataset are summarised. With nothing to take, the
+study or a table's rows are shared (two workers on one SQLite study; two `reproduce` calls on one ledger, each
+taking a run the other does not train). A study of ML or DNN starts only when MF's summary exists and no worker
+still runs an MF trial, so its start point is MF's final choice. The MF student's rows come as soon as its study
+is done (the row the comparison hinges on: CL-DRD against w/o KD), the rest when all three studies of their
+dataset are summarised. With nothing to take, the
 worker waits a minute; it exits when every step is done. `python experiments/plans/lanes.py --plan` lists the
 steps, their state and their commands.
 
@@ -58,6 +60,12 @@ def teachers_trained(dataset: str) -> bool:
     return all((Path("teachers") / dataset / name / "trajectory.npz").exists() for name in TEACHERS)
 
 
+def rows_command(dataset: str, students: str) -> list[str]:
+    """Table 2's rows of ``students``: two workers' calls side by side share them (each takes a free run)."""
+    return ["hetcomp", "reproduce", "--dataset", dataset, "--table", "2", "--students", students, "--seeds",
+            str(SEEDS[dataset]), "--methods", METHODS, "--results-dir", "experiments/results/tuned"]
+
+
 def steps() -> list[Step]:
     plan = [Step("teachers foursquare", "foursquare",
                  [["hetcomp", "train-teachers", "--dataset", "foursquare", "--threads", "1"]], exclusive=True),
@@ -72,10 +80,10 @@ def steps() -> list[Step]:
                              [["hetcomp", "tune", "--dataset", dataset, "--student", student, "--method",
                                "cl-drd-full", "--trials", str(BUDGET[student]), "--threads", "1"]],
                              after=[f"teachers {dataset}"] + ([] if student == "mf" else [f"study {dataset} mf"])))
-        plan.append(Step(f"rows {dataset}", dataset,
-                         [["hetcomp", "reproduce", "--dataset", dataset, "--table", "2", "--students", "mf,ml,dnn",
-                           "--seeds", str(SEEDS[dataset]), "--methods", METHODS, "--results-dir",
-                           "experiments/results/tuned"]],
+            if student == "mf":  # MF's rows as soon as its study is done: the row the comparison hinges on
+                plan.append(Step(f"rows {dataset} mf", dataset, [rows_command(dataset, "mf")],
+                                 after=[f"teachers {dataset}", f"study {dataset} mf"]))
+        plan.append(Step(f"rows {dataset}", dataset, [rows_command(dataset, "mf,ml,dnn")],
                          after=[f"teachers {dataset}"] + [f"study {dataset} {student}" for student in BUDGET]))
     return plan
 
