@@ -563,4 +563,24 @@ def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspa
     metrics = {seed: RunStore(rep.runs_dir).folder(run_spec(rep, [], "mf", "none", seed)) / "metrics.json"
                for seed in (0, 1)}
     assert metrics[1].stat().st_mtime < metrics[0].stat().st_mtime  # the free run first
+
+    # with leave_busy a call ends once the free runs are done, leaving the held one to its process
+    import dataclasses
+    release.unlink()
+    second = RunStore(rep.runs_dir).folder(run_spec(rep, [], "mf", "none", 2))
+    second.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from hetcomp.locks import exclusive_lock\n"
+         f"with exclusive_lock(Path({str(second / '.lock')!r})):\n print('held', flush=True)\n"
+         f" end = time.time() + 20\n while not Path({str(release)!r}).exists() and time.time() < end:"
+         " time.sleep(0.05)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said.clear()
+    result = table2_module.table2(dataclasses.replace(rep, leave_busy=True), ["mf"], [2, 3], ["none"])
+    assert sorted(int(r["seed"]) for r in result["rows"]) == [0, 1, 3]  # the page: every call's cells so far
+    assert any("1 run(s) left to the process(es) training them now" in line for line in said), "\n".join(said)
+    assert not (second / "metrics.json").exists() and "Not finished yet" in (rep.out_dir / "table2.md").read_text()
+    release.touch()
+    holder.wait(timeout=60)
     assert not RunStore(rep.runs_dir).busy(run_spec(rep, [], "mf", "none", 0))

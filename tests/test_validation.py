@@ -85,6 +85,7 @@ def test_reproduce_rejects_a_tuning_dir_that_does_not_exist(tmp_path):
     (["--stack-size", "3"], ["--stack-size", "add --stack-seeds"]),
     (["--stack-seeds", "--stack-size", "0"], ["--stack-size"]),
     (["--stack-seeds", "--stack-methods", "rrd,magic"], ["unknown method in --stack-methods magic", "hetcomp"]),
+    (["--leave-busy", "--jobs", "2"], ["--leave-busy", "--jobs 1"]),
 ])
 def test_reproduce_rejects_stack_methods_it_cannot_apply(tmp_path, args, named):
     fails_cleanly(["reproduce", *folders(tmp_path), "--table", "2", *args], *named)

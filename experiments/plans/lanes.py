@@ -61,9 +61,10 @@ def teachers_trained(dataset: str) -> bool:
 
 
 def rows_command(dataset: str, students: str) -> list[str]:
-    """Table 2's rows of ``students``: two workers' calls side by side share them (each takes a free run)."""
+    """Table 2's rows of ``students``: two workers' calls side by side share them (each takes a free run, and
+    leaves the last ones the other trains to it, going on to the next step)."""
     return ["hetcomp", "reproduce", "--dataset", dataset, "--table", "2", "--students", students, "--seeds",
-            str(SEEDS[dataset]), "--methods", METHODS, "--results-dir", "experiments/results/tuned"]
+            str(SEEDS[dataset]), "--methods", METHODS, "--results-dir", "experiments/results/tuned", "--leave-busy"]
 
 
 def steps() -> list[Step]:

@@ -77,6 +77,11 @@ def reproduce_command(
                                        "tune` study chose settings for beside cells that one did, at the "
                                        "built-in settings (marked on the page; by default that is refused, "
                                        "naming the studies to run)."),
+    leave_busy: bool = typer.Option(False, "--leave-busy", help="Table 2, one job: leave the runs that another "
+                                    "process (a reproduce beside this one) is training now to it and end once "
+                                    "the free runs are done; its page lists them as not finished, and the call "
+                                    "that ends last writes the whole table (by default this call waits for "
+                                    "them)."),
     stack_seeds: bool = typer.Option(False, "--stack-seeds", help="Table 2: train the seeds of each run whose "
                                      "method stacks (every method; KD with listwise) as one stacked "
                                      "model, one task per run; for a GPU, where a stack's epoch costs little more "
@@ -108,6 +113,9 @@ def reproduce_command(
         if not stack_seeds:
             raise HetCompError("--stack-size sizes the stacks of --stack-seeds: add --stack-seeds")
         check_option("--stack-size", stack_size, 2, ge=1)
+    if leave_busy and (jobs > 1 or ray_address):
+        raise HetCompError("--leave-busy is for a call that trains its runs one by one (--jobs 1): with --jobs or "
+                           "--ray-address the runs of one call are queued together; leave one of them out")
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
@@ -132,7 +140,7 @@ def reproduce_command(
                                   source={"dataset": dataset, **source}, inputs=inputs, jobs=jobs,
                                   ray_address=ray_address, teacher_top_m=top_m, durations_from=durations_from,
                                   replace_other_teachers=replace_other_teachers, stack_seeds=stacked,
-                                  allow_untuned=allow_untuned,
+                                  allow_untuned=allow_untuned, leave_busy=leave_busy,
                                   stack_size=stack_size,
                                   tuning_dir=tuned_from)
         if figure == "curves":

@@ -101,6 +101,9 @@ class Reproduction:
     tuning_dir: Path | None = None
     #: Table 2 may train cells that have no study while others of its grid have one (else that is an error)
     allow_untuned: bool = False
+    #: Table 2 in this process (one job): runs another process is training now are left to it, this call ending
+    #: once the free ones are done (else it waits for them, then reuses them)
+    leave_busy: bool = False
 
     @property
     def label(self) -> str:

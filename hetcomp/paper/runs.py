@@ -161,9 +161,9 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     """Train ``specs`` (or reuse their finished folders), calling ``record`` for each result in this process.
 
     One job: one after the other, here, runs that another process trains now (a reproduce beside this one)
-    last. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks (or local processes),
-    queued longest first (:func:`longest_first`, by ``rep.durations_from`` or this table's own ledger); a failed
-    run stops the table after the others finish, naming each failure."""
+    last, or not at all with ``rep.leave_busy``. More (``rep.jobs`` or ``rep.ray_address``): Ray tasks (or local
+    processes), queued longest first (:func:`longest_first`, by ``rep.durations_from`` or this table's own
+    ledger); a failed run stops the table after the others finish, naming each failure."""
     if not specs:
         return
     if not (rep.jobs > 1 or rep.ray_address):
@@ -174,7 +174,11 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
         while units:
             # a run another process trains now (a reproduce beside this one) waits until the free ones are done:
             # two calls side by side then share the table's runs instead of taking turns on each one
-            unit = next((unit for unit in units if not any(store.busy(spec) for spec in unit)), units[0])
+            unit = next((unit for unit in units if not any(store.busy(spec) for spec in unit)), None)
+            if unit is None and rep.leave_busy:
+                rep.say(f"{len(units)} run(s) left to the process(es) training them now (--leave-busy)")
+                break
+            unit = unit or units[0]
             if unit is not units[0] and units[0] not in deferred:
                 deferred.append(units[0])
                 rep.say(f"{units[0][0].folder_name} is being trained by another process: it waits until the "
