@@ -14,7 +14,8 @@ still runs an MF trial, so its start point is MF's final choice. The MF student'
 is done (the row the comparison hinges on: CL-DRD against w/o KD), the rest when all three studies of their
 dataset are summarised. With nothing to take, the
 worker waits a minute; it exits when every step is done. `python experiments/plans/lanes.py --plan` lists the
-steps, their state and their commands.
+steps, their state and their commands; `--datasets citeulike` keeps one dataset's steps (e.g. work that fits
+the time a machine has left).
 
 Every step resumes where it stopped (finished teachers are skipped, studies go on from their committed trials
 records, finished runs are reused), so after a machine is lost the same two commands go on: they first retrain
@@ -25,6 +26,7 @@ kernels at AVX2, which gives the table's Foursquare teachers (2cd1686186e0); Cit
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -131,15 +133,24 @@ def next_step(plan: list[Step], finished: set[str]) -> Step | None:
 
 
 def main() -> int:
-    if sys.argv[1:] == ["--plan"]:
-        for step in steps():
+    parser = argparse.ArgumentParser(description="One worker of the unsampled CL-DRD's steps (start one per core).")
+    parser.add_argument("--plan", action="store_true", help="list the steps, their state and commands; run nothing")
+    parser.add_argument("--datasets", default="foursquare,citeulike",
+                        help="only these datasets' steps (e.g. citeulike: work that fits the time a machine has "
+                             "left, as a row of Foursquare's MF student is 1.3-2.6 h of one core)")
+    args = parser.parse_args()
+    chosen = args.datasets.split(",")
+    if unknown := sorted(set(chosen) - set(SEEDS)):
+        parser.error(f"unknown dataset(s) {', '.join(unknown)}: choose among {', '.join(SEEDS)}")
+    plan = [step for step in steps() if step.dataset in chosen]
+    if args.plan:
+        for step in plan:
             state = "done" if done(step) else "running" if running(step) else "to do"
             print(f"{step.name:24} {state:8} {' && '.join(' '.join(command) for command in step.commands)}")
         return 0
     if not os.environ.get("HETCOMP_DATA"):
         print("lanes.py: set HETCOMP_DATA to the data directory (e.g. ../shared/data/raw)", file=sys.stderr)
         return 2
-    plan = steps()
     finished: set[str] = set()
     while True:
         step = next_step(plan, finished)

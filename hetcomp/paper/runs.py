@@ -181,8 +181,9 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
             unit = unit or units[0]
             if unit is not units[0] and units[0] not in deferred:
                 deferred.append(units[0])
-                rep.say(f"{units[0][0].folder_name} is being trained by another process: it waits until the "
-                        "free runs are done")
+                rep.say(f"{units[0][0].folder_name} is being trained by another process: "
+                        + ("left to it unless free once the free runs are done" if rep.leave_busy
+                           else "it waits until the free runs are done"))
             units.remove(unit)
             for spec in unit:
                 position += 1
