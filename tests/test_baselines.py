@@ -531,6 +531,34 @@ def test_student_positions_by_sorted_keys_match_the_stable_argsort(monkeypatch, 
     assert torch.equal(positions, expected_positions)
 
 
+@pytest.mark.parametrize(("rows", "n_items"), [(1, 1), (3, 17), (4, 2049), (2, 70_000)])
+def test_the_kernels_radix_order_is_the_order_of_the_sorted_keys(rows, n_items):
+    """The student's order by the kernel's radix sort equals the one sorting torch's unique keys gives, whatever
+    the scores: ties, signed zeros, infinities, NaN, training items, one shared value (its passes skipped), and
+    rows longer than a digit."""
+    rng = np.random.default_rng(rows * 1_000 + n_items)
+    scores = torch.from_numpy(rng.standard_cauchy((rows, n_items)) * 10).float()
+    scores[0] = (scores[0] * 2).round() / 2  # ties
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 3.4e38])
+    scores[-1, :min(n_items, 8)] = specials[:min(n_items, 8)]
+    unobserved = torch.from_numpy(rng.random((rows, n_items)) < 0.9)
+    constant = torch.full((1, n_items), 0.25)
+    threads = torch.get_num_threads()
+    try:
+        for case, mask in ((scores, unobserved), (constant, torch.ones_like(constant, dtype=torch.bool))):
+            radix = {}
+            for n_threads in (1, 3):
+                torch.set_num_threads(n_threads)
+                radix[n_threads] = L._rest_kernels().student_order(case.numpy(), mask.numpy(), n_threads)
+            negated = (-(case + 0.0)).masked_fill(~mask, math.inf)
+            bits = negated.view(torch.int32)
+            keys = (torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64) << 31) | torch.arange(n_items)
+            expected = np.sort(keys.numpy(), axis=1) & ((1 << 31) - 1)
+            assert np.array_equal(radix[1], expected) and np.array_equal(radix[3], expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_segment_sums_over_runs_match_the_scatter_adds():
     rng = np.random.default_rng(29)
     rows, n_items, n_segments = 5, 300, 40

@@ -405,14 +405,13 @@ def _student_order(scores: torch.Tensor, unobserved: torch.Tensor, by_keys: bool
 
 def _descending_order_by_keys(scores: torch.Tensor, unobserved: torch.Tensor) -> torch.Tensor:
     """The order of :func:`_student_positions` for float32 scores on the CPU, by one sort of unique int64 keys
-    (numpy's vectorized sort; with the keys made, ~7× torch's stable argsort of 28k-item rows). Key = (the negated
+    (numpy's sort, or the CPU kernel's radix sort; ~7× torch's stable argsort of 28k-item rows). Key = (the negated
     score's bits mapped to an int of the same order, then the column): unique, so any sort gives the stable
     order; a training item's score is −inf first, as for the argsort."""
-    if _FUSED_REST:  # the same keys in one pass
-        keys = _rest_kernels().order_keys(scores.contiguous().numpy(), unobserved.contiguous().numpy())
-        keys.sort(axis=1)
-        keys &= (1 << 31) - 1
-        return torch.from_numpy(keys)
+    if _FUSED_REST:  # the same keys, radix-sorted by a kernel: the same order
+        kernels = _rest_kernels()
+        return torch.from_numpy(kernels.student_order(scores.contiguous().numpy(), unobserved.contiguous().numpy(),
+                                                      torch.get_num_threads()))
     negated = (-(scores + 0.0)).masked_fill(~unobserved, math.inf)  # + 0.0: −0.0 and 0.0 tie, as floats do
     bits = negated.view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # int order = float order (NaN aside)

@@ -5,13 +5,14 @@ segments and sums every segment's moments; in eager torch that was some twenty m
 float64 tensors, three quarters of an unsampled CL-DRD epoch (``experiments/results/bench.md``, 2026-12-05). These
 kernels make the same quantities in one or two passes a row:
 
-- :func:`order_keys`: the sort keys of the student's order (numpy sorts them);
+- :func:`descending_order`: the student's order, a radix sort of its keys;
 - :func:`segment_rows`: the segments (bucket of warped score, listed items above) and each place's kind;
 - :func:`segment_moments`: each segment's centre, listed count above it and moments Σ δ^m, Σ δ^m / p_j;
 - :func:`taylor_terms`: the expansion's terms per listed item and segment, from torch's σ and softplus;
 - :func:`rest_gradient`: each rest item's slope Σ_m δ^m (a_m − b_m / p_j), written in column order.
 
-The products of the terms with the moments (batched matmuls) stay in torch. The maths is that of torch's passes
+The products of the terms with the moments (batched matmuls) stay in torch. The order is the one every sort of the
+unique keys gives, so a faster sort does not change it. The maths is that of torch's passes
 (:func:`hetcomp.distill.losses._segments_by_torch`, :func:`hetcomp.distill.losses._softplus_taylor`) and so is the
 order of every float64 operation, so the results are the same bits (tested), as long as libm's ``asinh`` is
 monotone, as glibc's is. :func:`segments`, :func:`taylor` and :func:`gradient` split a chunk's rows over threads.
@@ -321,22 +322,58 @@ def taylor_terms(sigmoid, sigmoid_negated, softplus, above, listed_above, valid,
     return out
 
 
+#: bits a pass of :func:`descending_order`'s radix sort: three passes cover the 32 bits of a score's key
+_RADIX_BITS = 11
+
+
 @njit(cache=True, nogil=True)
-def order_keys(scores, unobserved):
-    """The sort keys of :func:`hetcomp.distill.losses._descending_order_by_keys` in one pass (float32 ``scores``):
-    (the negated score's bits as an int of the same order) << 31 | column, a training item's score +inf."""
+def descending_order(scores, unobserved):
+    """The student's order of :func:`hetcomp.distill.losses._descending_order_by_keys` (float32 ``scores``): each
+    row's columns by their keys (the negated score's bits as an int of the same order, a training item's +inf),
+    ties in column order, by a stable LSD radix sort of the 32-bit keys (three passes of 11 bits; a pass whose
+    digit every key shares is skipped). The keys with their columns are unique, so this is exactly the order that
+    sorting them gives; a comparison sort of 28k-item rows was 4-6x slower on some CPUs (numpy's sort of int64
+    is vectorized only on some)."""
     rows, n_items = scores.shape
-    negated = np.empty((rows, n_items), dtype=np.float32)
-    for row in range(rows):
-        for k in range(n_items):
-            negated[row, k] = -(scores[row, k] + np.float32(0.0)) if unobserved[row, k] else np.float32(np.inf)
+    size = 1 << _RADIX_BITS
+    mask = np.uint64(size - 1)
+    out = np.empty((rows, n_items), dtype=np.int64)
+    negated = np.empty(n_items, dtype=np.float32)
     bits = negated.view(np.int32)
-    keys = np.empty((rows, n_items), dtype=np.int64)
+    first = np.empty(n_items, dtype=np.uint64)
+    second = np.empty(n_items, dtype=np.uint64)
+    counts = np.empty((3, size), dtype=np.int64)
     for row in range(rows):
         for k in range(n_items):
-            word = bits[row, k]
-            keys[row, k] = (np.int64(word ^ 0x7FFFFFFF if word < 0 else word) << 31) | k
-    return keys
+            negated[k] = -(scores[row, k] + np.float32(0.0)) if unobserved[row, k] else np.float32(np.inf)
+        counts[:] = 0
+        for k in range(n_items):
+            word = bits[k]
+            # the int order of the float's bits, then unsigned (+2^31) so that the radix sees the same order
+            key = np.uint64(np.uint32(np.int64(word ^ 0x7FFFFFFF if word < 0 else word) + 2147483648))
+            first[k] = (key << np.uint64(32)) | np.uint64(k)
+            for digit in range(3):
+                counts[digit, (key >> np.uint64(_RADIX_BITS * digit)) & mask] += 1
+        source, target = first, second
+        for digit in range(3):
+            total, shared = 0, False
+            for bucket in range(size):
+                count = counts[digit, bucket]
+                shared = shared or count == n_items
+                counts[digit, bucket] = total
+                total += count
+            if shared:  # every key has this digit: the pass would move nothing
+                continue
+            shift = np.uint64(32 + _RADIX_BITS * digit)
+            for k in range(n_items):
+                entry = source[k]
+                bucket = (entry >> shift) & mask
+                target[counts[digit, bucket]] = entry
+                counts[digit, bucket] += 1
+            source, target = target, source
+        for k in range(n_items):
+            out[row, k] = np.int64(source[k] & np.uint64(0xFFFFFFFF))
+    return out
 
 
 # ---- the rows of a chunk in threads (the kernels release the GIL; rows are independent, so the bits stay) ----
@@ -356,6 +393,12 @@ def _map_rows(function: Callable[[slice], object], rows: int, threads: int) -> l
     if key not in _POOLS:
         _POOLS[key] = ThreadPoolExecutor(count, thread_name_prefix="hetcomp-rest")
     return list(_POOLS[key].map(function, parts))
+
+
+def student_order(scores: np.ndarray, unobserved: np.ndarray, threads: int) -> np.ndarray:
+    """:func:`descending_order` of a chunk's rows, split over ``threads``."""
+    parts = _map_rows(lambda part: descending_order(scores[part], unobserved[part]), len(scores), threads)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def segments(scores: np.ndarray, order: np.ndarray, unobserved: np.ndarray, listed: np.ndarray, valid: np.ndarray,
