@@ -523,12 +523,24 @@ def test_table2_refuses_cells_without_a_study_beside_studied_ones_unless_allowed
     assert page.count("(built-in settings) |") == 1  # w/o KD's row was tuned
 
 
-def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspace, tmp_path):
-    """Two reproduce calls side by side share a table's runs: a run whose folder another process holds is taken
-    last (then reused or trained), instead of both calls taking turns on the same run."""
+def _hold(lock, release):
+    """Another process holding ``lock`` (as a run being trained there) until ``release`` exists (20 s at most)."""
     import subprocess
     import sys
 
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from hetcomp.locks import exclusive_lock\n"
+         f"with exclusive_lock(Path({str(lock)!r})):\n print('held', flush=True)\n"
+         f" end = time.time() + 20\n while not Path({str(release)!r}).exists() and time.time() < end:"
+         " time.sleep(0.05)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspace, tmp_path):
+    """Two reproduce calls side by side share a table's runs: a run whose folder another process holds is taken
+    last (then reused or trained), instead of both calls taking turns on the same run."""
     from hetcomp.data import load_dataset
     from hetcomp.paper import table2 as table2_module
     from hetcomp.paper.common import QUICK_USERS, Reproduction, Schedule
@@ -548,13 +560,7 @@ def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspa
                        schedule=Schedule.short(), command="hetcomp reproduce (test)", say=say)
     first = RunStore(rep.runs_dir).folder(run_spec(rep, [], "mf", "none", 0))
     first.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from pathlib import Path; from hetcomp.locks import exclusive_lock\n"
-         f"with exclusive_lock(Path({str(first / '.lock')!r})):\n print('held', flush=True)\n"
-         f" end = time.time() + 20\n while not Path({str(release)!r}).exists() and time.time() < end:"
-         " time.sleep(0.05)"],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = _hold(first / ".lock", release)
     assert RunStore(rep.runs_dir).busy(run_spec(rep, [], "mf", "none", 0))
     result = table2_module.table2(rep, ["mf"], [0, 1], ["none"])
     holder.wait(timeout=60)
@@ -569,13 +575,7 @@ def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspa
     release.unlink()
     second = RunStore(rep.runs_dir).folder(run_spec(rep, [], "mf", "none", 2))
     second.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from pathlib import Path; from hetcomp.locks import exclusive_lock\n"
-         f"with exclusive_lock(Path({str(second / '.lock')!r})):\n print('held', flush=True)\n"
-         f" end = time.time() + 20\n while not Path({str(release)!r}).exists() and time.time() < end:"
-         " time.sleep(0.05)"],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = _hold(second / ".lock", release)
     said.clear()
     result = table2_module.table2(dataclasses.replace(rep, leave_busy=True), ["mf"], [2, 3], ["none"])
     assert sorted(int(r["seed"]) for r in result["rows"]) == [0, 1, 3]  # the page: every call's cells so far
