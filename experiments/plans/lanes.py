@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
+from hetcomp.runs.tuned import summary_path
+from hetcomp.teachers import TEACHERS, trajectory_file
+
 METHODS = "none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp,cl-drd-full"
-TEACHERS = ("mf", "ml", "dnn", "gnn", "ae", "iae")
 SEEDS = {"foursquare": 3, "citeulike": 5}
 BUDGET = {"mf": 16, "ml": 8, "dnn": 8}
 
@@ -51,15 +53,10 @@ class Step:
     exclusive: bool = False
     #: steps that must be done, and run by no worker, before this one starts
     after: list[str] = field(default_factory=list)
-    threads: int = 1
-
-
-def summary_file(dataset: str, student: str) -> Path:
-    return Path("experiments/tuning") / dataset / f"{student}-cl-drd-full-6.json"
 
 
 def teachers_trained(dataset: str) -> bool:
-    return all((Path("teachers") / dataset / name / "trajectory.npz").exists() for name in TEACHERS)
+    return all(trajectory_file(Path("teachers"), dataset, name).exists() for name in TEACHERS)
 
 
 def rows_command(dataset: str, students: str) -> list[str]:
@@ -97,7 +94,7 @@ def done(step: Step) -> bool:
     if kind == "teachers":
         return teachers_trained(dataset)
     if kind == "study":
-        return summary_file(dataset, student[0]).exists()
+        return summary_path(dataset, student[0], "cl-drd-full", 6).exists()
     return False
 
 
