@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hetcomp import mkl_as_amd
 from hetcomp.errors import HetCompError
 
 
@@ -64,7 +65,9 @@ def machine() -> str:
     same seed on another instruction set (AVX2 against AVX-512) sums in another order, and a teacher trained there
     can rank a few items differently (another digest)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {cpu()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+    kernels = ", MKL as on AMD" if mkl_as_amd.active() else ""  # python -m hetcomp.mkl_as_amd: AMD's sgemm bits
+    return (f"{platform.system()} {cpu()}{kernels}, {torch.get_num_threads()} threads, {gpu}, "
+            f"torch {torch.__version__}")
 
 
 def cpu() -> str:

@@ -21,7 +21,9 @@ Every step resumes where it stopped (finished teachers are skipped, studies go o
 records, finished runs are reused), so after a machine is lost the same two commands go on: they first retrain
 the teachers exactly as the committed studies' were (digests in `experiments/results/teachers-<dataset>.md`;
 `hetcomp tune` refuses trials made with other teachers). On an AVX-512 CPU, Foursquare's steps hold torch's
-kernels at AVX2, which gives the table's Foursquare teachers (2cd1686186e0); CiteULike's run natively.
+kernels at AVX2, which gives the table's Foursquare teachers (2cd1686186e0); CiteULike's run natively. On an
+Intel CPU every step runs with MKL dispatching as on the AMD machines that made the committed teachers
+(:mod:`hetcomp.mkl_as_amd`: it needs a C compiler once).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from hetcomp import mkl_as_amd
 from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import TEACHERS, trajectory_file
 
@@ -109,11 +112,20 @@ def running(step: Step) -> bool:
     return False
 
 
+def intel_cpu() -> bool:
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def environment(step: Step, threads: int) -> dict:
+    """The studies' and rows' teachers came from AMD machines: on an Intel CPU, MKL dispatches as on AMD
+    (:mod:`hetcomp.mkl_as_amd`; without it NeuMF, LightGCN and the autoencoders get other digests)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if step.dataset == "foursquare" and torch.backends.cpu.get_cpu_capability() == "AVX512":
         env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
-    return env
+    return mkl_as_amd.environment(env) if intel_cpu() else env
 
 
 def next_step(plan: list[Step], finished: set[str]) -> Step | None:

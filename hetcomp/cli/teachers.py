@@ -123,7 +123,8 @@ def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, 
               "runs, tuning studies and ledger rows made with the committed teachers will not be reused with it. "
               "A teacher's rankings depend on the thread count (--threads) and on the CPU's vector kernels (this "
               f"machine's: {cpu()}); on an AVX-512 CPU, ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 set "
-              "before the command give an AVX2 machine's rankings")
+              "before the command give an AVX2 machine's rankings, and on an Intel CPU `python -m hetcomp.mkl_as_amd "
+              "hetcomp train-teachers ...` gives the matrix products of an AMD one")
 
 
 @app.command("import-teacher")
