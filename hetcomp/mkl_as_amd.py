@@ -1,15 +1,17 @@
-"""Run a command with the matrix kernels MKL picks on an AMD CPU, on an Intel one, so teachers (and students) trained
-on either get the same bits.
+"""Run a command with the matrix kernels MKL picks on an AMD CPU, on an Intel one, so that products made on either
+are the same bits.
 
 Why: torch's CPU build links Intel's MKL, which chooses its sgemm kernels by the CPU's vendor. On a non-Intel CPU
 it takes its generic branch (``mkl_serv_cpu_detect() == 0``, Zen kernels on AMD), on an Intel CPU the branch of
 its widest instruction set; the sums come out in another order, and a teacher whose model multiplies dense
 matrices (NeuMF, LightGCN, the autoencoders) ranks a few items differently: another digest, and the committed
-studies and rows made with the AMD machines' teachers cannot be continued. None of MKL's own switches gives the
-generic branch on an Intel CPU: ``MKL_ENABLE_INSTRUCTIONS``, and ``MKL_CBWR`` (AVX2, COMPATIBLE, SSE4_2, ...) pick
-other kernels (tried, 2026-12-06: the CiteULike NeuMF teacher's digest moved each time, and matched with this).
-MKL asks exported functions whether the CPU is Intel's and whether it is a Zen; a tiny library preloaded before
-torch answers no and yes (``LD_PRELOAD``), and MKL dispatches as on an AMD Zen CPU.
+studies and rows made with the AMD machines' teachers cannot be continued. MKL's own switches give other kernels
+again, not the generic branch: ``MKL_CBWR=AVX2`` and ``MKL_CBWR=COMPATIBLE`` moved the CiteULike NeuMF teacher's
+digest elsewhere (2026-12-06). MKL asks exported functions whether the CPU is Intel's and whether it is a Zen; a
+tiny library preloaded before torch answers no and yes (``LD_PRELOAD``), and MKL dispatches as on an AMD Zen CPU.
+With it, CiteULike's NeuMF and LightGCN teachers and Foursquare's NeuMF got the committed digests on an Intel
+Xeon; the autoencoders did not (something else in their training takes another path on an Intel CPU:
+``experiments/results/teachers-citeulike-notes.md``).
 
     python -m hetcomp.mkl_as_amd hetcomp train-teachers --dataset citeulike
 
