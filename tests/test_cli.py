@@ -156,8 +156,14 @@ def test_train_teachers_names_each_digest_and_warns_where_the_committed_page_lis
     digest = text.split("digest ")[1][:12]
     assert "differ from the committed teacher's" in text and "0123456789ab" in text and "--threads" in text
     assert "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" in text  # the way to another CPU's rankings
+    for folder in ("teachers", "fresh"):  # skipped (already trained) or trained now: the same, now an error
+        required = runner.invoke(app, ["train-teachers", *source, "--teachers-dir", folder, "--require-committed"])
+        assert required.exit_code != 0 and "Traceback" not in required.output
+        assert "--require-committed: mf's digest differs" in " ".join(required.output.split())
+    assert (tmp_path / "fresh").is_dir()
     page.write_text(page.read_text().replace("0123456789ab", digest))
-    skipped = runner.invoke(app, ["train-teachers", *source])
+    skipped = runner.invoke(app, ["train-teachers", *source, "--require-committed"])
+    assert skipped.exit_code == 0, skipped.output
     assert "skipped" in skipped.output and f"digest {digest}" in skipped.output
     assert "differ from the committed" not in " ".join(skipped.output.split())
 

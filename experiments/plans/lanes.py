@@ -23,12 +23,14 @@ the teachers exactly as the committed studies' were (digests in `experiments/res
 `hetcomp tune` refuses trials made with other teachers). On an AVX-512 CPU, Foursquare's steps hold torch's
 kernels at AVX2, which gives the table's Foursquare teachers (2cd1686186e0); CiteULike's run natively. On an
 Intel CPU every step runs with MKL dispatching as on the AMD machines that made the committed teachers
-(:mod:`hetcomp.mkl_as_amd`: it needs a C compiler once).
+(:mod:`hetcomp.mkl_as_amd`: it needs a C compiler once). The teachers are trained with `--require-committed`: a
+teacher whose digest is not the committed one stops its worker at once (the studies could not use it).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -39,8 +41,11 @@ from pathlib import Path
 import torch
 
 from hetcomp import mkl_as_amd
+from hetcomp.experiments import committed_teacher_digests
+from hetcomp.runs.spec import trajectory_digest
 from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import TEACHERS, trajectory_file
+from hetcomp.trajectory import load_trajectory
 
 METHODS = "none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp,cl-drd-full"
 SEEDS = {"foursquare": 3, "citeulike": 5}
@@ -58,8 +63,22 @@ class Step:
     after: list[str] = field(default_factory=list)
 
 
+@functools.cache
+def _digest(path: Path, modified_ns: int) -> str:
+    return trajectory_digest(load_trajectory(path))[:12]
+
+
 def teachers_trained(dataset: str) -> bool:
-    return all(trajectory_file(Path("teachers"), dataset, name).exists() for name in TEACHERS)
+    """Every teacher trained, with the digest the committed teachers page lists (another one is not done: its
+    step's `train-teachers --require-committed` then stops the worker, naming it)."""
+    _, committed = committed_teacher_digests(dataset)
+    for name in TEACHERS:
+        path = trajectory_file(Path("teachers"), dataset, name)
+        if not path.exists():
+            return False
+        if name in committed and _digest(path, path.stat().st_mtime_ns) != committed[name][0]:
+            return False
+    return True
 
 
 def rows_command(dataset: str, students: str) -> list[str]:
@@ -71,11 +90,13 @@ def rows_command(dataset: str, students: str) -> list[str]:
 
 def steps() -> list[Step]:
     plan = [Step("teachers foursquare", "foursquare",
-                 [["hetcomp", "train-teachers", "--dataset", "foursquare", "--threads", "1"]], exclusive=True),
+                 [["hetcomp", "train-teachers", "--dataset", "foursquare", "--threads", "1", "--require-committed"]],
+                 exclusive=True),
             Step("teachers citeulike", "citeulike",
                  [["hetcomp", "train-teachers", "--dataset", "citeulike", "--teachers", "mf,ml,dnn,gnn,ae",
-                   "--threads", "1"],
-                  ["hetcomp", "train-teachers", "--dataset", "citeulike", "--teachers", "iae", "--threads", "2"]],
+                   "--threads", "1", "--require-committed"],
+                  ["hetcomp", "train-teachers", "--dataset", "citeulike", "--teachers", "iae", "--threads", "2",
+                   "--require-committed"]],
                  exclusive=True)]
     for dataset in ("foursquare", "citeulike"):
         for student in ("mf", "ml", "dnn"):

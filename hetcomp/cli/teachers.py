@@ -67,6 +67,9 @@ def train_teachers(
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
+    require_committed: bool = typer.Option(False, "--require-committed", help="Stop with an error at the first "
+                                           "teacher whose digest differs from the committed teachers page (the "
+                                           "studies' and tables' teachers), instead of warning and going on."),
 ) -> None:
     """Train the heterogeneous teachers and save each one's trajectory (E1..E4); finished ones are skipped."""
     check_option("--dim", dim, 64, ge=1)
@@ -89,8 +92,9 @@ def train_teachers(
             name = seeded_name(model, train_seed, seed)
             path = trajectory_file(teachers_dir, split.meta["dataset"], name)
             if path.is_file():
-                _say_digest(progress.console, load_trajectory(path, split), committed.get(name), page,
-                            f"{name}: already complete at {path}, skipped (delete it to retrain)")
+                same = _say_digest(progress.console, load_trajectory(path, split), committed.get(name), page,
+                                   f"{name}: already complete at {path}, skipped (delete it to retrain)")
+                _stop_unless(same or not require_committed, name, page)
                 continue
             seed_everything(train_seed)
             config = model_config(model, dim=dim)
@@ -100,23 +104,34 @@ def train_teachers(
                                        **dataset_teacher_settings(dataset, eval_every))
             test = trajectory.meta["metrics"][-1]["test"]
             epochs = trajectory.meta["state_epochs"]
-            _say_digest(progress.console, trajectory, committed.get(name), page,
-                        f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at {epochs}, "
-                        f"test R@50 {test['recall@50']:.4f}, {trajectory.meta['train_seconds']:.0f} s -> {path}")
+            same = _say_digest(progress.console, trajectory, committed.get(name), page,
+                               f"{name}: converged at epoch {trajectory.meta['converged_epoch']}, states at "
+                               f"{epochs}, test R@50 {test['recall@50']:.4f}, "
+                               f"{trajectory.meta['train_seconds']:.0f} s -> {path}")
             if shares_state_epochs(trajectory):
                 progress.console.print(f"[yellow]warning[/]: {name}'s states share epochs {epochs}: it converged "
                                        "within a few evaluations; retrain it with a smaller --eval-every so that "
                                        "E1..E4 differ")
+            _stop_unless(same or not require_committed, name, page)
+
+
+def _stop_unless(fine: bool, name: str, page: Path) -> None:
+    if not fine:
+        raise HetCompError(f"--require-committed: {name}'s digest differs from {page}'s (warning above), so the "
+                           "committed studies and rows cannot go on with it; the remaining teachers were not "
+                           f"trained. Its trajectory is kept: delete {name}'s folder before retraining it with the "
+                           "settings the warning names")
 
 
 
-def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, line: str) -> None:
+def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, line: str) -> bool:
     """``line`` with the teacher's digest, and a warning where the committed teachers page lists another one for
-    it: runs, studies and ledger rows made with the committed teacher are then not reused with this one."""
+    it: runs, studies and ledger rows made with the committed teacher are then not reused with this one. Returns
+    whether the digest is the committed one (or the page lists none)."""
     digest = trajectory_digest(trajectory)[:12]
     out.print(f"{line}; digest {digest}", highlight=False)
     if committed is None or committed[0] == digest:
-        return
+        return True
     threads = trajectory.meta.get("threads", "-")
     out.print(f"[yellow]warning[/]: {trajectory.name}'s rankings differ from the committed teacher's ({page} lists "
               f"digest {committed[0]}, trained with {committed[1]} thread(s); this one {digest}, {threads}): "
@@ -125,6 +140,7 @@ def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, 
               f"machine's: {cpu()}); on an AVX-512 CPU, ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 set "
               "before the command give an AVX2 machine's rankings, and on an Intel CPU `python -m hetcomp.mkl_as_amd "
               "hetcomp train-teachers ...` gives the matrix products of an AMD one")
+    return False
 
 
 @app.command("import-teacher")
