@@ -1,0 +1,130 @@
+"""A short hash of each CPU kernel the teachers' training goes through, to find which one two machines compute
+differently (why a teacher's digest moves between an AMD and an Intel CPU: `teachers-citeulike-notes.md`).
+
+Run it on both machines with the same environment as the teachers (e.g. through `python -m hetcomp.mkl_as_amd` on
+an Intel CPU, natively on an AMD one; `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` for Foursquare's)
+and compare the lines: the ops whose hashes differ are the candidates. Deterministic inputs, one and two threads.
+
+Usage: python experiments/plans/kernel_fingerprint.py [--threads 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional
+
+from hetcomp.provenance import machine
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    hashed = hashlib.sha256()
+    for tensor in tensors:
+        hashed.update(tensor.detach().contiguous().numpy().tobytes())
+    return hashed.hexdigest()[:10]
+
+
+def inputs(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def products() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    """sgemm at the shapes of the teachers (NeuMF towers, LightGCN, the autoencoders' encoders and decoders with
+    CiteULike's 5,551 users x 16,980 items), both layouts, with their gradients."""
+    cases = {}
+    for name, (m, k, n) in {"ae_decoder": (128, 300, 16980), "ae_decoder_grad": (300, 128, 16980),
+                            "iae_decoder": (256, 128, 5551), "iae_encoder_grad": (5551, 256, 128),
+                            "score_all": (256, 64, 16980), "tower": (1024, 128, 64), "square": (1000, 1000, 100)
+                            }.items():
+        def case(m=m, k=k, n=n):
+            a, b = inputs(1, m, k), inputs(2, k, n)
+            return a @ b, a @ b.T.contiguous().T, torch.addmm(inputs(3, n), a, b)
+        cases[f"sgemm_{name}"] = case
+
+    def linear_backward():
+        x, w = inputs(4, 256, 128).requires_grad_(), inputs(5, 5551, 128).requires_grad_()
+        functional.linear(x, w, inputs(6, 5551)).pow(2).sum().backward()
+        return x.grad, w.grad
+    cases["linear_backward"] = linear_backward
+    return cases
+
+
+def elementwise() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    x = inputs(7, 1 << 20) * 3
+    cases: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
+        name: (lambda name=name: (getattr(torch, name)(x),))
+        for name in ("exp", "expm1", "log1p", "sigmoid", "tanh", "sin", "erf")}
+    cases["log"] = lambda: (torch.log(x.abs() + 1e-3),)
+    cases["sqrt"] = lambda: (torch.sqrt(x.abs()),)
+    cases["pow_2"] = lambda: (x.pow(2),)
+    cases["softplus"] = lambda: (functional.softplus(x),)
+    cases["log_softmax"] = lambda: (functional.log_softmax(x[: 128 * 8192].view(128, 8192), dim=1),)
+    cases["bce_logits"] = lambda: (functional.binary_cross_entropy_with_logits(
+        x[:65536].view(256, 256), (inputs(8, 256, 256) > 1).float(), weight=inputs(9, 256, 256).abs()),)
+    cases["sum"] = lambda: (x.sum(), x.view(1024, 1024).sum(1), x.view(1024, 1024).sum(0))
+    return cases
+
+
+def sparse_and_random() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    def embedding_bag():
+        weight = inputs(10, 16980, 128).requires_grad_()
+        generator = torch.Generator().manual_seed(11)
+        columns = torch.randint(0, 16980, (40000,), generator=generator)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long),
+                             torch.randint(0, 40000, (255,), generator=generator).sort().values])
+        out = functional.embedding_bag(columns, weight, offsets, mode="sum",
+                                       per_sample_weights=torch.rand(40000, generator=generator))
+        out.pow(2).sum().backward()
+        return out, weight.grad
+
+    def index_add():
+        generator = torch.Generator().manual_seed(12)
+        where = torch.randint(0, 5551, (100000,), generator=generator)
+        return (torch.zeros(5551).index_add_(0, where, inputs(13, 100000)),
+                torch.zeros(5551, 64).index_add_(0, where[:20000], inputs(14, 20000, 64)))
+
+    def spmm():
+        generator = torch.Generator().manual_seed(15)
+        rows, cols = torch.randint(0, 5551, (200000,), generator=generator), torch.randint(0, 16980, (200000,),
+                                                                                           generator=generator)
+        matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), inputs(16, 200000), (5551, 16980),
+                                         check_invariants=True).coalesce()
+        dense = inputs(17, 16980, 64)
+        return torch.sparse.mm(matrix, dense), torch.sparse.mm(matrix.to_sparse_csr(), dense)
+
+    def random():
+        torch.manual_seed(18)
+        return torch.rand(1 << 16), torch.randn(1 << 16), torch.empty(1 << 16).bernoulli_(0.5), \
+            torch.randint(0, 1000, (1 << 16,)).float(), functional.dropout(torch.ones(1 << 16), 0.5)
+
+    def adam():
+        parameter = torch.nn.Parameter(inputs(19, 5551, 128))
+        optimizer = torch.optim.Adam([parameter], lr=1e-3)
+        for step in range(3):
+            parameter.grad = inputs(20 + step, 5551, 128)
+            optimizer.step()
+        return (parameter,)
+
+    return {"embedding_bag": embedding_bag, "index_add": index_add, "sparse_mm": spmm, "random": random,
+            "adam": adam}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", default="1,2")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # a notice, not a fault
+    print(f"# {machine()}")
+    cases = {**products(), **elementwise(), **sparse_and_random()}
+    for threads in [int(count) for count in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for name, case in cases.items():
+            print(f"{threads} {name:22} {digest(*case())}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
