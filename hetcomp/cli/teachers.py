@@ -123,7 +123,6 @@ def _stop_unless(fine: bool, name: str, page: Path) -> None:
                            "settings the warning names")
 
 
-
 def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, line: str) -> bool:
     """``line`` with the teacher's digest, and a warning where the committed teachers page lists another one for
     it: runs, studies and ledger rows made with the committed teacher are then not reused with this one. Returns
