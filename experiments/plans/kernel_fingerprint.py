@@ -5,7 +5,10 @@ Run it on both machines with the same environment as the teachers (e.g. through 
 an Intel CPU, natively on an AMD one; `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` for Foursquare's)
 and compare the lines: the ops whose hashes differ are the candidates. Deterministic inputs, one and two threads.
 
-Usage: python experiments/plans/kernel_fingerprint.py [--threads 1,2]
+Usage: python experiments/plans/kernel_fingerprint.py [--threads 1,2] [--steps 5]
+
+The last lines are whole teachers: a few batches of each teacher model's training through hetcomp's own Trainer
+(fused Adam, its batches) on a synthetic CiteULike-sized matrix.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import hashlib
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch.nn import functional
@@ -101,25 +105,64 @@ def sparse_and_random() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
         return torch.rand(1 << 16), torch.randn(1 << 16), torch.empty(1 << 16).bernoulli_(0.5), \
             torch.randint(0, 1000, (1 << 16,)).float(), functional.dropout(torch.ones(1 << 16), 0.5)
 
-    def adam():
+    def adam(fused: bool):
         parameter = torch.nn.Parameter(inputs(19, 5551, 128))
-        optimizer = torch.optim.Adam([parameter], lr=1e-3)
+        optimizer = torch.optim.Adam([parameter], lr=1e-3, fused=fused)  # fused: as hetcomp's Trainer
         for step in range(3):
             parameter.grad = inputs(20 + step, 5551, 128)
             optimizer.step()
         return (parameter,)
 
     return {"embedding_bag": embedding_bag, "index_add": index_add, "sparse_mm": spmm, "random": random,
-            "adam": adam}
+            "adam": lambda: adam(False), "adam_fused": lambda: adam(True)}
+
+
+def teachers(steps: int) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    """Each teacher model (dim 64, seed 0) after ``steps`` batches of hetcomp's own Trainer on a synthetic
+    CiteULike-sized matrix (numpy's seeded generator draws the same on every machine): its parameters and the
+    scores of 256 users. The first teacher whose line differs between two machines is the one to look into."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from hetcomp.models import build_model
+    from hetcomp.teachers import TEACHERS
+    from hetcomp.train import OwnLoss, Trainer, TrainerConfig
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, nnz = 5551, 16980, 200_000
+    train = sp.csr_matrix((np.ones(nnz, dtype=np.float32), (rng.integers(0, n_users, nnz),
+                                                            rng.integers(0, n_items, nnz))), shape=(n_users, n_items))
+    train.data[:] = 1.0
+    split = SimpleNamespace(train=train)
+
+    def run(name: str) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(0)
+        model = build_model(name, train, dim=64)
+        config = model.config
+        objective = OwnLoss(model, split, config.batch_size, config.n_negatives, torch.device("cpu"))
+        trainer = Trainer(model, split, objective, TrainerConfig(lr=config.lr, weight_decay=config.weight_decay,
+                                                                 max_epochs=1, seed=0))
+        for batch, _ in zip(objective.batches(1, trainer.generator), range(steps), strict=False):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            objective.loss(model, batch).backward()
+            trainer.optimizer.step()
+            model.after_step()
+        model.eval()
+        with torch.no_grad():
+            return (*model.parameters(), model.score(torch.arange(256)))
+
+    return {f"teacher_{name}": (lambda name=name: run(name)) for name in TEACHERS}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--steps", type=int, default=5, help="training batches of each teacher model")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # a notice, not a fault
+    torch.set_flush_denormal(True)  # as hetcomp's Trainer sets it, for every line alike
     print(f"# {machine()}")
-    cases = {**products(), **elementwise(), **sparse_and_random()}
+    cases = {**products(), **elementwise(), **sparse_and_random(), **teachers(args.steps)}
     for threads in [int(count) for count in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for name, case in cases.items():
