@@ -3,7 +3,8 @@ differently (why a teacher's digest moves between an AMD and an Intel CPU: `teac
 
 Run it on both machines with the same environment as the teachers (e.g. through `python -m hetcomp.mkl_as_amd` on
 an Intel CPU, natively on an AMD one; `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` for Foursquare's)
-and compare the lines: the ops whose hashes differ are the candidates. Deterministic inputs, one and two threads.
+and compare the lines: the ops whose hashes differ are the candidates. Deterministic inputs, one and two threads;
+each case runs twice, and one whose two results differ prints ``varies`` (LightGCN's training at two threads).
 
 Usage: python experiments/plans/kernel_fingerprint.py [--threads 1,2] [--steps 5]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -135,18 +137,19 @@ def teachers(steps: int) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
     train.data[:] = 1.0
     split = SimpleNamespace(train=train)
 
+    class FirstBatches(OwnLoss):
+        """The model's own loss over the first ``steps`` batches of an epoch: the Trainer's epoch, cut short."""
+
+        def batches(self, epoch, generator):
+            return itertools.islice(super().batches(epoch, generator), steps)
+
     def run(name: str) -> tuple[torch.Tensor, ...]:
         torch.manual_seed(0)
         model = build_model(name, train, dim=64)
         config = model.config
-        objective = OwnLoss(model, split, config.batch_size, config.n_negatives, torch.device("cpu"))
-        trainer = Trainer(model, split, objective, TrainerConfig(lr=config.lr, weight_decay=config.weight_decay,
-                                                                 max_epochs=1, seed=0))
-        for batch, _ in zip(objective.batches(1, trainer.generator), range(steps), strict=False):
-            trainer.optimizer.zero_grad(set_to_none=True)
-            objective.loss(model, batch).backward()
-            trainer.optimizer.step()
-            model.after_step()
+        objective = FirstBatches(model, split, config.batch_size, config.n_negatives, torch.device("cpu"))
+        Trainer(model, split, objective, TrainerConfig(lr=config.lr, weight_decay=config.weight_decay, max_epochs=1,
+                                                       seed=0)).train_epoch()
         model.eval()
         with torch.no_grad():
             return (*model.parameters(), model.score(torch.arange(256)))
@@ -166,7 +169,8 @@ def main() -> None:
     for threads in [int(count) for count in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for name, case in cases.items():
-            print(f"{threads} {name:22} {digest(*case())}", flush=True)
+            first, again = digest(*case()), digest(*case())  # a kernel that differs run to run says so
+            print(f"{threads} {name:22} {first if first == again else 'varies'}", flush=True)
 
 
 if __name__ == "__main__":
