@@ -40,7 +40,11 @@ TEACHER_COLUMNS = ("teacher", "params", "state epochs E1–E4", "train s", "eval
 def committed_teacher_digests(dataset: str, results_dir: Path = Path("experiments/results")
                               ) -> tuple[Path, dict[str, tuple[str, str]]]:
     """The teachers page of ``dataset`` (``<results_dir>/teachers-<dataset>.md``, relative to the working
-    directory as ``experiments/runs`` is) and, per teacher on it, (digest, threads); {} where there is none."""
+    directory as ``experiments/runs`` is) and, per teacher on it, (digest, threads); {} where there is none.
+
+    Every table with teacher, threads and digest columns counts, a later row overriding an earlier one: a table in
+    the page's hand-written notes names the teachers that the studies and tables use where the generated table
+    shows an older set (Foursquare's)."""
     page = Path(results_dir) / f"teachers-{dataset_slug(dataset)}.md"
     if not page.is_file():
         return page, {}

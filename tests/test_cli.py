@@ -100,6 +100,9 @@ def test_every_command_reads_a_csv_file(tmp_path):
     mf = load_teachers(split, tmp_path / "teachers", ["mf"])[0]
     assert committed_teacher_digests(label, tmp_path)[1] == {"mf": (trajectory_digest(mf)[:12],
                                                                     str(mf.meta.get("threads", "-")))}
+    (tmp_path / f"teachers-{dataset_slug(label)}.md").write_text(  # a notes table names the studies' teachers
+        text + "\n| teacher | threads | digest |\n|---|---|---|\n| mf | 2 | 0123456789ab |\n")
+    assert committed_teacher_digests(label, tmp_path)[1] == {"mf": ("0123456789ab", "2")}
     page = tmp_path / "page.md"
     summarized = runner.invoke(app, ["summarize", *source, *runs, "--write", str(page)])
     assert summarized.exit_code == 0 and page.is_file(), summarized.output
