@@ -10,8 +10,12 @@ again, not the generic branch: ``MKL_CBWR=AVX2`` and ``MKL_CBWR=COMPATIBLE`` mov
 digest elsewhere (2026-12-06). MKL asks exported functions whether the CPU is Intel's and whether it is a Zen; a
 tiny library preloaded before torch answers no and yes (``LD_PRELOAD``), and MKL dispatches as on an AMD Zen CPU.
 With it, CiteULike's NeuMF and LightGCN teachers and Foursquare's NeuMF got the committed digests on an Intel
-Xeon; the autoencoders did not (something else in their training takes another path on an Intel CPU:
-``experiments/results/teachers-citeulike-notes.md``).
+Xeon. MKL's vector maths (VML: torch's sqrt, tanh, exp and log go through them) choose their kernels by another
+check: with the vendor checks answered, they take their branch 0, whose sqrt rounds otherwise than branch 1, which
+matches the AMD machine of Foursquare's teachers: its user autoencoder (torch and MKL held at AVX2) got its committed
+digest with ``MKL_VML_DEBUG_CPU_TYPE=1`` and not with 0 or 3 (2026-12-06). The library sets that variable as it
+loads (unless it is set), so whatever runs with it has both. Not reproduced yet on an Intel CPU, with any branch
+tried: both item autoencoders and CiteULike's user autoencoder (``experiments/results/teachers-foursquare-notes.md``).
 
     python -m hetcomp.mkl_as_amd hetcomp train-teachers --dataset citeulike
 
@@ -31,12 +35,17 @@ from pathlib import Path
 
 from hetcomp.errors import HetCompError
 
+#: the branch of MKL's vector maths that the AMD machines took (found by training: see the module's docstring)
+VML_BRANCH = "1"
 #: MKL's vendor checks, answered as on an AMD Zen CPU: not Intel's (its generic branch), and Zen (that branch's Zen
-#: sgemm kernels; without it MKL takes the plain SSE2 kernels, which no AMD machine of ours ran)
-SOURCE = """\
-int mkl_serv_intel_cpu_true(void) { return 0; }
-int mkl_serv_intel_cpu(void) { return 0; }
-int mkl_serv_cpuiszen(void) { return 1; }
+#: sgemm kernels; without it MKL takes the plain SSE2 kernels, which no AMD machine of ours ran); and, set when the
+#: library loads (before MKL reads it at its first vector function), the vector maths' branch
+SOURCE = f"""\
+#include <stdlib.h>
+int mkl_serv_intel_cpu_true(void) {{ return 0; }}
+int mkl_serv_intel_cpu(void) {{ return 0; }}
+int mkl_serv_cpuiszen(void) {{ return 1; }}
+__attribute__((constructor)) static void vml_as_on_amd(void) {{ setenv("MKL_VML_DEBUG_CPU_TYPE", "{VML_BRANCH}", 0); }}
 """
 #: the library's file name starts with this, so a process can tell that it runs with it
 LIBRARY_STEM = "hetcomp-mkl-as-amd"
@@ -55,7 +64,7 @@ def library(cache_dir: Path | None = None) -> Path:
     named = os.environ.get("CC")
     compiler = shutil.which(named) if named else shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise HetCompError(f"hetcomp.mkl_as_amd needs a C compiler to build its 3-line preload library: "
+        raise HetCompError(f"hetcomp.mkl_as_amd needs a C compiler to build its small preload library: "
                            f"{f'CC={named} is not a program' if named else 'no cc or gcc found'}; install gcc "
                            "(or set CC to one)")
     cache_dir.mkdir(parents=True, exist_ok=True)

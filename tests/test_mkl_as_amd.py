@@ -31,9 +31,10 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which(
 needs_mkl = pytest.mark.skipif(platform.machine() != "x86_64" or not _mkl_exported(),
                                reason="torch here is not an x86-64 build with MKL's dispatcher exported")
 
-#: MKL's dispatch branch (0: the generic one, taken on non-Intel CPUs), asked after a product has made MKL dispatch
-BRANCH = (f"import ctypes, torch; torch.randn(8, 8) @ torch.randn(8, 8); "
-          f"print(ctypes.CDLL({str(LIBTORCH_CPU)!r}).mkl_serv_cpu_detect())")
+#: MKL's dispatch branch (0: the generic one, taken on non-Intel CPUs) and its vector maths' branch, asked after a
+#: product and a square root have made MKL dispatch
+BRANCH = (f"import ctypes, torch; torch.randn(8, 8) @ torch.randn(8, 8); torch.rand(64).sqrt(); "
+          f"mkl = ctypes.CDLL({str(LIBTORCH_CPU)!r}); print(mkl.mkl_serv_cpu_detect(), mkl.mkl_vml_serv_cpu_detect())")
 
 
 @needs_compiler
@@ -45,8 +46,8 @@ def test_a_command_run_through_it_gets_mkls_generic_branch_and_says_so_in_its_ma
                               BRANCH + "; from hetcomp.provenance import machine; print(machine())"],
                              env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)), capture_output=True, text=True,
                              check=True)
-    branch, line = through.stdout.split("\n")[:2]
-    assert branch == "0"
+    branches, line = through.stdout.split("\n")[:2]
+    assert branches == f"0 {mkl_as_amd.VML_BRANCH}"
     assert "MKL as on AMD" in line
     plain = subprocess.run([sys.executable, "-c", "from hetcomp.provenance import machine; print(machine())"],
                            capture_output=True, text=True, check=True)

@@ -27,6 +27,26 @@ from torch.nn import functional
 from hetcomp.provenance import machine
 
 
+def mkl_branches() -> str:
+    """MKL's own answers after it has dispatched: its CPU branch (0 generic, as on AMD), its vector maths' branch
+    (``MKL_VML_DEBUG_CPU_TYPE`` sets it: 1 gave Foursquare's committed user autoencoder on an Intel CPU), the
+    reproducibility branch it would pick, and its feature bits. On an AMD machine these say at once which VML branch
+    to ask for (``hetcomp.mkl_as_amd.VML_BRANCH``)."""
+    import ctypes
+    from pathlib import Path
+
+    torch.randn(8, 8) @ torch.randn(8, 8)
+    torch.rand(64).sqrt()
+    try:
+        mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        features = ctypes.c_uint64.in_dll(mkl, "__intel_mkl_feature_indicator_x").value
+        return (f"MKL branch {mkl.mkl_serv_cpu_detect()}, VML branch {mkl.mkl_vml_serv_cpu_detect()}, "
+                f"CBWR auto branch {mkl.mkl_serv_cbwr_get_auto_branch()}, "
+                f"Zen by its own check {mkl.mkl_serv_cpuiszen()}, features {features:#x}")
+    except (OSError, AttributeError, ValueError) as error:
+        return f"MKL's answers not readable here ({error})"
+
+
 def digest(*tensors: torch.Tensor) -> str:
     hashed = hashlib.sha256()
     for tensor in tensors:
@@ -165,6 +185,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # a notice, not a fault
     torch.set_flush_denormal(True)  # as hetcomp's Trainer sets it, for every line alike
     print(f"# {machine()}")
+    print(f"# {mkl_branches()}")
     cases = {**products(), **elementwise(), **sparse_and_random(), **teachers(args.steps)}
     for threads in [int(count) for count in args.threads.split(",")]:
         torch.set_num_threads(threads)
