@@ -55,13 +55,15 @@ def default_cache_dir(env: dict[str, str] | os._Environ) -> Path:
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetcomp"
 
 
-def library(cache_dir: Path | None = None) -> Path:
-    """The preload library, compiled on first use (one file per source version, written atomically)."""
-    cache_dir = cache_dir or default_cache_dir(os.environ)
+def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | None = None) -> Path:
+    """The preload library, compiled on first use (one file per source version, written atomically); ``env``
+    (default: this process's environment) gives the cache folder where ``cache_dir`` does not, and ``CC``."""
+    env = os.environ if env is None else env
+    cache_dir = cache_dir or default_cache_dir(env)
     path = cache_dir / f"{LIBRARY_STEM}-{hashlib.sha256(SOURCE.encode()).hexdigest()[:12]}.so"
     if path.exists():
         return path
-    named = os.environ.get("CC")
+    named = env.get("CC")
     compiler = shutil.which(named) if named else shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise HetCompError(f"hetcomp.mkl_as_amd needs a C compiler to build its small preload library: "
@@ -82,7 +84,7 @@ def library(cache_dir: Path | None = None) -> Path:
 def environment(base: dict[str, str] | None = None, cache_dir: Path | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) with the library first in ``LD_PRELOAD``."""
     env = dict(os.environ if base is None else base)
-    preload = [str(library(cache_dir or default_cache_dir(env))), *env.get("LD_PRELOAD", "").split()]
+    preload = [str(library(cache_dir, env)), *env.get("LD_PRELOAD", "").split()]
     env["LD_PRELOAD"] = " ".join(dict.fromkeys(preload))
     return env
 

@@ -62,7 +62,8 @@ def train_teachers(
                                               "setting, else each model's."),
     threads: int = typer.Option(None, help="CPU threads (default: torch's, one per core). A teacher's rankings "
                                            "are bit-identical only for the same thread count (recorded in its "
-                                           "trajectory)."),
+                                           "trajectory); LightGCN's with more than one thread not even run to "
+                                           "run (its propagation sums in a thread-dependent order)."),
     path: Path = PathOption, user_col: str = UserColOption, item_col: str = ItemColOption, sep: str = SepOption,
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
@@ -138,7 +139,7 @@ def _say_digest(out, trajectory, committed: tuple[str, str] | None, page: Path, 
               "A teacher's rankings depend on the thread count (--threads) and on the CPU's vector kernels (this "
               f"machine's: {cpu()}); on an AVX-512 CPU, ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 set "
               "before the command give an AVX2 machine's rankings, and on an Intel CPU `python -m hetcomp.mkl_as_amd "
-              "hetcomp train-teachers ...` gives the matrix products of an AMD one")
+              "hetcomp train-teachers ...` gives the matrix products and vector maths of an AMD one")
     return False
 
 
