@@ -35,7 +35,8 @@ from pathlib import Path
 
 from hetcomp.errors import HetCompError
 
-#: the branch of MKL's vector maths that the AMD machines took (found by training: see the module's docstring)
+#: the branch of MKL's vector maths (its E2 kernels) that Foursquare's AMD machine took, found by training (see
+#: the module's docstring)
 VML_BRANCH = "1"
 #: MKL's vendor checks, answered as on an AMD Zen CPU: not Intel's (its generic branch), and Zen (that branch's Zen
 #: sgemm kernels; without it MKL takes the plain SSE2 kernels, which no AMD machine of ours ran); and, set when the
