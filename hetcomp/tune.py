@@ -177,8 +177,6 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         finished = None if record.exists() else _finished_summary(study, summary_file, attrs, trials)
         if finished is not None:
             return finished
-    # seeded, and reseeded by the trials already there: a resumed study does not repeat its first proposals
-    study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + len(study.trials))
     blind = validation_only(split)
     store = store or RunStore("experiments/tuning-runs")
 
@@ -215,6 +213,10 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     for _ in range(max(remaining, 0)):  # at most as many attempts as the budget lacked at the start
         if _still_needed(study, trials) <= 0:
             break
+        # seeded afresh before each trial by the trials already there (running ones included): a study interrupted
+        # and resumed proposes what it would have uninterrupted (one worker) and never repeats its first proposals;
+        # two workers collide only if both read the count before either adds its trial
+        study.sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + len(study.trials))
         study.optimize(objective, n_trials=1, callbacks=after_trial)
     summary = _summary(study, attrs, trials, None if default_storage else storage, source, knobs)
     if summary["trials"]["complete"] + summary["trials"]["pruned"] >= trials:

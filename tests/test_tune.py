@@ -330,6 +330,10 @@ def test_an_interrupted_study_resumes_to_its_budget(teachers, tmp_path):
     resumed = _study(tmp_path, teachers, trials=5)
     assert resumed["trials"]["complete"] == 5 and [t["number"] for t in resumed["history"]] == list(range(5))
     assert len({json.dumps(t["params"]) for t in resumed["history"]}) == 5  # no repeated proposal
+    (tmp_path / "whole").mkdir()  # the same budget in one go proposes the same points and reaches the same values
+    whole = _study(tmp_path / "whole", teachers, trials=5)
+    assert [(t["params"], t["value"]) for t in whole["history"]] == [(t["params"], t["value"])
+                                                                     for t in resumed["history"]]
     summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
     summary_file.write_text(summary_file.read_text().replace(f'"commit": "{resumed["commit"]}"', '"commit": "maker"'))
     assert _study(tmp_path, teachers, trials=5)["history"] == resumed["history"]  # budget reached: nothing runs
