@@ -11,11 +11,17 @@ digest elsewhere (2026-12-06). MKL asks exported functions whether the CPU is In
 tiny library preloaded before torch answers no and yes (``LD_PRELOAD``), and MKL dispatches as on an AMD Zen CPU.
 With it, CiteULike's NeuMF and LightGCN teachers and Foursquare's NeuMF got the committed digests on an Intel
 Xeon. MKL's vector maths (VML: torch's sqrt, tanh, exp and log go through them) choose their kernels by another
-check: with the vendor checks answered, they take their branch 0, whose sqrt rounds otherwise than branch 1, which
-matches the AMD machine of Foursquare's teachers: its user autoencoder (torch and MKL held at AVX2) got its committed
-digest with ``MKL_VML_DEBUG_CPU_TYPE=1`` and not with 0 or 3 (2026-12-06). The library sets that variable as it
-loads (unless it is set), so whatever runs with it has both. Not reproduced yet on an Intel CPU, with any branch
-tried: both item autoencoders and CiteULike's user autoencoder (``experiments/results/teachers-foursquare-notes.md``).
+check: with the vendor checks answered, they take their branch 0 (`EX`), as an AMD CPU does. Its square root is
+RSQRTPS, the hardware's approximate 1/sqrt, refined by one correction step; x86 defines RSQRTPS (and RCPPS) only
+to 1.5·2^-12, and AMD's and Intel's results differ (an AMD Zen 3 emulated down to its CPUID answers,
+``experiments/plans/cpuid_as_amd.c``, gave the library's digests, not the AMD machine's): so the autoencoders'
+row norms round otherwise. Given an AMD
+machine's RSQRTSS table (``AMD_RSQRT_TABLE``, measured by ``experiments/plans/rsqrt_table.py --package``), the
+library replaces MKL's `EX` square root by the same steps on the table's values: that machine's square roots, bit
+for bit (tested with this CPU's own table against MKL's kernel). Without the table it sets branch 1 (`E2`), which
+gave Foursquare's user autoencoder its committed digest but not the item autoencoders' nor CiteULike's user
+autoencoder's (``experiments/results/teachers-foursquare-notes.md``). The branch is set as the library loads
+(unless ``MKL_VML_DEBUG_CPU_TYPE`` is set).
 
     python -m hetcomp.mkl_as_amd hetcomp train-teachers --dataset citeulike
 
@@ -31,23 +37,102 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from hetcomp.errors import HetCompError
 
-#: the branch of MKL's vector maths (its E2 kernels) that Foursquare's AMD machine took, found by training (see
-#: the module's docstring)
+#: the branch of MKL's vector maths (its E2 kernels) that reproduced Foursquare's user autoencoder of an AMD machine
+#: (see the module's docstring); with an AMD machine's RSQRTSS table, branch 0 and that table's square root instead
 VML_BRANCH = "1"
+#: an AMD machine's RSQRTSS over [1, 4) as runs (``experiments/plans/rsqrt_table.py`` measures one), where present
+AMD_RSQRT_TABLE = Path(__file__).with_name("rsqrt_amd.npz")
 #: MKL's vendor checks, answered as on an AMD Zen CPU: not Intel's (its generic branch), and Zen (that branch's Zen
 #: sgemm kernels; without it MKL takes the plain SSE2 kernels, which no AMD machine of ours ran); and, set when the
 #: library loads (before MKL reads it at its first vector function), the vector maths' branch
-SOURCE = f"""\
+VENDOR_CHECKS = """\
 #include <stdlib.h>
-int mkl_serv_intel_cpu_true(void) {{ return 0; }}
-int mkl_serv_intel_cpu(void) {{ return 0; }}
-int mkl_serv_cpuiszen(void) {{ return 1; }}
-__attribute__((constructor)) static void vml_as_on_amd(void) {{ setenv("MKL_VML_DEBUG_CPU_TYPE", "{VML_BRANCH}", 0); }}
+int mkl_serv_intel_cpu_true(void) { return 0; }
+int mkl_serv_intel_cpu(void) { return 0; }
+int mkl_serv_cpuiszen(void) { return 1; }
+__attribute__((constructor)) static void vml_as_on_amd(void) { setenv("MKL_VML_DEBUG_CPU_TYPE", "BRANCH", 0); }
 """
+#: MKL's generic (EX) square root, y = RSQRTSS(x) and one correction step, with y from a measured table instead of
+#: this CPU's RSQRTSS (the one instruction whose results differ between AMD and Intel CPUs): it replaces MKL's kernel
+#: of that name (the library is preloaded), for positive normal inputs; others go to MKL's own kernel
+EMULATED_SQRT = """\
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <string.h>
+STARTS
+VALUES
+static float table_rsqrt(float x) {  /* x = m 4^k, m in [1, 4): the table's result for m, times 2^-k */
+    uint32_t b, y;
+    memcpy(&b, &x, 4);
+    int k = (((int)(b >> 23)) - 127) >> 1, lo = 0, hi = RUNS - 1;
+    uint32_t m = b - ((uint32_t)(2 * k) << 23);
+    while (lo < hi) { int mid = (lo + hi + 1) >> 1; if (rsqrt_starts[mid] <= m) lo = mid; else hi = mid - 1; }
+    y = rsqrt_values[lo] - ((uint32_t)k << 23);
+    float r;
+    memcpy(&r, &y, 4);
+    return r;
+}
+static float ex_lane(float x, float y) {
+    float s = x * y, h = y * 0.5f;
+    float r = 0.5f - s * h;
+    float s1 = s * r + s, h1 = r * h + h;
+    return (x - s1 * s1) * h1 + s1;
+}
+typedef void (*kernel)(int, const float *, float *);
+void mkl_vml_kernel_sSqrt_EXHAynn(int n, const float *a, float *r) {
+    static kernel mkl;
+    if (!mkl) mkl = (kernel)dlsym(dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD), "mkl_vml_kernel_sSqrt_EXHAynn");
+    for (int i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &a[i], 4);
+        if (b >= 0x0d800000u && b <= 0x7f7ff000u) r[i] = ex_lane(a[i], table_rsqrt(a[i]));
+        else mkl(1, &a[i], &r[i]);
+    }
+}
+"""
+#: this CPU's RSQRTSS, for :func:`measure_rsqrt`
+RSQRT_PROBE = """\
+#include <immintrin.h>
+void rsqrt_hw(const float *x, float *out, long n) {
+    for (long i = 0; i < n; i++) out[i] = _mm_cvtss_f32(_mm_rsqrt_ss(_mm_set_ss(x[i])));
+}
+"""
+
+
+def rsqrt_runs(table: Path | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A RSQRTSS table's run starts and values (float bits in [1, 4)), from ``table`` (default: the AMD one, when
+    the package has it)."""
+    table = AMD_RSQRT_TABLE if table is None else Path(table)
+    if not table.is_file():
+        return None
+    with np.load(table) as runs:
+        return runs["starts"].astype(np.uint32), runs["values"].astype(np.uint32)
+
+
+def source(rsqrt: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """The library's C source: the vendor checks and VML branch 1, or, given a RSQRTSS table, branch 0 with MKL's
+    square root computed from that table."""
+    if rsqrt is None:
+        return VENDOR_CHECKS.replace("BRANCH", VML_BRANCH)
+    starts, values = rsqrt
+
+    def array(name: str, items: np.ndarray) -> str:
+        return f"static const uint32_t {name}[{len(items)}] = {{{','.join(f'{int(v):#010x}u' for v in items)}}};"
+    return (EMULATED_SQRT.replace("STARTS", array("rsqrt_starts", starts))
+            .replace("VALUES", array("rsqrt_values", values)).replace("RUNS", str(len(starts)))
+            + VENDOR_CHECKS.replace("BRANCH", "0"))
+
+
+#: the library's source by default: with the AMD machine's RSQRTSS table where the package has one
+SOURCE = source(rsqrt_runs())
 #: the library's file name starts with this, so a process can tell that it runs with it
 LIBRARY_STEM = "hetcomp-mkl-as-amd"
 
@@ -56,12 +141,16 @@ def default_cache_dir(env: dict[str, str] | os._Environ) -> Path:
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hetcomp"
 
 
-def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | None = None) -> Path:
+def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | None = None,
+            code: str = SOURCE) -> Path:
     """The preload library, compiled on first use (one file per source version, written atomically); ``env``
     (default: this process's environment) gives the cache folder where ``cache_dir`` does not, and ``CC``."""
     env = os.environ if env is None else env
-    cache_dir = cache_dir or default_cache_dir(env)
-    path = cache_dir / f"{LIBRARY_STEM}-{hashlib.sha256(SOURCE.encode()).hexdigest()[:12]}.so"
+    return _compile(code, cache_dir or default_cache_dir(env), env, LIBRARY_STEM, ["-shared", "-fPIC", "-ldl"])
+
+
+def _compile(code: str, cache_dir: Path, env: dict[str, str] | os._Environ, stem: str, flags: list[str]) -> Path:
+    path = cache_dir / f"{stem}-{hashlib.sha256(code.encode()).hexdigest()[:12]}.so"
     if path.exists():
         return path
     named = env.get("CC")
@@ -71,10 +160,11 @@ def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | N
                            f"{f'CC={named} is not a program' if named else 'no cc or gcc found'}; install gcc "
                            "(or set CC to one)")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    source = cache_dir / f"{path.stem}.c"
-    source.write_text(SOURCE)
+    written = cache_dir / f"{path.stem}.c"
+    written.write_text(code)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    done = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(partial), str(source)],
+    # float operations as written (no fused multiply-adds): the emulated square root must round as MKL's kernel does
+    done = subprocess.run([compiler, "-O2", "-ffp-contract=off", "-o", str(partial), str(written), *flags],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise HetCompError(f"{compiler} could not build {path.name}: {done.stderr.strip()}")
@@ -82,12 +172,37 @@ def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | N
     return path
 
 
-def environment(base: dict[str, str] | None = None, cache_dir: Path | None = None) -> dict[str, str]:
-    """``base`` (default: this process's environment) with the library first in ``LD_PRELOAD``."""
+def environment(base: dict[str, str] | None = None, cache_dir: Path | None = None, code: str = SOURCE
+                ) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the library (of ``code``) first in ``LD_PRELOAD``."""
     env = dict(os.environ if base is None else base)
-    preload = [str(library(cache_dir, env)), *env.get("LD_PRELOAD", "").split()]
+    preload = [str(library(cache_dir, env, code)), *env.get("LD_PRELOAD", "").split()]
     env["LD_PRELOAD"] = " ".join(dict.fromkeys(preload))
     return env
+
+
+def hardware_rsqrt(cache_dir: Path | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """This CPU's RSQRTSS as a function of float32 arrays (a small compiled probe)."""
+    import ctypes
+
+    probe = ctypes.CDLL(str(_compile(RSQRT_PROBE, cache_dir or default_cache_dir(os.environ), os.environ,
+                                     "hetcomp-rsqrt-probe", ["-shared", "-fPIC", "-msse2"])))
+
+    def rsqrt(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty_like(x)
+        probe.rsqrt_hw(x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(len(x)))
+        return y
+    return rsqrt
+
+
+def measure_rsqrt(cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """This CPU's RSQRTSS over every float in [1, 4), as the run starts and values of :func:`rsqrt_runs` (the
+    instruction's result for x 4^k is that for x times 2^-k on the CPUs measured: ``rsqrt_table.py`` checks it)."""
+    bits = hardware_rsqrt(cache_dir)(np.arange(0x3F800000, 0x40800000, dtype=np.uint32).view(np.float32)).view(
+        np.uint32)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(bits)) + 1])
+    return (starts + 0x3F800000).astype(np.uint32), bits[starts]
 
 
 def active() -> bool:

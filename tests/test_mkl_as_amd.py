@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,31 @@ def test_no_compiler_and_an_unknown_command_are_clear_errors(tmp_path, monkeypat
         assert mkl_as_amd.main(["no-such-command-for-hetcomp"]) == 127
         assert "command not found: no-such-command-for-hetcomp" in capsys.readouterr().err
     assert mkl_as_amd.main([]) == 2
+
+
+#: a hash of torch.sqrt over floats of [1, 4), integers (the autoencoders' row norms) and special values
+SQUARE_ROOTS = ("import hashlib, torch; torch.set_num_threads(1); x = torch.cat([torch.rand(1 << 16, "
+                "generator=torch.Generator().manual_seed(0)) * 3 + 1, torch.arange(1.0, 5000.0), "
+                "torch.tensor([0.0, -1.0, float('inf'), 1e-40, 3e38])]); "
+                "print(hashlib.sha256(torch.sqrt(x).numpy().tobytes()).hexdigest())")
+
+
+@needs_compiler
+@needs_mkl
+def test_a_rsqrt_table_computes_mkls_generic_square_root_from_its_values(tmp_path):
+    """With this CPU's own RSQRTSS table the library's square root is MKL's generic kernel bit for bit, and with
+    the table's values moved it is not (so the kernel is replaced, and an AMD machine's table gives that machine's)."""
+    starts, values = mkl_as_amd.measure_rsqrt(tmp_path)
+    assert len(starts) == len(values) > 100 and starts[0] == 0x3F800000
+
+    def square_roots(code: str, branch: str | None = None) -> str:
+        unset = {name: value for name, value in os.environ.items() if name != "MKL_VML_DEBUG_CPU_TYPE"}
+        env = mkl_as_amd.environment(unset, cache_dir=tmp_path, code=code)
+        if branch is not None:
+            env["MKL_VML_DEBUG_CPU_TYPE"] = branch
+        return subprocess.run([sys.executable, "-c", SQUARE_ROOTS], env=env, capture_output=True, text=True,
+                              check=True).stdout
+
+    generic = square_roots(mkl_as_amd.source(None), branch="0")  # MKL's own kernel on this CPU's RSQRTSS
+    emulated = square_roots(mkl_as_amd.source((starts, values)))  # the library sets branch 0 itself
+    assert emulated == generic != square_roots(mkl_as_amd.source((starts, values + np.uint32(1 << 12))))
