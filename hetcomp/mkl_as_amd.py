@@ -18,9 +18,11 @@ to 1.5·2^-12, and AMD's and Intel's results differ (an AMD Zen 3 emulated down 
 row norms round otherwise. Given an AMD
 machine's RSQRTSS table (``AMD_RSQRT_TABLE``, measured by ``experiments/plans/rsqrt_table.py --package``), the
 library replaces MKL's `EX` square root by the same steps on the table's values: that machine's square roots, bit
-for bit (tested with this CPU's own table against MKL's kernel). Without the table it sets branch 1 (`E2`), which
-gave Foursquare's user autoencoder its committed digest but not the item autoencoders' nor CiteULike's user
-autoencoder's (``experiments/results/teachers-foursquare-notes.md``). The branch is set as the library loads
+for bit (tested with this CPU's own table against MKL's kernel). Without the table it sets branch 1 (`E2`: the same
+correction on 1/sqrt(x) cut to 13 bits, to within 507 of the 2^24 floats of [1, 4)), which gave Foursquare's user
+autoencoder and CiteULike's item autoencoder their committed digests (their row norms are square roots of counts up
+to ~1,070), not Foursquare's item autoencoder's nor CiteULike's user autoencoder's (counts up to ~2,400 and ~4,800;
+``experiments/results/teachers-foursquare-notes.md``). The branch is set as the library loads
 (unless ``MKL_VML_DEBUG_CPU_TYPE`` is set).
 
     python -m hetcomp.mkl_as_amd hetcomp train-teachers --dataset citeulike

@@ -20,8 +20,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,19 @@ def main() -> None:
     print(f"exponent separability (x·4^k, k = ±1..30, 2^16 samples): {violations} violations")
     print(f"torch.sqrt (MKL VML branch {branch}) equals the EX kernel on this RSQRTSS for {same} of {len(x)} "
           "floats in [1, 4)" + (" (branch 0 is the EX kernel)" if branch != 0 else ""))
+    # the autoencoders' row norms are square roots of integer counts k and, under dropout 1/2, of 4k; branch 1 (E2)
+    # gave one AMD machine's digest for Foursquare's user autoencoder (counts up to 267): where does it agree?
+    counts = np.arange(1, 5001, dtype=np.float32)
+    counts = np.concatenate([counts, 4 * counts])
+    ex = ex_sqrt(counts, rsqrt(counts))
+    e2 = np.frombuffer(bytes.fromhex(subprocess.run(
+        [sys.executable, "-c", "import sys, numpy as np, torch; torch.set_num_threads(1); "
+         "print(torch.sqrt(torch.from_numpy(np.frombuffer(bytes.fromhex(sys.stdin.read()), np.float32).copy()))"
+         ".numpy().tobytes().hex())"], input=counts.tobytes().hex(), capture_output=True, text=True, check=True,
+        env={**os.environ, "MKL_VML_DEBUG_CPU_TYPE": "1"}).stdout.strip()), np.float32)
+    differ = np.flatnonzero(ex != e2)
+    print(f"integers k <= 5000 and 4k: branch 1 (E2) equals the EX kernel on this RSQRTSS for "
+          f"{len(counts) - len(differ)} of {len(counts)}; first differences at {counts[differ[:8]].tolist()}")
 
 
 if __name__ == "__main__":
