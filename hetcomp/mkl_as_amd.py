@@ -62,8 +62,9 @@ int mkl_serv_cpuiszen(void) { return 1; }
 __attribute__((constructor)) static void vml_as_on_amd(void) { setenv("MKL_VML_DEBUG_CPU_TYPE", "BRANCH", 0); }
 """
 #: MKL's generic (EX) square root, y = RSQRTSS(x) and one correction step, with y from a measured table instead of
-#: this CPU's RSQRTSS (the one instruction whose results differ between AMD and Intel CPUs): it replaces MKL's kernel
-#: of that name (the library is preloaded), for positive normal inputs; others go to MKL's own kernel
+#: this CPU's RSQRTSS (whose results differ between AMD and Intel CPUs): it replaces MKL's kernel of that name (the
+#: library is preloaded) for inputs from 2^-100 (no intermediate is subnormal) to MKL's own upper limit of its main
+#: path; zeros, negatives, tiny, huge and non-finite inputs go to MKL's kernel
 EMULATED_SQRT = """\
 #define _GNU_SOURCE
 #include <dlfcn.h>
