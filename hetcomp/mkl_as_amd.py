@@ -199,11 +199,13 @@ def hardware_rsqrt(cache_dir: Path | None = None) -> Callable[[np.ndarray], np.n
     return rsqrt
 
 
-def measure_rsqrt(cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """This CPU's RSQRTSS over every float in [1, 4), as the run starts and values of :func:`rsqrt_runs` (the
-    instruction's result for x 4^k is that for x times 2^-k on the CPUs measured: ``rsqrt_table.py`` checks it)."""
-    bits = hardware_rsqrt(cache_dir)(np.arange(0x3F800000, 0x40800000, dtype=np.uint32).view(np.float32)).view(
-        np.uint32)
+def measure_rsqrt(rsqrt: Callable[[np.ndarray], np.ndarray] | None = None, cache_dir: Path | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """This CPU's RSQRTSS (``rsqrt``, default :func:`hardware_rsqrt`) over every float in [1, 4), as the run starts
+    and values of :func:`rsqrt_runs` (the instruction's result for x 4^k is that for x times 2^-k on the CPUs
+    measured: ``rsqrt_table.py`` checks it)."""
+    rsqrt = rsqrt or hardware_rsqrt(cache_dir)
+    bits = rsqrt(np.arange(0x3F800000, 0x40800000, dtype=np.uint32).view(np.float32)).view(np.uint32)
     starts = np.concatenate([[0], np.flatnonzero(np.diff(bits)) + 1])
     return (starts + 0x3F800000).astype(np.uint32), bits[starts]
 

@@ -75,15 +75,25 @@ def cpu() -> str:
     return f"{platform.processor() or platform.machine()}{_cpu_model()}"
 
 
-@functools.cache  # the processor does not change within a process; machine() is called for every result
-def _cpu_model() -> str:
-    """`` (AMD EPYC, AVX2)``: the processor's model name where Linux tells it, and torch's CPU kernel level."""
-    parts = []
+@functools.cache  # the processor does not change within a process
+def cpu_vendor_and_model() -> tuple[str, str]:
+    """The processor's vendor (``AuthenticAMD``, ``GenuineIntel``) and model name where Linux tells them, else ""."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
-            parts += [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")][:1]
+            for line in handle:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields.get("vendor_id", ""), fields.get("model name", "")
+
+
+@functools.cache  # machine() is called for every result
+def _cpu_model() -> str:
+    """`` (AMD EPYC, AVX2)``: the processor's model name where Linux tells it, and torch's CPU kernel level."""
+    model = cpu_vendor_and_model()[1]
+    parts = [model] if model else []
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
     parts += [capability] if capability else []
     return f" ({', '.join(parts)})" if parts else ""

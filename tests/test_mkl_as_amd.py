@@ -32,6 +32,11 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which(
 needs_mkl = pytest.mark.skipif(platform.machine() != "x86_64" or not _mkl_exported(),
                                reason="torch here is not an x86-64 build with MKL's dispatcher exported")
 
+def _without_vml_branch() -> dict[str, str]:
+    """This process's environment without a VML branch of its own, so that the library's setting holds."""
+    return {name: value for name, value in os.environ.items() if name != "MKL_VML_DEBUG_CPU_TYPE"}
+
+
 #: MKL's dispatch branch (0: the generic one, taken on non-Intel CPUs) and its vector maths' branch, asked after a
 #: product and a square root have made MKL dispatch
 BRANCH = (f"import ctypes, torch; torch.randn(8, 8) @ torch.randn(8, 8); torch.rand(64).sqrt(); "
@@ -43,11 +48,10 @@ BRANCH = (f"import ctypes, torch; torch.randn(8, 8) @ torch.randn(8, 8); torch.r
 def test_a_command_run_through_it_gets_mkls_generic_branch_and_says_so_in_its_machine_line(tmp_path):
     env = mkl_as_amd.environment(dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
     assert env["LD_PRELOAD"].split()[0].startswith(str(tmp_path / "hetcomp"))
-    unset = {name: value for name, value in os.environ.items() if name != "MKL_VML_DEBUG_CPU_TYPE"}
     through = subprocess.run([sys.executable, "-m", "hetcomp.mkl_as_amd", sys.executable, "-c",
                               BRANCH + "; from hetcomp.provenance import machine; print(machine())"],
-                             env=dict(unset, XDG_CACHE_HOME=str(tmp_path)), capture_output=True, text=True,
-                             check=True)
+                             env=dict(_without_vml_branch(), XDG_CACHE_HOME=str(tmp_path)), capture_output=True,
+                             text=True, check=True)
     branches, line = through.stdout.split("\n")[:2]
     assert branches == f"0 {mkl_as_amd.VML_BRANCH}"
     assert "MKL as on AMD" in line
@@ -91,12 +95,11 @@ SQUARE_ROOTS = ("import hashlib, torch; torch.set_num_threads(1); x = torch.cat(
 def test_a_rsqrt_table_computes_mkls_generic_square_root_from_its_values(tmp_path):
     """With this CPU's own RSQRTSS table the library's square root is MKL's generic kernel bit for bit, and with
     the table's values moved it is not (so the kernel is replaced, and an AMD machine's table gives that machine's)."""
-    starts, values = mkl_as_amd.measure_rsqrt(tmp_path)
+    starts, values = mkl_as_amd.measure_rsqrt(cache_dir=tmp_path)
     assert len(starts) == len(values) > 100 and starts[0] == 0x3F800000
 
     def square_roots(code: str, branch: str | None = None) -> str:
-        unset = {name: value for name, value in os.environ.items() if name != "MKL_VML_DEBUG_CPU_TYPE"}
-        env = mkl_as_amd.environment(unset, cache_dir=tmp_path, code=code)
+        env = mkl_as_amd.environment(_without_vml_branch(), cache_dir=tmp_path, code=code)
         if branch is not None:
             env["MKL_VML_DEBUG_CPU_TYPE"] = branch
         return subprocess.run([sys.executable, "-c", SQUARE_ROOTS], env=env, capture_output=True, text=True,

@@ -42,6 +42,7 @@ import torch
 
 from hetcomp import mkl_as_amd
 from hetcomp.experiments import committed_teacher_digests
+from hetcomp.provenance import cpu_vendor_and_model
 from hetcomp.runs.spec import trajectory_digest
 from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import TEACHERS, trajectory_file
@@ -134,10 +135,7 @@ def running(step: Step) -> bool:
 
 
 def intel_cpu() -> bool:
-    try:
-        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return cpu_vendor_and_model()[0] == "GenuineIntel"
 
 
 def environment(step: Step, threads: int) -> dict:

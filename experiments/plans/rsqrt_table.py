@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hetcomp import mkl_as_amd
+from hetcomp.provenance import cpu_vendor_and_model
 
 
 def ex_sqrt(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -42,23 +43,16 @@ def ex_sqrt(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x - s1 * s1) * h1 + s1
 
 
-def cpu_name() -> tuple[str, str]:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    vendor = re.search(r"vendor_id\s*:\s*(\S+)", info)
-    model = re.search(r"model name\s*:\s*(.+)", info)
-    return (vendor.group(1) if vendor else "unknown"), (model.group(1).strip() if model else "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("experiments/results/rsqrt"))
     parser.add_argument("--package", action="store_true", help="also write hetcomp/rsqrt_amd.npz (an AMD CPU only)")
     args = parser.parse_args()
-    vendor, model = cpu_name()
+    vendor, model = (part or "unknown" for part in cpu_vendor_and_model())
     if args.package and vendor != "AuthenticAMD":
         raise SystemExit(f"--package writes the AMD table, and this CPU is {vendor} {model}")
     rsqrt = mkl_as_amd.hardware_rsqrt()
-    starts, values = mkl_as_amd.measure_rsqrt()
+    starts, values = mkl_as_amd.measure_rsqrt(rsqrt)
     x = np.arange(0x3F800000, 0x40800000, dtype=np.uint32).view(np.float32)  # every float in [1, 4)
     y = np.repeat(values, np.diff(np.append(starts, 0x40800000))).view(np.float32)
     assert np.array_equal(y, rsqrt(x)), "the runs do not give the instruction's results back"
