@@ -15,15 +15,13 @@ check: with the vendor checks answered, they take their branch 0 (`EX`), as an A
 RSQRTPS, the hardware's approximate 1/sqrt, refined by one correction step; x86 defines RSQRTPS (and RCPPS) only
 to 1.5·2^-12, and AMD's and Intel's results differ (an AMD Zen 3 emulated down to its CPUID answers,
 ``experiments/plans/cpuid_as_amd.c``, gave the library's digests, not the AMD machine's): so the autoencoders'
-row norms round otherwise. Given an AMD
-machine's RSQRTSS table (``AMD_RSQRT_TABLE``, measured by ``experiments/plans/rsqrt_table.py --package``), the
-library replaces MKL's `EX` square root by the same steps on the table's values: that machine's square roots, bit
-for bit (tested with this CPU's own table against MKL's kernel). Without the table it sets branch 1 (`E2`: the same
-correction on 1/sqrt(x) cut to 13 bits, to within 507 of the 2^24 floats of [1, 4)), which gave Foursquare's user
-autoencoder and CiteULike's item autoencoder their committed digests (their row norms are square roots of counts up
-to ~1,070), not Foursquare's item autoencoder's nor CiteULike's user autoencoder's (counts up to ~2,400 and ~4,800;
-``experiments/results/teachers-foursquare-notes.md``). The branch is set as the library loads
-(unless ``MKL_VML_DEBUG_CPU_TYPE`` is set).
+row norms round otherwise. The library sets branch 0 (unless ``MKL_VML_DEBUG_CPU_TYPE`` is set) and replaces MKL's
+`EX` square root by the same steps on an AMD RSQRTSS table: a machine's measured one where the package has it
+(``AMD_RSQRT_TABLE``, from ``experiments/plans/rsqrt_table.py --package`` on an AMD CPU), else a model of one
+(:func:`modelled_amd_rsqrt`). With the model, every committed Foursquare teacher and five of CiteULike's six get
+their digests on an Intel Xeon; CiteULike's user autoencoder, made on an AVX-512 EPYC (a newer Zen, whose table may
+differ), does not (``experiments/results/teachers-foursquare-notes.md``). The emulation is tested against MKL's
+own kernel with this CPU's table (bit for bit).
 
     python -m hetcomp.mkl_as_amd hetcomp train-teachers --dataset citeulike
 
@@ -46,11 +44,38 @@ import numpy as np
 
 from hetcomp.errors import HetCompError
 
-#: the branch of MKL's vector maths (its E2 kernels) that reproduced Foursquare's user autoencoder of an AMD machine
-#: (see the module's docstring); with an AMD machine's RSQRTSS table, branch 0 and that table's square root instead
-VML_BRANCH = "1"
-#: an AMD machine's RSQRTSS over [1, 4) as runs (``experiments/plans/rsqrt_table.py`` measures one), where present
+#: an AMD machine's RSQRTSS over [1, 4) as runs (``experiments/plans/rsqrt_table.py`` measures one), where present;
+#: without it the library uses :func:`modelled_amd_rsqrt`
 AMD_RSQRT_TABLE = Path(__file__).with_name("rsqrt_amd.npz")
+#: how far below 1/sqrt at a bucket's midpoint :func:`modelled_amd_rsqrt` rounds, in steps of its 13-bit results:
+#: the middle of the interval (0.05, 0.17) where the model gives every committed Foursquare teacher its digest
+AMD_RSQRT_MODEL_SHIFT = 0.11
+
+
+def modelled_amd_rsqrt(shift: float = AMD_RSQRT_MODEL_SHIFT) -> tuple[np.ndarray, np.ndarray]:
+    """A model of AMD's RSQRTSS over [1, 4), as the runs of :func:`rsqrt_runs`: constant on each bucket of the
+    input's top 12 mantissa bits (and its exponent's parity), 1/sqrt at the bucket's midpoint lowered by ``shift``
+    steps and rounded to 13 significant bits.
+
+    Why a model: no AMD machine has measured its table yet, and the autoencoder teachers' row norms (square roots
+    of integer counts) need AMD's values where MKL's correction step does not absorb the difference. Its shape
+    follows public observations of Zen CPUs (AMD's results differ from Intel's only through the input's top 21
+    bits, i.e. 12 mantissa bits; RSQRTSS(256) is 0x3d7ff800 on a Rome, 13 significant bits), and its one free
+    number was chosen by the committed teachers' digests: with it Foursquare's user and item autoencoders
+    reproduce bit for bit on an Intel CPU, where the same correction on 1/sqrt cut to 13 bits (MKL's `E2`
+    branch) and plain rounding at the midpoint do not (``experiments/results/teachers-foursquare-notes.md``).
+    It is not claimed to equal the hardware on every input.
+    """
+    bucket = np.arange(1 << 13, dtype=np.uint32)  # 4,096 buckets over [1, 2), then 4,096 over [2, 4)
+    starts = np.uint32(0x3F800000) + (bucket << np.uint32(11))
+    width = np.where(bucket < (1 << 12), 2.0 ** -12, 2.0 ** -11)
+    exact = 1 / np.sqrt(starts.view(np.float32).astype(np.float64) + width / 2)
+    step = 2.0 ** (np.floor(np.log2(exact)) - 12)
+    values = (np.round(exact / step - shift) * step).astype(np.float32).view(np.uint32)
+    first = np.concatenate([[True], np.diff(values) != 0])
+    return starts[first], values[first]
+
+
 #: MKL's vendor checks, answered as on an AMD Zen CPU: not Intel's (its generic branch), and Zen (that branch's Zen
 #: sgemm kernels; without it MKL takes the plain SSE2 kernels, which no AMD machine of ours ran); and, set when the
 #: library loads (before MKL reads it at its first vector function), the vector maths' branch
@@ -121,10 +146,10 @@ def rsqrt_runs(table: Path | None = None) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 def source(rsqrt: tuple[np.ndarray, np.ndarray] | None) -> str:
-    """The library's C source: the vendor checks and VML branch 1, or, given a RSQRTSS table, branch 0 with MKL's
-    square root computed from that table."""
+    """The library's C source: the vendor checks and VML branch 0 (MKL's generic kernels, as on an AMD CPU), and,
+    given a RSQRTSS table, MKL's generic square root computed from that table."""
     if rsqrt is None:
-        return VENDOR_CHECKS.replace("BRANCH", VML_BRANCH)
+        return VENDOR_CHECKS.replace("BRANCH", "0")
     starts, values = rsqrt
 
     def array(name: str, items: np.ndarray) -> str:
@@ -134,8 +159,9 @@ def source(rsqrt: tuple[np.ndarray, np.ndarray] | None) -> str:
             + VENDOR_CHECKS.replace("BRANCH", "0"))
 
 
-#: the library's source by default: with the AMD machine's RSQRTSS table where the package has one
-SOURCE = source(rsqrt_runs())
+#: the library's source by default: with an AMD machine's measured RSQRTSS table where the package has one, else
+#: with the model of one
+SOURCE = source(rsqrt_runs() or modelled_amd_rsqrt())
 #: the library's file name starts with this, so a process can tell that it runs with it
 LIBRARY_STEM = "hetcomp-mkl-as-amd"
 

@@ -53,7 +53,7 @@ def test_a_command_run_through_it_gets_mkls_generic_branch_and_says_so_in_its_ma
                              env=dict(_without_vml_branch(), XDG_CACHE_HOME=str(tmp_path)), capture_output=True,
                              text=True, check=True)
     branches, line = through.stdout.split("\n")[:2]
-    assert branches == f"0 {mkl_as_amd.VML_BRANCH}"
+    assert branches == "0 0"  # MKL's generic branch and its generic vector maths, as on an AMD CPU
     assert "MKL as on AMD" in line
     plain = subprocess.run([sys.executable, "-c", "from hetcomp.provenance import machine; print(machine())"],
                            capture_output=True, text=True, check=True)
@@ -108,3 +108,28 @@ def test_a_rsqrt_table_computes_mkls_generic_square_root_from_its_values(tmp_pat
     generic = square_roots(mkl_as_amd.source(None), branch="0")  # MKL's own kernel on this CPU's RSQRTSS
     emulated = square_roots(mkl_as_amd.source((starts, values)))  # the library sets branch 0 itself
     assert emulated == generic != square_roots(mkl_as_amd.source((starts, values + np.uint32(1 << 12))))
+
+
+def test_the_modelled_amd_rsqrt_is_a_12_bit_table_within_the_x86_bound_and_agrees_with_a_zen_datum():
+    """The model (the library's table until an AMD machine measures one): one value per bucket of the top 12
+    mantissa bits, 13 significant bits, within x86's 1.5·2^-12 of 1/sqrt everywhere, RSQRTSS(1) as a Zen 2 gives
+    (its RSQRTSS(256) is 0x3d7ff800), and the runs spell out the rule they were built from."""
+    starts, values = mkl_as_amd.modelled_amd_rsqrt()
+    assert starts[0] == 0x3F800000 and np.all(np.diff(starts) > 0) and np.all(np.diff(values.astype(np.int64)) <= 0)
+    assert np.all(((starts - np.uint32(0x3F800000)) & np.uint32(0x7FF)) == 0)  # runs start on 12-bit buckets
+    assert np.all(values & np.uint32(0x7FF) == 0)  # 13 significant bits
+    x = np.arange(0x3F800000, 0x40800000, 97, dtype=np.uint32)
+    y = values[np.searchsorted(starts, x, side="right") - 1].view(np.float32).astype(np.float64)
+    error = np.abs(y * np.sqrt(x.view(np.float32).astype(np.float64)) - 1)
+    assert error.max() <= 1.5 * 2.0 ** -12
+    assert values[0] == 0x3F7FF800  # 1/sqrt(1) one step below 1: 0x3d7ff800 for 256 = 4^4
+    exact = 1 / np.sqrt(np.float64(1.0) + 2.0 ** -13)  # the first bucket's midpoint
+    assert values[0] == np.float32(np.round(exact * 2 ** 13 - mkl_as_amd.AMD_RSQRT_MODEL_SHIFT) / 2 ** 13).view(np.uint32)
+    shifted_starts = mkl_as_amd.modelled_amd_rsqrt(shift=0.3)[0]
+    assert not np.array_equal(shifted_starts, starts)  # the shift is the model's one free number: it moves the runs
+
+
+def test_the_default_library_emulates_mkls_square_root_with_the_amd_table(monkeypatch):
+    assert "rsqrt_values" in mkl_as_amd.SOURCE and '"MKL_VML_DEBUG_CPU_TYPE", "0"' in mkl_as_amd.SOURCE
+    monkeypatch.setattr(mkl_as_amd, "AMD_RSQRT_TABLE", Path("/no/such/table.npz"))
+    assert mkl_as_amd.rsqrt_runs() is None

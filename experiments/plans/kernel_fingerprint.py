@@ -29,9 +29,8 @@ from hetcomp.provenance import machine
 
 def mkl_branches() -> str:
     """MKL's own answers after it has dispatched: its CPU branch (0 generic, as on AMD), its vector maths' branch
-    (``MKL_VML_DEBUG_CPU_TYPE`` sets it: 1 gave Foursquare's committed user autoencoder on an Intel CPU), the
-    reproducibility branch it would pick, and its feature bits. On an AMD machine these say at once which VML branch
-    to ask for (``hetcomp.mkl_as_amd.VML_BRANCH``)."""
+    (``MKL_VML_DEBUG_CPU_TYPE`` sets it; ``hetcomp.mkl_as_amd`` sets 0, the generic one), the reproducibility
+    branch it would pick, and its feature bits. On an AMD machine these say at once which VML branch it takes."""
     import ctypes
     from pathlib import Path
 
