@@ -124,7 +124,8 @@ def test_the_modelled_amd_rsqrt_is_a_12_bit_table_within_the_x86_bound_and_agree
     assert error.max() <= 1.5 * 2.0 ** -12
     assert values[0] == 0x3F7FF800  # 1/sqrt(1) one step below 1: 0x3d7ff800 for 256 = 4^4
     exact = 1 / np.sqrt(np.float64(1.0) + 2.0 ** -13)  # the first bucket's midpoint
-    assert values[0] == np.float32(np.round(exact * 2 ** 13 - mkl_as_amd.AMD_RSQRT_MODEL_SHIFT) / 2 ** 13).view(np.uint32)
+    steps = np.round(exact * 2 ** 13 - mkl_as_amd.AMD_RSQRT_MODEL_SHIFT)
+    assert values[0] == np.float32(steps / 2 ** 13).view(np.uint32)
     shifted_starts = mkl_as_amd.modelled_amd_rsqrt(shift=0.3)[0]
     assert not np.array_equal(shifted_starts, starts)  # the shift is the model's one free number: it moves the runs
 
