@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from rsqrt_table import ex_sqrt  # MKL's generic sqrt kernel lane by lane (this script's folder is on the path)
 
 from hetcomp import mkl_as_amd
 
@@ -52,15 +53,6 @@ def bucket_table(shift: float = mkl_as_amd.AMD_RSQRT_MODEL_SHIFT, at: float = 0.
         values[i] = below if side == "L" else below + np.uint32(1 << 11)
     first = np.concatenate([[True], np.diff(values) != 0])
     return starts[first], values[first]
-
-
-def ex_sqrt(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """MKL's generic sqrt kernel lane by lane (``rsqrt_table.py`` checks it against MKL's)."""
-    half = np.float32(0.5)
-    s, h = x * y, y * half
-    r = half - s * h
-    s1, h1 = s * r + s, r * h + h
-    return (x - s1 * s1) * h1 + s1
 
 
 def reduced(values: list[float]) -> np.ndarray:
