@@ -32,6 +32,7 @@ pays too. Runs record it in their machine line (:func:`hetcomp.provenance.machin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -159,9 +160,11 @@ def source(rsqrt: tuple[np.ndarray, np.ndarray] | None) -> str:
             + VENDOR_CHECKS.replace("BRANCH", "0"))
 
 
-#: the library's source by default: with an AMD machine's measured RSQRTSS table where the package has one, else
-#: with the model of one
-SOURCE = source(rsqrt_runs() or modelled_amd_rsqrt())
+@functools.cache
+def default_source() -> str:
+    """The library's source by default: with an AMD machine's measured RSQRTSS table where the package has one, else
+    with the model of one (built on first use, not at import: every hetcomp command imports this module)."""
+    return source(rsqrt_runs() or modelled_amd_rsqrt())
 #: the library's file name starts with this, so a process can tell that it runs with it
 LIBRARY_STEM = "hetcomp-mkl-as-amd"
 
@@ -171,11 +174,13 @@ def default_cache_dir(env: dict[str, str] | os._Environ) -> Path:
 
 
 def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | None = None,
-            code: str = SOURCE) -> Path:
-    """The preload library, compiled on first use (one file per source version, written atomically); ``env``
-    (default: this process's environment) gives the cache folder where ``cache_dir`` does not, and ``CC``."""
+            code: str | None = None) -> Path:
+    """The preload library of ``code`` (default: :func:`default_source`), compiled on first use (one file per source
+    version, written atomically); ``env`` (default: this process's environment) gives the cache folder where
+    ``cache_dir`` does not, and ``CC``."""
     env = os.environ if env is None else env
-    return _compile(code, cache_dir or default_cache_dir(env), env, LIBRARY_STEM, ["-shared", "-fPIC", "-ldl"])
+    return _compile(code or default_source(), cache_dir or default_cache_dir(env), env, LIBRARY_STEM,
+                    ["-shared", "-fPIC", "-ldl"])
 
 
 def _compile(code: str, cache_dir: Path, env: dict[str, str] | os._Environ, stem: str, flags: list[str]) -> Path:
@@ -201,7 +206,7 @@ def _compile(code: str, cache_dir: Path, env: dict[str, str] | os._Environ, stem
     return path
 
 
-def environment(base: dict[str, str] | None = None, cache_dir: Path | None = None, code: str = SOURCE
+def environment(base: dict[str, str] | None = None, cache_dir: Path | None = None, code: str | None = None
                 ) -> dict[str, str]:
     """``base`` (default: this process's environment) with the library (of ``code``) first in ``LD_PRELOAD``."""
     env = dict(os.environ if base is None else base)
