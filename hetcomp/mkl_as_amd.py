@@ -19,9 +19,9 @@ row norms round otherwise. The library sets branch 0 (unless ``MKL_VML_DEBUG_CPU
 `EX` square root by the same steps on an AMD RSQRTSS table: a machine's measured one where the package has it
 (``AMD_RSQRT_TABLE``, from ``experiments/plans/rsqrt_table.py --package`` on an AMD CPU), else a model of one
 (:func:`modelled_amd_rsqrt`). With the model, every committed Foursquare teacher and five of CiteULike's six get
-their digests on an Intel Xeon; CiteULike's user autoencoder, made on an AVX-512 EPYC (a newer Zen, whose table may
-differ), does not (``experiments/results/teachers-foursquare-notes.md``). The emulation is tested against MKL's
-own kernel with this CPU's table (bit for bit).
+their digests on an Intel Xeon; CiteULike's user autoencoder, whose row norms meet six table entries that no
+reproduced teacher settles, does not (``experiments/results/teachers-foursquare-notes.md``). The emulation is
+tested against MKL's own kernel with this CPU's table (bit for bit).
 
     python -m hetcomp.mkl_as_amd hetcomp train-teachers --dataset citeulike
 
