@@ -137,7 +137,10 @@ def main() -> None:
         force = {float(m): side for m, side in (item.split("=") for item in args.force)}
         code = mkl_as_amd.source(bucket_table(args.shift, args.at, force))
         env = mkl_as_amd.environment(code=code)
-        os.execve(shutil.which(command[0], path=env.get("PATH")), command, env)
+        executable = shutil.which(command[0], path=env.get("PATH")) if command else None
+        if executable is None:
+            parser.error(f"command not found: {command[0] if command else '(none given after --)'}")
+        os.execve(executable, command, env)
 
 
 if __name__ == "__main__":
