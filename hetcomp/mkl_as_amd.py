@@ -67,12 +67,23 @@ def modelled_amd_rsqrt(shift: float = AMD_RSQRT_MODEL_SHIFT) -> tuple[np.ndarray
     branch) and plain rounding at the midpoint do not (``experiments/results/teachers-foursquare-notes.md``).
     It is not claimed to equal the hardware on every input.
     """
+    return merged_runs(*bucket_rsqrt(shift))
+
+
+def bucket_rsqrt(shift: float, at: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket of the top 12 mantissa bits over [1, 4) (8,192 of them): its first float's bits, and 1/sqrt at
+    ``lo + at·width`` lowered by ``shift`` steps of 13 significant bits and rounded (:func:`modelled_amd_rsqrt`'s
+    rule; ``experiments/plans/rsqrt_model.py`` tries others)."""
     bucket = np.arange(1 << 13, dtype=np.uint32)  # 4,096 buckets over [1, 2), then 4,096 over [2, 4)
     starts = np.uint32(0x3F800000) + (bucket << np.uint32(11))
     width = np.where(bucket < (1 << 12), 2.0 ** -12, 2.0 ** -11)
-    exact = 1 / np.sqrt(starts.view(np.float32).astype(np.float64) + width / 2)
+    exact = 1 / np.sqrt(starts.view(np.float32).astype(np.float64) + at * width)
     step = 2.0 ** (np.floor(np.log2(exact)) - 12)
-    values = (np.round(exact / step - shift) * step).astype(np.float32).view(np.uint32)
+    return starts, (np.round(exact / step - shift) * step).astype(np.float32).view(np.uint32)
+
+
+def merged_runs(starts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive equal ``values`` as one run (the form of :func:`rsqrt_runs`): each run's first start and value."""
     first = np.concatenate([[True], np.diff(values) != 0])
     return starts[first], values[first]
 
@@ -236,9 +247,8 @@ def measure_rsqrt(rsqrt: Callable[[np.ndarray], np.ndarray] | None = None, cache
     and values of :func:`rsqrt_runs` (the instruction's result for x 4^k is that for x times 2^-k on the CPUs
     measured: ``rsqrt_table.py`` checks it)."""
     rsqrt = rsqrt or hardware_rsqrt(cache_dir)
-    bits = rsqrt(np.arange(0x3F800000, 0x40800000, dtype=np.uint32).view(np.float32)).view(np.uint32)
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(bits)) + 1])
-    return (starts + 0x3F800000).astype(np.uint32), bits[starts]
+    every = np.arange(0x3F800000, 0x40800000, dtype=np.uint32)
+    return merged_runs(every, rsqrt(every.view(np.float32)).view(np.uint32))
 
 
 def active() -> bool:

@@ -34,25 +34,17 @@ from rsqrt_table import ex_sqrt  # MKL's generic sqrt kernel lane by lane (this 
 
 from hetcomp import mkl_as_amd
 
-FIRST = 0x3F800000  # 1.0: the table covers [1, 4); x·4^k takes the value for x times 2^-k
-
 
 def bucket_table(shift: float = mkl_as_amd.AMD_RSQRT_MODEL_SHIFT, at: float = 0.5,
                  force: dict[float, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The table's runs (as :func:`hetcomp.mkl_as_amd.rsqrt_runs`); ``at=0.5`` without ``force`` is the library's
     :func:`hetcomp.mkl_as_amd.modelled_amd_rsqrt`."""
-    bucket = np.arange(1 << 13, dtype=np.uint32)
-    starts = np.uint32(FIRST) + (bucket << np.uint32(11))
-    width = np.where(bucket < (1 << 12), 2.0 ** -12, 2.0 ** -11)
-    exact = 1 / np.sqrt(starts.view(np.float32).astype(np.float64) + at * width)
-    step = 2.0 ** (np.floor(np.log2(exact)) - 12)
-    values = (np.round(exact / step - shift) * step).astype(np.float32).view(np.uint32)
+    starts, values = mkl_as_amd.bucket_rsqrt(shift, at)
+    below = mkl_as_amd.bucket_rsqrt(0.5, at)[1]  # rounded half a step lower: the 13-bit value below
     for m, side in (force or {}).items():
         i = int(np.searchsorted(starts, np.float32(m).view(np.uint32), side="right")) - 1
-        below = np.float32(np.floor(exact[i] / step[i]) * step[i]).view(np.uint32)
-        values[i] = below if side == "L" else below + np.uint32(1 << 11)
-    first = np.concatenate([[True], np.diff(values) != 0])
-    return starts[first], values[first]
+        values[i] = below[i] if side == "L" else below[i] + np.uint32(1 << 11)
+    return mkl_as_amd.merged_runs(starts, values)
 
 
 def reduced(values: list[float]) -> np.ndarray:
