@@ -594,7 +594,7 @@ def _rest_case(seed: int, scale: float, n_items: int, n_listed: int, dtype: torc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("seed", "scale", "n_items", "n_listed"), [
     (1, 1e-3, 300, 1), (2, 0.3, 2000, 50), (3, 3.0, 2000, 50), (4, 40.0, 3000, 100), (5, 1.0, 64, 8),
-    (6, 5.0, 5000, 20)])
+    (6, 5.0, 5000, 20), (7, 1e-3, 6000, 2)])
 def test_rest_kernels_give_the_torch_passes_sums_bit_for_bit(monkeypatch, dtype, seed, scale, n_items, n_listed):
     """The CPU kernels (:mod:`hetcomp.distill.rest_kernel`) make the same segments and sum in the same order as
     torch's passes (which serve CUDA): values and gradients equal to the bit, so runs do not change with them."""
@@ -616,6 +616,56 @@ def test_rest_kernels_give_the_torch_passes_sums_bit_for_bit(monkeypatch, dtype,
         assert torch.equal(results[fused_run][0].view(bits), results[False, 1][0].view(bits))
         assert torch.equal(results[fused_run][1].view(bits), results[False, 1][1].view(bits))
     assert results[True, 1][1][~unobserved].abs().max() == 0 and results[True, 1][0][4] == 0
+
+
+class _ChunkRestPairs(torch.autograd.Function):
+    """The rest term of one chunk as it was computed before the batch's gradient went into one tensor (a slice of
+    the scores per chunk): the reference of the test below."""
+
+    @staticmethod
+    def forward(ctx, scores, unobserved, listed, valid):
+        value, positions, gradient = L._rest_pairs(scores, unobserved, listed, valid, True)
+        ctx.save_for_backward(gradient.to(scores.dtype))
+        ctx.mark_non_differentiable(positions)
+        return value, positions
+
+    @staticmethod
+    def backward(ctx, grad_value, _grad_positions):
+        gradient, = ctx.saved_tensors
+        return gradient * grad_value.unsqueeze(1).to(gradient.dtype), None, None, None
+
+
+def _rest_loss_by_slices(scores, unobserved, listed, labels, valid, chunk_elements):
+    listed = listed.clamp(min=0)
+    rows = max(1, chunk_elements // scores.shape[1])
+    parts = []
+    for start in range(0, scores.shape[0], rows):
+        chunk = slice(start, start + rows)
+        rest, positions = _ChunkRestPairs.apply(scores[chunk], unobserved[chunk], listed[chunk], valid[chunk])
+        f_listed = scores[chunk].to(torch.float64).gather(1, listed[chunk])
+        parts.append(rest + L._listed_pairs(f_listed, positions, labels[chunk], valid[chunk]))
+    return torch.cat(parts).to(scores.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 2, 5, 7])
+def test_rest_loss_gradient_in_one_tensor_is_the_bits_of_the_slices_per_chunk(monkeypatch, dtype, fused,
+                                                                             chunk_rows):
+    """The rest term's gradient made in one [B, n] tensor (no slice of the scores per chunk) is the same bits as
+    the sum of the chunks' zero-padded slices autograd used to add, signed zeros included; so are the values."""
+    monkeypatch.setattr(L, "_FUSED_REST", fused)
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    for seed, scale, n_items, n_listed in ((2, 0.3, 400, 20), (4, 40.0, 600, 30), (7, 1e-3, 500, 2)):
+        scores, unobserved, listed, labels, valid = _rest_case(seed, scale, n_items, n_listed, dtype)
+        results = []
+        for loss in (_rest_loss_by_slices, L.lambda_mrr_rest_loss):
+            trained = scores.clone().requires_grad_()
+            value = loss(trained, unobserved, listed, labels, valid, chunk_elements=chunk_rows * n_items)
+            gradient, = torch.autograd.grad((value * torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=dtype)).sum(),
+                                            trained)
+            results.append((value.detach().view(bits), gradient.view(bits)))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_cl_drd_without_sampling_is_lambda_mrr_over_every_unobserved_item(context):

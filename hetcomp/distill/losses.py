@@ -611,34 +611,45 @@ def _segment_sums_by_scatter(values: torch.Tensor, segment: torch.Tensor, n_segm
 
 
 class _RestPairs(torch.autograd.Function):
-    """:func:`_rest_pairs` with its gradient made in the forward pass (it reuses the segments' sums): autograd
-    keeps one [B, n] tensor per chunk instead of every intermediate pass. Returns (the sums, the listed items'
-    positions, not differentiable)."""
+    """:func:`_rest_pairs` over a batch's rows, chunk by chunk, with its gradient made in the forward pass (it reuses
+    the segments' sums) into one [B, n] tensor: autograd keeps that tensor instead of every intermediate pass, and
+    no chunk goes through a slice of ``scores`` (whose backward would fill a zero [B, n] gradient per chunk). Returns
+    (the sums [B], the listed items' positions [B, N], not differentiable)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor,
-                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value, listed_positions, gradient = _rest_pairs(scores, unobserved, listed, valid, ctx.needs_input_grad[0])
-        ctx.save_for_backward(gradient.to(scores.dtype) if gradient is not None else None)
-        ctx.mark_non_differentiable(listed_positions)
-        return value, listed_positions
+    def forward(ctx, scores: torch.Tensor, unobserved: torch.Tensor, listed: torch.Tensor, valid: torch.Tensor,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with_gradient = ctx.needs_input_grad[0]
+        gradient = torch.empty_like(scores) if with_gradient else None
+        values, positions = [], []
+        for start in range(0, scores.shape[0], rows):
+            chunk = slice(start, start + rows)
+            value, listed_positions, part = _rest_pairs(scores[chunk], unobserved[chunk], listed[chunk], valid[chunk],
+                                                        with_gradient)
+            values.append(value)
+            positions.append(listed_positions)
+            if with_gradient:
+                gradient[chunk] = part
+        ctx.save_for_backward(gradient)
+        positions = torch.cat(positions)
+        ctx.mark_non_differentiable(positions)
+        return torch.cat(values), positions
 
     @staticmethod
     def backward(ctx, grad_value: torch.Tensor, _grad_positions: torch.Tensor | None) -> tuple:
         gradient, = ctx.saved_tensors
-        return gradient * grad_value.unsqueeze(1).to(gradient.dtype), None, None, None
+        return gradient * grad_value.unsqueeze(1).to(gradient.dtype), None, None, None, None
 
 
-def _listed_pairs(scores: torch.Tensor, listed: torch.Tensor, listed_positions: torch.Tensor, labels: torch.Tensor,
+def _listed_pairs(f_listed: torch.Tensor, listed_positions: torch.Tensor, labels: torch.Tensor,
                   valid: torch.Tensor) -> torch.Tensor:
     """The pairs inside the list, exact (autograd): Σ |1/p_i − 1/p_j| softplus(f_j − f_i) over the valid pairs
-    whose labels order i above j, per row (float64)."""
-    f_listed = scores.to(torch.float64).gather(1, listed)
+    whose labels order i above j, per row (float64; ``f_listed`` [B, N] the listed items' scores, float64)."""
     inv_listed = 1.0 / listed_positions.to(torch.float64)
     pair = (labels.unsqueeze(2) > labels.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
     weight = (inv_listed.unsqueeze(2) - inv_listed.unsqueeze(1)).abs()
     logistic = functional.softplus(f_listed.unsqueeze(1) - f_listed.unsqueeze(2))  # −log σ(f_i − f_j) at [i, j]
-    zero = torch.zeros((), dtype=torch.float64, device=scores.device)
+    zero = torch.zeros((), dtype=torch.float64, device=f_listed.device)
     return torch.where(pair, weight * logistic, zero).sum((1, 2))
 
 
@@ -667,9 +678,22 @@ def lambda_mrr_rest_loss(scores: torch.Tensor, unobserved: torch.Tensor, listed:
     """
     listed = listed.clamp(min=0)
     rows = max(1, chunk_elements // max(scores.shape[1], 1))
-    parts = []
-    for start in range(0, scores.shape[0], rows):
-        chunk = slice(start, start + rows)
-        rest, listed_positions = _RestPairs.apply(scores[chunk], unobserved[chunk], listed[chunk], valid[chunk])
-        parts.append(rest + _listed_pairs(scores[chunk], listed[chunk], listed_positions, labels[chunk], valid[chunk]))
+    rest, listed_positions = _RestPairs.apply(scores, unobserved, listed, valid, rows)
+    f_listed = _listed_scores(scores, listed, several_chunks=scores.shape[0] > rows)
+    parts = [rest[chunk] + _listed_pairs(f_listed[chunk], listed_positions[chunk], labels[chunk], valid[chunk])
+             for chunk in (slice(start, start + rows) for start in range(0, scores.shape[0], rows))]
     return torch.cat(parts).to(scores.dtype)
+
+
+def _listed_scores(scores: torch.Tensor, listed: torch.Tensor, several_chunks: bool) -> torch.Tensor:
+    """The listed items' scores [B, N] as float64, gathered once for the batch (each chunk's rows sliced from it).
+
+    The gradients stay the bits of the former slice of ``scores`` per chunk, where a score's gradient was the sum
+    of the rest term's, the listed pairs' (+0.0 off the list) and, with several chunks, the other chunks'
+    zero-padded slices (+0.0). Where the rows span several chunks the listed scores are gathered before the
+    conversion (only [B, N] converted): a listed score's float64 gradient is then rounded to ``scores``' dtype
+    before, not after, it is added to +0.0, so one that rounds to −0.0 gives +0.0, as any further +0.0 made it
+    anyway. A single chunk converts the row first, as before."""
+    if several_chunks:
+        return scores.gather(1, listed).to(torch.float64)
+    return scores.to(torch.float64).gather(1, listed)

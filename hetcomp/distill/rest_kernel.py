@@ -164,33 +164,88 @@ def _block_sum(values, channel, start, count):
     return total
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _place_terms(sorted_scores, kind, row, k, c, taylor_order, tile, column, delta):
+    """Place k's δ^m and δ^m / p_j (m = 0..order; 0.0 off the rest) into ``tile[:, column]``, and its δ."""
+    if kind[row, k] == REST:
+        d = sorted_scores[k] - c
+        delta[row, k] = d
+        inverse_place = 1.0 / (k + 1)
+        power = 1.0
+        for m in range(taylor_order + 1):
+            if m:
+                power *= d
+            tile[2 * m, column] = power
+            tile[2 * m + 1, column] = power * inverse_place
+    else:
+        for channel in range(2 * (taylor_order + 1)):
+            tile[channel, column] = 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_terms(sorted_scores, kind, row, start, count, c, taylor_order, tile, delta):
+    """:func:`_place_terms` of places start .. start + count − 1 (at most 128) into ``tile[:, :count]``, a channel
+    at a time (loops that vectorize): δ^0 is 1.0 on the rest and 0.0 elsewhere, where δ is taken as 0.0, so
+    each power is the same product as the place's own (and every channel 0.0 off the rest)."""
+    for column in range(count):
+        k = start + column
+        if kind[row, k] == REST:
+            d = sorted_scores[k] - c
+            delta[row, k] = d
+            tile[0, column] = 1.0
+            tile[1, column] = 1.0 / (k + 1)
+            tile[2, column] = d
+        else:
+            tile[0, column] = 0.0
+            tile[1, column] = 0.0
+            tile[2, column] = 0.0
+    for column in range(count):  # δ^1 / p_j, the rest's inverse place kept in channel 1 until now
+        tile[3, column] = tile[2, column] * tile[1, column]
+    for m in range(2, taylor_order + 1):
+        for column in range(count):
+            tile[2 * m, column] = tile[2 * m - 2, column] * tile[2, column]
+            tile[2 * m + 1, column] = tile[2 * m, column] * tile[1, column]
+    for column in range(count):  # δ^0 / p_j: the inverse place itself (1.0 · 1/p_j)
+        tile[1, column] = tile[0, column] * tile[1, column]
+
+
 @njit(cache=True, nogil=True)
-def pairwise_sum(values, channel, start, count, nodes, firsts):
-    """Σ ``values[channel, start:start + count]`` in the order of numpy's pairwise summation (blocks of at most
-    128 values, each by :func:`_block_sum`; above that the two halves, the first a multiple of 8, summed apart
-    and added), which ``np.add.reduceat`` uses after a run's first value: the same bits as torch's passes
-    (:func:`hetcomp.distill.losses._segment_sums`). The halving is walked with a stack (numba caches no recursive
-    function) kept by the caller: ``nodes`` [3, 64] int64 (a node's start, count, state), ``firsts`` [64]."""
-    if count <= 128:
-        return _block_sum(values, channel, start, count)
-    node_start, node_count, node_state, node_first = nodes[0], nodes[1], nodes[2], firsts
+def _pairwise_terms(sorted_scores, kind, row, c, start, count, taylor_order, delta, tile, nodes, firsts, value,
+                    result):
+    """Each channel's sum over places start .. start + count − 1 into ``value``, in the order of numpy's pairwise
+    summation (which ``np.add.reduceat`` uses after a run's first value, and so torch's passes,
+    :func:`hetcomp.distill.losses._segment_sums`): blocks of at most 128 values by :func:`_block_sum`, above that
+    the two halves (the first a multiple of 8) summed apart and added. The halving is walked once for all channels
+    with a stack (numba caches no recursive function), each block's terms made into ``tile`` [channels, 128] as
+    the walk reaches it (:func:`_block_terms`), so no segment's terms are staged whole (one far below the list
+    holds thousands of places). ``nodes`` [3, 64] (a node's start, count, state), ``firsts`` [64, channels] (its
+    first half's sums) and ``result`` [channels] are the caller's scratch."""
+    channels = 2 * (taylor_order + 1)
+    node_start, node_count, node_state = nodes[0], nodes[1], nodes[2]
     node_start[0], node_count[0], node_state[0] = start, count, 0
     top = 0
-    result = 0.0
     while top >= 0:
         n = node_count[top]
         half = n // 2
         half -= half % 8
         if n <= 128 or node_state[top] == 2:
-            value = _block_sum(values, channel, node_start[top], n) if n <= 128 else node_first[top] + result
+            if n <= 128:
+                _block_terms(sorted_scores, kind, row, node_start[top], n, c, taylor_order, tile, delta)
+                for channel in range(channels):
+                    value[channel] = _block_sum(tile, channel, 0, n)
+            else:
+                for channel in range(channels):
+                    value[channel] = firsts[top, channel] + result[channel]
             top -= 1
             if top < 0:
-                return value
+                return
             if node_state[top] == 0:
-                node_first[top] = value
+                for channel in range(channels):
+                    firsts[top, channel] = value[channel]
                 node_state[top] = 1
             else:
-                result = value
+                for channel in range(channels):
+                    result[channel] = value[channel]
                 node_state[top] = 2
             continue
         top += 1
@@ -199,7 +254,6 @@ def pairwise_sum(values, channel, start, count, nodes, firsts):
             node_start[top], node_count[top] = node_start[top - 1], half
         else:
             node_start[top], node_count[top] = node_start[top - 1] + half, n - half
-    return result
 
 
 @njit(cache=True, nogil=True)
@@ -208,7 +262,7 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order, widt
     items at or above it, and the moments Σ δ^m, Σ δ^m / p_j (m = 0..order, δ = f_j − c, p_j the 1-based place)
     [B, S, order + 1, 2], S = ``width`` (at least every row's count); and δ per place [B, n] (0 off the rest).
     Each sum runs over all of its segment's places (0 off the rest), in ``np.add.reduceat``'s order: the first
-    place, plus the pairwise sum of the others."""
+    place, plus the pairwise sum of the others (:func:`_pairwise_terms`)."""
     rows, n_items = scores.shape
     channels = 2 * (taylor_order + 1)
     centre = np.zeros((rows, width))
@@ -218,10 +272,13 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order, widt
     low = np.empty(width)
     high = np.empty(width)
     first = np.empty(width + 1, dtype=np.int64)
-    terms = np.empty((channels, n_items))  # a segment's δ^m and δ^m / p_j, place by place
+    tile = np.empty((channels, 128))
     sorted_scores = np.empty(n_items)
     nodes = np.empty((3, 64), dtype=np.int64)
-    firsts = np.empty(64)
+    firsts = np.empty((64, channels))
+    head = np.empty(channels)
+    value = np.empty(channels)
+    result = np.empty(channels)
     for row in range(rows):
         low[:] = math.inf
         high[:] = -math.inf
@@ -245,25 +302,16 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order, widt
             c = (low[s] + high[s]) / 2
             centre[row, s] = c
             start, stop = first[s], first[s + 1]
-            for k in range(start, stop):
-                if kind[row, k] == REST:
-                    d = sorted_scores[k] - c
-                    delta[row, k] = d
-                    inverse_place = 1.0 / (k + 1)
-                    power = 1.0
-                    for m in range(taylor_order + 1):
-                        if m:
-                            power *= d
-                        terms[2 * m, k - start] = power
-                        terms[2 * m + 1, k - start] = power * inverse_place
-                else:
-                    for channel in range(channels):
-                        terms[channel, k - start] = 0.0
+            _place_terms(sorted_scores, kind, row, start, c, taylor_order, tile, 0, delta)
             for channel in range(channels):
-                total = terms[channel, 0]
-                if stop - start > 1:
-                    total += pairwise_sum(terms, channel, 1, stop - start - 1, nodes, firsts)
-                moments[row, s, channel // 2, channel % 2] = total
+                head[channel] = tile[channel, 0]
+            if stop - start > 1:
+                _pairwise_terms(sorted_scores, kind, row, c, start + 1, stop - start - 1, taylor_order, delta, tile,
+                                nodes, firsts, value, result)
+                for channel in range(channels):
+                    head[channel] += value[channel]
+            for channel in range(channels):
+                moments[row, s, channel // 2, channel % 2] = head[channel]
     return centre, listed_above, moments, delta
 
 
@@ -271,18 +319,32 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order, widt
 def rest_gradient(order, segment, kind, delta, a, b, out):
     """Each rest item's slope Σ_m δ^m (a_m − b_m / p_j) (Horner from the top order), ``a``, ``b`` [B, S, order + 1]
     per segment, written into ``out`` [B, n] at its column; every other place's slope times 0.0, as torch's passes
-    mask it (a signed zero)."""
+    mask it (a signed zero). A segment's places go in blocks of at most 128, one order at a time over the block
+    (loops that vectorize; each place's operations and their order are the same)."""
     rows, n_items = order.shape
     top = a.shape[2] - 1
+    value = np.empty(128)
+    inverse_place = np.empty(128)
     for row in range(rows):
-        for k in range(n_items):
-            s = segment[row, k]
-            d = delta[row, k]
-            inverse_place = 1.0 / (k + 1)
-            value = 0.0
+        start = 0
+        while start < n_items:
+            s = segment[row, start]
+            stop = start + 1
+            while stop < n_items and stop - start < 128 and segment[row, stop] == s:
+                stop += 1
+            count = stop - start
+            d = delta[row, start:stop]
+            for column in range(count):
+                inverse_place[column] = 1.0 / (start + column + 1)
+                value[column] = 0.0
             for m in range(top, -1, -1):
-                value = value * d + a[row, s, m] - b[row, s, m] * inverse_place
-            out[row, uintp(order[row, k])] = value * (1.0 if kind[row, k] == REST else 0.0)
+                a_m, b_m = a[row, s, m], b[row, s, m]
+                for column in range(count):
+                    value[column] = value[column] * d[column] + a_m - b_m * inverse_place[column]
+            for column in range(count):
+                k = start + column
+                out[row, uintp(order[row, k])] = value[column] * (1.0 if kind[row, k] == REST else 0.0)
+            start = stop
     return out
 
 
@@ -298,6 +360,7 @@ def taylor_terms(sigmoid, sigmoid_negated, softplus, above, listed_above, valid,
     top = out.shape[3] - 1
     both = np.empty(width)
     value = np.empty(width)
+    terms = np.empty((top + 1, width))  # one listed item's terms, order by order, then written out place by place
     for row in range(rows):
         for i in range(n_listed):
             valid_factor = 1.0 if valid[row, i] else 0.0
@@ -305,8 +368,8 @@ def taylor_terms(sigmoid, sigmoid_negated, softplus, above, listed_above, valid,
             for s in range(width):  # loops over s alone, which LLVM vectorizes
                 sign = (1.0 if above[row, s] >= listed_above[row, i] else -1.0) * valid_factor
                 both[s] = sig[s] * sigmoid_negated[row, i, s] * sign
-                out[row, i, s, 0] = softplus[row, i, s] * sign
-                out[row, i, s, 1] = sig[s] * sign
+                terms[0, s] = softplus[row, i, s] * sign
+                terms[1, s] = sig[s] * sign
             for m in range(2, top + 1):
                 length = lengths[m - 2]
                 leading = coefficients[m - 2, length - 1]
@@ -318,12 +381,16 @@ def taylor_terms(sigmoid, sigmoid_negated, softplus, above, listed_above, valid,
                         value[s] = value[s] * sig[s] + coefficient
                 factorial = factorials[m]
                 for s in range(width):
-                    out[row, i, s, m] = both[s] * value[s] / factorial
+                    terms[m, s] = both[s] * value[s] / factorial
+            for s in range(width):
+                for m in range(top + 1):
+                    out[row, i, s, m] = terms[m, s]
     return out
 
 
 #: bits a pass of :func:`descending_order`'s radix sort: three passes cover the 32 bits of a score's key
 _RADIX_BITS = 11
+_RADIX_PASSES = -(-32 // _RADIX_BITS)
 
 
 @njit(cache=True, nogil=True)
@@ -342,7 +409,7 @@ def descending_order(scores, unobserved):
     bits = negated.view(np.int32)
     first = np.empty(n_items, dtype=np.uint64)
     second = np.empty(n_items, dtype=np.uint64)
-    counts = np.empty((3, size), dtype=np.int64)
+    counts = np.empty((_RADIX_PASSES, size), dtype=np.int64)
     for row in range(rows):
         for k in range(n_items):
             negated[k] = -(scores[row, k] + np.float32(0.0)) if unobserved[row, k] else np.float32(np.inf)
@@ -352,10 +419,10 @@ def descending_order(scores, unobserved):
             # the int order of the float's bits, then unsigned (+2^31) so that the radix sees the same order
             key = np.uint64(np.uint32(np.int64(word ^ 0x7FFFFFFF if word < 0 else word) + 2147483648))
             first[k] = (key << np.uint64(32)) | np.uint64(k)
-            for digit in range(3):
+            for digit in range(_RADIX_PASSES):
                 counts[digit, (key >> np.uint64(_RADIX_BITS * digit)) & mask] += 1
         source, target = first, second
-        for digit in range(3):
+        for digit in range(_RADIX_PASSES):
             total, shared = 0, False
             for bucket in range(size):
                 count = counts[digit, bucket]
