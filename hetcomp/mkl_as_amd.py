@@ -194,8 +194,13 @@ def library(cache_dir: Path | None = None, env: dict[str, str] | os._Environ | N
                     ["-shared", "-fPIC", "-ldl"])
 
 
+def _code_digest(code: str) -> str:
+    """The digest that names a library built from ``code``."""
+    return hashlib.sha256(code.encode()).hexdigest()[:12]
+
+
 def _compile(code: str, cache_dir: Path, env: dict[str, str] | os._Environ, stem: str, flags: list[str]) -> Path:
-    path = cache_dir / f"{stem}-{hashlib.sha256(code.encode()).hexdigest()[:12]}.so"
+    path = cache_dir / f"{stem}-{_code_digest(code)}.so"
     if path.exists():
         return path
     named = env.get("CC")
@@ -254,6 +259,24 @@ def measure_rsqrt(rsqrt: Callable[[np.ndarray], np.ndarray] | None = None, cache
 def active() -> bool:
     """Whether this process was started with the library preloaded."""
     return LIBRARY_STEM in os.environ.get("LD_PRELOAD", "")
+
+
+@functools.cache  # the preloaded library does not change within a process
+def square_roots() -> str:
+    """Where the preloaded library's square roots come from, by the digest in its file name: ``"measured AMD
+    RSQRTSS"`` (the package's table), ``"modelled AMD RSQRTSS"`` (:func:`modelled_amd_rsqrt`), ``"MKL's own"``
+    (a library without a table), ``"another RSQRTSS table"`` (e.g. one that ``rsqrt_model.py`` tried), or ``""``
+    without the library. A run's machine line says it, since the autoencoders' digests depend on it."""
+    names = [Path(entry).name for entry in os.environ.get("LD_PRELOAD", "").split() if LIBRARY_STEM in entry]
+    if not names:
+        return ""
+    measured = rsqrt_runs()
+    known = {_code_digest(source(None)): "MKL's own",
+             _code_digest(source(modelled_amd_rsqrt())): "modelled AMD RSQRTSS"}
+    if measured is not None:
+        known[_code_digest(source(measured))] = "measured AMD RSQRTSS"
+    digest = names[0].removeprefix(f"{LIBRARY_STEM}-").removesuffix(".so")
+    return known.get(digest, "another RSQRTSS table")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,8 @@ def machine() -> str:
     same seed on another instruction set (AVX2 against AVX-512) sums in another order, and a teacher trained there
     can rank a few items differently (another digest)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    kernels = ", MKL as on AMD" if mkl_as_amd.active() else ""  # python -m hetcomp.mkl_as_amd: AMD's sgemm bits
+    # python -m hetcomp.mkl_as_amd: AMD's sgemm bits, and square roots from the table it names
+    kernels = f", MKL as on AMD (square roots: {mkl_as_amd.square_roots()})" if mkl_as_amd.active() else ""
     return (f"{platform.system()} {cpu()}{kernels}, {torch.get_num_threads()} threads, {gpu}, "
             f"torch {torch.__version__}")
 

@@ -54,7 +54,8 @@ def test_a_command_run_through_it_gets_mkls_generic_branch_and_says_so_in_its_ma
                              text=True, check=True)
     branches, line = through.stdout.split("\n")[:2]
     assert branches == "0 0"  # MKL's generic branch and its generic vector maths, as on an AMD CPU
-    assert "MKL as on AMD" in line
+    table = "measured" if mkl_as_amd.rsqrt_runs() else "modelled"  # the package's default source
+    assert f"MKL as on AMD (square roots: {table} AMD RSQRTSS)" in line
     plain = subprocess.run([sys.executable, "-c", "from hetcomp.provenance import machine; print(machine())"],
                            capture_output=True, text=True, check=True)
     assert "MKL as on AMD" not in plain.stdout
@@ -135,3 +136,21 @@ def test_the_default_library_emulates_mkls_square_root_with_the_amd_table(monkey
     assert "rsqrt_values" in source and '"MKL_VML_DEBUG_CPU_TYPE", "0"' in source
     monkeypatch.setattr(mkl_as_amd, "AMD_RSQRT_TABLE", Path("/no/such/table.npz"))
     assert mkl_as_amd.rsqrt_runs() is None
+
+
+def test_the_machine_line_names_the_table_of_the_preloaded_library(monkeypatch):
+    """Read from the library's file name (its source's digest): another table is named as such, not as the model."""
+    mkl_as_amd.square_roots.cache_clear()
+    named = {}
+    for code, label in ((mkl_as_amd.source(None), "MKL's own"),
+                        (mkl_as_amd.source(mkl_as_amd.modelled_amd_rsqrt()), "modelled AMD RSQRTSS"),
+                        (mkl_as_amd.source(mkl_as_amd.modelled_amd_rsqrt(0.3)), "another RSQRTSS table")):
+        name = f"/cache/{mkl_as_amd.LIBRARY_STEM}-{mkl_as_amd._code_digest(code)}.so"
+        monkeypatch.setenv("LD_PRELOAD", f"/other.so {name}")
+        mkl_as_amd.square_roots.cache_clear()
+        named[label] = mkl_as_amd.square_roots()
+    monkeypatch.setenv("LD_PRELOAD", "/other.so")
+    mkl_as_amd.square_roots.cache_clear()
+    assert mkl_as_amd.square_roots() == ""
+    mkl_as_amd.square_roots.cache_clear()
+    assert named == {label: label for label in named}
