@@ -15,8 +15,9 @@ rows and its own label ("CL-DRD (unsampled)") beside the sampled row.
 
 Why it is not in the default table: an epoch costs ~12 s on one CPU thread for Foursquare's MF student (48 s
 before the rest term's rework of 2026-12-05, 23 s before its row passes became numba kernels; ~17–25 s on a
-slower CPU, with the order's radix sort; `experiments/results/bench.md`), ~12× a sampled CL-DRD epoch, so a
-study of 16 trials is most of a day of one core: a long CPU lane or GPU work. It is therefore *opt-in*:
+slower CPU, with the order's radix sort; on a slow Intel Xeon ~19 s of CPU time since the batch's gradient is
+made in one tensor, 29 s before; `experiments/results/bench.md`), ~12× a sampled CL-DRD epoch, so a study of 16
+trials is most of a day of one core: a long CPU lane or GPU work. It is therefore *opt-in*:
 ``hetcomp tune --method all`` and ``hetcomp bench`` leave it out unless it is named, and
 ``hetcomp reproduce --methods ...,cl-drd-full`` adds its row.
 """
