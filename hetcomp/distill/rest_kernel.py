@@ -32,14 +32,14 @@ from numba import njit, uintp
 REST, LISTED, OBSERVED = 0, 1, 2
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _place_score(scores, order, row, k, n_unobserved, bottom):
     """The score the warp reads at sorted place k: the student's score, or the lowest unobserved one for a
     training item (they share the last segment)."""
     return float(scores[row, order[row, k]]) if k < n_unobserved else bottom
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _warped(score, anchors, at_anchor, midpoints):
     """(the nearest anchor, the warped score u), exactly as torch's passes compute them: the anchor is the first
     whose midpoint with the next is at or above the score, u = u(anchor) + π·asinh((f − anchor)/π)."""
@@ -47,14 +47,14 @@ def _warped(score, anchors, at_anchor, midpoints):
     return nearest, at_anchor[nearest] + math.pi * math.asinh((score - anchors[nearest]) / math.pi)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _bucket_of(score, anchors, at_anchor, midpoints, top, bucket):
     """(the nearest anchor, the bucket floor((u_top − u)/bucket)) of a score."""
     nearest, warped = _warped(score, anchors, at_anchor, midpoints)
     return nearest, math.floor((top - warped) / bucket)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, midpoints, bucket):  # noqa: PLR0913
     """Per row: ``segment`` [B, n] int32 (ids from 0 along the sorted row), ``kind`` [B, n] int8, the segment
     count [B], and each listed item's 0-based sorted place [B, N]. A place's warped score u (π·asinh from the
@@ -131,7 +131,7 @@ def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, m
     return segment, kind, n_segments, listed_place
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _block_sum(values, channel, start, count):
     """numpy's pairwise sum of at most 128 values: sequential below 8 (from −0.0), else eight accumulators. The
     indices are unsigned, which spares numba's negative-index checks and lets LLVM load the eight lanes at once."""
@@ -164,7 +164,7 @@ def _block_sum(values, channel, start, count):
     return total
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _place_terms(sorted_scores, kind, row, k, c, taylor_order, tile, column, delta):
     """Place k's δ^m and δ^m / p_j (m = 0..order; 0.0 off the rest) into ``tile[:, column]``, and its δ."""
     if kind[row, k] == REST:
@@ -182,7 +182,7 @@ def _place_terms(sorted_scores, kind, row, k, c, taylor_order, tile, column, del
             tile[channel, column] = 0.0
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _block_terms(sorted_scores, kind, row, start, count, c, taylor_order, tile, delta):
     """:func:`_place_terms` of places start .. start + count − 1 (at most 128) into ``tile[:, :count]``, a channel
     at a time (loops that vectorize): δ^0 is 1.0 on the rest and 0.0 elsewhere, where δ is taken as 0.0, so
@@ -209,7 +209,7 @@ def _block_terms(sorted_scores, kind, row, start, count, c, taylor_order, tile, 
         tile[1, column] = tile[0, column] * tile[1, column]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _pairwise_terms(sorted_scores, kind, row, c, start, count, taylor_order, delta, tile, nodes, firsts, value,
                     result):
     """Each channel's sum over places start .. start + count − 1 into ``value``, in the order of numpy's pairwise
@@ -256,7 +256,7 @@ def _pairwise_terms(sorted_scores, kind, row, c, start, count, taylor_order, del
             node_start[top], node_count[top] = node_start[top - 1] + half, n - half
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def segment_moments(scores, order, segment, kind, n_segments, taylor_order, width):
     """Per row and segment: the centre c (the middle of its rest items' scores, 0 if it has none), the listed
     items at or above it, and the moments Σ δ^m, Σ δ^m / p_j (m = 0..order, δ = f_j − c, p_j the 1-based place)
@@ -315,7 +315,7 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order, widt
     return centre, listed_above, moments, delta
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def rest_gradient(order, segment, kind, delta, a, b, out):
     """Each rest item's slope Σ_m δ^m (a_m − b_m / p_j) (Horner from the top order), ``a``, ``b`` [B, S, order + 1]
     per segment, written into ``out`` [B, n] at its column; every other place's slope times 0.0, as torch's passes
@@ -348,7 +348,7 @@ def rest_gradient(order, segment, kind, delta, a, b, out):
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def taylor_terms(sigmoid, sigmoid_negated, softplus, above, listed_above, valid, coefficients, lengths, factorials,
                  out):
     """The expansion's terms sign·softplus^{(m)}(x)/m!, m = 0..order, into ``out`` [B, N, S, order + 1], from
@@ -393,7 +393,7 @@ _RADIX_BITS = 11
 _RADIX_PASSES = -(-32 // _RADIX_BITS)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def descending_order(scores, unobserved):
     """The student's order of :func:`hetcomp.distill.losses._descending_order_by_keys` (float32 ``scores``): each
     row's columns by their keys (the negated score's bits as an int of the same order, a training item's +inf),
