@@ -70,15 +70,11 @@ def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, m
     kind = np.empty((rows, n_items), dtype=np.int8)
     n_segments = np.empty(rows, dtype=np.int64)
     listed_place = np.empty((rows, n_listed), dtype=np.int64)
-    place_of = np.empty(n_items, dtype=np.int64)
-    marked = np.zeros(n_items, dtype=np.bool_)
+    place_of = np.empty(n_items, dtype=np.int64)  # written for the listed items only, as the walk meets them
+    member = np.zeros(n_items, dtype=np.int8)  # per item: 0, 1 (in the list, padding), 2 (a valid listed item)
     for row in range(rows):
-        for k in range(n_items):
-            place_of[order[row, k]] = k
         for i in range(n_listed):
-            listed_place[row, i] = place_of[listed[row, i]]
-            if valid[row, i]:
-                marked[listed[row, i]] = True
+            member[listed[row, i]] = max(member[listed[row, i]], 2 if valid[row, i] else 1)
         n_unobserved = 0
         for k in range(n_items):
             n_unobserved += unobserved[row, k]
@@ -111,8 +107,12 @@ def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, m
                     beyond = probe
             base = int(pair[1]) * (n_listed + 1)
             for j in range(k, last + 1):
+                item = order[row, j]
+                listed_here = member[item]
+                if listed_here:
+                    place_of[item] = j
                 if j < n_unobserved:
-                    if marked[order[row, j]]:
+                    if listed_here == 2:
                         kind[row, j] = LISTED
                         above += 1
                     else:
@@ -127,7 +127,9 @@ def segment_rows(scores, order, unobserved, listed, valid, anchors, at_anchor, m
             k = last + 1
         n_segments[row] = current + 1
         for i in range(n_listed):
-            marked[listed[row, i]] = False
+            listed_place[row, i] = place_of[listed[row, i]]
+        for i in range(n_listed):
+            member[listed[row, i]] = 0
     return segment, kind, n_segments, listed_place
 
 
