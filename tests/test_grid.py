@@ -70,10 +70,10 @@ def test_a_grid_on_two_workers_gives_the_rows_of_one_by_one(world, tmp_path, bac
         assert _same(report.results[spec.identity], alone)
 
 
-def _kill_when_checkpointed(folder, killed: list[int], wait: float = 120.0) -> None:
-    """SIGKILL the process that holds the run ``folder`` once it has written a checkpoint (its pid into ``killed``)."""
-    deadline = time.time() + wait
-    while time.time() < deadline and not killed:
+def _kill_when_checkpointed(folder, killed: list[int], done: threading.Event) -> None:
+    """SIGKILL the process that holds the run ``folder`` once it has written a checkpoint (its pid into ``killed``),
+    watching until the grid is ``done`` (not a fixed time: on a loaded machine a worker may take minutes to start)."""
+    while not done.is_set() and not killed:
         lock = folder / ".lock"
         if (folder / "last.pt").is_file() and lock.is_file() and lock.read_text().strip():
             pid = int(lock.read_text())
@@ -88,10 +88,14 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_result(world, tmp_pa
     store = RunStore(tmp_path / "ray")
     folder = store.folder(spec)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_when_checkpointed, args=(folder, killed))
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_when_checkpointed, args=(folder, killed, done))
     killer.start()
-    report = run_grid([spec], inputs, store, jobs=2)
-    killer.join()
+    try:
+        report = run_grid([spec], inputs, store, jobs=2)
+    finally:
+        done.set()
+        killer.join()
     assert killed and not report.failures
     resumed = report.results[spec.identity]
     assert resumed["resumed_from_epoch"] > 0  # the retry continued from last.pt, not restarted
@@ -159,10 +163,14 @@ def test_a_killed_process_fails_its_run_by_name_and_the_others_finish(world, tmp
     store = RunStore(tmp_path / "processes")
     folder = store.folder(long)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_when_checkpointed, args=(folder, killed))
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_when_checkpointed, args=(folder, killed, done))
     killer.start()
-    report = run_grid([long, *short], inputs, store, jobs=2, backend="processes")
-    killer.join()
+    try:
+        report = run_grid([long, *short], inputs, store, jobs=2, backend="processes")
+    finally:
+        done.set()
+        killer.join()
     assert killed
     assert [(spec.identity, "died" in message) for spec, message in report.failures] == [(long.identity, True)]
     assert sorted(report.results) == sorted(spec.identity for spec in short)
@@ -261,9 +269,10 @@ def test_without_ray_a_plan_runs_on_processes_and_a_killed_study_fails_by_name(w
              StudyPlan("mf", "rrd", 4, 1, ("mf", "ae"), max_epochs=60, eval_every=2, patience=60)]
     killed: list[int] = []
 
-    def kill_rrd() -> None:  # the RRD trial's process, once its run has checkpointed
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
+    done = threading.Event()
+
+    def kill_rrd() -> None:  # the RRD trial's process, once its run has checkpointed (watched until the plan ends)
+        while not done.is_set() and not killed:
             for last in (tmp_path / "runs").rglob("last.pt"):
                 lock = last.parent / ".lock"
                 if "rrd" in last.parent.name and lock.is_file() and lock.read_text().strip():
@@ -275,9 +284,13 @@ def test_without_ray_a_plan_runs_on_processes_and_a_killed_study_fails_by_name(w
     killer = threading.Thread(target=kill_rrd)
     killer.start()
     ended = []
-    summaries = run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning", jobs=2,
-                            on_done=lambda plan, summary, message: ended.append((plan.label, message)), poll=0.2)
-    killer.join()
+    try:
+        summaries = run_studies(plans, inputs, split.meta["dataset"], tmp_path / "runs", tmp_path / "tuning",
+                                jobs=2, on_done=lambda plan, summary, message: ended.append((plan.label, message)),
+                                poll=0.2)
+    finally:
+        done.set()
+        killer.join()
     assert killed and list(summaries) == ["mf-none-4"]
     assert [(label, message is not None and "its process died" in message) for label, message in ended] == [
         ("mf-none-4", False), ("mf-rrd-4", True)]
