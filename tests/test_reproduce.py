@@ -584,3 +584,17 @@ def test_a_run_another_process_trains_waits_until_the_free_runs_are_done(workspa
     release.touch()
     holder.wait(timeout=60)
     assert not RunStore(rep.runs_dir).busy(run_spec(rep, [], "mf", "none", 0))
+
+
+def test_a_pages_students_keep_the_tables_order_whatever_order_the_calls_named_them_in(tmp_path):
+    """A call for one student (e.g. a lane's `--students mf`) merges the students earlier calls on the same teachers
+    asked for: the page lists them MF, ML, DNN, not the call's student first and the rest alphabetically."""
+    from types import SimpleNamespace
+
+    from hetcomp.paper import table2
+
+    grid = {"teachers_digest": "d", "students": ["dnn", "ml"], "methods": ["none"], "seeds": [0]}
+    (tmp_path / "manifest.json").write_text(json.dumps({"table2": {"grid": grid}}))
+    rep = SimpleNamespace(out_dir=tmp_path)
+    assert table2._merged_grid(rep, "d", ["mf"], ["none"], [0])["students"] == ["mf", "ml", "dnn"]
+    assert table2._merged_grid(rep, "other", ["dnn", "mf"], ["none"], [0])["students"] == ["mf", "dnn"]

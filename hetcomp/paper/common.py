@@ -23,6 +23,8 @@ TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-
 LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)", "cl-drd-full": "CL-DRD (unsampled)"}
 #: the paper's row a method's row is printed beside, where its label differs: the HetComp paper ran CL-DRD unsampled
 PAPER_ROWS = {"cl-drd-full": "CL-DRD"}
+#: the paper's students, in its tables' order (a page lists its students so, whatever order a call named them in)
+TABLE2_STUDENTS = ("mf", "ml", "dnn")
 #: what `reproduce --table 2` runs by default, in the tables' column order: the paper's rows and the KD menu
 TABLE2_DEFAULT_METHODS = ("none", "rd", "rrd", "mtd", "cl-drd", "dcd", "kd", "hetcomp")
 BASELINES = ("rd", "rrd", "mtd", "cl-drd", "cl-drd-full", "dcd", "kd")

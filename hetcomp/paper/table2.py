@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from hetcomp.errors import HetCompError
-from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, Reproduction
+from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, TABLE2_STUDENTS, Reproduction
 from hetcomp.paper.ledger import locked, read_rows, row_key
 from hetcomp.paper.manifest import read_manifest, write_manifest
 from hetcomp.paper.pages import TABLE2_NOTES, stamp, table2_markdown, validation_at_best
@@ -144,6 +144,6 @@ def _merged_grid(rep: Reproduction, digest: str, students: Sequence[str], method
         merged = set(earlier.get(key, [])) | set(ours)
         return [x for x in order if x in merged] + sorted(x for x in merged if x not in order)
 
-    return {"students": union("students", students, students),
+    return {"students": union("students", students, TABLE2_STUDENTS),
             "methods": union("methods", methods, TABLE2_DEFAULT_METHODS),
             "seeds": sorted(set(earlier.get("seeds", [])) | set(seeds))}
