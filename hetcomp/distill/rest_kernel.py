@@ -167,28 +167,11 @@ def _block_sum(values, channel, start, count):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _place_terms(sorted_scores, kind, row, k, c, taylor_order, tile, column, delta):
-    """Place k's δ^m and δ^m / p_j (m = 0..order; 0.0 off the rest) into ``tile[:, column]``, and its δ."""
-    if kind[row, k] == REST:
-        d = sorted_scores[k] - c
-        delta[row, k] = d
-        inverse_place = 1.0 / (k + 1)
-        power = 1.0
-        for m in range(taylor_order + 1):
-            if m:
-                power *= d
-            tile[2 * m, column] = power
-            tile[2 * m + 1, column] = power * inverse_place
-    else:
-        for channel in range(2 * (taylor_order + 1)):
-            tile[channel, column] = 0.0
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _block_terms(sorted_scores, kind, row, start, count, c, taylor_order, tile, delta):
-    """:func:`_place_terms` of places start .. start + count − 1 (at most 128) into ``tile[:, :count]``, a channel
-    at a time (loops that vectorize): δ^0 is 1.0 on the rest and 0.0 elsewhere, where δ is taken as 0.0, so
-    each power is the same product as the place's own (and every channel 0.0 off the rest)."""
+    """Places start .. start + count − 1 (at most 128): each one's δ^m and δ^m / p_j (m = 0..order) into
+    ``tile[:, column]`` and its δ into ``delta``, a channel at a time (loops that vectorize). On the rest δ^0 is
+    1.0 and δ^m = δ^{m−1}·δ, δ^m / p_j = δ^m·(1/p_j); elsewhere δ is taken as 0.0 with δ^0 = 0.0, so every
+    channel is 0.0 off the rest."""
     for column in range(count):
         k = start + column
         if kind[row, k] == REST:
@@ -304,7 +287,7 @@ def segment_moments(scores, order, segment, kind, n_segments, taylor_order, widt
             c = (low[s] + high[s]) / 2
             centre[row, s] = c
             start, stop = first[s], first[s + 1]
-            _place_terms(sorted_scores, kind, row, start, c, taylor_order, tile, 0, delta)
+            _block_terms(sorted_scores, kind, row, start, 1, c, taylor_order, tile, delta)  # the first place
             for channel in range(channels):
                 head[channel] = tile[channel, 0]
             if stop - start > 1:
