@@ -131,6 +131,30 @@ def test_the_modelled_amd_rsqrt_is_a_12_bit_table_within_the_x86_bound_and_agree
     assert not np.array_equal(shifted_starts, starts)  # the shift is the model's one free number: it moves the runs
 
 
+def test_the_models_exceptions_put_their_buckets_on_the_named_candidate_and_leave_every_other_bucket_to_the_rule():
+    """The buckets that CiteULike's user autoencoder settled hold the candidate its digest needs (not the rule's);
+    no other bucket moves, and a malformed exception is refused with what is wrong."""
+    def per_bucket(runs):
+        starts, values = runs
+        x = np.uint32(0x3F800000) + (np.arange(1 << 13, dtype=np.uint32) << np.uint32(11))
+        return values[np.searchsorted(starts, x, side="right") - 1]
+
+    rule = per_bucket(mkl_as_amd.modelled_amd_rsqrt(exceptions={}))
+    model = per_bucket(mkl_as_amd.modelled_amd_rsqrt())
+    moved = np.flatnonzero(rule != model)
+    assert len(moved) == len(mkl_as_amd.AMD_RSQRT_MODEL_EXCEPTIONS) > 0
+    for m, side in mkl_as_amd.AMD_RSQRT_MODEL_EXCEPTIONS.items():
+        bucket = (int(np.float32(m).view(np.uint32)) - 0x3F800000) >> 11
+        assert bucket in moved
+        value = np.float64(model[bucket].view(np.float32))
+        width = 2.0 ** -12 if m < 2 else 2.0 ** -11
+        midpoint = 1 / np.sqrt(np.floor(m / width) * width + width / 2)
+        assert (value > midpoint) == (side == "U") and abs(value - midpoint) < 2.0 ** -13  # a 13-bit neighbour
+    for bad in ({1.5: "X"}, {4.0: "U"}):
+        with pytest.raises(HetCompError, match="m must lie in"):
+            mkl_as_amd.modelled_amd_rsqrt(exceptions=bad)
+
+
 def test_the_default_library_emulates_mkls_square_root_with_the_amd_table(monkeypatch):
     source = mkl_as_amd.default_source()
     assert "rsqrt_values" in source and '"MKL_VML_DEBUG_CPU_TYPE", "0"' in source

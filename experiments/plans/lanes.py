@@ -23,9 +23,9 @@ the teachers exactly as the committed studies' were (digests in `experiments/res
 `hetcomp tune` refuses trials made with other teachers). On an AVX-512 CPU, Foursquare's steps hold torch's
 kernels at AVX2, which gives the table's Foursquare teachers (2cd1686186e0); CiteULike's run natively. On an
 Intel CPU every step runs with MKL dispatching as on the AMD machines that made the committed teachers
-(:mod:`hetcomp.mkl_as_amd`: it needs a C compiler once; CiteULike's user autoencoder does not reproduce there
-yet, so on an Intel CPU pass `--datasets foursquare`). The teachers are trained with `--require-committed`: a
-teacher whose digest is not the committed one stops its worker at once (the studies could not use it).
+(:mod:`hetcomp.mkl_as_amd`: it needs a C compiler once; all twelve committed teachers reproduce with it). The
+teachers are trained with `--require-committed`: a teacher whose digest is not the committed one stops its worker
+at once (the studies could not use it).
 """
 
 from __future__ import annotations
