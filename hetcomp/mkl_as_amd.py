@@ -75,13 +75,31 @@ def modelled_amd_rsqrt(shift: float = AMD_RSQRT_MODEL_SHIFT,
     input.
     """
     starts, values = bucket_rsqrt(shift)
-    below = bucket_rsqrt(0.5)[1]  # 1/sqrt at the midpoint rounded half a step lower: the 13-bit value below it
-    for m, side in (AMD_RSQRT_MODEL_EXCEPTIONS if exceptions is None else exceptions).items():
+    return merged_runs(starts, on_sides(starts, values, AMD_RSQRT_MODEL_EXCEPTIONS if exceptions is None
+                                        else exceptions))
+
+
+def bucket_of(starts: np.ndarray, m: float) -> int:
+    """The index of the bucket (of :func:`bucket_rsqrt`'s ``starts``) that holds the float ``m`` in [1, 4)."""
+    return int(np.searchsorted(starts, np.float32(m).view(np.uint32), side="right")) - 1
+
+
+def candidates(at: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket, the 13-bit values just below ("L") and just above ("U") 1/sqrt at ``lo + at·width``: the two a
+    table can hold where MKL's correction step does not absorb the difference."""
+    below = bucket_rsqrt(0.5, at)[1]  # rounded half a step lower: the 13-bit value below
+    return below, below + np.uint32(1 << 11)
+
+
+def on_sides(starts: np.ndarray, values: np.ndarray, sides: dict[float, str], at: float = 0.5) -> np.ndarray:
+    """``values`` with the bucket of each m in ``sides`` on its named candidate (:func:`candidates`), in place."""
+    lower, upper = candidates(at)
+    for m, side in sides.items():
         if side not in ("L", "U") or not 1 <= m < 4:
-            raise HetCompError(f"RSQRTSS model exception {m}={side}: m must lie in [1, 4) and the side be L or U")
-        bucket = int(np.searchsorted(starts, np.float32(m).view(np.uint32), side="right")) - 1
-        values[bucket] = below[bucket] + np.uint32(0 if side == "L" else 1 << 11)
-    return merged_runs(starts, values)
+            raise HetCompError(f"RSQRTSS bucket {m}={side}: m must lie in [1, 4) and the side be L or U")
+        bucket = bucket_of(starts, m)
+        values[bucket] = (lower if side == "L" else upper)[bucket]
+    return values
 
 
 def bucket_rsqrt(shift: float, at: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

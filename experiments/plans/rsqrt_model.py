@@ -37,14 +37,11 @@ from hetcomp import mkl_as_amd
 
 def bucket_table(shift: float = mkl_as_amd.AMD_RSQRT_MODEL_SHIFT, at: float = 0.5,
                  force: dict[float, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The table's runs (as :func:`hetcomp.mkl_as_amd.rsqrt_runs`); ``at=0.5`` without ``force`` is the library's
+    """The table's runs (as :func:`hetcomp.mkl_as_amd.rsqrt_runs`); ``at=0.5`` with ``force`` the model's exceptions
+    (:data:`hetcomp.mkl_as_amd.AMD_RSQRT_MODEL_EXCEPTIONS`) is the library's
     :func:`hetcomp.mkl_as_amd.modelled_amd_rsqrt`."""
     starts, values = mkl_as_amd.bucket_rsqrt(shift, at)
-    below = mkl_as_amd.bucket_rsqrt(0.5, at)[1]  # rounded half a step lower: the 13-bit value below
-    for m, side in (force or {}).items():
-        i = int(np.searchsorted(starts, np.float32(m).view(np.uint32), side="right")) - 1
-        values[i] = below[i] if side == "L" else below[i] + np.uint32(1 << 11)
-    return mkl_as_amd.merged_runs(starts, values)
+    return mkl_as_amd.merged_runs(starts, mkl_as_amd.on_sides(starts, values, force or {}, at))
 
 
 def reduced(values: list[float]) -> np.ndarray:

@@ -28,8 +28,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from hetcomp import mkl_as_amd
 
 #: the user autoencoder's open buckets (`rsqrt_model.py buckets cu-ae.json --pinned fs-ae.json fs-iae.json
@@ -97,20 +95,12 @@ def when(out: Path, cache_dir: Path) -> None:
     _app(cache_dir)
 
 
-def _table(shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    starts, values = mkl_as_amd.bucket_rsqrt(shift)
-    return starts, values, mkl_as_amd.bucket_rsqrt(0.5)[1]  # the 13-bit value below 1/sqrt at the midpoint
-
-
-def _code(shift: float) -> str:
-    starts, values, _ = _table(shift)
-    return mkl_as_amd.source((starts, values)).replace("static const uint32_t rsqrt_values", "uint32_t rsqrt_values")
-
-
 def tree(out: Path, cache_dir: Path, shift: float, leaf_epoch: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = mkl_as_amd.environment(code=_code(shift))
-    env["RSQRT_TREE_LIBRARY"] = str(mkl_as_amd.library(code=_code(shift)))
+    code = mkl_as_amd.source(mkl_as_amd.bucket_rsqrt(shift)).replace("static const uint32_t rsqrt_values",
+                                                                     "uint32_t rsqrt_values")
+    env = mkl_as_amd.environment(code=code)
+    env["RSQRT_TREE_LIBRARY"] = str(mkl_as_amd.library(code=code))
     os.chdir(out)
     os.execve(sys.executable, [sys.executable, __file__, "grow", str(out), "--cache-dir", str(cache_dir),
                                "--shift", str(shift), "--leaf-epoch", str(leaf_epoch)], env)
@@ -122,9 +112,10 @@ def grow(out: Path, cache_dir: Path, shift: float, leaf_epoch: int) -> None:
     import hetcomp.teachers as teachers
     from hetcomp.runs.spec import trajectory_digest
 
-    starts, values, below = _table(shift)
+    starts, values = mkl_as_amd.bucket_rsqrt(shift)
+    lower, upper = mkl_as_amd.candidates()
     live = (ctypes.c_uint32 * len(values)).in_dll(ctypes.CDLL(os.environ["RSQRT_TREE_LIBRARY"]), "rsqrt_values")
-    index = {m: int(np.searchsorted(starts, np.float32(m).view(np.uint32), side="right")) - 1 for m in OPEN.values()}
+    index = {m: mkl_as_amd.bucket_of(starts, m) for m in OPEN.values()}
     assert all(live[i] == values[i] for i in index.values())  # the preloaded table is the one built here
     choice: dict[float, str] = {}
     root, first_fork = os.getpid(), [True]
@@ -133,12 +124,12 @@ def grow(out: Path, cache_dir: Path, shift: float, leaf_epoch: int) -> None:
         i = index[m]
         child = os.fork()
         if child == 0:
-            choice[m], live[i] = "U", int(below[i]) + (1 << 11)
+            choice[m], live[i] = "U", int(upper[i])
             branch = out / f"b{os.getpid()}"
             shutil.copytree(Path.cwd() / "tdir", branch / "tdir")  # the run so far: snapshots, checkpoints
             os.chdir(branch)
         else:
-            choice[m], live[i] = "L", int(below[i])
+            choice[m], live[i] = "L", int(lower[i])
             if not first_fork[0]:
                 os.waitpid(child, 0)  # depth first; the root's two first subtrees run side by side
         first_fork[0] = False
