@@ -14,7 +14,7 @@ from hetcomp.distill import DistillContext, build_method, default_methods
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
-from hetcomp.provenance import machine
+from hetcomp.provenance import machine, packages
 from hetcomp.stacked import StackedTrainer, seed_trainers
 from hetcomp.teachers import load_teachers
 from hetcomp.train import OwnLoss, Trainer, TrainerConfig
@@ -41,7 +41,7 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
     """Time loading, evaluation, a teacher epoch, a student epoch per method and one DKC check."""
     torch.set_flush_denormal(True)
     keep_freed_memory()
-    out: dict[str, float] = {"machine": machine()}  # type: ignore[dict-item]
+    out: dict[str, float] = {"machine": machine(), "packages": packages()}  # type: ignore[dict-item]
 
     def record(name: str, seconds: float) -> None:
         out[name] = seconds

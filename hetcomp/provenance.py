@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -69,6 +71,25 @@ def machine() -> str:
     kernels = f", MKL as on AMD (square roots: {mkl_as_amd.square_roots()})" if mkl_as_amd.active() else ""
     return (f"{platform.system()} {cpu()}{kernels}, {torch.get_num_threads()} threads, {gpu}, "
             f"torch {torch.__version__}")
+
+
+@functools.cache  # the installed packages do not change within a process
+def packages() -> str:
+    """The installed versions that make a CPU run's floating-point bits besides the processor, e.g. ``python 3.11.7,
+    torch 2.13.0+cpu, MKL 2024.2, numpy 2.4.6, numba 0.68.1, llvmlite 0.50.0, scipy 1.17.1, glibc 2.36``. Two
+    machines whose runs differ with the same CPU dispatch (as Foursquare's study did, a Xeon against an EPYC) are
+    told apart by this line or not at all. A package that is not installed is left out."""
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    mkl = re.search(r"Math Kernel Library Version ([0-9.]+)", torch.__config__.show())
+    parts += [f"MKL {mkl.group(1)}"] if mkl else []
+    for name in ("numpy", "numba", "llvmlite", "scipy"):
+        try:
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    libc, version = platform.libc_ver()
+    parts += [f"{libc} {version}"] if libc else []
+    return ", ".join(parts)
 
 
 def cpu() -> str:

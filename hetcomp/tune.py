@@ -47,7 +47,7 @@ import torch
 from hetcomp.data import Split
 from hetcomp.distill import method_class
 from hetcomp.errors import HetCompError
-from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine
+from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine, packages
 from hetcomp.runs import RunSpec, RunStore, make_spec, teacher_digests, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
 from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, flat_settings, summary_path, summary_settings
@@ -282,7 +282,7 @@ def special_case_choice(summary: dict, root: Path | None = None) -> dict:
 
 
 #: what a summary says about where it was written, not about the study
-PROVENANCE = ("commit", "code_digest", "machine")
+PROVENANCE = ("commit", "code_digest", "machine", "packages")
 
 
 def _keeps_committed(summary_file: Path, summary: dict, ran: bool) -> bool:
@@ -539,7 +539,7 @@ def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None,
                      **({"start_point": t.user_attrs["start_point"]} if "start_point" in t.user_attrs else {})}
                     for t in study.trials],
         "command": _command(attrs, trials, storage, study.study_name, source, knobs),
-        "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(),
+        "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(), "packages": packages(),
     }
 
 

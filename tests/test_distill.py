@@ -342,6 +342,18 @@ def test_a_run_refuses_to_train_once_the_sources_changed_on_disk(tmp_path, monke
         distill(SPLIT, [], "mf", "none", dim=4, runs_root=tmp_path, max_epochs=3, eval_every=1)
 
 
+def test_a_run_records_the_installed_packages_that_make_its_bits(tmp_path):
+    """Two machines with the same CPU dispatch can still train apart (other MKL, numpy or numba builds): each
+    finished run names those versions, read from what is installed, not written by hand."""
+    import importlib.metadata
+
+    result = distill(SPLIT, [], "mf", "none", dim=4, runs_root=tmp_path, max_epochs=2, eval_every=1)
+    named = dict(part.rsplit(" ", 1) for part in result["packages"].split(", "))
+    assert named["torch"] == torch.__version__ and named["numpy"] == np.__version__
+    assert named["scipy"] == importlib.metadata.version("scipy")
+    assert "python" in named and ("MKL" in named) == torch.backends.mkl.is_available()
+
+
 def test_commit_stamp_says_when_the_sources_differ_from_it(tmp_path):
     import shutil
     import subprocess

@@ -47,9 +47,11 @@ def bench_command(
     result = run_bench(dataset, data_dir, cache_dir, teachers_dir, target,
                        methods=_parse_names(methods, list(METHODS), "method") if methods else None, report=report)
     console.print(f"machine: {result.get('machine', '')}")
+    console.print(f"packages: {result.get('packages', '')}")
     if append is not None:
         lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — `hetcomp {' '.join(sys.argv[1:])}`",
-                 f"machine: {result.get('machine', '')}, device {target}", "",
+                 f"machine: {result.get('machine', '')}, device {target}",
+                 f"packages: {result.get('packages', '')}", "",
                  "| what | seconds (MB for memory) |", "|---|---|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in rows if value == value]
         append.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from hetcomp.provenance import atomic_write_text
 #: ``trained_as``: the identity of the finished run that served this one (a twin: DCD at ``dcd_weight=0`` is its
 #: RRD run), whose wall time the row repeats; empty for a run trained as itself
 TABLE2_COLUMNS = ("dataset", "student", "method", "seed", *METRICS, "best_epoch", "epochs", "wall_seconds", "command",
-                  "config", "teachers_digest", "commit", "code_digest", "machine", "trained_as")
+                  "config", "teachers_digest", "commit", "code_digest", "machine", "packages",
+                  "trained_as")
 #: curves.csv: one row per evaluation of a Table 2 run
 CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "valid_recall@50", "test_recall@50")
 

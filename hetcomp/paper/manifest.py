@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hetcomp.paper.common import Reproduction
-from hetcomp.provenance import atomic_write_text, git_commit, machine, read_json
+from hetcomp.provenance import atomic_write_text, git_commit, machine, packages, read_json
 
 
 def read_manifest(path: Path) -> dict:
@@ -35,7 +35,7 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
     manifest = read_manifest(path)
     # a row served by its twin (``trained_as``) repeats the twin's wall time: that training is counted once
     run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows if not r.get("trained_as"))
-    stamp = {"commit": git_commit(), "machine": machine(),
+    stamp = {"commit": git_commit(), "machine": machine(), "packages": packages(),
              "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     measured = manifest.get(table, {}).get("from_scratch_measured")
     if from_scratch:

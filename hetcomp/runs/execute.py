@@ -17,7 +17,7 @@ from hetcomp.device import peak_memory_mb
 from hetcomp.distill import DistillContext, EnsembleConfig, build_method, method_class
 from hetcomp.errors import HetCompError
 from hetcomp.models import build_model
-from hetcomp.provenance import CODE_DIGEST, check_sources_unchanged, git_commit, machine
+from hetcomp.provenance import CODE_DIGEST, check_sources_unchanged, git_commit, machine, packages
 from hetcomp.runs.spec import (
     DEFAULT_BATCH_USERS,
     DEFAULT_EVAL_EVERY,
@@ -132,7 +132,7 @@ def _write_run(spec: RunSpec, trainer: Trainer, store: RunStore, folder: Path, s
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
         "peak_memory_mb": round(peak_memory_mb()),  # of this process (the whole run when it ran alone)
         "device": str(trainer.device), "command": spec.command(), "commit": git_commit(), "code_digest": CODE_DIGEST,
-        "machine": machine(),
+        "machine": machine(), "packages": packages(),
         "curve": [{"epoch": h["epoch"], "valid_recall@50": h["valid"]["recall@50"],
                    "test_recall@50": h["test"]["recall@50"]} for h in state.history],
     }
