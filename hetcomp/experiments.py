@@ -69,6 +69,11 @@ def teachers_report(split: Split, trajectories: list, command: str, train_comman
     lines += stamp(command, split.meta["seed"])
     if train_command:
         lines.append(f"- teachers trained by: `{train_command}`")
+    machines = sorted({t.meta["machine"] for t in trajectories if t.meta.get("machine")})
+    if machines:  # the command alone does not say which kernels ran (e.g. held at AVX2, MKL as on AMD)
+        unrecorded = [t.name for t in trajectories if not t.meta.get("machine")]
+        lines.append(f"- teachers trained on: {' ; '.join(machines)}"
+                     + (f" ({', '.join(unrecorded)}: not recorded)" if unrecorded else ""))
     lines += ["", "## Converged teachers (E4) and their trajectories", "",
               "| " + " | ".join(TEACHER_COLUMNS) + " |", "|" + "---|" * len(TEACHER_COLUMNS)]
     state_metrics = {}

@@ -20,7 +20,7 @@ from hetcomp.ensemble import trajectory_state_metrics as trajectory_state_metric
 from hetcomp.errors import HetCompError
 from hetcomp.locks import exclusive_lock
 from hetcomp.models import build_model
-from hetcomp.provenance import check_sources_unchanged, dataset_slug
+from hetcomp.provenance import check_sources_unchanged, dataset_slug, machine, packages
 from hetcomp.train import Callback, Trainer, train_model
 from hetcomp.trajectory import (
     Trajectory,
@@ -186,6 +186,8 @@ def _train_teacher(split: Split, teacher: str, run_dir: Path, dim: int, seed: in
     recorder = TrajectoryRecorder(run_dir, {"teacher": teacher, "dim": dim, "train_seed": seed, "config": config,
                                             "n_parameters": model.n_parameters(), "source": command,
                                             "threads": torch.get_num_threads(),  # the rankings depend on it
+                                            # and so do the kernels' level and the packages (not in the digest)
+                                            "machine": machine(), "packages": packages(),
                                             "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     train_model(model, split, device=device, seed=seed, callbacks=[recorder, *(callbacks or [])], run_dir=run_dir,
                 top_m=top_m)

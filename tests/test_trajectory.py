@@ -8,7 +8,9 @@ import torch
 from conftest import make_tiny_split
 
 from hetcomp.ensemble import EnsembleScorer, aggregate_scores, ensemble_observed_order, rank_importance
+from hetcomp.experiments import teachers_report
 from hetcomp.metrics import evaluate_split
+from hetcomp.provenance import machine, packages
 from hetcomp.teachers import check_teacher_name, dataset_teacher_settings, load_teachers, train_teacher
 from hetcomp.trajectory import (
     MIN_TOP_M,
@@ -53,6 +55,10 @@ def test_trajectory_round_trip_and_contents(teacher_root):
     assert meta["state_epochs"] == sorted(meta["state_epochs"])
     assert len(meta["metrics"]) == 4 and "recall@50" in meta["metrics"][0]["test"]
     assert meta["threads"] == torch.get_num_threads()  # a ranking is bit-identical only for the same count
+    # so is the kernels' level and the packages' builds; neither enters the digest, both reach the page
+    assert meta["machine"] == machine() and meta["packages"] == packages()
+    page = teachers_report(SPLIT, load_teachers(SPLIT, teacher_root, ["mf", "ae"]), "hetcomp evaluate")
+    assert f"- teachers trained on: {machine()}\n" in page
     for user in (0, 5, 77):  # observed rows hold exactly the user's training items
         lo, hi = trajectory.observed_indptr[user], trajectory.observed_indptr[user + 1]
         assert sorted(trajectory.observed[lo:hi]) == sorted(SPLIT.train.indices[lo:hi])
