@@ -31,7 +31,9 @@ at once (the studies could not use it).
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +126,47 @@ def done(step: Step) -> bool:
     return False
 
 
+def _finished_trials(dataset: str, student: str) -> list[dict]:
+    """The study's finished (complete or pruned) trials, from its committed trials record (none yet: [])."""
+    record = summary_path(dataset, student, "cl-drd-full", 6).with_suffix(".trials.json")
+    try:
+        trials = json.loads(record.read_text())["trials"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [t for t in trials if t["state"] in ("complete", "pruned")]
+
+
+def _mean_seconds(trials: list[dict]) -> float | None:
+    costs = [t["user_attrs"]["seconds"] for t in trials if t.get("user_attrs", {}).get("seconds")]
+    return sum(costs) / len(costs) if costs else None
+
+
+def hours_left(step: Step) -> str:
+    """A rough figure for ``--plan``: one core's hours the step still needs, from what was recorded on whatever
+    machines ran the finished work (a study: its trials left times its finished trials' mean cost, or its dataset's
+    MF study's; rows: the unsampled CL-DRD runs not in the ledger times its finished runs' mean wall time, or a
+    complete MF trial's; a dataset's rows step counts its MF runs too). Where nothing is recorded yet: "?"."""
+    kind, dataset, *student = step.name.split()
+    if kind == "teachers":
+        return "-"
+    if kind == "study":
+        finished = _finished_trials(dataset, student[0])
+        per_trial = _mean_seconds(finished) or _mean_seconds(_finished_trials(dataset, "mf"))
+        left = max(BUDGET[student[0]] - len(finished), 0)
+        return "0" if left == 0 else "?" if per_trial is None else f"{left * per_trial / 3600:.1f}"
+    students = student[0].split(",") if student else list(BUDGET)
+    ledger = Path("experiments/results/tuned") / dataset / "table2.csv"
+    rows = []
+    if ledger.is_file():
+        with open(ledger, newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["method"] == "cl-drd-full" and r["student"] in students]
+    left = max(SEEDS[dataset] * len(students) - len(rows), 0)
+    costs = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
+    complete = [t for t in _finished_trials(dataset, "mf") if t["state"] == "complete"]
+    per_run = sum(costs) / len(costs) if costs else _mean_seconds(complete)
+    return "0" if left == 0 else "?" if per_run is None else f"{left * per_run / 3600:.1f}"
+
+
 def running(step: Step) -> bool:
     """Whether some process runs one of the step's commands (this worker's own are finished when asked)."""
     for command in step.commands:
@@ -163,7 +206,9 @@ def next_step(plan: list[Step], finished: set[str]) -> Step | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="One worker of the unsampled CL-DRD's steps (start one per core).")
-    parser.add_argument("--plan", action="store_true", help="list the steps, their state and commands; run nothing")
+    parser.add_argument("--plan", action="store_true",
+                        help="list the steps, their state, a rough figure of one core's hours left (from the "
+                             "recorded costs of finished trials and rows) and their commands; run nothing")
     parser.add_argument("--datasets", default="foursquare,citeulike",
                         help="only these datasets' steps (e.g. citeulike: work that fits the time a machine has "
                              "left, as a row of Foursquare's MF student is 1.3-2.6 h of one core)")
@@ -175,7 +220,8 @@ def main() -> int:
     if args.plan:
         for step in plan:
             state = "done" if done(step) else "running" if running(step) else "to do"
-            print(f"{step.name:24} {state:8} {' && '.join(' '.join(command) for command in step.commands)}")
+            print(f"{step.name:24} {state:8} {hours_left(step):>5} h  "
+                  f"{' && '.join(' '.join(command) for command in step.commands)}")
         return 0
     if not os.environ.get("HETCOMP_DATA"):
         print("lanes.py: set HETCOMP_DATA to the data directory (e.g. ../shared/data/raw)", file=sys.stderr)
