@@ -76,9 +76,9 @@ def machine() -> str:
 @functools.cache  # the installed packages do not change within a process
 def packages() -> str:
     """The installed versions that make a CPU run's floating-point bits besides the processor, e.g. ``python 3.11.7,
-    torch 2.13.0+cpu, MKL 2024.2, numpy 2.4.6, numba 0.68.1, llvmlite 0.50.0, scipy 1.17.1, glibc 2.36``. Two
-    machines whose runs differ with the same CPU dispatch (as Foursquare's study did, a Xeon against an EPYC) are
-    told apart by this line or not at all. A package that is not installed is left out."""
+    torch 2.13.0+cpu, MKL 2024.2, numpy 2.4.6, numba 0.68.1, llvmlite 0.50.0, scipy 1.17.1, glibc 2.36``. Where two
+    machines' runs differ with the same CPU dispatch (as Foursquare's study did, a Xeon against an EPYC), this line
+    says whether a package differs too or only the hardware can. A package that is not installed is left out."""
     parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     mkl = re.search(r"Math Kernel Library Version ([0-9.]+)", torch.__config__.show())
     parts += [f"MKL {mkl.group(1)}"] if mkl else []
