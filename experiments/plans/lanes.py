@@ -31,7 +31,6 @@ at once (the studies could not use it).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -45,6 +44,7 @@ import torch
 
 from hetcomp import mkl_as_amd
 from hetcomp.experiments import committed_teacher_digests
+from hetcomp.paper.ledger import read_rows
 from hetcomp.provenance import cpu_vendor_and_model
 from hetcomp.runs.spec import trajectory_digest
 from hetcomp.runs.tuned import summary_path
@@ -54,6 +54,8 @@ from hetcomp.trajectory import load_trajectory
 METHODS = "none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp,cl-drd-full"
 SEEDS = {"foursquare": 3, "citeulike": 5}
 BUDGET = {"mf": 16, "ml": 8, "dnn": 8}
+#: where the rows steps write the tables (each dataset's ledger in its folder)
+RESULTS_DIR = Path("experiments/results/tuned")
 
 
 @dataclass
@@ -89,7 +91,7 @@ def rows_command(dataset: str, students: str) -> list[str]:
     """Table 2's rows of ``students``: two workers' calls side by side share them (each takes a free run, and
     leaves the last ones the other trains to it, going on to the next step)."""
     return ["hetcomp", "reproduce", "--dataset", dataset, "--table", "2", "--students", students, "--seeds",
-            str(SEEDS[dataset]), "--methods", METHODS, "--results-dir", "experiments/results/tuned", "--leave-busy"]
+            str(SEEDS[dataset]), "--methods", METHODS, "--results-dir", str(RESULTS_DIR), "--leave-busy"]
 
 
 def steps() -> list[Step]:
@@ -155,11 +157,8 @@ def hours_left(step: Step) -> str:
         left = max(BUDGET[student[0]] - len(finished), 0)
         return "0" if left == 0 else "?" if per_trial is None else f"{left * per_trial / 3600:.1f}"
     students = student[0].split(",") if student else list(BUDGET)
-    ledger = Path("experiments/results/tuned") / dataset / "table2.csv"
-    rows = []
-    if ledger.is_file():
-        with open(ledger, newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if r["method"] == "cl-drd-full" and r["student"] in students]
+    rows = [r for r in read_rows(RESULTS_DIR / dataset / "table2.csv")
+            if r["method"] == "cl-drd-full" and r["student"] in students]
     left = max(SEEDS[dataset] * len(students) - len(rows), 0)
     costs = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
     complete = [t for t in _finished_trials(dataset, "mf") if t["state"] == "complete"]
