@@ -15,7 +15,8 @@ is done (the row the comparison hinges on: CL-DRD against w/o KD), the rest when
 dataset are summarised. With nothing to take, the
 worker waits a minute; it exits when every step is done. `python experiments/plans/lanes.py --plan` lists the
 steps, their state and their commands; `--datasets citeulike` keeps one dataset's steps (e.g. work that fits
-the time a machine has left).
+the time a machine has left), and `--datasets citeulike,foursquare` takes CiteULike's steps first and then joins
+Foursquare's, so a worker whose dataset is finished does not leave its core idle.
 
 Every step resumes where it stopped (finished teachers are skipped, studies go on from their committed trials
 records, finished runs are reused), so after a machine is lost the same two commands go on: they first retrain
@@ -209,13 +210,14 @@ def main() -> int:
                         help="list the steps, their state, a rough figure of one core's hours left (from the "
                              "recorded costs of finished trials and rows) and their commands; run nothing")
     parser.add_argument("--datasets", default="foursquare,citeulike",
-                        help="only these datasets' steps (e.g. citeulike: work that fits the time a machine has "
-                             "left, as a row of Foursquare's MF student is 1.3-2.6 h of one core)")
+                        help="only these datasets' steps, in this order of preference (e.g. citeulike: work that "
+                             "fits the time a machine has left, as a row of Foursquare's MF student is 1.3-2.6 h of "
+                             "one core; citeulike,foursquare: CiteULike's steps first, then joining Foursquare's)")
     args = parser.parse_args()
     chosen = args.datasets.split(",")
     if unknown := sorted(set(chosen) - set(SEEDS)):
         parser.error(f"unknown dataset(s) {', '.join(unknown)}: choose among {', '.join(SEEDS)}")
-    plan = [step for step in steps() if step.dataset in chosen]
+    plan = sorted((step for step in steps() if step.dataset in chosen), key=lambda step: chosen.index(step.dataset))
     if args.plan:
         for step in plan:
             state = "done" if done(step) else "running" if running(step) else "to do"
