@@ -120,13 +120,24 @@ def steps() -> list[Step]:
 
 
 def done(step: Step) -> bool:
-    """Teachers and studies say so on disk; rows do not (a finished table's `reproduce` returns at once)."""
+    """Teachers and studies say so on disk. A dataset's early MF rows step is done once the ledger holds its
+    unsampled CL-DRD MF rows (so that a restarted worker does not rewrite the dataset's page with that step's
+    narrower command); the whole table's rows step is never taken as done (its `reproduce` returns at once when
+    nothing is missing, and retrains rows that a method's version bump made stale, MF's included)."""
     kind, dataset, *student = step.name.split()
     if kind == "teachers":
         return teachers_trained(dataset)
     if kind == "study":
         return summary_path(dataset, student[0], "cl-drd-full", 6).exists()
+    if student == ["mf"]:
+        return len(_unsampled_rows(dataset, ["mf"])) >= SEEDS[dataset]
     return False
+
+
+def _unsampled_rows(dataset: str, students: list[str]) -> list[dict]:
+    """The ledger's unsampled CL-DRD rows of ``students``."""
+    return [row for row in read_rows(RESULTS_DIR / dataset / "table2.csv")
+            if row["method"] == "cl-drd-full" and row["student"] in students]
 
 
 def _finished_trials(dataset: str, student: str) -> list[dict]:
@@ -158,8 +169,7 @@ def hours_left(step: Step) -> str:
         left = max(BUDGET[student[0]] - len(finished), 0)
         return "0" if left == 0 else "?" if per_trial is None else f"{left * per_trial / 3600:.1f}"
     students = student[0].split(",") if student else list(BUDGET)
-    rows = [r for r in read_rows(RESULTS_DIR / dataset / "table2.csv")
-            if r["method"] == "cl-drd-full" and r["student"] in students]
+    rows = _unsampled_rows(dataset, students)
     left = max(SEEDS[dataset] * len(students) - len(rows), 0)
     costs = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
     complete = [t for t in _finished_trials(dataset, "mf") if t["state"] == "complete"]
