@@ -158,8 +158,9 @@ def _mean_seconds(trials: list[dict]) -> float | None:
 def hours_left(step: Step) -> str:
     """A rough figure for ``--plan``: one core's hours the step still needs, from what was recorded on whatever
     machines ran the finished work (a study: its trials left times its finished trials' mean cost, or its dataset's
-    MF study's; rows: the unsampled CL-DRD runs not in the ledger times its finished runs' mean wall time, or a
-    complete MF trial's; a dataset's rows step counts its MF runs too). Where nothing is recorded yet: "?"."""
+    MF study's; rows, per student: its unsampled CL-DRD runs not in the ledger times its finished runs' mean wall
+    time, or else its study's chosen trial's cost (a run at the settings the rows use), or else the MF rows'; a
+    dataset's rows step counts its MF runs too). Where nothing is recorded yet: "?"."""
     kind, dataset, *student = step.name.split()
     if kind == "teachers":
         return "-"
@@ -168,13 +169,31 @@ def hours_left(step: Step) -> str:
         per_trial = _mean_seconds(finished) or _mean_seconds(_finished_trials(dataset, "mf"))
         left = max(BUDGET[student[0]] - len(finished), 0)
         return "0" if left == 0 else "?" if per_trial is None else f"{left * per_trial / 3600:.1f}"
-    students = student[0].split(",") if student else list(BUDGET)
-    rows = _unsampled_rows(dataset, students)
-    left = max(SEEDS[dataset] * len(students) - len(rows), 0)
-    costs = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
-    complete = [t for t in _finished_trials(dataset, "mf") if t["state"] == "complete"]
-    per_run = sum(costs) / len(costs) if costs else _mean_seconds(complete)
-    return "0" if left == 0 else "?" if per_run is None else f"{left * per_run / 3600:.1f}"
+    seconds = 0.0
+    for name in student[0].split(",") if student else list(BUDGET):
+        left = max(SEEDS[dataset] - len(_unsampled_rows(dataset, [name])), 0)
+        if left == 0:
+            continue
+        per_run = _row_seconds(dataset, name) or _chosen_trial_seconds(dataset, name) or _row_seconds(dataset, "mf")
+        if per_run is None:
+            return "?"
+        seconds += left * per_run
+    return "0" if seconds == 0 else f"{seconds / 3600:.1f}"
+
+
+def _row_seconds(dataset: str, student: str) -> float | None:
+    costs = [float(r["wall_seconds"]) for r in _unsampled_rows(dataset, [student]) if r.get("wall_seconds")]
+    return sum(costs) / len(costs) if costs else None
+
+
+def _chosen_trial_seconds(dataset: str, student: str) -> float | None:
+    """The cost of the trial the study chose (its summary's ``best_trial``), where the study is at its budget."""
+    try:
+        best = json.loads(summary_path(dataset, student, "cl-drd-full", 6).read_text())["best_trial"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((t["user_attrs"].get("seconds") for t in _finished_trials(dataset, student) if t["number"] == best),
+                None)
 
 
 def running(step: Step) -> bool:
