@@ -171,23 +171,26 @@ def hours_left(step: Step) -> str:
         return "0" if left == 0 else "?" if per_trial is None else f"{left * per_trial / 3600:.1f}"
     seconds = 0.0
     for name in student[0].split(",") if student else list(BUDGET):
-        left = max(SEEDS[dataset] - len(_unsampled_rows(dataset, [name])), 0)
+        rows = _unsampled_rows(dataset, [name])
+        left = max(SEEDS[dataset] - len(rows), 0)
         if left == 0:
             continue
-        per_run = _row_seconds(dataset, name) or _chosen_trial_seconds(dataset, name) or _row_seconds(dataset, "mf")
+        per_run = (_mean_wall(rows) or _chosen_trial_seconds(dataset, name)
+                   or _mean_wall(_unsampled_rows(dataset, ["mf"])))
         if per_run is None:
             return "?"
         seconds += left * per_run
     return "0" if seconds == 0 else f"{seconds / 3600:.1f}"
 
 
-def _row_seconds(dataset: str, student: str) -> float | None:
-    costs = [float(r["wall_seconds"]) for r in _unsampled_rows(dataset, [student]) if r.get("wall_seconds")]
+def _mean_wall(rows: list[dict]) -> float | None:
+    costs = [float(r["wall_seconds"]) for r in rows if r.get("wall_seconds")]
     return sum(costs) / len(costs) if costs else None
 
 
 def _chosen_trial_seconds(dataset: str, student: str) -> float | None:
-    """The cost of the trial the study chose (its summary's ``best_trial``), where the study is at its budget."""
+    """The cost of the trial the study chose (its summary's ``best_trial``), where the study is at its budget; a
+    trial that resumed a killed one records its own attempt only, so the figure is then too low."""
     try:
         best = json.loads(summary_path(dataset, student, "cl-drd-full", 6).read_text())["best_trial"]
     except (OSError, ValueError, KeyError):
