@@ -10,7 +10,7 @@ import torch
 
 from hetcomp.data import load_dataset
 from hetcomp.device import keep_freed_memory, peak_memory_mb
-from hetcomp.distill import DistillContext, build_method, default_methods
+from hetcomp.distill import METHODS, DistillContext, build_method
 from hetcomp.errors import HetCompError
 from hetcomp.metrics import evaluate_split
 from hetcomp.models import build_model
@@ -70,7 +70,7 @@ def run_bench(dataset: str, data_dir: Path | None, cache_dir: Path | None, teach
         report(f"student epochs and DKC skipped: {error}", float("nan"))
         return _with_peak_memory(out, device, report)
     context = DistillContext(split, trajectories, device)
-    for name in methods or default_methods():
+    for name in methods or METHODS:
         method = build_method(name, context)
         student_model = build_model(student, split.train, dim=6)
         student_trainer = Trainer(student_model, split, method, TrainerConfig(top_m=method.evaluation_top_m),

@@ -661,14 +661,15 @@ def test_a_study_in_a_log_shows_each_evaluation_of_its_trials(tmp_path):
     assert "trial epoch    2  valid R@50" in result.output and "trial 0: valid R@50" in result.output
 
 
-def test_all_means_every_method_but_the_opt_in_ones():
-    """``--method all`` (tune) and bench's default leave out a method too costly to run unasked on a CPU
-    (CL-DRD without sampling); naming it still works."""
-    from hetcomp.distill import default_methods
+def test_all_means_every_registered_method():
+    """``--method all`` is one study per registered method, Table 2's CL-DRD (the unsampled ``cl-drd-full``, hours
+    a study on a CPU) included: a paper row is not left out for being slow."""
+    from hetcomp.cli.tune import parse_methods
 
-    assert "cl-drd-full" in METHODS and "cl-drd-full" not in default_methods()
-    assert [m for m in METHODS if m != "cl-drd-full"] == default_methods()
-    assert method_class("cl-drd-full").opt_in and not method_class("cl-drd").opt_in
+    assert parse_methods(" all ") == list(METHODS) and "cl-drd-full" in parse_methods("all")
+    assert parse_methods("rd,cl-drd-full") == ["rd", "cl-drd-full"]
+    with pytest.raises(HetCompError, match="method"):
+        parse_methods("cl-drd-unsampled")
 
 
 def test_a_study_that_goes_on_tries_the_start_points_that_moved_since_it_began(teachers, tmp_path):

@@ -34,7 +34,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
-METHODS=none,rd,rrd,mtd,cl-drd,dcd,kd,hetcomp
+# Table 2's methods in its column order (CL-DRD is cl-drd-full, the form the HetComp paper ran) and the option row
+# CL-DRD (sampled), cl-drd. `--method all` is every registered method, cl-drd-full included (hours a study).
+METHODS=none,rd,rrd,mtd,cl-drd-full,dcd,kd,hetcomp,cl-drd
 JOBS="${JOBS:-1}"
 
 case "${1:-}" in
@@ -48,7 +50,7 @@ citeulike)
 foursquare)
   hetcomp train-teachers --dataset foursquare --threads 1
   hetcomp tune --dataset foursquare --student mf,ml,dnn --method all --trials 8 --jobs "$JOBS" --threads 1
-  # the MF student's studies to 16 trials each, as CiteULike's MF studies: at 8, RD and CL-DRD never reached the
+  # the MF student's studies to 16 trials each, as CiteULike's MF studies: at 8, RD and CL-DRD (sampled) never reached the
   # small weights where they beat w/o KD on validation (tuned/foursquare/rd-cl-drd-small-weights.md)
   hetcomp tune --dataset foursquare --student mf --method all --trials 16 --jobs "$JOBS" --threads 1
   hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS" \
@@ -56,7 +58,7 @@ foursquare)
   ;;
 foursquare-cl-drd-full)
   # CL-DRD as the HetComp paper ran it (--method cl-drd-full), Foursquare's three students, then their rows: the
-  # CL-DRD baseline of the table (the sampled form's MF row trails w/o KD). ~12 s an epoch per one-thread worker
+  # table's CL-DRD row (the sampled form's MF row trails w/o KD). ~12 s an epoch per one-thread worker
   # (bench.md, 2026-12-05 seventh session), so a trial is 20 min to 1.5 h and the MF study most of a day of one core. Start this case
   # twice (once the first has begun to tune, the teachers trained): one worker per core, both on each study's one
   # SQLite file in turn (MF, then ML, then DNN, whose first trials read MF's choice), then both on the rows
@@ -70,7 +72,7 @@ foursquare-cl-drd-full)
   hetcomp tune --dataset foursquare --student mf --method cl-drd-full --trials 16 --threads 1
   hetcomp tune --dataset foursquare --student ml --method cl-drd-full --trials 8 --threads 1
   hetcomp tune --dataset foursquare --student dnn --method cl-drd-full --trials 8 --threads 1
-  hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS,cl-drd-full" \
+  hetcomp reproduce --dataset foursquare --table 2 --students mf,ml,dnn --seeds 3 --methods "$METHODS" \
     --results-dir experiments/results/tuned
   ;;
 citeulike-cl-drd-full)
@@ -83,7 +85,7 @@ citeulike-cl-drd-full)
   hetcomp tune --dataset citeulike --student mf --method cl-drd-full --trials 16 --threads 1
   hetcomp tune --dataset citeulike --student ml --method cl-drd-full --trials 8 --threads 1
   hetcomp tune --dataset citeulike --student dnn --method cl-drd-full --trials 8 --threads 1
-  hetcomp reproduce --dataset citeulike --table 2 --students mf,ml,dnn --seeds 5 --methods "$METHODS,cl-drd-full" \
+  hetcomp reproduce --dataset citeulike --table 2 --students mf,ml,dnn --seeds 5 --methods "$METHODS" \
     --results-dir experiments/results/tuned
   ;;
 *)

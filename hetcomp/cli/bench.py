@@ -27,7 +27,7 @@ def bench_command(
     dataset: str = typer.Option("citeulike", help="Registered dataset name."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     methods: str = typer.Option(None, help="Methods whose student epoch is timed, comma-separated (any of "
-                                f"{', '.join(METHODS)}; default: all but the opt-in ones, e.g. cl-drd-full)."),
+                                f"{', '.join(METHODS)}; default: all)."),
     append: Path = typer.Option(None, help="Append the figures to a Markdown file, e.g. experiments/results/bench.md."),
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,

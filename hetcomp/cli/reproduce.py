@@ -44,8 +44,10 @@ def reproduce_command(
     figure: str = typer.Option(None, help="curves: test R@50 every 10 epochs of w/o KD, DCD and HetComp (PNG)."),
     students: str = typer.Option("mf,ml,dnn", help="Comma-separated students (Table 2, cost)."),
     seeds: str = typer.Option("5", help="Student seeds of Table 2: a count N (seeds 0 .. N-1) or a list, e.g. 1,2."),
-    methods: str = typer.Option(",".join(TABLE2_DEFAULT_METHODS), help="Methods of Table 2 (the paper's seven "
-                                                                         "and the KD menu)."),
+    methods: str = typer.Option(",".join(TABLE2_DEFAULT_METHODS), help="Methods of Table 2 (the paper's seven, "
+                                                                         "CL-DRD being cl-drd-full, and the KD "
+                                                                         "menu); add cl-drd for the option row "
+                                                                         "CL-DRD (sampled)."),
     quick: bool = typer.Option(False, "--quick", help="The same pipeline on the first 300 users with short "
                                                       "schedules (minutes; checks the pipeline, not the paper)."),
     no_train: bool = typer.Option(False, "--no-train", help="Table 2 from finished runs only: list the missing "

@@ -18,17 +18,11 @@ METHODS: dict[str, str] = {
     "kd": "hetcomp.distill.kd:KD",
 }
 
-__all__ = ["METHODS", "DistillContext", "DistillMethod", "EnsembleConfig", "build_method", "default_methods",
-           "method_class"]
+__all__ = ["METHODS", "DistillContext", "DistillMethod", "EnsembleConfig", "build_method", "method_class"]
 
 
 def method_class(name: str) -> type[DistillMethod]:
     return lookup(METHODS, name, "method")
-
-
-def default_methods() -> list[str]:
-    """The methods that "all" means (tune) and that run unnamed (bench): every registered one but the opt-in ones."""
-    return [name for name in METHODS if not method_class(name).opt_in]
 
 
 def build_method(name: str, context: DistillContext, **options) -> DistillMethod:

@@ -222,10 +222,6 @@ class DistillMethod(Objective):
     #: small weight such a method is w/o KD, whose tuned recipe its study therefore also tries
     adds_own_loss: bool = False
 
-    #: True for a method too costly to run unasked on a CPU (hours a study): ``hetcomp tune --method all`` and
-    #: ``hetcomp bench``'s default methods leave it out; naming it runs it
-    opt_in: bool = False
-
     @classmethod
     def first_draws_lockstep(cls, objectives: Sequence[DistillMethod], users: Sequence[torch.Tensor],
                              model: Recommender) -> list | None:

@@ -25,10 +25,10 @@ cl_drd_full`: every member of each group used, every other unobserved item a neg
 authors report (README of github.com/SeongKu-Kang/HetComp_WWW23) that the sampling of top-ranked unobserved items
 was unnecessary and that removing it considerably improved the ranking-matching baselines (RRD, MTD, CL-DRD, DCD),
 so they ran all of them without it; their released code contains no CL-DRD, and how the groups look without
-sampling is not published. That form is a method of its own, with its own study and row, because it costs ~0.2 s
-per batch of 64 users on one CPU thread (~12 s an epoch for Foursquare's MF student, against ~1 s for this one)
-and its weight lives on another scale; this class computes both (``sampling``), and ``cl-drd`` itself keeps
-``sampling`` true.
+sampling is not published. That form, Table 2's CL-DRD row (this one is the option row "CL-DRD (sampled)"), is a
+method of its own, with its own study and row, because it costs ~0.2 s per batch of 64 users on one CPU thread
+(~12 s an epoch for Foursquare's MF student, against ~1 s for this one) and its weight lives on another scale;
+this class computes both (``sampling``), and ``cl-drd`` itself keeps ``sampling`` true.
 
 Each stage lasts ``stage_epochs`` epochs, the last one until training ends. Defaults: stages 5, 10, 20 (the
 authors' code), N = 100, 30 epochs a stage (our choice; the paper trains one pass a step). Lengths are clamped

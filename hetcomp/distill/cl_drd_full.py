@@ -8,18 +8,17 @@ a negative; p is the student's rank among all the user's unobserved items:
     L_u = Σ_{(i,j): label_i > label_j} |1/p_i − 1/p_j| · softplus(f_j − f_i),
     L = L_own + weight · mean_u L_u
 
-(:func:`hetcomp.distill.losses.lambda_mrr_rest_loss`, linear in n_items per user). It is the same loss as
-``--method cl-drd -o sampling=false``, registered apart so that it has its own tuning study (its weight is on a
-per-user sum, four or more decades from the sampled form's pair mean, so one study cannot serve both), its own
-rows and its own label ("CL-DRD (unsampled)") beside the sampled row.
+(:func:`hetcomp.distill.losses.lambda_mrr_rest_loss`, linear in n_items per user). It is the loss
+:class:`~hetcomp.distill.cl_drd.CLDRD` computes with its sampling step off, registered apart so that it has its own
+tuning study (its weight is on a per-user sum, four or more decades from the sampled form's pair mean, so one study
+cannot serve both) and its own rows. It is Table 2's "CL-DRD" row, the form the paper ran; the sampled form is the
+option row "CL-DRD (sampled)".
 
-Why it is not in the default table: an epoch costs ~12 s on one CPU thread for Foursquare's MF student (48 s
-before the rest term's rework of 2026-12-05, 23 s before its row passes became numba kernels; ~17–25 s on a
-slower CPU, with the order's radix sort; on a slow Intel Xeon ~19 s of CPU time since the batch's gradient is
-made in one tensor, 29 s before; `experiments/results/bench.md`), ~12× a sampled CL-DRD epoch, so a study of 16
-trials is most of a day of one core: a long CPU lane or GPU work. It is therefore *opt-in*:
-``hetcomp tune --method all`` and ``hetcomp bench`` leave it out unless it is named, and
-``hetcomp reproduce --methods ...,cl-drd-full`` adds its row.
+What it costs: an epoch ~12 s on one CPU thread for Foursquare's MF student (48 s before the rest term's rework
+of 2026-12-05, 23 s before its row passes became numba kernels; ~17–25 s on a slower CPU, with the order's radix
+sort; on a slow Intel Xeon ~19 s of CPU time since the batch's gradient is made in one tensor, 29 s before;
+`experiments/results/bench.md`), ~12× a sampled CL-DRD epoch, so a study of 16 trials is most of a day of one
+core: a long CPU lane or GPU work.
 """
 
 from __future__ import annotations
@@ -52,5 +51,3 @@ class CLDRDFull(CLDRD):
 
     name = "cl-drd-full"
     config_class = CLDRDFullConfig
-    #: not part of ``--method all`` (tune) nor of bench's default methods: hours a study on a CPU
-    opt_in = True

@@ -16,28 +16,25 @@ from hetcomp.train import Callback
 
 METRICS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 HEADERS = ("R@10", "N@10", "R@50", "N@50")
-#: Table 2's rows in the paper's order, with the paper's labels
-TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-drd": "CL-DRD", "dcd": "DCD",
+#: Table 2's rows in the paper's order, with the paper's labels: the paper's CL-DRD is the unsampled form it ran
+TABLE2_METHODS = {"none": "w/o KD", "rd": "RD", "rrd": "RRD", "mtd": "MTD", "cl-drd-full": "CL-DRD", "dcd": "DCD",
                   "hetcomp": "HetComp"}
-#: every method's label in tables (kd is ours, not a paper row)
-LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)", "cl-drd-full": "CL-DRD (unsampled)"}
-#: the paper's row a method's row is printed beside, where its label differs: the HetComp paper ran CL-DRD unsampled
-PAPER_ROWS = {"cl-drd-full": "CL-DRD"}
+#: every method's label in tables (kd is ours, not a paper row; cl-drd is CL-DRD's authors'-code form, an option)
+LABELS = {**TABLE2_METHODS, "kd": "KD (loss menu)", "cl-drd": "CL-DRD (sampled)"}
 #: the paper's students, in its tables' order (a page lists its students so, whatever order a call named them in)
 TABLE2_STUDENTS = ("mf", "ml", "dnn")
 #: what `reproduce --table 2` runs by default, in the tables' column order: the paper's rows and the KD menu
-TABLE2_DEFAULT_METHODS = ("none", "rd", "rrd", "mtd", "cl-drd", "dcd", "kd", "hetcomp")
-BASELINES = ("rd", "rrd", "mtd", "cl-drd", "cl-drd-full", "dcd", "kd")
+TABLE2_DEFAULT_METHODS = ("none", "rd", "rrd", "mtd", "cl-drd-full", "dcd", "kd", "hetcomp")
+BASELINES = ("rd", "rrd", "mtd", "cl-drd-full", "cl-drd", "dcd", "kd")
 #: rows whose method is the project's own construction or adaptation, marked in tables with their footnote
 CONSTRUCTED = {"mtd": ("†", "MTD is this project's construction (hetcomp/distill/mtd.py): the HetComp paper describes "
                              "its MTD baseline but does not publish that implementation."),
                "kd": ("‡", "KD (loss menu) is this project's own baseline, not a row of the paper."),
-               "cl-drd": ("§", "CL-DRD runs its authors' sampled label groups (hetcomp/distill/cl_drd.py); the HetComp "
-                               "paper ran it without the sampling step, the row CL-DRD (unsampled) where it was run "
-                               "(--methods ...,cl-drd-full: ~12 s an epoch on one CPU thread against ~1 s for the "
-                               "sampled form, so its studies take days of CPU)."),
-               "cl-drd-full": ("§", "CL-DRD (unsampled) is the HetComp paper's form: every unobserved item a negative, "
-                                    "our reading of its groups (hetcomp/distill/cl_drd_full.py).")}
+               "cl-drd-full": ("§", "CL-DRD is the form the HetComp paper ran, without the sampling step: every "
+                                    "unobserved item a negative, our reading of its groups, which the paper does not "
+                                    "publish (hetcomp/distill/cl_drd_full.py, --method cl-drd-full)."),
+               "cl-drd": ("¶", "CL-DRD (sampled) is an option row, not a row of the paper: CL-DRD with its authors' "
+                               "sampled label groups (hetcomp/distill/cl_drd.py, --method cl-drd).")}
 CURVE_METHODS = ("none", "dcd", "hetcomp")
 #: the users ``--quick`` keeps (the first ones of the file)
 QUICK_USERS = 300

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetcomp.paper.common import BASELINES, CONSTRUCTED, HEADERS, LABELS, METRICS, PAPER_ROWS, Reproduction
+from hetcomp.paper.common import BASELINES, CONSTRUCTED, HEADERS, LABELS, METRICS, Reproduction
 from hetcomp.paper.ledger import read_rows
 from hetcomp.provenance import git_commit, machine
 
@@ -116,7 +116,7 @@ def table2_markdown(rep: Reproduction, rows: list[dict], teachers: dict, student
             for m in METRICS:
                 mean, std = mean_std(per_method[method][m])
                 spread = f" ± {std:.4f}" if len(runs) > 1 else ""  # one seed has no spread to show
-                cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, _paper_row(method))), m))
+                cells.append(f"{mean:.4f}{spread}" + _paper_cell(paper.get((student, LABELS[method])), m))
             epochs = np.mean([float(r["epochs"]) for r in runs])
             seconds = np.mean([float(r["wall_seconds"]) for r in runs])
             mark = " (built-in settings)" if (student, method) in untuned else ""
@@ -210,11 +210,6 @@ def _row_label(method: str) -> str:
     return LABELS[method] + CONSTRUCTED.get(method, ("",))[0]
 
 
-def _paper_row(method: str) -> str:
-    """The paper's row label a method's row is compared with."""
-    return PAPER_ROWS.get(method, LABELS[method])
-
-
 #: how far (relative) a row's share of its ensemble's R@50 may sit from the paper's before it needs a measured reason
 PAPER_GAP = 0.10
 
@@ -224,7 +219,7 @@ def _against_the_paper(student: str, per_method: dict, ensemble: dict | None, pa
     ensemble differ from the paper's, so shares compare where raw values cannot); rows more than
     :data:`PAPER_GAP` apart are flagged, for the hand-written notes to give a measured reason."""
     theirs_ensemble = paper.get(("", "Ensemble"))
-    shown = [m for m in per_method if paper.get((student, _paper_row(m)))]
+    shown = [m for m in per_method if paper.get((student, LABELS[m]))]
     if not ensemble or not theirs_ensemble or not shown:
         return []
     lines = ["R@50 as a share of the ensemble's (ours ÷ our ensemble, the paper's ÷ its ensemble); **flagged**: more "
@@ -232,7 +227,7 @@ def _against_the_paper(student: str, per_method: dict, ensemble: dict | None, pa
              "| method | ours | paper | ours vs paper |", "|---|---|---|---|"]
     for method in shown:
         ours = float(np.mean(per_method[method]["recall@50"])) / ensemble["recall@50"]
-        theirs = paper[(student, _paper_row(method))]["recall@50"] / theirs_ensemble["recall@50"]
+        theirs = paper[(student, LABELS[method])]["recall@50"] / theirs_ensemble["recall@50"]
         gap = ours / theirs - 1
         flag = " **flagged**" if abs(gap) > PAPER_GAP else ""
         lines.append(f"| {_row_label(method)} | {ours:.3f} | {theirs:.3f} | "
