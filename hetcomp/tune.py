@@ -194,6 +194,9 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         except FloatingPointError as error:  # a diverging run is a bad setting, stopped: a pruned trial
             trial.set_user_attr("diverged", str(error))
             raise optuna.TrialPruned(str(error)) from None
+        except KeyboardInterrupt:  # stopped by hand: optuna fails the trial now, the next start resumes it
+            trial.set_user_attr("interrupted", True)
+            raise
         finally:  # what the trial cost, pruned or not (a resumed trial: this attempt only)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
         trial.set_user_attr("best_epoch", result["best_epoch"])
@@ -202,6 +205,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
     _rerun_stale(study, legacy=default_storage)
     remaining = trials - sum(t.state in DONE for t in study.trials)
     if remaining > 0:  # a new study's first trial is the defaults (never worse than them on validation)
+        _resume_stopped(study)
         _enqueue_start_points(study, start_points(method, student, dim, dataset, space, fixed, root))
     ran = remaining > 0
     after_trial = [*([lambda _, trial: _record(study, record, attrs)] if record else []),
@@ -489,6 +493,22 @@ def _rerun_stale(study: optuna.Study, legacy: bool) -> None:
             continue
         kept = {name: trial.user_attrs[name] for name in ("start_point",) if name in trial.user_attrs}
         study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number, **kept})
+
+
+def _resume_stopped(study: optuna.Study) -> None:
+    """Queue again each failed trial that a stop left with nothing to resume it, as :func:`_rerun_stale` queues a
+    killed one: a trial killed before its study's storage was lost (the study rebuilt from its trials record has the
+    failed trial but not the trial queued or running to resume it, so a killed start point would never finish), or
+    one stopped by hand (Ctrl-C: optuna fails it at once, so no later start finds it running). A trial that failed
+    on an error in its own process (it recorded its seconds) is not retried. Called when a worker starts, not after
+    each trial: a live worker's :func:`_rerun_stale` fails a trial and queues its successor in two steps."""
+    trials = study.get_trials(deepcopy=False)
+    resumed = {trial.user_attrs.get("resumes") for trial in trials}
+    for trial in trials:
+        stopped = trial.user_attrs.get("seconds") is None or trial.user_attrs.get("interrupted")
+        if trial.state == optuna.trial.TrialState.FAIL and stopped and trial.params and trial.number not in resumed:
+            kept = {name: trial.user_attrs[name] for name in ("start_point",) if name in trial.user_attrs}
+            study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number, **kept})
 
 
 def _suggest(trial: optuna.Trial, name: str, entry: tuple):

@@ -380,8 +380,9 @@ def _study_with_a_killed_trial(teachers, tmp_path) -> tuple:
     summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
     storage = f"sqlite:///{summary_file.with_suffix('.db')}"
     study = optuna.load_study(study_name="tiny-mf-rrd-4", storage=storage)
-    done = study.trials[0]
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=done.params,
+    done = study.trials[0]  # the killed trial had parameters of its own (its resumption trains them)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                              params={**done.params, "lr": done.params["lr"] / 2},
                                               distributions=done.distributions, user_attrs={"worker": "gone:1"}))
     original = _study(tmp_path, teachers, trials=2, storage=None)
     return summary_file, original
@@ -399,6 +400,66 @@ def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(tea
     def result(summary):
         return {key: value for key, value in summary.items() if key not in ("commit", "code_digest", "machine")}
     assert result(rebuilt) == result(original) and rebuilt["trials"]["failed"] == 1
+
+
+def test_a_stopped_trial_that_nothing_resumed_runs_again_when_its_study_goes_on(teachers, tmp_path):
+    """A killed start point whose resuming trial was queued (or running) when the machine was lost is in the
+    committed record as failed, with nothing resuming it: the rebuilt study queues it again, as a start point
+    (never pruned), before any new proposal; so does a trial stopped by hand (Ctrl-C). A trial that failed on an
+    error in its own process (it recorded its seconds) is not retried."""
+    from hetcomp import tune as tune_module
+
+    first = _study(tmp_path, teachers, trials=1, storage=None)
+    summary_file = summary_path("tiny", "mf", "rrd", 4, tmp_path / "tuning")
+    record = trials_path(summary_file)
+    saved = json.loads(record.read_text())
+    killed = saved["trials"][0]
+    assert killed["user_attrs"]["start_point"] == "first"
+    killed.update(state="fail", value=None, user_attrs={k: v for k, v in killed["user_attrs"].items()
+                                                        if k in ("run", "start_point", "worker")})
+    record.write_text(json.dumps(saved))
+    summary_file.with_suffix(".db").unlink()
+    summary_file.unlink()
+    rebuilt = _study(tmp_path, teachers, trials=1, storage=None)
+    assert [t["state"] for t in rebuilt["history"]] == ["fail", "complete"]
+    assert rebuilt["history"][1]["params"] == first["history"][0]["params"]  # the start point, resumed
+    resumer = json.loads(record.read_text())["trials"][1]["user_attrs"]
+    assert resumer["resumes"] == 0 and resumer["start_point"] == "first"
+    assert rebuilt["best_value"] == first["best_value"]  # the same run (spec), finished already: reused
+
+    calls = []
+    real = tune_module._train_reporting
+
+    def stopped_by_hand(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    storage = f"sqlite:///{tmp_path / 'by-hand.db'}"
+    tune_module._train_reporting, saved_function = stopped_by_hand, real
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _study(tmp_path / "by-hand", teachers, trials=2, storage=storage)
+        again = _study(tmp_path / "by-hand", teachers, trials=2, storage=storage)
+    finally:
+        tune_module._train_reporting = saved_function
+    assert [t["state"] for t in again["history"]][:2] == ["fail", "complete"]
+    assert again["history"][1]["params"] == again["history"][0]["params"]
+
+    def an_error(*args, **kwargs):
+        raise HetCompError("a bad setting")
+
+    errors = f"sqlite:///{tmp_path / 'error.db'}"
+    tune_module._train_reporting = an_error
+    try:
+        with pytest.raises(HetCompError):
+            _study(tmp_path / "error", teachers, trials=1, storage=errors)
+    finally:
+        tune_module._train_reporting = saved_function
+    after_error = _study(tmp_path / "error", teachers, trials=1, storage=errors)
+    assert [t["state"] for t in after_error["history"]] == ["fail", "complete"]
+    assert after_error["history"][1]["params"] != after_error["history"][0]["params"]  # a new proposal
 
 
 def test_a_finished_study_rebuilt_from_an_older_record_keeps_its_committed_summary(teachers, tmp_path):
