@@ -22,6 +22,11 @@ def studies_trials(storage: str) -> dict[str, list]:
         deepcopy=False) for summary in optuna.get_all_study_summaries(storage)}
 
 
+def _params(trial) -> dict:
+    """A trial's parameters; a waiting (queued) trial's are the ones it was queued with."""
+    return trial.params or trial.system_attrs.get("fixed_params", {})
+
+
 def progress_lines(studies: dict[str, list]) -> list[str]:
     """One markdown table row per trial of every study (:func:`studies_trials`): number, state, parameters, the
     validation curve (epoch: value) and its best point so far."""
@@ -32,7 +37,7 @@ def progress_lines(studies: dict[str, list]) -> list[str]:
             curve = sorted(trial.intermediate_values.items())
             shown = ", ".join(f"{step}: {value:.4f}" for step, value in curve) or "-"
             best = max(curve, key=lambda point: point[1]) if curve else None
-            params = ", ".join(f"{name}={_short(value)}" for name, value in sorted(trial.params.items()))
+            params = ", ".join(f"{name}={_short(value)}" for name, value in sorted(_params(trial).items()))
             lines.append(f"| {name} | {trial.number} | {trial.state.name.lower()} | {params} | {shown} | "
                          + (f"{best[1]:.4f} (epoch {best[0]})" if best else "-") + " |")
     return lines
@@ -47,7 +52,7 @@ def run_lines(studies: dict[str, list]) -> list[str]:
     for name, study_trials in studies.items():
         runs: dict[tuple, list] = {}
         for trial in study_trials:
-            runs.setdefault(tuple(sorted(trial.params.items())), []).append(trial)
+            runs.setdefault(tuple(sorted(_params(trial).items())), []).append(trial)
         for params, trials in runs.items():
             states = {trial.state.name.lower() for trial in trials}
             state = next((name for name in ("complete", "pruned", "running", "waiting") if name in states), "fail")
