@@ -491,8 +491,14 @@ def _rerun_stale(study: optuna.Study, legacy: bool) -> None:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         except (RuntimeError, ValueError):  # another process recovered it first
             continue
-        kept = {name: trial.user_attrs[name] for name in ("start_point",) if name in trial.user_attrs}
-        study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number, **kept})
+        _queue_resumption(study, trial)
+
+
+def _queue_resumption(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue ``trial``'s parameters again, naming it (``resumes``): the same run specification, so the new trial
+    resumes the run's last checkpoint; a start point stays one (never pruned)."""
+    kept = {name: trial.user_attrs[name] for name in ("start_point",) if name in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number, **kept})
 
 
 def _resume_stopped(study: optuna.Study) -> None:
@@ -507,8 +513,7 @@ def _resume_stopped(study: optuna.Study) -> None:
     for trial in trials:
         stopped = trial.user_attrs.get("seconds") is None or trial.user_attrs.get("interrupted")
         if trial.state == optuna.trial.TrialState.FAIL and stopped and trial.params and trial.number not in resumed:
-            kept = {name: trial.user_attrs[name] for name in ("start_point",) if name in trial.user_attrs}
-            study.enqueue_trial(trial.params, user_attrs={"resumes": trial.number, **kept})
+            _queue_resumption(study, trial)
 
 
 def _suggest(trial: optuna.Trial, name: str, entry: tuple):

@@ -402,7 +402,7 @@ def test_a_study_rebuilt_from_its_record_keeps_its_killed_trials_and_numbers(tea
     assert result(rebuilt) == result(original) and rebuilt["trials"]["failed"] == 1
 
 
-def test_a_stopped_trial_that_nothing_resumed_runs_again_when_its_study_goes_on(teachers, tmp_path):
+def test_a_stopped_trial_that_nothing_resumed_runs_again_when_its_study_goes_on(teachers, tmp_path, monkeypatch):
     """A killed start point whose resuming trial was queued (or running) when the machine was lost is in the
     committed record as failed, with nothing resuming it: the rebuilt study queues it again, as a start point
     (never pruned), before any new proposal; so does a trial stopped by hand (Ctrl-C). A trial that failed on an
@@ -437,13 +437,10 @@ def test_a_stopped_trial_that_nothing_resumed_runs_again_when_its_study_goes_on(
         return real(*args, **kwargs)
 
     storage = f"sqlite:///{tmp_path / 'by-hand.db'}"
-    tune_module._train_reporting, saved_function = stopped_by_hand, real
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _study(tmp_path / "by-hand", teachers, trials=2, storage=storage)
-        again = _study(tmp_path / "by-hand", teachers, trials=2, storage=storage)
-    finally:
-        tune_module._train_reporting = saved_function
+    monkeypatch.setattr(tune_module, "_train_reporting", stopped_by_hand)
+    with pytest.raises(KeyboardInterrupt):
+        _study(tmp_path / "by-hand", teachers, trials=2, storage=storage)
+    again = _study(tmp_path / "by-hand", teachers, trials=2, storage=storage)
     assert [t["state"] for t in again["history"]][:2] == ["fail", "complete"]
     assert again["history"][1]["params"] == again["history"][0]["params"]
 
@@ -451,12 +448,10 @@ def test_a_stopped_trial_that_nothing_resumed_runs_again_when_its_study_goes_on(
         raise HetCompError("a bad setting")
 
     errors = f"sqlite:///{tmp_path / 'error.db'}"
-    tune_module._train_reporting = an_error
-    try:
-        with pytest.raises(HetCompError):
-            _study(tmp_path / "error", teachers, trials=1, storage=errors)
-    finally:
-        tune_module._train_reporting = saved_function
+    monkeypatch.setattr(tune_module, "_train_reporting", an_error)
+    with pytest.raises(HetCompError):
+        _study(tmp_path / "error", teachers, trials=1, storage=errors)
+    monkeypatch.setattr(tune_module, "_train_reporting", real)
     after_error = _study(tmp_path / "error", teachers, trials=1, storage=errors)
     assert [t["state"] for t in after_error["history"]] == ["fail", "complete"]
     assert after_error["history"][1]["params"] != after_error["history"][0]["params"]  # a new proposal
