@@ -46,7 +46,8 @@ def progress_lines(studies: dict[str, list]) -> list[str]:
 def run_lines(studies: dict[str, list]) -> list[str]:
     """One markdown table row per run (a parameter set) of every study (:func:`studies_trials`), in the order of
     its first trial: its trial numbers, its state (complete or pruned once a trial of it is; else running, else
-    failed), the last epoch any of its trials evaluated, and the best validation R@50 over all of them."""
+    failed), the last epoch its latest started attempt evaluated (an attempt that resumed from no checkpoint starts
+    again at 0, whatever an earlier attempt reached), and the best validation R@50 over all of them."""
     lines = ["| study | run: trials | state | parameters | last epoch evaluated | best valid R@50 (epoch) |",
              "|---|---|---|---|---|---|"]
     for name, study_trials in studies.items():
@@ -59,8 +60,10 @@ def run_lines(studies: dict[str, list]) -> list[str]:
             points = [point for trial in trials for point in trial.intermediate_values.items()]
             best = max(points, key=lambda point: point[1]) if points else None
             shown = ", ".join(f"{name}={_short(value)}" for name, value in params)
+            started = [trial for trial in trials if trial.state.name != "WAITING"]
+            last = max(started[-1].intermediate_values, default=0) if started else "-"
             lines.append(f"| {name} | {', '.join(str(trial.number) for trial in trials)} | {state} | "
-                         f"{shown} | {max((step for step, _ in points), default='-')} | "
+                         f"{shown} | {last} | "
                          + (f"{best[1]:.4f} ({best[0]})" if best else "-") + " |")
     return lines
 
