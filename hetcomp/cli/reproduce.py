@@ -120,8 +120,10 @@ def reproduce_command(
                            "--ray-address the runs of one call are queued together; leave one of them out")
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
-    if table not in (None, "1", "2", "cost") or figure not in (None, "curves"):
-        raise HetCompError(f"unknown --table {table!r} / --figure {figure!r}; tables: 1, 2, cost; figures: curves")
+    if table not in (None, "1", "2", "cost"):
+        raise HetCompError(f"unknown --table {table!r}; tables: 1, 2, cost (or --figure curves)")
+    if figure not in (None, "curves"):
+        raise HetCompError(f"unknown --figure {figure!r}; figures: curves (or --table 1, 2, cost)")
     source = {"path": str(path), "user_col": user_col, "item_col": item_col, "sep": sep} if path else {}
     max_users = common.QUICK_USERS if quick else None
     split = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, max_users=max_users, **source)
