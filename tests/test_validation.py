@@ -128,10 +128,14 @@ def test_sep_is_one_character_and_backslash_t_means_tab(tmp_path):
     fails_cleanly(["reproduce", "--dataset", "csv", "--table", "2", "--path", str(data), "--sep", "\\t\\t"],
                   "--sep \\t\\t")
     fails_cleanly(["reproduce", "--table", "2", "--jobs", "0"], "--jobs 0")
-    assert "None" not in fails_cleanly(["reproduce", "--table", "7"], "unknown --table '7'", "1, 2, cost")
-    assert "None" not in fails_cleanly(["reproduce", "--figure", "bars"], "unknown --figure 'bars'", "curves")
     fails_cleanly(["reproduce", "--table", "2", "--jobs", "2", "--durations-from", str(tmp_path / "none.csv")],
                   "--durations-from", "no such file")
+
+
+def test_reproduce_names_only_the_unknown_table_or_figure():
+    """An unknown --table or --figure is named with what it accepts; the option not given is not mentioned."""
+    assert "None" not in fails_cleanly(["reproduce", "--table", "7"], "unknown --table '7'", "1, 2, cost")
+    assert "None" not in fails_cleanly(["reproduce", "--figure", "bars"], "unknown --figure 'bars'", "curves")
 
 
 # ---- valid edge values are accepted ---------------------------------------------------------------------
