@@ -58,6 +58,8 @@ SEEDS = {"foursquare": 3, "citeulike": 5}
 BUDGET = {"mf": 16, "ml": 8, "dnn": 8}
 #: where the rows steps write the tables (each dataset's ledger in its folder)
 RESULTS_DIR = Path("experiments/results/tuned")
+#: where ``hetcomp tune`` keeps its trials' runs (its default run store)
+TUNING_RUNS_DIR = Path("experiments/tuning-runs")
 
 
 @dataclass
@@ -190,14 +192,24 @@ def _mean_wall(rows: list[dict]) -> float | None:
 
 
 def _chosen_trial_seconds(dataset: str, student: str) -> float | None:
-    """The cost of the trial the study chose (its summary's ``best_trial``), where the study is at its budget; a
-    trial that resumed a killed one records its own attempt only, so the figure is then too low."""
+    """The wall time of the run of the trial the study chose (its summary's ``best_trial``), where the study is at
+    its budget: the run's own ``wall_seconds`` where its folder is here (summed over every attempt), else the
+    trial's recorded cost, unless the trial resumed a killed one's run (``resumes``): it then timed only its own
+    attempt (a Foursquare DNN run of 7,892 s recorded as 2,609 s), and None says so."""
     try:
         best = json.loads(summary_path(dataset, student, "cl-drd-full", 6).read_text())["best_trial"]
     except (OSError, ValueError, KeyError):
         return None
-    return next((t["user_attrs"].get("seconds") for t in _finished_trials(dataset, student) if t["number"] == best),
-                None)
+    trial = next((t for t in _finished_trials(dataset, student) if t["number"] == best), None)
+    if trial is None:
+        return None
+    attrs = trial.get("user_attrs", {})
+    try:
+        return float(json.loads((TUNING_RUNS_DIR / dataset / attrs["run"] / "metrics.json").read_text())
+                     ["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None if attrs.get("resumes") else attrs.get("seconds")
 
 
 def running(step: Step) -> bool:
