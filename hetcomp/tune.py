@@ -50,7 +50,7 @@ from hetcomp.errors import HetCompError
 from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine, packages
 from hetcomp.runs import RunSpec, RunStore, make_spec, teacher_digests, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
-from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, flat_settings, summary_path, summary_settings
+from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, TUNING_RUNS_ROOT, flat_settings, summary_path, summary_settings
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback
 from hetcomp.tune_page import write_studies_page
@@ -178,7 +178,7 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         if finished is not None:
             return finished
     blind = validation_only(split)
-    store = store or RunStore("experiments/tuning-runs")
+    store = store or RunStore(TUNING_RUNS_ROOT)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", WORKER)  # first: a running trial without it is an older study's

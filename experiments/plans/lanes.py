@@ -46,9 +46,9 @@ import torch
 from hetcomp import mkl_as_amd
 from hetcomp.experiments import committed_teacher_digests
 from hetcomp.paper.ledger import read_rows
-from hetcomp.provenance import cpu_vendor_and_model
+from hetcomp.provenance import cpu_vendor_and_model, dataset_slug
 from hetcomp.runs.spec import trajectory_digest
-from hetcomp.runs.tuned import summary_path
+from hetcomp.runs.tuned import TUNING_RUNS_ROOT, summary_path
 from hetcomp.teachers import TEACHERS, trajectory_file
 from hetcomp.trajectory import load_trajectory
 
@@ -58,8 +58,6 @@ SEEDS = {"foursquare": 3, "citeulike": 5}
 BUDGET = {"mf": 16, "ml": 8, "dnn": 8}
 #: where the rows steps write the tables (each dataset's ledger in its folder)
 RESULTS_DIR = Path("experiments/results/tuned")
-#: where ``hetcomp tune`` keeps its trials' runs (its default run store)
-TUNING_RUNS_DIR = Path("experiments/tuning-runs")
 
 
 @dataclass
@@ -205,7 +203,7 @@ def _chosen_trial_seconds(dataset: str, student: str) -> float | None:
         return None
     attrs = trial.get("user_attrs", {})
     try:
-        return float(json.loads((TUNING_RUNS_DIR / dataset / attrs["run"] / "metrics.json").read_text())
+        return float(json.loads((TUNING_RUNS_ROOT / dataset_slug(dataset) / attrs["run"] / "metrics.json").read_text())
                      ["wall_seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         pass

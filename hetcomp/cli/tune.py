@@ -34,7 +34,7 @@ from hetcomp.errors import HetCompError
 from hetcomp.models import MODELS
 from hetcomp.runs import RunStore
 from hetcomp.runs.spec import DEFAULT_MAX_EPOCHS
-from hetcomp.runs.tuned import TUNING_ROOT, summary_path
+from hetcomp.runs.tuned import TUNING_ROOT, TUNING_RUNS_ROOT, summary_path
 from hetcomp.teachers import TEACHERS, load_teachers
 from hetcomp.tune_plan import parse_budgets
 
@@ -85,7 +85,7 @@ def tune_command(
     data_dir: Path = DataDirOption,
     cache_dir: Path = CacheDirOption,
     teachers_dir: Path = TeachersDirOption,
-    runs_dir: Path = typer.Option(Path("experiments/tuning-runs"), help="Where the trials' run folders go."),
+    runs_dir: Path = typer.Option(TUNING_RUNS_ROOT, help="Where the trials' run folders go."),
     tuning_dir: Path = typer.Option(TUNING_ROOT, help="Where the summary (the chosen settings) is written."),
     jobs: int = typer.Option(1, help="Run this many studies at once, as Ray tasks on a local cluster of this many "
                                      "CPUs (each with cores/jobs threads; local processes where Ray is not "

@@ -20,6 +20,8 @@ from hetcomp.train import TrainerConfig
 
 #: where committed study summaries live (tests point it elsewhere)
 TUNING_ROOT = Path("experiments/tuning")
+#: where ``hetcomp tune`` keeps its trials' run folders by default
+TUNING_RUNS_ROOT = Path("experiments/tuning-runs")
 #: the searched settings that belong to the trainer's recipe rather than to the method's config
 RECIPE = ("lr", "weight_decay")
 
