@@ -50,7 +50,15 @@ from hetcomp.errors import HetCompError
 from hetcomp.provenance import CODE_DIGEST, atomic_write_text, dataset_slug, git_commit, machine, packages
 from hetcomp.runs import RunSpec, RunStore, make_spec, teacher_digests, teachers_digest, train_run
 from hetcomp.runs.spec import DEFAULT_EVAL_EVERY, DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE
-from hetcomp.runs.tuned import RECIPE, TUNING_ROOT, TUNING_RUNS_ROOT, flat_settings, summary_path, summary_settings
+from hetcomp.runs.tuned import (
+    RECIPE,
+    TUNING_ROOT,
+    TUNING_RUNS_ROOT,
+    flat_settings,
+    summary_path,
+    summary_settings,
+    trials_path,
+)
 from hetcomp.teachers import TEACHERS
 from hetcomp.train import Callback
 from hetcomp.tune_page import write_studies_page
@@ -200,6 +208,9 @@ def tune(split: Split, trajectories: Sequence, student: str = "mf", method: str 
         finally:  # what the trial cost, pruned or not (a resumed trial: this attempt only)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
         trial.set_user_attr("best_epoch", result["best_epoch"])
+        # the run's own training + evaluation over every attempt: what a run at these settings costs, where
+        # "seconds" (this attempt) is short for a trial that resumed a killed one's run
+        trial.set_user_attr("run_seconds", result["wall_seconds"])
         return result["valid"]["recall@50"]
 
     _rerun_stale(study, legacy=default_storage)
@@ -337,11 +348,6 @@ def _recorded_attrs(trial: optuna.trial.FrozenTrial) -> dict:
     """A trial's user attributes as its record keeps them: with its cost, when known (see :func:`_trial_seconds`)."""
     seconds = _trial_seconds(trial)
     return trial.user_attrs if seconds is None else {**trial.user_attrs, "seconds": seconds}
-
-
-def trials_path(summary_file: Path) -> Path:
-    """The study's finished trials as text, beside its summary (``mf-dcd-6.json`` → ``mf-dcd-6.trials.json``)."""
-    return summary_file.with_name(f"{summary_file.stem}.trials.json")
 
 
 def _record(study: optuna.Study, path: Path, attrs: dict) -> None:
@@ -543,6 +549,11 @@ def _claim(study: optuna.Study, attrs: dict, storage: str) -> None:
                                "to start a new study")
 
 
+#: what a summary's history keeps of a trial's user attributes, where it has them: the run's own cost over every
+#: attempt, the killed trial it resumed, why it diverged, the start point it was
+HISTORY_ATTRS = ("run_seconds", "resumes", "diverged", "start_point")
+
+
 def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None, source: dict | None,
              knobs: Sequence[str] | None) -> dict:
     states = [t.state for t in study.trials]
@@ -560,8 +571,7 @@ def _summary(study: optuna.Study, attrs: dict, trials: int, storage: str | None,
         "history": [{"number": t.number, "state": t.state.name.lower(),
                      "value": t.value if t.value is None or math.isfinite(t.value) else None,
                      "last_epoch": t.last_step, "seconds": _trial_seconds(t), "params": t.params,
-                     **({"diverged": t.user_attrs["diverged"]} if "diverged" in t.user_attrs else {}),
-                     **({"start_point": t.user_attrs["start_point"]} if "start_point" in t.user_attrs else {})}
+                     **{key: t.user_attrs[key] for key in HISTORY_ATTRS if key in t.user_attrs}}
                     for t in study.trials],
         "command": _command(attrs, trials, storage, study.study_name, source, knobs),
         "commit": git_commit(), "code_digest": CODE_DIGEST, "machine": machine(), "packages": packages(),

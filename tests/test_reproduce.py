@@ -181,6 +181,32 @@ def test_runs_not_yet_in_the_ledger_are_priced_by_their_studys_trial_at_the_same
         "study's trial at the same settings; 1 not yet estimated")
 
 
+def test_a_trial_that_resumed_a_killed_one_prices_its_whole_run_not_its_own_attempt(tmp_path):
+    """The run's cost over every attempt: recorded on the trial, else read from its run folder, else unknown."""
+    import json
+
+    from hetcomp.runs.tuned import trial_run_seconds, trials_path
+
+    summary_file = tmp_path / "tuning" / "toy" / "mf-rrd-6.json"
+    summary_file.parent.mkdir(parents=True)
+    killed = {"number": 0, "state": "fail", "seconds": None, "params": {"lr": 0.004}}
+    history = [killed, {"number": 1, "state": "complete", "seconds": 200.0, "params": {"lr": 0.004}, "resumes": 0},
+               {"number": 2, "state": "complete", "seconds": 300.0, "params": {"lr": 0.004}, "resumes": 0,
+                "run_seconds": 900.0},
+               {"number": 3, "state": "complete", "seconds": 700.0, "params": {"lr": 0.005}}]
+    summary_file.write_text(json.dumps({"dataset": "toy", "history": history}))
+    runs = tmp_path / "runs"
+    assert trial_run_seconds(summary_file, 2, runs_root=runs) == 900.0  # recorded on the trial
+    assert trial_run_seconds(summary_file, 3, runs_root=runs) == 700.0  # a trial that resumed nothing: its own
+    assert trial_run_seconds(summary_file, 1, runs_root=runs) is None  # timed its own attempt only
+    assert trial_run_seconds(summary_file, 9, runs_root=runs) is None  # no such trial
+    trials_path(summary_file).write_text(json.dumps({"trials": [
+        {"number": 1, "params": {"lr": 0.004}, "user_attrs": {"run": "rrd-mf-6-abc"}}]}))
+    (runs / "toy" / "rrd-mf-6-abc").mkdir(parents=True)
+    (runs / "toy" / "rrd-mf-6-abc" / "metrics.json").write_text(json.dumps({"wall_seconds": 850.5}))
+    assert trial_run_seconds(summary_file, 1, runs_root=runs) == 850.5  # the run folder it names, where it is here
+
+
 def test_jobs_train_runs_as_ray_tasks_and_the_driver_merges_their_rows(workspace):
     result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "rd", "--jobs", "2")
     out = workspace / "results" / "csv-toy-first300"

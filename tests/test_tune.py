@@ -579,6 +579,10 @@ def test_a_trial_whose_process_died_runs_again_with_its_parameters(teachers, tmp
     again = [t for t in resumed["history"] if t["number"] > live.number]
     assert len(again) == 1 and again[0]["state"] == "complete"
     assert again[0]["params"]["lr"] == killed.params["lr"] and first["trials"]["complete"] == 1
+    # it names the trial it resumed, and records its run's own cost (every attempt), which prices the run
+    assert again[0]["resumes"] == killed.number
+    walls = {json.loads(m.read_text())["wall_seconds"] for m in (tmp_path / "runs").glob("*/*/metrics.json")}
+    assert again[0]["run_seconds"] in walls and all(t["run_seconds"] in walls for t in first["history"])
 
 
 def test_a_trial_of_a_worker_that_died_meanwhile_resumes_before_the_next_new_one(teachers, tmp_path):

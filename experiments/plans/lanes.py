@@ -46,9 +46,9 @@ import torch
 from hetcomp import mkl_as_amd
 from hetcomp.experiments import committed_teacher_digests
 from hetcomp.paper.ledger import read_rows
-from hetcomp.provenance import cpu_vendor_and_model, dataset_slug
+from hetcomp.provenance import cpu_vendor_and_model
 from hetcomp.runs.spec import trajectory_digest
-from hetcomp.runs.tuned import TUNING_RUNS_ROOT, summary_path
+from hetcomp.runs.tuned import summary_path, trial_run_seconds
 from hetcomp.teachers import TEACHERS, trajectory_file
 from hetcomp.trajectory import load_trajectory
 
@@ -190,24 +190,15 @@ def _mean_wall(rows: list[dict]) -> float | None:
 
 
 def _chosen_trial_seconds(dataset: str, student: str) -> float | None:
-    """The wall time of the run of the trial the study chose (its summary's ``best_trial``), where the study is at
-    its budget: the run's own ``wall_seconds`` where its folder is here (summed over every attempt), else the
-    trial's recorded cost, unless the trial resumed a killed one's run (``resumes``): it then timed only its own
-    attempt (a Foursquare DNN run of 7,892 s recorded as 2,609 s), and None says so."""
+    """The cost of the run of the trial the unsampled CL-DRD study chose (its summary's ``best_trial``), where the
+    study is at its budget (:func:`~hetcomp.runs.tuned.trial_run_seconds`: every attempt of the run, not only the
+    trial's own when it resumed a killed one)."""
+    path = summary_path(dataset, student, "cl-drd-full", 6)
     try:
-        best = json.loads(summary_path(dataset, student, "cl-drd-full", 6).read_text())["best_trial"]
-    except (OSError, ValueError, KeyError):
-        return None
-    trial = next((t for t in _finished_trials(dataset, student) if t["number"] == best), None)
-    if trial is None:
-        return None
-    attrs = trial.get("user_attrs", {})
-    try:
-        return float(json.loads((TUNING_RUNS_ROOT / dataset_slug(dataset) / attrs["run"] / "metrics.json").read_text())
-                     ["wall_seconds"])
+        best = json.loads(path.read_text())["best_trial"]
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None if attrs.get("resumes") else attrs.get("seconds")
+        return None
+    return trial_run_seconds(path, best)
 
 
 def running(step: Step) -> bool:

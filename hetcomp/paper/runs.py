@@ -17,7 +17,7 @@ from hetcomp.runs import RunSpec, RunStore, make_spec, train_run
 from hetcomp.runs.execute import train_stack
 from hetcomp.runs.grid import run_grid, stack_units
 from hetcomp.runs.spec import twin_spec
-from hetcomp.runs.tuned import RECIPE, flat_settings, summary_path
+from hetcomp.runs.tuned import RECIPE, flat_settings, summary_path, trial_run_seconds
 
 
 def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: str, seed: int, dim: int = 6,
@@ -56,12 +56,12 @@ def student_run(rep: Reproduction, trajectories: Sequence, spec: RunSpec) -> dic
 
 
 def study_walls(root: Path | None = None) -> Callable[[RunSpec], float | None]:
-    """A run's wall seconds as its tuning study measured them: the ``seconds`` of the trial whose settings the run
-    uses (the study summary's chosen trial, or the other study's trial a ``chosen_from`` names), read from the
-    summaries under ``root`` (None: ``experiments/tuning``); None where the run's lr, weight decay or options are
-    not those settings, or there is no such summary or figure (or the trial resumed a killed one's run, so timed
-    only its part). A trial ran on the study's seed with the table's epoch limits, so it prices a run before any
-    run of its student and method has finished."""
+    """A run's wall seconds as its tuning study measured them: the cost of the run of the trial whose settings the
+    run uses (the study summary's chosen trial, or the other study's trial a ``chosen_from`` names;
+    :func:`~hetcomp.runs.tuned.trial_run_seconds`), read from the summaries under ``root`` (None:
+    ``experiments/tuning``); None where the run's lr, weight decay or options are not those settings, or there is
+    no such summary or figure. A trial ran on the study's seed with the table's epoch limits, so it prices a run
+    before any run of its student and method has finished."""
     summaries: dict[Path, dict | None] = {}
 
     def summary(path: Path) -> dict | None:
@@ -74,14 +74,7 @@ def study_walls(root: Path | None = None) -> Callable[[RunSpec], float | None]:
         return summaries[path]
 
     def trial_seconds(path: Path, number: object) -> float | None:
-        history = [trial for trial in (summary(path) or {}).get("history") or [] if isinstance(trial, dict)]
-        chosen = next((trial for trial in history if trial.get("number") == number), None)
-        seconds = None if chosen is None else chosen.get("seconds")
-        if not isinstance(seconds, int | float) or seconds <= 0:
-            return None
-        if any(trial.get("state") == "fail" and trial.get("params") == chosen.get("params") for trial in history):
-            return None  # it resumed a killed trial's run, and timed only its own part
-        return float(seconds)
+        return trial_run_seconds(path, number, summary(path) or {})
 
     def expected(spec: RunSpec) -> float | None:
         try:

@@ -31,6 +31,54 @@ def summary_path(dataset: str, student: str, method: str, dim: int, root: Path |
     return Path(TUNING_ROOT if root is None else root) / dataset_slug(dataset) / f"{student}-{method}-{dim}.json"
 
 
+def trials_path(summary_file: Path) -> Path:
+    """The study's finished trials as text, beside its summary (``mf-dcd-6.json`` → ``mf-dcd-6.trials.json``)."""
+    return summary_file.with_name(f"{summary_file.stem}.trials.json")
+
+
+def trial_run_seconds(summary_file: Path, number: object, summary: dict | None = None,
+                      runs_root: Path | None = None) -> float | None:
+    """What one run at trial ``number``'s settings cost (wall seconds of training and evaluation, over every
+    attempt), for pricing runs before any has finished: the ``run_seconds`` the summary's history records; for a
+    trial recorded before those were, its run's own ``metrics.json`` in the tuning run store ``runs_root``
+    (:data:`TUNING_RUNS_ROOT`; the trials record names the run), where that folder is on this machine; else the
+    trial's ``seconds``, unless it resumed a killed trial's run and so timed only its own attempt (a Foursquare DNN
+    run of 7,892 s recorded as 2,609 s): None then, and where nothing is known. ``summary``: the file's contents,
+    where the caller read them already."""
+    summary = _json_or_none(summary_file) if summary is None else summary
+    history = [trial for trial in (summary or {}).get("history") or [] if isinstance(trial, dict)]
+    chosen = next((trial for trial in history if trial.get("number") == number), None)
+    if chosen is None:
+        return None
+    if _positive(chosen.get("run_seconds")):
+        return float(chosen["run_seconds"])
+    record = _json_or_none(trials_path(summary_file)) or {}
+    named = next((trial.get("user_attrs", {}).get("run") for trial in record.get("trials") or []
+                  if isinstance(trial, dict) and trial.get("number") == number
+                  and trial.get("params") == chosen.get("params")), None)
+    if isinstance(named, str) and isinstance(summary.get("dataset"), str):
+        metrics = _json_or_none(Path(TUNING_RUNS_ROOT if runs_root is None else runs_root)
+                                / dataset_slug(summary["dataset"]) / named / "metrics.json") or {}
+        if _positive(metrics.get("wall_seconds")):
+            return float(metrics["wall_seconds"])
+    resumed = "resumes" in chosen or any(trial.get("state") == "fail" and trial.get("params") == chosen.get("params")
+                                         for trial in history)
+    return None if resumed or not _positive(chosen.get("seconds")) else float(chosen["seconds"])
+
+
+def _json_or_none(path: Path) -> dict | None:
+    """A JSON object's content, or None where the file is absent or not one (a price is then unknown)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 def summary_settings(chosen: dict) -> dict:
     """Flat chosen settings (``{"lr": …, <option>: …}``) as a summary holds them: the recipe, then ``options``."""
     return {**{k: chosen[k] for k in RECIPE if k in chosen},
