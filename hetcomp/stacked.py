@@ -490,15 +490,17 @@ class StackedTrainer:
             else:
                 active.append(trainer)
         while active and active[0].state.epoch < max_epochs:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             losses = self.train_epoch(active)
             share = (time.perf_counter() - started) / len(active)  # the stack's epoch, shared by its runs
+            cpu_share = (time.process_time() - started_cpu) / len(active)
             for trainer, loss in zip(active, losses, strict=True):
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the training loss of seed {trainer.config.seed} became {loss} at "
                                              f"epoch {trainer.state.epoch + 1}; lower the learning rate")
                 trainer.state.epoch += 1
                 trainer.state.seconds += share
+                trainer.state.add_cpu(cpu_share)
                 for callback in trainer.callbacks:
                     callback.on_epoch_end(trainer, trainer.state.epoch, loss)
                 if trainer.state.epoch % trainer.config.eval_every == 0 or trainer.state.epoch == max_epochs:

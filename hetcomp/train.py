@@ -222,6 +222,13 @@ class FitState:
     seconds: float = 0.0
     eval_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    #: this process's CPU time in training and evaluation (every thread's; a core shared with other work inflates
+    #: ``seconds`` but not this); None for a run resumed from a checkpoint made before it was counted
+    cpu_seconds: float | None = 0.0
+
+    def add_cpu(self, spent: float) -> None:
+        if self.cpu_seconds is not None:
+            self.cpu_seconds += spent
 
 
 class Trainer:
@@ -282,12 +289,13 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_fit_start(self)
         while not self.state.stopped and self.state.epoch < self.config.max_epochs:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             loss = self.train_epoch()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the training loss became {loss} at epoch {self.state.epoch}; "
                                          "lower the learning rate")
             self.state.seconds += time.perf_counter() - started
+            self.state.add_cpu(time.process_time() - started_cpu)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, self.state.epoch, loss)
             if self.state.epoch % self.config.eval_every == 0 or self.state.epoch == self.config.max_epochs:
@@ -299,9 +307,10 @@ class Trainer:
         return self.state
 
     def _evaluate_and_select(self, loss: float) -> None:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         result = self.evaluate(top_m=self.config.top_m)
         self.state.eval_seconds += time.perf_counter() - started
+        self.state.add_cpu(time.process_time() - started_cpu)
         value = result["valid"][self.config.monitor]
         improved = value > self.state.best_value
         if improved:
@@ -344,7 +353,7 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
-            self.state = FitState(**saved["state"])
+            self.state = FitState(**{"cpu_seconds": None, **saved["state"]})  # uncounted before: unknown
             self.resumed_from_epoch = self.state.epoch
             self.objective.load_state_dict(saved.get("objective", {}))
         if best.is_file():

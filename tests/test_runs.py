@@ -348,3 +348,37 @@ def test_a_stack_its_student_refuses_trains_its_seeds_one_by_one_and_says_so(tmp
     results = execute.train_stack(specs, SPLIT, [], RunStore(tmp_path), say=said.append)
     assert [r["seed"] for r in results] == [0, 1] and not any("stacked_with" in r for r in results)
     assert any("train one by one" in line and "gnn student cannot be stacked" in line for line in said)
+
+
+def test_a_run_counts_its_cpu_time_over_every_attempt_and_says_when_it_cannot(teachers, tmp_path):
+    """cpu_seconds beside wall_seconds (the same spans): carried through a resume; unknown (None, an empty ledger
+    cell) for a run resumed from a checkpoint made before it was counted, never a silently partial figure."""
+    from hetcomp.runs import train_run
+    from hetcomp.train import Callback
+
+    class Killed(Exception):
+        pass
+
+    class KillAtEpoch3(Callback):
+        def on_epoch_end(self, trainer, epoch, loss):
+            if epoch == 3:  # epoch 2's checkpoint is written
+                raise Killed
+
+    spec = make_spec(SPLIT, teachers, "mf", "rrd", 4, max_epochs=6, eval_every=2, patience=10)
+    for legacy in (False, True):
+        store = RunStore(tmp_path / f"legacy-{legacy}")
+        with pytest.raises(Killed):
+            train_run(spec, SPLIT, teachers, store, "cpu", [KillAtEpoch3()])
+        last = store.folder(spec) / "last.pt"
+        saved = torch.load(last, weights_only=False)
+        first_attempt = saved["state"]["cpu_seconds"]
+        assert first_attempt > 0
+        if legacy:
+            del saved["state"]["cpu_seconds"]
+            torch.save(saved, last)
+        result = train_run(spec, SPLIT, teachers, store, "cpu")
+        assert result["resumed_from_epoch"] == 2
+        if legacy:
+            assert result["cpu_seconds"] is None
+        else:
+            assert result["cpu_seconds"] >= round(first_attempt, 1)  # the first attempt's, and more

@@ -130,8 +130,14 @@ def distill_command(
     test = result["test"]
     console.print(f"{student}-{method} dim {dim} seed {seed}: best epoch {result['best_epoch']}, test "
                   f"R@10 {test['recall@10']:.4f} N@10 {test['ndcg@10']:.4f} R@50 {test['recall@50']:.4f} "
-                  f"N@50 {test['ndcg@50']:.4f} ({result['wall_seconds']:.0f} s)")
+                  f"N@50 {test['ndcg@50']:.4f} ({result['wall_seconds']:.0f} s{_cpu(result)})")
     if "trained_as" in result:
         twin = result["trained_as"]
         console.print(f"{method} at these settings trains exactly as {twin.get('method', 'another method')}: "
                       f"the finished run {twin['run']} serves as this one (its command: {twin['command']})")
+
+
+def _cpu(result: dict) -> str:
+    """", 812 s of CPU" where the run counted it (a finished run from before did not)."""
+    cpu = result.get("cpu_seconds")
+    return "" if cpu is None else f", {cpu:.0f} s of CPU"

@@ -17,10 +17,12 @@ from hetcomp.provenance import atomic_write_text
 
 #: table2.csv: one row per student run (test metrics, cost, how to rerun it, where it came from)
 #: ``trained_as``: the identity of the finished run that served this one (a twin: DCD at ``dcd_weight=0`` is its
-#: RRD run), whose wall time the row repeats; empty for a run trained as itself
+#: RRD run), whose wall time the row repeats; empty for a run trained as itself. ``cpu_seconds``: the run's CPU
+#: time over the same spans as ``wall_seconds`` (a core shared with other work inflates only the wall); empty for
+#: rows written before it was counted
 TABLE2_COLUMNS = ("dataset", "student", "method", "seed", *METRICS, "best_epoch", "epochs", "wall_seconds", "command",
                   "config", "teachers_digest", "commit", "code_digest", "machine", "packages",
-                  "trained_as")
+                  "trained_as", "cpu_seconds")
 #: curves.csv: one row per evaluation of a Table 2 run
 CURVE_COLUMNS = ("dataset", "student", "method", "seed", "config", "epoch", "valid_recall@50", "test_recall@50")
 

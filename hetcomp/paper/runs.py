@@ -236,7 +236,8 @@ def table2_row(rep: Reproduction, spec: RunSpec, result: dict) -> tuple[dict, li
            "epochs": result["epochs"], "wall_seconds": result["wall_seconds"], "command": rerun_command(rep, spec),
            "config": spec.identity, "teachers_digest": spec.teachers_digest, "commit": result.get("commit", ""),
            "code_digest": result.get("code_digest", ""), "machine": result.get("machine", ""),
-           "packages": result.get("packages", ""), "trained_as": result.get("trained_as", {}).get("identity", "")}
+           "packages": result.get("packages", ""), "trained_as": result.get("trained_as", {}).get("identity", ""),
+           "cpu_seconds": "" if result.get("cpu_seconds") is None else result["cpu_seconds"]}
     curve = [{"dataset": rep.label, "student": spec.student, "method": spec.method, "seed": spec.seed,
               "config": spec.identity, "epoch": p["epoch"], "valid_recall@50": f"{p['valid_recall@50']:.6f}",
               "test_recall@50": f"{p['test_recall@50']:.6f}"} for p in result["curve"]]

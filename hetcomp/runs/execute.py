@@ -127,6 +127,9 @@ def _write_run(spec: RunSpec, trainer: Trainer, store: RunStore, folder: Path, s
         # training + evaluation over every resumed segment (a resumed run's own call is shorter); a stacked
         # run's training seconds are its share of the stack's epochs
         "wall_seconds": round(state.seconds + state.eval_seconds, 1),
+        # the same spans in the process's CPU time, which a core shared with other work does not inflate (None:
+        # resumed from a checkpoint made before it was counted)
+        "cpu_seconds": None if state.cpu_seconds is None else round(state.cpu_seconds, 1),
         "this_call_seconds": round(time.perf_counter() - started, 1),
         "resumed_from_epoch": trainer.resumed_from_epoch,
         "seconds_per_epoch": round(state.seconds / max(state.epoch, 1), 3),
