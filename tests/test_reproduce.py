@@ -181,6 +181,37 @@ def test_runs_not_yet_in_the_ledger_are_priced_by_their_studys_trial_at_the_same
         "study's trial at the same settings; 1 not yet estimated")
 
 
+def test_price_times_each_cell_on_this_machine_and_trains_or_writes_nothing(workspace):
+    """--price: a few timed epochs and an evaluation per (student, method) cell, times the epochs its ledger rows
+    trained (or '?' where nothing says how long its runs train); no run, row or page is made."""
+    from hetcomp.paper.price import CellPrice
+
+    invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd")
+    before = sorted(str(p) for p in workspace.rglob("*") if p.is_file())
+    result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,rd",
+                    "--price")
+    assert sorted(str(p) for p in workspace.rglob("*") if p.is_file()) == before
+    rows = {line.split(" | ")[1]: line for line in result.output.splitlines() if line.startswith("| mf |")}
+    assert set(rows) == {"none", "rrd", "rd"}
+    assert "(ledger (2 rows))" in rows["rrd"] and rows["rd"].endswith("| ? | ? |")
+    assert "1 cell(s) not priced" in result.output and "thread(s) a run" in result.output
+    price = CellPrice("mf", "rrd", seconds_per_epoch=0.5, cpu_per_epoch=0.5, evaluation_seconds=2.0, epochs=25,
+                      epochs_from="ledger (5 rows)", eval_every=10)
+    assert price.run_seconds == 25 * 0.5 + 3 * 2.0  # evaluations at epochs 10, 20 and the last
+
+
+def test_price_is_for_table_2_and_needs_the_teachers(workspace, tmp_path):
+    result = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+                                 "--user-col", "u", "--item-col", "i", "--quick", "--table", "1", "--price"])
+    assert result.exit_code != 0 and "--price prices the runs of --table 2" in result.output
+    result = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+                                 "--user-col", "u", "--item-col", "i", "--quick", "--table", "2", "--price",
+                                 "--methods", "rrd", "--seeds", "1", "--teachers-dir", str(tmp_path / "none"),
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code != 0 and "not trained under" in result.output and "hetcomp train-teachers" in result.output
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_trial_that_resumed_a_killed_one_prices_its_whole_run_not_its_own_attempt(tmp_path):
     """The run's cost over every attempt: recorded on the trial, else read from its run folder, else unknown."""
     import json

@@ -95,6 +95,10 @@ def reproduce_command(
     stack_size: int = typer.Option(None, "--stack-size", help="With --stack-seeds: at most this many seeds a "
                                    "stack, a row's seeds split as evenly as can be (5 at 3: 3 + 2), so that no "
                                    "task runs much longer than the rest (default: a row's seeds in one)."),
+    price: bool = typer.Option(False, "--price", help="Table 2: train nothing, write nothing; time a few epochs "
+                               "and an evaluation of each (student, method) cell's run on this machine, at the "
+                               "threads --jobs gives a run, and print what the grid would take with today's code "
+                               "(epochs from the ledger's rows or the studies' chosen trials)."),
 ) -> None:
     """Regenerate the paper's tables and figures from real data; finished runs are reused, so it resumes."""
     from hetcomp.paper import common, cost, curves, ledger, table1, table2
@@ -118,6 +122,9 @@ def reproduce_command(
     if leave_busy and (jobs > 1 or ray_address):
         raise HetCompError("--leave-busy is for a call that trains its runs one by one (--jobs 1): with --jobs or "
                            "--ray-address the runs of one call are queued together; leave one of them out")
+    if price and (table != "2" or no_train):
+        raise HetCompError("--price prices the runs of --table 2 (and trains none itself): use it with --table 2 "
+                           "and without --no-train")
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost"):
@@ -152,6 +159,14 @@ def reproduce_command(
                        if any(r["student"] == s for r in ledger.read_rows(rep.out_dir / "curves.csv"))]
             if not written:
                 raise HetCompError(f"no curves in {rep.out_dir / 'curves.csv'}; run --table 2 first")
+        elif table == "2" and price:
+            from hetcomp.paper.price import price_markdown, price_table2
+
+            seed_list = _parse_seeds(seeds)
+            prices = price_table2(rep, student_names, seed_list, method_names)
+            progress.stop()
+            print(price_markdown(rep, prices, len(seed_list)), end="")
+            return
         elif table == "2":
             table2.table2(rep, student_names, _parse_seeds(seeds), method_names)
             written = [rep.out_dir / "table2.md", rep.out_dir / "table2.csv"]

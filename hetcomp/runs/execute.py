@@ -93,6 +93,14 @@ def _trainer(spec: RunSpec, split: Split, context: DistillContext, device: torch
     return Trainer(model, split, objective, config, device, callbacks, folder)
 
 
+def fresh_trainer(spec: RunSpec, split: Split, trajectories: Sequence, device: torch.device | str = "cpu") -> Trainer:
+    """The trainer of ``spec``'s run at its first epoch, with no run folder (it writes nothing): for timing its
+    epochs (``reproduce --price``), not for training a run, which :func:`train_run` records and resumes."""
+    trajectories = _own_inputs(spec, split, trajectories)
+    device = torch.device(device)
+    return _trainer(spec, split, _context(spec, split, trajectories, device), device, None, None)
+
+
 def _context(spec: RunSpec, split: Split, trajectories: Sequence, device: torch.device) -> DistillContext:
     return DistillContext(split, list(trajectories), device, spec.ensemble_config(), spec.batch_users,
                           needs_teachers=method_class(spec.method).reads_teachers)
