@@ -78,6 +78,16 @@ class StepRequest:
         return None
 
 
+@dataclass
+class CostPhase:
+    """A part of a run for pricing: its name, how many of the run's epochs it spans, and what puts the objective
+    in it for timing (None: the objective as it is; else a context manager factory)."""
+
+    name: str
+    epochs: float
+    enter: Callable[[], contextlib.AbstractContextManager] | None = None
+
+
 class Objective:
     """What the trainer optimizes: a stream of batches per epoch and a loss per batch."""
 
@@ -151,6 +161,11 @@ class Objective:
     def may_stop(self) -> bool:
         """Whether early stopping may end training now (HetComp: not before every user reaches the last state)."""
         return True
+
+    def cost_phases(self, epochs: float) -> list[CostPhase]:
+        """The parts of a run of ``epochs`` epochs whose epochs cost differently, for pricing it (``reproduce
+        --price`` times a few epochs of each): by default one, the objective as it starts."""
+        return [CostPhase("", epochs)]
 
     def state_dict(self) -> dict:
         return {}

@@ -153,6 +153,23 @@ def test_positive_dynamic_and_tail_sets_are_disjoint_and_clean(teachers):
         assert not p_plus & p_minus and len(p_minus) == 20
 
 
+def test_hetcomp_prices_its_l_o_and_l_f_epochs_apart_and_leaves_its_knowledge_as_it_was(teachers):
+    """cost_phases (for reproduce --price): L_O until the deadline, then L_F; inside L_F's context every user is
+    in the L_F phase with the converged teachers' lists, and the knowledge is restored on leaving."""
+    context = DistillContext(SPLIT, teachers)
+    method = build_method("hetcomp", context, k=20, pos_k=5, dkc_k=10, deadline=100)
+    v, topk = method.knowledge.v.clone(), method.dynamic_topk.clone()
+    lo, lf = method.cost_phases(166.0)
+    assert (lo.name, lo.epochs, lo.enter, lf.name, lf.epochs) == ("L_O", 100, None, "L_F", 66.0)
+    assert not bool(method.fine_phase_users.any())
+    with lf.enter():
+        assert bool(method.fine_phase_users.all()) and method.knowledge.converged
+        assert torch.equal(method.dynamic_topk, context.ensemble_topk(20, method.knowledge.v))
+    assert torch.equal(method.knowledge.v, v) and torch.equal(method.dynamic_topk, topk)
+    assert [p.epochs for p in method.cost_phases(60.0)] == [60.0, 0.0]  # stopped before the deadline
+    assert [(p.name, p.epochs) for p in build_method("rrd", context, k=20).cost_phases(60.0)] == [("", 60.0)]
+
+
 def test_tail_logsumexp_equals_the_masked_version():
     from hetcomp.distill.losses import masked_logsumexp, tail_logsumexp
 

@@ -184,7 +184,7 @@ def test_runs_not_yet_in_the_ledger_are_priced_by_their_studys_trial_at_the_same
 def test_price_times_each_cell_on_this_machine_and_trains_or_writes_nothing(workspace):
     """--price: a few timed epochs and an evaluation per (student, method) cell, times the epochs its ledger rows
     trained (or '?' where nothing says how long its runs train); no run, row or page is made."""
-    from hetcomp.paper.price import CellPrice
+    from hetcomp.paper.price import CellPrice, PhasePrice
 
     invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd")
     before = sorted(str(p) for p in workspace.rglob("*") if p.is_file())
@@ -195,9 +195,12 @@ def test_price_times_each_cell_on_this_machine_and_trains_or_writes_nothing(work
     assert set(rows) == {"none", "rrd", "rd"}
     assert "(ledger (2 rows))" in rows["rrd"] and rows["rd"].endswith("| ? | ? |")
     assert "1 cell(s) not priced" in result.output and "thread(s) a run" in result.output
-    price = CellPrice("mf", "rrd", seconds_per_epoch=0.5, cpu_per_epoch=0.5, evaluation_seconds=2.0, epochs=25,
+    price = CellPrice("mf", "rrd", [PhasePrice("", 25, 0.5, 0.5)], evaluation_seconds=2.0, epochs=25,
                       epochs_from="ledger (5 rows)", eval_every=10)
     assert price.run_seconds == 25 * 0.5 + 3 * 2.0  # evaluations at epochs 10, 20 and the last
+    phased = CellPrice("mf", "hetcomp", [PhasePrice("L_O", 10, 0.5, 0.4), PhasePrice("L_F", 30, 1.0, 0.9)],
+                       evaluation_seconds=1.0, epochs=40, epochs_from="ledger (5 rows)", eval_every=10)
+    assert phased.run_seconds == 10 * 0.5 + 30 * 1.0 + 4 * 1.0 and phased.seconds_per_epoch == 35 / 40
 
 
 def test_price_is_for_table_2_and_needs_the_teachers(workspace, tmp_path):

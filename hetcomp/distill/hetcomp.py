@@ -16,6 +16,8 @@ Defaults: K = 100, |P⁺| = 10, weights 0.01 (L_O) and 0.005 (L_F), scores clamp
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ from hetcomp.distill.knowledge import DKCConfig, DynamicKnowledge
 from hetcomp.distill.losses import fine_loss_of, overall_loss_of
 from hetcomp.errors import HetCompError
 from hetcomp.models.base import Batch, Recommender
-from hetcomp.train import Trainer
+from hetcomp.train import CostPhase, Trainer
 
 
 @dataclass
@@ -193,6 +195,24 @@ class HetComp(DistillMethod):
     def may_stop(self) -> bool:
         """Early stopping waits until every user learns from every converged teacher (the L_F phase)."""
         return self.knowledge.converged
+
+    def cost_phases(self, epochs: float) -> list[CostPhase]:
+        """L_O until the switch, at the latest at ``deadline``, then L_F, whose ``code`` form makes two tail
+        log-sum-exps a batch where L_O makes one (its epochs measured ~1.7× L_O's on CiteULike's MF student). The
+        switch is taken at ``deadline`` (DKC may reach it sooner): more L_O epochs than a run has, at most."""
+        before = epochs if self.config.deadline is None else min(epochs, self.config.deadline)
+        return [CostPhase("L_O", before), CostPhase("L_F", epochs - before, self._every_user_converged)]
+
+    @contextlib.contextmanager
+    def _every_user_converged(self) -> Iterator[None]:
+        """Every user at every teacher's last state (the L_F phase) while inside; the knowledge restored after."""
+        v, topk = self.knowledge.v, self.dynamic_topk
+        self.knowledge.v = torch.full_like(v, self.knowledge.n_states - 1)
+        self.dynamic_topk = self.context.ensemble_topk(self.config.k, self.knowledge.v)
+        try:
+            yield
+        finally:
+            self.knowledge.v, self.dynamic_topk = v, topk
 
     @property
     def evaluation_top_m(self) -> int:

@@ -3,18 +3,24 @@
 The ledger's wall times were measured on whatever machine, code and company each run had (some shared their core
 with a study, some predate a faster kernel), so they say little about a table trained here from scratch. Pricing
 measures instead: for each (student, method) cell, the run the grid would train (seed ``seeds[0]``, the settings
-its study chose) gets a warm-up epoch, then ``timed_epochs`` timed epochs and one timed evaluation (with what the
-method does at an evaluation, e.g. HetComp's DKC check), at the threads a run gets with ``jobs`` workers. Times
-the cell's number of epochs (the mean over its ledger rows at these settings, else its study's chosen trial, else
-unknown), plus an evaluation every ``eval_every`` epochs, that is its run's price. Nothing is trained or written.
+its study chose) gets a warm-up epoch and one timed evaluation (with what the method does at an evaluation, e.g.
+HetComp's DKC check), then ``timed_epochs`` timed epochs in each part of a run whose epochs cost differently (the
+method's :meth:`~hetcomp.train.Objective.cost_phases`: HetComp's L_O and L_F), at the threads a run gets with
+``jobs`` workers. The cell's number of epochs (the mean over its ledger rows at these settings, else its study's
+chosen trial, else unknown), split among those parts, times their epochs' cost, plus an evaluation every
+``eval_every`` epochs, is its run's price. Nothing is trained or written.
 
-A price is an estimate: an epoch's cost moves little along a run for most methods, but not for all (CL-DRD's
-stages lengthen its list; HetComp's L_F replaces L_O; DCD refreshes every few epochs: the timed epochs sample
-that), and the epoch counts come from the rows' seeds, not from the runs it prices.
+A price is an estimate: the epoch counts come from the rows' seeds, not from the runs it prices; a few epochs
+sample what a method does every few epochs (DCD's refresh every 3); where a part's length is not known in advance
+it is bounded (HetComp's switch to L_F is taken at its ``deadline``, the latest it can come, so its dearer L_F
+epochs are counted at their fewest: a lower bound); and an epoch can grow dearer as the student trains, which
+the first epochs do not see (HetComp's scores pass its clamp at 40 after ~20 epochs on CiteULike's MF student,
+and its clamped tail costs more: 0.61 → 0.73 s an epoch by epoch 90; ``experiments/results/bench.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,23 +46,51 @@ TIMED_EPOCHS = 3
 
 
 @dataclass
+class PhasePrice:
+    """A part of a run whose epochs cost alike (:class:`~hetcomp.train.CostPhase`): its epochs and their cost."""
+
+    name: str
+    epochs: float
+    seconds_per_epoch: float
+    cpu_per_epoch: float
+
+
+@dataclass
 class CellPrice:
     """One (student, method) cell: the measured costs and what one of its runs would take."""
 
     student: str
     method: str
-    seconds_per_epoch: float
-    cpu_per_epoch: float
+    phases: list[PhasePrice]
     evaluation_seconds: float
     epochs: float | None  # None: neither a ledger row nor a study says how long a run of these settings trains
-    epochs_from: str  # "ledger (n rows)", "study trial N" or "unknown"
+    epochs_from: str  # "ledger (n rows)", "study trial N", "<twin>'s runs" or "unknown"
     eval_every: int
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """The mean over the run's epochs (its phases weighted by their epochs; the first phase's if none)."""
+        return _weighted(self.phases, "seconds_per_epoch")
+
+    @property
+    def cpu_per_epoch(self) -> float:
+        return _weighted(self.phases, "cpu_per_epoch")
 
     @property
     def run_seconds(self) -> float | None:
         if self.epochs is None:
             return None
-        return self.epochs * self.seconds_per_epoch + math.ceil(self.epochs / self.eval_every) * self.evaluation_seconds
+        return (sum(p.epochs * p.seconds_per_epoch for p in self.phases)
+                + math.ceil(self.epochs / self.eval_every) * self.evaluation_seconds)
+
+
+def _weighted(phases: Sequence[PhasePrice], name: str) -> float:
+    total = sum(p.epochs for p in phases)
+    if not phases:
+        return 0.0
+    if total <= 0:
+        return getattr(phases[0], name)
+    return sum(p.epochs * getattr(p, name) for p in phases) / total
 
 
 def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str],
@@ -72,24 +106,34 @@ def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int
             specs = [run_spec(rep, trajectories, student, method, seed, dim) for seed in seeds]
             twin = twin_spec(specs[0])
             if twin is not None and twin.method in methods:  # its runs are adopted from the twin's: no training
-                prices.append(CellPrice(student, method, 0.0, 0.0, 0.0, 0.0, f"{twin.method}'s runs",
-                                        specs[0].eval_every))
+                prices.append(CellPrice(student, method, [PhasePrice("", 0.0, 0.0, 0.0)], 0.0, 0.0,
+                                        f"{twin.method}'s runs", specs[0].eval_every))
                 continue
-            trainer = fresh_trainer(specs[0], rep.split, trajectories, rep.device)
-            rep.say(f"pricing {student}-{method}: a warm-up epoch, {timed_epochs} timed epochs, one evaluation")
-            trainer.train_epoch()
-            started, started_cpu = time.perf_counter(), time.process_time()
-            loss = 0.0
-            for _ in range(timed_epochs):
-                loss = trainer.train_epoch()
-            seconds = (time.perf_counter() - started) / timed_epochs
-            cpu = (time.process_time() - started_cpu) / timed_epochs
-            started = time.perf_counter()
-            trainer._evaluate_and_select(loss)
-            evaluation = time.perf_counter() - started
             epochs, source = _epochs(rep, ledger, specs, dim)
-            prices.append(CellPrice(student, method, seconds, cpu, evaluation, epochs, source, specs[0].eval_every))
+            trainer = fresh_trainer(specs[0], rep.split, trajectories, rep.device)
+            phases = trainer.objective.cost_phases(float(specs[0].max_epochs) if epochs is None else epochs)
+            names = ", ".join(p.name for p in phases if p.name)
+            rep.say(f"pricing {student}-{method}: a warm-up epoch, {timed_epochs} timed epochs"
+                    + (f" in each phase ({names})" if len(phases) > 1 else "") + ", one evaluation")
+            loss = trainer.train_epoch()
+            started = time.perf_counter()
+            trainer._evaluate_and_select(loss)  # with the method's own work there (HetComp's DKC check)
+            evaluation = time.perf_counter() - started
+            timed = []
+            for phase in phases:
+                with phase.enter() if phase.enter is not None else contextlib.nullcontext():
+                    seconds, cpu = _time_epochs(trainer, timed_epochs)
+                timed.append(PhasePrice(phase.name, phase.epochs, seconds, cpu))
+            prices.append(CellPrice(student, method, timed, evaluation, epochs, source, specs[0].eval_every))
     return prices
+
+
+def _time_epochs(trainer, epochs: int) -> tuple[float, float]:
+    """Wall and CPU seconds per epoch of ``epochs`` epochs of ``trainer``."""
+    started, started_cpu = time.perf_counter(), time.process_time()
+    for _ in range(epochs):
+        trainer.train_epoch()
+    return (time.perf_counter() - started) / epochs, (time.process_time() - started_cpu) / epochs
 
 
 def threads_per_run(jobs: int) -> int:
@@ -140,7 +184,11 @@ def price_markdown(rep: Reproduction, prices: Sequence[CellPrice], n_seeds: int)
 
 
 def _epochs_text(price: CellPrice) -> str:
-    return "?" if price.epochs is None else f"{price.epochs:.0f} ({price.epochs_from})"
+    if price.epochs is None:
+        return "?"
+    parts = "".join(f"; {p.name} {p.epochs:.0f} at {p.seconds_per_epoch:.3f} s" for p in price.phases
+                    if len(price.phases) > 1)
+    return f"{price.epochs:.0f} ({price.epochs_from}{parts})"
 
 
 def _seconds(value: float | None) -> str:
