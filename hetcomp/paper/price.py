@@ -4,9 +4,10 @@ The ledger's wall times were measured on whatever machine, code and company each
 with a study, some predate a faster kernel), so they say little about a table trained here from scratch. Pricing
 measures instead: for each (student, method) cell, the run the grid would train (seed ``seeds[0]``, the settings
 its study chose) gets a warm-up epoch and one timed evaluation (with what the method does at an evaluation, e.g.
-HetComp's DKC check), then ``timed_epochs`` timed epochs in each part of a run whose epochs cost differently (the
-method's :meth:`~hetcomp.train.Objective.cost_phases`: HetComp's L_O and L_F), at the threads a run gets with
-``jobs`` workers. The cell's number of epochs (the mean over its ledger rows at these settings, else its study's
+HetComp's DKC check), then the median of several timed epochs (at least ``timed_epochs``, more until a few seconds
+are timed) in each part of a run whose epochs cost differently (the method's
+:meth:`~hetcomp.train.Objective.cost_phases`: HetComp's L_O and L_F), at the threads a run gets with ``jobs``
+workers. The cell's number of epochs (the mean over its ledger rows at these settings, else its study's
 chosen trial, else unknown), split among those parts, times their epochs' cost, plus an evaluation every
 ``eval_every`` epochs, is its run's price. Nothing is trained or written.
 
@@ -41,8 +42,11 @@ from hetcomp.runs.spec import twin_spec
 from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import TEACHERS, load_teachers, trajectory_file
 
-#: timed epochs per cell after its warm-up epoch
+#: timed epochs per part of a cell's run after its warm-up epoch: at least this many, more (up to
+#: :data:`MOST_EPOCHS`) until :data:`ENOUGH_SECONDS` are timed; their median is the price of an epoch
 TIMED_EPOCHS = 3
+ENOUGH_SECONDS = 5.0
+MOST_EPOCHS = 15
 
 
 @dataclass
@@ -113,8 +117,8 @@ def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int
             trainer = fresh_trainer(specs[0], rep.split, trajectories, rep.device)
             phases = trainer.objective.cost_phases(float(specs[0].max_epochs) if epochs is None else epochs)
             names = ", ".join(p.name for p in phases if p.name)
-            rep.say(f"pricing {student}-{method}: a warm-up epoch, {timed_epochs} timed epochs"
-                    + (f" in each phase ({names})" if len(phases) > 1 else "") + ", one evaluation")
+            rep.say(f"pricing {student}-{method}: a warm-up epoch, an evaluation, {timed_epochs}+ timed epochs"
+                    + (f" in each phase ({names})" if len(phases) > 1 else ""))
             loss = trainer.train_epoch()
             started = time.perf_counter()
             trainer._evaluate_and_select(loss)  # with the method's own work there (HetComp's DKC check)
@@ -128,12 +132,17 @@ def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int
     return prices
 
 
-def _time_epochs(trainer, epochs: int) -> tuple[float, float]:
-    """Wall and CPU seconds per epoch of ``epochs`` epochs of ``trainer``."""
-    started, started_cpu = time.perf_counter(), time.process_time()
-    for _ in range(epochs):
+def _time_epochs(trainer, least: int, enough: float = ENOUGH_SECONDS, most: int = MOST_EPOCHS) -> tuple[float, float]:
+    """Median wall and CPU seconds of one epoch of ``trainer``, over at least ``least`` epochs and until
+    ``enough`` seconds are timed (at most ``most`` epochs): a 2-core VM's epochs vary by ±15 % from one to the
+    next, which a median of several resists better than a mean of three."""
+    walls, cpus = [], []
+    while len(walls) < least or (sum(walls) < enough and len(walls) < most):
+        started, started_cpu = time.perf_counter(), time.process_time()
         trainer.train_epoch()
-    return (time.perf_counter() - started) / epochs, (time.process_time() - started_cpu) / epochs
+        walls.append(time.perf_counter() - started)
+        cpus.append(time.process_time() - started_cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def threads_per_run(jobs: int) -> int:
