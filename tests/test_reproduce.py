@@ -209,6 +209,10 @@ def test_price_is_for_table_2_and_needs_the_teachers(workspace, tmp_path):
     assert result.exit_code != 0 and "--price prices the runs of --table 2" in result.output
     result = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
                                  "--user-col", "u", "--item-col", "i", "--quick", "--table", "2", "--price",
+                                 "--stack-seeds"])
+    assert result.exit_code != 0 and "times ordinary runs on this machine" in result.output
+    result = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(workspace / "toy.csv"),
+                                 "--user-col", "u", "--item-col", "i", "--quick", "--table", "2", "--price",
                                  "--methods", "rrd", "--seeds", "1", "--teachers-dir", str(tmp_path / "none"),
                                  "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code != 0 and "not trained under" in result.output and "hetcomp train-teachers" in result.output

@@ -125,6 +125,9 @@ def reproduce_command(
     if price and (table != "2" or no_train):
         raise HetCompError("--price prices the runs of --table 2 (and trains none itself): use it with --table 2 "
                            "and without --no-train")
+    if price and (stack_seeds or ray_address):
+        raise HetCompError("--price times ordinary runs on this machine: leave out --stack-seeds and --ray-address "
+                           "(or run it on a node of the cluster, with --jobs as there)")
     if (table is None) == (figure is None):
         raise HetCompError("choose what to regenerate: --table 2, --table 1, --table cost or --figure curves")
     if table not in (None, "1", "2", "cost"):

@@ -198,7 +198,7 @@ class HetComp(DistillMethod):
 
     def cost_phases(self, epochs: float) -> list[CostPhase]:
         """L_O until the switch, at the latest at ``deadline``, then L_F, whose ``code`` form makes two tail
-        log-sum-exps a batch where L_O makes one (its epochs measured ~1.7× L_O's on CiteULike's MF student). The
+        log-sum-exps a batch where L_O makes one (its epochs measured ~1.5× L_O's on CiteULike's MF student). The
         switch is taken at ``deadline`` (DKC may reach it sooner): more L_O epochs than a run has, at most."""
         before = epochs if self.config.deadline is None else min(epochs, self.config.deadline)
         return [CostPhase("L_O", before), CostPhase("L_F", epochs - before, self._every_user_converged)]

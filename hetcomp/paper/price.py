@@ -97,11 +97,21 @@ def _weighted(phases: Sequence[PhasePrice], name: str) -> float:
     return sum(p.epochs * getattr(p, name) for p in phases) / total
 
 
+@dataclass
+class TablePrice:
+    """A grid's cells priced, and the teachers' training as their trajectories recorded it (their machine's)."""
+
+    cells: list[CellPrice]
+    teacher_seconds: float
+
+
 def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str],
-                 dim: int = 6, timed_epochs: int = TIMED_EPOCHS) -> list[CellPrice]:
+                 dim: int = 6, timed_epochs: int = TIMED_EPOCHS) -> TablePrice:
     """The price of each (student, method) cell of the grid (see the module's docstring); the threads are those a
     run gets from ``rep.jobs`` workers on this machine (set for this process)."""
     trajectories = _existing_teachers(rep)
+    teacher_seconds = sum(float(t.meta.get("train_seconds") or 0) + float(t.meta.get("eval_seconds") or 0)
+                          for t in trajectories)
     torch.set_num_threads(threads_per_run(rep.jobs))
     ledger = read_rows(rep.out_dir / "table2.csv")
     prices = []
@@ -129,7 +139,7 @@ def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int
                     seconds, cpu = _time_epochs(trainer, timed_epochs)
                 timed.append(PhasePrice(phase.name, phase.epochs, seconds, cpu))
             prices.append(CellPrice(student, method, timed, evaluation, epochs, source, specs[0].eval_every))
-    return prices
+    return TablePrice(prices, teacher_seconds)
 
 
 def _time_epochs(trainer, least: int, enough: float = ENOUGH_SECONDS, most: int = MOST_EPOCHS) -> tuple[float, float]:
@@ -166,8 +176,9 @@ def _epochs(rep: Reproduction, ledger: Sequence[dict], specs: Sequence, dim: int
         return None, "unknown"
 
 
-def price_markdown(rep: Reproduction, prices: Sequence[CellPrice], n_seeds: int) -> str:
+def price_markdown(rep: Reproduction, table: TablePrice, n_seeds: int) -> str:
     """The prices as a Markdown table, with the whole grid's estimate at ``rep.jobs`` workers."""
+    prices = table.cells
     lines = [f"`{rep.command}` on {machine()}, {threads_per_run(rep.jobs)} thread(s) a run "
              f"({rep.jobs} worker(s)), {rep.device}:", "",
              "| student | method | s / epoch (CPU) | evaluation | epochs (from) | one run | "
@@ -182,7 +193,7 @@ def price_markdown(rep: Reproduction, prices: Sequence[CellPrice], n_seeds: int)
             known.append(run * n_seeds)
     unknown = sum(p.run_seconds is None for p in prices)
     total = sum(known)
-    teachers = _teacher_seconds(rep)
+    teachers = table.teacher_seconds
     workers = max(1, rep.jobs)
     lines += ["", f"Runs: {_seconds(total)} in all, ~{_seconds(total / workers)} on {workers} worker(s)"
               + (f"; {unknown} cell(s) not priced (no ledger row or study says how long their runs train)"
@@ -216,8 +227,3 @@ def _existing_teachers(rep: Reproduction) -> list:
                            f"{rep.dataset}`) or point --teachers-dir at them")
     return load_teachers(rep.split, rep.teachers_dir, list(TEACHERS))
 
-
-def _teacher_seconds(rep: Reproduction) -> float:
-    """The teachers' training and evaluation seconds as their trajectories recorded them (their machine's)."""
-    return sum(float(t.meta.get("train_seconds") or 0) + float(t.meta.get("eval_seconds") or 0)
-               for t in _existing_teachers(rep))
