@@ -481,6 +481,10 @@ def test_a_row_served_by_its_twin_names_it_and_the_manifest_counts_that_training
     assert (rrd["trained_as"], dcd["trained_as"]) == ("", "rrd-id") and dcd["wall_seconds"] == 50.0
     manifest = write_manifest(rep, "table2", [rrd, dcd, row("none")], [0], seconds=1.0)
     assert manifest["sum_of_run_wall_seconds"] == 100.0  # rrd and none; dcd's training was rrd's
+    assert rrd["cpu_seconds"] == ""  # a run that did not count its CPU time: an empty cell, not 0
+    counted = row("kd", cpu_seconds=48.5)
+    manifest = write_manifest(rep, "table2", [rrd, dcd, row("none"), counted], [0], seconds=1.0)
+    assert manifest["sum_of_run_cpu_seconds"] == {"seconds": 48.5, "runs": 1, "of_runs_trained": 3}
 
 
 def test_rows_of_other_teachers_are_not_replaced_unless_asked(workspace, tmp_path):

@@ -34,7 +34,10 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
     path = rep.out_dir / "manifest.json"
     manifest = read_manifest(path)
     # a row served by its twin (``trained_as``) repeats the twin's wall time: that training is counted once
-    run_seconds = sum(float(r.get("wall_seconds") or 0) for r in rows if not r.get("trained_as"))
+    trained = [r for r in rows if not r.get("trained_as")]
+    run_seconds = sum(float(r.get("wall_seconds") or 0) for r in trained)
+    # CPU time where the rows counted it (rows made before it was counted have none): the sum and the runs it covers
+    counted = [float(r["cpu_seconds"]) for r in trained if r.get("cpu_seconds") not in (None, "")]
     stamp = {"commit": git_commit(), "machine": machine(), "packages": packages(),
              "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     measured = manifest.get(table, {}).get("from_scratch_measured")
@@ -45,6 +48,8 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
         "command": rep.command, "seeds": list(seeds), **stamp,
         "wall_seconds_this_call": round(seconds, 1),
         "sum_of_run_wall_seconds": round(run_seconds, 1),
+        "sum_of_run_cpu_seconds": {"seconds": round(sum(counted), 1), "runs": len(counted),
+                                   "of_runs_trained": len(trained)},
         "teacher_training_seconds": round(teacher_seconds, 1),
         "jobs": jobs,
         "from_scratch_estimate": {
