@@ -195,10 +195,11 @@ def _chosen_trial_seconds(dataset: str, student: str) -> float | None:
     trial's own when it resumed a killed one)."""
     path = summary_path(dataset, student, "cl-drd-full", 6)
     try:
-        best = json.loads(path.read_text())["best_trial"]
+        summary = json.loads(path.read_text())
+        best = summary["best_trial"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return trial_run_seconds(path, best)
+    return trial_run_seconds(path, best, summary)
 
 
 def running(step: Step) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from hetcomp.paper.ledger import read_rows
 from hetcomp.paper.runs import run_spec
 from hetcomp.provenance import machine
 from hetcomp.runs.execute import fresh_trainer
+from hetcomp.runs.grid import task_threads
 from hetcomp.runs.spec import twin_spec
 from hetcomp.runs.tuned import summary_path
 from hetcomp.teachers import TEACHERS, load_teachers, trajectory_file
@@ -105,6 +105,11 @@ class TablePrice:
     teacher_seconds: float
 
 
+def threads_per_run(jobs: int) -> int:
+    """The threads one run of the grid gets with ``jobs`` local workers (``reproduce --jobs``'s own rule)."""
+    return task_threads(max(1, jobs), None, 1)
+
+
 def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str],
                  dim: int = 6, timed_epochs: int = TIMED_EPOCHS) -> TablePrice:
     """The price of each (student, method) cell of the grid (see the module's docstring); the threads are those a
@@ -153,11 +158,6 @@ def _time_epochs(trainer, least: int, enough: float = ENOUGH_SECONDS, most: int 
         walls.append(time.perf_counter() - started)
         cpus.append(time.process_time() - started_cpu)
     return statistics.median(walls), statistics.median(cpus)
-
-
-def threads_per_run(jobs: int) -> int:
-    """The threads one run gets with ``jobs`` local workers (as ``reproduce --jobs`` gives them)."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
 def _epochs(rep: Reproduction, ledger: Sequence[dict], specs: Sequence, dim: int) -> tuple[float | None, str]:

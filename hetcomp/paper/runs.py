@@ -3,7 +3,7 @@ trained in this process or as Ray tasks, and recorded in the ledger by this (dri
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from math import inf
@@ -17,7 +17,7 @@ from hetcomp.runs import RunSpec, RunStore, make_spec, train_run
 from hetcomp.runs.execute import train_stack
 from hetcomp.runs.grid import run_grid, stack_units
 from hetcomp.runs.spec import twin_spec
-from hetcomp.runs.tuned import RECIPE, flat_settings, summary_path, trial_run_seconds
+from hetcomp.runs.tuned import RECIPE, flat_settings, json_object_or_none, summary_path, trial_run_seconds
 
 
 def run_spec(rep: Reproduction, trajectories: Sequence, student: str, method: str, seed: int, dim: int = 6,
@@ -62,19 +62,16 @@ def study_walls(root: Path | None = None) -> Callable[[RunSpec], float | None]:
     ``experiments/tuning``); None where the run's lr, weight decay or options are not those settings, or there is
     no such summary or figure. A trial ran on the study's seed with the table's epoch limits, so it prices a run
     before any run of its student and method has finished."""
-    summaries: dict[Path, dict | None] = {}
-
-    def summary(path: Path) -> dict | None:
-        if path not in summaries:
-            try:
-                loaded = json.loads(path.read_text())
-            except (OSError, ValueError):
-                loaded = None
-            summaries[path] = loaded if isinstance(loaded, dict) else None
-        return summaries[path]
+    # read once per call of study_walls: a grid asks for every spec left after each finished run, and a trial
+    # recorded before ``run_seconds`` reads its trials record and run folder
+    summary = functools.cache(json_object_or_none)
+    costs: dict[tuple[Path, str], float | None] = {}
 
     def trial_seconds(path: Path, number: object) -> float | None:
-        return trial_run_seconds(path, number, summary(path) or {})
+        key = (path, repr(number))  # repr: a corrupt summary's number may be a list
+        if key not in costs:
+            costs[key] = trial_run_seconds(path, number, summary(path) or {})
+        return costs[key]
 
     def expected(spec: RunSpec) -> float | None:
         try:

@@ -45,19 +45,19 @@ def trial_run_seconds(summary_file: Path, number: object, summary: dict | None =
     trial's ``seconds``, unless it resumed a killed trial's run and so timed only its own attempt (a Foursquare DNN
     run of 7,892 s recorded as 2,609 s): None then, and where nothing is known. ``summary``: the file's contents,
     where the caller read them already."""
-    summary = _json_or_none(summary_file) if summary is None else summary
+    summary = json_object_or_none(summary_file) if summary is None else summary
     history = [trial for trial in (summary or {}).get("history") or [] if isinstance(trial, dict)]
     chosen = next((trial for trial in history if trial.get("number") == number), None)
     if chosen is None:
         return None
     if _positive(chosen.get("run_seconds")):
         return float(chosen["run_seconds"])
-    record = _json_or_none(trials_path(summary_file)) or {}
+    record = json_object_or_none(trials_path(summary_file)) or {}
     named = next((trial.get("user_attrs", {}).get("run") for trial in record.get("trials") or []
                   if isinstance(trial, dict) and trial.get("number") == number
                   and trial.get("params") == chosen.get("params")), None)
     if isinstance(named, str) and isinstance(summary.get("dataset"), str):
-        metrics = _json_or_none(Path(TUNING_RUNS_ROOT if runs_root is None else runs_root)
+        metrics = json_object_or_none(Path(TUNING_RUNS_ROOT if runs_root is None else runs_root)
                                 / dataset_slug(summary["dataset"]) / named / "metrics.json") or {}
         if _positive(metrics.get("wall_seconds")):
             return float(metrics["wall_seconds"])
@@ -66,7 +66,7 @@ def trial_run_seconds(summary_file: Path, number: object, summary: dict | None =
     return None if resumed or not _positive(chosen.get("seconds")) else float(chosen["seconds"])
 
 
-def _json_or_none(path: Path) -> dict | None:
+def json_object_or_none(path: Path) -> dict | None:
     """A JSON object's content, or None where the file is absent or not one (a price is then unknown)."""
     try:
         value = json.loads(path.read_text())
