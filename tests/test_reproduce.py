@@ -6,13 +6,18 @@ import csv
 import json
 import math
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import hetcomp.paper.clock as clock_module
+import hetcomp.paper.table2 as table2_module
 from hetcomp.cli import app
+from hetcomp.errors import HetCompError
+from hetcomp.paper.clock import CLOCK_FILE, open_clock, union_seconds
 from hetcomp.paper.ledger import read_rows
 from hetcomp.paper.pages import paired_p_value
 from hetcomp.runs import teachers_digest
@@ -101,6 +106,60 @@ def test_quick_table2_resumes_and_writes_every_artifact(workspace):
     invoke(workspace, "--table", "cost", "--students", "mf")
     cost = (out / "cost.md").read_text()
     assert "ensemble" in cost and "student mf" in cost and "teacher iae" in cost
+
+
+def test_a_from_scratch_table_stopped_midway_is_measured_over_the_calls_of_its_command(workspace, tmp_path,
+                                                                                       monkeypatch):
+    shutil.copy(workspace / "toy.csv", tmp_path / "toy.csv")
+    grid = ("--table", "2", "--students", "mf", "--seeds", "1", "--methods", "none,rrd")
+    trained_before_the_stop = train_missing = table2_module.train_missing
+
+    def stopped_after_one_group(rep, trajectories, group, record):
+        trained_before_the_stop(rep, trajectories, group[:1], record)
+        raise RuntimeError("the session ended")
+
+    monkeypatch.setattr(table2_module, "train_missing", stopped_after_one_group)
+    first = runner.invoke(app, ["reproduce", "--dataset", "csv", "--path", str(tmp_path / "toy.csv"), "--user-col",
+                                "u", "--item-col", "i", "--quick", "--device", "cpu", "--teachers-dir",
+                                str(tmp_path / "teachers"), "--runs-dir", str(tmp_path / "runs"), "--results-dir",
+                                str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"), *grid])
+    assert first.exit_code != 0 and "from scratch: this table's whole wall time is measured" in first.output
+    out = tmp_path / "results" / "csv-toy-first300"
+    clock = json.loads((out / CLOCK_FILE).read_text())
+    assert len(clock["sittings"]) == 1 and clock["sittings"][0]["seconds"] > 0  # its last beat, teachers included
+    assert len(read_rows(out / "table2.csv")) == 1
+
+    monkeypatch.setattr(table2_module, "train_missing", train_missing)
+    again = invoke(tmp_path, *grid)  # the same command goes on: no teachers to train, one run left
+    assert "from-scratch clock:" in again.output
+    assert "measured from scratch" in " ".join(again.output.split())
+    assert not (out / CLOCK_FILE).exists()
+    manifest = json.loads((out / "manifest.json").read_text())["table2"]
+    measured = manifest["from_scratch_measured"]
+    assert measured["sittings"] == 2 and measured["runs"] == 2
+    sittings = [s["seconds"] for s in measured["per_sitting"]]
+    assert measured["wall_seconds"] == pytest.approx(sum(sittings), abs=0.2)  # one after the other: no overlap
+    assert sittings[1] == pytest.approx(manifest["wall_seconds_this_call"], abs=0.1)
+    assert measured["wall_seconds"] > manifest["wall_seconds_this_call"]  # the stopped call's time counts too
+
+
+def test_the_clock_counts_overlapping_calls_once_and_ends_when_another_grid_trains_there(tmp_path, monkeypatch):
+    assert union_seconds([(0, 10), (5, 12), (20, 21)]) == 13 and union_seconds([]) == 0
+    monkeypatch.setattr(clock_module, "BEAT_SECONDS", 0.05)
+    said = []
+    grid = {"students": ["mf"], "methods": ["none"], "seeds": [0], "dim": 6}
+    clock = open_clock(tmp_path, "hetcomp reproduce ...", grid, True, True, 2, said.append, time.perf_counter())
+    time.sleep(0.4)  # beats without being stopped, as a call killed at a session's end would have
+    assert json.loads((tmp_path / CLOCK_FILE).read_text())["sittings"][0]["seconds"] >= 0.2
+    clock.stop()
+    assert open_clock(tmp_path, "other", grid, False, False, 1, said.append, 0.0) is None  # trains nothing
+    assert (tmp_path / CLOCK_FILE).exists()
+    assert open_clock(tmp_path, "other", {**grid, "seeds": [0, 1]}, False, True, 1, said.append, 0.0) is None
+    assert not (tmp_path / CLOCK_FILE).exists() and "ended the from-scratch measurement" in said[-1]
+    assert open_clock(tmp_path, "again", grid, False, True, 1, said.append, 0.0) is None  # nothing to go on with
+    (tmp_path / CLOCK_FILE).write_text("{")
+    with pytest.raises(HetCompError, match="delete it"):
+        open_clock(tmp_path, "again", grid, False, True, 1, said.append, 0.0)
 
 
 def test_parallel_runs_are_queued_longest_first_by_a_ledger_with_unknown_rows_first():

@@ -20,16 +20,17 @@ def read_manifest(path: Path) -> dict:
 
 
 def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Sequence[int], seconds: float,
-                   teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: bool = False,
+                   teacher_seconds: float = 0.0, jobs: int = 1, from_scratch: dict | None = None,
                    grid: dict | None = None) -> dict:
     """manifest.json: per table, the commands, seeds, commit, machine and wall times (this call, the runs' and the
     teachers' training; a run served by its twin's training counts once). From scratch, the table costs the
     teachers' time plus the runs' time divided by the runs trained side by side (``--jobs``, one per core here):
     that estimate is recorded beside the measured times.
 
-    A call that trained every teacher and every run itself (``from_scratch``: nothing existed to reuse) is a
-    measurement of that cost: it is kept as ``from_scratch_measured`` with its command, and later calls (a
-    ``--no-train`` regeneration of the page, more seeds) carry it over instead of losing it. ``grid``: the cells
+    The call that finished a table whose teachers and runs were all trained by one command (from empty folders,
+    maybe over several calls: ``hetcomp.paper.clock``) passes that measurement as ``from_scratch``: it is kept as
+    ``from_scratch_measured`` with its command, and later calls (a ``--no-train`` regeneration of the page, more
+    seeds) carry it over instead of losing it. ``grid``: the cells
     the table covers (every caller's, merged by the caller under the results lock)."""
     path = rep.out_dir / "manifest.json"
     manifest = read_manifest(path)
@@ -42,8 +43,7 @@ def write_manifest(rep: Reproduction, table: str, rows: list[dict], seeds: Seque
              "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     measured = manifest.get(table, {}).get("from_scratch_measured")
     if from_scratch:
-        measured = {"command": rep.command, "wall_seconds": round(seconds, 1), "runs": len(rows), "jobs": jobs,
-                    **stamp}
+        measured = {**from_scratch, "runs": len(rows), "jobs": jobs, **stamp}
     manifest[table] = {
         "command": rep.command, "seeds": list(seeds), **stamp,
         "wall_seconds_this_call": round(seconds, 1),

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 from hetcomp.errors import HetCompError
+from hetcomp.paper.clock import FromScratchClock, open_clock
 from hetcomp.paper.common import TABLE2_DEFAULT_METHODS, TABLE2_STUDENTS, Reproduction
 from hetcomp.paper.ledger import locked, read_rows, row_key
 from hetcomp.paper.manifest import read_manifest, write_manifest
@@ -38,15 +39,28 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
     methods = list(methods or TABLE2_DEFAULT_METHODS)
     dataset = rep.split.meta["dataset"]
     had_teachers = any(trajectory_file(rep.teachers_dir, dataset, name).is_file() for name in TEACHERS)
+    table_file = rep.out_dir / "table2.csv"
+    runs_folder = rep.runs_dir / rep.label
+    from_scratch = (rep.train and not had_teachers and not read_rows(table_file)
+                    and not (runs_folder.is_dir() and any(runs_folder.iterdir())))
+    clock = open_clock(rep.out_dir, rep.command, {"students": list(students), "methods": methods,
+                                                  "seeds": list(seeds), "dim": dim},
+                       from_scratch, rep.train, rep.jobs, rep.say, started)
+    try:
+        return _table2(rep, students, seeds, methods, dim, started, clock)
+    finally:
+        if clock is not None:
+            clock.stop()  # a no-op after ``close``; else this sitting's last beat (an error, an interrupt)
+
+
+def _table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: list[str], dim: int,
+            started: float, clock: FromScratchClock | None) -> dict:
     trajectories = ensure_teachers(rep)
     digest = teachers_digest(trajectories)
     table_file = rep.out_dir / "table2.csv"
     cells = {(s, m, seed): run_spec(rep, trajectories, s, m, seed, dim)
              for s in students for m in methods for seed in seeds}
     specs = list(cells.values())
-    runs_folder = rep.runs_dir / rep.label
-    from_scratch = (rep.train and not had_teachers and not read_rows(table_file)
-                    and not (runs_folder.is_dir() and any(runs_folder.iterdir())))
     recorded = {r["config"] for r in read_rows(table_file)}
     todo = [spec for spec in specs if spec.identity not in recorded]
     if rep.train:
@@ -77,8 +91,13 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
                                stamp(), notes.read_text() if notes.is_file() else None, validation,
                                cells_without_study(rep, grid["students"], grid["methods"], dim))
         atomic_write_text(rep.out_dir / "table2.md", page)
-        manifest = write_manifest(rep, "table2", chosen, grid["seeds"], time.perf_counter() - started,
-                                  teacher_seconds, rep.jobs, from_scratch, grid={**grid, "teachers_digest": digest})
+        seconds = time.perf_counter() - started
+        measured = clock.close(seconds) if clock is not None and not missing else None
+        manifest = write_manifest(rep, "table2", chosen, grid["seeds"], seconds, teacher_seconds, rep.jobs,
+                                  measured, grid={**grid, "teachers_digest": digest})
+    if measured is not None:
+        rep.say(f"measured from scratch: {measured['wall_seconds'] / 3600:.2f} h of wall time over "
+                f"{measured['sittings']} call(s) (manifest.json's from_scratch_measured)")
     return {"rows": chosen, "teachers": teachers, "manifest": manifest, "keys": [row_key(r) for r in chosen]}
 
 
