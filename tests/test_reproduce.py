@@ -732,3 +732,31 @@ def test_a_pages_students_keep_the_tables_order_whatever_order_the_calls_named_t
     rep = SimpleNamespace(out_dir=tmp_path)
     assert table2._merged_grid(rep, "d", ["mf"], ["none"], [0])["students"] == ["mf", "ml", "dnn"]
     assert table2._merged_grid(rep, "other", ["dnn", "mf"], ["none"], [0])["students"] == ["mf", "dnn"]
+
+
+def test_reproduce_trains_each_teacher_with_the_thread_count_of_the_committed_one(tmp_path, monkeypatch):
+    from conftest import make_tiny_split
+
+    from hetcomp.paper.common import Reproduction, Schedule
+    from hetcomp.paper.teachers import ensure_teachers
+
+    monkeypatch.chdir(tmp_path)  # the committed teachers page is read where experiments/runs are, the working dir
+    page = tmp_path / "experiments" / "results" / "teachers-tiny.md"
+    page.parent.mkdir(parents=True)
+    page.write_text("| teacher | threads | digest |\n|---|---|---|\n| mf | 1 | 000000000000 |\n")
+    said: list[str] = []
+    schedule = Schedule(teacher_dim=8, teacher_overrides={"max_epochs": 8, "eval_every": 1})
+    rep = Reproduction("tiny", make_tiny_split(n_items=120), teachers_dir=tmp_path / "teachers", schedule=schedule,
+                       say=said.append, teacher_top_m=50)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (mf,) = ensure_teachers(rep, names=["mf"])
+        (ml,) = ensure_teachers(rep, names=["ml"])  # not on the page: torch's own count
+        assert torch.get_num_threads() == 2  # restored after training
+    finally:
+        torch.set_num_threads(before)
+    assert mf.meta["threads"] == 1 and ml.meta["threads"] == 2
+    assert "training teacher mf with 1 thread(s), as the committed one was" in said[0]
+    assert "warning: teacher mf's rankings differ from the committed one's" in said[1]
+    assert "training teacher ml" in said and not any("ml with" in line or "teacher ml's" in line for line in said)
