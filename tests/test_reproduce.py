@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import time
 
@@ -760,3 +761,24 @@ def test_reproduce_trains_each_teacher_with_the_thread_count_of_the_committed_on
     assert "training teacher mf with 1 thread(s), as the committed one was" in said[0]
     assert "warning: teacher mf's rankings differ from the committed one's" in said[1]
     assert "training teacher ml" in said and not any("ml with" in line or "teacher ml's" in line for line in said)
+
+
+def test_teachers_trained_side_by_side_with_jobs_are_the_ones_trained_one_by_one(workspace, tmp_path):
+    from hetcomp.paper.common import Reproduction, Schedule
+    from hetcomp.paper.teachers import ensure_teachers, torch_threads
+    from hetcomp.runs.grid import Inputs
+    from hetcomp.runs.spec import trajectory_digest
+
+    source = (("item_col", "i"), ("path", str(workspace / "toy.csv")), ("sep", ","), ("user_col", "u"))
+    inputs = Inputs("csv", None, str(tmp_path / "cache"), str(tmp_path / "unused"), 0, None, source, "cpu")
+    split, _ = inputs.load([])
+    names = ["mf", "gnn", "iae"]
+    said: list[str] = []
+    side = Reproduction("csv", split, teachers_dir=tmp_path / "side", schedule=Schedule.short(), inputs=inputs,
+                        jobs=2, say=said.append, teacher_top_m=50)
+    by_side = {t.name: (trajectory_digest(t), t.meta["threads"]) for t in ensure_teachers(side, names)}
+    assert said[0].startswith("2 teachers at a time") and sum("trained (" in line for line in said) == 3
+    one = Reproduction("csv", split, teachers_dir=tmp_path / "one", schedule=Schedule.short(), teacher_top_m=50)
+    with torch_threads(max(1, (os.cpu_count() or 1) // 2)):  # the threads each side-by-side worker had
+        by_one = {t.name: (trajectory_digest(t), t.meta["threads"]) for t in ensure_teachers(one, names)}
+    assert by_side == by_one

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -13,6 +18,7 @@ from hetcomp.experiments import committed_teacher_digests
 from hetcomp.metrics import evaluate_split
 from hetcomp.paper.common import Reproduction
 from hetcomp.provenance import cpu
+from hetcomp.runs.grid import Inputs
 from hetcomp.runs.spec import trajectory_digest
 from hetcomp.teachers import (
     TEACHERS,
@@ -23,6 +29,7 @@ from hetcomp.teachers import (
     train_teacher,
     trajectory_file,
 )
+from hetcomp.trajectory import Trajectory
 
 
 def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: int = 0) -> list:
@@ -33,23 +40,38 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
         raise HetCompError(f"teacher(s) {', '.join(absent)} not trained under {rep.teachers_dir}; --no-train uses "
                            "finished runs only: drop it, or train them first with `hetcomp train-teachers`")
     page, committed = ({}, {}) if rep.schedule.quick else committed_teacher_digests(dataset)
+    overrides = {**({} if rep.schedule.quick else dataset_teacher_settings(rep.dataset)),
+                 **rep.schedule.teacher_overrides}
+    side_by_side = min(rep.jobs, len(absent)) if rep.inputs is not None and rep.device.type == "cpu" else 1
+    tasks = []
     for name in absent:
         model, train_seed = parse_seeded_name(name, seed)
         threads = _committed_threads(committed.get(name))
-        rep.say(f"training teacher {name}" + (f" with {threads} thread(s), as the committed one was ({page}): a "
-                                              "teacher's rankings depend on the thread count" if threads else ""))
-        overrides = {**({} if rep.schedule.quick else dataset_teacher_settings(rep.dataset)),
-                     **rep.schedule.teacher_overrides}
-        callback = rep.progress(f"teacher {name}", overrides.get("max_epochs", 300))
-        with torch_threads(threads):
-            trajectory = train_teacher(
-                rep.split, model, rep.teachers_dir, dim=rep.schedule.teacher_dim, seed=train_seed,
-                device=rep.device, top_m=rep.teacher_top_m, callbacks=[callback] if callback else None, name=name,
-                waiting=rep.say, command=f"hetcomp train-teachers --dataset {rep.dataset} --teachers {model}"
-                                         + (f" --train-seed {train_seed}" if train_seed != seed else "")
-                                         + (f" --threads {threads}" if threads else ""),
-                **overrides)
-        if name in committed and (digest := trajectory_digest(trajectory)[:12]) != committed[name][0]:
+        if threads is None and side_by_side > 1:
+            threads = max(1, (os.cpu_count() or 1) // side_by_side)
+        command = (f"hetcomp train-teachers --dataset {rep.dataset} --teachers {model}"
+                   + (f" --train-seed {train_seed}" if train_seed != seed else "")
+                   + (f" --threads {threads}" if threads else ""))
+        tasks.append(TeacherTask(name, model, train_seed, threads, rep.schedule.teacher_dim, rep.teacher_top_m,
+                                 overrides, command))
+    said = {task.name: f"training teacher {task.name}" + (f" with {task.threads} thread(s)" if task.threads else "")
+            + (f", as the committed one was ({page}): a teacher's rankings depend on the thread count"
+               if task.name in committed and task.threads else "") for task in tasks}
+    if side_by_side > 1:
+        rep.say(f"{side_by_side} teachers at a time, each in its own process (--jobs {rep.jobs}):")
+        for line in said.values():
+            rep.say(line)
+        digests = _train_side_by_side(rep, tasks, side_by_side)
+    else:
+        digests = {}
+        for task in tasks:
+            rep.say(said[task.name])
+            callback = rep.progress(f"teacher {task.name}", overrides.get("max_epochs", 300))
+            trajectory = task.train(rep.split, rep.teachers_dir, rep.device, [callback] if callback else None,
+                                    rep.say)
+            digests[task.name] = trajectory_digest(trajectory)[:12]
+    for name, digest in digests.items():
+        if name in committed and digest != committed[name][0]:
             rep.say(f"warning: teacher {name}'s rankings differ from the committed one's ({page}: {committed[name][0]}"
                     f", this one {digest}, on {cpu()}): the committed studies' settings and rows were made with the "
                     "other (`hetcomp train-teachers --help` says what a teacher's rankings depend on)")
@@ -59,6 +81,55 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
             rep.say(f"warning: {trajectory.name}'s states share epochs {trajectory.meta['state_epochs']}; retrain "
                     "it with a smaller --eval-every (hetcomp train-teachers) so that E1..E4 differ")
     return trajectories
+
+
+@dataclass(frozen=True)
+class TeacherTask:
+    """One teacher to train, picklable so that a worker process can train it as this process would."""
+
+    name: str
+    model: str
+    seed: int
+    threads: int | None  # None: torch's count, left alone
+    dim: int
+    top_m: int
+    overrides: dict
+    command: str
+
+    def train(self, split, teachers_dir: Path, device: torch.device, callbacks: list | None,
+              waiting: Callable[[str], None] | None) -> Trajectory:
+        with torch_threads(self.threads):
+            return train_teacher(split, self.model, teachers_dir, dim=self.dim, seed=self.seed, device=device,
+                                 top_m=self.top_m, callbacks=callbacks, name=self.name, waiting=waiting,
+                                 command=self.command, **self.overrides)
+
+
+def _train_side_by_side(rep: Reproduction, tasks: Sequence[TeacherTask], workers: int) -> dict[str, str]:
+    """Train ``tasks`` in ``workers`` spawned processes (the teachers are independent; each locks its folder);
+    their digests by name. A failure stops the others and is raised with the teacher's name."""
+    digests: dict[str, str] = {}
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_train_in_worker, rep.inputs, str(rep.teachers_dir), task): task for task in tasks}
+        try:
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    digests[task.name], seconds = future.result()
+                except Exception as error:
+                    raise HetCompError(f"teacher {task.name} failed in its worker process: {error}") from error
+                rep.say(f"teacher {task.name} trained ({seconds:.0f} s, digest {digests[task.name]})")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return digests
+
+
+def _train_in_worker(inputs: Inputs, teachers_dir: str, task: TeacherTask) -> tuple[str, float]:
+    split, _ = inputs.load([])
+    trajectory = task.train(split, Path(teachers_dir), torch.device("cpu"), None, None)
+    return trajectory_digest(trajectory)[:12], float(trajectory.meta.get("train_seconds") or 0.0)
 
 
 def _committed_threads(committed: tuple[str, str] | None) -> int | None:
