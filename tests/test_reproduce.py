@@ -148,13 +148,18 @@ def test_the_clock_counts_overlapping_calls_once_and_ends_when_another_grid_trai
     assert union_seconds([(0, 10), (5, 12), (20, 21)]) == 13 and union_seconds([]) == 0
     monkeypatch.setattr(clock_module, "BEAT_SECONDS", 0.05)
     said = []
-    grid = {"students": ["mf"], "methods": ["none"], "seeds": [0], "dim": 6}
+    grid = {"students": ["mf"], "methods": ["none", "rrd"], "seeds": [0], "dim": 6}
     clock = open_clock(tmp_path, "hetcomp reproduce ...", grid, True, True, 2, said.append, time.perf_counter())
     time.sleep(0.4)  # beats without being stopped, as a call killed at a session's end would have
     assert json.loads((tmp_path / CLOCK_FILE).read_text())["sittings"][0]["seconds"] >= 0.2
     clock.stop()
     assert open_clock(tmp_path, "other", grid, False, False, 1, said.append, 0.0) is None  # trains nothing
     assert (tmp_path / CLOCK_FILE).exists()
+    reordered = open_clock(tmp_path, "again", {**grid, "methods": ["rrd", "none"]}, False, True, 1,
+                           said.append, time.perf_counter())
+    assert reordered is not None and "earlier call(s)" in said[-1]  # the same cells: a sitting of the same table
+    reordered.stop()
+    assert len(json.loads((tmp_path / CLOCK_FILE).read_text())["sittings"]) == 2
     assert open_clock(tmp_path, "other", {**grid, "seeds": [0, 1]}, False, True, 1, said.append, 0.0) is None
     assert not (tmp_path / CLOCK_FILE).exists() and "ended the from-scratch measurement" in said[-1]
     assert open_clock(tmp_path, "again", grid, False, True, 1, said.append, 0.0) is None  # nothing to go on with

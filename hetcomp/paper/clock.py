@@ -42,8 +42,8 @@ class FromScratchClock:
     """One sitting of a from-scratch measurement; ``stop`` it in a ``finally``, ``close`` it when every cell is
     done. Its beats run on a daemon thread so that a sitting killed mid-run has counted up to its last beat."""
 
-    def __init__(self, out_dir: Path, started: float, jobs: int, say: Callable[[str], None]):
-        self.out_dir, self.path, self.say = out_dir, out_dir / CLOCK_FILE, say
+    def __init__(self, out_dir: Path, started: float, jobs: int):
+        self.out_dir, self.path = out_dir, out_dir / CLOCK_FILE
         self.started_wall, self.started = time.time(), started  # epoch for the union, perf_counter for the length
         self.sitting = {"pid": os.getpid(), "start": self.started_wall, "seconds": 0.0, "jobs": jobs,
                         "machine": machine(), "commit": git_commit()}
@@ -115,7 +115,7 @@ def open_clock(out_dir: Path, command: str, grid: dict, from_scratch: bool, trai
     an open clock of the same ``grid`` gains this call as a sitting; a training call of another grid ends it
     (said, with the time it had counted); a call that trains nothing leaves it alone."""
     path = out_dir / CLOCK_FILE
-    clock = FromScratchClock(out_dir, started, jobs, say)
+    clock = FromScratchClock(out_dir, started, jobs)
     with exclusive_lock(out_dir / CLOCK_LOCK):
         record = read_clock(path)
         if from_scratch:
@@ -128,7 +128,7 @@ def open_clock(out_dir: Path, command: str, grid: dict, from_scratch: bool, trai
                 "stopped, rerun the same command and it goes on counting")
         elif record is None or not train:
             return None
-        elif record["grid"] != grid:
+        elif _canonical(record["grid"]) != _canonical(grid):
             path.unlink()
             counted = union_seconds([(s["start"], s["start"] + s["seconds"]) for s in record["sittings"]])
             say(f"ended the from-scratch measurement of `{record['command']}` ({counted / 3600:.2f} h counted over "
@@ -140,6 +140,11 @@ def open_clock(out_dir: Path, command: str, grid: dict, from_scratch: bool, trai
             say(f"from-scratch clock: {counted / 3600:.2f} h counted over {len(record['sittings'])} earlier "
                 f"call(s) of `{record['command']}`; this call's wall time is added")
     return clock.start()
+
+
+def _canonical(grid: dict) -> dict:
+    """A grid's cells, whatever order the command listed its students, methods or seeds in."""
+    return {key: sorted(value) if isinstance(value, list) else value for key, value in grid.items()}
 
 
 def _utc(epoch: float) -> str:
