@@ -106,7 +106,8 @@ class TeacherTask:
 
 def _train_side_by_side(rep: Reproduction, tasks: Sequence[TeacherTask], workers: int) -> dict[str, str]:
     """Train ``tasks`` in ``workers`` spawned processes (the teachers are independent; each locks its folder);
-    their digests by name. A failure stops the others and is raised with the teacher's name."""
+    their digests by name. A failure cancels the teachers not yet started and is raised with the teacher's name
+    once those in training have finished (their trajectories are kept for the next call)."""
     digests: dict[str, str] = {}
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
