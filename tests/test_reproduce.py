@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import time
 
@@ -771,7 +770,7 @@ def test_reproduce_trains_each_teacher_with_the_thread_count_of_the_committed_on
 def test_teachers_trained_side_by_side_with_jobs_are_the_ones_trained_one_by_one(workspace, tmp_path):
     from hetcomp.paper.common import Reproduction, Schedule
     from hetcomp.paper.teachers import ensure_teachers, torch_threads
-    from hetcomp.runs.grid import Inputs
+    from hetcomp.runs.grid import Inputs, task_threads
     from hetcomp.runs.spec import trajectory_digest
 
     source = (("item_col", "i"), ("path", str(workspace / "toy.csv")), ("sep", ","), ("user_col", "u"))
@@ -784,6 +783,6 @@ def test_teachers_trained_side_by_side_with_jobs_are_the_ones_trained_one_by_one
     by_side = {t.name: (trajectory_digest(t), t.meta["threads"]) for t in ensure_teachers(side, names)}
     assert said[0].startswith("2 teachers at a time") and sum("trained (" in line for line in said) == 3
     one = Reproduction("csv", split, teachers_dir=tmp_path / "one", schedule=Schedule.short(), teacher_top_m=50)
-    with torch_threads(max(1, (os.cpu_count() or 1) // 2)):  # the threads each side-by-side worker had
+    with torch_threads(task_threads(2, None, 1)):  # the threads each side-by-side worker had
         by_one = {t.name: (trajectory_digest(t), t.meta["threads"]) for t in ensure_teachers(one, names)}
     assert by_side == by_one

@@ -38,6 +38,11 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def counted_seconds(sittings: list[dict]) -> float:
+    """The wall time a clock's sittings cover, overlaps counted once."""
+    return union_seconds([(s["start"], s["start"] + s["seconds"]) for s in sittings])
+
+
 class FromScratchClock:
     """One sitting of a from-scratch measurement; ``stop`` it in a ``finally``, ``close`` it when every cell is
     done. Its beats run on a daemon thread so that a sitting killed mid-run has counted up to its last beat."""
@@ -90,7 +95,7 @@ class FromScratchClock:
         sittings = record["sittings"]
         measured = {
             "command": record["command"],
-            "wall_seconds": round(union_seconds([(s["start"], s["start"] + s["seconds"]) for s in sittings]), 1),
+            "wall_seconds": round(counted_seconds(sittings), 1),
             "sittings": len(sittings),
             "how": "the union of the wall times of this command's calls from empty teachers, runs and results "
                    "folders to its last cell; time between calls is not counted",
@@ -99,6 +104,7 @@ class FromScratchClock:
                              "machine": s["machine"], "commit": s["commit"]} for s in sittings],
         }
         self.path.unlink(missing_ok=True)
+        self.alive = False  # a later ``stop`` has nothing left to write
         return measured
 
 
@@ -130,13 +136,13 @@ def open_clock(out_dir: Path, command: str, grid: dict, from_scratch: bool, trai
             return None
         elif _canonical(record["grid"]) != _canonical(grid):
             path.unlink()
-            counted = union_seconds([(s["start"], s["start"] + s["seconds"]) for s in record["sittings"]])
+            counted = counted_seconds(record["sittings"])
             say(f"ended the from-scratch measurement of `{record['command']}` ({counted / 3600:.2f} h counted over "
                 f"{len(record['sittings'])} call(s)): this call trains another grid into the same folders, so no "
                 "single command's cost is measured there any more")
             return None
         else:
-            counted = union_seconds([(s["start"], s["start"] + s["seconds"]) for s in record["sittings"]])
+            counted = counted_seconds(record["sittings"])
             say(f"from-scratch clock: {counted / 3600:.2f} h counted over {len(record['sittings'])} earlier "
                 f"call(s) of `{record['command']}`; this call's wall time is added")
     return clock.start()

@@ -50,7 +50,7 @@ def table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], met
         return _table2(rep, students, seeds, methods, dim, started, clock)
     finally:
         if clock is not None:
-            clock.stop()  # a no-op after ``close``; else this sitting's last beat (an error, an interrupt)
+            clock.stop()  # nothing after ``close``; else this sitting's last beat (an error, an interrupt)
 
 
 def _table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: list[str], dim: int,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from hetcomp.experiments import committed_teacher_digests
 from hetcomp.metrics import evaluate_split
 from hetcomp.paper.common import Reproduction
 from hetcomp.provenance import cpu
-from hetcomp.runs.grid import Inputs
+from hetcomp.runs.grid import Inputs, task_threads
 from hetcomp.runs.spec import trajectory_digest
 from hetcomp.teachers import (
     TEACHERS,
@@ -48,7 +47,7 @@ def ensure_teachers(rep: Reproduction, names: Sequence[str] = TEACHERS, seed: in
         model, train_seed = parse_seeded_name(name, seed)
         threads = _committed_threads(committed.get(name))
         if threads is None and side_by_side > 1:
-            threads = max(1, (os.cpu_count() or 1) // side_by_side)
+            threads = task_threads(side_by_side, None, 1)
         command = (f"hetcomp train-teachers --dataset {rep.dataset} --teachers {model}"
                    + (f" --train-seed {train_seed}" if train_seed != seed else "")
                    + (f" --threads {threads}" if threads else ""))
