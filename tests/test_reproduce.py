@@ -202,6 +202,32 @@ def test_the_time_left_of_a_table_comes_from_its_finished_rows_and_names_what_it
     assert "no finished run" in time_left([rd], rows) and time_left([], rows) == "nothing left"
 
 
+def test_the_time_left_goes_at_the_pace_of_the_runs_this_call_finished():
+    """A machine faster or busier than the ledger's: once runs finish, the estimate scales by their wall time over
+    what the ledger expected of them (as it was when the call started)."""
+    from types import SimpleNamespace
+
+    from hetcomp.paper.runs import Pace, expected_walls, time_left
+
+    rows = [{"student": "mf", "method": "kd", "wall_seconds": "3600"}]
+    kd, rd = (SimpleNamespace(student="mf", method=method, seed=0) for method in ("kd", "rd"))
+    pace = Pace(expected_walls(rows))
+    assert pace.ratio is None and time_left([kd, kd], rows, pace=pace).startswith("2 runs left, ~2.0 h by the")
+    pace.add(rd, 500.0)  # no estimate: says nothing of the pace
+    assert pace.ratio is None
+    pace.add(kd, 1800.0)
+    pace.add(kd, 3600.0)
+    assert pace.ratio == 0.75
+    grown = rows + [{"student": "mf", "method": "kd", "wall_seconds": "1800"}]  # the call's own rows, at its pace
+    assert time_left([kd, kd], rows, pace=pace) == (
+        "2 runs left, ~1.5 h by the ledger's mean wall time of their student and method, at this call's pace "
+        "(0.75× that over its 2 finished runs)")
+    assert time_left([kd, kd], grown, pace=pace).startswith("2 runs left, ~1.5 h")  # not scaled twice
+    nothing_then = Pace(expected_walls([]))  # a table's own ledger, empty when the call started
+    nothing_then.add(kd, 1800.0)
+    assert nothing_then.ratio is None and time_left([kd], grown, pace=nothing_then).startswith("1 runs left, ~45 min")
+
+
 def test_runs_not_yet_in_the_ledger_are_priced_by_their_studys_trial_at_the_same_settings(tmp_path):
     import json
     from types import SimpleNamespace

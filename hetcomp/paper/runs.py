@@ -124,14 +124,48 @@ def longest_first(specs: Sequence[RunSpec], rows: Sequence[dict],
     return sorted(specs, key=lambda spec: inf if (seconds := expected(spec)) is None else seconds, reverse=True)
 
 
+class Pace:
+    """How fast this call's runs go against what was expected of them when it started: the summed wall time of
+    its finished runs over their summed expected time (:func:`expected_walls` of the ledger as it was then, so
+    that rows this call adds do not expect themselves). A table trained on a faster or busier machine than its
+    ledger's, or with fewer workers sharing the cores, then gets an estimate of what is left at its own speed."""
+
+    def __init__(self, expected: Callable[[RunSpec], float | None]) -> None:
+        self.expected = expected
+        self.observed = self.planned = 0.0
+        self.runs = 0
+
+    def add(self, spec: RunSpec, wall_seconds: float) -> None:
+        """Count a finished run (one without an estimate does not tell the pace)."""
+        planned = self.expected(spec)
+        if planned and wall_seconds > 0:
+            self.observed += wall_seconds
+            self.planned += planned
+            self.runs += 1
+
+    @property
+    def ratio(self) -> float | None:
+        """This call's wall time per second expected; None before a run with an estimate has finished."""
+        return self.observed / self.planned if self.runs else None
+
+
 def time_left(specs: Sequence[RunSpec], rows: Sequence[dict], jobs: int = 1,
-              fallback: Callable[[RunSpec], float | None] | None = None) -> str:
+              fallback: Callable[[RunSpec], float | None] | None = None, pace: Pace | None = None) -> str:
     """What is left of a table, for its log: the runs, and the hours they should take by the ledger ``rows``
     (:func:`expected_walls`, else ``fallback``, e.g. the studies' trials; shared among ``jobs`` workers, and no
-    fewer than the longest of them), naming how many runs have no estimate yet."""
+    fewer than the longest of them), scaled by ``pace`` where this call's finished runs tell it, naming how many
+    runs have no estimate yet."""
     if not specs:
         return "nothing left"
-    expected = expected_walls(rows, fallback)
+    now = expected_walls(rows, fallback)
+    ratio = pace.ratio if pace is not None else None
+
+    def expected(spec: RunSpec) -> float | None:
+        # at this call's pace, from what was expected when it started (where the ledger is this table's own, the
+        # rows it has added since went at that pace already); the rest as the ledger says now
+        planned = pace.expected(spec) if ratio is not None else None
+        return planned * ratio if planned else now(spec)
+
     known = [seconds for spec in specs if (seconds := expected(spec)) is not None]
     unknown = len(specs) - len(known)
     if not known:
@@ -141,6 +175,9 @@ def time_left(specs: Sequence[RunSpec], rows: Sequence[dict], jobs: int = 1,
     workers = f" on {jobs} workers" if jobs > 1 else ""
     source = "the ledger's mean wall time of their student and method" + (
         ", or their study's trial at the same settings" if fallback is not None else "")
+    if ratio is not None:
+        source += (f", at this call's pace ({ratio:.2f}× that over its {pace.runs} finished "
+                   f"run{'s' if pace.runs > 1 else ''})")
     guess = (f" for {len(known)} of them, by {source}; {unknown} not yet estimated" if unknown
              else f" by {source}")
     return f"{len(specs)} runs left, {estimate}{workers}{guess}"
@@ -159,6 +196,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     if not (rep.jobs > 1 or rep.ray_address):
         durations = rep.durations_from or rep.out_dir / "table2.csv"
         priced = study_walls(rep.tuning_dir)
+        pace = Pace(expected_walls(read_rows(durations), priced))
         position, finished, store = 0, set(), RunStore(rep.runs_dir)
         units, deferred = stack_units(specs, rep.stack_seeds, rep.stack_size), []
         while units:
@@ -191,7 +229,9 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
             if rep.train and all(result is not None for result in results):
                 walls = ", ".join(f"{result['wall_seconds']:.0f} s" for result in results)
                 left = [spec for spec in specs if spec.identity not in finished]
-                rep.say(f"  done ({walls}); {time_left(left, read_rows(durations), fallback=priced)}")
+                for spec, result in zip(unit, results, strict=True):
+                    pace.add(spec, float(result["wall_seconds"]))
+                rep.say(f"  done ({walls}); {time_left(left, read_rows(durations), fallback=priced, pace=pace)}")
         return
     if rep.inputs is None:
         raise HetCompError("training runs as Ray tasks needs to know how workers load the data (Reproduction.inputs)")
@@ -199,6 +239,7 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     durations = rep.durations_from or rep.out_dir / "table2.csv"
     priced = study_walls(rep.tuning_dir)
     specs = longest_first(specs, read_rows(durations), priced)
+    pace = Pace(expected_walls(read_rows(durations), priced))
     rep.say(f"training {len(specs)} runs on {where}, longest first by the wall times in {durations}"
             if durations.exists() else f"training {len(specs)} runs on {where}")
     bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))
@@ -207,9 +248,10 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     def finished(spec: RunSpec, metrics: dict) -> None:
         done.add(spec.identity)
         record(spec, metrics)
+        pace.add(spec, float(metrics["wall_seconds"]))
         left = [other for other in specs if other.identity not in done]
         rep.say(f"[{len(done)}/{len(specs)}] {spec.folder_name} done ({metrics['wall_seconds']:.0f} s); "
-                f"{time_left(left, read_rows(durations), rep.jobs, priced)}")
+                f"{time_left(left, read_rows(durations), rep.jobs, priced, pace)}")
         if bar is not None:
             bar.on_epoch_end(None, len(done), 0.0)
 
