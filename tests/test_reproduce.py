@@ -804,10 +804,37 @@ def test_teachers_trained_side_by_side_with_jobs_are_the_ones_trained_one_by_one
     split, _ = inputs.load([])
     names = ["mf", "gnn", "iae"]
     said: list[str] = []
+    seen: dict[str, list] = {}
+
+    class Bar:  # what a progress bar is told: the worker processes' trainer events, relayed here
+        def __init__(self, label: str, total: int) -> None:
+            self.events = seen.setdefault(label, [])
+
+        def on_fit_start(self, trainer) -> None:
+            self.events.append(("start", trainer.config.max_epochs))
+
+        def on_epoch_end(self, trainer, epoch: int, loss: float) -> None:
+            self.events.append(("epoch", epoch))
+
+        def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
+            self.events.append(("evaluate", epoch, result["valid"][trainer.config.monitor], improved))
+
+        def on_fit_end(self, trainer) -> None:
+            self.events.append(("end", trainer.state.epoch, trainer.state.best_epoch))
+
     side = Reproduction("csv", split, teachers_dir=tmp_path / "side", schedule=Schedule.short(), inputs=inputs,
-                        jobs=2, say=said.append, teacher_top_m=50)
-    by_side = {t.name: (trajectory_digest(t), t.meta["threads"]) for t in ensure_teachers(side, names)}
+                        jobs=2, say=said.append, teacher_top_m=50, progress=Bar)
+    by_side = {t.name: (trajectory_digest(t), t.meta["threads"], t.meta) for t in ensure_teachers(side, names)}
     assert said[0].startswith("2 teachers at a time") and sum("trained (" in line for line in said) == 3
+    for name, (_, _, meta) in by_side.items():
+        events = seen[f"teacher {name}"]
+        epochs = [event[1] for event in events if event[0] == "epoch"]
+        assert events[0][0] == "start" and epochs == list(range(1, len(epochs) + 1)) and events[-1][0] == "end"
+        evaluated = [event for event in events if event[0] == "evaluate"]
+        at = {event[1]: event[2] for event in evaluated}  # the states' validation results among them
+        assert [at[epoch] for epoch in meta["state_epochs"]] == [m["valid"]["recall@50"] for m in meta["metrics"]]
+        assert events[-1][2] == max(evaluated, key=lambda event: event[2])[1]  # the best epoch
+    by_side = {name: value[:2] for name, value in by_side.items()}
     one = Reproduction("csv", split, teachers_dir=tmp_path / "one", schedule=Schedule.short(), teacher_top_m=50)
     with torch_threads(task_threads(2, None, 1)):  # the threads each side-by-side worker had
         by_one = {t.name: (trajectory_digest(t), t.meta["threads"]) for t in ensure_teachers(one, names)}

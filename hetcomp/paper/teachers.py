@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -28,6 +29,7 @@ from hetcomp.teachers import (
     train_teacher,
     trajectory_file,
 )
+from hetcomp.train import Callback
 from hetcomp.trajectory import Trajectory
 
 
@@ -105,30 +107,116 @@ class TeacherTask:
 
 def _train_side_by_side(rep: Reproduction, tasks: Sequence[TeacherTask], workers: int) -> dict[str, str]:
     """Train ``tasks`` in ``workers`` spawned processes (the teachers are independent; each locks its folder);
-    their digests by name. A failure cancels the teachers not yet started and is raised with the teacher's name
-    once those in training have finished (their trajectories are kept for the next call)."""
+    their digests by name. Each worker relays its trainer's events to a progress bar here (``rep.progress``),
+    made when the teacher starts. A failure cancels the teachers not yet started and is raised with the teacher's
+    name once those in training have finished (their trajectories are kept for the next call)."""
     digests: dict[str, str] = {}
+    bars = _RelayedBars(rep.progress)
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(_train_in_worker, rep.inputs, str(rep.teachers_dir), task): task for task in tasks}
-        try:
-            for future in as_completed(futures):
-                task = futures[future]
-                try:
-                    digests[task.name], seconds = future.result()
-                except Exception as error:
-                    raise HetCompError(f"teacher {task.name} failed in its worker process: {error}") from error
-                rep.say(f"teacher {task.name} trained ({seconds:.0f} s, digest {digests[task.name]})")
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    events = context.Queue()
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_relay_to,
+                                 initargs=(events,)) as pool:
+            futures = {pool.submit(_train_in_worker, rep.inputs, str(rep.teachers_dir), task): task
+                       for task in tasks}
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    bars.replay(events)
+                    for future in finished:
+                        task = futures[future]
+                        try:
+                            digests[task.name], seconds = future.result()
+                        except Exception as error:
+                            raise HetCompError(f"teacher {task.name} failed in its worker process: {error}") from error
+                        rep.say(f"teacher {task.name} trained ({seconds:.0f} s, digest {digests[task.name]})")
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:  # the workers have exited, flushing what they relayed last
+        bars.replay(events)
     return digests
+
+
+_events = None  # a worker process's queue to the driver (set by the pool's initializer)
+
+
+def _relay_to(events) -> None:
+    global _events
+    _events = events
+
+
+class _Relay(Callback):
+    """A worker's trainer events, sent to the driver as plain tuples (the trainer itself stays here)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_fit_start(self, trainer) -> None:
+        _events.put((self.name, "start", trainer.state.epoch, trainer.config.max_epochs, trainer.config.monitor))
+
+    def on_epoch_end(self, trainer, epoch: int, loss: float) -> None:
+        _events.put((self.name, "epoch", epoch, float(loss)))
+
+    def on_evaluate(self, trainer, epoch: int, result: dict, improved: bool) -> None:
+        _events.put((self.name, "evaluate", epoch, {"valid": dict(result["valid"])}, improved,
+                     getattr(trainer.objective, "describe", lambda: "")()))
+
+    def on_fit_end(self, trainer) -> None:
+        _events.put((self.name, "end", trainer.state.epoch, trainer.state.best_epoch))
+
+
+class _RelayedBars:
+    """The driver's side of :class:`_Relay`: each teacher's progress bar (made by ``progress`` at its first
+    event), told the relayed events with a stand-in for the worker's trainer that holds what they say (epoch,
+    limit, monitor, best epoch)."""
+
+    def __init__(self, progress: Callable[[str, int], Callback | None]) -> None:
+        self.progress = progress
+        self.bars: dict[str, tuple[Callback | None, SimpleNamespace]] = {}
+
+    def replay(self, events) -> None:
+        """Hand every event relayed so far to its teacher's bar."""
+        import queue
+
+        while True:
+            try:
+                name, kind, *event = events.get_nowait()
+            except queue.Empty:
+                return
+            if name not in self.bars:
+                total = event[1] if kind == "start" else 0
+                self.bars[name] = (self.progress(f"teacher {name}", total), SimpleNamespace(
+                    state=SimpleNamespace(epoch=0, best_epoch=0),
+                    config=SimpleNamespace(max_epochs=total, monitor="recall@50"),
+                    objective=SimpleNamespace(describe=lambda: "")))
+            bar, trainer = self.bars[name]
+            if bar is not None:
+                self._tell(bar, trainer, kind, event)
+
+    @staticmethod
+    def _tell(bar: Callback, trainer: SimpleNamespace, kind: str, event: list) -> None:
+        if kind == "start":
+            trainer.state.epoch, trainer.config.max_epochs, trainer.config.monitor = event
+            bar.on_fit_start(trainer)
+        elif kind == "epoch":
+            trainer.state.epoch = event[0]
+            bar.on_epoch_end(trainer, *event)
+        elif kind == "evaluate":
+            epoch, result, improved, described = event
+            trainer.objective.describe = lambda: described
+            bar.on_evaluate(trainer, epoch, result, improved)
+        elif kind == "end":
+            trainer.state.epoch, trainer.state.best_epoch = event
+            bar.on_fit_end(trainer)
 
 
 def _train_in_worker(inputs: Inputs, teachers_dir: str, task: TeacherTask) -> tuple[str, float]:
     split, _ = inputs.load([])
-    trajectory = task.train(split, Path(teachers_dir), torch.device("cpu"), None, None)
+    relay = [_Relay(task.name)] if _events is not None else None
+    trajectory = task.train(split, Path(teachers_dir), torch.device("cpu"), relay, None)
     return trajectory_digest(trajectory)[:12], float(trajectory.meta.get("train_seconds") or 0.0)
 
 
