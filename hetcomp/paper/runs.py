@@ -238,8 +238,9 @@ def train_missing(rep: Reproduction, trajectories: Sequence, specs: Sequence[Run
     where = rep.ray_address or f"{rep.jobs} local workers (Ray, or processes where Ray is not installed)"
     durations = rep.durations_from or rep.out_dir / "table2.csv"
     priced = study_walls(rep.tuning_dir)
-    specs = longest_first(specs, read_rows(durations), priced)
-    pace = Pace(expected_walls(read_rows(durations), priced))
+    ledger = read_rows(durations)
+    specs = longest_first(specs, ledger, priced)
+    pace = Pace(expected_walls(ledger, priced))
     rep.say(f"training {len(specs)} runs on {where}, longest first by the wall times in {durations}"
             if durations.exists() else f"training {len(specs)} runs on {where}")
     bar = rep.progress(f"{len(specs)} runs, {rep.jobs} at a time", len(specs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -179,8 +180,6 @@ class _RelayedBars:
 
     def replay(self, events) -> None:
         """Hand every event relayed so far to its teacher's bar."""
-        import queue
-
         while True:
             try:
                 name, kind, *event = events.get_nowait()
