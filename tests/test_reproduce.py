@@ -274,12 +274,20 @@ def test_runs_not_yet_in_the_ledger_are_priced_by_their_studys_trial_at_the_same
 def test_price_times_each_cell_on_this_machine_and_trains_or_writes_nothing(workspace):
     """--price: a few timed epochs and an evaluation per (student, method) cell, times the epochs its ledger rows
     trained (or '?' where nothing says how long its runs train); no run, row or page is made."""
-    from hetcomp.paper.price import CellPrice, PhasePrice
+    from hetcomp.paper.price import CellPrice, PhasePrice, threads_per_run
 
     invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd")
     before = sorted(str(p) for p in workspace.rglob("*") if p.is_file())
-    result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,rd",
-                    "--price")
+    own_threads, timed_threads = torch.get_num_threads(), threads_per_run(1)
+    torch.set_num_threads(timed_threads + 1)  # the caller's count, which pricing must leave as it found it
+    try:
+        result = invoke(workspace, "--table", "2", "--students", "mf", "--seeds", "2", "--methods", "none,rrd,rd",
+                        "--price")
+        assert torch.get_num_threads() == timed_threads + 1
+    finally:
+        torch.set_num_threads(own_threads)
+    heading = next(line for line in result.output.splitlines() if "thread(s) a run" in line)
+    assert f", {timed_threads} threads, " in heading  # the machine line: the threads the runs were timed on
     assert sorted(str(p) for p in workspace.rglob("*") if p.is_file()) == before
     rows = {line.split(" | ")[1]: line for line in result.output.splitlines() if line.startswith("| mf |")}
     assert set(rows) == {"none", "rrd", "rd"}

@@ -29,12 +29,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from hetcomp.errors import HetCompError
 from hetcomp.paper.common import Reproduction
 from hetcomp.paper.ledger import read_rows
 from hetcomp.paper.runs import run_spec
+from hetcomp.paper.teachers import torch_threads
 from hetcomp.provenance import machine
 from hetcomp.runs.execute import fresh_trainer
 from hetcomp.runs.grid import task_threads
@@ -113,37 +112,37 @@ def threads_per_run(jobs: int) -> int:
 def price_table2(rep: Reproduction, students: Sequence[str], seeds: Sequence[int], methods: Sequence[str],
                  dim: int = 6, timed_epochs: int = TIMED_EPOCHS) -> TablePrice:
     """The price of each (student, method) cell of the grid (see the module's docstring); the threads are those a
-    run gets from ``rep.jobs`` workers on this machine (set for this process)."""
+    run gets from ``rep.jobs`` workers on this machine (for the timing only)."""
     trajectories = _existing_teachers(rep)
     teacher_seconds = sum(float(t.meta.get("train_seconds") or 0) + float(t.meta.get("eval_seconds") or 0)
                           for t in trajectories)
-    torch.set_num_threads(threads_per_run(rep.jobs))
-    ledger = read_rows(rep.out_dir / "table2.csv")
-    prices = []
-    for student in students:
-        for method in methods:
-            specs = [run_spec(rep, trajectories, student, method, seed, dim) for seed in seeds]
-            twin = twin_spec(specs[0])
-            if twin is not None and twin.method in methods:  # its runs are adopted from the twin's: no training
-                prices.append(CellPrice(student, method, [PhasePrice("", 0.0, 0.0, 0.0)], 0.0, 0.0,
-                                        f"{twin.method}'s runs", specs[0].eval_every))
-                continue
-            epochs, source = _epochs(rep, ledger, specs, dim)
-            trainer = fresh_trainer(specs[0], rep.split, trajectories, rep.device)
-            phases = trainer.objective.cost_phases(float(specs[0].max_epochs) if epochs is None else epochs)
-            names = ", ".join(p.name for p in phases if p.name)
-            rep.say(f"pricing {student}-{method}: a warm-up epoch, an evaluation, {timed_epochs}+ timed epochs"
-                    + (f" in each phase ({names})" if len(phases) > 1 else ""))
-            loss = trainer.train_epoch()
-            started = time.perf_counter()
-            trainer._evaluate_and_select(loss)  # with the method's own work there (HetComp's DKC check)
-            evaluation = time.perf_counter() - started
-            timed = []
-            for phase in phases:
-                with phase.enter() if phase.enter is not None else contextlib.nullcontext():
-                    seconds, cpu = _time_epochs(trainer, timed_epochs)
-                timed.append(PhasePrice(phase.name, phase.epochs, seconds, cpu))
-            prices.append(CellPrice(student, method, timed, evaluation, epochs, source, specs[0].eval_every))
+    with torch_threads(threads_per_run(rep.jobs)):  # restored after: the caller's process keeps its own
+        ledger = read_rows(rep.out_dir / "table2.csv")
+        prices = []
+        for student in students:
+            for method in methods:
+                specs = [run_spec(rep, trajectories, student, method, seed, dim) for seed in seeds]
+                twin = twin_spec(specs[0])
+                if twin is not None and twin.method in methods:  # its runs are adopted from the twin's: no training
+                    prices.append(CellPrice(student, method, [PhasePrice("", 0.0, 0.0, 0.0)], 0.0, 0.0,
+                                            f"{twin.method}'s runs", specs[0].eval_every))
+                    continue
+                epochs, source = _epochs(rep, ledger, specs, dim)
+                trainer = fresh_trainer(specs[0], rep.split, trajectories, rep.device)
+                phases = trainer.objective.cost_phases(float(specs[0].max_epochs) if epochs is None else epochs)
+                names = ", ".join(p.name for p in phases if p.name)
+                rep.say(f"pricing {student}-{method}: a warm-up epoch, an evaluation, {timed_epochs}+ timed epochs"
+                        + (f" in each phase ({names})" if len(phases) > 1 else ""))
+                loss = trainer.train_epoch()
+                started = time.perf_counter()
+                trainer._evaluate_and_select(loss)  # with the method's own work there (HetComp's DKC check)
+                evaluation = time.perf_counter() - started
+                timed = []
+                for phase in phases:
+                    with phase.enter() if phase.enter is not None else contextlib.nullcontext():
+                        seconds, cpu = _time_epochs(trainer, timed_epochs)
+                    timed.append(PhasePrice(phase.name, phase.epochs, seconds, cpu))
+                prices.append(CellPrice(student, method, timed, evaluation, epochs, source, specs[0].eval_every))
     return TablePrice(prices, teacher_seconds)
 
 
@@ -179,7 +178,9 @@ def _epochs(rep: Reproduction, ledger: Sequence[dict], specs: Sequence, dim: int
 def price_markdown(rep: Reproduction, table: TablePrice, n_seeds: int) -> str:
     """The prices as a Markdown table, with the whole grid's estimate at ``rep.jobs`` workers."""
     prices = table.cells
-    lines = [f"`{rep.command}` on {machine()}, {threads_per_run(rep.jobs)} thread(s) a run "
+    with torch_threads(threads_per_run(rep.jobs)):  # the machine line names the threads the runs were timed on
+        where = machine()
+    lines = [f"`{rep.command}` on {where}, {threads_per_run(rep.jobs)} thread(s) a run "
              f"({rep.jobs} worker(s)), {rep.device}:", "",
              "| student | method | s / epoch (CPU) | evaluation | epochs (from) | one run | "
              f"{n_seeds} seeds |", "|---|---|---|---|---|---|---|"]
