@@ -178,9 +178,10 @@ def _epochs(rep: Reproduction, ledger: Sequence[dict], specs: Sequence, dim: int
 def price_markdown(rep: Reproduction, table: TablePrice, n_seeds: int) -> str:
     """The prices as a Markdown table, with the whole grid's estimate at ``rep.jobs`` workers."""
     prices = table.cells
-    with torch_threads(threads_per_run(rep.jobs)):  # the machine line names the threads the runs were timed on
+    threads = threads_per_run(rep.jobs)
+    with torch_threads(threads):  # the machine line names the threads the runs were timed on
         where = machine()
-    lines = [f"`{rep.command}` on {where}, {threads_per_run(rep.jobs)} thread(s) a run "
+    lines = [f"`{rep.command}` on {where}, {threads} thread(s) a run "
              f"({rep.jobs} worker(s)), {rep.device}:", "",
              "| student | method | s / epoch (CPU) | evaluation | epochs (from) | one run | "
              f"{n_seeds} seeds |", "|---|---|---|---|---|---|---|"]
